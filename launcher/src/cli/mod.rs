@@ -1,0 +1,77 @@
+//! The `berth` command line. One file per subcommand; each exposes `Args` and
+//! `run(args, &Globals) -> Result<i32>` returning the process exit code.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use crate::Result;
+
+mod exec;
+mod fetch;
+mod images;
+mod policy;
+mod sif;
+mod start;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "berth",
+    version,
+    about = "Unprivileged containers from approved registries, for Slurm clusters"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub globals: Globals,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every subcommand understands.
+#[derive(Debug, clap::Args)]
+pub struct Globals {
+    /// Use this configuration file instead of /etc/berth/berth.toml (root only).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a command inside an image as an unprivileged container.
+    Exec(exec::Args),
+    /// Start a container for a job step and print a handle other processes can join.
+    Start(start::StartArgs),
+    /// Stop a container started with `berth start`.
+    Stop(start::StopArgs),
+    /// Read and write SIF image files.
+    #[command(subcommand)]
+    Sif(sif::Command),
+    /// Check images against the site policy.
+    #[command(subcommand)]
+    Policy(policy::Command),
+    /// Pull an approved image into the node cache and print its SIF path.
+    Fetch(fetch::FetchArgs),
+    /// Print the digest-pinned form of an image reference.
+    Resolve(fetch::ResolveArgs),
+    /// List the images in the node cache.
+    Images(images::ListArgs),
+    /// Evict images from the node cache.
+    Prune(images::PruneArgs),
+}
+
+impl Cli {
+    pub fn run(self) -> Result<i32> {
+        let g = &self.globals;
+        match self.command {
+            Command::Exec(a) => exec::run(a, g),
+            Command::Start(a) => start::run_start(a, g),
+            Command::Stop(a) => start::run_stop(a, g),
+            Command::Sif(c) => sif::run(c, g),
+            Command::Policy(c) => policy::run(c, g),
+            Command::Fetch(a) => fetch::run_fetch(a, g),
+            Command::Resolve(a) => fetch::run_resolve(a, g),
+            Command::Images(a) => images::run_list(a, g),
+            Command::Prune(a) => images::run_prune(a, g),
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! The site configuration, `/etc/berth/berth.toml` (documented key by key in
+//! `configs/berth.toml`). It is owned by root and is the only source of policy: nothing in a
+//! user's environment or files can replace or extend it (see [`Config::load_for_caller`]).
+//!
+//! Each area owns its section struct; keep every field documented and defaulted so an empty
+//! file is a valid, safe (deny-everything) configuration.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::{Error, Result};
+
+/// Where the site configuration lives. Fixed at build time on purpose: a user-controlled
+/// path would let jobs choose their own policy.
+pub const DEFAULT_PATH: &str = "/etc/berth/berth.toml";
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    #[serde(default)]
+    pub cache: CacheConfig,
+    #[serde(default)]
+    pub registry: RegistryConfig,
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+}
+
+/// `[policy]`: which images may run. Owned by `policy.rs`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {}
+
+/// `[cache]`: the node-local image cache. Owned by `cache/`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {}
+
+/// `[registry]`: how to reach registries (CAs, credentials, retries). Owned by `registry/`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {}
+
+/// `[runtime]`: how containers are assembled on this node. Owned by `container/`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {}
+
+impl Config {
+    /// Parses a configuration file.
+    pub fn from_file(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io(format!("reading berth configuration {}", path.display()), e))?;
+        Config::from_toml(path, &text)
+    }
+
+    pub fn from_toml(path: &Path, text: &str) -> Result<Config> {
+        toml::from_str(text).map_err(|e| Error::Config {
+            path: path.to_path_buf(),
+            message: format!("{e}(fix the file; `configs/berth.toml` documents every key)"),
+        })
+    }
+
+    /// Loads the configuration the way every `berth` command does. `explicit` (the
+    /// `--config` flag) is honoured only for root, so that tests and admins can point at
+    /// another file while users cannot bring their own policy. A missing default file means
+    /// the built-in defaults, which allow no image.
+    pub fn load_for_caller(explicit: Option<&Path>) -> Result<Config> {
+        match explicit {
+            Some(path) => {
+                if berth_sys::identity::real_uid() != 0 {
+                    return Err(Error::Config {
+                        path: path.to_path_buf(),
+                        message: "--config is only for root; berth always uses the site's \
+                                  /etc/berth/berth.toml for other users"
+                            .into(),
+                    });
+                }
+                Config::from_file(path)
+            }
+            None => {
+                let path = PathBuf::from(DEFAULT_PATH);
+                if path.exists() {
+                    Config::from_file(&path)
+                } else {
+                    Ok(Config::default())
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_valid() {
+        Config::from_toml(Path::new("x.toml"), "").unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_with_the_path() {
+        let err = Config::from_toml(Path::new("/etc/berth/berth.toml"), "[nope]\na = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/etc/berth/berth.toml"), "{err}");
+    }
+}

@@ -1,0 +1,17 @@
+//! berth's launcher library: image references, site policy, the registry client, OCI to SIF
+//! conversion, the node image cache and container assembly. The `berth` binary
+//! (`main.rs`, `cli/`) is a thin command-line layer over it, so everything here is usable and
+//! testable without Slurm.
+
+pub mod cache;
+pub mod cli;
+pub mod config;
+pub mod container;
+pub mod error;
+pub mod image_config;
+pub mod policy;
+pub mod reference;
+pub mod registry;
+pub mod sif;
+
+pub use error::{Error, Result};
