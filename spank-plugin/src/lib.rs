@@ -1,1 +1,145 @@
-//! spank_berth.so
+//! spank_berth.so, the Slurm SPANK plugin of berth.
+//!
+//! This file only exports what Slurm looks up in the plugin and sends each call, through the
+//! panic guard, to the module of the context it runs in; the module names say which process
+//! and which user run a line:
+//!
+//! | module        | process (context)                | as            |
+//! |---------------|----------------------------------|---------------|
+//! | `local`       | srun, login node                 | the user      |
+//! | `allocator`   | sbatch / salloc, login node      | the user      |
+//! | `remote`      | slurmstepd, compute node         | root; the user in task_init |
+//! | `slurmd`      | slurmd, compute node             | root          |
+//!
+//! Callbacks not exported here are simply not called by Slurm.
+
+// The guard catches panics with catch_unwind, which needs unwinding; with panic = "abort" a
+// bug would kill srun or slurmstepd instead (the workspace's profiles set "unwind").
+#[cfg(panic = "abort")]
+compile_error!(
+    "spank_berth.so must be built with panic = \"unwind\" (see the workspace Cargo.toml)"
+);
+
+mod allocator;
+mod config;
+mod error;
+mod guard;
+mod local;
+mod options;
+mod remote;
+mod slurmd;
+mod spank;
+
+use std::ffi::{c_char, c_int, c_uint};
+
+use guard::Callback;
+use spank::{Context, SlurmOption, Spank};
+
+/// The plugin's name: Slurm's logs show it, and it is part of the environment variable names
+/// that carry option values (`_SLURM_SPANK_OPTION_berth_...`).
+pub(crate) const PLUGIN_NAME: &str = "berth";
+
+// What Slurm's SPANK_PLUGIN(berth, 1) macro would define, with the C types Slurm reads:
+// `const char plugin_name[]`, `const char plugin_type[]`, `const unsigned int plugin_version`
+// and `const unsigned int spank_plugin_version`.
+#[allow(non_upper_case_globals)]
+#[no_mangle]
+pub static plugin_name: [u8; 6] = *b"berth\0";
+
+#[allow(non_upper_case_globals)]
+#[no_mangle]
+pub static plugin_type: [u8; 6] = *b"spank\0";
+
+/// Slurm loads a SPANK plugin only if this matches its own major.minor; taken from the
+/// headers at build time (build.rs), so each Slurm release gets a build of its own.
+#[allow(non_upper_case_globals)]
+#[no_mangle]
+pub static plugin_version: c_uint = spank::ffi::SLURM_VERSION_NUMBER;
+
+/// The SPANK interface version; 1 is the only one Slurm has defined.
+#[allow(non_upper_case_globals)]
+#[no_mangle]
+pub static spank_plugin_version: c_uint = 1;
+
+/// berth's options, registered in every context that parses or receives them.
+pub(crate) static OPTIONS: [SlurmOption; 1] = [SlurmOption::new(
+    &options::CONTAINER_IMAGE,
+    option_container_image,
+)];
+
+/// Called in every context right after Slurm loads the plugin.
+///
+/// # Safety
+/// Called by Slurm with a live handle and `ac` valid strings in `av`.
+#[no_mangle]
+pub unsafe extern "C" fn slurm_spank_init(
+    sp: spank::ffi::spank_t,
+    ac: c_int,
+    av: *mut *mut c_char,
+) -> c_int {
+    guard::run(Callback::Init, |context| {
+        // SAFETY: Slurm passes `ac` valid strings in `av`.
+        let args = unsafe { spank::plugin_args(ac, av.cast_const().cast()) };
+        match context {
+            Context::Local => local::init(Spank::new(sp)),
+            Context::Allocator => allocator::init(Spank::new(sp)),
+            Context::Remote => remote::init(Spank::new(sp), &args),
+            Context::Slurmd => slurmd::init(&args),
+            Context::JobScript | Context::Unknown => Ok(()),
+        }
+    })
+}
+
+/// Called in each task, as the user, just before the user's command is executed.
+///
+/// # Safety
+/// Called by Slurm with a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn slurm_spank_task_init(
+    sp: spank::ffi::spank_t,
+    _ac: c_int,
+    _av: *mut *mut c_char,
+) -> c_int {
+    guard::run(Callback::TaskInit, |context| match context {
+        Context::Remote => remote::task_init(Spank::new(sp)),
+        _ => Ok(()),
+    })
+}
+
+/// Slurm's callback for `--container-image=VALUE`; `remote` is non-zero in slurmstepd.
+unsafe extern "C" fn option_container_image(
+    _val: c_int,
+    optarg: *const c_char,
+    _remote: c_int,
+) -> c_int {
+    guard::run(Callback::Option, |context| {
+        // SAFETY: Slurm passes the option's argument as a C string (or NULL).
+        let value = unsafe { spank::option_value(optarg) };
+        match context {
+            Context::Local => local::container_image(value),
+            Context::Allocator => allocator::container_image(value),
+            Context::Remote => remote::container_image(value),
+            Context::Slurmd | Context::JobScript | Context::Unknown => Ok(()),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exported_name_is_the_plugin_name() {
+        // Slurm reads plugin_name as a C string; options' environment names use PLUGIN_NAME.
+        let exported = std::ffi::CStr::from_bytes_with_nul(&plugin_name).unwrap();
+        assert_eq!(exported.to_str(), Ok(PLUGIN_NAME));
+        assert_eq!(&plugin_type, b"spank\0");
+    }
+
+    #[test]
+    fn version_has_the_slurm_layout() {
+        // SLURM_VERSION_NUM(a,b,c) = a<<16 | b<<8 | c; Slurm compares the major.minor bytes.
+        let major = plugin_version >> 16;
+        assert!((20..=99).contains(&major), "{plugin_version:#x}");
+    }
+}

@@ -1,0 +1,61 @@
+//! Generates the Rust view of `<slurm/spank.h>` (and `SLURM_VERSION_NUMBER` from
+//! `<slurm/slurm_version.h>`) at build time, so the plugin always speaks the ABI of the Slurm
+//! it is built against: Slurm refuses a SPANK plugin whose `plugin_version` does not match
+//! its own major.minor, which is why the number must come from the installed headers and
+//! never be written down by hand.
+//!
+//! `SLURM_INCLUDE_DIR` points at another header tree (the directory holding `slurm/`), e.g. to
+//! build for a Slurm installed under /opt; the default is Debian's libslurm-dev in /usr/include.
+
+use std::env;
+use std::path::PathBuf;
+
+fn main() {
+    println!("cargo:rerun-if-env-changed=SLURM_INCLUDE_DIR");
+    let include =
+        PathBuf::from(env::var_os("SLURM_INCLUDE_DIR").unwrap_or_else(|| "/usr/include".into()));
+    // spank.h includes the other two; a changed header (a Slurm upgrade) must rebuild.
+    for header in ["spank.h", "slurm_version.h", "slurm_errno.h"] {
+        let path = include.join("slurm").join(header);
+        if !path.is_file() {
+            panic!(
+                "{} not found: install Slurm's development headers (Debian: apt-get install \
+                 libslurm-dev) or set SLURM_INCLUDE_DIR to the directory that holds slurm/",
+                path.display()
+            );
+        }
+        println!("cargo:rerun-if-changed={}", path.display());
+    }
+
+    let bindings = bindgen::Builder::default()
+        .header_contents(
+            "berth_spank.h",
+            "#include <slurm/spank.h>\n#include <slurm/slurm_version.h>\n",
+        )
+        .clang_arg(format!("-I{}", include.display()))
+        // Only what the plugin calls or exports; everything else in Slurm's headers stays out.
+        .allowlist_function("spank_context")
+        .allowlist_function("spank_option_register")
+        .allowlist_function("spank_getenv")
+        .allowlist_function("spank_strerror")
+        .allowlist_function("slurm_error")
+        .allowlist_function("slurm_debug")
+        .allowlist_type("spank_t")
+        .allowlist_type("spank_option")
+        .allowlist_type("spank_err_t")
+        .allowlist_type("spank_context_t")
+        .allowlist_var("SLURM_VERSION_NUMBER")
+        .allowlist_var("ESPANK_SUCCESS")
+        // Constants in a module, not Rust enums: a value Slurm adds in a later release must
+        // not be undefined behaviour on our side.
+        .constified_enum_module("spank_context")
+        .constified_enum_module("slurm_err_t")
+        .layout_tests(false)
+        .generate()
+        .expect("bindgen could not translate <slurm/spank.h>; is libclang-dev installed?");
+
+    let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    bindings
+        .write_to_file(out.join("spank_bindings.rs"))
+        .expect("writing the generated SPANK bindings into OUT_DIR");
+}

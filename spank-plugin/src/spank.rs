@@ -1,0 +1,223 @@
+//! Safe wrappers over the part of Slurm's SPANK API the plugin uses. Every `unsafe` block of
+//! the plugin that calls into Slurm is here; the context modules only see these functions.
+//!
+//! The functions are resolved when Slurm loads the plugin, from the process that loads it
+//! (srun, sbatch, slurmd, slurmstepd all carry them); the plugin does not link libslurm.
+
+use std::ffi::{c_char, c_int, CStr, CString};
+
+use crate::error::Error;
+use crate::options::OptionSpec;
+
+/// The generated bindings (build.rs), kept private to this module.
+#[allow(
+    dead_code,
+    non_camel_case_types,
+    non_snake_case,
+    non_upper_case_globals,
+    clippy::all
+)]
+pub mod ffi {
+    include!(concat!(env!("OUT_DIR"), "/spank_bindings.rs"));
+}
+
+use ffi::{slurm_err_t, spank_context as ctx};
+
+/// Which Slurm process, and so which user and which host, is running the plugin right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Context {
+    /// srun on the login node, as the user.
+    Local,
+    /// slurmstepd on the compute node: root in init/user_init, the user in task_init.
+    Remote,
+    /// sbatch or salloc on the login node, as the user.
+    Allocator,
+    /// slurmd itself, as root.
+    Slurmd,
+    /// the job prolog/epilog run by slurmd, as root.
+    JobScript,
+    /// Slurm could not tell (S_CTX_ERROR) or named a context newer than this build knows.
+    Unknown,
+}
+
+pub fn context() -> Context {
+    // SAFETY: spank_context takes no arguments and only reads Slurm's global plugin state.
+    match unsafe { ffi::spank_context() } {
+        ctx::S_CTX_LOCAL => Context::Local,
+        ctx::S_CTX_REMOTE => Context::Remote,
+        ctx::S_CTX_ALLOCATOR => Context::Allocator,
+        ctx::S_CTX_SLURMD => Context::Slurmd,
+        ctx::S_CTX_JOB_SCRIPT => Context::JobScript,
+        _ => Context::Unknown,
+    }
+}
+
+/// The handle Slurm passes to each callback, valid for that call only.
+#[derive(Debug, Clone, Copy)]
+pub struct Spank(ffi::spank_t);
+
+/// The C signature of an option value callback.
+pub type OptionCallback = unsafe extern "C" fn(c_int, *const c_char, c_int) -> c_int;
+
+/// An option ready for Slurm. Some Slurm releases keep the pointer they are given rather than
+/// a copy, so it lives in a `static` for the life of the plugin.
+#[derive(Debug)]
+pub struct SlurmOption(ffi::spank_option);
+
+// SAFETY: the pointers inside point to 'static C string literals and are never written
+// through, by us or by Slurm (which copies or only reads them).
+unsafe impl Sync for SlurmOption {}
+
+impl SlurmOption {
+    pub const fn new(spec: &OptionSpec, callback: OptionCallback) -> Self {
+        SlurmOption(ffi::spank_option {
+            name: spec.name.as_ptr().cast_mut(),
+            arginfo: spec.arginfo.as_ptr().cast_mut(),
+            usage: spec.usage.as_ptr().cast_mut(),
+            has_arg: 1,
+            val: 0,
+            cb: Some(callback),
+        })
+    }
+}
+
+impl Spank {
+    /// Wraps the handle Slurm passed to the current callback.
+    pub fn new(handle: ffi::spank_t) -> Self {
+        Spank(handle)
+    }
+
+    /// Adds an option to srun/sbatch/salloc (and to slurmstepd, which must know it to receive
+    /// its value). Only valid from `slurm_spank_init`.
+    pub fn register(self, options: &'static [SlurmOption]) -> Result<(), Error> {
+        for option in options {
+            // SAFETY: the handle is the live one of this callback; the option is 'static and
+            // Slurm does not write through the pointer.
+            let rc = unsafe {
+                ffi::spank_option_register(self.0, std::ptr::from_ref(&option.0).cast_mut())
+            };
+            check(rc, "spank_option_register")?;
+        }
+        Ok(())
+    }
+
+    /// A variable of the job's environment (remote context only), `None` if it is not set.
+    pub fn getenv(self, name: &CStr) -> Result<Option<Vec<u8>>, Error> {
+        // Grow until the value fits: Slurm reports ESPANK_NOSPACE rather than truncating.
+        let mut len: usize = 4096;
+        loop {
+            let mut buf = vec![0u8; len];
+            let c_len = c_int::try_from(len).map_err(|_| Error::Spank {
+                call: "spank_getenv",
+                reason: format!("{} is larger than Slurm can return", name.to_string_lossy()),
+            })?;
+            // SAFETY: buf is writable for len bytes; name is NUL-terminated.
+            let rc =
+                unsafe { ffi::spank_getenv(self.0, name.as_ptr(), buf.as_mut_ptr().cast(), c_len) };
+            match rc {
+                slurm_err_t::ESPANK_ENV_NOEXIST => return Ok(None),
+                slurm_err_t::ESPANK_NOSPACE => len *= 2,
+                rc => {
+                    check(rc, "spank_getenv")?;
+                    let end = buf.iter().position(|&b| b == 0).unwrap_or(len);
+                    buf.truncate(end);
+                    return Ok(Some(buf));
+                }
+            }
+        }
+    }
+}
+
+fn check(rc: ffi::spank_err_t, call: &'static str) -> Result<(), Error> {
+    if rc == ffi::ESPANK_SUCCESS {
+        return Ok(());
+    }
+    // SAFETY: spank_strerror returns a pointer to a static string for any code.
+    let reason = unsafe { CStr::from_ptr(ffi::spank_strerror(rc)) }
+        .to_string_lossy()
+        .into_owned();
+    Err(Error::Spank { call, reason })
+}
+
+/// The plugin arguments from plugstack.conf as text.
+///
+/// # Safety
+/// `argv` must point to `argc` valid NUL-terminated strings, as Slurm passes them.
+pub unsafe fn plugin_args(argc: c_int, argv: *const *const c_char) -> Vec<String> {
+    let count = usize::try_from(argc).unwrap_or(0);
+    if argv.is_null() {
+        return Vec::new();
+    }
+    (0..count)
+        // SAFETY: per the contract, argv[0..argc] are valid C strings.
+        .map(|i| unsafe { CStr::from_ptr(*argv.add(i)) })
+        .map(|arg| arg.to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Reads an option value Slurm passed to an option callback.
+///
+/// # Safety
+/// `optarg` must be NULL or a valid NUL-terminated string.
+pub unsafe fn option_value<'a>(optarg: *const c_char) -> &'a [u8] {
+    if optarg.is_null() {
+        return b"";
+    }
+    // SAFETY: per the contract.
+    unsafe { CStr::from_ptr(optarg) }.to_bytes()
+}
+
+/// Logs an error: srun/sbatch print it on the user's terminal, slurmstepd's task_init on the
+/// task's stderr, daemons in their log.
+pub fn log_error(message: &str) {
+    let text = c_text(message);
+    // SAFETY: "%s" consumes exactly the one C string argument passed.
+    unsafe { ffi::slurm_error(c"berth: %s".as_ptr(), text.as_ptr()) }
+}
+
+/// Logs a debug line (shown with srun -v / SlurmdDebug=debug).
+pub fn log_debug(message: &str) {
+    let text = c_text(message);
+    // SAFETY: as in log_error.
+    unsafe { ffi::slurm_debug(c"berth: %s".as_ptr(), text.as_ptr()) }
+}
+
+/// A message as a C string. A NUL inside (from a user's value) would cut the text short, so
+/// it is shown as the escape a reader recognises instead.
+fn c_text(message: &str) -> CString {
+    CString::new(message.replace('\0', "\\0")).expect("NULs were replaced")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plugin_args_reads_argv() {
+        let a = CString::new("berth=/x").unwrap();
+        let b = CString::new("other").unwrap();
+        let argv = [a.as_ptr(), b.as_ptr()];
+        // SAFETY: argv holds two valid C strings.
+        let args = unsafe { plugin_args(2, argv.as_ptr()) };
+        assert_eq!(args, vec!["berth=/x", "other"]);
+        // SAFETY: zero entries are read.
+        assert!(unsafe { plugin_args(0, argv.as_ptr()) }.is_empty());
+        // SAFETY: a NULL argv is never dereferenced.
+        assert!(unsafe { plugin_args(3, std::ptr::null()) }.is_empty());
+    }
+
+    #[test]
+    fn option_value_treats_null_as_empty() {
+        // SAFETY: NULL is allowed by the contract.
+        assert_eq!(unsafe { option_value(std::ptr::null()) }, b"");
+        let v = CString::new("img:1").unwrap();
+        // SAFETY: a valid C string.
+        assert_eq!(unsafe { option_value(v.as_ptr()) }, b"img:1");
+    }
+
+    #[test]
+    fn c_text_keeps_messages_whole() {
+        assert_eq!(c_text("a\0b").to_bytes(), b"a\\0b");
+        assert_eq!(c_text("plain").to_bytes(), b"plain");
+    }
+}
