@@ -28,25 +28,97 @@ pub struct Config {
     pub runtime: RuntimeConfig,
 }
 
-/// `[policy]`: which images may run. Owned by `policy.rs`.
+/// `[policy]`: which images may run. Owned by `policy.rs`. Entries are validated while the
+/// file is parsed (see the types in `policy`), so a malformed pattern is a config error that
+/// names it rather than a rule that silently never matches.
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PolicyConfig {}
+#[serde(deny_unknown_fields, default)]
+pub struct PolicyConfig {
+    /// Registry images that may run: `host[:port]/*`, `host[:port]/prefix/*`,
+    /// `host[:port]/repo`. Empty (the default) allows no registry image.
+    pub allowed: Vec<crate::policy::Pattern>,
+    /// Registries (`host[:port]`) that may be reached over plain HTTP instead of HTTPS.
+    pub plain_http: Vec<crate::policy::RegistryHost>,
+    /// Only digest-pinned references (`...@sha256:...`) are accepted.
+    pub require_digest: bool,
+    /// Local SIF/squashfs files may run, and only from `local_image_dirs`.
+    pub local_images: bool,
+    /// Absolute, admin-owned directories local image files must lie in (after symlinks).
+    pub local_image_dirs: Vec<crate::policy::AdminDir>,
+    /// Every job must run in a container.
+    pub require_container: bool,
+    /// `[policy.partitions.NAME]`: per-partition overrides.
+    pub partitions: std::collections::BTreeMap<String, PartitionPolicyConfig>,
+}
+
+/// `[policy.partitions.NAME]`: what differs for jobs in partition NAME.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PartitionPolicyConfig {
+    /// Overrides `[policy] require_container` for this partition when set.
+    pub require_container: Option<bool>,
+}
 
 /// `[cache]`: the node-local image cache. Owned by `cache/`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CacheConfig {}
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Directory on fast node-local storage, written only by root or the service identity.
+    pub dir: PathBuf,
+    /// Evict least-recently-used images above this total, e.g. "10G", "500M".
+    pub max_size: String,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            dir: PathBuf::from("/var/cache/berth"),
+            max_size: "20G".into(),
+        }
+    }
+}
 
 /// `[registry]`: how to reach registries (CAs, credentials, retries). Owned by `registry/`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RegistryConfig {}
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// Per-registry CA files in the containers layout: `<certs_dir>/HOST[:PORT]/ca.crt`.
+    pub certs_dir: PathBuf,
+    /// Admin-only docker-style `config.json` (`auths`) with registry credentials.
+    pub auth_file: PathBuf,
+    /// Attempts per request before a registry counts as down.
+    pub retries: u32,
+    /// Seconds without progress before a request is abandoned.
+    pub timeout_secs: u64,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            certs_dir: PathBuf::from("/etc/containers/certs.d"),
+            auth_file: PathBuf::from("/etc/berth/auth.json"),
+            retries: 3,
+            timeout_secs: 30,
+        }
+    }
+}
 
 /// `[runtime]`: how containers are assembled on this node. Owned by `container/`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RuntimeConfig {}
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Root-owned directory (tmpfs) under which containers mount their private scratch
+    /// space; berth falls back to a private directory under $TMPDIR when it is missing.
+    pub dir: PathBuf,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            dir: PathBuf::from("/run/berth"),
+        }
+    }
+}
 
 impl Config {
     /// Parses a configuration file.

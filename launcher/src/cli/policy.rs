@@ -1,10 +1,101 @@
-//! `berth policy ...` (placeholder until the policy module lands).
+//! `berth policy check [--json] IMAGE`: say whether the site policy allows an image, and why.
+//! The SPANK plugin runs it at submission (a clear error before the job queues) and on the
+//! node (authoritative). It has no registry client, so it cannot touch the network.
+//!
+//! Exit status: 0 allowed, 1 refused (including malformed or tricky references), 125 berth
+//! itself failed (e.g. an unreadable or invalid configuration, reported by `main`).
+
+use std::ffi::OsString;
+
+use serde_json::json;
+
 use super::Globals;
-use crate::Result;
+use crate::config::Config;
+use crate::policy::{ImageRequest, Policy, Verdict};
+use crate::{Error, Result};
+
 #[derive(Debug, clap::Subcommand)]
 pub enum Command {
-    Check,
+    /// Print `allow: IMAGE (rule: RULE)` and exit 0, or `deny: REASON` and exit 1.
+    Check(CheckArgs),
 }
-pub fn run(_c: Command, _g: &Globals) -> Result<i32> {
-    todo!("berth policy")
+
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    /// Print one JSON object instead: {"image", "verdict": "allow"|"deny", "rule" or
+    /// "reason", "reference" or "local_file"}.
+    #[arg(long)]
+    pub json: bool,
+    /// A registry reference (`host[:port]/repo[:tag][@sha256:...]`, `docker://...`,
+    /// `REGISTRY#IMAGE`) or a local image file path, as given to --container-image.
+    // OsString, so a non-UTF-8 argument reaches us and is refused with a message instead of
+    // failing inside the argument parser.
+    #[arg(value_name = "IMAGE")]
+    pub image: OsString,
+}
+
+pub fn run(command: Command, globals: &Globals) -> Result<i32> {
+    match command {
+        Command::Check(args) => check(args, globals),
+    }
+}
+
+fn check(args: CheckArgs, globals: &Globals) -> Result<i32> {
+    let config = Config::load_for_caller(globals.config.as_deref())?;
+    let policy = Policy::new(&config.policy);
+    let Some(image) = args.image.to_str() else {
+        let shown = args.image.to_string_lossy();
+        let reason = format!(
+            "image `{}` refused: it is not valid UTF-8 (shown with U+FFFD for the bad bytes); \
+             image references are ASCII",
+            shown.escape_debug()
+        );
+        return Ok(report(args.json, &shown, Outcome::Deny(reason)));
+    };
+    let outcome = match policy.check(image) {
+        Ok((request, Verdict::Allow { rule })) => Outcome::Allow(request, rule),
+        Ok((_, Verdict::Deny { reason })) => Outcome::Deny(reason),
+        // A reference that is not one at all is refused like any other image, so callers
+        // (the SPANK plugin) see exit 1 and pass the message on to the user.
+        Err(e @ Error::InvalidReference { .. }) => Outcome::Deny(e.to_string()),
+        Err(e) => return Err(e),
+    };
+    Ok(report(args.json, image, outcome))
+}
+
+enum Outcome {
+    Allow(ImageRequest, String),
+    Deny(String),
+}
+
+/// Prints the verdict on stdout and returns the exit status.
+fn report(as_json: bool, image: &str, outcome: Outcome) -> i32 {
+    let (line, object, code) = match outcome {
+        Outcome::Allow(request, rule) => {
+            let (what, object) = match request {
+                ImageRequest::Registry(r) => (
+                    r.to_string(),
+                    json!({"image": image, "verdict": "allow", "rule": rule,
+                           "reference": r.to_string()}),
+                ),
+                ImageRequest::LocalFile(path) => (
+                    path.display().to_string(),
+                    json!({"image": image, "verdict": "allow", "rule": rule,
+                           "local_file": path}),
+                ),
+            };
+            (format!("allow: {what} (rule: {rule})"), object, 0)
+        }
+        Outcome::Deny(reason) => (
+            format!("deny: {reason}"),
+            json!({"image": image, "verdict": "deny", "reason": reason}),
+            1,
+        ),
+    };
+    if as_json {
+        println!("{object}");
+    } else {
+        println!("{line}");
+    }
+    code
 }

@@ -1,0 +1,128 @@
+//! `berth policy check` as the SPANK plugin runs it: exit 0 allow, 1 deny (malformed
+//! references included), 125 configuration errors; the verdict line on stdout.
+//!
+//! The tests run as root (so `--config` is honoured). That a non-root caller's `--config` is
+//! refused cannot be tested in-process; the end-to-end suite covers it as the test user.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::process::Command;
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn berth(config: &Path, args: &[&OsStr]) -> Run {
+    let out = Command::new(env!("CARGO_BIN_EXE_berth"))
+        .arg("--config")
+        .arg(config)
+        .args(["policy", "check"])
+        .args(args)
+        .output()
+        .unwrap();
+    Run {
+        code: out.status.code().unwrap(),
+        stdout: String::from_utf8(out.stdout).unwrap(),
+        stderr: String::from_utf8(out.stderr).unwrap(),
+    }
+}
+
+fn config(dir: &Path, text: &str) -> std::path::PathBuf {
+    let path = dir.join("berth.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+const POLICY: &str = r#"
+[policy]
+allowed = ["localhost:5000/test/*"]
+"#;
+
+#[test]
+fn allowed_image_exits_0_with_the_canonical_reference_and_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), POLICY);
+    let run = berth(&cfg, &["localhost:5000#test/busybox:1.36".as_ref()]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert_eq!(
+        run.stdout,
+        "allow: localhost:5000/test/busybox:1.36 (rule: localhost:5000/test/*)\n"
+    );
+}
+
+#[test]
+fn denied_and_malformed_images_exit_1_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), POLICY);
+    for (image, fragment) in [
+        (
+            "localhost:5000/testing/x",
+            "on localhost:5000 the site allows only: localhost:5000/test/*",
+        ),
+        ("ubuntu", "`ubuntu` (that is, `docker.io/library/ubuntu`)"),
+        ("user@localhost:5000/test/x", "site's auth file"),
+        ("LOCALHOST:5000/test/x", "write `localhost:5000`"),
+        ("/etc/passwd", "local_images = false"),
+        (
+            "dockerd://ubuntu",
+            "`dockerd://` transport is not supported",
+        ),
+    ] {
+        let run = berth(&cfg, &[image.as_ref()]);
+        assert_eq!(run.code, 1, "{image}: {}{}", run.stdout, run.stderr);
+        assert!(run.stdout.starts_with("deny: "), "{image}: {}", run.stdout);
+        assert!(run.stdout.contains(fragment), "{image}: {}", run.stdout);
+    }
+}
+
+#[test]
+fn non_utf8_image_is_refused_with_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), POLICY);
+    let run = berth(&cfg, &[OsStr::from_bytes(b"localhost:5000/test/\xff")]);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert!(run.stdout.contains("not valid UTF-8"), "{}", run.stdout);
+}
+
+#[test]
+fn json_output_carries_verdict_rule_and_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), POLICY);
+    let run = berth(&cfg, &["--json".as_ref(), "localhost:5000/test/a".as_ref()]);
+    assert_eq!(run.code, 0);
+    let v: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(v["verdict"], "allow");
+    assert_eq!(v["reference"], "localhost:5000/test/a");
+    assert_eq!(v["rule"], "localhost:5000/test/*");
+
+    let run = berth(&cfg, &["--json".as_ref(), "evil.com/test/a".as_ref()]);
+    assert_eq!(run.code, 1);
+    let v: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(v["verdict"], "deny");
+    assert_eq!(v["image"], "evil.com/test/a");
+    assert!(v["reason"]
+        .as_str()
+        .unwrap()
+        .contains("localhost:5000/test/*"));
+}
+
+#[test]
+fn a_malformed_pattern_is_a_configuration_error_exit_125() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        "[policy]\nallowed = [\"localhost:5000/test*\"]\n",
+    );
+    let run = berth(&cfg, &["localhost:5000/test/a".as_ref()]);
+    assert_eq!(run.code, 125, "{}{}", run.stdout, run.stderr);
+    assert!(run.stdout.is_empty());
+    assert!(
+        run.stderr.contains("localhost:5000/test*"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("berth.toml"), "{}", run.stderr);
+}
