@@ -37,6 +37,7 @@ fn main() {
         .allowlist_function("spank_context")
         .allowlist_function("spank_option_register")
         .allowlist_function("spank_getenv")
+        .allowlist_function("spank_job_control_setenv")
         .allowlist_function("spank_strerror")
         .allowlist_function("slurm_error")
         .allowlist_function("slurm_debug")

@@ -1,4 +1,4 @@
-//! `berth policy check` as the SPANK plugin runs it: exit 0 allow, 1 deny (malformed
+//! `berth policy check` and `berth policy require-container` as the SPANK plugin runs them: exit 0 allow, 1 deny (malformed
 //! references included), 125 configuration errors; the verdict line on stdout.
 //!
 //! The tests run as root (so `--config` is honoured). That a non-root caller's `--config` is
@@ -16,10 +16,14 @@ struct Run {
 }
 
 fn berth(config: &Path, args: &[&OsStr]) -> Run {
+    policy(config, "check", args)
+}
+
+fn policy(config: &Path, subcommand: &str, args: &[&OsStr]) -> Run {
     let out = Command::new(env!("CARGO_BIN_EXE_berth"))
         .arg("--config")
         .arg(config)
-        .args(["policy", "check"])
+        .args(["policy", subcommand])
         .args(args)
         .output()
         .unwrap();
@@ -125,4 +129,29 @@ fn a_malformed_pattern_is_a_configuration_error_exit_125() {
         run.stderr
     );
     assert!(run.stderr.contains("berth.toml"), "{}", run.stderr);
+}
+
+#[test]
+fn require_container_answers_globally_and_per_partition() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        "[policy]\nrequire_container = false\n[policy.partitions.gpu]\nrequire_container = true\n",
+    );
+    let global = policy(&cfg, "require-container", &[]);
+    assert_eq!(global.code, 1, "{}{}", global.stdout, global.stderr);
+    assert_eq!(global.stdout, "");
+    let gpu = policy(&cfg, "require-container", &["--partition".as_ref(), "gpu".as_ref()]);
+    assert_eq!(gpu.code, 0, "{}{}", gpu.stdout, gpu.stderr);
+    assert!(gpu.stdout.contains("partition `gpu` requires"), "{}", gpu.stdout);
+    assert!(gpu.stdout.contains("--container-image"), "{}", gpu.stdout);
+    let other = policy(&cfg, "require-container", &["--partition".as_ref(), "debug".as_ref()]);
+    assert_eq!(other.code, 1);
+    let both = policy(&cfg, "require-container", &["--partition".as_ref(), "debug,gpu".as_ref()]);
+    assert_eq!(both.code, 0);
+
+    let strict = config(dir.path(), "[policy]\nrequire_container = true\n");
+    let run = policy(&strict, "require-container", &[]);
+    assert_eq!(run.code, 0);
+    assert!(run.stdout.starts_with("this cluster requires"), "{}", run.stdout);
 }

@@ -3,33 +3,129 @@
 //! login node, the task's stderr (srun output or the batch output file) on the node, or the
 //! slurmd log for the admin. So each says what went wrong and what to do about it.
 
-use crate::options::{IMAGE_MAX_BYTES, IMAGE_OPTION};
+use crate::options::{HOST_IMAGE, VALUE_MAX_BYTES};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum Error {
     #[error(
-        "--{IMAGE_OPTION} needs a value: give an image reference such as \
-         --{IMAGE_OPTION}=registry.example.com/team/app:1.0"
+        "{option} needs a value: e.g. --container-image=registry.example.com/team/app:1.0, \
+         --container-mounts=/data:/data:ro (see srun --help)"
     )]
-    ImageEmpty,
+    OptionEmpty { option: String },
+
+    #[error("{option} is {len} bytes long, more than the {VALUE_MAX_BYTES} allowed: shorten it")]
+    OptionTooLong { option: String, len: usize },
+
+    #[error("{option} is not valid UTF-8: type the value again as plain text")]
+    OptionNotUtf8 { option: String },
 
     #[error(
-        "--{IMAGE_OPTION} is {len} bytes long, more than the {IMAGE_MAX_BYTES} allowed: give a \
-         registry reference such as registry.example.com/team/app:1.0"
+        "{option} contains {what} at byte {at}: remove it (or quote the shell variable that \
+         produced it)"
     )]
-    ImageTooLong { len: usize },
+    OptionBadCharacter {
+        option: String,
+        what: String,
+        at: usize,
+    },
+
+    #[error("{option}: '{entry}' is refused: {reason}")]
+    MountInvalid {
+        option: String,
+        entry: String,
+        reason: String,
+    },
 
     #[error(
-        "--{IMAGE_OPTION} is not valid UTF-8: type the image reference again as plain text, \
-         e.g. registry.example.com/team/app:1.0"
+        "the mount source '{src}' cannot be used ({reason}): create it, or fix the path in \
+         --container-mounts / BERTH_CONTAINER_MOUNTS (it is checked as you, here and again on \
+         the compute node)"
     )]
-    ImageNotUtf8,
+    MountSourceUnusable { src: String, reason: String },
 
     #[error(
-        "--{IMAGE_OPTION} contains {what} at byte {at}: an image reference has no spaces or \
-         control characters; remove it (or quote the shell variable that produced it)"
+        "{option}={value} is relative: give the working directory inside the container as an \
+         absolute path, e.g. /{value}"
     )]
-    ImageBadCharacter { what: String, at: usize },
+    WorkdirRelative { option: String, value: String },
+
+    #[error(
+        "{option}: '{var}' is not a variable name: use letters, digits and '_', not starting \
+         with a digit, separated by ','"
+    )]
+    EnvNameInvalid { option: String, var: String },
+
+    #[error("{var}={value} is not a yes/no value: set it to 1 or 0 (or true/false, yes/no)")]
+    BoolInvalid { var: String, value: String },
+
+    #[error(
+        "--container-writable and --container-readonly were both given: keep the one you mean"
+    )]
+    WritableAndReadonly,
+
+    #[error(
+        "{option} was given but no container image: add --container-image=IMAGE (or \
+         --container=IMAGE), or drop the container options to run on the host"
+    )]
+    OptionsWithoutImage { option: String },
+
+    #[error(
+        "the container request passed from the login node has an unknown line '{line}': the \
+         login node's and the compute node's berth plugins differ; ask your admins to install \
+         the same version on both"
+    )]
+    TransportInvalid { line: String },
+
+    #[error("image '{image}' is not allowed on this cluster: {reason}")]
+    PolicyDenied { image: String, reason: String },
+
+    #[error(
+        "{}, but steps must run in a container{}: {reason}; give an image with \
+         --container-image=IMAGE",
+        if *asked_for_host {
+            format!("--container-image={HOST_IMAGE} asks for the host")
+        } else {
+            "no container image was given".to_owned()
+        },
+        partition.as_ref().map(|p| format!(" in partition {p}")).unwrap_or_default()
+    )]
+    ContainerRequired {
+        asked_for_host: bool,
+        partition: Option<String>,
+        reason: String,
+    },
+
+    #[error(
+        "could not pin image '{image}' to a digest from the login node: {detail}; a job whose \
+         tag cannot be pinned could run different images on different nodes, so it is not \
+         submitted. Check that the registry is reachable from here, or give the image by \
+         digest (IMAGE@sha256:...)"
+    )]
+    ResolveFailed { image: String, detail: String },
+
+    #[error(
+        "`{command}` failed ({status}){}: the berth launcher did not answer as this plugin \
+         expects; ask your admins to check that the launcher and spank_berth.so are the same \
+         version",
+        if stderr.is_empty() { String::new() } else { format!(": {stderr}") }
+    )]
+    LauncherFailed {
+        command: String,
+        status: String,
+        stderr: String,
+    },
+
+    #[error(
+        "could not run the berth launcher {path} ({reason}): ask your admins to install berth \
+         on this node or to fix berth= in plugstack.conf"
+    )]
+    LauncherNotRunnable { path: String, reason: String },
+
+    #[error(
+        "`{command}` did not finish within {seconds} s and was stopped: the registry or the \
+         node may be overloaded; try again later"
+    )]
+    LauncherTimedOut { command: String, seconds: u64 },
 
     #[error(
         "the job asks for container image '{image}' (from {origin}), but this berth build does \

@@ -26,6 +26,7 @@ use crate::spank::{self, Context};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Callback {
     Init,
+    InitPostOpt,
     TaskInit,
     /// An option's value callback, run while srun/sbatch or slurmstepd parse options.
     Option,
@@ -35,6 +36,7 @@ impl Callback {
     fn name(self) -> &'static str {
         match self {
             Callback::Init => "slurm_spank_init",
+            Callback::InitPostOpt => "slurm_spank_init_post_opt",
             Callback::TaskInit => "slurm_spank_task_init",
             Callback::Option => "option",
         }
@@ -199,10 +201,11 @@ mod tests {
 
     #[test]
     fn error_in_srun_fails_the_command() {
-        let (rc, log, deferred) =
-            drive(Context::Local, Callback::Option, |_| Err(Error::ImageEmpty));
+        let (rc, log, deferred) = drive(Context::Local, Callback::Option, |_| {
+            Err(Error::WritableAndReadonly)
+        });
         assert_eq!(rc, -1);
-        assert_eq!(log, vec![Error::ImageEmpty.to_string()]);
+        assert_eq!(log, vec![Error::WritableAndReadonly.to_string()]);
         assert_eq!(deferred, None);
     }
 
@@ -226,7 +229,7 @@ mod tests {
         });
         assert_eq!(rc, 0, "a failing remote init would drain the node");
         let rc = run_in(Context::Remote, Callback::Option, &log, &deferred, |_| {
-            Err(Error::ImageEmpty)
+            Err(Error::WritableAndReadonly)
         });
         assert_eq!(rc, 0);
         assert_eq!(logged.borrow().len(), 2);
@@ -252,7 +255,7 @@ mod tests {
     fn may_fail_table() {
         use Callback::*;
         use Context::*;
-        for callback in [Init, TaskInit, Option] {
+        for callback in [Init, InitPostOpt, TaskInit, Option] {
             assert!(may_fail(Local, callback));
             assert!(may_fail(Allocator, callback));
             assert!(!may_fail(Slurmd, callback));
@@ -261,6 +264,7 @@ mod tests {
         }
         assert!(may_fail(Remote, TaskInit));
         assert!(!may_fail(Remote, Init));
+        assert!(!may_fail(Remote, InitPostOpt));
         assert!(!may_fail(Remote, Option));
     }
 

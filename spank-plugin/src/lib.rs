@@ -6,8 +6,7 @@
 //!
 //! | module        | process (context)                | as            |
 //! |---------------|----------------------------------|---------------|
-//! | `local`       | srun, login node                 | the user      |
-//! | `allocator`   | sbatch / salloc, login node      | the user      |
+//! | `submit`      | srun (local), sbatch / salloc (allocator), login node | the user |
 //! | `remote`      | slurmstepd, compute node         | root; the user in task_init |
 //! | `slurmd`      | slurmd, compute node             | root          |
 //!
@@ -20,18 +19,19 @@ compile_error!(
     "spank_berth.so must be built with panic = \"unwind\" (see the workspace Cargo.toml)"
 );
 
-mod allocator;
 mod config;
 mod error;
 mod guard;
-mod local;
+mod launcher;
 mod options;
 mod remote;
 mod slurmd;
 mod spank;
+mod submit;
 
 use std::ffi::{c_char, c_int, c_uint};
 
+use error::Error;
 use guard::Callback;
 use spank::{Context, SlurmOption, Spank};
 
@@ -62,10 +62,8 @@ pub static plugin_version: c_uint = spank::ffi::SLURM_VERSION_NUMBER;
 pub static spank_plugin_version: c_uint = 1;
 
 /// berth's options, registered in every context that parses or receives them.
-pub(crate) static OPTIONS: [SlurmOption; 1] = [SlurmOption::new(
-    &options::CONTAINER_IMAGE,
-    option_container_image,
-)];
+pub(crate) static OPTIONS: [SlurmOption; options::SPECS.len()] =
+    SlurmOption::all(&options::SPECS, option_callback);
 
 /// Called in every context right after Slurm loads the plugin.
 ///
@@ -81,12 +79,27 @@ pub unsafe extern "C" fn slurm_spank_init(
         // SAFETY: Slurm passes `ac` valid strings in `av`.
         let args = unsafe { spank::plugin_args(ac, av.cast_const().cast()) };
         match context {
-            Context::Local => local::init(Spank::new(sp)),
-            Context::Allocator => allocator::init(Spank::new(sp)),
+            Context::Local | Context::Allocator => submit::init(Spank::new(sp), &args),
             Context::Remote => remote::init(Spank::new(sp), &args),
             Context::Slurmd => slurmd::init(&args),
             Context::JobScript | Context::Unknown => Ok(()),
         }
+    })
+}
+
+/// Called once every option is known: on the login node, where the request is decided.
+///
+/// # Safety
+/// Called by Slurm with a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn slurm_spank_init_post_opt(
+    sp: spank::ffi::spank_t,
+    _ac: c_int,
+    _av: *mut *mut c_char,
+) -> c_int {
+    guard::run(Callback::InitPostOpt, |context| match context {
+        Context::Local | Context::Allocator => submit::init_post_opt(Spank::new(sp), context),
+        _ => Ok(()),
     })
 }
 
@@ -106,19 +119,21 @@ pub unsafe extern "C" fn slurm_spank_task_init(
     })
 }
 
-/// Slurm's callback for `--container-image=VALUE`; `remote` is non-zero in slurmstepd.
-unsafe extern "C" fn option_container_image(
-    _val: c_int,
-    optarg: *const c_char,
-    _remote: c_int,
-) -> c_int {
+/// Slurm's callback for every berth option: `val` is the option's row in `options::SPECS`,
+/// `optarg` its value (NULL for a flag), `remote` non-zero in slurmstepd.
+unsafe extern "C" fn option_callback(val: c_int, optarg: *const c_char, _remote: c_int) -> c_int {
     guard::run(Callback::Option, |context| {
         // SAFETY: Slurm passes the option's argument as a C string (or NULL).
         let value = unsafe { spank::option_value(optarg) };
+        let Some(opt) = usize::try_from(val).ok().and_then(options::Opt::from_index) else {
+            return Err(Error::Spank {
+                call: "an option callback",
+                reason: format!("unknown option number {val}"),
+            });
+        };
         match context {
-            Context::Local => local::container_image(value),
-            Context::Allocator => allocator::container_image(value),
-            Context::Remote => remote::container_image(value),
+            Context::Local | Context::Allocator => submit::option(opt, value),
+            Context::Remote => remote::option(opt, value),
             Context::Slurmd | Context::JobScript | Context::Unknown => Ok(()),
         }
     })

@@ -1,57 +1,445 @@
-//! berth's srun/sbatch/salloc options: their names and help text (what Slurm shows in
-//! `srun --help`), and the validation of their values. Pure: nothing here touches Slurm, so
-//! every rule is unit-tested. Registration with Slurm is in `spank.rs`.
+//! berth's srun/sbatch/salloc options, named and meant as in pyxis so pyxis scripts keep
+//! working: their table (what Slurm shows in `srun --help`), the parsing and validation of
+//! every value, and the merge of all the places a value can come from into one
+//! [`ContainerRequest`]. Pure: nothing here touches Slurm or the file system, so every rule is
+//! unit-tested. Registration with Slurm is in `spank.rs`, the callbacks in `lib.rs`.
 //!
 //! Slurm's own `--container` is deliberately absent: a SPANK option of that name conflicts
-//! with the native one and is dropped by Slurm; its value reaches the node as SLURM_CONTAINER.
+//! with the native one and is dropped by Slurm; its value is read from SLURM_CONTAINER
+//! (`submit.rs`, `remote.rs`).
+//!
+//! Where a value comes from, strongest first:
+//! 1. the command line of this srun/sbatch/salloc (`#SBATCH` lines included);
+//! 2. Slurm's replay of the enclosing job's options: inside a job, srun first runs the
+//!    callbacks for every `_SLURM_SPANK_OPTION_berth_*` variable it inherited, then those of
+//!    its own command line;
+//! 3. the user's `BERTH_CONTAINER_*` environment variables, read at submission only.
 
 use std::ffi::CStr;
 
 use crate::error::Error;
 
-/// `--container-image`, named as in pyxis so scripts written for pyxis keep working.
-pub const IMAGE_OPTION: &str = "container-image";
+/// The longest value accepted for any option. Real values are far shorter (registries cap a
+/// repository name at 255 bytes, Linux a path at 4096); the cap keeps a runaway value out of
+/// the job environment and the launch message.
+pub const VALUE_MAX_BYTES: usize = 4096;
 
-/// The longest image value accepted. Real references are far shorter (registries cap a
-/// repository name at 255 bytes); the cap keeps a runaway value out of the job environment
-/// and the launch message.
-pub const IMAGE_MAX_BYTES: usize = 4096;
+/// The image value that asks for a step on the host, outside any container, e.g. inside a
+/// job submitted with an image. pyxis has no such value; `none` is not a usable registry
+/// reference on its own (Docker Hub's would be spelled `docker.io/library/none`).
+pub const HOST_IMAGE: &str = "none";
 
-/// One option as Slurm needs it described. C strings because Slurm keeps the pointers.
+/// The mount flags berth's launcher implements; pyxis's others are refused by name.
+pub const MOUNT_FLAGS: &str = "ro, rw";
+
+/// One of berth's options. The position in [`SPECS`] is the `val` Slurm hands back to the
+/// option callback, so one callback serves them all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opt {
+    Image,
+    Mounts,
+    Workdir,
+    Env,
+    MountHome,
+    NoMountHome,
+    RemapRoot,
+    NoRemapRoot,
+    Writable,
+    Readonly,
+    Entrypoint,
+    NoEntrypoint,
+}
+
+/// What an option sets. The `--x` / `--no-x` pairs (and writable/readonly) share a setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Setting {
+    Image,
+    Mounts,
+    Workdir,
+    Env,
+    MountHome,
+    RemapRoot,
+    Writable,
+    Entrypoint,
+}
+
+/// One option as Slurm needs it described, C strings because Slurm keeps the pointers.
 #[derive(Debug)]
 pub struct OptionSpec {
+    pub opt: Opt,
     pub name: &'static CStr,
-    pub arginfo: &'static CStr,
+    /// The argument's placeholder in `--help`; `None` for a flag, which takes no argument.
+    pub arginfo: Option<&'static CStr>,
     pub usage: &'static CStr,
 }
 
-pub const CONTAINER_IMAGE: OptionSpec = OptionSpec {
-    name: c"container-image",
-    arginfo: c"IMAGE",
-    usage: c"[berth] the container image to run tasks in (registry reference)",
-};
+pub const SPECS: [OptionSpec; 12] = [
+    OptionSpec {
+        opt: Opt::Image,
+        name: c"container-image",
+        arginfo: Some(c"IMAGE"),
+        usage: c"[berth] the container image to run tasks in (registry reference); \
+                 'none' runs this step on the host",
+    },
+    OptionSpec {
+        opt: Opt::Mounts,
+        name: c"container-mounts",
+        arginfo: Some(c"SRC[:DST[:ro|rw]][,...]"),
+        usage: c"[berth] bind mount host paths into the container",
+    },
+    OptionSpec {
+        opt: Opt::Workdir,
+        name: c"container-workdir",
+        arginfo: Some(c"PATH"),
+        usage: c"[berth] working directory inside the container",
+    },
+    OptionSpec {
+        opt: Opt::Env,
+        name: c"container-env",
+        arginfo: Some(c"NAME[,...]"),
+        usage: c"[berth] host variables that override the image's own values",
+    },
+    OptionSpec {
+        opt: Opt::MountHome,
+        name: c"container-mount-home",
+        arginfo: None,
+        usage: c"[berth] bind mount the user's home directory",
+    },
+    OptionSpec {
+        opt: Opt::NoMountHome,
+        name: c"no-container-mount-home",
+        arginfo: None,
+        usage: c"[berth] do not bind mount the user's home directory",
+    },
+    OptionSpec {
+        opt: Opt::RemapRoot,
+        name: c"container-remap-root",
+        arginfo: None,
+        usage: c"[berth] appear as root inside the container (no real privilege)",
+    },
+    OptionSpec {
+        opt: Opt::NoRemapRoot,
+        name: c"no-container-remap-root",
+        arginfo: None,
+        usage: c"[berth] keep the user's own uid inside the container",
+    },
+    OptionSpec {
+        opt: Opt::Writable,
+        name: c"container-writable",
+        arginfo: None,
+        usage: c"[berth] make the container's root file system writable (changes are discarded)",
+    },
+    OptionSpec {
+        opt: Opt::Readonly,
+        name: c"container-readonly",
+        arginfo: None,
+        usage: c"[berth] make the container's root file system read-only",
+    },
+    OptionSpec {
+        opt: Opt::Entrypoint,
+        name: c"container-entrypoint",
+        arginfo: None,
+        usage: c"[berth] run the image's entrypoint before the command",
+    },
+    OptionSpec {
+        opt: Opt::NoEntrypoint,
+        name: c"no-container-entrypoint",
+        arginfo: None,
+        usage: c"[berth] do not run the image's entrypoint",
+    },
+];
 
-/// Checks a `--container-image` value as given on the command line and returns it as text.
-/// Only the shape is checked here; whether the reference parses, and whether policy allows
-/// its registry, is the launcher's job.
-pub fn validate_image(value: &[u8]) -> Result<&str, Error> {
+impl Opt {
+    pub fn spec(self) -> &'static OptionSpec {
+        &SPECS[self.index()]
+    }
+
+    /// The `val` registered with Slurm for this option.
+    pub fn index(self) -> usize {
+        SPECS
+            .iter()
+            .position(|s| s.opt == self)
+            .expect("every Opt has a row in SPECS")
+    }
+
+    pub fn from_index(val: usize) -> Option<Opt> {
+        SPECS.get(val).map(|s| s.opt)
+    }
+
+    pub fn from_name(name: &str) -> Option<Opt> {
+        SPECS
+            .iter()
+            .find(|s| s.name.to_bytes() == name.as_bytes())
+            .map(|s| s.opt)
+    }
+
+    pub fn name(self) -> &'static str {
+        self.spec().name.to_str().expect("option names are ASCII")
+    }
+
+    /// The setting this option sets and, for a flag, the value it sets it to.
+    pub fn setting(self) -> (Setting, Option<bool>) {
+        match self {
+            Opt::Image => (Setting::Image, None),
+            Opt::Mounts => (Setting::Mounts, None),
+            Opt::Workdir => (Setting::Workdir, None),
+            Opt::Env => (Setting::Env, None),
+            Opt::MountHome => (Setting::MountHome, Some(true)),
+            Opt::NoMountHome => (Setting::MountHome, Some(false)),
+            Opt::RemapRoot => (Setting::RemapRoot, Some(true)),
+            Opt::NoRemapRoot => (Setting::RemapRoot, Some(false)),
+            Opt::Writable => (Setting::Writable, Some(true)),
+            Opt::Readonly => (Setting::Writable, Some(false)),
+            Opt::Entrypoint => (Setting::Entrypoint, Some(true)),
+            Opt::NoEntrypoint => (Setting::Entrypoint, Some(false)),
+        }
+    }
+
+    /// The variable Slurm puts the option's value in for the job:
+    /// `_SLURM_SPANK_OPTION_<plugin>_<option>`, every non-alphanumeric byte turned into `_` (as
+    /// spank.c's `_opt_env_name` does).
+    pub fn slurm_env_name(self) -> String {
+        let canonical = |s: &str| -> String {
+            s.chars()
+                .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+                .collect()
+        };
+        format!(
+            "_SLURM_SPANK_OPTION_{}_{}",
+            canonical(crate::PLUGIN_NAME),
+            canonical(self.name())
+        )
+    }
+}
+
+impl Setting {
+    pub const ALL: [Setting; 8] = [
+        Setting::Image,
+        Setting::Mounts,
+        Setting::Workdir,
+        Setting::Env,
+        Setting::MountHome,
+        Setting::RemapRoot,
+        Setting::Writable,
+        Setting::Entrypoint,
+    ];
+
+    /// The user's environment variable for this setting (pyxis has `PYXIS_CONTAINER_*`).
+    /// A flag pair's variable takes 1/true/yes or 0/false/no; for WRITABLE 0 means readonly.
+    pub fn env_var(self) -> &'static str {
+        match self {
+            Setting::Image => "BERTH_CONTAINER_IMAGE",
+            Setting::Mounts => "BERTH_CONTAINER_MOUNTS",
+            Setting::Workdir => "BERTH_CONTAINER_WORKDIR",
+            Setting::Env => "BERTH_CONTAINER_ENV",
+            Setting::MountHome => "BERTH_CONTAINER_MOUNT_HOME",
+            Setting::RemapRoot => "BERTH_CONTAINER_REMAP_ROOT",
+            Setting::Writable => "BERTH_CONTAINER_WRITABLE",
+            Setting::Entrypoint => "BERTH_CONTAINER_ENTRYPOINT",
+        }
+    }
+
+    /// The option that sets this setting (to true, for a flag pair), for messages.
+    fn option(self) -> Opt {
+        match self {
+            Setting::Image => Opt::Image,
+            Setting::Mounts => Opt::Mounts,
+            Setting::Workdir => Opt::Workdir,
+            Setting::Env => Opt::Env,
+            Setting::MountHome => Opt::MountHome,
+            Setting::RemapRoot => Opt::RemapRoot,
+            Setting::Writable => Opt::Writable,
+            Setting::Entrypoint => Opt::Entrypoint,
+        }
+    }
+}
+
+/// Where a value came from; see the module comment for the order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Origin {
+    /// `BERTH_CONTAINER_*` in the submitting user's environment.
+    Environment,
+    /// Slurm's replay of an option the enclosing job was submitted with.
+    Inherited,
+    /// This command's own command line.
+    CommandLine,
+}
+
+/// One option value as Slurm delivered it, in arrival order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Given {
+    pub opt: Opt,
+    pub value: Vec<u8>,
+    pub origin: Origin,
+}
+
+/// The image a step asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageChoice {
+    /// `--container-image=none`: run on the host.
+    Host,
+    /// A registry reference (or local file path), judged by the launcher.
+    Image(String),
+}
+
+/// `--container-mounts` entries carry one of these, default read-write as in pyxis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    ReadWrite,
+    ReadOnly,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mount {
+    pub src: String,
+    pub dst: String,
+    pub access: Access,
+}
+
+/// Every setting other than the image, each `None` where nobody set it, so the launcher's
+/// (or the site's) default applies.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContainerOptions {
+    pub mounts: Vec<Mount>,
+    pub workdir: Option<String>,
+    pub env: Vec<String>,
+    pub mount_home: Option<bool>,
+    pub remap_root: Option<bool>,
+    pub writable: Option<bool>,
+    pub entrypoint: Option<bool>,
+}
+
+/// The settings parsed from every source, with where each came from; the image choice is
+/// made from these and Slurm's `--container` by the caller.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Settings {
+    pub image: Option<(ImageChoice, Origin)>,
+    pub options: ContainerOptions,
+    /// The strongest origin of any setting other than the image, to tell a user who gave
+    /// `--container-mounts` without any image that the mounts would be ignored.
+    pub options_origin: Option<Origin>,
+}
+
+/// What a step runs in, after every source was merged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ContainerRequest {
+    /// Nothing asked for a container.
+    None,
+    /// `--container-image=none`: explicitly on the host.
+    Host,
+    Container {
+        image: String,
+        options: ContainerOptions,
+    },
+}
+
+/// How an offending value is named in a message: the option, or the environment variable.
+pub fn source_name(opt: Opt, origin: Origin) -> String {
+    match origin {
+        Origin::Environment => opt.setting().0.env_var().to_owned(),
+        Origin::CommandLine | Origin::Inherited => format!("--{}", opt.name()),
+    }
+}
+
+/// Looks up a variable of the user's environment as bytes.
+pub type Env<'a> = &'a dyn Fn(&str) -> Option<Vec<u8>>;
+
+/// Parses every given value and the user's environment (`env`, None on the node) into
+/// [`Settings`]. A value given later beats one given earlier from the same origin.
+pub fn settings(given: &[Given], env: Option<Env>) -> Result<Settings, Error> {
+    let writable_on_command_line = |want: bool| {
+        given.iter().any(|g| {
+            g.origin == Origin::CommandLine && g.opt.setting() == (Setting::Writable, Some(want))
+        })
+    };
+    if writable_on_command_line(true) && writable_on_command_line(false) {
+        return Err(Error::WritableAndReadonly);
+    }
+    let mut out = Settings::default();
+    for setting in Setting::ALL {
+        let strongest = given
+            .iter()
+            .enumerate()
+            .filter(|(_, g)| g.opt.setting().0 == setting)
+            .max_by_key(|(at, g)| (g.origin, *at))
+            .map(|(_, g)| (g.opt, g.value.clone(), g.origin));
+        let from_env = || {
+            let value = env?(setting.env_var())?;
+            Some((setting.option(), value, Origin::Environment))
+        };
+        let Some((opt, value, origin)) = strongest.or_else(from_env) else {
+            continue;
+        };
+        apply(&mut out, setting, opt, &value, origin)?;
+        if setting != Setting::Image {
+            out.options_origin = out.options_origin.max(Some(origin));
+        }
+    }
+    Ok(out)
+}
+
+fn apply(
+    out: &mut Settings,
+    setting: Setting,
+    opt: Opt,
+    value: &[u8],
+    origin: Origin,
+) -> Result<(), Error> {
+    let name = || source_name(opt, origin);
+    let o = &mut out.options;
+    match setting {
+        Setting::Image => out.image = Some((parse_image(&name(), value)?, origin)),
+        Setting::Mounts => o.mounts = parse_mounts(&name(), text(&name(), value)?)?,
+        Setting::Workdir => o.workdir = Some(parse_workdir(&name(), value)?),
+        Setting::Env => o.env = parse_env_names(&name(), text(&name(), value)?)?,
+        Setting::MountHome | Setting::RemapRoot | Setting::Writable | Setting::Entrypoint => {
+            let on = match (origin, opt.setting().1) {
+                (Origin::Environment, _) => parse_bool(setting.env_var(), value)?,
+                (_, Some(on)) => on,
+                (_, None) => unreachable!("flag settings are set by flag options"),
+            };
+            let slot = match setting {
+                Setting::MountHome => &mut o.mount_home,
+                Setting::RemapRoot => &mut o.remap_root,
+                Setting::Writable => &mut o.writable,
+                _ => &mut o.entrypoint,
+            };
+            *slot = Some(on);
+        }
+    }
+    Ok(())
+}
+
+/// Checks what every value must be: present, not over-long, UTF-8, and free of control
+/// characters (which no path, name or reference needs, and which would break the one-line-per
+/// value form the request travels in, see [`ContainerRequest::to_transport`]).
+pub fn text<'a>(name: &str, value: &'a [u8]) -> Result<&'a str, Error> {
     if value.is_empty() {
-        return Err(Error::ImageEmpty);
-    }
-    if value.len() > IMAGE_MAX_BYTES {
-        return Err(Error::ImageTooLong { len: value.len() });
-    }
-    let text = std::str::from_utf8(value).map_err(|_| Error::ImageNotUtf8)?;
-    if let Some((at, ch)) = text
-        .char_indices()
-        .find(|(_, c)| c.is_whitespace() || c.is_control())
-    {
-        return Err(Error::ImageBadCharacter {
-            what: describe(ch),
-            at,
+        return Err(Error::OptionEmpty {
+            option: name.to_owned(),
         });
     }
+    if value.len() > VALUE_MAX_BYTES {
+        return Err(Error::OptionTooLong {
+            option: name.to_owned(),
+            len: value.len(),
+        });
+    }
+    let text = std::str::from_utf8(value).map_err(|_| Error::OptionNotUtf8 {
+        option: name.to_owned(),
+    })?;
+    if let Some((at, ch)) = text.char_indices().find(|(_, c)| c.is_control()) {
+        return Err(bad_character(name, ch, at));
+    }
     Ok(text)
+}
+
+fn bad_character(name: &str, ch: char, at: usize) -> Error {
+    Error::OptionBadCharacter {
+        option: name.to_owned(),
+        what: describe(ch),
+        at,
+    }
 }
 
 /// Names an offending character so the user can find it even when it does not print.
@@ -64,84 +452,563 @@ fn describe(ch: char) -> String {
     }
 }
 
+/// Only the shape of an image is checked here; whether the reference parses, and whether
+/// policy allows it, is the launcher's call.
+pub fn parse_image(name: &str, value: &[u8]) -> Result<ImageChoice, Error> {
+    let image = text(name, value)?;
+    if let Some((at, ch)) = image.char_indices().find(|(_, c)| c.is_whitespace()) {
+        return Err(bad_character(name, ch, at));
+    }
+    Ok(if image == HOST_IMAGE {
+        ImageChoice::Host
+    } else {
+        ImageChoice::Image(image.to_owned())
+    })
+}
+
+/// `SRC[:DST[:FLAGS]][,...]`, FLAGS joined by `+` as in pyxis; a missing DST is SRC.
+pub fn parse_mounts(name: &str, value: &str) -> Result<Vec<Mount>, Error> {
+    value
+        .split(',')
+        .map(|entry| parse_mount(name, entry))
+        .collect()
+}
+
+fn parse_mount(name: &str, entry: &str) -> Result<Mount, Error> {
+    let bad = |reason: String| Error::MountInvalid {
+        option: name.to_owned(),
+        entry: entry.to_owned(),
+        reason,
+    };
+    let mut parts = entry.split(':');
+    let src = parts.next().unwrap_or_default();
+    let dst = parts.next().unwrap_or(src);
+    let flags = parts.next();
+    if parts.next().is_some() {
+        return Err(bad(
+            "it has more than SRC:DST:FLAGS; a path may not contain ':'".into(),
+        ));
+    }
+    if src.is_empty() {
+        return Err(bad(
+            "the source is empty (a doubled or trailing ','?)".into()
+        ));
+    }
+    if src == "tmpfs" || src == "umount" {
+        return Err(bad(format!(
+            "a '{src}' source is not supported by berth yet; mount a host directory instead"
+        )));
+    }
+    if !src.starts_with('/') {
+        return Err(bad(format!(
+            "the source '{src}' is relative; give an absolute host path such as $PWD/{src}"
+        )));
+    }
+    check_container_path(dst).map_err(|why| bad(format!("the destination '{dst}' {why}")))?;
+    let mut access = None;
+    for flag in flags.map(|f| f.split('+')).into_iter().flatten() {
+        let this = match flag {
+            "ro" => Access::ReadOnly,
+            "rw" => Access::ReadWrite,
+            other => {
+                return Err(bad(format!(
+                    "the flag '{other}' is not supported; berth supports {MOUNT_FLAGS}"
+                )))
+            }
+        };
+        if access.is_some_and(|a| a != this) {
+            return Err(bad("it is both ro and rw; keep one".into()));
+        }
+        access = Some(this);
+    }
+    Ok(Mount {
+        src: src.to_owned(),
+        dst: dst.to_owned(),
+        access: access.unwrap_or(Access::ReadWrite),
+    })
+}
+
+/// A path inside the container must be absolute, must not climb with `..` (which could name
+/// a host path once resolved against a symlink) and must not be the root itself.
+fn check_container_path(path: &str) -> Result<(), &'static str> {
+    if !path.starts_with('/') {
+        return Err("is not absolute; paths inside the container start with '/'");
+    }
+    if path.split('/').any(|c| c == "..") {
+        return Err("contains '..'; write the path without it");
+    }
+    if path.split('/').all(|c| c.is_empty() || c == ".") {
+        return Err("is the container's root, which cannot be replaced by a mount");
+    }
+    Ok(())
+}
+
+pub fn parse_workdir(name: &str, value: &[u8]) -> Result<String, Error> {
+    let path = text(name, value)?;
+    if !path.starts_with('/') {
+        return Err(Error::WorkdirRelative {
+            option: name.to_owned(),
+            value: path.to_owned(),
+        });
+    }
+    Ok(path.to_owned())
+}
+
+/// `NAME[,...]`, each a shell identifier: anything else cannot be a variable the container's
+/// shell could read.
+pub fn parse_env_names(name: &str, value: &str) -> Result<Vec<String>, Error> {
+    value
+        .split(',')
+        .map(|var| {
+            let mut chars = var.chars();
+            let valid = chars
+                .next()
+                .is_some_and(|c| c == '_' || c.is_ascii_alphabetic())
+                && chars.all(|c| c == '_' || c.is_ascii_alphanumeric());
+            if valid {
+                Ok(var.to_owned())
+            } else {
+                Err(Error::EnvNameInvalid {
+                    option: name.to_owned(),
+                    var: var.to_owned(),
+                })
+            }
+        })
+        .collect()
+}
+
+fn parse_bool(var: &str, value: &[u8]) -> Result<bool, Error> {
+    match value.to_ascii_lowercase().as_slice() {
+        b"1" | b"true" | b"yes" => Ok(true),
+        b"0" | b"false" | b"no" => Ok(false),
+        _ => Err(Error::BoolInvalid {
+            var: var.to_owned(),
+            value: String::from_utf8_lossy(value).into_owned(),
+        }),
+    }
+}
+
+impl ContainerRequest {
+    /// The request as the node reads it back: one `option[=value]` line per setting, in the
+    /// options' own syntax, so the node re-parses it with the same rules (it trusts nothing
+    /// from the login node) and a human reading the job's environment understands it.
+    pub fn to_transport(&self) -> String {
+        let (image, options) = match self {
+            ContainerRequest::None => return String::new(),
+            ContainerRequest::Host => return format!("{}={HOST_IMAGE}", Opt::Image.name()),
+            ContainerRequest::Container { image, options } => (image, options),
+        };
+        let mut lines = vec![format!("{}={image}", Opt::Image.name())];
+        if !options.mounts.is_empty() {
+            let mounts: Vec<String> = options
+                .mounts
+                .iter()
+                .map(|m| {
+                    let flag = match m.access {
+                        Access::ReadOnly => "ro",
+                        Access::ReadWrite => "rw",
+                    };
+                    format!("{}:{}:{flag}", m.src, m.dst)
+                })
+                .collect();
+            lines.push(format!("{}={}", Opt::Mounts.name(), mounts.join(",")));
+        }
+        if let Some(workdir) = &options.workdir {
+            lines.push(format!("{}={workdir}", Opt::Workdir.name()));
+        }
+        if !options.env.is_empty() {
+            lines.push(format!("{}={}", Opt::Env.name(), options.env.join(",")));
+        }
+        let flags = [
+            (options.mount_home, Opt::MountHome, Opt::NoMountHome),
+            (options.remap_root, Opt::RemapRoot, Opt::NoRemapRoot),
+            (options.writable, Opt::Writable, Opt::Readonly),
+            (options.entrypoint, Opt::Entrypoint, Opt::NoEntrypoint),
+        ];
+        for (value, on, off) in flags {
+            if let Some(value) = value {
+                lines.push(if value { on } else { off }.name().to_owned());
+            }
+        }
+        lines.join("\n")
+    }
+
+    /// Reads [`to_transport`](Self::to_transport)'s form back, with every value checked again.
+    pub fn from_transport(text: &[u8]) -> Result<ContainerRequest, Error> {
+        let mut given = Vec::new();
+        for line in text.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            let (name, value) = match line.iter().position(|&b| b == b'=') {
+                Some(at) => (&line[..at], line[at + 1..].to_vec()),
+                None => (line, Vec::new()),
+            };
+            let opt = std::str::from_utf8(name)
+                .ok()
+                .and_then(Opt::from_name)
+                .ok_or_else(|| Error::TransportInvalid {
+                    line: String::from_utf8_lossy(line).into_owned(),
+                })?;
+            given.push(Given {
+                opt,
+                value,
+                origin: Origin::CommandLine,
+            });
+        }
+        let settings = settings(&given, None)?;
+        Ok(match settings.image {
+            None => ContainerRequest::None,
+            Some((ImageChoice::Host, _)) => ContainerRequest::Host,
+            Some((ImageChoice::Image(image), _)) => ContainerRequest::Container {
+                image,
+                options: settings.options,
+            },
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const CLI: Origin = Origin::CommandLine;
+
+    fn given(opt: Opt, value: &str, origin: Origin) -> Given {
+        Given {
+            opt,
+            value: value.as_bytes().to_vec(),
+            origin,
+        }
+    }
+
+    fn from(list: &[(Opt, &str)]) -> Result<Settings, Error> {
+        let given: Vec<Given> = list.iter().map(|(o, v)| given(*o, v, CLI)).collect();
+        settings(&given, None)
+    }
+
+    fn no_env(_: &str) -> Option<Vec<u8>> {
+        None
+    }
+
     #[test]
-    fn accepts_registry_references() {
-        for image in [
-            "busybox",
-            "registry.example.com:5000/team/app:1.0",
-            "nvcr.io#nvidia/pytorch:24.01-py3",
-            "docker://ubuntu@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
-            "127.0.0.1:5000/é/app", // UTF-8 is shape-valid; the reference parser judges it
-        ] {
-            assert_eq!(validate_image(image.as_bytes()), Ok(image));
+    fn table_fits_slurm_and_is_consistent() {
+        for (at, spec) in SPECS.iter().enumerate() {
+            // Slurm ignores options whose name is longer than SPANK_OPTION_MAXLEN (75).
+            assert!(spec.name.to_bytes().len() <= 75);
+            assert!(spec.usage.to_bytes().starts_with(b"[berth] "), "{spec:?}");
+            assert_eq!(spec.opt.index(), at);
+            assert_eq!(Opt::from_index(at), Some(spec.opt));
+            assert_eq!(Opt::from_name(spec.opt.name()), Some(spec.opt));
+            // Flags are exactly the options that set a flag setting.
+            assert_eq!(spec.arginfo.is_none(), spec.opt.setting().1.is_some());
+        }
+        assert_eq!(Opt::from_index(SPECS.len()), None);
+        // Each setting is reachable from an option, and each has its own variable.
+        for setting in Setting::ALL {
+            assert_eq!(setting.option().setting().0, setting);
+            assert!(setting.env_var().starts_with("BERTH_CONTAINER_"));
         }
     }
 
     #[test]
-    fn refuses_empty() {
-        assert_eq!(validate_image(b""), Err(Error::ImageEmpty));
-    }
-
-    #[test]
-    fn length_limit_is_inclusive() {
-        let max = "a".repeat(IMAGE_MAX_BYTES);
-        assert!(validate_image(max.as_bytes()).is_ok());
-        let over = "a".repeat(IMAGE_MAX_BYTES + 1);
+    fn slurm_env_names_match_spank_c() {
         assert_eq!(
-            validate_image(over.as_bytes()),
-            Err(Error::ImageTooLong {
-                len: IMAGE_MAX_BYTES + 1
-            })
+            Opt::Image.slurm_env_name(),
+            "_SLURM_SPANK_OPTION_berth_container_image"
+        );
+        assert_eq!(
+            Opt::NoMountHome.slurm_env_name(),
+            "_SLURM_SPANK_OPTION_berth_no_container_mount_home"
         );
     }
 
     #[test]
-    fn refuses_invalid_utf8() {
-        assert_eq!(validate_image(b"app\xff:1"), Err(Error::ImageNotUtf8));
+    fn text_rules() {
+        let long = "a".repeat(VALUE_MAX_BYTES + 1);
+        let cases: [(&[u8], Result<&str, Error>); 6] = [
+            (b"/ok path", Ok("/ok path")),
+            (
+                b"",
+                Err(Error::OptionEmpty {
+                    option: "--x".into(),
+                }),
+            ),
+            (
+                long.as_bytes(),
+                Err(Error::OptionTooLong {
+                    option: "--x".into(),
+                    len: VALUE_MAX_BYTES + 1,
+                }),
+            ),
+            (
+                b"a\xff",
+                Err(Error::OptionNotUtf8 {
+                    option: "--x".into(),
+                }),
+            ),
+            (b"a\nb", Err(bad_character("--x", '\n', 1))),
+            (b"\x7fa", Err(bad_character("--x", '\u{7f}', 0))),
+        ];
+        for (value, want) in cases {
+            assert_eq!(text("--x", value), want, "{value:?}");
+        }
+        assert!(text("--x", "a".repeat(VALUE_MAX_BYTES).as_bytes()).is_ok());
     }
 
     #[test]
-    fn refuses_whitespace_and_control_characters_with_their_position() {
-        let cases: [(&str, &str, usize); 5] = [
-            ("app 1", "a space", 3),
-            ("\tapp", "a tab", 0),
-            ("app\n", "a newline", 3),
-            ("a\u{7f}pp", "the character U+007F", 1),
-            ("app\u{a0}x", "the character U+00A0", 3), // no-break space, pasted from a web page
+    fn images() {
+        let ok = [
+            "busybox",
+            "registry.example.com:5000/team/app:1.0",
+            "nvcr.io#nvidia/pytorch:24.01-py3",
+            "docker://ubuntu@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
         ];
-        for (value, what, at) in cases {
+        for image in ok {
             assert_eq!(
-                validate_image(value.as_bytes()),
-                Err(Error::ImageBadCharacter {
-                    what: what.to_owned(),
-                    at
-                }),
-                "{value:?}"
+                parse_image("--container-image", image.as_bytes()),
+                Ok(ImageChoice::Image(image.into()))
+            );
+        }
+        assert_eq!(parse_image("i", b"none"), Ok(ImageChoice::Host));
+        assert_eq!(parse_image("i", b"app 1"), Err(bad_character("i", ' ', 3)));
+        assert_eq!(
+            parse_image("i", "app\u{a0}".as_bytes()), // no-break space, pasted from a web page
+            Err(bad_character("i", '\u{a0}', 3))
+        );
+    }
+
+    #[test]
+    fn mounts_accepted() {
+        let m = |src: &str, dst: &str, access| Mount {
+            src: src.into(),
+            dst: dst.into(),
+            access,
+        };
+        let cases: [(&str, Vec<Mount>); 5] = [
+            ("/data", vec![m("/data", "/data", Access::ReadWrite)]),
+            ("/data:/in", vec![m("/data", "/in", Access::ReadWrite)]),
+            ("/data:/in:ro", vec![m("/data", "/in", Access::ReadOnly)]),
+            ("/a b:/c:rw+rw", vec![m("/a b", "/c", Access::ReadWrite)]),
+            (
+                "/a:/a:ro,/b:/x",
+                vec![
+                    m("/a", "/a", Access::ReadOnly),
+                    m("/b", "/x", Access::ReadWrite),
+                ],
+            ),
+        ];
+        for (value, want) in cases {
+            assert_eq!(
+                parse_mounts("--container-mounts", value),
+                Ok(want),
+                "{value}"
             );
         }
     }
 
     #[test]
-    fn messages_name_the_option_and_the_fix() {
-        let msg = validate_image(b"").unwrap_err().to_string();
-        assert!(msg.starts_with("--container-image needs a value"), "{msg}");
-        assert!(
-            msg.contains("--container-image=registry.example.com/"),
-            "{msg}"
-        );
-        let msg = validate_image(b"a b").unwrap_err().to_string();
-        assert!(msg.contains("a space at byte 1"), "{msg}");
+    fn mounts_refused_with_the_reason() {
+        let cases = [
+            ("/a,", "the source is empty"),
+            (
+                "data:/data",
+                "the source 'data' is relative; give an absolute host path such as $PWD/data",
+            ),
+            (
+                "tmpfs:/scratch",
+                "'tmpfs' source is not supported by berth yet",
+            ),
+            (
+                "umount:/etc/x",
+                "'umount' source is not supported by berth yet",
+            ),
+            ("/a:b", "the destination 'b' is not absolute"),
+            ("/a:/x/../etc", "contains '..'"),
+            ("/a:/", "is the container's root"),
+            ("/a:/./", "is the container's root"),
+            (
+                "/a:/b:rbind",
+                "the flag 'rbind' is not supported; berth supports ro, rw",
+            ),
+            ("/a:/b:ro+bogus", "the flag 'bogus' is not supported"),
+            ("/a:/b:ro+rw", "both ro and rw"),
+            ("/a:/b:ro:x", "more than SRC:DST:FLAGS"),
+            ("/a::ro", "the destination '' is not absolute"),
+        ];
+        for (value, reason) in cases {
+            let err = parse_mounts("--container-mounts", value).unwrap_err();
+            let msg = err.to_string();
+            assert!(
+                matches!(err, Error::MountInvalid { .. }),
+                "{value}: {err:?}"
+            );
+            assert!(msg.contains(reason), "{value}: {msg}");
+            assert!(msg.starts_with("--container-mounts"), "{msg}");
+        }
     }
 
     #[test]
-    fn spec_fits_slurm_limits() {
-        // Slurm ignores options whose name is longer than SPANK_OPTION_MAXLEN (75).
-        assert!(CONTAINER_IMAGE.name.to_bytes().len() <= 75);
-        assert_eq!(CONTAINER_IMAGE.name.to_str(), Ok(IMAGE_OPTION));
-        assert!(CONTAINER_IMAGE.usage.to_bytes().starts_with(b"[berth] "));
+    fn workdir_and_env_names() {
+        assert_eq!(parse_workdir("w", b"/work dir"), Ok("/work dir".into()));
+        assert_eq!(
+            parse_workdir("w", b"work"),
+            Err(Error::WorkdirRelative {
+                option: "w".into(),
+                value: "work".into()
+            })
+        );
+        assert_eq!(
+            parse_env_names("e", "PATH,_X,a1"),
+            Ok(vec!["PATH".into(), "_X".into(), "a1".into()])
+        );
+        for bad in ["1A", "A-B", "A,", "A=B", ",A", "É"] {
+            let err = parse_env_names("e", bad).unwrap_err();
+            assert!(matches!(err, Error::EnvNameInvalid { .. }), "{bad}");
+        }
+    }
+
+    #[test]
+    fn flags_pair_up_and_the_last_wins() {
+        let s = from(&[
+            (Opt::MountHome, ""),
+            (Opt::NoMountHome, ""),
+            (Opt::NoRemapRoot, ""),
+            (Opt::RemapRoot, ""),
+            (Opt::Readonly, ""),
+            (Opt::NoEntrypoint, ""),
+        ])
+        .unwrap();
+        assert_eq!(s.options.mount_home, Some(false));
+        assert_eq!(s.options.remap_root, Some(true));
+        assert_eq!(s.options.writable, Some(false));
+        assert_eq!(s.options.entrypoint, Some(false));
+        assert_eq!(from(&[]).unwrap(), Settings::default());
+    }
+
+    #[test]
+    fn writable_with_readonly_is_refused_only_on_one_command_line() {
+        assert_eq!(
+            from(&[(Opt::Writable, ""), (Opt::Readonly, "")]),
+            Err(Error::WritableAndReadonly)
+        );
+        // A step inside a job submitted --container-writable may ask for --container-readonly.
+        let s = settings(
+            &[
+                given(Opt::Writable, "", Origin::Inherited),
+                given(Opt::Readonly, "", CLI),
+            ],
+            None,
+        )
+        .unwrap();
+        assert_eq!(s.options.writable, Some(false));
+    }
+
+    #[test]
+    fn command_line_beats_inherited_beats_environment() {
+        let env = |var: &str| match var {
+            "BERTH_CONTAINER_IMAGE" => Some(b"env/img".to_vec()),
+            "BERTH_CONTAINER_WORKDIR" => Some(b"/env".to_vec()),
+            "BERTH_CONTAINER_MOUNTS" => Some(b"/e:/e".to_vec()),
+            "BERTH_CONTAINER_WRITABLE" => Some(b"0".to_vec()),
+            _ => None,
+        };
+        let given = [
+            given(Opt::Image, "cli/img", CLI),
+            given(Opt::Image, "job/img", Origin::Inherited), // arrival order does not matter
+            given(Opt::Workdir, "/job", Origin::Inherited),
+            given(Opt::MountHome, "", Origin::Inherited),
+            given(Opt::NoMountHome, "", CLI),
+        ];
+        let s = settings(&given, Some(&env)).unwrap();
+        assert_eq!(s.image, Some((ImageChoice::Image("cli/img".into()), CLI)));
+        assert_eq!(s.options.workdir.as_deref(), Some("/job"));
+        assert_eq!(s.options.mounts[0].src, "/e");
+        assert_eq!(s.options.writable, Some(false));
+        assert_eq!(s.options.mount_home, Some(false));
+        assert_eq!(s.options_origin, Some(CLI));
+    }
+
+    #[test]
+    fn environment_values_are_checked_and_named() {
+        let env = |var: &str| match var {
+            "BERTH_CONTAINER_MOUNTS" => Some(b"rel:/x".to_vec()),
+            _ => None,
+        };
+        let msg = settings(&[], Some(&env)).unwrap_err().to_string();
+        assert!(msg.starts_with("BERTH_CONTAINER_MOUNTS"), "{msg}");
+        for (value, want) in [("YES", Ok(true)), ("0", Ok(false)), ("no", Ok(false))] {
+            assert_eq!(parse_bool("V", value.as_bytes()), want);
+        }
+        let env = |var: &str| (var == "BERTH_CONTAINER_REMAP_ROOT").then(|| b"maybe".to_vec());
+        assert_eq!(
+            settings(&[], Some(&env)),
+            Err(Error::BoolInvalid {
+                var: "BERTH_CONTAINER_REMAP_ROOT".into(),
+                value: "maybe".into()
+            })
+        );
+        assert_eq!(settings(&[], Some(&no_env)), Ok(Settings::default()));
+    }
+
+    #[test]
+    fn options_origin_tracks_the_strongest_non_image_setting() {
+        let s = from(&[(Opt::Image, "a")]).unwrap();
+        assert_eq!(s.options_origin, None);
+        let s = settings(&[given(Opt::Env, "A", Origin::Inherited)], None).unwrap();
+        assert_eq!(s.options_origin, Some(Origin::Inherited));
+    }
+
+    #[test]
+    fn transport_round_trips() {
+        let full = ContainerRequest::Container {
+            image: "localhost:5000/a@sha256:00".into(),
+            options: ContainerOptions {
+                mounts: vec![
+                    Mount {
+                        src: "/d a".into(),
+                        dst: "/in".into(),
+                        access: Access::ReadOnly,
+                    },
+                    Mount {
+                        src: "/s".into(),
+                        dst: "/s".into(),
+                        access: Access::ReadWrite,
+                    },
+                ],
+                workdir: Some("/w".into()),
+                env: vec!["A".into(), "B_2".into()],
+                mount_home: Some(false),
+                remap_root: Some(true),
+                writable: Some(false),
+                entrypoint: None,
+            },
+        };
+        for request in [
+            full,
+            ContainerRequest::Host,
+            ContainerRequest::None,
+            ContainerRequest::Container {
+                image: "x".into(),
+                options: ContainerOptions::default(),
+            },
+        ] {
+            let text = request.to_transport();
+            assert_eq!(
+                ContainerRequest::from_transport(text.as_bytes()),
+                Ok(request),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn transport_is_checked_again() {
+        assert_eq!(
+            ContainerRequest::from_transport(b"container-image=x\nbogus=1"),
+            Err(Error::TransportInvalid {
+                line: "bogus=1".into()
+            })
+        );
+        let err = ContainerRequest::from_transport(b"container-image=x\ncontainer-mounts=rel:/a")
+            .unwrap_err();
+        assert!(matches!(err, Error::MountInvalid { .. }), "{err:?}");
     }
 }

@@ -14,12 +14,13 @@ use std::sync::Mutex;
 use crate::config::Config;
 use crate::error::Error;
 use crate::guard;
-use crate::options::IMAGE_OPTION;
+use crate::options::{self, ContainerRequest, Given, ImageChoice, Opt, Origin, SPECS};
 use crate::spank::{self, Spank};
+use crate::submit::{REQUEST_VAR, SLURM_CONTAINER};
 
-/// The `--container-image` value slurmstepd received with the step (srun's launch message or
-/// sbatch's environment), as given: it is judged in `task_init`, where a verdict is safe.
-static IMAGE: Mutex<Option<Vec<u8>>> = Mutex::new(None);
+/// The option values slurmstepd received with the step (srun's launch message, or the batch
+/// step's environment), as given: they are judged in `task_init`, where a verdict is safe.
+static GIVEN: Mutex<Vec<Given>> = Mutex::new(Vec::new());
 
 /// Reads the plugstack.conf arguments and registers the options, without which slurmstepd
 /// would drop the values srun and sbatch sent.
@@ -32,9 +33,13 @@ pub fn init(spank: Spank, args: &[String]) -> Result<(), Error> {
     spank.register(&crate::OPTIONS)
 }
 
-/// Records the step's `--container-image` value; never fails (see the module comment).
-pub fn container_image(value: &[u8]) -> Result<(), Error> {
-    *IMAGE.lock().unwrap_or_else(|p| p.into_inner()) = Some(value.to_vec());
+/// Records one option value of the step; never fails (see the module comment).
+pub fn option(opt: Opt, value: &[u8]) -> Result<(), Error> {
+    GIVEN.lock().unwrap_or_else(|p| p.into_inner()).push(Given {
+        opt,
+        value: value.to_vec(),
+        origin: Origin::CommandLine,
+    });
     Ok(())
 }
 
@@ -45,53 +50,73 @@ pub fn task_init(spank: Spank) -> Result<(), Error> {
     if let Some(earlier) = guard::take_deferred() {
         return Err(Error::EarlierFailure { earlier });
     }
-    let option = IMAGE.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let slurm_container = spank.getenv(c"SLURM_CONTAINER")?;
-    let exported = CString::new(format!("SLURM_SPANK_{}", option_env_name(IMAGE_OPTION)))
-        .expect("option names have no NUL");
-    let exported = spank.getenv(&exported)?;
-    match requested_image(option, slurm_container, exported) {
-        None => Ok(()),
-        Some((image, origin)) => Err(Error::ContainersNotSupportedYet {
-            image: String::from_utf8_lossy(&image).into_owned(),
-            origin,
-        }),
+    let given = GIVEN.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let getenv = |name: &str| -> Result<Option<Vec<u8>>, Error> {
+        spank.getenv(&CString::new(name).expect("variable names have no NUL"))
+    };
+    let transport = getenv(REQUEST_VAR)?;
+    let mut exported = Vec::new();
+    for spec in &SPECS {
+        if let Some(value) = getenv(&format!("SLURM_SPANK_{}", spec.opt.slurm_env_name()))? {
+            exported.push((spec.opt, value));
+        }
+    }
+    let (request, origin) = requested(transport, given, getenv(SLURM_CONTAINER)?, exported)?;
+    match request {
+        ContainerRequest::None | ContainerRequest::Host => Ok(()),
+        ContainerRequest::Container { image, .. } => {
+            Err(Error::ContainersNotSupportedYet { image, origin })
+        }
     }
 }
 
-/// The variable Slurm puts an option's value in for the batch step:
-/// `_SLURM_SPANK_OPTION_<plugin>_<option>`, every non-alphanumeric byte turned into `_` (as
-/// spank.c's `_opt_env_name` does). sbatch exports it once more with a `SLURM_SPANK_` prefix,
-/// which is the copy that survives `sbatch --export=NONE` (a Slurm 22.05 bug drops the option
-/// itself there).
-fn option_env_name(option: &str) -> String {
-    let canonical = |s: &str| -> String {
-        s.chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-            .collect()
-    };
-    format!(
-        "_SLURM_SPANK_OPTION_{}_{}",
-        canonical(crate::PLUGIN_NAME),
-        canonical(option)
-    )
-}
-
-/// Which image, if any, the step asked for and where the request came from, in order of
-/// precedence: berth's own option, then Slurm's native `--container` (SLURM_CONTAINER), then
-/// the exported copy of the option. An empty value is no request.
-fn requested_image(
-    option: Option<Vec<u8>>,
+/// What the step asked for, and from where, in order of precedence:
+/// 1. `SLURM_SPANK_BERTH_REQUEST`: the request the login node merged, checked and pinned;
+/// 2. without it (srun/sbatch ran without the plugin, e.g. with a plugstack.conf of the
+///    user's own), the step's raw options, with the copies sbatch exports as
+///    `SLURM_SPANK__SLURM_SPANK_OPTION_berth_*` standing in for options that did not arrive
+///    (Slurm 22.05 drops them from the batch step under `--export=NONE`), and Slurm's
+///    `--container` (SLURM_CONTAINER) for the image when `--container-image` is absent.
+///
+/// Every value is parsed again here: nothing from the login node is trusted.
+fn requested(
+    transport: Option<Vec<u8>>,
+    mut given: Vec<Given>,
     slurm_container: Option<Vec<u8>>,
-    exported_option: Option<Vec<u8>>,
-) -> Option<(Vec<u8>, &'static str)> {
-    [
-        (option, "--container-image"),
-        (slurm_container, "--container, SLURM_CONTAINER"),
-        (exported_option, "--container-image, exported by sbatch"),
-    ]
-    .into_iter()
-    .find_map(|(value, source)| value.filter(|v| !v.is_empty()).map(|v| (v, source)))
+    exported: Vec<(Opt, Vec<u8>)>,
+) -> Result<(ContainerRequest, &'static str), Error> {
+    if let Some(text) = transport {
+        return Ok((
+            ContainerRequest::from_transport(&text)?,
+            "the request checked at submission",
+        ));
+    }
+    for (opt, value) in exported {
+        if !given.iter().any(|g| g.opt.setting().0 == opt.setting().0) {
+            given.push(Given {
+                opt,
+                value,
+                origin: Origin::Inherited,
+            });
+        }
+    }
+    let settings = options::settings(&given, None)?;
+    let (image, origin) = match (settings.image, slurm_container) {
+        (Some((image, _)), _) => (image, "--container-image"),
+        (None, Some(value)) if !value.is_empty() => (
+            options::parse_image("--container (SLURM_CONTAINER)", &value)?,
+            "--container, SLURM_CONTAINER",
+        ),
+        (None, _) => return Ok((ContainerRequest::None, "no request")),
+    };
+    let request = match image {
+        ImageChoice::Host => ContainerRequest::Host,
+        ImageChoice::Image(image) => ContainerRequest::Container {
+            image,
+            options: settings.options,
+        },
+    };
+    Ok((request, origin))
 }
 
 #[cfg(test)]
@@ -102,46 +127,93 @@ mod tests {
         Some(s.as_bytes().to_vec())
     }
 
+    fn image(s: &str) -> ContainerRequest {
+        ContainerRequest::Container {
+            image: s.into(),
+            options: options::ContainerOptions::default(),
+        }
+    }
+
+    fn option(opt: Opt, value: &str) -> Given {
+        Given {
+            opt,
+            value: value.as_bytes().to_vec(),
+            origin: Origin::CommandLine,
+        }
+    }
+
     #[test]
     fn no_request_runs_on_the_host() {
-        assert_eq!(requested_image(None, None, None), None);
-        assert_eq!(requested_image(v(""), v(""), v("")), None);
-    }
-
-    #[test]
-    fn each_source_is_a_request() {
         assert_eq!(
-            requested_image(v("a"), None, None),
-            Some((b"a".to_vec(), "--container-image"))
+            requested(None, vec![], None, vec![]),
+            Ok((ContainerRequest::None, "no request"))
         );
         assert_eq!(
-            requested_image(None, v("b"), None),
-            Some((b"b".to_vec(), "--container, SLURM_CONTAINER"))
+            requested(None, vec![], v(""), vec![]).unwrap().0,
+            ContainerRequest::None
         );
         assert_eq!(
-            requested_image(None, None, v("c")),
-            Some((b"c".to_vec(), "--container-image, exported by sbatch"))
+            requested(v("container-image=none"), vec![], v("a"), vec![])
+                .unwrap()
+                .0,
+            ContainerRequest::Host
         );
     }
 
     #[test]
-    fn own_option_wins_over_slurm_container() {
+    fn the_submitted_request_wins_and_is_checked_again() {
+        let (request, origin) = requested(
+            v("container-image=h/r@sha256:00\ncontainer-readonly"),
+            vec![option(Opt::Image, "other")],
+            v("native"),
+            vec![],
+        )
+        .unwrap();
+        let ContainerRequest::Container { image, options } = request else {
+            panic!()
+        };
         assert_eq!(
-            requested_image(v("a"), v("b"), v("c")).map(|(i, _)| i),
-            Some(b"a".to_vec())
+            (image.as_str(), options.writable),
+            ("h/r@sha256:00", Some(false))
         );
-        assert_eq!(
-            requested_image(v(""), v("b"), v("c")).map(|(i, _)| i),
-            Some(b"b".to_vec())
-        );
+        assert!(origin.contains("submission"));
+        assert!(requested(v("container-mounts=rel:/x"), vec![], None, vec![]).is_err());
     }
 
     #[test]
-    fn option_env_name_matches_slurm() {
+    fn raw_options_without_the_plugin_at_submission() {
         assert_eq!(
-            option_env_name("container-image"),
-            "_SLURM_SPANK_OPTION_berth_container_image"
+            requested(None, vec![option(Opt::Image, "a")], v("b"), vec![]),
+            Ok((image("a"), "--container-image"))
         );
+        assert_eq!(
+            requested(None, vec![], v("b"), vec![]),
+            Ok((image("b"), "--container, SLURM_CONTAINER"))
+        );
+        // The exported copy stands in for an option that did not arrive, and only then.
+        assert_eq!(
+            requested(None, vec![], None, vec![(Opt::Image, b"c".to_vec())])
+                .unwrap()
+                .0,
+            image("c")
+        );
+        let (request, _) = requested(
+            None,
+            vec![option(Opt::Image, "a"), option(Opt::Workdir, "/w")],
+            None,
+            vec![
+                (Opt::Image, b"c".to_vec()),
+                (Opt::Workdir, b"/x".to_vec()),
+                (Opt::NoEntrypoint, vec![]),
+            ],
+        )
+        .unwrap();
+        let ContainerRequest::Container { image, options } = request else {
+            panic!()
+        };
+        assert_eq!(image, "a");
+        assert_eq!(options.workdir.as_deref(), Some("/w"));
+        assert_eq!(options.entrypoint, Some(false));
     }
 
     #[test]

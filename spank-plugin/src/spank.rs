@@ -61,7 +61,7 @@ pub type OptionCallback = unsafe extern "C" fn(c_int, *const c_char, c_int) -> c
 
 /// An option ready for Slurm. Some Slurm releases keep the pointer they are given rather than
 /// a copy, so it lives in a `static` for the life of the plugin.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub struct SlurmOption(ffi::spank_option);
 
 // SAFETY: the pointers inside point to 'static C string literals and are never written
@@ -69,15 +69,39 @@ pub struct SlurmOption(ffi::spank_option);
 unsafe impl Sync for SlurmOption {}
 
 impl SlurmOption {
-    pub const fn new(spec: &OptionSpec, callback: OptionCallback) -> Self {
-        SlurmOption(ffi::spank_option {
-            name: spec.name.as_ptr().cast_mut(),
-            arginfo: spec.arginfo.as_ptr().cast_mut(),
-            usage: spec.usage.as_ptr().cast_mut(),
-            has_arg: 1,
+    /// Describes every option of `specs` to Slurm, each with `callback` and its position in
+    /// `specs` as the `val` Slurm passes back, so one callback serves them all.
+    pub const fn all<const N: usize>(
+        specs: &[OptionSpec; N],
+        callback: OptionCallback,
+    ) -> [SlurmOption; N] {
+        let mut out = [SlurmOption(ffi::spank_option {
+            name: std::ptr::null_mut(),
+            arginfo: std::ptr::null_mut(),
+            usage: std::ptr::null_mut(),
+            has_arg: 0,
             val: 0,
-            cb: Some(callback),
-        })
+            cb: None,
+        }); N];
+        let mut i = 0;
+        while i < N {
+            let spec = &specs[i];
+            let (arginfo, has_arg) = match spec.arginfo {
+                Some(arginfo) => (arginfo.as_ptr().cast_mut(), 1),
+                None => (std::ptr::null_mut(), 0),
+            };
+            out[i] = SlurmOption(ffi::spank_option {
+                name: spec.name.as_ptr().cast_mut(),
+                arginfo,
+                usage: spec.usage.as_ptr().cast_mut(),
+                has_arg,
+                // i < N, the length of a table written in this crate.
+                val: i as c_int,
+                cb: Some(callback),
+            });
+            i += 1;
+        }
+        out
     }
 }
 
@@ -99,6 +123,17 @@ impl Spank {
             check(rc, "spank_option_register")?;
         }
         Ok(())
+    }
+
+    /// Sets a variable in the job control environment (sbatch/salloc): Slurm hands it to the
+    /// job's prolog/epilog and the batch step as `SLURM_SPANK_<name>`, also under
+    /// `sbatch --export=NONE`.
+    pub fn job_control_setenv(self, name: &str, value: &str) -> Result<(), Error> {
+        let (name, value) = (c_text(name), c_text(value));
+        // SAFETY: the handle is the live one of this callback; both strings are NUL-terminated
+        // and Slurm copies them.
+        let rc = unsafe { ffi::spank_job_control_setenv(self.0, name.as_ptr(), value.as_ptr(), 1) };
+        check(rc, "spank_job_control_setenv")
     }
 
     /// A variable of the job's environment (remote context only), `None` if it is not set.

@@ -1,9 +1,11 @@
 //! `berth policy check [--json] IMAGE`: say whether the site policy allows an image, and why.
-//! The SPANK plugin runs it at submission (a clear error before the job queues) and on the
-//! node (authoritative). It has no registry client, so it cannot touch the network.
+//! `berth policy require-container [--partition P]`: say whether jobs must use a container.
+//! The SPANK plugin runs both at submission (a clear error before the job queues) and on the
+//! node (authoritative). Neither has a registry client, so they cannot touch the network.
 //!
-//! Exit status: 0 allowed, 1 refused (including malformed or tricky references), 125 berth
-//! itself failed (e.g. an unreadable or invalid configuration, reported by `main`).
+//! Exit status: 0 allowed / required, 1 refused / not required (including malformed or tricky
+//! references), 125 berth itself failed (e.g. an unreadable or invalid configuration, reported
+//! by `main`).
 
 use std::ffi::OsString;
 
@@ -18,6 +20,16 @@ use crate::{Error, Result};
 pub enum Command {
     /// Print `allow: IMAGE (rule: RULE)` and exit 0, or `deny: REASON` and exit 1.
     Check(CheckArgs),
+    /// Exit 0 (printing why) if jobs must run in a container, 1 if they may run on the host.
+    RequireContainer(RequireArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RequireArgs {
+    /// The job's partition, or a comma-separated list: a container is required if any of
+    /// them requires one. Without it, the global `require_container` answers.
+    #[arg(long, value_name = "PARTITION")]
+    pub partition: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -37,7 +49,26 @@ pub struct CheckArgs {
 pub fn run(command: Command, globals: &Globals) -> Result<i32> {
     match command {
         Command::Check(args) => check(args, globals),
+        Command::RequireContainer(args) => require_container(args, globals),
     }
+}
+
+fn require_container(args: RequireArgs, globals: &Globals) -> Result<i32> {
+    let config = Config::load_for_caller(globals.config.as_deref())?;
+    let policy = Policy::new(&config.policy);
+    let partition = args.partition.as_deref().filter(|p| !p.is_empty());
+    if !policy.requires_container(partition) {
+        return Ok(1);
+    }
+    let scope = match partition {
+        Some(p) => format!("partition `{p}`"),
+        None => "this cluster".to_string(),
+    };
+    println!(
+        "{scope} requires every job to run in a container: add --container-image=IMAGE \
+         (or --container=IMAGE) with an image from an approved registry"
+    );
+    Ok(0)
 }
 
 fn check(args: CheckArgs, globals: &Globals) -> Result<i32> {

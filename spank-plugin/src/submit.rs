@@ -1,0 +1,568 @@
+//! Submission on the login node, shared by srun (`local`) and sbatch/salloc (`allocator`),
+//! both running as the user: collect the options, decide what the step runs in, refuse what
+//! policy refuses, pin the image's tag to a digest, and hand the result to the job.
+//!
+//! Failing here is the right way to refuse a request: srun/sbatch print the message and exit
+//! non-zero before anything is queued or reaches a compute node. Every check is repeated on
+//! the node, which trusts nothing from here (a user can run srun with a plugstack.conf of
+//! their own); these checks exist to give a clear answer early.
+//!
+//! What the job receives: `SLURM_SPANK_BERTH_REQUEST`, the merged request in the options' own
+//! syntax ([`ContainerRequest::to_transport`]), with the image replaced by its digest-pinned
+//! form. It is set in the submitting process's environment, which srun and sbatch copy into
+//! the step's (srun only after `init_post_opt`, so the value set here is the one sent); the
+//! `SLURM_` prefix is what lets it through `--export=NONE`, under which Slurm passes only
+//! `SLURM_*` variables (seen on 22.05, for sbatch and for an srun inside such a job, which
+//! inherits SLURM_EXPORT_ENV=NONE). sbatch/salloc also put it in Slurm's job control
+//! environment as `BERTH_REQUEST`, which Slurm hands to the batch step under the same
+//! `SLURM_SPANK_` name and to the job's prolog/epilog.
+//!
+//! Steps inside a job. The job's tasks see the request, so an srun inside them runs in
+//! the same pinned image (not a re-resolved tag) unless it names another. Slurm's own
+//! `--container` cannot be told apart that way: srun and sbatch export it as SLURM_CONTAINER
+//! only if that is not already set, so inside `sbatch --container=A` a nested
+//! `srun --container=B` would still show A. The plugin therefore takes SLURM_CONTAINER out of
+//! the environment once it has read it: the job's tasks no longer carry it, and a nested
+//! `srun --container=B` exports B afresh.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Mutex;
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::launcher::{Launcher, Verdict};
+use crate::options::{
+    self, ContainerRequest, Env, Given, ImageChoice, Opt, Origin, Settings, SPECS,
+};
+use crate::spank::{self, Context, Spank};
+
+/// The variable that carries the merged, pinned request to the node and to nested steps.
+pub const REQUEST_VAR: &str = "SLURM_SPANK_BERTH_REQUEST";
+
+/// The name given to `spank_job_control_setenv`, which Slurm prefixes into [`REQUEST_VAR`].
+const JOB_CONTROL_NAME: &str = "BERTH_REQUEST";
+
+/// Slurm's own `--container` value, as srun/sbatch/salloc export it.
+pub const SLURM_CONTAINER: &str = "SLURM_CONTAINER";
+
+/// What the option callbacks of this srun/sbatch process collected.
+#[derive(Debug)]
+struct Collected {
+    config: Config,
+    /// The `_SLURM_SPANK_OPTION_berth_*` values this process inherited from an enclosing job,
+    /// read before Slurm replays them through the callbacks (indexed like `SPECS`).
+    inherited: Vec<Option<Vec<u8>>>,
+    given: Vec<Given>,
+}
+
+static COLLECTED: Mutex<Option<Collected>> = Mutex::new(None);
+
+fn collected() -> std::sync::MutexGuard<'static, Option<Collected>> {
+    COLLECTED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The process environment as bytes: on the login node it is the user's own, the right
+/// source for `BERTH_CONTAINER_*` and Slurm's exports.
+fn getenv(name: &str) -> Option<Vec<u8>> {
+    std::env::var_os(name).map(|v| v.as_bytes().to_vec())
+}
+
+/// `slurm_spank_init`: reads the plugstack.conf arguments, notes the inherited option
+/// values, and offers the options to the command line.
+pub fn init(spank: Spank, args: &[String]) -> Result<(), Error> {
+    let (config, problems) = Config::from_plugin_args(args);
+    // The admin reads these in slurmd's log; on every user's terminal they would be noise.
+    for problem in &problems {
+        spank::log_debug(&problem.to_string());
+    }
+    let inherited = SPECS.iter().map(|s| inherited(s.opt, &getenv)).collect();
+    *collected() = Some(Collected {
+        config,
+        inherited,
+        given: Vec::new(),
+    });
+    spank.register(&crate::OPTIONS)
+}
+
+/// The value of `opt` Slurm will replay from the environment of an enclosing job:
+/// `_SLURM_SPANK_OPTION_berth_<opt>` (set in salloc's shell), else the copy sbatch exports as
+/// `SLURM_SPANK__SLURM_SPANK_OPTION_berth_<opt>`, which is all a batch script has (seen on
+/// 22.05: slurmstepd takes the former out of the batch step's environment, and srun replays
+/// the latter).
+fn inherited(opt: Opt, env: Env) -> Option<Vec<u8>> {
+    let name = opt.slurm_env_name();
+    env(&name).or_else(|| env(&format!("SLURM_SPANK_{name}")))
+}
+
+/// An option callback: records the value. Slurm first replays the options inherited from an
+/// enclosing job, then runs the command line's; the first call of an option with exactly the
+/// inherited value is the replay.
+pub fn option(opt: Opt, value: &[u8]) -> Result<(), Error> {
+    let mut guard = collected();
+    let state = guard.as_mut().ok_or_else(not_initialised)?;
+    let replay = state.inherited[opt.index()].as_deref() == Some(value)
+        && !state.given.iter().any(|g| g.opt == opt);
+    state.given.push(Given {
+        opt,
+        value: value.to_vec(),
+        origin: if replay {
+            Origin::Inherited
+        } else {
+            Origin::CommandLine
+        },
+    });
+    Ok(())
+}
+
+fn not_initialised() -> Error {
+    Error::Panicked {
+        callback: "option",
+        detail: "an option callback ran before slurm_spank_init".to_owned(),
+    }
+}
+
+/// `slurm_spank_init_post_opt`: every option is known; decide, check, pin and export.
+pub fn init_post_opt(spank: Spank, context: Context) -> Result<(), Error> {
+    let (config, given) = {
+        let guard = collected();
+        let state = guard.as_ref().ok_or_else(not_initialised)?;
+        (state.config.clone(), state.given.clone())
+    };
+    let launcher = Launcher::new(&config.berth);
+    let request = decide(&given, &getenv, context, &launcher)?;
+    spank::log_debug(&format!("request: {request:?}"));
+
+    // See the module comment: read once, then out of the job's way.
+    std::env::remove_var(SLURM_CONTAINER);
+    let transport = request.to_transport();
+    if transport.is_empty() {
+        // A request inherited from an enclosing job and overridden to nothing cannot happen
+        // (an inherited one is always chosen), but a stale value in the user's own shell can.
+        std::env::remove_var(REQUEST_VAR);
+        return Ok(());
+    }
+    std::env::set_var(REQUEST_VAR, OsStr::new(&transport));
+    if context == Context::Allocator {
+        spank.job_control_setenv(JOB_CONTROL_NAME, &transport)?;
+    }
+    Ok(())
+}
+
+/// Where the chosen image came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ImageSource {
+    /// `--container-image` or `BERTH_CONTAINER_IMAGE`, with its origin.
+    Option(Origin),
+    /// Slurm's `--container`.
+    SlurmContainer,
+    /// The enclosing job's request, already pinned.
+    Job,
+}
+
+/// Picks the step's image, strongest first: this command's `--container-image`, Slurm's
+/// `--container` (also a command-line option; `--container-image` wins when both are given),
+/// the enclosing job's pinned image, its replayed `--container-image` (the same image,
+/// unpinned: only met where the job's request was lost, e.g. removed with `env -u`), and
+/// last the user's `BERTH_CONTAINER_IMAGE`.
+fn select_image(
+    settings: &Settings,
+    slurm_container: Option<ImageChoice>,
+    job: Option<ImageChoice>,
+) -> Option<(ImageChoice, ImageSource)> {
+    let option = |wanted: Origin| {
+        settings
+            .image
+            .clone()
+            .filter(|(_, origin)| *origin == wanted)
+            .map(|(image, origin)| (image, ImageSource::Option(origin)))
+    };
+    option(Origin::CommandLine)
+        .or_else(|| slurm_container.map(|i| (i, ImageSource::SlurmContainer)))
+        .or_else(|| job.map(|i| (i, ImageSource::Job)))
+        .or_else(|| option(Origin::Inherited))
+        .or_else(|| option(Origin::Environment))
+}
+
+/// The whole submission-side decision, with the environment and the launcher as arguments
+/// so tests can drive it.
+fn decide(
+    given: &[Given],
+    env: Env,
+    context: Context,
+    launcher: &Launcher,
+) -> Result<ContainerRequest, Error> {
+    let settings = options::settings(given, Some(env))?;
+    let slurm_container = env(SLURM_CONTAINER)
+        .filter(|v| !v.is_empty())
+        .map(|v| options::parse_image("--container (SLURM_CONTAINER)", &v))
+        .transpose()?;
+    let job = env(REQUEST_VAR)
+        .map(|text| ContainerRequest::from_transport(&text))
+        .transpose()?
+        .and_then(|request| match request {
+            ContainerRequest::None => None,
+            ContainerRequest::Host => Some(ImageChoice::Host),
+            ContainerRequest::Container { image, .. } => Some(ImageChoice::Image(image)),
+        });
+
+    let (image, source) = match select_image(&settings, slurm_container, job) {
+        Some((ImageChoice::Image(image), source)) => (image, source),
+        choice => {
+            if choice.is_none() && settings.options_origin == Some(Origin::CommandLine) {
+                let option = given
+                    .iter()
+                    .rev()
+                    .find(|g| g.origin == Origin::CommandLine && g.opt != Opt::Image)
+                    .map(|g| options::source_name(g.opt, g.origin))
+                    .unwrap_or_default();
+                return Err(Error::OptionsWithoutImage { option });
+            }
+            let asked_for_host = choice.is_some();
+            let partition = partition(env, context);
+            if let Some(reason) = launcher.require_container(partition.as_deref())? {
+                return Err(Error::ContainerRequired {
+                    asked_for_host,
+                    partition,
+                    reason,
+                });
+            }
+            return Ok(if asked_for_host {
+                ContainerRequest::Host
+            } else {
+                ContainerRequest::None
+            });
+        }
+    };
+
+    for mount in &settings.options.mounts {
+        if let Err(e) = std::fs::metadata(&mount.src) {
+            return Err(Error::MountSourceUnusable {
+                src: mount.src.clone(),
+                reason: e.to_string(),
+            });
+        }
+    }
+    if let Verdict::Deny(reason) = launcher.policy_check(&image)? {
+        return Err(Error::PolicyDenied { image, reason });
+    }
+    let pinned = match source {
+        // Pinned when the job was submitted: the whole job runs the same bytes.
+        ImageSource::Job => image,
+        ImageSource::Option(_) | ImageSource::SlurmContainer => launcher.resolve(&image)?,
+    };
+    Ok(ContainerRequest::Container {
+        image: pinned,
+        options: settings.options,
+    })
+}
+
+/// The partition the job will run in, where the submitting process can know it. SPANK has no
+/// item for it and Slurm's `--partition` is not a SPANK option, so only the environment
+/// tells: the partition input variables (`SBATCH_PARTITION`, `SALLOC_PARTITION`,
+/// `SLURM_PARTITION` for srun) and, for an srun inside an allocation, the allocation's own.
+/// `-p` on the command line is not visible here; the node checks again with the real one.
+fn partition(env: Env, context: Context) -> Option<String> {
+    let vars: &[&str] = match context {
+        Context::Allocator => &["SBATCH_PARTITION", "SALLOC_PARTITION"],
+        _ => &["SLURM_PARTITION", "SLURM_JOB_PARTITION"],
+    };
+    vars.iter()
+        .find_map(|var| env(var))
+        .filter(|v| !v.is_empty())
+        .map(|v| String::from_utf8_lossy(&v).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    const DIGEST: &str = "564738b94caf6e650d2958faba160d41ffd14562c384717105d50bd4e59b20cc";
+
+    /// A stand-in launcher: allows `ok/*`, pins by appending the digest, requires a container
+    /// in partition `gpu`, and leaves a trace of each call in `calls`.
+    fn launcher(dir: &tempfile::TempDir) -> Launcher {
+        let path = dir.path().join("berth");
+        let calls = dir.path().join("calls");
+        std::fs::write(
+            &path,
+            format!(
+                r#"#!/bin/sh
+echo "$*" >> {calls}
+case "$1 $2" in
+  "policy check") case "$3" in ok/*) exit 0;; *) echo "deny: $3 is not approved"; exit 1;; esac;;
+  "policy require-container") [ "$4" = gpu ] && {{ echo "partition gpu requires containers"; exit 0; }}; exit 1;;
+  "resolve "*) echo "${{2%%:*}}@sha256:{DIGEST}";;
+  *) exit 2;;
+esac"#,
+                calls = calls.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Launcher::new(&path)
+    }
+
+    fn calls(dir: &tempfile::TempDir) -> Vec<String> {
+        std::fs::read_to_string(dir.path().join("calls"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    fn cli(opt: Opt, value: &str) -> Given {
+        Given {
+            opt,
+            value: value.as_bytes().to_vec(),
+            origin: Origin::CommandLine,
+        }
+    }
+
+    fn run(
+        given: &[Given],
+        env: &[(&str, &str)],
+        context: Context,
+    ) -> (Result<ContainerRequest, Error>, Vec<String>) {
+        let dir = tempfile::tempdir().unwrap();
+        let env: HashMap<String, Vec<u8>> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.as_bytes().to_vec()))
+            .collect();
+        let result = decide(given, &|k| env.get(k).cloned(), context, &launcher(&dir));
+        (result, calls(&dir))
+    }
+
+    fn image_of(result: Result<ContainerRequest, Error>) -> String {
+        match result {
+            Ok(ContainerRequest::Container { image, .. }) => image,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn pinned(repo: &str) -> String {
+        format!("{repo}@sha256:{DIGEST}")
+    }
+
+    #[test]
+    fn image_sources_in_order() {
+        let job = format!("container-image={}", pinned("ok/job"));
+        let inherited = Given {
+            origin: Origin::Inherited,
+            ..cli(Opt::Image, "ok/replayed:1")
+        };
+        type Case<'a> = (Vec<Given>, Vec<(&'a str, &'a str)>, String);
+        let cases: Vec<Case> = vec![
+            // --container-image wins over --container.
+            (
+                vec![cli(Opt::Image, "ok/opt:1")],
+                vec![("SLURM_CONTAINER", "ok/native:1")],
+                pinned("ok/opt"),
+            ),
+            (
+                vec![],
+                vec![("SLURM_CONTAINER", "ok/native:1")],
+                pinned("ok/native"),
+            ),
+            // Inside a job: the job's pinned image, not re-resolved, beats its replayed option
+            // and the user's environment default.
+            (
+                vec![inherited.clone()],
+                vec![(REQUEST_VAR, &job), ("BERTH_CONTAINER_IMAGE", "ok/env:1")],
+                pinned("ok/job"),
+            ),
+            // ... also when only the --export=NONE copy reached the batch step.
+            (
+                vec![],
+                vec![("SLURM_SPANK_BERTH_REQUEST", &job)],
+                pinned("ok/job"),
+            ),
+            // ... but a nested srun's own choice beats it.
+            (
+                vec![inherited.clone(), cli(Opt::Image, "ok/mine:2")],
+                vec![(REQUEST_VAR, &job)],
+                pinned("ok/mine"),
+            ),
+            (
+                vec![inherited.clone()],
+                vec![(REQUEST_VAR, &job), ("SLURM_CONTAINER", "ok/nested:3")],
+                pinned("ok/nested"),
+            ),
+            (vec![inherited], vec![], pinned("ok/replayed")),
+            (
+                vec![],
+                vec![("BERTH_CONTAINER_IMAGE", "ok/env:1")],
+                pinned("ok/env"),
+            ),
+        ];
+        for (given, env, want) in cases {
+            let (result, _) = run(&given, &env, Context::Local);
+            assert_eq!(image_of(result), want, "{given:?} {env:?}");
+        }
+    }
+
+    #[test]
+    fn the_job_image_is_checked_but_not_resolved_again() {
+        let job = format!("container-image={}", pinned("ok/job"));
+        let (result, calls) = run(&[], &[(REQUEST_VAR, &job)], Context::Local);
+        assert_eq!(image_of(result), pinned("ok/job"));
+        assert_eq!(calls, vec![format!("policy check {}", pinned("ok/job"))]);
+    }
+
+    #[test]
+    fn a_fresh_image_is_checked_then_pinned() {
+        let (result, calls) = run(&[cli(Opt::Image, "ok/a:1")], &[], Context::Allocator);
+        assert_eq!(image_of(result), pinned("ok/a"));
+        assert_eq!(calls, vec!["policy check ok/a:1", "resolve ok/a:1"]);
+    }
+
+    #[test]
+    fn denied_image_is_refused_with_the_launchers_reason() {
+        let (result, calls) = run(&[cli(Opt::Image, "evil/a")], &[], Context::Local);
+        assert_eq!(
+            result,
+            Err(Error::PolicyDenied {
+                image: "evil/a".into(),
+                reason: "evil/a is not approved".into()
+            })
+        );
+        assert_eq!(calls.len(), 1, "nothing is resolved for a denied image");
+    }
+
+    #[test]
+    fn host_and_no_container() {
+        let host = [cli(Opt::Image, "none")];
+        let job = format!("container-image={}", pinned("ok/job"));
+        let (result, calls) = run(&host, &[(REQUEST_VAR, &job)], Context::Local);
+        assert_eq!(result, Ok(ContainerRequest::Host));
+        assert_eq!(calls, vec!["policy require-container"]);
+        let (result, _) = run(&[], &[], Context::Local);
+        assert_eq!(result, Ok(ContainerRequest::None));
+        // A job on the host hands "on the host" down to its steps.
+        let (result, _) = run(
+            &[],
+            &[(REQUEST_VAR, "container-image=none")],
+            Context::Local,
+        );
+        assert_eq!(result, Ok(ContainerRequest::Host));
+    }
+
+    #[test]
+    fn required_container_refuses_host_steps_with_the_partition() {
+        let host = [cli(Opt::Image, "none")];
+        let (result, calls) = run(&host, &[("SLURM_JOB_PARTITION", "gpu")], Context::Local);
+        assert_eq!(
+            result,
+            Err(Error::ContainerRequired {
+                asked_for_host: true,
+                partition: Some("gpu".into()),
+                reason: "partition gpu requires containers".into()
+            })
+        );
+        assert_eq!(calls, vec!["policy require-container --partition gpu"]);
+        let (result, _) = run(&[], &[("SBATCH_PARTITION", "gpu")], Context::Allocator);
+        assert!(matches!(
+            result,
+            Err(Error::ContainerRequired {
+                asked_for_host: false,
+                ..
+            })
+        ));
+        // sbatch inside a job does not take the enclosing job's partition for its own.
+        let (result, _) = run(&[], &[("SLURM_JOB_PARTITION", "gpu")], Context::Allocator);
+        assert_eq!(result, Ok(ContainerRequest::None));
+    }
+
+    #[test]
+    fn options_without_an_image_are_refused_only_from_the_command_line() {
+        let (result, _) = run(&[cli(Opt::Workdir, "/w")], &[], Context::Local);
+        assert_eq!(
+            result,
+            Err(Error::OptionsWithoutImage {
+                option: "--container-workdir".into()
+            })
+        );
+        let (result, _) = run(&[], &[("BERTH_CONTAINER_WORKDIR", "/w")], Context::Local);
+        assert_eq!(result, Ok(ContainerRequest::None));
+    }
+
+    #[test]
+    fn mount_sources_must_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let there = dir.path().display().to_string();
+        let given = [
+            cli(Opt::Image, "ok/a"),
+            cli(Opt::Mounts, &format!("{there}:/in:ro")),
+        ];
+        let (result, _) = run(&given, &[], Context::Local);
+        let Ok(ContainerRequest::Container { options, .. }) = result else {
+            panic!("{result:?}")
+        };
+        assert_eq!(options.mounts[0].src, there);
+        let missing = format!("{there}/missing");
+        let given = [cli(Opt::Image, "ok/a"), cli(Opt::Mounts, &missing)];
+        let (result, calls) = run(&given, &[], Context::Local);
+        let msg = result.unwrap_err().to_string();
+        assert!(msg.contains(&format!("'{missing}'")), "{msg}");
+        assert!(msg.contains("No such file or directory"), "{msg}");
+        assert!(calls.is_empty(), "refused before asking the launcher");
+    }
+
+    #[test]
+    fn bad_values_anywhere_are_refused() {
+        let (result, _) = run(&[], &[("SLURM_CONTAINER", "a b")], Context::Local);
+        let msg = result.unwrap_err().to_string();
+        assert!(
+            msg.starts_with("--container (SLURM_CONTAINER) contains a space"),
+            "{msg}"
+        );
+        let (result, _) = run(&[], &[(REQUEST_VAR, "bogus")], Context::Local);
+        assert!(matches!(result, Err(Error::TransportInvalid { .. })));
+        let both = [cli(Opt::Writable, ""), cli(Opt::Readonly, "")];
+        assert_eq!(
+            run(&both, &[], Context::Local).0,
+            Err(Error::WritableAndReadonly)
+        );
+    }
+
+    #[test]
+    fn inherited_values_come_from_either_variable() {
+        let salloc =
+            |v: &str| (v == "_SLURM_SPANK_OPTION_berth_container_image").then(|| b"a".to_vec());
+        let batch = |v: &str| {
+            (v == "SLURM_SPANK__SLURM_SPANK_OPTION_berth_container_image").then(|| b"b".to_vec())
+        };
+        assert_eq!(inherited(Opt::Image, &salloc), Some(b"a".to_vec()));
+        assert_eq!(inherited(Opt::Image, &batch), Some(b"b".to_vec()));
+        assert_eq!(inherited(Opt::Workdir, &batch), None);
+    }
+
+    #[test]
+    fn replayed_options_are_told_from_the_command_line() {
+        *collected() = Some(Collected {
+            config: Config::default(),
+            inherited: SPECS
+                .iter()
+                .map(|s| (s.opt == Opt::Writable).then(Vec::new))
+                .collect(),
+            given: Vec::new(),
+        });
+        option(Opt::Writable, b"").unwrap(); // Slurm's replay of the job's option
+        option(Opt::Readonly, b"").unwrap(); // this srun's own
+        option(Opt::Writable, b"").unwrap(); // given again on the command line
+        let origins: Vec<Origin> = collected()
+            .take()
+            .unwrap()
+            .given
+            .iter()
+            .map(|g| g.origin)
+            .collect();
+        assert_eq!(
+            origins,
+            vec![Origin::Inherited, Origin::CommandLine, Origin::CommandLine]
+        );
+    }
+}
