@@ -26,9 +26,164 @@ pub enum Error {
     #[error("berth configuration {path}: {message}")]
     Config { path: PathBuf, message: String },
     // ---- sif -----------------------------------------------------------------------------
+    #[error("{path}: not a container image: neither a SIF file (no \"SIF_MAGIC\" at byte 32) nor a squashfs file (no \"hsqs\" at byte 0); build one with `berth sif create DIR OUT.sif`")]
+    NotAnImage { path: PathBuf },
+    #[error("{path}: unsupported SIF version {version:?}; berth reads version \"01\", the only one Apptainer writes")]
+    SifVersion { path: PathBuf, version: String },
+    #[error("{path}: corrupt or truncated image: {message}; re-fetch or rebuild the image")]
+    SifCorrupt { path: PathBuf, message: String },
+    #[error("{path}: no root file system: the SIF has no partition of type PrimSys ({message}), so it is not a runnable container image")]
+    SifNoRootfs { path: PathBuf, message: String },
+    #[error("{path}: the root file system partition is {fs}; berth runs only squashfs root file systems (it never kernel-mounts image bytes, and cannot decrypt); rebuild the image with `apptainer build` defaults or `berth sif create`")]
+    SifUnsupportedFs { path: PathBuf, fs: String },
+    #[error("mksquashfs {dir} failed ({status}): {stderr}; check that the directory is readable and the output disk has space")]
+    Mksquashfs {
+        dir: PathBuf,
+        status: String,
+        stderr: String,
+    },
     // ---- container -----------------------------------------------------------------------
+    #[error(
+        "cannot create a user namespace ({source}): unprivileged user namespaces are disabled \
+         on this node; ask the admin to enable them (sysctl user.max_user_namespaces > 0, and \
+         kernel.unprivileged_userns_clone=1 where that sysctl exists)"
+    )]
+    UserNamespaces {
+        #[source]
+        source: berth_sys::Error,
+    },
+    #[error(
+        "/dev/fuse is not usable by uid {uid} ({source}): ask the admin to make /dev/fuse mode \
+         0666 (berth's packaging does this)"
+    )]
+    FuseUnavailable {
+        uid: u32,
+        #[source]
+        source: berth_sys::Error,
+    },
+    #[error(
+        "squashfuse is not installed (looked for squashfuse_ll and squashfuse in /usr/bin, \
+         /usr/local/bin, /bin): install it (Debian: apt install squashfuse); berth mounts \
+         images with it, without privileges"
+    )]
+    SquashfuseMissing,
+    #[error(
+        "cannot mount image {}: {source}; check that it is an intact SIF or squashfs file \
+         (`berth sif inspect` says which)",
+        path.display()
+    )]
+    ImageMount {
+        path: PathBuf,
+        #[source]
+        source: berth_sys::Error,
+    },
+    #[error("invalid --bind {spec:?}: {reason} (use SRC:DST[:ro|rw] with an absolute DST)")]
+    BindSyntax { spec: String, reason: String },
+    #[error("bind source {} is not usable on this node ({source}): fix the path or create it", path.display())]
+    BindSource {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid --env {0:?}: use KEY=VALUE")]
+    EnvSyntax(String),
+    #[error("{what} {} must be an absolute path inside the container", path.display())]
+    NotAbsolute { what: &'static str, path: PathBuf },
+    #[error(
+        "no command given and the image defines no Entrypoint or Cmd: name the command after \
+         the image"
+    )]
+    NoCommand,
+    #[error(
+        "{command}: command not found in the image (PATH={path}); give its full path, or set \
+         PATH with --env PATH=..."
+    )]
+    CommandNotFound { command: String, path: String },
+    #[error("{command}: cannot be executed ({source}); is it a program for this machine, with its x bit set?")]
+    NotExecutable {
+        command: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("working directory {} cannot be entered inside the container ({source}); choose another with --workdir", path.display())]
+    Workdir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("setting up the container ({what}): {source}")]
+    Container {
+        what: &'static str,
+        #[source]
+        source: berth_sys::Error,
+    },
+    #[error("container spec: {0}")]
+    Spec(#[source] serde_json::Error),
+    #[error("invalid container handle {0:?}: expected PID:FD as printed by `berth start`")]
+    BadHandle(String),
+    #[error("container {handle} is gone or not yours ({source}); start one with `berth start`")]
+    HandleGone {
+        handle: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("container {handle} did not stop within {secs} s of SIGTERM")]
+    StopTimeout { handle: String, secs: u64 },
+    #[error("the image's FUSE daemon (squashfuse) ended ({0}), so the container's files are gone; see its message above")]
+    HelperDied(String),
     // ---- reference / policy --------------------------------------------------------------
+    #[error("image `{image}` refused: {reason}")]
+    InvalidReference { image: String, reason: String },
+    #[error("digest `{digest}` refused: {reason}")]
+    InvalidDigest { digest: String, reason: String },
+    /// A malformed entry in the `[policy]` section; reported inside the config error.
+    #[error("[policy] {key} entry `{value}`: {reason}")]
+    PolicyEntry {
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
     // ---- registry / fetch / cache --------------------------------------------------------
+    #[error("registry {registry}: {message}")]
+    Registry { registry: String, message: String },
+    #[error("registry {registry} is unreachable after {attempts} attempt(s): {message}; check that it is up and reachable from this node (and HTTPS_PROXY/NO_PROXY), or ask the site admins")]
+    RegistryDown {
+        registry: String,
+        attempts: u32,
+        message: String,
+    },
+    #[error("registry {registry} refused access to {repository} ({message}); if the repository is private, the site admins must add credentials for {registry} to the berth auth file")]
+    Unauthorized {
+        registry: String,
+        repository: String,
+        message: String,
+    },
+    #[error("{reference}: not found on the registry; check the repository name and tag (`skopeo list-tags docker://...` lists tags)")]
+    ImageNotFound { reference: String },
+    #[error("{reference}: {message}")]
+    Manifest { reference: String, message: String },
+    #[error("{what}: the registry served corrupt data: expected {expected}, got {actual}; the download was discarded — push the image again or repair the registry's storage")]
+    DigestMismatch {
+        what: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("credentials file {path}: {message}")]
+    AuthFile { path: PathBuf, message: String },
+    #[error("layer {layer}: refusing entry {path:?}: {reason}; the image is unsafe to unpack, rebuild it with a standard tool (docker, buildah, umoci)")]
+    UnsafeLayer {
+        layer: String,
+        path: String,
+        reason: String,
+    },
+    #[error("layer {layer} is corrupt: {reason}; push the image again")]
+    BadLayer { layer: String, reason: String },
+    #[error("refused by the site policy: {reason}")]
+    FetchDenied { reason: String },
+    #[error("image cache {path}: {message}")]
+    Cache { path: PathBuf, message: String },
+    #[error("invalid size {value:?}: {message} (examples: 500M, 20G, 1T)")]
+    InvalidSize { value: String, message: String },
 }
 
 impl Error {

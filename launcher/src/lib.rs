@@ -13,5 +13,6 @@ pub mod policy;
 pub mod reference;
 pub mod registry;
 pub mod sif;
+pub mod unpack;
 
 pub use error::{Error, Result};

@@ -453,7 +453,7 @@ fn world_writable_on_the_way(dir: &Path, file: &Path) -> Option<PathBuf> {
 /// The file path `image` names, if it names one: a path (`/`, `.`, `~`), `file://PATH`, or a
 /// name without an explicit registry that exists as a file here (so a file called `ubuntu`
 /// is never silently swapped for Docker Hub's). Other transports are refused.
-fn local_path(image: &str) -> Result<Option<&Path>, String> {
+pub fn local_path(image: &str) -> Result<Option<&Path>, String> {
     if image.starts_with("docker://") {
         return Ok(None);
     }

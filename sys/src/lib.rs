@@ -2,7 +2,19 @@
 //! this crate, behind small safe functions and the [`Syscall`] trait, so that container
 //! assembly above it can be unit-tested without root.
 
+pub mod caps;
 pub mod error;
 pub mod identity;
+pub mod memfd;
+pub mod namespaces;
+pub mod process;
+#[cfg(any(test, feature = "recording"))]
+pub mod recording;
+pub mod rootfs;
+pub mod syscall;
 
 pub use error::{Error, Result};
+pub use namespaces::{join, JoinSpec};
+pub use nix::mount::MsFlags;
+pub use rootfs::MountpointKind;
+pub use syscall::{LinuxSyscall, Mount, Syscall};

@@ -1,8 +1,135 @@
-//! `berth exec` (placeholder until the container runtime lands).
+//! `berth exec [OPTIONS] IMAGE [--] [CMD [ARGS...]]`: run a command in an image as an
+//! unprivileged container; `berth exec --join HANDLE [--] CMD [ARGS...]`: run it in a
+//! container held by `berth start`.
+
+use std::path::PathBuf;
+
 use super::Globals;
-use crate::Result;
+use crate::cache;
+use crate::config::Config;
+use crate::container::{self, spec};
+use crate::{Error, Result};
+
+/// Options describing a container, shared by `berth exec` and `berth start`.
 #[derive(Debug, clap::Args)]
-pub struct Args {}
-pub fn run(_a: Args, _g: &Globals) -> Result<i32> {
-    todo!("berth exec")
+pub struct ContainerArgs {
+    /// Bind a host path into the container (repeatable); DST is resolved inside the image,
+    /// where a symlink cannot lead outside the container.
+    #[arg(long = "bind", short = 'B', value_name = "SRC:DST[:ro]")]
+    pub binds: Vec<String>,
+    /// Working directory inside the container (default: the image's, else the current
+    /// directory when it is visible inside, else /).
+    #[arg(long, short = 'w', value_name = "DIR")]
+    pub workdir: Option<PathBuf>,
+    /// Set a variable inside the container (repeatable; wins over the image's).
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Let the command change the image's files (in memory, for the container's life; the
+    /// image file never changes).
+    #[arg(long)]
+    pub writable: bool,
+    /// Do not bind the home directory.
+    #[arg(long)]
+    pub no_home: bool,
+    /// Appear as root (uid 0) inside; still no privileges on the host.
+    #[arg(long)]
+    pub remap_root: bool,
+    /// Run the image's entrypoint before the given command.
+    #[arg(long)]
+    pub entrypoint: bool,
+    /// Print the container's OCI runtime spec (JSON) and exit without running anything.
+    #[arg(long)]
+    pub print_spec: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub container: ContainerArgs,
+    /// Run in the container held by `berth start` (its handle, PID:FD) instead of an image.
+    #[arg(long, value_name = "HANDLE")]
+    pub join: Option<String>,
+    /// IMAGE (a registry reference, or a .sif or squashfs file) then the command; with
+    /// --join, only the command.
+    #[arg(
+        required = true,
+        trailing_var_arg = true,
+        value_name = "IMAGE [--] CMD"
+    )]
+    pub args: Vec<String>,
+}
+
+pub fn run(a: Args, g: &Globals) -> Result<i32> {
+    let outcome = match &a.join {
+        Some(handle) => {
+            let env = parse_env(&a.container.env)?;
+            container::join_exec(handle, a.args, &env)
+        }
+        None => {
+            let (image, command) = a.args.split_first().expect("clap requires one argument");
+            let config = Config::load_for_caller(g.config.as_deref())?;
+            // Held until the command ends: a cached image stays locked against eviction.
+            let image = cache::runnable(&config, image)?;
+            let spec = build_spec(&a.container, &image.path, command.to_vec())?;
+            if a.container.print_spec {
+                return print_spec(&spec);
+            }
+            container::exec(&spec, &config.runtime)
+        }
+    };
+    // A missing or non-executable command keeps the shell's exit statuses (127, 126).
+    outcome.or_else(|e| match container::exit_code(&e) {
+        125 => Err(e),
+        code => {
+            eprintln!("berth: {e}");
+            Ok(code)
+        }
+    })
+}
+
+/// The spec of a container of `image` running `command` with these options.
+pub fn build_spec(
+    c: &ContainerArgs,
+    image: &std::path::Path,
+    command: Vec<String>,
+) -> Result<oci_spec::runtime::Spec> {
+    let path = container::canonical_image(image)?;
+    let source = crate::sif::open_image(&path)?;
+    let opts = spec::Options {
+        binds: c
+            .binds
+            .iter()
+            .map(|b| spec::Bind::parse(b))
+            .collect::<Result<_>>()?,
+        workdir: c.workdir.clone(),
+        env: parse_env(&c.env)?,
+        writable: c.writable,
+        no_home: c.no_home,
+        remap_root: c.remap_root,
+        entrypoint: c.entrypoint,
+        command,
+    };
+    let image = spec::ImageRef {
+        path: &source.path,
+        offset: source.offset,
+        config: &source.config,
+    };
+    spec::build(&image, &opts, &spec::Host::current())
+}
+
+pub fn print_spec(spec: &oci_spec::runtime::Spec) -> Result<i32> {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(spec).map_err(Error::Spec)?
+    );
+    Ok(0)
+}
+
+fn parse_env(vars: &[String]) -> Result<Vec<(String, String)>> {
+    vars.iter()
+        .map(|kv| match kv.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => Err(Error::EnvSyntax(kv.clone())),
+        })
+        .collect()
 }

@@ -1,0 +1,568 @@
+//! Realising a spec (from `spec::build`) through [`Syscall`]: namespaces, the image mount,
+//! the root file system, pivot_root.
+//!
+//! Two user namespaces, both mapping one id, neither needing a setuid helper:
+//! - the outer one maps the image's root (uid/gid 0) to the user. squashfuse reports the
+//!   image's owners as they are stored (0 for registry images) and the kernel maps them
+//!   through the namespace that mounted the FUSE file system, so the image's files belong to
+//!   the user, as they would after unpacking (enroot, pyxis). berth, root there, mounts.
+//! - the inner one (not with `--remap-root`) maps the user to themselves, so the command
+//!   runs with the user's own ids and sees the image's files as theirs.
+//!
+//! The mount namespace belongs to the outer user namespace; `berth_sys::join` enters the
+//! chain in that order.
+
+use std::ffi::{CString, OsString};
+use std::os::fd::AsFd;
+use std::os::unix::ffi::OsStringExt;
+use std::path::{Path, PathBuf};
+
+use berth_sys::{Mount, MountpointKind, MsFlags, Syscall};
+use oci_spec::runtime::Spec;
+
+use super::spec::{self, GROUP, PASSWD};
+use crate::{Error, Result};
+
+/// The squashfuse programs berth can serve images with, fastest first (the low-level one
+/// needs no path lookups in the daemon).
+const SQUASHFUSE: [&str; 2] = ["squashfuse_ll", "squashfuse"];
+const BIN_DIRS: [&str; 3] = ["/usr/bin", "/usr/local/bin", "/bin"];
+
+/// A container whose root is in place (berth's root and cwd are now the container's).
+#[derive(Debug)]
+pub struct Assembled {
+    /// The squashfuse daemon; the caller kills and reaps it when the container ends.
+    pub helper: i32,
+}
+
+/// Finds squashfuse in the system's own directories (not the user's PATH: the daemon runs
+/// with the container's privileges over its files).
+pub fn find_squashfuse() -> Result<PathBuf> {
+    SQUASHFUSE
+        .iter()
+        .flat_map(|prog| BIN_DIRS.iter().map(move |dir| Path::new(dir).join(prog)))
+        .find(|p| p.is_file())
+        .ok_or(Error::SquashfuseMissing)
+}
+
+/// Builds the container described by `spec` with `bundle` as its private runtime directory
+/// and pivots into it. Must be called single-threaded, before anything else touched
+/// namespaces. On error, the FUSE daemon (if started) dies with berth (it has
+/// PR_SET_PDEATHSIG).
+pub fn assemble(
+    sys: &impl Syscall,
+    spec: &Spec,
+    bundle: &Path,
+    squashfuse: &Path,
+) -> Result<Assembled> {
+    let facts = Facts::of(spec)?;
+    sys.unshare_user_mount()
+        .map_err(|source| match source.raw_os_error() {
+            Some(libc::EPERM | libc::ENOSPC | libc::EINVAL | libc::EUSERS) => {
+                Error::UserNamespaces { source }
+            }
+            _ => Error::Container {
+                what: "unshare",
+                source,
+            },
+        })?;
+    let container = |what| move |source| Error::Container { what, source };
+    sys.write_id_maps(&format!("0 {} 1", facts.uid), &format!("0 {} 1", facts.gid))
+        .map_err(container("writing the outer id maps"))?;
+    sys.make_mounts_private()
+        .map_err(container("making mounts private"))?;
+
+    // The bundle: a tmpfs only this mount namespace sees; nothing is written on the host.
+    sys.mount(&Mount {
+        source: Some("tmpfs".into()),
+        target: bundle.into(),
+        fstype: Some("tmpfs".into()),
+        flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        data: Some("mode=700".into()),
+        readonly: false,
+        kind: MountpointKind::Dir,
+    })
+    .map_err(container("mounting the runtime tmpfs"))?;
+    let [lower, upper, work, root] = ["lower", "upper", "work", "root"].map(|d| bundle.join(d));
+    for d in [&lower, &upper, &work, &root] {
+        std::fs::create_dir(d).map_err(|e| Error::io(format!("creating {}", d.display()), e))?;
+    }
+
+    let helper = mount_image(sys, &facts, &lower, squashfuse)?;
+
+    // The image stays read-only; a tmpfs upper layer gives mountpoints the image lacks and,
+    // with --writable, a root that can change for the container's life.
+    sys.mount(&Mount {
+        source: Some("overlay".into()),
+        target: root.clone(),
+        fstype: Some("overlay".into()),
+        flags: MsFlags::empty(),
+        data: Some(format!(
+            "lowerdir={},upperdir={},workdir={},userxattr",
+            lower.display(),
+            upper.display(),
+            work.display()
+        )),
+        readonly: false,
+        kind: MountpointKind::Dir,
+    })
+    .map_err(container("mounting the overlay root"))?;
+
+    write_user_db(&root, bundle, &facts)?;
+    for m in spec.mounts().iter().flatten() {
+        let mount = to_sys_mount(m, bundle)?;
+        sys.mount_in_root(&root, &mount)
+            .map_err(|source| Error::Sys {
+                path: m.destination().clone(),
+                source,
+            })?;
+        if mount.target == Path::new("/dev") {
+            populate_dev(sys, &root)?;
+        }
+    }
+    if spec
+        .root()
+        .as_ref()
+        .and_then(|r| r.readonly())
+        .unwrap_or(true)
+    {
+        sys.set_readonly(&root)
+            .map_err(container("making the root read-only"))?;
+    }
+    sys.pivot_root(&root).map_err(container("pivot_root"))?;
+    if facts.uid_inside != 0 {
+        sys.unshare_user()
+            .map_err(container("unshare (inner user namespace)"))?;
+        sys.write_id_maps(
+            &format!("{} 0 1", facts.uid_inside),
+            &format!("{} 0 1", facts.gid_inside),
+        )
+        .map_err(container("writing the inner id maps"))?;
+    }
+    Ok(Assembled { helper })
+}
+
+/// Mounts the image at `lower`: berth mounts the FUSE file system itself (it holds the
+/// privileges in its namespace; squashfuse, exec'd, would not) and hands the connection to
+/// squashfuse as `/dev/fd/N`.
+fn mount_image(sys: &impl Syscall, facts: &Facts, lower: &Path, squashfuse: &Path) -> Result<i32> {
+    let fuse = sys
+        .mount_fuse(&facts.image, lower, "squashfuse", 0, 0)
+        .map_err(|source| match source.raw_os_error() {
+            Some(libc::EACCES | libc::EPERM | libc::ENOENT | libc::ENODEV | libc::ENXIO) => {
+                Error::FuseUnavailable {
+                    uid: facts.uid,
+                    source,
+                }
+            }
+            _ => Error::ImageMount {
+                path: facts.image.clone(),
+                source,
+            },
+        })?;
+    let argv = [
+        cstring(squashfuse.as_os_str().to_owned())?,
+        cstring("-f".into())?,
+        cstring("-o".into())?,
+        cstring(format!("offset={}", facts.offset).into())?,
+        cstring(facts.image.clone().into_os_string())?,
+        berth_sys::process::fuse_fd_arg(fuse.as_fd()),
+    ];
+    sys.start_fuse_helper(&argv, fuse, lower)
+        .map_err(|source| Error::ImageMount {
+            path: facts.image.clone(),
+            source,
+        })
+}
+
+fn cstring(s: OsString) -> Result<CString> {
+    CString::new(s.into_vec()).map_err(|e| {
+        Error::io(
+            "a path contains a NUL byte",
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, e),
+        )
+    })
+}
+
+/// /dev entries that are links rather than mounts.
+fn populate_dev(sys: &impl Syscall, root: &Path) -> Result<()> {
+    for (target, link) in [
+        ("pts/ptmx", "/dev/ptmx"),
+        ("/proc/self/fd", "/dev/fd"),
+        ("/proc/self/fd/0", "/dev/stdin"),
+        ("/proc/self/fd/1", "/dev/stdout"),
+        ("/proc/self/fd/2", "/dev/stderr"),
+    ] {
+        sys.symlink_in_root(root, Path::new(target), Path::new(link))
+            .map_err(|source| Error::Sys {
+                path: link.into(),
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+/// Translates one OCI mount. Relative sources are in the bundle; binds of files get a file
+/// mountpoint; flag-like options become mount flags, the rest the file system's data.
+fn to_sys_mount(m: &oci_spec::runtime::Mount, bundle: &Path) -> Result<Mount> {
+    let source = m.source().clone().unwrap_or_default();
+    let source = if source.is_relative() {
+        bundle.join(source)
+    } else {
+        source
+    };
+    let typ = m.typ().clone().unwrap_or_else(|| "bind".into());
+    let options = m.options().clone().unwrap_or_default();
+    let mut flags = MsFlags::empty();
+    let mut data = Vec::new();
+    let mut readonly = false;
+    for o in &options {
+        match o.as_str() {
+            "rbind" => flags |= MsFlags::MS_BIND | MsFlags::MS_REC,
+            "bind" => flags |= MsFlags::MS_BIND,
+            "ro" => readonly = true,
+            "rw" => {}
+            "nosuid" => flags |= MsFlags::MS_NOSUID,
+            "nodev" => flags |= MsFlags::MS_NODEV,
+            "noexec" => flags |= MsFlags::MS_NOEXEC,
+            other => data.push(other),
+        }
+    }
+    let is_bind = typ == "bind";
+    if is_bind {
+        flags |= MsFlags::MS_BIND;
+    }
+    let kind = match std::fs::metadata(&source) {
+        Ok(meta) if is_bind && !meta.is_dir() => MountpointKind::File,
+        Ok(_) => MountpointKind::Dir,
+        Err(e) if is_bind => {
+            return Err(Error::BindSource {
+                path: source,
+                source: e,
+            });
+        }
+        Err(_) => MountpointKind::Dir,
+    };
+    Ok(Mount {
+        source: Some(source),
+        target: m.destination().clone(),
+        fstype: (!is_bind).then_some(typ),
+        flags,
+        data: (!data.is_empty()).then(|| data.join(",")),
+        readonly,
+        kind,
+    })
+}
+
+/// What assembly needs from the spec besides its mounts.
+struct Facts {
+    image: PathBuf,
+    offset: u64,
+    uid: u32,
+    gid: u32,
+    uid_inside: u32,
+    gid_inside: u32,
+    user: String,
+    home: String,
+}
+
+impl Facts {
+    fn of(spec: &Spec) -> Result<Facts> {
+        let missing =
+            |what: &str| Error::Spec(serde::de::Error::custom(format!("the spec has no {what}")));
+        let ann = spec.annotations().clone().unwrap_or_default();
+        let get = |k: &str| ann.get(k).cloned().ok_or_else(|| missing(k));
+        let linux = spec
+            .linux()
+            .as_ref()
+            .ok_or_else(|| missing("linux section"))?;
+        let host_id = |maps: &Option<Vec<oci_spec::runtime::LinuxIdMapping>>, what| {
+            maps.as_ref()
+                .and_then(|m| m.first())
+                .map(|m| m.host_id())
+                .ok_or_else(|| missing(what))
+        };
+        let user = spec
+            .process()
+            .as_ref()
+            .ok_or_else(|| missing("process"))?
+            .user();
+        Ok(Facts {
+            image: get(spec::ANN_IMAGE)?.into(),
+            offset: get(spec::ANN_IMAGE_OFFSET)?
+                .parse()
+                .map_err(|_| missing("numeric image offset"))?,
+            uid: host_id(linux.uid_mappings(), "uid mapping")?,
+            gid: host_id(linux.gid_mappings(), "gid mapping")?,
+            uid_inside: user.uid(),
+            gid_inside: user.gid(),
+            user: get(spec::ANN_USER_NAME)?,
+            home: get(spec::ANN_USER_HOME)?,
+        })
+    }
+}
+
+/// Writes the bundle's passwd and group: the image's own entries (read inside the root, so
+/// an image symlink cannot make berth read a host file) plus the user's, unless the image
+/// already has an entry with the user's uid/gid.
+fn write_user_db(root: &Path, bundle: &Path, f: &Facts) -> Result<()> {
+    let passwd = read_in_root(root, "/etc/passwd")?;
+    let group = read_in_root(root, "/etc/group")?;
+    let passwd = with_entry(
+        &passwd,
+        2,
+        f.uid_inside,
+        &format!(
+            "{}:x:{}:{}::{}:/bin/sh",
+            f.user, f.uid_inside, f.gid_inside, f.home
+        ),
+    );
+    let group = with_entry(
+        &group,
+        2,
+        f.gid_inside,
+        &format!("{}:x:{}:", f.user, f.gid_inside),
+    );
+    for (name, text) in [(PASSWD, passwd), (GROUP, group)] {
+        let path = bundle.join(name);
+        std::fs::write(&path, text)
+            .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+    }
+    Ok(())
+}
+
+/// `text` (a passwd or group file) with `entry` appended unless a line has `id` in field
+/// `field`.
+fn with_entry(text: &str, field: usize, id: u32, entry: &str) -> String {
+    let id = id.to_string();
+    if text
+        .lines()
+        .any(|l| l.split(':').nth(field) == Some(id.as_str()))
+    {
+        return text.to_string();
+    }
+    let mut out = text.to_string();
+    if !out.is_empty() && !out.ends_with('\n') {
+        out.push('\n');
+    }
+    out.push_str(entry);
+    out.push('\n');
+    out
+}
+
+/// A text file of the image, or "" when the image has none.
+fn read_in_root(root: &Path, path: &str) -> Result<String> {
+    let root_fd = berth_sys::rootfs::open_dir(root).map_err(|source| Error::Sys {
+        path: root.into(),
+        source,
+    })?;
+    match berth_sys::rootfs::open_in_root(root_fd.as_fd(), Path::new(path), libc::O_RDONLY) {
+        Ok(fd) => {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::fs::File::from(fd), &mut text)
+                .map_err(|e| Error::io(format!("reading the image's {path}"), e))?;
+            Ok(text)
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(String::new()),
+        Err(source) => Err(Error::Sys {
+            path: path.into(),
+            source,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::container::spec::{build, Host, ImageRef, Options};
+    use crate::image_config::ImageConfig;
+    use berth_sys::recording::{Call, RecordingSyscall, HELPER_PID};
+
+    fn spec_for(remap_root: bool, writable: bool) -> Spec {
+        let host = Host {
+            uid: 1100,
+            gid: 1200,
+            user: "ada".into(),
+            home: None,
+            cwd: None,
+            term: None,
+            files: Vec::new(),
+        };
+        let opts = Options {
+            remap_root,
+            writable,
+            command: vec!["true".into()],
+            ..Default::default()
+        };
+        let image = ImageRef {
+            path: Path::new("/img.sif"),
+            offset: 4096,
+            config: &ImageConfig::default(),
+        };
+        build(&image, &opts, &host).unwrap()
+    }
+
+    fn run(sys: &RecordingSyscall, spec: &Spec) -> (tempfile::TempDir, Result<Assembled>) {
+        let bundle = tempfile::tempdir().unwrap();
+        let r = assemble(
+            sys,
+            spec,
+            bundle.path(),
+            Path::new("/usr/bin/squashfuse_ll"),
+        );
+        (bundle, r)
+    }
+
+    #[test]
+    fn assembles_in_order() {
+        let sys = RecordingSyscall::default();
+        let (bundle, r) = run(&sys, &spec_for(false, false));
+        assert_eq!(r.unwrap().helper, HELPER_PID);
+        let b = bundle.path();
+        let calls = sys.calls();
+        assert_eq!(calls[0], Call::UnshareUserMount);
+        assert_eq!(
+            calls[1],
+            Call::WriteIdMaps {
+                uid_map: "0 1100 1".into(),
+                gid_map: "0 1200 1".into()
+            }
+        );
+        assert_eq!(calls[2], Call::MakeMountsPrivate);
+        assert!(
+            matches!(&calls[3], Call::Mount(m) if m.target == b && m.fstype.as_deref() == Some("tmpfs"))
+        );
+        assert_eq!(
+            calls[4],
+            Call::MountFuse {
+                source: "/img.sif".into(),
+                target: b.join("lower"),
+                subtype: "squashfuse".into(),
+                uid: 0,
+                gid: 0
+            }
+        );
+        let Call::StartFuseHelper { argv, target } = &calls[5] else {
+            panic!("{:?}", calls[5])
+        };
+        assert_eq!(target, &b.join("lower"));
+        assert_eq!(
+            &argv[..5],
+            [
+                "/usr/bin/squashfuse_ll",
+                "-f",
+                "-o",
+                "offset=4096",
+                "/img.sif"
+            ]
+        );
+        assert!(argv[5].starts_with("/dev/fd/"));
+        let Call::Mount(overlay) = &calls[6] else {
+            panic!("{:?}", calls[6])
+        };
+        assert_eq!(overlay.target, b.join("root"));
+        assert!(overlay.data.as_deref().unwrap().contains("userxattr"));
+
+        // Then the spec's mounts inside the root, /dev's links right after /dev.
+        let in_root: Vec<&Mount> = calls
+            .iter()
+            .filter_map(|c| match c {
+                Call::MountInRoot { root, mount } => {
+                    assert_eq!(root, &b.join("root"));
+                    Some(mount)
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(in_root[0].target, Path::new("/proc"));
+        assert_eq!(in_root[0].flags, MsFlags::MS_BIND | MsFlags::MS_REC);
+        assert!(in_root[1].readonly, "/sys is read-only");
+        let null = in_root
+            .iter()
+            .find(|m| m.target == Path::new("/dev/null"))
+            .unwrap();
+        assert_eq!(null.kind, MountpointKind::File);
+        let passwd = in_root
+            .iter()
+            .find(|m| m.target == Path::new("/etc/passwd"))
+            .unwrap();
+        assert_eq!(passwd.source.as_deref(), Some(b.join("passwd").as_path()));
+        assert!(passwd.readonly);
+        let pts = in_root
+            .iter()
+            .find(|m| m.target == Path::new("/dev/pts"))
+            .unwrap();
+        assert_eq!(pts.fstype.as_deref(), Some("devpts"));
+        assert_eq!(pts.flags, MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC);
+        assert_eq!(
+            pts.data.as_deref(),
+            Some("newinstance,ptmxmode=0666,mode=0620")
+        );
+        let dev_at = calls.iter().position(|c| matches!(c, Call::MountInRoot { mount, .. } if mount.target == Path::new("/dev"))).unwrap();
+        assert!(
+            matches!(&calls[dev_at + 1], Call::SymlinkInRoot { link, .. } if link == Path::new("/dev/ptmx"))
+        );
+
+        let n = calls.len();
+        assert_eq!(calls[n - 4], Call::SetReadonly(b.join("root")));
+        assert_eq!(calls[n - 3], Call::PivotRoot(b.join("root")));
+        assert_eq!(calls[n - 2], Call::UnshareUser);
+        assert_eq!(
+            calls[n - 1],
+            Call::WriteIdMaps {
+                uid_map: "1100 0 1".into(),
+                gid_map: "1200 0 1".into()
+            }
+        );
+        let passwd = std::fs::read_to_string(b.join("passwd")).unwrap();
+        assert_eq!(passwd, "ada:x:1100:1200::/:/bin/sh\n");
+    }
+
+    #[test]
+    fn writable_and_remapped_root() {
+        let sys = RecordingSyscall::default();
+        let (bundle, r) = run(&sys, &spec_for(true, true));
+        r.unwrap();
+        let calls = sys.calls();
+        assert!(
+            !calls.iter().any(|c| matches!(c, Call::SetReadonly(_))),
+            "writable root"
+        );
+        assert!(!calls.contains(&Call::UnshareUser), "root stays root");
+        assert_eq!(
+            calls.last(),
+            Some(&Call::PivotRoot(bundle.path().join("root")))
+        );
+        let group = std::fs::read_to_string(bundle.path().join("group")).unwrap();
+        assert_eq!(group, "ada:x:0:\n");
+    }
+
+    #[test]
+    fn errors_name_their_cause() {
+        let sys = RecordingSyscall {
+            fail_on: Some("UnshareUserMount".into()),
+            ..Default::default()
+        };
+        let (_b, r) = run(&sys, &spec_for(false, false));
+        assert!(matches!(r, Err(Error::UserNamespaces { .. })));
+        let sys = RecordingSyscall {
+            fail_on: Some("MountFuse".into()),
+            ..Default::default()
+        };
+        let (_b, r) = run(&sys, &spec_for(false, false));
+        let e = r.unwrap_err();
+        assert!(matches!(e, Error::FuseUnavailable { uid: 1100, .. }), "{e}");
+        assert!(e.to_string().contains("0666"));
+    }
+
+    #[test]
+    fn user_db_keeps_image_entries() {
+        let text = "root:x:0:0::/root:/bin/sh\nada:x:1100:1200::/h:/bin/sh";
+        assert_eq!(with_entry(text, 2, 1100, "new"), text);
+        assert_eq!(
+            with_entry(text, 2, 7, "x:x:7:7"),
+            format!("{text}\nx:x:7:7\n")
+        );
+        assert_eq!(with_entry("", 2, 7, "x:x:7:7"), "x:x:7:7\n");
+    }
+}

@@ -1,0 +1,598 @@
+//! The OCI runtime spec of a container, built purely from the image, the user's options and
+//! facts about the host user: no I/O here, so every rule is unit-tested. `--print-spec`
+//! shows exactly this document; `assemble` realises it.
+//!
+//! Paths that live in the container's private runtime directory (the "bundle", a tmpfs only
+//! berth's mount namespace sees) are relative, as OCI allows: `root.path` is `root`, the
+//! generated passwd/group files are `passwd` and `group`.
+
+use std::path::{Path, PathBuf};
+
+use oci_spec::runtime::Spec;
+use serde_json::{json, Value};
+
+use crate::image_config::ImageConfig;
+use crate::{Error, Result};
+
+/// Annotation keys carrying what OCI has no field for.
+pub const ANN_IMAGE: &str = "org.berth.image";
+pub const ANN_IMAGE_OFFSET: &str = "org.berth.image.offset";
+pub const ANN_USER_NAME: &str = "org.berth.user.name";
+pub const ANN_USER_HOME: &str = "org.berth.user.home";
+
+/// The generated passwd and group files, relative to the bundle.
+pub const PASSWD: &str = "passwd";
+pub const GROUP: &str = "group";
+
+/// Host files every container sees (read-only), when the host has them.
+pub const HOST_FILES: [&str; 2] = ["/etc/hosts", "/etc/resolv.conf"];
+/// Device nodes bound from the host into the container's /dev.
+pub const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
+
+/// `--bind SRC:DST[:ro|rw]`, SRC already canonical on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    pub source: PathBuf,
+    pub destination: PathBuf,
+    pub readonly: bool,
+}
+
+impl Bind {
+    /// Parses `SRC:DST[:ro|rw]`; SRC is canonicalized on the host (it must exist).
+    pub fn parse(spec: &str) -> Result<Bind> {
+        let bad = |reason: &str| Error::BindSyntax {
+            spec: spec.into(),
+            reason: reason.into(),
+        };
+        let parts: Vec<&str> = spec.split(':').collect();
+        let (src, dst, readonly) = match parts.as_slice() {
+            [s, d] => (*s, *d, false),
+            [s, d, "ro"] => (*s, *d, true),
+            [s, d, "rw"] => (*s, *d, false),
+            [_, _, f] => return Err(bad(&format!("unknown flag {f:?}"))),
+            _ => return Err(bad("expected SRC:DST or SRC:DST:FLAG")),
+        };
+        if src.is_empty() {
+            return Err(bad("empty source"));
+        }
+        if !Path::new(dst).is_absolute() {
+            return Err(bad("the destination must be absolute"));
+        }
+        let source = std::fs::canonicalize(src).map_err(|source| Error::BindSource {
+            path: src.into(),
+            source,
+        })?;
+        Ok(Bind {
+            source,
+            destination: dst.into(),
+            readonly,
+        })
+    }
+}
+
+/// What the user asked for.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Options {
+    pub binds: Vec<Bind>,
+    pub workdir: Option<PathBuf>,
+    /// `--env KEY=VALUE`, in order; later ones win.
+    pub env: Vec<(String, String)>,
+    pub writable: bool,
+    pub no_home: bool,
+    pub remap_root: bool,
+    /// Run the image's entrypoint before an explicit command.
+    pub entrypoint: bool,
+    /// The command; empty means the image's entrypoint + cmd.
+    pub command: Vec<String>,
+}
+
+/// Facts about the host and the user berth runs for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Host {
+    pub uid: u32,
+    pub gid: u32,
+    pub user: String,
+    /// The user's home directory, when it exists on this host.
+    pub home: Option<PathBuf>,
+    pub cwd: Option<PathBuf>,
+    /// `TERM`, passed through so terminal programs work.
+    pub term: Option<String>,
+    /// Which of [`HOST_FILES`] exist here.
+    pub files: Vec<PathBuf>,
+}
+
+impl Host {
+    /// The current process's user and host.
+    pub fn current() -> Host {
+        let uid = berth_sys::identity::real_uid();
+        let info = berth_sys::identity::user_info(uid);
+        Host {
+            uid,
+            gid: berth_sys::identity::real_gid(),
+            user: info
+                .as_ref()
+                .map_or_else(|| format!("user{uid}"), |i| i.name.clone()),
+            home: info.map(|i| i.home).filter(|h| h.is_dir()),
+            cwd: std::env::current_dir().ok(),
+            term: std::env::var("TERM").ok(),
+            files: HOST_FILES
+                .iter()
+                .map(PathBuf::from)
+                .filter(|p| p.exists())
+                .collect(),
+        }
+    }
+}
+
+/// Where the image's root file system is, as `sif::open_image` found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRef<'a> {
+    pub path: &'a Path,
+    pub offset: u64,
+    pub config: &'a ImageConfig,
+}
+
+/// Builds the container's spec. It is written as JSON and read back into `oci-spec`'s types
+/// (which checks its shape): their `Default`s are Docker's (default capabilities, masked
+/// paths, resources), not "nothing", so building from them would smuggle those in.
+pub fn build(image: &ImageRef<'_>, opts: &Options, host: &Host) -> Result<Spec> {
+    let config = image.config;
+    let (inside_uid, inside_gid) = if opts.remap_root {
+        (0, 0)
+    } else {
+        (host.uid, host.gid)
+    };
+    let mut process = json!({
+        "user": { "uid": inside_uid, "gid": inside_gid },
+        "args": command(config, opts)?,
+        "env": environment(config, opts, host),
+        "cwd": workdir(config, opts, host)?,
+        "noNewPrivileges": true,
+    });
+    // No capabilities means none (OCI); a remapped root keeps what its user namespace gives.
+    if opts.remap_root {
+        let all = berth_sys::caps::all_names();
+        process["capabilities"] = json!({ "bounding": all, "effective": all, "permitted": all });
+    }
+    let home = host.home.as_deref().unwrap_or(Path::new("/"));
+    let spec = json!({
+        "ociVersion": "1.0.2",
+        "root": { "path": "root", "readonly": !opts.writable },
+        "process": process,
+        "mounts": mounts(opts, host),
+        "linux": {
+            "namespaces": [{ "type": "user" }, { "type": "mount" }],
+            "uidMappings": [{ "containerID": inside_uid, "hostID": host.uid, "size": 1 }],
+            "gidMappings": [{ "containerID": inside_gid, "hostID": host.gid, "size": 1 }],
+        },
+        "annotations": {
+            ANN_IMAGE: image.path,
+            ANN_IMAGE_OFFSET: image.offset.to_string(),
+            ANN_USER_NAME: host.user,
+            ANN_USER_HOME: home,
+        },
+    });
+    serde_json::from_value(spec).map_err(Error::Spec)
+}
+
+/// The command line: an explicit command runs as given (pyxis: the entrypoint only with
+/// `--entrypoint`); no command runs entrypoint + cmd, like `docker run`.
+fn command(config: &ImageConfig, opts: &Options) -> Result<Vec<String>> {
+    let args: Vec<String> = if opts.command.is_empty() {
+        config
+            .entrypoint
+            .iter()
+            .chain(&config.cmd)
+            .cloned()
+            .collect()
+    } else if opts.entrypoint {
+        config
+            .entrypoint
+            .iter()
+            .chain(&opts.command)
+            .cloned()
+            .collect()
+    } else {
+        opts.command.clone()
+    };
+    if args.is_empty() {
+        return Err(Error::NoCommand);
+    }
+    Ok(args)
+}
+
+/// `--workdir`, else the image's WorkingDir, else the host cwd when it is visible at the same
+/// place inside (the bound home) or through a bind, else `/`.
+fn workdir(config: &ImageConfig, opts: &Options, host: &Host) -> Result<PathBuf> {
+    if let Some(w) = &opts.workdir {
+        if !w.is_absolute() {
+            return Err(Error::NotAbsolute {
+                what: "--workdir",
+                path: w.clone(),
+            });
+        }
+        return Ok(w.clone());
+    }
+    if !config.working_dir.is_empty() {
+        return Ok(config.working_dir.clone().into());
+    }
+    let Some(cwd) = &host.cwd else {
+        return Ok("/".into());
+    };
+    // The last bind wins, as its mount is the one on top.
+    for bind in opts.binds.iter().rev() {
+        if let Ok(rel) = cwd.strip_prefix(&bind.source) {
+            return Ok(bind.destination.join(rel));
+        }
+    }
+    match (&host.home, opts.no_home) {
+        (Some(home), false) if cwd.starts_with(home) => Ok(cwd.clone()),
+        _ => Ok("/".into()),
+    }
+}
+
+/// Image env; then PATH if the image sets none (so image commands are found); HOME, USER and
+/// TERM of the host user; then `--env`. Nothing else of the host's environment (LANG/LC_*
+/// notably) comes in unless named with `--env`.
+fn environment(config: &ImageConfig, opts: &Options, host: &Host) -> Vec<String> {
+    let mut env: Vec<(String, String)> = Vec::new();
+    let mut set = |k: &str, v: &str| match env.iter_mut().find(|(key, _)| key == k) {
+        Some(slot) => slot.1 = v.to_string(),
+        None => env.push((k.to_string(), v.to_string())),
+    };
+    for kv in &config.env {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        set(k, v);
+    }
+    set("PATH", config.path());
+    let home = host.home.as_deref().unwrap_or(Path::new("/"));
+    set("HOME", &home.display().to_string());
+    set("USER", &host.user);
+    if let Some(term) = &host.term {
+        set("TERM", term);
+    }
+    for (k, v) in &opts.env {
+        set(k, v);
+    }
+    env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
+}
+
+fn mount(destination: &Path, typ: &str, source: &Path, options: &[&str]) -> Value {
+    json!({ "destination": destination, "type": typ, "source": source, "options": options })
+}
+
+fn bind(source: &Path, destination: &Path, readonly: bool) -> Value {
+    let options: &[&str] = if readonly {
+        &["rbind", "ro"]
+    } else {
+        &["rbind"]
+    };
+    mount(destination, "bind", source, options)
+}
+
+/// The mounts, in the order they are made (later ones on top of earlier ones).
+fn mounts(opts: &Options, host: &Host) -> Vec<Value> {
+    let p = Path::new;
+    // /proc and /sys are binds of the host's: a new procfs or sysfs needs a PID or network
+    // namespace of our own, which would hide the job's processes and network from it.
+    let mut v = vec![
+        bind(p("/proc"), p("/proc"), false),
+        bind(p("/sys"), p("/sys"), true),
+        mount(
+            p("/dev"),
+            "tmpfs",
+            p("tmpfs"),
+            &["nosuid", "noexec", "mode=755", "size=64k"],
+        ),
+    ];
+    for d in DEVICES {
+        let dev = PathBuf::from(format!("/dev/{d}"));
+        v.push(bind(&dev, &dev, false));
+    }
+    v.push(mount(
+        p("/dev/pts"),
+        "devpts",
+        p("devpts"),
+        &[
+            "nosuid",
+            "noexec",
+            "newinstance",
+            "ptmxmode=0666",
+            "mode=0620",
+        ],
+    ));
+    v.push(mount(
+        p("/dev/shm"),
+        "tmpfs",
+        p("shm"),
+        &["nosuid", "nodev", "mode=1777"],
+    ));
+    v.push(mount(
+        p("/tmp"),
+        "tmpfs",
+        p("tmpfs"),
+        &["nosuid", "nodev", "mode=1777"],
+    ));
+    for f in &host.files {
+        v.push(bind(f, f, true));
+    }
+    v.push(bind(p(PASSWD), p("/etc/passwd"), true));
+    v.push(bind(p(GROUP), p("/etc/group"), true));
+    if let (Some(home), false) = (&host.home, opts.no_home) {
+        v.push(bind(home, home, false));
+    }
+    for b in &opts.binds {
+        v.push(bind(&b.source, &b.destination, b.readonly));
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host() -> Host {
+        Host {
+            uid: 1100,
+            gid: 1200,
+            user: "ada".into(),
+            home: Some("/home/ada".into()),
+            cwd: Some("/home/ada/proj".into()),
+            term: Some("xterm-256color".into()),
+            files: vec!["/etc/hosts".into()],
+        }
+    }
+
+    fn opts(command: &[&str]) -> Options {
+        Options {
+            command: command.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn build_with(config: &ImageConfig, o: &Options, h: &Host) -> Spec {
+        let image = ImageRef {
+            path: Path::new("/img.sif"),
+            offset: 4096,
+            config,
+        };
+        build(&image, o, h).unwrap()
+    }
+
+    fn env_of(spec: &Spec) -> Vec<String> {
+        spec.process().as_ref().unwrap().env().clone().unwrap()
+    }
+
+    fn get<'a>(env: &'a [String], key: &str) -> Option<&'a str> {
+        env.iter()
+            .find_map(|kv| kv.strip_prefix(&format!("{key}=")))
+    }
+
+    fn destinations(spec: &Spec) -> Vec<String> {
+        spec.mounts()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|m| m.destination().display().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn env_is_image_then_host_identity_then_options() {
+        let config = ImageConfig {
+            env: vec![
+                "PATH=/opt/bin".into(),
+                "A=image".into(),
+                "HOME=/root".into(),
+            ],
+            ..Default::default()
+        };
+        let mut o = opts(&["true"]);
+        o.env = vec![("A".into(), "option".into()), ("LANG".into(), "C".into())];
+        let env = env_of(&build_with(&config, &o, &host()));
+        assert_eq!(get(&env, "PATH"), Some("/opt/bin"));
+        assert_eq!(get(&env, "A"), Some("option"));
+        assert_eq!(get(&env, "HOME"), Some("/home/ada"));
+        assert_eq!(get(&env, "USER"), Some("ada"));
+        assert_eq!(get(&env, "TERM"), Some("xterm-256color"));
+        assert_eq!(get(&env, "LANG"), Some("C"));
+        assert_eq!(env.iter().filter(|kv| kv.starts_with("A=")).count(), 1);
+    }
+
+    #[test]
+    fn host_locale_never_leaks_and_path_has_a_default() {
+        let env = env_of(&build_with(
+            &ImageConfig::default(),
+            &opts(&["true"]),
+            &host(),
+        ));
+        assert!(get(&env, "PATH").unwrap().contains("/usr/bin"));
+        assert!(env
+            .iter()
+            .all(|kv| !kv.starts_with("LANG=") && !kv.starts_with("LC_")));
+    }
+
+    #[test]
+    fn workdir_precedence() {
+        let config = ImageConfig {
+            working_dir: "/work".into(),
+            ..Default::default()
+        };
+        let cwd = |c: &ImageConfig, o: &Options, h: &Host| {
+            build_with(c, o, h)
+                .process()
+                .as_ref()
+                .unwrap()
+                .cwd()
+                .clone()
+        };
+        let mut o = opts(&["true"]);
+        assert_eq!(cwd(&config, &o, &host()), Path::new("/work"));
+        let none = ImageConfig::default();
+        assert_eq!(cwd(&none, &o, &host()), Path::new("/home/ada/proj"));
+        o.no_home = true;
+        assert_eq!(cwd(&none, &o, &host()), Path::new("/"));
+        o.binds = vec![Bind {
+            source: "/home/ada".into(),
+            destination: "/data".into(),
+            readonly: false,
+        }];
+        assert_eq!(cwd(&none, &o, &host()), Path::new("/data/proj"));
+        o.workdir = Some("/explicit".into());
+        assert_eq!(cwd(&config, &o, &host()), Path::new("/explicit"));
+        o.workdir = Some("relative".into());
+        let image = ImageRef {
+            path: Path::new("/i"),
+            offset: 0,
+            config: &none,
+        };
+        assert!(matches!(
+            build(&image, &o, &host()),
+            Err(Error::NotAbsolute { .. })
+        ));
+    }
+
+    #[test]
+    fn command_follows_docker_without_args_and_pyxis_with() {
+        let config = ImageConfig {
+            entrypoint: vec!["/entry".into()],
+            cmd: vec!["--default".into()],
+            ..Default::default()
+        };
+        let args = |o: &Options| {
+            build_with(&config, o, &host())
+                .process()
+                .as_ref()
+                .unwrap()
+                .args()
+                .clone()
+                .unwrap()
+        };
+        assert_eq!(args(&opts(&[])), ["/entry", "--default"]);
+        assert_eq!(args(&opts(&["ls", "-l"])), ["ls", "-l"]);
+        let mut o = opts(&["ls"]);
+        o.entrypoint = true;
+        assert_eq!(args(&o), ["/entry", "ls"]);
+        let image = ImageRef {
+            path: Path::new("/i"),
+            offset: 0,
+            config: &ImageConfig::default(),
+        };
+        assert!(matches!(
+            build(&image, &opts(&[]), &host()),
+            Err(Error::NoCommand)
+        ));
+    }
+
+    #[test]
+    fn identity_and_capabilities() {
+        let spec = build_with(&ImageConfig::default(), &opts(&["id"]), &host());
+        let p = spec.process().as_ref().unwrap();
+        assert_eq!((p.user().uid(), p.user().gid()), (1100, 1200));
+        assert!(
+            p.capabilities().is_none(),
+            "no capabilities unless remapped"
+        );
+        assert_eq!(p.no_new_privileges(), Some(true));
+        let map = &spec
+            .linux()
+            .as_ref()
+            .unwrap()
+            .uid_mappings()
+            .as_ref()
+            .unwrap()[0];
+        assert_eq!(
+            (map.container_id(), map.host_id(), map.size()),
+            (1100, 1100, 1)
+        );
+
+        let mut o = opts(&["id"]);
+        o.remap_root = true;
+        let spec = build_with(&ImageConfig::default(), &o, &host());
+        let p = spec.process().as_ref().unwrap();
+        assert_eq!((p.user().uid(), p.user().gid()), (0, 0));
+        let caps = p.capabilities().as_ref().unwrap();
+        assert!(caps.effective().as_ref().unwrap().len() > 30);
+        let map = &spec
+            .linux()
+            .as_ref()
+            .unwrap()
+            .gid_mappings()
+            .as_ref()
+            .unwrap()[0];
+        assert_eq!((map.container_id(), map.host_id()), (0, 1200));
+    }
+
+    #[test]
+    fn root_is_readonly_unless_writable() {
+        let spec = build_with(&ImageConfig::default(), &opts(&["true"]), &host());
+        assert_eq!(spec.root().as_ref().unwrap().readonly(), Some(true));
+        let mut o = opts(&["true"]);
+        o.writable = true;
+        let spec = build_with(&ImageConfig::default(), &o, &host());
+        assert_eq!(spec.root().as_ref().unwrap().readonly(), Some(false));
+    }
+
+    #[test]
+    fn mounts_in_order_with_home_and_binds_last() {
+        let mut o = opts(&["true"]);
+        o.binds = vec![Bind {
+            source: "/scratch".into(),
+            destination: "/data".into(),
+            readonly: true,
+        }];
+        let spec = build_with(&ImageConfig::default(), &o, &host());
+        let d = destinations(&spec);
+        let pos = |p: &str| {
+            d.iter()
+                .position(|x| x == p)
+                .unwrap_or_else(|| panic!("{p} in {d:?}"))
+        };
+        assert!(pos("/dev") < pos("/dev/null") && pos("/dev/null") < pos("/dev/pts"));
+        assert!(pos("/proc") < pos("/home/ada") && pos("/home/ada") < pos("/data"));
+        assert!(
+            d.contains(&"/etc/hosts".to_string()) && !d.contains(&"/etc/resolv.conf".to_string())
+        );
+        let data = spec.mounts().as_ref().unwrap().last().unwrap().clone();
+        assert_eq!(data.options().clone().unwrap(), ["rbind", "ro"]);
+        assert_eq!(data.source().clone().unwrap(), Path::new("/scratch"));
+
+        o.no_home = true;
+        let d = destinations(&build_with(&ImageConfig::default(), &o, &host()));
+        assert!(!d.contains(&"/home/ada".to_string()));
+    }
+
+    #[test]
+    fn bind_parsing() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().display().to_string();
+        let b = Bind::parse(&format!("{src}:/data:ro")).unwrap();
+        assert!(b.readonly && b.destination == Path::new("/data"));
+        assert!(!Bind::parse(&format!("{src}:/data")).unwrap().readonly);
+        for bad in [
+            format!("{src}:rel"),
+            format!("{src}:/d:xx"),
+            "/a".into(),
+            ":/d".into(),
+        ] {
+            assert!(
+                matches!(Bind::parse(&bad), Err(Error::BindSyntax { .. })),
+                "{bad}"
+            );
+        }
+        assert!(matches!(
+            Bind::parse("/no/such/dir:/d"),
+            Err(Error::BindSource { .. })
+        ));
+    }
+
+    #[test]
+    fn annotations_name_the_image_and_user() {
+        let spec = build_with(&ImageConfig::default(), &opts(&["true"]), &host());
+        let a = spec.annotations().as_ref().unwrap();
+        assert_eq!(a[ANN_IMAGE], "/img.sif");
+        assert_eq!(a[ANN_IMAGE_OFFSET], "4096");
+        assert_eq!(a[ANN_USER_NAME], "ada");
+        assert_eq!(a[ANN_USER_HOME], "/home/ada");
+    }
+}

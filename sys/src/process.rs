@@ -1,0 +1,531 @@
+//! Starting, supervising and reaping processes: the container command, the FUSE helper.
+//!
+//! berth is single-threaded, so after fork(2) the child may allocate; still, everything the
+//! child needs is prepared before the fork, and the child reports a failure before exec
+//! through a close-on-exec pipe (stage + errno) instead of printing, so the parent can turn
+//! it into a clear message and the right exit status (127, 126).
+
+use std::ffi::{CStr, CString, OsStr};
+use std::fmt;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+
+use nix::errno::Errno;
+pub use nix::sys::signal::Signal;
+use nix::sys::signal::{SigSet, SigmaskHow};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{ForkResult, Pid};
+
+use crate::{caps, namespaces, Error, Result};
+
+/// Signals berth passes on to the container command.
+pub const FORWARDED: [Signal; 6] = [
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+];
+
+/// Signals that ask a `berth start` holder to tear its container down.
+const STOP: [Signal; 4] = [
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGQUIT,
+];
+
+/// How a process is started.
+#[derive(Debug, Clone, Default)]
+pub struct CommandSpec {
+    /// argv; `argv[0]` is searched in `search_path` unless it contains a `/`.
+    pub argv: Vec<CString>,
+    pub env: Vec<CString>,
+    pub search_path: Vec<PathBuf>,
+    /// Working directory, resolved inside the current root; `None` keeps the current one.
+    pub cwd: Option<PathBuf>,
+    /// Keep capabilities (a `--remap-root` container's root); otherwise drop all.
+    pub keep_caps: bool,
+    /// Descriptors besides 0-2 that the program inherits (a FUSE connection, a PMI fd).
+    pub keep_fds: Vec<RawFd>,
+    /// Point the child's stdout at berth's stderr (helpers must not hold `berth start`'s
+    /// stdout, or whoever reads the handle would wait for them too).
+    pub stdout_to_stderr: bool,
+}
+
+/// Where a child failed before its program started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    Setup,
+    Workdir,
+    Exec,
+}
+
+/// A child that could not start its program.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpawnFailure {
+    pub stage: Stage,
+    pub errno: i32,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    Signal(i32),
+}
+
+impl Exit {
+    /// The shell convention: the exit code, or 128 + the signal number.
+    pub fn code(self) -> i32 {
+        match self {
+            Exit::Code(c) => c,
+            Exit::Signal(s) => 128 + s,
+        }
+    }
+}
+
+impl fmt::Display for Exit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Exit::Code(c) => write!(f, "exit status {c}"),
+            Exit::Signal(s) => write!(f, "killed by signal {s}"),
+        }
+    }
+}
+
+/// Forks and starts `spec`; `Ok(Err(_))` when the child got as far as running but could
+/// not start the program (command not found, workdir missing, ...), already reaped.
+pub fn spawn(spec: &CommandSpec) -> Result<std::result::Result<i32, SpawnFailure>> {
+    let (read, write) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(Error::os("pipe2"))?;
+    let envp: Vec<&CStr> = spec.env.iter().map(|c| c.as_c_str()).collect();
+    let candidates = candidates(spec);
+    let parent = nix::unistd::getpid();
+    // SAFETY: berth is single-threaded (it must be, to have unshared a user namespace), so
+    // the child is a full copy with no lock held by a vanished thread.
+    match unsafe { nix::unistd::fork() }.map_err(Error::os("fork"))? {
+        ForkResult::Child => {
+            drop(read);
+            let failure = child(spec, &candidates, &envp, Some(parent));
+            let mut msg = [0u8; 8];
+            msg[..4].copy_from_slice(&(failure.stage as u32).to_ne_bytes());
+            msg[4..].copy_from_slice(&failure.errno.to_ne_bytes());
+            let _ = nix::unistd::write(&write, &msg);
+            // SAFETY: _exit skips atexit handlers and buffered output of the parent's copy.
+            unsafe { libc::_exit(127) }
+        }
+        ForkResult::Parent { child } => {
+            drop(write);
+            let mut msg = [0u8; 8];
+            let n = read_full(read.as_fd(), &mut msg)?;
+            if n == 0 {
+                return Ok(Ok(child.as_raw()));
+            }
+            reap(child.as_raw())?;
+            let stage = match u32::from_ne_bytes(msg[..4].try_into().expect("4 bytes")) {
+                1 => Stage::Workdir,
+                2 => Stage::Exec,
+                _ => Stage::Setup,
+            };
+            let errno = i32::from_ne_bytes(msg[4..].try_into().expect("4 bytes"));
+            Ok(Err(SpawnFailure { stage, errno }))
+        }
+    }
+}
+
+/// Starts a FUSE daemon serving `fuse` (kept open across its exec) and returns its pid.
+pub fn spawn_helper(argv: &[CString], fuse: OwnedFd) -> Result<i32> {
+    let spec = CommandSpec {
+        argv: argv.to_vec(),
+        env: Vec::new(),
+        search_path: Vec::new(),
+        cwd: None,
+        keep_caps: false,
+        keep_fds: vec![fuse.as_raw_fd()],
+        stdout_to_stderr: true,
+    };
+    match spawn(&spec)? {
+        Ok(pid) => Ok(pid),
+        Err(f) => Err(Error::OsPath {
+            call: "exec",
+            path: PathBuf::from(OsStr::from_bytes(argv[0].as_bytes())),
+            source: std::io::Error::from_raw_os_error(f.errno),
+        }),
+    }
+    // `fuse` is dropped here: only the daemon holds the connection now, so if it dies the
+    // kernel aborts the mount instead of hanging its users.
+}
+
+/// The `/dev/fd/N` mountpoint argument by which libfuse (3.3+) serves an already mounted
+/// connection instead of mounting one itself.
+pub fn fuse_fd_arg(fuse: BorrowedFd<'_>) -> CString {
+    CString::new(format!("/dev/fd/{}", fuse.as_raw_fd())).expect("no NUL in a number")
+}
+
+fn candidates(spec: &CommandSpec) -> Vec<CString> {
+    let Some(arg0) = spec.argv.first() else {
+        return Vec::new();
+    };
+    if arg0.as_bytes().contains(&b'/') {
+        return vec![arg0.clone()];
+    }
+    spec.search_path
+        .iter()
+        .map(|dir| {
+            let mut p = dir.as_os_str().as_bytes().to_vec();
+            p.push(b'/');
+            p.extend_from_slice(arg0.as_bytes());
+            CString::new(p).expect("no NUL: built from CStrings and a path")
+        })
+        .collect()
+}
+
+/// Replaces this process with `spec` (`berth exec --join`: berth has nothing left to do once
+/// the command runs); returns only on failure.
+pub fn exec(spec: &CommandSpec) -> SpawnFailure {
+    let envp: Vec<&CStr> = spec.env.iter().map(|c| c.as_c_str()).collect();
+    child(spec, &candidates(spec), &envp, None)
+}
+
+/// The child side of [`spawn`] (with the `parent` it must die with) and of [`exec`];
+/// returns only on failure.
+fn child(
+    spec: &CommandSpec,
+    candidates: &[CString],
+    envp: &[&CStr],
+    parent: Option<Pid>,
+) -> SpawnFailure {
+    let setup = |e: Errno| SpawnFailure {
+        stage: Stage::Setup,
+        errno: e as i32,
+    };
+    let result = (|| -> std::result::Result<(), SpawnFailure> {
+        // Undo what berth set up for itself: blocked signals, SIGPIPE ignored by Rust's runtime.
+        nix::sys::signal::sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)
+            .map_err(setup)?;
+        // SAFETY: restoring the default disposition installs no handler.
+        unsafe { nix::sys::signal::signal(Signal::SIGPIPE, nix::sys::signal::SigHandler::SigDfl) }
+            .map_err(setup)?;
+        // If berth dies (even by SIGKILL), its children go too, so no container process or
+        // FUSE daemon outlives the process responsible for cleaning up.
+        if let Some(parent) = parent {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(setup)?;
+            if nix::unistd::getppid() != parent {
+                return Err(setup(Errno::ESRCH));
+            }
+        }
+        if let Some(cwd) = &spec.cwd {
+            namespaces::enter_workdir(cwd).map_err(|e| SpawnFailure {
+                stage: Stage::Workdir,
+                errno: e.raw_os_error().unwrap_or(libc::ENOENT),
+            })?;
+        }
+        let as_setup = |e: Error| SpawnFailure {
+            stage: Stage::Setup,
+            errno: e.raw_os_error().unwrap_or(libc::EPERM),
+        };
+        caps::set_no_new_privs().map_err(as_setup)?;
+        if !spec.keep_caps {
+            caps::drop_all().map_err(as_setup)?;
+        }
+        if spec.stdout_to_stderr {
+            nix::unistd::dup2(2, 1).map_err(setup)?;
+        }
+        // Every fd above 2 closes at exec (the error pipe included), except those asked for.
+        // SAFETY: close_range only changes fd flags of this process.
+        if unsafe { libc::close_range(3, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC as i32) } != 0
+        {
+            return Err(setup(Errno::last()));
+        }
+        for &fd in &spec.keep_fds {
+            nix::fcntl::fcntl(
+                fd,
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+            )
+            .map_err(setup)?;
+        }
+        Ok(())
+    })();
+    if let Err(f) = result {
+        return f;
+    }
+    let argv: Vec<&CStr> = spec.argv.iter().map(|c| c.as_c_str()).collect();
+    // Like execvp: go on past missing entries, remember a permission problem.
+    let mut errno = Errno::ENOENT;
+    for path in candidates {
+        match nix::unistd::execve(path, &argv, envp) {
+            Err(Errno::ENOENT | Errno::ENOTDIR) => {}
+            Err(Errno::EACCES) => errno = Errno::EACCES,
+            Err(e) => {
+                errno = e;
+                break;
+            }
+        }
+    }
+    SpawnFailure {
+        stage: Stage::Exec,
+        errno: errno as i32,
+    }
+}
+
+fn read_full(fd: BorrowedFd<'_>, buf: &mut [u8]) -> Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match nix::unistd::read(fd.as_raw_fd(), &mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(Error::os("read")(e)),
+        }
+    }
+    Ok(n)
+}
+
+/// Waits for `pid` to end and says how.
+pub fn reap(pid: i32) -> Result<Exit> {
+    loop {
+        match waitpid(Pid::from_raw(pid), None) {
+            Ok(status) => {
+                if let Some(exit) = exit_of(status) {
+                    return Ok(exit);
+                }
+            }
+            Err(Errno::EINTR) => {}
+            Err(e) => return Err(Error::os("waitpid")(e)),
+        }
+    }
+}
+
+/// SIGKILLs `pid` and reaps it.
+pub fn kill_and_reap(pid: i32) -> Result<Exit> {
+    // ESRCH cannot happen for an unreaped child (a zombie still has its pid); any error is
+    // reported by the reap that follows.
+    let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+    reap(pid)
+}
+
+fn exit_of(status: WaitStatus) -> Option<Exit> {
+    match status {
+        WaitStatus::Exited(_, c) => Some(Exit::Code(c)),
+        WaitStatus::Signaled(_, s, _) => Some(Exit::Signal(s as i32)),
+        _ => None,
+    }
+}
+
+/// Signals berth handles synchronously: blocked, and read from a signalfd.
+pub struct Signals {
+    fd: SignalFd,
+}
+
+/// Blocks the forwarded signals and SIGCHLD before any child exists, so none is lost or
+/// kills berth between fork and supervision. Children unblock them before exec.
+pub fn block_signals() -> Result<Signals> {
+    let mut set = SigSet::empty();
+    for s in FORWARDED {
+        set.add(s);
+    }
+    set.add(Signal::SIGCHLD);
+    set.thread_block().map_err(Error::os("sigprocmask"))?;
+    let fd = SignalFd::with_flags(&set, SfdFlags::SFD_CLOEXEC).map_err(Error::os("signalfd"))?;
+    Ok(Signals { fd })
+}
+
+impl Signals {
+    fn next(&self) -> Result<libc::signalfd_siginfo> {
+        loop {
+            match self.fd.read_signal() {
+                Ok(Some(info)) => return Ok(info),
+                Ok(None) | Err(Errno::EINTR) => {}
+                Err(e) => return Err(Error::os("read(signalfd)")(e)),
+            }
+        }
+    }
+
+    /// Passes forwarded signals to `child` until it ends, and returns how it ended.
+    /// Signals the kernel sent to the whole foreground process group (Ctrl-C on a
+    /// terminal) reached the child already and are not sent twice.
+    pub fn supervise(&self, child: i32) -> Result<Exit> {
+        loop {
+            if let Some(exit) = try_reap(child)? {
+                return Ok(exit);
+            }
+            let info = self.next()?;
+            let sig = info.ssi_signo as i32;
+            if sig != libc::SIGCHLD && info.ssi_code != libc::SI_KERNEL {
+                // ESRCH: the child just ended; the next loop reaps it.
+                let _ = nix::sys::signal::kill(Pid::from_raw(child), Signal::try_from(sig).ok());
+            }
+        }
+    }
+
+    /// Waits for a stop signal (SIGTERM, SIGINT, SIGHUP, SIGQUIT) or for `helper` to die;
+    /// returns the helper's end in the latter case.
+    pub fn wait_for_stop(&self, helper: i32) -> Result<Option<Exit>> {
+        loop {
+            if let Some(exit) = try_reap(helper)? {
+                return Ok(Some(exit));
+            }
+            let sig = self.next()?.ssi_signo as i32;
+            if STOP.iter().any(|s| *s as i32 == sig) {
+                return Ok(None);
+            }
+        }
+    }
+}
+
+fn try_reap(pid: i32) -> Result<Option<Exit>> {
+    match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG)) {
+        Ok(status) => Ok(exit_of(status)),
+        Err(Errno::EINTR) => Ok(None),
+        Err(e) => Err(Error::os("waitpid")(e)),
+    }
+}
+
+/// Points stdout at /dev/null, so whoever reads berth's stdout (a handle printed by
+/// `berth start`) sees end-of-file while berth lives on.
+pub fn stdout_to_null() -> Result<()> {
+    let null = nix::fcntl::open(
+        "/dev/null",
+        nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(Error::os("open /dev/null"))?;
+    let r = nix::unistd::dup2(null, 1)
+        .map(drop)
+        .map_err(Error::os("dup2"));
+    let _ = nix::unistd::close(null);
+    r
+}
+
+/// A process referred to by a pidfd: signals and waits reach that process even if its pid
+/// is reused meanwhile.
+pub struct PidFd {
+    fd: OwnedFd,
+}
+
+impl PidFd {
+    pub fn open(pid: i32) -> Result<PidFd> {
+        // SAFETY: pidfd_open takes two integers and returns a new fd or -1.
+        let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if r < 0 {
+            return Err(Error::Os {
+                call: "pidfd_open",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: pidfd_open returned a new fd that nothing else owns.
+        Ok(PidFd {
+            fd: unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(r as RawFd) },
+        })
+    }
+
+    pub fn signal(&self, sig: Signal) -> Result<()> {
+        // SAFETY: pidfd_send_signal with a null siginfo reads no memory of ours.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.fd.as_raw_fd(),
+                sig as i32,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if r < 0 {
+            return Err(Error::Os {
+                call: "pidfd_send_signal",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the process to end; `true` if it did.
+    pub fn wait_exit(&self, timeout: std::time::Duration) -> Result<bool> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let mut fds = [PollFd::new(self.fd.as_fd(), PollFlags::POLLIN)];
+        let ms = PollTimeout::try_from(timeout).unwrap_or(PollTimeout::MAX);
+        loop {
+            match poll(&mut fds, ms) {
+                Ok(n) => return Ok(n > 0),
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(Error::os("poll(pidfd)")(e)),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cs(s: &str) -> CString {
+        CString::new(s).unwrap()
+    }
+
+    fn sh(script: &str) -> CommandSpec {
+        CommandSpec {
+            argv: vec![cs("sh"), cs("-c"), cs(script)],
+            search_path: vec!["/nonexistent".into(), "/bin".into()],
+            keep_caps: true,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn exit_codes_come_back() {
+        let pid = spawn(&sh("exit 42")).unwrap().unwrap();
+        assert_eq!(reap(pid).unwrap(), Exit::Code(42));
+        let pid = spawn(&sh("kill -9 $$")).unwrap().unwrap();
+        assert_eq!(reap(pid).unwrap().code(), 137);
+    }
+
+    #[test]
+    fn missing_and_unexecutable_commands_are_reported() {
+        let mut spec = sh("");
+        spec.argv = vec![cs("no-such-command-anywhere")];
+        assert_eq!(
+            spawn(&spec).unwrap().unwrap_err(),
+            SpawnFailure {
+                stage: Stage::Exec,
+                errno: libc::ENOENT
+            }
+        );
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("plain"), "not a program").unwrap();
+        spec.argv = vec![cs(dir.path().join("plain").to_str().unwrap())];
+        assert_eq!(spawn(&spec).unwrap().unwrap_err().errno, libc::EACCES);
+    }
+
+    #[test]
+    fn only_kept_fds_reach_the_program() {
+        let leak = std::fs::File::open("/dev/null").unwrap();
+        let kept = std::fs::File::open("/dev/null").unwrap();
+        // O_CLOEXEC is off on `leak` to show close-on-exec comes from berth, not from std.
+        nix::fcntl::fcntl(
+            leak.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+        )
+        .unwrap();
+        let (l, k) = (leak.as_raw_fd(), kept.as_raw_fd());
+        let mut spec = sh(&format!(
+            "[ ! -e /proc/self/fd/{l} ] && [ -e /proc/self/fd/{k} ]"
+        ));
+        spec.keep_fds = vec![k];
+        let pid = spawn(&spec).unwrap().unwrap();
+        assert_eq!(reap(pid).unwrap(), Exit::Code(0));
+    }
+
+    #[test]
+    fn no_new_privs_is_set_and_workdir_applied() {
+        let mut spec = sh("grep -q '^NoNewPrivs:.*1' /proc/self/status && [ \"$(pwd)\" = /tmp ]");
+        spec.cwd = Some("/tmp".into());
+        let pid = spawn(&spec).unwrap().unwrap();
+        assert_eq!(reap(pid).unwrap(), Exit::Code(0));
+        spec.cwd = Some("/no/such/dir".into());
+        assert_eq!(spawn(&spec).unwrap().unwrap_err().stage, Stage::Workdir);
+    }
+}
