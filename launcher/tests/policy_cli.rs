@@ -141,17 +141,37 @@ fn require_container_answers_globally_and_per_partition() {
     let global = policy(&cfg, "require-container", &[]);
     assert_eq!(global.code, 1, "{}{}", global.stdout, global.stderr);
     assert_eq!(global.stdout, "");
-    let gpu = policy(&cfg, "require-container", &["--partition".as_ref(), "gpu".as_ref()]);
+    let gpu = policy(
+        &cfg,
+        "require-container",
+        &["--partition".as_ref(), "gpu".as_ref()],
+    );
     assert_eq!(gpu.code, 0, "{}{}", gpu.stdout, gpu.stderr);
-    assert!(gpu.stdout.contains("partition `gpu` requires"), "{}", gpu.stdout);
+    assert!(
+        gpu.stdout.contains("partition `gpu` requires"),
+        "{}",
+        gpu.stdout
+    );
     assert!(gpu.stdout.contains("--container-image"), "{}", gpu.stdout);
-    let other = policy(&cfg, "require-container", &["--partition".as_ref(), "debug".as_ref()]);
+    let other = policy(
+        &cfg,
+        "require-container",
+        &["--partition".as_ref(), "debug".as_ref()],
+    );
     assert_eq!(other.code, 1);
-    let both = policy(&cfg, "require-container", &["--partition".as_ref(), "debug,gpu".as_ref()]);
+    let both = policy(
+        &cfg,
+        "require-container",
+        &["--partition".as_ref(), "debug,gpu".as_ref()],
+    );
     assert_eq!(both.code, 0);
 
     let strict = config(dir.path(), "[policy]\nrequire_container = true\n");
     let run = policy(&strict, "require-container", &[]);
     assert_eq!(run.code, 0);
-    assert!(run.stdout.starts_with("this cluster requires"), "{}", run.stdout);
+    assert!(
+        run.stdout.starts_with("this cluster requires"),
+        "{}",
+        run.stdout
+    );
 }

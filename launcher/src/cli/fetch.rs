@@ -1,13 +1,38 @@
-//! `berth fetch` / `berth resolve` (placeholder until the registry client lands).
+//! `berth fetch [--quiet] IMAGE`: pull an approved image into the node cache and print the
+//! path of its SIF; `berth resolve IMAGE`: print the digest-pinned reference. Only the result
+//! goes to stdout; progress goes to stderr.
+
 use super::Globals;
+use crate::cache::{self, FetchOptions};
+use crate::config::Config;
 use crate::Result;
+
 #[derive(Debug, clap::Args)]
-pub struct FetchArgs {}
-#[derive(Debug, clap::Args)]
-pub struct ResolveArgs {}
-pub fn run_fetch(_a: FetchArgs, _g: &Globals) -> Result<i32> {
-    todo!("berth fetch")
+pub struct FetchArgs {
+    /// No progress lines on stderr.
+    #[arg(long, short)]
+    pub quiet: bool,
+    /// A registry reference, `host[:port]/repo[:tag][@sha256:...]`.
+    #[arg(value_name = "IMAGE")]
+    pub image: String,
 }
-pub fn run_resolve(_a: ResolveArgs, _g: &Globals) -> Result<i32> {
-    todo!("berth resolve")
+
+#[derive(Debug, clap::Args)]
+pub struct ResolveArgs {
+    /// A registry reference, `host[:port]/repo[:tag]`.
+    #[arg(value_name = "IMAGE")]
+    pub image: String,
+}
+
+pub fn run_fetch(args: FetchArgs, globals: &Globals) -> Result<i32> {
+    let config = Config::load_for_caller(globals.config.as_deref())?;
+    let path = cache::fetch_with(&config, &args.image, &FetchOptions { quiet: args.quiet })?;
+    println!("{}", path.display());
+    Ok(0)
+}
+
+pub fn run_resolve(args: ResolveArgs, globals: &Globals) -> Result<i32> {
+    let config = Config::load_for_caller(globals.config.as_deref())?;
+    println!("{}", cache::resolve(&config, &args.image)?);
+    Ok(0)
 }

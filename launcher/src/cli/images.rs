@@ -1,13 +1,78 @@
-//! `berth images` / `berth prune` (placeholder until the cache lands).
+//! `berth images`: list the node cache; `berth prune`: evict from it.
+
+use std::time::SystemTime;
+
 use super::Globals;
-use crate::Result;
+use crate::cache::{format_size, parse_size, Cache, CachedImage};
+use crate::config::Config;
+use crate::{sif, Result};
+
 #[derive(Debug, clap::Args)]
 pub struct ListArgs {}
+
 #[derive(Debug, clap::Args)]
-pub struct PruneArgs {}
-pub fn run_list(_a: ListArgs, _g: &Globals) -> Result<i32> {
-    todo!("berth images")
+pub struct PruneArgs {
+    /// Evict every image not in use.
+    #[arg(long, conflicts_with = "max_size")]
+    pub all: bool,
+    /// Evict least recently used images until the cache is at most SIZE (e.g. 10G);
+    /// the default is the configured `[cache] max_size`.
+    #[arg(long, value_name = "SIZE")]
+    pub max_size: Option<String>,
 }
-pub fn run_prune(_a: PruneArgs, _g: &Globals) -> Result<i32> {
-    todo!("berth prune")
+
+pub fn run_list(_args: ListArgs, globals: &Globals) -> Result<i32> {
+    let config = Config::load_for_caller(globals.config.as_deref())?;
+    let cache = Cache::open(&config.cache)?;
+    let images = cache.list()?;
+    println!(
+        "{:<71}  {:>8}  {:>10}  SOURCE",
+        "DIGEST", "SIZE", "LAST USED"
+    );
+    // Most recently used first, as people read a list top down.
+    for image in images.iter().rev() {
+        println!(
+            "{:<71}  {:>8}  {:>10}  {}",
+            image.digest.to_string(),
+            format_size(image.size),
+            ago(image.last_used),
+            source(image)
+        );
+    }
+    Ok(0)
+}
+
+pub fn run_prune(args: PruneArgs, globals: &Globals) -> Result<i32> {
+    let config = Config::load_for_caller(globals.config.as_deref())?;
+    let cache = Cache::open(&config.cache)?;
+    let max = match (&args.max_size, args.all) {
+        (_, true) => 0,
+        (Some(size), false) => parse_size(size)?,
+        (None, false) => cache.max_size(),
+    };
+    for image in cache.evict_to(max, None)? {
+        println!("evicted {} {}", image.digest, format_size(image.size));
+    }
+    Ok(0)
+}
+
+/// The reference the image was fetched as, from the config stored in the SIF.
+fn source(image: &CachedImage) -> String {
+    match sif::open_image(&image.path) {
+        Ok(opened) if !opened.config.source.is_empty() => opened.config.source,
+        Ok(_) => "-".into(),
+        Err(e) => format!("(unreadable: {e})"),
+    }
+}
+
+fn ago(when: SystemTime) -> String {
+    let secs = SystemTime::now()
+        .duration_since(when)
+        .map_or(0, |d| d.as_secs());
+    match secs {
+        0..=59 => format!("{secs}s ago"),
+        60..=3599 => format!("{}m ago", secs / 60),
+        3600..=86399 => format!("{}h ago", secs / 3600),
+        _ => format!("{}d ago", secs / 86400),
+    }
 }

@@ -1,1 +1,764 @@
-//! (placeholder: filled in by the registry work)
+//! A small blocking client for the OCI distribution API (pull only).
+//!
+//! Blocking on purpose: berth runs inside Slurm process trees, where an async runtime and its
+//! threads buy nothing for a handful of sequential requests. Everything a registry sends is
+//! checked before use: manifests and blobs against their digests (while streaming, for blobs),
+//! sizes against the manifest, and redirects against the site policy:
+//!
+//! - manifest and token requests follow a redirect only to the registry itself or to a host
+//!   the policy allows (they decide *what* runs, and may carry credentials);
+//! - blob requests may be redirected anywhere (registries hand out CDN or S3 URLs): the bytes
+//!   are verified against the digest from the manifest, and credentials are never sent to
+//!   another host.
+//!
+//! TLS trusts the system roots plus the registry's own CA files from the containers layout
+//! (`<certs_dir>/HOST[:PORT]/*.crt`). Proxies come from `HTTPS_PROXY`/`HTTP_PROXY`/
+//! `NO_PROXY`. Transport errors, 429 and 5xx are retried `retries` times with backoff, then
+//! reported as the registry being down.
+
+pub mod auth;
+pub mod manifest;
+pub mod progress;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sha2::Digest as _;
+use ureq::http::{HeaderMap, Response};
+use ureq::Body;
+
+use crate::config::RegistryConfig;
+use crate::reference::{Digest, DigestAlgorithm, Reference};
+use crate::{Error, Result};
+use auth::{Challenge, Credentials};
+use manifest::{Descriptor, ImageManifest, Manifest, MANIFEST_ACCEPT};
+use progress::Progress;
+
+/// Manifests, indexes, image configs and token answers are small; a registry that sends more
+/// is broken or hostile.
+const SMALL_DOCUMENT_LIMIT: u64 = 8 << 20;
+const MAX_REDIRECTS: u32 = 5;
+const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// What a request is for; decides redirect and credential rules and the 404 message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    Manifest,
+    Token,
+    Blob,
+}
+
+/// How a client may talk to its registry, decided by the caller from the site policy.
+pub struct ClientOptions<'a> {
+    /// The policy approved plain HTTP for this registry.
+    pub plain_http: bool,
+    /// Whether a manifest or token request may be redirected to this host.
+    pub redirect_allowed: &'a dyn Fn(&str) -> bool,
+    /// No progress lines on stderr.
+    pub quiet: bool,
+}
+
+/// A manifest as the registry served it, with the digest of its exact bytes.
+#[derive(Debug, Clone)]
+pub struct FetchedManifest {
+    pub digest: Digest,
+    pub manifest: Manifest,
+}
+
+/// The image a reference names on this host's platform.
+#[derive(Debug, Clone)]
+pub struct ResolvedImage {
+    /// The digest the reference pointed to: an index or an image manifest. Pinning this keeps
+    /// a multi-platform image multi-platform.
+    pub target: Digest,
+    /// The image manifest for this host's platform (the same as `target` for
+    /// single-platform images): the cache key.
+    pub manifest_digest: Digest,
+    pub manifest: ImageManifest,
+}
+
+pub struct Client<'a> {
+    registry: String,
+    base: String,
+    agent: ureq::Agent,
+    credentials: Option<Credentials>,
+    authorization: Option<String>,
+    retries: u32,
+    options: ClientOptions<'a>,
+}
+
+impl<'a> Client<'a> {
+    /// A client for `registry` (canonical `host[:port]`).
+    pub fn new(
+        config: &RegistryConfig,
+        registry: &str,
+        options: ClientOptions<'a>,
+    ) -> Result<Client<'a>> {
+        let tls = ureq::tls::TlsConfig::builder()
+            .root_certs(root_certs(&config.certs_dir, registry)?)
+            .build();
+        let timeout = Some(Duration::from_secs(config.timeout_secs.max(1)));
+        let agent = ureq::Agent::config_builder()
+            .tls_config(tls)
+            .proxy(ureq::Proxy::try_from_env())
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .https_only(!options.plain_http)
+            .user_agent(concat!("berth/", env!("CARGO_PKG_VERSION")))
+            .timeout_connect(timeout)
+            .timeout_recv_response(timeout)
+            .timeout_per_read(timeout)
+            .build()
+            .new_agent();
+        let scheme = if options.plain_http { "http" } else { "https" };
+        // Docker Hub's canonical name is not the host that serves its API.
+        let host = if registry == "docker.io" {
+            "registry-1.docker.io"
+        } else {
+            registry
+        };
+        Ok(Client {
+            registry: registry.to_string(),
+            base: format!("{scheme}://{host}"),
+            agent,
+            credentials: auth::credentials_for(&config.auth_file, registry)?,
+            authorization: None,
+            retries: config.retries.max(1),
+            options,
+        })
+    }
+
+    /// Fetches a manifest by tag or digest. A manifest asked for by digest must hash to it.
+    pub fn manifest(&mut self, repository: &str, reference: &Reference) -> Result<FetchedManifest> {
+        let wanted = reference
+            .digest
+            .as_ref()
+            .map(|d| d.to_string())
+            .unwrap_or_else(|| reference.tag_or_latest().to_string());
+        let url = format!("{}/v2/{repository}/manifests/{wanted}", self.base);
+        let shown = reference.to_string();
+        let resp = self.get(url, Some(MANIFEST_ACCEPT), Purpose::Manifest, &shown)?;
+        let content_type = header(resp.headers(), "content-type").unwrap_or_default();
+        let bytes = read_small(resp, &shown)?;
+        let algorithm = reference
+            .digest
+            .as_ref()
+            .map_or(DigestAlgorithm::Sha256, |d| d.algorithm());
+        let digest = Digest::compute(algorithm, &bytes);
+        if let Some(expected) = &reference.digest {
+            if &digest != expected {
+                return Err(Error::DigestMismatch {
+                    what: format!("manifest of {shown}"),
+                    expected: expected.to_string(),
+                    actual: digest.to_string(),
+                });
+            }
+        }
+        let manifest = Manifest::parse(&shown, &content_type, &bytes)?;
+        Ok(FetchedManifest { digest, manifest })
+    }
+
+    /// Resolves a reference to the image manifest for this host's platform.
+    pub fn resolve(&mut self, reference: &Reference) -> Result<ResolvedImage> {
+        let top = self.manifest(&reference.repository, reference)?;
+        match top.manifest {
+            Manifest::Image(manifest) => Ok(ResolvedImage {
+                target: top.digest.clone(),
+                manifest_digest: top.digest,
+                manifest,
+            }),
+            Manifest::Index(index) => {
+                let shown = reference.to_string();
+                let entry = manifest::choose_platform(&shown, &index, &manifest::host_platform())?;
+                let pinned = reference.pinned(entry.digest()?);
+                let chosen = self.manifest(&reference.repository, &pinned)?;
+                match chosen.manifest {
+                    Manifest::Image(manifest) => Ok(ResolvedImage {
+                        target: top.digest,
+                        manifest_digest: chosen.digest,
+                        manifest,
+                    }),
+                    Manifest::Index(_) => Err(Error::Manifest {
+                        reference: shown,
+                        message: "an image index points to another index; berth follows one \
+                                  level only"
+                            .into(),
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Fetches a small blob (the image config) into memory, verified.
+    pub fn small_blob(&mut self, repository: &str, desc: &Descriptor) -> Result<Vec<u8>> {
+        let digest = desc.digest()?;
+        let what = format!("blob {digest} of {}/{repository}", self.registry);
+        if desc.size > SMALL_DOCUMENT_LIMIT {
+            return Err(self.error(format!(
+                "{what} is {} bytes, too big for an image config",
+                desc.size
+            )));
+        }
+        let url = format!("{}/v2/{repository}/blobs/{digest}", self.base);
+        let resp = self.get(url, None, Purpose::Blob, &what)?;
+        let bytes = read_small(resp, &what)?;
+        let mut verifier = Verifier::new(&digest, desc.size, what);
+        verifier.update(&bytes)?;
+        verifier.finish()?;
+        Ok(bytes)
+    }
+
+    /// Downloads a blob to `dest`, verifying size and digest while streaming; `dest` appears
+    /// (by rename from `dest.partial`) only once verified and synced. Interrupted transfers are
+    /// retried from the start (their bytes are counted again in `progress`).
+    pub fn download_blob(
+        &mut self,
+        repository: &str,
+        desc: &Descriptor,
+        dest: &Path,
+        progress: &mut Progress,
+    ) -> Result<()> {
+        let digest = desc.digest()?;
+        let partial = PathBuf::from(format!("{}.partial", dest.display()));
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.try_download(repository, desc, &digest, &partial, progress) {
+                Ok(()) => break,
+                Err(Transfer::Interrupted(e)) if attempt < self.retries => {
+                    progress::note(self.options.quiet, &format!("retrying {digest} after: {e}"));
+                    backoff(attempt);
+                }
+                Err(Transfer::Interrupted(e)) => {
+                    return Err(Error::RegistryDown {
+                        registry: self.registry.clone(),
+                        attempts: attempt,
+                        message: format!("downloading {digest}: {e}"),
+                    })
+                }
+                Err(Transfer::Failed(e)) => {
+                    let _ = std::fs::remove_file(&partial);
+                    return Err(e);
+                }
+            }
+        }
+        std::fs::rename(&partial, dest)
+            .map_err(|e| Error::io(format!("publishing blob {}", dest.display()), e))
+    }
+
+    fn try_download(
+        &mut self,
+        repository: &str,
+        desc: &Descriptor,
+        digest: &Digest,
+        partial: &Path,
+        progress: &mut Progress,
+    ) -> Result<(), Transfer> {
+        let what = format!("blob {digest} of {}/{repository}", self.registry);
+        let url = format!("{}/v2/{repository}/blobs/{digest}", self.base);
+        let resp = self
+            .get(url, None, Purpose::Blob, &what)
+            .map_err(Transfer::Failed)?;
+        let mut file = std::fs::File::create(partial).map_err(|e| {
+            Transfer::Failed(Error::io(format!("creating {}", partial.display()), e))
+        })?;
+        let mut reader = resp.into_body().into_reader();
+        let mut verifier = Verifier::new(digest, desc.size, what);
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            let n = reader
+                .read(&mut buf)
+                .map_err(|e| Transfer::Interrupted(e.to_string()))?;
+            if n == 0 {
+                break;
+            }
+            verifier.update(&buf[..n]).map_err(Transfer::Failed)?;
+            file.write_all(&buf[..n]).map_err(|e| {
+                Transfer::Failed(Error::io(format!("writing {}", partial.display()), e))
+            })?;
+            progress.add(n as u64);
+        }
+        verifier.finish().map_err(Transfer::Failed)?;
+        file.sync_all().map_err(|e| {
+            Transfer::Failed(Error::io(format!("syncing {}", partial.display()), e))
+        })?;
+        Ok(())
+    }
+
+    /// GET with retries, authentication and redirect rules. Returns only 2xx responses.
+    fn get(
+        &mut self,
+        mut url: String,
+        accept: Option<&str>,
+        purpose: Purpose,
+        what: &str,
+    ) -> Result<Response<Body>> {
+        let mut attempt = 0;
+        let mut redirects = 0;
+        let mut authenticated = false;
+        loop {
+            attempt += 1;
+            let mut request = self.agent.get(&url);
+            if let Some(accept) = accept {
+                request = request.header("Accept", accept);
+            }
+            let to_registry = origin(&url) == origin(&self.base);
+            if let (Some(authorization), true, false) =
+                (&self.authorization, to_registry, purpose == Purpose::Token)
+            {
+                request = request.header("Authorization", authorization);
+            }
+            let resp = match request.call() {
+                Ok(resp) => resp,
+                Err(_) if attempt < self.retries => {
+                    backoff(attempt);
+                    continue;
+                }
+                Err(e) => {
+                    return Err(Error::RegistryDown {
+                        registry: self.registry.clone(),
+                        attempts: attempt,
+                        message: format!("{what}: {e}"),
+                    })
+                }
+            };
+            let status = resp.status().as_u16();
+            match status {
+                200..=299 => return Ok(resp),
+                301 | 302 | 303 | 307 | 308 => {
+                    redirects += 1;
+                    if redirects > MAX_REDIRECTS {
+                        return Err(self.error(format!("{what}: too many redirects")));
+                    }
+                    let location = header(resp.headers(), "location")
+                        .ok_or_else(|| self.error(format!("{what}: redirect without Location")))?;
+                    url = self.check_redirect(&url, &location, purpose, what)?;
+                    attempt = 0;
+                }
+                401 if !authenticated && purpose != Purpose::Token && to_registry => {
+                    let challenge = header(resp.headers(), "www-authenticate").unwrap_or_default();
+                    self.authenticate(&challenge, &url, what)?;
+                    authenticated = true;
+                    attempt -= 1;
+                }
+                401 | 403 => {
+                    let detail = error_detail(resp);
+                    return Err(Error::Unauthorized {
+                        registry: self.registry.clone(),
+                        repository: repository_of(&url),
+                        message: match (&self.credentials, detail.is_empty()) {
+                            (None, _) => {
+                                format!("HTTP {status}, and berth has no credentials for it")
+                            }
+                            (Some(c), true) => {
+                                format!("HTTP {status} with the credentials of {}", c.username)
+                            }
+                            (Some(c), false) => format!(
+                                "HTTP {status} with the credentials of {}: {detail}",
+                                c.username
+                            ),
+                        },
+                    });
+                }
+                404 if purpose == Purpose::Manifest => {
+                    return Err(Error::ImageNotFound {
+                        reference: what.to_string(),
+                    })
+                }
+                429 | 500..=599 if attempt < self.retries => backoff(attempt),
+                429 | 500..=599 => {
+                    return Err(Error::RegistryDown {
+                        registry: self.registry.clone(),
+                        attempts: attempt,
+                        message: format!("{what}: HTTP {status} {}", error_detail(resp)),
+                    })
+                }
+                _ => {
+                    return Err(self.error(format!("{what}: HTTP {status} {}", error_detail(resp))))
+                }
+            }
+        }
+    }
+
+    /// Acts on a 401's challenge: a bearer token from the realm, or basic credentials.
+    fn authenticate(&mut self, challenge: &str, url: &str, what: &str) -> Result<()> {
+        let unauthorized = |message: String| Error::Unauthorized {
+            registry: self.registry.clone(),
+            repository: repository_of(url),
+            message,
+        };
+        match auth::parse_challenge(challenge) {
+            Some(Challenge::Basic) => {
+                let creds = self.credentials.as_ref().ok_or_else(|| {
+                    unauthorized(
+                        "the registry asks for a password and berth has none for it".into(),
+                    )
+                })?;
+                self.authorization = Some(creds.basic_header());
+                Ok(())
+            }
+            Some(Challenge::Bearer {
+                realm,
+                service,
+                scope,
+            }) => {
+                let realm_ok = realm.starts_with("https://")
+                    || (self.options.plain_http
+                        && realm.starts_with("http://")
+                        && host_of(&realm) == host_of(&self.base));
+                if !realm_ok {
+                    return Err(self.error(format!(
+                        "{what}: refusing token service {realm}: it must use https"
+                    )));
+                }
+                let scope =
+                    scope.unwrap_or_else(|| format!("repository:{}:pull", repository_of(url)));
+                let mut token_url = format!("{realm}?scope={}", query_escape(&scope));
+                if let Some(service) = service {
+                    token_url.push_str(&format!("&service={}", query_escape(&service)));
+                }
+                let token = self.fetch_token(token_url, what)?;
+                self.authorization = Some(format!("Bearer {token}"));
+                Ok(())
+            }
+            None => Err(unauthorized(format!(
+                "HTTP 401 with an authentication scheme berth does not speak: {challenge:?}"
+            ))),
+        }
+    }
+
+    fn fetch_token(&mut self, url: String, what: &str) -> Result<String> {
+        // Credentials go to the token service only on the first request; `get` does not add
+        // the registry's Authorization header to token requests.
+        let mut request = self.agent.get(&url);
+        if let Some(creds) = &self.credentials {
+            request = request.header("Authorization", creds.basic_header());
+        }
+        let resp = match request.call() {
+            Ok(r) if r.status().is_redirection() => {
+                let location = header(r.headers(), "location").unwrap_or_default();
+                let next = self.check_redirect(&url, &location, Purpose::Token, what)?;
+                self.get(next, None, Purpose::Token, what)?
+            }
+            Ok(r) => r,
+            Err(e) => {
+                return Err(Error::RegistryDown {
+                    registry: self.registry.clone(),
+                    attempts: 1,
+                    message: format!("token service {}: {e}", origin(&url)),
+                })
+            }
+        };
+        let status = resp.status().as_u16();
+        if status == 401 || status == 403 {
+            return Err(Error::Unauthorized {
+                registry: self.registry.clone(),
+                repository: what.to_string(),
+                message: format!("the token service refused the credentials (HTTP {status})"),
+            });
+        }
+        if !(200..300).contains(&status) {
+            return Err(self.error(format!(
+                "token service: HTTP {status} {}",
+                error_detail(resp)
+            )));
+        }
+        #[derive(serde::Deserialize)]
+        struct TokenAnswer {
+            token: Option<String>,
+            access_token: Option<String>,
+        }
+        let bytes = read_small(resp, "token answer")?;
+        let answer: TokenAnswer = serde_json::from_slice(&bytes)
+            .map_err(|e| self.error(format!("token service sent an unreadable answer ({e})")))?;
+        answer
+            .token
+            .or(answer.access_token)
+            .ok_or_else(|| self.error("token service sent no token".into()))
+    }
+
+    fn check_redirect(
+        &self,
+        from: &str,
+        location: &str,
+        purpose: Purpose,
+        what: &str,
+    ) -> Result<String> {
+        let next = if location.starts_with("https://") || location.starts_with("http://") {
+            location.to_string()
+        } else if location.starts_with('/') {
+            format!("{}{location}", origin(from))
+        } else {
+            return Err(self.error(format!("{what}: unsupported redirect to {location:?}")));
+        };
+        if purpose == Purpose::Blob {
+            return Ok(next);
+        }
+        let host = host_of(&next);
+        let same = host == host_of(&self.base);
+        let scheme_ok = next.starts_with("https://") || (same && self.options.plain_http);
+        if (same || (self.options.redirect_allowed)(&host)) && scheme_ok {
+            Ok(next)
+        } else {
+            Err(self.error(format!(
+                "{what}: refusing redirect to {}: the site policy does not approve that host \
+                 (ask the admins to allow it, or use the registry's own address)",
+                origin(&next)
+            )))
+        }
+    }
+
+    fn error(&self, message: String) -> Error {
+        Error::Registry {
+            registry: self.registry.clone(),
+            message,
+        }
+    }
+}
+
+/// A download failure: `Interrupted` ones are worth another attempt.
+enum Transfer {
+    Interrupted(String),
+    Failed(Error),
+}
+
+/// Counts and hashes a blob as it streams, so a blob is known good before anything uses it.
+pub struct Verifier {
+    hasher: Hasher,
+    expected: Digest,
+    size: u64,
+    seen: u64,
+    what: String,
+}
+
+enum Hasher {
+    Sha256(sha2::Sha256),
+    Sha512(sha2::Sha512),
+}
+
+impl Verifier {
+    pub fn new(expected: &Digest, size: u64, what: String) -> Verifier {
+        let hasher = match expected.algorithm() {
+            DigestAlgorithm::Sha256 => Hasher::Sha256(sha2::Sha256::new()),
+            DigestAlgorithm::Sha512 => Hasher::Sha512(sha2::Sha512::new()),
+        };
+        Verifier {
+            hasher,
+            expected: expected.clone(),
+            size,
+            seen: 0,
+            what,
+        }
+    }
+
+    /// Feeds bytes; refuses as soon as the blob grows past its declared size.
+    pub fn update(&mut self, bytes: &[u8]) -> Result<()> {
+        self.seen += bytes.len() as u64;
+        if self.seen > self.size {
+            return Err(self.mismatch(format!("more than {} bytes", self.size)));
+        }
+        match &mut self.hasher {
+            Hasher::Sha256(h) => h.update(bytes),
+            Hasher::Sha512(h) => h.update(bytes),
+        }
+        Ok(())
+    }
+
+    pub fn finish(self) -> Result<()> {
+        if self.seen != self.size {
+            return Err(self.mismatch(format!("{} of {} bytes", self.seen, self.size)));
+        }
+        let hex = match &self.hasher {
+            Hasher::Sha256(h) => hex::encode(h.clone().finalize()),
+            Hasher::Sha512(h) => hex::encode(h.clone().finalize()),
+        };
+        if hex != self.expected.hex() {
+            return Err(self.mismatch(format!("{}:{hex}", self.expected.algorithm().name())));
+        }
+        Ok(())
+    }
+
+    fn mismatch(&self, actual: String) -> Error {
+        Error::DigestMismatch {
+            what: self.what.clone(),
+            expected: format!("{} ({} bytes)", self.expected, self.size),
+            actual,
+        }
+    }
+}
+
+/// System roots plus every `*.crt` in `<certs_dir>/<registry>/` (the containers layout).
+fn root_certs(certs_dir: &Path, registry: &str) -> Result<ureq::tls::RootCerts> {
+    let mut pem_files = vec![PathBuf::from(SYSTEM_ROOTS)];
+    let registry_dir = certs_dir.join(registry);
+    if let Ok(entries) = std::fs::read_dir(&registry_dir) {
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "crt"))
+            .collect();
+        files.sort();
+        pem_files.extend(files);
+    }
+    let mut certs = Vec::new();
+    for path in &pem_files {
+        let pem = match std::fs::read(path) {
+            Ok(pem) => pem,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io(format!("reading CA file {}", path.display()), e)),
+        };
+        for item in ureq::tls::parse_pem(&pem) {
+            match item {
+                Ok(ureq::tls::PemItem::Certificate(c)) => certs.push(c),
+                Ok(_) => {}
+                Err(e) => {
+                    return Err(Error::Registry {
+                        registry: registry.to_string(),
+                        message: format!(
+                            "CA file {} is not valid PEM ({e}); fix or remove it",
+                            path.display()
+                        ),
+                    })
+                }
+            }
+        }
+    }
+    Ok(if certs.is_empty() {
+        ureq::tls::RootCerts::WebPki
+    } else {
+        ureq::tls::RootCerts::from(certs)
+    })
+}
+
+fn read_small(resp: Response<Body>, what: &str) -> Result<Vec<u8>> {
+    resp.into_body()
+        .into_with_config()
+        .limit(SMALL_DOCUMENT_LIMIT)
+        .read_to_vec()
+        .map_err(|e| {
+            Error::io(
+                format!("reading {what}"),
+                std::io::Error::other(e.to_string()),
+            )
+        })
+}
+
+/// The registry's error text (`{"errors":[{"message":...}]}`), short, for messages.
+fn error_detail(resp: Response<Body>) -> String {
+    let body = resp
+        .into_body()
+        .into_with_config()
+        .limit(16 << 10)
+        .read_to_vec()
+        .unwrap_or_default();
+    #[derive(serde::Deserialize)]
+    struct Errors {
+        errors: Vec<ErrorItem>,
+    }
+    #[derive(serde::Deserialize)]
+    struct ErrorItem {
+        #[serde(default)]
+        code: String,
+        #[serde(default)]
+        message: String,
+    }
+    match serde_json::from_slice::<Errors>(&body) {
+        Ok(e) => e
+            .errors
+            .iter()
+            .map(|i| format!("{} {}", i.code, i.message))
+            .collect::<Vec<_>>()
+            .join("; "),
+        Err(_) => String::from_utf8_lossy(&body).chars().take(200).collect(),
+    }
+}
+
+fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers.get(name)?.to_str().ok().map(String::from)
+}
+
+/// `scheme://host[:port]` of a URL.
+fn origin(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let host = rest.split(['/', '?']).next().unwrap_or("");
+    format!("{scheme}://{host}")
+}
+
+/// `host[:port]`, lowercase.
+fn host_of(url: &str) -> String {
+    origin(url)
+        .split_once("://")
+        .map(|(_, h)| h.to_ascii_lowercase())
+        .unwrap_or_default()
+}
+
+/// The repository in a `/v2/<repo>/(manifests|blobs)/...` URL, for messages.
+fn repository_of(url: &str) -> String {
+    let path = url.split_once("/v2/").map(|(_, p)| p).unwrap_or("");
+    for marker in ["/manifests/", "/blobs/"] {
+        if let Some((repo, _)) = path.split_once(marker) {
+            return repo.to_string();
+        }
+    }
+    path.to_string()
+}
+
+fn query_escape(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn backoff(attempt: u32) {
+    let ms = 200u64 << attempt.saturating_sub(1).min(5);
+    std::thread::sleep(Duration::from_millis(ms.min(5000)));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verifier_checks_size_and_digest() {
+        let d = Digest::compute(DigestAlgorithm::Sha256, b"hello");
+        let mut v = Verifier::new(&d, 5, "blob x".into());
+        v.update(b"hel").unwrap();
+        v.update(b"lo").unwrap();
+        v.finish().unwrap();
+
+        let mut v = Verifier::new(&d, 5, "blob x".into());
+        v.update(b"jello").unwrap();
+        let err = v.finish().unwrap_err().to_string();
+        assert!(
+            err.contains("blob x") && err.contains("corrupt") && err.contains(&d.to_string()),
+            "{err}"
+        );
+
+        let mut v = Verifier::new(&d, 5, "blob x".into());
+        assert!(v.update(b"hello!").is_err());
+        let v = Verifier::new(&d, 5, "blob x".into());
+        assert!(v.finish().unwrap_err().to_string().contains("0 of 5 bytes"));
+    }
+
+    #[test]
+    fn url_helpers() {
+        assert_eq!(
+            origin("https://h:5000/v2/a/b/blobs/x?y=1"),
+            "https://h:5000"
+        );
+        assert_eq!(host_of("https://H:5000/v2/"), "h:5000");
+        assert_eq!(
+            repository_of("https://h/v2/test/busybox/manifests/latest"),
+            "test/busybox"
+        );
+        assert_eq!(
+            query_escape("repository:a/b:pull"),
+            "repository%3Aa%2Fb%3Apull"
+        );
+    }
+}

@@ -1,0 +1,323 @@
+//! Registry credentials and authentication challenges.
+//!
+//! Credentials come only from the site's auth file (`[registry] auth_file`, a docker-style
+//! `config.json` with an `auths` map). It holds secrets for every user of the node, so berth
+//! refuses to read one that is not owned by root (or the service identity running berth) or
+//! that others can read or write.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use base64::Engine;
+use serde::Deserialize;
+
+use crate::{Error, Result};
+
+/// A username and password (or token) for one registry.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    // Never print the secret, even in debug logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credentials({}, <hidden>)", self.username)
+    }
+}
+
+impl Credentials {
+    /// The `Authorization: Basic ...` header value.
+    pub fn basic_header(&self) -> String {
+        let raw = format!("{}:{}", self.username, self.password);
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(raw)
+        )
+    }
+}
+
+#[derive(Deserialize)]
+struct AuthFile {
+    #[serde(default)]
+    auths: BTreeMap<String, AuthEntry>,
+}
+
+#[derive(Deserialize)]
+struct AuthEntry {
+    #[serde(default)]
+    auth: Option<String>,
+    #[serde(default)]
+    username: Option<String>,
+    #[serde(default)]
+    password: Option<String>,
+}
+
+/// The credentials for `registry` (canonical `host[:port]`) from the auth file at `path`.
+/// A missing file means no credentials. An unreadable file (berth running as an ordinary
+/// user, who cannot read the admin-only file) also means none: such a caller can still use
+/// public repositories.
+pub fn credentials_for(path: &Path, registry: &str) -> Result<Option<Credentials>> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+    };
+    let euid = rustix::process::geteuid().as_raw();
+    if meta.uid() != 0 && meta.uid() != euid {
+        return Err(auth_error(
+            path,
+            format!(
+                "owned by uid {}, not root; it holds registry secrets, so berth only trusts an \
+                 admin-owned file (fix: chown root:root and chmod 600)",
+                meta.uid()
+            ),
+        ));
+    }
+    if meta.mode() & 0o007 != 0 || meta.mode() & 0o020 != 0 {
+        return Err(auth_error(
+            path,
+            format!(
+                "mode {:o} lets other users read or change registry secrets (fix: chmod 600)",
+                meta.mode() & 0o7777
+            ),
+        ));
+    }
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return Ok(None),
+        Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+    };
+    parse_auth_file(path, &text, registry)
+}
+
+fn parse_auth_file(path: &Path, text: &str, registry: &str) -> Result<Option<Credentials>> {
+    let file: AuthFile = serde_json::from_str(text).map_err(|e| {
+        auth_error(
+            path,
+            format!("not a docker-style config.json ({e}); expected {{\"auths\": {{\"HOST[:PORT]\": {{\"auth\": \"BASE64(user:password)\"}}}}}}"),
+        )
+    })?;
+    let Some((key, entry)) = file
+        .auths
+        .iter()
+        .find(|(key, _)| normalise_key(key) == normalise_key(registry))
+    else {
+        return Ok(None);
+    };
+    if let (Some(username), Some(password)) = (&entry.username, &entry.password) {
+        return Ok(Some(Credentials {
+            username: username.clone(),
+            password: password.clone(),
+        }));
+    }
+    let encoded = entry.auth.as_deref().ok_or_else(|| {
+        auth_error(
+            path,
+            format!("entry {key:?} has neither `auth` nor `username` and `password`"),
+        )
+    })?;
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .ok_or_else(|| auth_error(path, format!("entry {key:?}: `auth` is not base64 text")))?;
+    let (username, password) = decoded.split_once(':').ok_or_else(|| {
+        auth_error(
+            path,
+            format!("entry {key:?}: `auth` must encode USER:PASSWORD"),
+        )
+    })?;
+    Ok(Some(Credentials {
+        username: username.into(),
+        password: password.into(),
+    }))
+}
+
+/// `https://host:port/v1/` and `host:port` name the same registry; Docker Hub has several
+/// spellings.
+fn normalise_key(key: &str) -> String {
+    let key = key
+        .strip_prefix("https://")
+        .or_else(|| key.strip_prefix("http://"))
+        .unwrap_or(key);
+    let host = key.split('/').next().unwrap_or(key).to_ascii_lowercase();
+    match host.as_str() {
+        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
+            "docker.io".into()
+        }
+        _ => host,
+    }
+}
+
+fn auth_error(path: &Path, message: String) -> Error {
+    Error::AuthFile {
+        path: path.to_path_buf(),
+        message,
+    }
+}
+
+/// A parsed `WWW-Authenticate` header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Challenge {
+    Basic,
+    Bearer {
+        realm: String,
+        service: Option<String>,
+        scope: Option<String>,
+    },
+}
+
+/// Parses `Bearer realm="...",service="...",scope="..."` or `Basic realm="..."`; parameter
+/// values may be quoted (with `\` escapes) and contain commas.
+pub fn parse_challenge(header: &str) -> Option<Challenge> {
+    let header = header.trim();
+    let (scheme, rest) = header.split_once(' ').unwrap_or((header, ""));
+    let params = parse_params(rest);
+    let get = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    };
+    if scheme.eq_ignore_ascii_case("basic") {
+        Some(Challenge::Basic)
+    } else if scheme.eq_ignore_ascii_case("bearer") {
+        Some(Challenge::Bearer {
+            realm: get("realm")?,
+            service: get("service"),
+            scope: get("scope"),
+        })
+    } else {
+        None
+    }
+}
+
+fn parse_params(mut s: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    loop {
+        s = s.trim_start_matches([' ', ',']);
+        let Some(eq) = s.find('=') else { break };
+        let key = s[..eq].trim().to_string();
+        s = &s[eq + 1..];
+        let mut value = String::new();
+        if let Some(quoted) = s.strip_prefix('"') {
+            let mut chars = quoted.char_indices();
+            let mut end = quoted.len();
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '\\' => {
+                        if let Some((_, escaped)) = chars.next() {
+                            value.push(escaped);
+                        }
+                    }
+                    '"' => {
+                        end = i + 1;
+                        break;
+                    }
+                    c => value.push(c),
+                }
+            }
+            s = &quoted[end..];
+        } else {
+            let end = s.find(',').unwrap_or(s.len());
+            value = s[..end].trim().to_string();
+            s = &s[end..];
+        }
+        out.push((key, value));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_bearer_and_basic_challenges() {
+        let c = parse_challenge(
+            r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#,
+        )
+        .unwrap();
+        assert_eq!(
+            c,
+            Challenge::Bearer {
+                realm: "https://auth.example/token".into(),
+                service: Some("registry.example".into()),
+                scope: Some("repository:a/b:pull,push".into()),
+            }
+        );
+        assert_eq!(
+            parse_challenge(r#"Basic realm="Registry Realm""#),
+            Some(Challenge::Basic)
+        );
+        assert_eq!(
+            parse_challenge(r#"bearer realm=https://t/x, service="a\"b""#),
+            Some(Challenge::Bearer {
+                realm: "https://t/x".into(),
+                service: Some("a\"b".into()),
+                scope: None
+            })
+        );
+        assert_eq!(parse_challenge("Bearer service=x"), None);
+        assert_eq!(parse_challenge("Negotiate abc"), None);
+    }
+
+    #[test]
+    fn reads_docker_config_auths() {
+        let p = Path::new("/etc/berth/auth.json");
+        let text = r#"{"auths": {
+            "https://localhost:5002/v1/": {"auth": "YWxpY2U6czNjcjN0"},
+            "other:1": {"username": "bob", "password": "pw"},
+            "broken:2": {"auth": "bm9jb2xvbg=="}
+        }}"#;
+        let c = parse_auth_file(p, text, "localhost:5002").unwrap().unwrap();
+        assert_eq!(
+            (c.username.as_str(), c.password.as_str()),
+            ("alice", "s3cr3t")
+        );
+        assert_eq!(c.basic_header(), "Basic YWxpY2U6czNjcjN0");
+        assert_eq!(
+            parse_auth_file(p, text, "other:1")
+                .unwrap()
+                .unwrap()
+                .username,
+            "bob"
+        );
+        assert!(parse_auth_file(p, text, "nothere:5000").unwrap().is_none());
+        let err = parse_auth_file(p, text, "broken:2")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("USER:PASSWORD") && err.contains("/etc/berth/auth.json"),
+            "{err}"
+        );
+        assert!(parse_auth_file(p, r#"{"auths": 5}"#, "x").is_err());
+        assert!(!format!("{c:?}").contains("s3cr3t"));
+    }
+
+    #[test]
+    fn refuses_an_auth_file_others_can_read() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("auth.json");
+        std::fs::write(
+            &path,
+            r#"{"auths": {"r:1": {"username": "u", "password": "p"}}}"#,
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = credentials_for(&path, "r:1").unwrap_err().to_string();
+        assert!(err.contains("chmod 600"), "{err}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(
+            credentials_for(&path, "r:1").unwrap().unwrap().username,
+            "u"
+        );
+        assert!(credentials_for(&dir.path().join("missing"), "r:1")
+            .unwrap()
+            .is_none());
+    }
+}
