@@ -1,0 +1,154 @@
+# shellcheck shell=bash disable=SC2034 # the settings here are used by the scripts that source it
+# Shared by tests/cluster/up and tests/cluster/down: where the test cluster keeps its
+# files, the state file that records what `up` started, and how processes are stopped.
+# Sourced, never executed; the callers set `set -euo pipefail`.
+
+# CI and `env -i` callers may hand us a PATH without the sbin dirs (munged, slurmd, ...)
+# or cargo's.
+export PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/root/.cargo/bin:$PATH"
+
+# Everything `up` creates at run time lives under these directories, so `down` knows
+# exactly which mounts and files are the cluster's.
+STATE_DIR=/run/berth-test
+STATE_FILE=$STATE_DIR/state
+LIB_DIR=/var/lib/berth-test
+LOG_DIR=/var/log/berth-test
+TLS_DIR=$LIB_DIR/tls
+# berth's own runtime and cache dirs (named in berth.toml): FUSE mounts a job leaves
+# behind show up under them.
+BERTH_RUN_DIR=/run/berth
+BERTH_CACHE_DIR=/var/cache/berth
+SLURMCTLD_SPOOL=/var/spool/berth-test/slurmctld
+SLURMD_SPOOL=/var/spool/berth-test/slurmd
+CLUSTER_DIRS=("$STATE_DIR" "$LIB_DIR" "$BERTH_RUN_DIR" "$BERTH_CACHE_DIR"
+              /var/spool/berth-test /home/berthtest)
+
+TEST_USER=berthtest
+TEST_UID=1100
+TEST_HOME=/home/$TEST_USER
+REGISTRY_TLS_PORT=5000
+REGISTRY_PLAIN_PORT=5001
+# The per-registry CA location of the containers/docker layout; berth and skopeo read it.
+CERTS_D=/etc/containers/certs.d
+CA_INSTALLED=$CERTS_D/localhost:$REGISTRY_TLS_PORT/ca.crt
+
+SLURM_PLUGIN_DIR=/usr/lib/x86_64-linux-gnu/slurm-wlm
+SPANK_PLUGIN=$SLURM_PLUGIN_DIR/spank_berth.so
+BERTH_BIN=/usr/local/bin/berth
+BERTH_CONFIG=/etc/berth/berth.toml
+
+log() { printf 'cluster: %s\n' "$*" >&2; }
+die() { printf 'cluster: error: %s\n' "$*" >&2; exit 1; }
+
+# state_get KEY: the value recorded for KEY, or nothing.
+state_get() {
+    [[ -f $STATE_FILE ]] || return 0
+    sed -n "s/^$1=//p" "$STATE_FILE" | tail -n 1
+}
+
+# state_set KEY VALUE: record (or replace) one key. Written through a temporary file and
+# rename so a reader (the Rust harness, a concurrent `down`) never sees a half file.
+# Values are plain tokens (PIDs, paths, ports, digests): no quoting needed or allowed.
+state_set() {
+    local key=$1 value=$2 tmp
+    [[ $value != *[[:space:]]* ]] || die "state value for $key contains whitespace: $value"
+    mkdir -p "$STATE_DIR"
+    tmp=$(mktemp "$STATE_DIR/.state.XXXXXX")
+    if [[ -f $STATE_FILE ]]; then
+        grep -v "^$key=" "$STATE_FILE" >"$tmp" || true
+    fi
+    printf '%s=%s\n' "$key" "$value" >>"$tmp"
+    chmod 0644 "$tmp"
+    mv -f "$tmp" "$STATE_FILE"
+}
+
+# pid_matches PID COMM: true when PID is alive and is still the program we started
+# (its comm), so a recycled PID never gets a signal from us.
+pid_matches() {
+    local pid=$1 comm=$2 actual
+    [[ $pid =~ ^[0-9]+$ ]] || return 1
+    actual=$(cat "/proc/$pid/comm" 2>/dev/null) || return 1
+    [[ $actual == "$comm" ]]
+}
+
+# stop_pid NAME PID COMM: SIGTERM, wait up to 20 s, then SIGKILL and wait up to 10 s more.
+stop_pid() {
+    local name=$1 pid=$2 comm=$3 i
+    if ! pid_matches "$pid" "$comm"; then
+        return 0
+    fi
+    log "stopping $name (pid $pid)"
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < 200; i++)); do
+        pid_matches "$pid" "$comm" || return 0
+        sleep 0.1
+    done
+    log "$name (pid $pid) ignored SIGTERM for 20 s; sending SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+    for ((i = 0; i < 100; i++)); do
+        pid_matches "$pid" "$comm" || return 0
+        sleep 0.1
+    done
+    die "$name (pid $pid) is still alive after SIGKILL"
+}
+
+# cluster_mounts: mount points under the cluster's directories, deepest first.
+# /proc/mounts escapes spaces and friends as octal (\040); printf %b decodes them.
+cluster_mounts() {
+    local mnt dir decoded
+    while read -r _ mnt _; do
+        decoded=$(printf '%b' "$mnt")
+        for dir in "${CLUSTER_DIRS[@]}"; do
+            if [[ $decoded == "$dir" || $decoded == "$dir"/* ]]; then
+                printf '%s\n' "$decoded"
+                break
+            fi
+        done
+    done </proc/mounts | sort -r -u
+}
+
+unmount_cluster_dirs() {
+    local mnt
+    while IFS= read -r mnt; do
+        [[ -n $mnt ]] || continue
+        log "unmounting $mnt"
+        # A FUSE helper that is already gone leaves a mount that only a lazy unmount clears.
+        umount "$mnt" 2>/dev/null || umount -l "$mnt" || die "cannot unmount $mnt"
+    done < <(cluster_mounts)
+}
+
+# stop_cluster: stop everything the state file names, newest first, then clear mounts.
+# Safe to call when nothing runs (no state file): a no-op.
+stop_cluster() {
+    local pid jobs i
+    if [[ -f $STATE_FILE ]]; then
+        # Cancel jobs while slurmctld still answers so their slurmstepds (children of our
+        # slurmd, detached from it) end with them instead of outliving the cluster.
+        if pid_matches "$(state_get SLURMCTLD_PID)" slurmctld; then
+            jobs=$(timeout 10 squeue -h -o %i 2>/dev/null || true)
+            if [[ -n $jobs ]]; then
+                log "cancelling jobs: $(echo "$jobs" | tr '\n' ' ')"
+                # shellcheck disable=SC2086 # one job id per word
+                timeout 10 scancel $jobs 2>/dev/null || true
+                for ((i = 0; i < 100; i++)); do
+                    [[ -z $(timeout 5 squeue -h -o %i 2>/dev/null || true) ]] && break
+                    sleep 0.2
+                done
+            fi
+        fi
+        stop_pid slurmd "$(state_get SLURMD_PID)" slurmd
+        stop_pid slurmctld "$(state_get SLURMCTLD_PID)" slurmctld
+        stop_pid "registry :$REGISTRY_PLAIN_PORT" "$(state_get REGISTRY_PLAIN_PID)" docker-registry
+        stop_pid "registry :$REGISTRY_TLS_PORT" "$(state_get REGISTRY_TLS_PID)" docker-registry
+        stop_pid munged "$(state_get MUNGED_PID)" munged
+    fi
+    # A step slurmd left running (its job was not cancellable) belongs to this cluster:
+    # only our slurmd runs on this machine, and it is stopped by now.
+    if [[ -f $STATE_FILE ]]; then
+        for pid in $(pgrep -x slurmstepd || true); do
+            stop_pid slurmstepd "$pid" slurmstepd
+        done
+    fi
+    unmount_cluster_dirs
+    rm -f "$STATE_FILE"
+}
