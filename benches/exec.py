@@ -16,6 +16,7 @@ spec has no `linux.resources`; berth and ch-run do not care.
 """
 
 import argparse
+import ctypes
 import json
 import os
 import pwd
@@ -53,12 +54,16 @@ def measure(cmd, env):
 
 
 def peak_rss_kib(cmd, env):
-    """Peak RSS of the measured process itself (berth), via wait4's rusage."""
+    """Peak RSS of the measured process itself (berth), via wait4's rusage. Through ctypes:
+    some Python builds lack the `resource` module that os.wait4 needs."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    rusage = (ctypes.c_long * 18)()  # struct rusage: 2 timevals, then ru_maxrss, ...
+    status = ctypes.c_int()
     p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(p.pid, 0)
-    if status != 0:
+    if libc.wait4(p.pid, ctypes.byref(status), 0, rusage) != p.pid or status.value != 0:
         sys.exit(f"{' '.join(cmd)} failed")
-    return usage.ru_maxrss
+    p.returncode = 0  # reaped above; keep Popen from waiting again
+    return rusage[4]
 
 
 def as_user(user):
