@@ -128,11 +128,31 @@ pub enum Error {
     LauncherTimedOut { command: String, seconds: u64 },
 
     #[error(
-        "the job asks for container image '{image}' (from {origin}), but this berth build does \
-         not run containers on compute nodes yet; remove --container-image / --container to \
-         run on the host"
+        "could not fetch image '{image}' onto this compute node ({detail}): check the \
+         reference and the tag or digest (`berth resolve IMAGE` on a login node), and that the \
+         registry is reachable from the compute nodes"
     )]
-    ContainersNotSupportedYet { image: String, origin: &'static str },
+    FetchFailed { image: String, detail: String },
+
+    #[error(
+        "could not start the container: `{command}` failed ({detail}); check the \
+         --container-mounts sources and destinations and --container-workdir, or run the same \
+         `berth start` by hand on the node to see more"
+    )]
+    StartFailed { command: String, detail: String },
+
+    #[error(
+        "could not enter the step's container ({detail}); the container may have ended \
+         early (scancel, out of memory): run the step again, and ask your admins if it \
+         persists"
+    )]
+    JoinFailed { detail: String },
+
+    #[error(
+        "could not stop the step's container holder (pid {pid}): {detail}; slurmstepd's \
+         process tracking will end it with the step"
+    )]
+    StopFailed { pid: i32, detail: String },
 
     #[error(
         "unknown argument '{arg}' for spank_berth.so in plugstack.conf, ignored: the plugin \

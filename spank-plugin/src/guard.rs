@@ -27,7 +27,10 @@ use crate::spank::{self, Context};
 pub enum Callback {
     Init,
     InitPostOpt,
+    UserInit,
     TaskInit,
+    TaskExit,
+    Exit,
     /// An option's value callback, run while srun/sbatch or slurmstepd parse options.
     Option,
 }
@@ -37,7 +40,10 @@ impl Callback {
         match self {
             Callback::Init => "slurm_spank_init",
             Callback::InitPostOpt => "slurm_spank_init_post_opt",
+            Callback::UserInit => "slurm_spank_user_init",
             Callback::TaskInit => "slurm_spank_task_init",
+            Callback::TaskExit => "slurm_spank_task_exit",
+            Callback::Exit => "slurm_spank_exit",
             Callback::Option => "option",
         }
     }
@@ -68,10 +74,20 @@ static DEFERRED: Mutex<Option<String>> = Mutex::new(None);
 pub fn run(callback: Callback, body: impl FnOnce(Context) -> Result<(), Error>) -> c_int {
     // The context is read before the body so a panic cannot leave us unsure which rule to
     // apply; spank_context() only reads a global in Slurm and cannot fail.
+    let context = spank::context();
+    // A failure slurmstepd defers is shown to the user once, by task_init; until then it
+    // goes to the node's log only (slurmstepd copies error-level lines to the job's stderr).
+    let deferred = context == Context::Remote && !may_fail(context, callback);
     run_in(
-        spank::context(),
+        context,
         callback,
-        &|message| spank::log_error(message),
+        &|message| {
+            if deferred {
+                spank::log_info(message)
+            } else {
+                spank::log_error(message)
+            }
+        },
         &DEFERRED,
         body,
     )
@@ -255,7 +271,15 @@ mod tests {
     fn may_fail_table() {
         use Callback::*;
         use Context::*;
-        for callback in [Init, InitPostOpt, TaskInit, Option] {
+        for callback in [
+            Init,
+            InitPostOpt,
+            UserInit,
+            TaskInit,
+            TaskExit,
+            Exit,
+            Option,
+        ] {
             assert!(may_fail(Local, callback));
             assert!(may_fail(Allocator, callback));
             assert!(!may_fail(Slurmd, callback));
@@ -266,6 +290,9 @@ mod tests {
         assert!(!may_fail(Remote, Init));
         assert!(!may_fail(Remote, InitPostOpt));
         assert!(!may_fail(Remote, Option));
+        assert!(!may_fail(Remote, UserInit));
+        assert!(!may_fail(Remote, TaskExit));
+        assert!(!may_fail(Remote, Exit));
     }
 
     #[test]

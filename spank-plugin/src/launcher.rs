@@ -7,15 +7,19 @@
 //! | `berth policy check IMAGE` | allowed | refused, `deny: REASON` on stdout | berth failed |
 //! | `berth resolve IMAGE` | `host/repo@sha256:HEX` on stdout | - | could not pin (stderr says why) |
 //! | `berth policy require-container [--partition P]` | required, the reason on stdout | not required | berth failed |
+//! | `berth fetch IMAGE` (node, root) | cached; progress lines on stderr | - | could not fetch (stderr says why) |
+//! | `berth start [OPTIONS] IMAGE` (node, the user) | `PID:FD` on one line, then runs until SIGTERM | - | could not start |
 //!
-//! The child runs with the caller's identity and environment (on the login node: the user,
-//! whose proxy settings and credentials a registry lookup may need), stdin from /dev/null,
-//! no inherited descriptors beyond stdin/stdout/stderr, and a time limit. No thread is
-//! started: srun and slurmstepd are multi-threaded C programs that fork later, so output is
-//! read with poll(2) in the calling thread.
+//! On the login node the child runs with the caller's identity and environment (the user,
+//! whose proxy settings and credentials a registry lookup may need); in slurmstepd it takes
+//! the [`Identity`] the call needs. Always: stdin from /dev/null, no inherited descriptors
+//! beyond stdin/stdout/stderr, and a time limit. No thread is started: srun and slurmstepd
+//! are multi-threaded C programs that fork later, so output is read with poll(2) in the
+//! calling thread.
 
-use std::io::Read;
-use std::os::fd::AsRawFd;
+use std::fs::File;
+use std::io::{Read, Seek, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -27,15 +31,51 @@ use crate::error::Error;
 /// a minute means something is stuck, and the user is better told so than left waiting.
 pub const TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How long `berth fetch` may take on the node: a pull of tens of GB over a busy link takes
+/// many minutes; beyond this the job is better failed than left waiting for ever.
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// The PATH of launcher calls in slurmstepd, whose environment is otherwise empty.
+const NODE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// Output beyond this is dropped: the answers are one line, and a runaway child must not
 /// grow srun's memory.
 const OUTPUT_MAX_BYTES: usize = 64 * 1024;
 
-/// The launcher binary and the limit its calls run under.
+/// The launcher binary, the limit its calls run under and the identity they run as.
 #[derive(Debug, Clone)]
 pub struct Launcher {
     pub path: PathBuf,
     pub timeout: Duration,
+    identity: Identity,
+}
+
+/// Who a launcher call runs as. slurmstepd runs `user_init` with real uid 0 and effective
+/// uid the user, so its child can become either: root for the site's decisions and the
+/// root-owned node cache, the user for the container.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    /// The calling process's identity and whole environment (srun/sbatch: the user).
+    Caller,
+    /// Full root, no supplementary groups, and only PATH in the environment, so nothing of
+    /// the job's environment reaches the site policy or the node cache.
+    Root,
+    /// The job's user and groups, only PATH in the environment (berth takes HOME and USER
+    /// from the password database).
+    User {
+        uid: u32,
+        gid: u32,
+        groups: Vec<u32>,
+    },
+}
+
+/// A container `berth start` holds for the step: its handle and a pidfd on the holder, so
+/// stopping it signals that process even if its pid were reused.
+pub struct Holder {
+    pub pid: i32,
+    /// The holder's descriptor of the container's OCI spec (`/proc/PID/fd/FD`).
+    pub spec_fd: i32,
+    pidfd: berth_sys::process::PidFd,
 }
 
 /// What a finished call left behind.
@@ -58,7 +98,97 @@ impl Launcher {
         Launcher {
             path: path.to_owned(),
             timeout: TIMEOUT,
+            identity: Identity::Caller,
         }
+    }
+
+    /// The same launcher, its calls run as `identity`.
+    pub fn run_as(&self, identity: Identity) -> Launcher {
+        Launcher {
+            identity,
+            ..self.clone()
+        }
+    }
+
+    /// `berth fetch IMAGE`: pulls the image into the node cache. Its progress lines go on to
+    /// this process's stderr as they come, which slurmstepd connects to the job's stderr
+    /// (srun's terminal, the batch output file).
+    pub fn fetch(&self, image: &str) -> Result<(), Error> {
+        let args = ["fetch", image];
+        let launcher = Launcher {
+            timeout: FETCH_TIMEOUT,
+            ..self.clone()
+        };
+        let out = launcher.collect_output(&args, true)?;
+        if out.status.success() {
+            return Ok(());
+        }
+        // The last line is berth's error; the ones before it were progress.
+        let detail = out.stderr.trim().lines().last().unwrap_or_default();
+        Err(Error::FetchFailed {
+            image: image.to_owned(),
+            detail: format!("{}: {}", describe(out.status), detail.trim()),
+        })
+    }
+
+    /// `berth start ARGS...`: starts the step's container and returns once it printed its
+    /// handle; the holder keeps running (a child of this process) until [`Holder::stop`].
+    pub fn start(&self, args: &[String]) -> Result<Holder, Error> {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        // A file, not a pipe: nobody reads the holder's stderr while it runs, and a full
+        // pipe would block it. It is read only if the start fails.
+        let mut stderr = anonymous_file().map_err(|e| self.io_failure(&args, &e))?;
+        let mut command = self.command(&args);
+        command
+            .stdout(Stdio::piped())
+            .stderr(stderr.try_clone().map_err(|e| self.io_failure(&args, &e))?);
+        let mut child = self.spawn(&mut command)?;
+        let mut pipes: [Option<Box<dyn ReadFd>>; 2] = [
+            child.stdout.take().map(|p| Box::new(p) as Box<dyn ReadFd>),
+            None,
+        ];
+        let mut output = [Vec::new(), Vec::new()];
+        // One line, not EOF: the holder's helpers may keep stdout open.
+        let read = pump(
+            &mut pipes,
+            &mut output,
+            Instant::now() + self.timeout,
+            false,
+            &|out: &[Vec<u8>; 2]| out[0].contains(&b'\n'),
+        );
+        let handle = String::from_utf8_lossy(&output[0]).into_owned();
+        if let (Ok(()), Some((pid, spec_fd))) = (&read, parse_handle(first_line(&handle))) {
+            let pidfd = berth_sys::process::PidFd::open(pid).map_err(|e| Error::StartFailed {
+                command: self.command_line(&args),
+                detail: format!("the holder {pid} ended at once ({e})"),
+            })?;
+            // `child` is dropped without waiting: the holder runs on, and is reaped by
+            // Holder::stop (or by slurmstepd, which reaps every child it has).
+            return Ok(Holder {
+                pid,
+                spec_fd,
+                pidfd,
+            });
+        }
+        kill_group(&child);
+        let status = child.wait().map_err(|e| self.io_failure(&args, &e))?;
+        let mut text = String::new();
+        // Best effort: the message is what matters, and the status is known anyway.
+        let _ = stderr
+            .rewind()
+            .and_then(|()| stderr.read_to_string(&mut text));
+        let detail = match read {
+            Err(Collect::TimedOut) => format!("no handle within {} s", self.timeout.as_secs()),
+            _ if status.success() => format!("it printed '{}', not a PID:FD handle", handle.trim()),
+            _ => describe(status),
+        };
+        Err(Error::StartFailed {
+            command: self.command_line(&args),
+            detail: match text.trim() {
+                "" => detail,
+                text => format!("{detail}: {text}"),
+            },
+        })
     }
 
     /// `berth policy check IMAGE`.
@@ -134,24 +264,51 @@ impl Launcher {
         format!("{} {}", self.path.display(), args.join(" "))
     }
 
+    fn io_failure(&self, args: &[&str], e: &std::io::Error) -> Error {
+        Error::LauncherFailed {
+            command: self.command_line(args),
+            status: format!("reading its output failed: {e}"),
+            stderr: String::new(),
+        }
+    }
+
     /// Runs the launcher with `args` to completion or until the time limit, collecting its
     /// output.
     fn run(&self, args: &[&str]) -> Result<Outcome, Error> {
+        self.collect_output(args, false)
+    }
+
+    /// [`run`](Self::run), with stderr also copied to this process's stderr if `echo`.
+    fn collect_output(&self, args: &[&str], echo: bool) -> Result<Outcome, Error> {
+        let mut command = self.command(args);
+        command.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let child = self.spawn(&mut command)?;
+        collect(child, self.timeout, echo).map_err(|e| match e {
+            Collect::TimedOut => Error::LauncherTimedOut {
+                command: self.command_line(args),
+                seconds: self.timeout.as_secs(),
+            },
+            Collect::Io(e) => self.io_failure(args, &e),
+        })
+    }
+
+    /// The launcher with `args`, as [`Identity`] says, in a process group of its own (so a
+    /// time limit can stop the launcher and its helpers together).
+    fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(&self.path);
-        command
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            // Its own process group, so a timeout can stop the launcher and its helpers.
-            .process_group(0);
-        // SAFETY: the closure runs in the child between fork and exec and only makes one
-        // async-signal-safe system call. It marks every descriptor above stderr close-on-exec,
-        // so the launcher cannot read from or hold open what the calling Slurm process left
-        // inheritable (its sockets to slurmctld, slurmstepd's to the tasks). Marking rather
-        // than closing keeps the pipe std uses to report a failed exec.
+        command.args(args).stdin(Stdio::null()).process_group(0);
+        if self.identity != Identity::Caller {
+            command.env_clear().env("PATH", NODE_PATH).current_dir("/");
+        }
+        let identity = self.identity.clone();
+        // SAFETY: the closure runs in the child between fork and exec and makes only
+        // async-signal-safe system calls (the group list was allocated before the fork). It
+        // marks every descriptor above stderr close-on-exec, so the launcher cannot read from
+        // or hold open what the calling Slurm process left inheritable (its sockets to
+        // slurmctld, slurmstepd's to the tasks); marking rather than closing keeps the pipe
+        // std uses to report a failed exec. Then it takes the identity.
         unsafe {
-            command.pre_exec(|| {
+            command.pre_exec(move || {
                 // Linux 5.11; on an older kernel the leak it prevents remains, which is no
                 // reason to refuse the job.
                 libc::syscall(
@@ -160,24 +317,99 @@ impl Launcher {
                     u32::MAX,
                     libc::CLOSE_RANGE_CLOEXEC,
                 );
-                Ok(())
+                become_identity(&identity)
             });
         }
-        let child = command.spawn().map_err(|e| Error::LauncherNotRunnable {
+        command
+    }
+
+    fn spawn(&self, command: &mut Command) -> Result<Child, Error> {
+        command.spawn().map_err(|e| Error::LauncherNotRunnable {
             path: self.path.display().to_string(),
             reason: e.to_string(),
-        })?;
-        collect(child, self.timeout).map_err(|e| match e {
-            Collect::TimedOut => Error::LauncherTimedOut {
-                command: self.command_line(args),
-                seconds: self.timeout.as_secs(),
-            },
-            Collect::Io(e) => Error::LauncherFailed {
-                command: self.command_line(args),
-                status: format!("reading its output failed: {e}"),
-                stderr: String::new(),
-            },
         })
+    }
+}
+
+impl std::fmt::Debug for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Holder({}:{})", self.pid, self.spec_fd)
+    }
+}
+
+/// In the child before exec: takes `identity`. slurmstepd's real uid is 0, which lets the
+/// child take euid 0 back; groups and gid are set while it is root, the uid last.
+fn become_identity(identity: &Identity) -> std::io::Result<()> {
+    let (uid, gid, groups): (u32, u32, &[u32]) = match identity {
+        Identity::Caller => return Ok(()),
+        Identity::Root => (0, 0, &[]),
+        Identity::User { uid, gid, groups } => (*uid, *gid, groups),
+    };
+    let ok = |rc: libc::c_int| {
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    // SAFETY: plain system calls on integers and a valid slice of `groups.len()` gids.
+    unsafe {
+        ok(libc::setresuid(0, 0, 0))?;
+        ok(libc::setgroups(groups.len(), groups.as_ptr()))?;
+        ok(libc::setresgid(gid, gid, gid))?;
+        ok(libc::setresuid(uid, uid, uid))
+    }
+}
+
+/// An unnamed file in memory, for output nobody reads until something failed.
+fn anonymous_file() -> std::io::Result<File> {
+    // SAFETY: memfd_create reads the NUL-terminated name and returns a new descriptor or -1.
+    let fd = unsafe { libc::memfd_create(c"berth-start-stderr".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a new descriptor that nothing else owns.
+    Ok(unsafe { File::from_raw_fd(fd) })
+}
+
+/// `PID:FD` as `berth start` prints it.
+fn parse_handle(line: &str) -> Option<(i32, i32)> {
+    let (pid, fd) = line.split_once(':')?;
+    let (pid, fd) = (pid.parse().ok()?, fd.parse().ok()?);
+    (pid > 0 && fd >= 0).then_some((pid, fd))
+}
+
+/// SIGKILLs the process group `child` leads (it was spawned with process_group(0)); the
+/// group cannot be reused before the child is reaped.
+fn kill_group(child: &Child) {
+    let pgid = libc::pid_t::try_from(child.id()).expect("pids fit pid_t");
+    // SAFETY: kill(2) with a negative pid signals the group; no memory is involved.
+    unsafe { libc::kill(-pgid, libc::SIGKILL) };
+}
+
+impl Holder {
+    /// Asks the holder to tear the container down (SIGTERM: it unmounts, ends squashfuse and
+    /// removes its runtime directory), waits up to `grace`, then kills it; reaps it either way.
+    /// Returns whether it had to be killed.
+    pub fn stop(self, grace: Duration) -> Result<bool, Error> {
+        use berth_sys::process::Signal;
+        let failed = |e: berth_sys::Error| Error::StopFailed {
+            pid: self.pid,
+            detail: e.to_string(),
+        };
+        // An error here means it is gone already (ESRCH), which is what we want.
+        let _ = self.pidfd.signal(Signal::SIGTERM);
+        let ended = self.pidfd.wait_exit(grace).map_err(failed)?;
+        if !ended {
+            let _ = self.pidfd.signal(Signal::SIGKILL);
+            self.pidfd
+                .wait_exit(Duration::from_secs(5))
+                .map_err(failed)?;
+        }
+        // Our child, so ours to reap; slurmstepd may have reaped it already (ECHILD).
+        // SAFETY: waitpid on one pid with WNOHANG writes only the status we pass.
+        unsafe { libc::waitpid(self.pid, std::ptr::null_mut(), libc::WNOHANG) };
+        Ok(!ended)
     }
 }
 
@@ -190,18 +422,21 @@ enum Collect {
 /// first, kills the child's whole process group (SIGKILL; a launcher's own helpers could
 /// otherwise keep running and hold the pipes) and reaps it, so no zombie is left in srun or
 /// slurmstepd.
-fn collect(mut child: Child, timeout: Duration) -> Result<Outcome, Collect> {
+fn collect(mut child: Child, timeout: Duration, echo: bool) -> Result<Outcome, Collect> {
     let mut pipes: [Option<Box<dyn ReadFd>>; 2] = [
         child.stdout.take().map(|p| Box::new(p) as Box<dyn ReadFd>),
         child.stderr.take().map(|p| Box::new(p) as Box<dyn ReadFd>),
     ];
     let mut output = [Vec::new(), Vec::new()];
-    let pumped = pump(&mut pipes, &mut output, Instant::now() + timeout);
+    let pumped = pump(
+        &mut pipes,
+        &mut output,
+        Instant::now() + timeout,
+        echo,
+        &|_: &[Vec<u8>; 2]| false,
+    );
     if pumped.is_err() {
-        let pgid = libc::pid_t::try_from(child.id()).expect("pids fit pid_t");
-        // SAFETY: kill(2) with a negative pid signals the group the child leads (it was
-        // spawned with process_group(0)); the group cannot be reused before we reap it.
-        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        kill_group(&child);
     }
     let status = child.wait().map_err(Collect::Io)?;
     pumped?;
@@ -213,13 +448,20 @@ fn collect(mut child: Child, timeout: Duration) -> Result<Outcome, Collect> {
     })
 }
 
-/// Moves what the pipes deliver into `output` until every pipe is closed or `deadline`.
+/// Moves what the pipes deliver into `output` until every pipe is closed, `done` holds for
+/// what was read, or `deadline`. With `echo`, what the second pipe (stderr) delivers is also
+/// written to this process's stderr as it comes.
 fn pump(
     pipes: &mut [Option<Box<dyn ReadFd>>; 2],
     output: &mut [Vec<u8>; 2],
     deadline: Instant,
+    echo: bool,
+    done: &dyn Fn(&[Vec<u8>; 2]) -> bool,
 ) -> Result<(), Collect> {
     loop {
+        if done(output) {
+            return Ok(());
+        }
         let open: Vec<usize> = (0..2).filter(|&i| pipes[i].is_some()).collect();
         if open.is_empty() {
             return Ok(());
@@ -254,6 +496,10 @@ fn pump(
             match pipes[i].as_mut().expect("open").read(&mut chunk) {
                 Ok(0) => pipes[i] = None,
                 Ok(n) => {
+                    if echo && i == 1 {
+                        // Progress for the user; losing a line must not fail the fetch.
+                        let _ = std::io::stderr().write_all(&chunk[..n]);
+                    }
                     let room = OUTPUT_MAX_BYTES.saturating_sub(output[i].len());
                     output[i].extend_from_slice(&chunk[..n.min(room)]);
                 }
@@ -434,6 +680,59 @@ mod tests {
             Ok(Verdict::Deny(reason)) => assert_eq!(reason.len(), OUTPUT_MAX_BYTES),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn start_returns_at_the_handle_line_and_stop_ends_the_holder() {
+        // Like berth start: the handle, then running on with stdout still open.
+        let (_d, berth) = fake(r#"[ "$1 $2" = "start --" ] || exit 2; echo "$$:0"; exec sleep 30"#);
+        let started = Instant::now();
+        let holder = berth
+            .start(&["start".into(), "--".into(), "img".into()])
+            .unwrap();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(Path::new(&format!("/proc/{}", holder.pid)).exists());
+        let pid = holder.pid;
+        assert_eq!(
+            holder.stop(Duration::from_secs(5)),
+            Ok(false),
+            "SIGTERM ends it"
+        );
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "reaped");
+    }
+
+    #[test]
+    fn a_failed_start_reports_the_launchers_words() {
+        let (_d, berth) = fake("echo 'bind source /nope: No such file' >&2; exit 125");
+        let msg = berth.start(&["start".into()]).unwrap_err().to_string();
+        assert!(
+            msg.contains("exit status 125: bind source /nope: No such file"),
+            "{msg}"
+        );
+        let (_d, berth) = fake("echo hello");
+        let msg = berth.start(&["start".into()]).unwrap_err().to_string();
+        assert!(
+            msg.contains("printed 'hello', not a PID:FD handle"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_holder_that_ignores_sigterm_is_killed() {
+        let (_d, berth) = fake(r#"trap '' TERM; echo "$$:0"; while :; do sleep 0.1; done"#);
+        let holder = berth.start(&["start".into()]).unwrap();
+        assert_eq!(holder.stop(Duration::from_millis(300)), Ok(true));
+    }
+
+    #[test]
+    fn fetch_failure_names_the_last_line() {
+        let (_d, berth) = fake("echo 'pulling 1/2 MB' >&2; echo 'manifest unknown' >&2; exit 125");
+        let berth = berth.run_as(Identity::Root);
+        let msg = berth.fetch("h/r:1").unwrap_err().to_string();
+        assert!(msg.contains("fetch image 'h/r:1'"), "{msg}");
+        assert!(msg.contains("(exit status 125: manifest unknown)"), "{msg}");
+        let (_d, ok) = fake(r#"[ "$1 $2" = "fetch h/r:1" ] && [ -z "$HOME" ] && echo /c/x.sif"#);
+        assert_eq!(ok.run_as(Identity::Root).fetch("h/r:1"), Ok(()));
     }
 
     #[test]

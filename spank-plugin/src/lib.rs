@@ -20,6 +20,7 @@ compile_error!(
 );
 
 mod config;
+mod container;
 mod error;
 mod guard;
 mod launcher;
@@ -115,6 +116,55 @@ pub unsafe extern "C" fn slurm_spank_task_init(
 ) -> c_int {
     guard::run(Callback::TaskInit, |context| match context {
         Context::Remote => remote::task_init(Spank::new(sp)),
+        _ => Ok(()),
+    })
+}
+
+/// Called in slurmstepd (root, effective uid the user) before the tasks are forked: where the
+/// step's container is prepared.
+///
+/// # Safety
+/// Called by Slurm with a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn slurm_spank_user_init(
+    sp: spank::ffi::spank_t,
+    _ac: c_int,
+    _av: *mut *mut c_char,
+) -> c_int {
+    guard::run(Callback::UserInit, |context| match context {
+        Context::Remote => remote::user_init(Spank::new(sp)),
+        _ => Ok(()),
+    })
+}
+
+/// Called in slurmstepd (root) each time a task of the step has exited.
+///
+/// # Safety
+/// Called by Slurm with a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn slurm_spank_task_exit(
+    _sp: spank::ffi::spank_t,
+    _ac: c_int,
+    _av: *mut *mut c_char,
+) -> c_int {
+    guard::run(Callback::TaskExit, |context| match context {
+        Context::Remote => remote::task_exit(),
+        _ => Ok(()),
+    })
+}
+
+/// Called in every context just before the plugin is unloaded.
+///
+/// # Safety
+/// Called by Slurm with a live handle.
+#[no_mangle]
+pub unsafe extern "C" fn slurm_spank_exit(
+    _sp: spank::ffi::spank_t,
+    _ac: c_int,
+    _av: *mut *mut c_char,
+) -> c_int {
+    guard::run(Callback::Exit, |context| match context {
+        Context::Remote => remote::exit(),
         _ => Ok(()),
     })
 }

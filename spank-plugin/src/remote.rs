@@ -1,26 +1,70 @@
-//! slurmstepd on the compute node (S_CTX_REMOTE).
+//! slurmstepd on the compute node (S_CTX_REMOTE): the authoritative side. Nothing the login
+//! node decided is trusted; the request is parsed and judged again here.
 //!
 //! Who runs which line here matters:
 //! - `init` and the option callbacks run in slurmstepd as root, before privileges are dropped.
-//!   A failure reported here DRAINS THE NODE for batch jobs, so nothing a job can cause may
-//!   fail here: values are only recorded, and `guard` defers any failure to `task_init`.
-//! - `task_init` runs in each task's process, as the user, after Slurm placed it in the job's
-//!   cgroups. Failing here ends the task with exit code 1, shows the message to the user and
-//!   leaves the node up: this is where every job-caused problem is reported.
+//! - `user_init` runs in slurmstepd with real uid 0 and effective uid the user, already in the
+//!   step's cgroups, before the tasks are forked. It prepares the step's one container on this
+//!   node: the policy checked as root from the root-owned config, the image fetched as root
+//!   into the node cache, the container started as the user (`berth start`), its holder kept
+//!   in [`STEP`] which every task inherits through fork.
+//! - `task_init` runs in each task's process, as the user, in its task cgroups: it enters the
+//!   container (`container.rs`). Failing here ends the task with exit code 1, shows the message
+//!   on the task's stderr (srun's, or the batch output file) and leaves the node up: this is
+//!   where every job-caused problem is reported.
+//! - `task_exit` (per task) and `exit` run in slurmstepd as root: the container is stopped
+//!   when the last local task has exited, before Slurm's process tracking would find the
+//!   holder still in the step and kill it (which costs a second per step).
+//!
+//! A failure in `init`, `init_post_opt` or `user_init` would DRAIN THE NODE for batch jobs, so
+//! nothing a job can cause may fail there: `guard` defers the failure to `task_init`.
 
 use std::ffi::CString;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
 
 use crate::config::Config;
+use crate::container::{self, NodeBind, StepContainer};
 use crate::error::Error;
 use crate::guard;
+use crate::launcher::{Identity, Launcher, Verdict};
 use crate::options::{self, ContainerRequest, Given, ImageChoice, Opt, Origin, SPECS};
-use crate::spank::{self, Spank};
+use crate::spank::{self, Spank, StepInfo};
 use crate::submit::{REQUEST_VAR, SLURM_CONTAINER};
 
+/// Slurm's step id of the batch script (SLURM_BATCH_SCRIPT in slurm.h).
+const BATCH_STEP: u32 = 0xffff_fffb;
+/// Slurm's step id of the extern step (SLURM_EXTERN_CONT), which runs no user command.
+const EXTERN_STEP: u32 = 0xffff_fffc;
+
+/// How long the holder gets to unmount and end squashfuse before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
 /// The option values slurmstepd received with the step (srun's launch message, or the batch
-/// step's environment), as given: they are judged in `task_init`, where a verdict is safe.
+/// step's environment), as given: judged in `user_init`.
 static GIVEN: Mutex<Vec<Given>> = Mutex::new(Vec::new());
+
+/// The plugstack.conf arguments, read in `init`.
+static CONFIG: Mutex<Option<Config>> = Mutex::new(None);
+
+/// This step's container on this node, from `user_init` until it is stopped.
+static STEP: Mutex<Option<Step>> = Mutex::new(None);
+
+#[derive(Debug)]
+struct Step {
+    container: StepContainer,
+    /// Tasks of the step on this node, and how many have exited.
+    local_tasks: u32,
+    exited: u32,
+}
+
+/// Looks up a variable of the job's environment (`spank_getenv`).
+type JobEnv<'a> = &'a dyn Fn(&str) -> Result<Option<Vec<u8>>, Error>;
+
+/// Locks a mutex whose holder may have panicked: the data (plain values) is still valid.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// Reads the plugstack.conf arguments and registers the options, without which slurmstepd
 /// would drop the values srun and sbatch sent.
@@ -30,12 +74,13 @@ pub fn init(spank: Spank, args: &[String]) -> Result<(), Error> {
         spank::log_error(&problem.to_string());
     }
     spank::log_debug(&format!("launcher {}", config.berth.display()));
+    *lock(&CONFIG) = Some(config);
     spank.register(&crate::OPTIONS)
 }
 
 /// Records one option value of the step; never fails (see the module comment).
 pub fn option(opt: Opt, value: &[u8]) -> Result<(), Error> {
-    GIVEN.lock().unwrap_or_else(|p| p.into_inner()).push(Given {
+    lock(&GIVEN).push(Given {
         opt,
         value: value.to_vec(),
         origin: Origin::CommandLine,
@@ -43,17 +88,140 @@ pub fn option(opt: Opt, value: &[u8]) -> Result<(), Error> {
     Ok(())
 }
 
-/// Runs in each task before it executes the user's command: fails the task if the job asked
-/// for a container, because this build cannot run one yet and must not run the job on the
-/// host instead.
+/// Prepares the step's container, or checks that the step may run without one. Any error
+/// is deferred to `task_init` by the guard.
+pub fn user_init(spank: Spank) -> Result<(), Error> {
+    let info = spank.step_info()?;
+    if info.step_id == EXTERN_STEP {
+        return Ok(());
+    }
+    let getenv = |name: &str| -> Result<Option<Vec<u8>>, Error> {
+        spank.getenv(&CString::new(name).expect("variable names have no NUL"))
+    };
+    let (request, origin) = step_request(&getenv)?;
+    spank::log_debug(&format!("step request ({origin}): {request:?}"));
+    let launcher = Launcher::new(&lock(&CONFIG).clone().unwrap_or_default().berth);
+    let root = launcher.run_as(Identity::Root);
+    let (image, options) = match request {
+        ContainerRequest::Container { image, options } => (image, options),
+        ContainerRequest::None | ContainerRequest::Host => {
+            // The partition as the job's environment names it; Slurm offers no item for it.
+            let partition = getenv("SLURM_JOB_PARTITION")?
+                .filter(|p| !p.is_empty())
+                .map(|p| String::from_utf8_lossy(&p).into_owned());
+            return match root.require_container(partition.as_deref())? {
+                Some(reason) => Err(Error::ContainerRequired {
+                    asked_for_host: request == ContainerRequest::Host,
+                    partition,
+                    reason,
+                }),
+                None => Ok(()),
+            };
+        }
+    };
+    if let Verdict::Deny(reason) = root.policy_check(&image)? {
+        return Err(Error::PolicyDenied { image, reason });
+    }
+    root.fetch(&image)?;
+    let binds = node_binds(&info, getenv("PMIX_SERVER_TMPDIR")?);
+    let user = launcher.run_as(Identity::User {
+        uid: info.uid,
+        gid: info.gid,
+        groups: info.groups.clone(),
+    });
+    let holder = user.start(&container::start_args(&image, &options, &binds))?;
+    spank::log_debug(&format!("container of {image} held by pid {}", holder.pid));
+    *lock(&STEP) = Some(Step {
+        container: StepContainer {
+            holder,
+            keep_env: options.env,
+            remap_root: options.remap_root == Some(true),
+            workdir_given: options.workdir.is_some(),
+        },
+        local_tasks: info.local_tasks,
+        exited: 0,
+    });
+    Ok(())
+}
+
+/// What the node itself must make visible in the container, at the same path: the batch
+/// script's directory in slurmd's spool (the batch step execs the script there), and the
+/// PMIx server's directory, whose sockets MPI libraries inside connect to.
+fn node_binds(info: &StepInfo, pmix_dir: Option<Vec<u8>>) -> Vec<NodeBind> {
+    let mut binds = Vec::new();
+    if info.step_id == BATCH_STEP {
+        let script = info
+            .argv
+            .first()
+            .map(|a| String::from_utf8_lossy(a).into_owned());
+        if let Some((dir, _)) = script.as_deref().and_then(|s| s.rsplit_once('/')) {
+            if !dir.is_empty() {
+                binds.push(NodeBind {
+                    path: dir.to_owned(),
+                    read_only: true,
+                });
+            }
+        }
+    }
+    if let Some(dir) = pmix_dir.filter(|d| d.starts_with(b"/")) {
+        binds.push(NodeBind {
+            path: String::from_utf8_lossy(&dir).into_owned(),
+            read_only: false,
+        });
+    }
+    binds
+}
+
+/// Runs in each task before it executes the user's command: reports an earlier failure on
+/// this node, or enters the step's container if it has one.
 pub fn task_init(spank: Spank) -> Result<(), Error> {
     if let Some(earlier) = guard::take_deferred() {
         return Err(Error::EarlierFailure { earlier });
     }
-    let given = GIVEN.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    let getenv = |name: &str| -> Result<Option<Vec<u8>>, Error> {
-        spank.getenv(&CString::new(name).expect("variable names have no NUL"))
+    match lock(&STEP).as_ref() {
+        Some(step) => step.container.enter(spank),
+        None => Ok(()),
+    }
+}
+
+/// A task of the step exited (slurmstepd, root): after the last one, stop the container.
+pub fn task_exit() -> Result<(), Error> {
+    let mut step = lock(&STEP);
+    let last = match step.as_mut() {
+        Some(s) => {
+            s.exited += 1;
+            s.exited >= s.local_tasks
+        }
+        None => false,
     };
+    if last {
+        stop(step.take())?;
+    }
+    Ok(())
+}
+
+/// The step ends (slurmstepd, root): stop the container if no task_exit did (e.g. the tasks
+/// could not be launched).
+pub fn exit() -> Result<(), Error> {
+    stop(lock(&STEP).take())
+}
+
+fn stop(step: Option<Step>) -> Result<(), Error> {
+    let Some(step) = step else { return Ok(()) };
+    let pid = step.container.holder.pid;
+    if step.container.holder.stop(STOP_GRACE)? {
+        spank::log_error(&format!(
+            "the container holder (pid {pid}) did not end within {} s of SIGTERM and was \
+             killed; its runtime directory may be left under the runtime dir",
+            STOP_GRACE.as_secs()
+        ));
+    }
+    Ok(())
+}
+
+/// The step's request from its environment and options (see [`requested`]).
+fn step_request(getenv: JobEnv) -> Result<(ContainerRequest, &'static str), Error> {
+    let given = lock(&GIVEN).clone();
     let transport = getenv(REQUEST_VAR)?;
     let mut exported = Vec::new();
     for spec in &SPECS {
@@ -61,13 +229,7 @@ pub fn task_init(spank: Spank) -> Result<(), Error> {
             exported.push((spec.opt, value));
         }
     }
-    let (request, origin) = requested(transport, given, getenv(SLURM_CONTAINER)?, exported)?;
-    match request {
-        ContainerRequest::None | ContainerRequest::Host => Ok(()),
-        ContainerRequest::Container { image, .. } => {
-            Err(Error::ContainersNotSupportedYet { image, origin })
-        }
-    }
+    requested(transport, given, getenv(SLURM_CONTAINER)?, exported)
 }
 
 /// What the step asked for, and from where, in order of precedence:
@@ -214,19 +376,5 @@ mod tests {
         assert_eq!(image, "a");
         assert_eq!(options.workdir.as_deref(), Some("/w"));
         assert_eq!(options.entrypoint, Some(false));
-    }
-
-    #[test]
-    fn refusal_message_tells_the_user_what_to_do() {
-        let msg = Error::ContainersNotSupportedYet {
-            image: "busybox".into(),
-            origin: "--container-image",
-        }
-        .to_string();
-        assert!(msg.contains("'busybox'"), "{msg}");
-        assert!(msg.contains(
-            "this berth build does not run containers on compute nodes yet; remove \
-             --container-image / --container to run on the host"
-        ));
     }
 }

@@ -21,7 +21,7 @@ pub mod ffi {
     include!(concat!(env!("OUT_DIR"), "/spank_bindings.rs"));
 }
 
-use ffi::{slurm_err_t, spank_context as ctx};
+use ffi::{slurm_err_t, spank_context as ctx, spank_item as item};
 
 /// Which Slurm process, and so which user and which host, is running the plugin right now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,6 +163,148 @@ impl Spank {
     }
 }
 
+/// What Slurm knows about the step slurmstepd runs (remote context), read with
+/// `spank_get_item`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepInfo {
+    pub job_id: u32,
+    pub step_id: u32,
+    pub uid: libc::uid_t,
+    pub gid: libc::gid_t,
+    /// The job's supplementary groups, as Slurm resolved them for the user.
+    pub groups: Vec<libc::gid_t>,
+    /// The step's command line; for the batch step, the script's path in slurmd's spool.
+    pub argv: Vec<Vec<u8>>,
+    /// How many tasks of the step run on this node.
+    pub local_tasks: u32,
+}
+
+impl Spank {
+    /// The step's ids, user and tasks (remote context).
+    pub fn step_info(self) -> Result<StepInfo, Error> {
+        Ok(StepInfo {
+            job_id: self.u32_item(item::S_JOB_ID, "S_JOB_ID")?,
+            step_id: self.u32_item(item::S_JOB_STEPID, "S_JOB_STEPID")?,
+            uid: self.u32_item(item::S_JOB_UID, "S_JOB_UID")?,
+            gid: self.u32_item(item::S_JOB_GID, "S_JOB_GID")?,
+            groups: self.groups()?,
+            argv: self.strings_item(item::S_JOB_ARGV, "S_JOB_ARGV")?,
+            local_tasks: self.u32_item(item::S_JOB_LOCAL_TASK_COUNT, "S_JOB_LOCAL_TASK_COUNT")?,
+        })
+    }
+
+    /// The step's environment as slurmstepd will hand it to the task (remote context).
+    pub fn job_env(self) -> Result<Vec<Vec<u8>>, Error> {
+        let mut env: *mut *mut c_char = std::ptr::null_mut();
+        // SAFETY: S_JOB_ENV takes one `char ***`, which Slurm points at the step's
+        // NULL-terminated environment array; it stays valid during this callback.
+        let rc = unsafe { ffi::spank_get_item(self.0, item::S_JOB_ENV, &mut env) };
+        check(rc, "spank_get_item(S_JOB_ENV)")?;
+        // SAFETY: as above; the array ends with NULL.
+        Ok(unsafe { c_strings(env, None) })
+    }
+
+    /// `uid_t`, `gid_t` and `uint32_t` items alike: all 32-bit unsigned on Linux.
+    fn u32_item(self, which: ffi::spank_item_t, name: &'static str) -> Result<u32, Error> {
+        let mut value: u32 = 0;
+        // SAFETY: each item read through here takes exactly one pointer to a 32-bit
+        // unsigned integer (spank.h), which Slurm writes.
+        let rc = unsafe { ffi::spank_get_item(self.0, which, &mut value as *mut u32) };
+        check(rc, name)?;
+        Ok(value)
+    }
+
+    fn strings_item(
+        self,
+        which: ffi::spank_item_t,
+        name: &'static str,
+    ) -> Result<Vec<Vec<u8>>, Error> {
+        let mut count: c_int = 0;
+        let mut array: *mut *mut c_char = std::ptr::null_mut();
+        // SAFETY: S_JOB_ARGV takes `int *` and `char ***`; Slurm writes both.
+        let rc =
+            unsafe { ffi::spank_get_item(self.0, which, &mut count as *mut c_int, &mut array) };
+        check(rc, name)?;
+        // SAFETY: Slurm's array holds `count` valid C strings.
+        Ok(unsafe { c_strings(array, usize::try_from(count).ok()) })
+    }
+
+    fn groups(self) -> Result<Vec<libc::gid_t>, Error> {
+        let mut gids: *mut libc::gid_t = std::ptr::null_mut();
+        let mut count: c_int = 0;
+        // SAFETY: S_JOB_SUPPLEMENTARY_GIDS takes `gid_t **` and `int *`; Slurm writes both.
+        let rc = unsafe {
+            ffi::spank_get_item(
+                self.0,
+                item::S_JOB_SUPPLEMENTARY_GIDS,
+                &mut gids,
+                &mut count as *mut c_int,
+            )
+        };
+        check(rc, "spank_get_item(S_JOB_SUPPLEMENTARY_GIDS)")?;
+        let count = usize::try_from(count).unwrap_or(0);
+        if gids.is_null() || count == 0 {
+            return Ok(Vec::new());
+        }
+        // SAFETY: Slurm's array holds `count` gids and outlives this call.
+        Ok(unsafe { std::slice::from_raw_parts(gids, count) }.to_vec())
+    }
+
+    /// Sets a variable of the task's environment, the one slurmstepd executes the task with
+    /// (remote context; the process environment is not what Slurm passes to execve).
+    pub fn setenv(self, name: &[u8], value: &[u8]) -> Result<(), Error> {
+        let (name, value) = (c_bytes(name)?, c_bytes(value)?);
+        // SAFETY: both strings are NUL-terminated; Slurm copies them; 1 = overwrite.
+        let rc = unsafe { ffi::spank_setenv(self.0, name.as_ptr(), value.as_ptr(), 1) };
+        check(rc, "spank_setenv")
+    }
+
+    /// Removes a variable from the task's environment (remote context).
+    pub fn unsetenv(self, name: &[u8]) -> Result<(), Error> {
+        let name = c_bytes(name)?;
+        // SAFETY: a NUL-terminated string Slurm only reads.
+        let rc = unsafe { ffi::spank_unsetenv(self.0, name.as_ptr()) };
+        check(rc, "spank_unsetenv")
+    }
+}
+
+/// Copies a C array of C strings: `count` entries, or up to its NULL terminator.
+///
+/// # Safety
+/// `array` must be NULL or point to `count` valid C strings (or to a NULL-terminated array
+/// of them when `count` is None).
+unsafe fn c_strings(array: *mut *mut c_char, count: Option<usize>) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    if array.is_null() {
+        return out;
+    }
+    loop {
+        if count.is_some_and(|n| out.len() >= n) {
+            break;
+        }
+        // SAFETY: per the contract, entries up to `count` or the terminator are readable.
+        let entry = unsafe { *array.add(out.len()) };
+        if entry.is_null() {
+            break;
+        }
+        // SAFETY: a valid C string per the contract.
+        out.push(unsafe { CStr::from_ptr(entry) }.to_bytes().to_vec());
+    }
+    out
+}
+
+/// A name or value from the job's environment or the image as a C string; they never hold
+/// NUL (environment entries are C strings), so one that does is refused rather than cut.
+fn c_bytes(bytes: &[u8]) -> Result<CString, Error> {
+    CString::new(bytes).map_err(|_| Error::Spank {
+        call: "spank_setenv",
+        reason: format!(
+            "'{}' contains a NUL byte",
+            String::from_utf8_lossy(bytes).escape_debug()
+        ),
+    })
+}
+
 fn check(rc: ffi::spank_err_t, call: &'static str) -> Result<(), Error> {
     if rc == ffi::ESPANK_SUCCESS {
         return Ok(());
@@ -208,6 +350,13 @@ pub fn log_error(message: &str) {
     let text = c_text(message);
     // SAFETY: "%s" consumes exactly the one C string argument passed.
     unsafe { ffi::slurm_error(c"berth: %s".as_ptr(), text.as_ptr()) }
+}
+
+/// Logs an informational line: the daemon's log file, not the user's terminal.
+pub fn log_info(message: &str) {
+    let text = c_text(message);
+    // SAFETY: as in log_error.
+    unsafe { ffi::slurm_info(c"berth: %s".as_ptr(), text.as_ptr()) }
 }
 
 /// Logs a debug line (shown with srun -v / SlurmdDebug=debug).

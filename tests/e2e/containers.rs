@@ -84,7 +84,10 @@ fn srun_runs_the_command_in_the_approved_image() {
     let cluster = Cluster::get();
     let run = srun(&[&approved(&cluster), "cat", "/etc/os-release"]);
     run.assert_success();
-    assert!(run.stdout.contains(IMAGE_MARK), "not the image's os-release:\n{run}");
+    assert!(
+        run.stdout.contains(IMAGE_MARK),
+        "not the image's os-release:\n{run}"
+    );
     // The same by digest, and without the container the host's.
     let run = srun(&[
         &format!("--container-image={}", cluster.image_tls().by_digest()),
@@ -114,14 +117,24 @@ fn the_task_runs_as_the_user_in_the_job_directory_with_the_image_path() {
     .run();
     run.assert_success();
     let lines: Vec<&str> = run.stdout.lines().collect();
-    assert_eq!(lines.first(), Some(&cluster.uid().to_string().as_str()), "{run}");
+    assert_eq!(
+        lines.first(),
+        Some(&cluster.uid().to_string().as_str()),
+        "{run}"
+    );
     assert_eq!(
         lines.get(1).copied(),
         Some(cluster.home().to_str().unwrap()),
         "{run}"
     );
-    assert!(lines.contains(&"LANG=unset"), "host locale leaked in:\n{run}");
-    assert!(lines.contains(&"ID=0"), "Slurm's task variables are lost:\n{run}");
+    assert!(
+        lines.contains(&"LANG=unset"),
+        "host locale leaked in:\n{run}"
+    );
+    assert!(
+        lines.contains(&"ID=0"),
+        "Slurm's task variables are lost:\n{run}"
+    );
 }
 
 #[test]
@@ -132,7 +145,10 @@ fn sbatch_runs_the_batch_script_in_the_container() {
     let batch = Batch::new(&cluster, "#!/bin/sh\ncat /etc/os-release\n");
     let (run, output) = batch.run(&[&approved(&cluster)]);
     run.assert_success();
-    assert!(output.contains(IMAGE_MARK), "batch output:\n{output}\n{run}");
+    assert!(
+        output.contains(IMAGE_MARK),
+        "batch output:\n{output}\n{run}"
+    );
     // As an #SBATCH line.
     let batch = Batch::new(
         &cluster,
@@ -143,7 +159,10 @@ fn sbatch_runs_the_batch_script_in_the_container() {
     );
     let (run, output) = batch.run(&[]);
     run.assert_success();
-    assert!(output.contains(IMAGE_MARK), "batch output:\n{output}\n{run}");
+    assert!(
+        output.contains(IMAGE_MARK),
+        "batch output:\n{output}\n{run}"
+    );
     assert_node_idle(&cluster);
 }
 
@@ -170,7 +189,9 @@ fn nested_steps_each_run_in_their_own_image_or_on_the_host() {
             .find(&format!("{name}\n"))
             .unwrap_or_else(|| panic!("no step {name} in:\n{output}"));
         let rest = &output[start..];
-        let end = next.and_then(|n| rest.find(&format!("{n}\n"))).unwrap_or(rest.len());
+        let end = next
+            .and_then(|n| rest.find(&format!("{n}\n")))
+            .unwrap_or(rest.len());
         rest[..end].to_owned()
     };
     assert!(section("A", Some("B")).contains(IMAGE_MARK), "{output}");
@@ -212,7 +233,11 @@ impl PluginlessConf {
         let site = std::fs::read_to_string("/etc/slurm/slurm.conf").expect("read slurm.conf");
         let mut text: String = site
             .lines()
-            .filter(|l| !l.trim_start().to_ascii_lowercase().starts_with("plugstackconfig"))
+            .filter(|l| {
+                !l.trim_start()
+                    .to_ascii_lowercase()
+                    .starts_with("plugstackconfig")
+            })
             .map(|l| format!("{l}\n"))
             .collect();
         text.push_str(&format!("PlugStackConfig={}\n", plugstack.display()));
@@ -274,14 +299,14 @@ fn a_missing_image_fails_the_step_not_the_node() {
     run.assert_failure();
     assert!(run.stderr.contains("could not fetch image"), "{run}");
     assert_node_idle(&cluster);
-    let bad_mount = Cmd::user([
-        "srun",
-        &approved(&cluster),
-        "--container-mounts=/etc/hostname:/no/such/parent/../x",
-        "true",
-    ])
-    .run();
-    bad_mount.assert_failure();
+    // A mount source the submission check never saw (missing on the node).
+    let bad_mount = format!(
+        "container-image={}\ncontainer-mounts=/nonexistent-e2e:/x",
+        cluster.image_tls().by_digest()
+    );
+    let run = bypass.srun(&bad_mount, &["true"]);
+    run.assert_failure();
+    assert!(run.stderr.contains("/nonexistent-e2e"), "{run}");
     assert_node_idle(&cluster);
 }
 
@@ -327,7 +352,11 @@ fn exit_codes_propagate() {
     assert_eq!(run.code(), Some(3), "{run}");
     let batch = Batch::new(&cluster, "#!/bin/sh\nexit 3\n");
     let (run, _) = batch.run(&[&approved(&cluster)]);
-    assert_eq!(run.code(), Some(3), "sbatch --wait exits with the job's code:\n{run}");
+    assert_eq!(
+        run.code(),
+        Some(3),
+        "sbatch --wait exits with the job's code:\n{run}"
+    );
     assert_node_idle(&cluster);
 }
 
@@ -386,7 +415,9 @@ fn pmi2_descriptor_passes_into_the_container() {
 fn scancel_ends_a_containerized_sleep_within_seconds() {
     let _serial = serial();
     let cluster = Cluster::get();
-    let output = cluster.home().join(format!("{}.out", unique_name("e2e-scancel")));
+    let output = cluster
+        .home()
+        .join(format!("{}.out", unique_name("e2e-scancel")));
     let run = Cmd::user([
         "sbatch",
         "--parsable",
@@ -411,7 +442,9 @@ fn scancel_ends_a_containerized_sleep_within_seconds() {
     );
     // Until the sleep runs inside the container.
     assert!(
-        wait_until(Duration::from_secs(30), || user_processes(&cluster, "sleep") > 0),
+        wait_until(Duration::from_secs(30), || user_processes(
+            &cluster, "sleep"
+        ) > 0),
         "no sleep of job {job}"
     );
     let cancelled = Instant::now();

@@ -1,0 +1,297 @@
+//! The step's container on the compute node: which `berth start` arguments a request becomes,
+//! and how a task enters the container and gets its environment. The decisions are pure
+//! functions, unit-tested here; `remote.rs` runs them at the right moments.
+//!
+//! How a task enters (in `task_init`, as the user, already in its task cgroups): it reads the
+//! container's OCI spec from the holder (`/proc/PID/fd/FD`, a sealed memfd only the same user
+//! can open), sets the task's environment through Slurm (slurmstepd executes the task with
+//! its own copy of the environment, not the process's), then joins the holder's user and
+//! mount namespaces and changes to the working directory: `--container-workdir` if given,
+//! else the job's own (slurmstepd changed the task into it) where the container has that
+//! path, as pyxis does, else the image's. Slurm then looks the command
+//! up on the PATH just set and execs it, inside the container. Nothing else changes: the
+//! task's cgroups (so the job's memory, CPU and device limits), its open descriptors (PMI_FD,
+//! stdio) and its per-task variables stay as Slurm made them.
+
+use std::path::PathBuf;
+
+use crate::error::Error;
+use crate::launcher::Holder;
+use crate::options::{Access, ContainerOptions};
+use crate::spank::Spank;
+
+/// The name `berth start` gives the memfd holding the spec (launcher's `handle.rs`): a pid
+/// reused by another process cannot pass for the holder.
+const SPEC_MEMFD: &str = "/memfd:berth-spec";
+
+/// A bind the node adds to the user's own (the batch script's directory, the PMIx server's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeBind {
+    pub path: String,
+    pub read_only: bool,
+}
+
+/// `berth start` arguments for `image` with the user's options and the node's binds, each at
+/// the same path inside. `--container-env` is not among them: it is applied per task.
+pub fn start_args(image: &str, options: &ContainerOptions, node: &[NodeBind]) -> Vec<String> {
+    let mut args = vec!["start".to_owned()];
+    for mount in &options.mounts {
+        let ro = if mount.access == Access::ReadOnly {
+            ":ro"
+        } else {
+            ""
+        };
+        args.push(format!("--bind={}:{}{ro}", mount.src, mount.dst));
+    }
+    for bind in node {
+        let ro = if bind.read_only { ":ro" } else { "" };
+        args.push(format!("--bind={0}:{0}{ro}", bind.path));
+    }
+    if let Some(workdir) = &options.workdir {
+        args.push(format!("--workdir={workdir}"));
+    }
+    let flags = [
+        (options.writable == Some(true), "--writable"),
+        (options.mount_home == Some(false), "--no-home"),
+        (options.remap_root == Some(true), "--remap-root"),
+        (options.entrypoint == Some(true), "--entrypoint"),
+    ];
+    args.extend(
+        flags
+            .iter()
+            .filter(|(on, _)| *on)
+            .map(|(_, f)| (*f).to_owned()),
+    );
+    // `--` so that no image reference is ever read as an option.
+    args.push("--".to_owned());
+    args.push(image.to_owned());
+    args
+}
+
+/// One change to the task's environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnvChange {
+    Set(Vec<u8>, Vec<u8>),
+    Unset(Vec<u8>),
+}
+
+/// The changes that turn the job's environment into the task's inside the container, as in
+/// pyxis: every variable of the container's spec (the image's, PATH included, so commands
+/// that exist only in the image are found; HOME and USER) wins over the job's, except those
+/// named in `--container-env` that the job has; the host's locale (LANG, LANGUAGE, LC_*),
+/// which the image may not have, is dropped unless named. Everything else of the job stays,
+/// Slurm's per-task variables included.
+pub fn task_env(spec_env: &[String], job_env: &[Vec<u8>], keep: &[String]) -> Vec<EnvChange> {
+    let name_of = |kv: &[u8]| -> Vec<u8> { kv.split(|&b| b == b'=').next().unwrap_or(kv).to_vec() };
+    let kept = |name: &[u8]| keep.iter().any(|k| k.as_bytes() == name);
+    let in_job = |name: &[u8]| job_env.iter().any(|kv| name_of(kv) == name);
+    let mut changes = Vec::new();
+    let mut set_by_spec = Vec::new();
+    for kv in spec_env {
+        let Some((name, value)) = kv.split_once('=') else {
+            continue;
+        };
+        set_by_spec.push(name.as_bytes().to_vec());
+        if !(kept(name.as_bytes()) && in_job(name.as_bytes())) {
+            changes.push(EnvChange::Set(name.into(), value.into()));
+        }
+    }
+    for kv in job_env {
+        let name = name_of(kv);
+        let locale = name == b"LANG" || name == b"LANGUAGE" || name.starts_with(b"LC_");
+        if locale && !kept(&name) && !set_by_spec.contains(&name) {
+            changes.push(EnvChange::Unset(name));
+        }
+    }
+    changes
+}
+
+/// What a task needs from the container's OCI spec.
+#[derive(Debug, serde::Deserialize)]
+struct Spec {
+    process: Process,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Process {
+    #[serde(default)]
+    env: Vec<String>,
+    cwd: PathBuf,
+}
+
+/// The running container of this step: the holder, and what each task must apply.
+#[derive(Debug)]
+pub struct StepContainer {
+    pub holder: Holder,
+    /// `--container-env`: job variables that win over the image's.
+    pub keep_env: Vec<String>,
+    /// `--container-remap-root`: keep the capabilities of the container's root.
+    pub remap_root: bool,
+    /// `--container-workdir` was given (and is the spec's cwd).
+    pub workdir_given: bool,
+}
+
+impl StepContainer {
+    /// Enters the container from a task (see the module comment). The caller is the task
+    /// process, single-threaded, running as the user.
+    pub fn enter(&self, spank: Spank) -> Result<(), Error> {
+        let spec = self.read_spec()?;
+        let job_cwd = std::env::current_dir().ok();
+        for change in task_env(&spec.process.env, &spank.job_env()?, &self.keep_env) {
+            match change {
+                EnvChange::Set(name, value) => spank.setenv(&name, &value)?,
+                EnvChange::Unset(name) => spank.unsetenv(&name)?,
+            }
+        }
+        let join = berth_sys::JoinSpec {
+            cwd: spec.process.cwd,
+            // Slurm execs with the environment set above, not the process's.
+            env: Vec::new(),
+            keep_caps: self.remap_root,
+        };
+        berth_sys::join(self.holder.pid, &join).map_err(|e| Error::JoinFailed {
+            detail: format!("joining holder {}: {e}", self.holder.pid),
+        })?;
+        if let (false, Some(dir)) = (self.workdir_given, job_cwd) {
+            // Resolved inside the container now; where it has no such path, the image's
+            // directory entered above stays.
+            let _ = std::env::set_current_dir(dir);
+        }
+        Ok(())
+    }
+
+    fn read_spec(&self) -> Result<Spec, Error> {
+        let (pid, fd) = (self.holder.pid, self.holder.spec_fd);
+        let path = PathBuf::from(format!("/proc/{pid}/fd/{fd}"));
+        let failed = |what: &str, e: &dyn std::fmt::Display| Error::JoinFailed {
+            detail: format!("{what} {}: {e}", path.display()),
+        };
+        let target = std::fs::read_link(&path).map_err(|e| failed("reading", &e))?;
+        if !target.to_string_lossy().starts_with(SPEC_MEMFD) {
+            return Err(failed(
+                "checking",
+                &format!("it is {}, not the container's spec", target.display()),
+            ));
+        }
+        let bytes = std::fs::read(&path).map_err(|e| failed("reading", &e))?;
+        serde_json::from_slice(&bytes).map_err(|e| failed("parsing", &e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::options::Mount;
+
+    fn set(k: &str, v: &str) -> EnvChange {
+        EnvChange::Set(k.into(), v.into())
+    }
+
+    fn unset(k: &str) -> EnvChange {
+        EnvChange::Unset(k.into())
+    }
+
+    fn strings(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    fn bytes(list: &[&str]) -> Vec<Vec<u8>> {
+        list.iter().map(|s| s.as_bytes().to_vec()).collect()
+    }
+
+    #[test]
+    fn image_env_wins_except_named_and_locale_goes() {
+        let spec = strings(&["PATH=/img/bin", "HOME=/home/u", "A=image", "LANG=C.UTF-8"]);
+        let job = bytes(&[
+            "PATH=/usr/bin",
+            "A=job",
+            "LC_ALL=de_DE",
+            "LANGUAGE=de",
+            "LC_TIME=x",
+            "SLURM_PROCID=3",
+            "LANG=de_DE.UTF-8",
+        ]);
+        let changes = task_env(&spec, &job, &strings(&["A", "LC_TIME"]));
+        assert_eq!(
+            changes,
+            vec![
+                set("PATH", "/img/bin"),
+                set("HOME", "/home/u"),
+                // LANG is the image's own: set, not dropped.
+                set("LANG", "C.UTF-8"),
+                unset("LC_ALL"),
+                unset("LANGUAGE"),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_named_variable_the_job_lacks_keeps_the_image_value() {
+        let changes = task_env(&strings(&["A=image", "broken"]), &[], &strings(&["A"]));
+        assert_eq!(changes, vec![set("A", "image")]);
+    }
+
+    #[test]
+    fn values_may_hold_equals_signs() {
+        let changes = task_env(&strings(&["OPTS=a=b"]), &bytes(&["OPTS=x=y"]), &[]);
+        assert_eq!(changes, vec![set("OPTS", "a=b")]);
+    }
+
+    #[test]
+    fn start_arguments_follow_the_request() {
+        let options = ContainerOptions {
+            mounts: vec![
+                Mount {
+                    src: "/data".into(),
+                    dst: "/in".into(),
+                    access: Access::ReadOnly,
+                },
+                Mount {
+                    src: "/scratch".into(),
+                    dst: "/scratch".into(),
+                    access: Access::ReadWrite,
+                },
+            ],
+            workdir: Some("/in".into()),
+            env: vec!["A".into()],
+            mount_home: Some(false),
+            remap_root: Some(true),
+            writable: Some(true),
+            entrypoint: Some(false),
+        };
+        let node = [NodeBind {
+            path: "/var/spool/slurmd/job7".into(),
+            read_only: true,
+        }];
+        assert_eq!(
+            start_args("h/r@sha256:00", &options, &node),
+            strings(&[
+                "start",
+                "--bind=/data:/in:ro",
+                "--bind=/scratch:/scratch",
+                "--bind=/var/spool/slurmd/job7:/var/spool/slurmd/job7:ro",
+                "--workdir=/in",
+                "--writable",
+                "--no-home",
+                "--remap-root",
+                "--",
+                "h/r@sha256:00",
+            ])
+        );
+        assert_eq!(
+            start_args("-x", &ContainerOptions::default(), &[]),
+            strings(&["start", "--", "-x"])
+        );
+    }
+
+    #[test]
+    fn the_spec_fields_a_task_needs_are_read() {
+        let spec: Spec = serde_json::from_str(
+            r#"{"ociVersion":"1.0.2","process":{"env":["PATH=/bin"],"cwd":"/w","args":["sh"]},
+                "root":{"path":"rootfs"}}"#,
+        )
+        .unwrap();
+        assert_eq!(spec.process.env, strings(&["PATH=/bin"]));
+        assert_eq!(spec.process.cwd, PathBuf::from("/w"));
+    }
+}
