@@ -14,6 +14,12 @@ pub fn real_gid() -> u32 {
     unsafe { libc::getgid() }
 }
 
+/// The effective uid of this process (whose rights its file operations use).
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid cannot fail and touches no memory.
+    unsafe { libc::geteuid() }
+}
+
 /// The passwd entry of a uid: what a container needs to give the user a name and a home.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserInfo {

@@ -4,6 +4,7 @@
 
 pub mod caps;
 pub mod error;
+pub mod fs;
 pub mod identity;
 pub mod memfd;
 pub mod namespaces;

@@ -23,20 +23,29 @@ struct Env {
 
 impl Env {
     fn new(extra_allowed: &[&str]) -> Env {
+        Env::with_registry(extra_allowed, &Cluster::get().certs_dir(), None)
+    }
+
+    /// An environment whose `[registry]` reads CAs from `certs_dir` and, when given,
+    /// credentials from `auth_file`.
+    fn with_registry(extra_allowed: &[&str], certs_dir: &Path, auth_file: Option<&Path>) -> Env {
         let cluster = Cluster::get();
         let dir = Path::new("/var/tmp").join(unique_name("berth-e2e-fetch"));
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("berth.toml");
         let mut allowed = vec![format!("\"{}/*\"", cluster.tls_registry().host)];
         allowed.extend(extra_allowed.iter().map(|a| format!("\"{a}\"")));
+        let auth = auth_file
+            .map(|p| format!("auth_file = \"{}\"\n", p.display()))
+            .unwrap_or_default();
         std::fs::write(
             &config,
             format!(
                 "[policy]\nallowed = [{}]\n[cache]\ndir = \"{}\"\nmax_size = \"10G\"\n\
-                 [registry]\ncerts_dir = \"{}\"\nretries = 3\ntimeout_secs = 5\n",
+                 [registry]\ncerts_dir = \"{}\"\n{auth}retries = 3\ntimeout_secs = 5\n",
                 allowed.join(", "),
                 dir.join("cache").display(),
-                cluster.certs_dir().display()
+                certs_dir.display()
             ),
         )
         .unwrap();
@@ -116,7 +125,25 @@ struct Pushed {
 /// Builds a one-layer image holding `/payload` (`size` random bytes) and `/marker`
 /// (`marker`), and pushes it to the TLS registry as `test/NAME:TAG`.
 fn push_image(name: &str, tag: &str, size: usize, marker: &str) -> Pushed {
-    let cluster = Cluster::get();
+    push_image_to(
+        &Cluster::get().tls_registry().host,
+        &[],
+        name,
+        tag,
+        size,
+        marker,
+    )
+}
+
+/// [`push_image`] to the registry `host`, with extra `skopeo copy` options (CA, creds).
+fn push_image_to(
+    host: &str,
+    skopeo_options: &[String],
+    name: &str,
+    tag: &str,
+    size: usize,
+    marker: &str,
+) -> Pushed {
     let work = Path::new("/var/tmp").join(unique_name("berth-e2e-image"));
     let rootfs = work.join("rootfs");
     std::fs::create_dir_all(&rootfs).unwrap();
@@ -164,12 +191,13 @@ fn push_image(name: &str, tag: &str, size: usize, marker: &str) -> Pushed {
         r#"{"imageLayoutVersion":"1.0.0"}"#,
     )
     .unwrap();
-    let reference = format!("{}/test/{name}:{tag}", cluster.tls_registry().host);
+    let reference = format!("{host}/test/{name}:{tag}");
     let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/templates/skopeo-policy.json");
     let digest_file = work.join("digest");
     sh(&format!(
-        "skopeo --policy {} copy -q --preserve-digests --digestfile {} oci:{}:{tag} docker://{reference} </dev/null",
+        "skopeo --policy {} copy -q {} --preserve-digests --digestfile {} oci:{}:{tag} docker://{reference} </dev/null",
         policy.display(),
+        skopeo_options.join(" "),
         digest_file.display(),
         layout.display()
     ));
@@ -443,4 +471,167 @@ fn a_user_cannot_fill_the_node_cache() {
     .run();
     assert!(!run.success(), "{run:?}");
     assert!(run.stderr.contains("runs as root"), "{run:?}");
+}
+
+/// A `docker-registry` of one test's own: HTTPS with the cluster's server certificate (for
+/// localhost, signed by the test CA) and bcrypt htpasswd authentication. Killed by PID when
+/// dropped, so a failing test does not leave it running.
+struct PrivateRegistry {
+    child: std::process::Child,
+    dir: PathBuf,
+    host: String,
+    /// A containers-layout CA directory holding the test CA for `host`.
+    certs_dir: PathBuf,
+}
+
+impl PrivateRegistry {
+    const USER: &'static str = "alice";
+    const PASSWORD: &'static str = "s3cr3t-pw";
+
+    fn start() -> PrivateRegistry {
+        let cluster = Cluster::get();
+        let dir = Path::new("/var/tmp").join(unique_name("berth-e2e-private"));
+        std::fs::create_dir_all(dir.join("storage")).unwrap();
+        // A free port: the kernel picks one, the registry binds it right after.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let host = format!("localhost:{port}");
+        let htpasswd = sh(&format!("htpasswd -Bbn {} {}", Self::USER, Self::PASSWORD));
+        std::fs::write(dir.join("htpasswd"), htpasswd).unwrap();
+        let tls = Path::new(cluster.var("REGISTRY_TLS_ROOT"))
+            .parent()
+            .unwrap()
+            .join("tls");
+        let config = dir.join("registry.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
+                 http:\n  addr: 127.0.0.1:{port}\n  tls:\n    certificate: {}\n    key: {}\n\
+                 auth:\n  htpasswd:\n    realm: berth-e2e\n    path: {}\n",
+                dir.join("storage").display(),
+                tls.join("server.crt").display(),
+                tls.join("server.key").display(),
+                dir.join("htpasswd").display()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.join("registry.log")).unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("docker-registry (apt-get install docker-registry)");
+        let certs_dir = dir.join("certs.d");
+        std::fs::create_dir_all(certs_dir.join(&host)).unwrap();
+        std::fs::copy(cluster.ca_cert(), certs_dir.join(&host).join("ca.crt")).unwrap();
+        let registry = PrivateRegistry {
+            child,
+            dir,
+            host,
+            certs_dir,
+        };
+        // Up when it answers the API root with "authentication required".
+        let url = format!("https://{}/v2/", registry.host);
+        let ca = cluster.ca_cert().display().to_string();
+        let answered = berth_e2e::wait_until(Duration::from_secs(20), || {
+            Command::new("curl")
+                .args([
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "--cacert",
+                    &ca,
+                    &url,
+                ])
+                .stdin(Stdio::null())
+                .output()
+                .is_ok_and(|o| o.stdout == b"401")
+        });
+        assert!(
+            answered,
+            "private registry did not come up: {}",
+            std::fs::read_to_string(registry.dir.join("registry.log")).unwrap_or_default()
+        );
+        registry
+    }
+
+    /// `skopeo copy` options that reach this registry with its credentials.
+    fn skopeo_options(&self) -> Vec<String> {
+        vec![
+            format!(
+                "--dest-cert-dir {}",
+                self.certs_dir.join(&self.host).display()
+            ),
+            format!("--dest-creds {}:{}", Self::USER, Self::PASSWORD),
+        ]
+    }
+}
+
+impl Drop for PrivateRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn a_private_repository_needs_the_site_credentials_and_says_where_they_go() {
+    let registry = PrivateRegistry::start();
+    let image = push_image_to(
+        &registry.host,
+        &registry.skopeo_options(),
+        &unique_name("private"),
+        "v",
+        4096,
+        "private",
+    );
+    let auth_file = registry.dir.join("auth.json");
+    let env = Env::with_registry(
+        &[&format!("{}/*", registry.host)],
+        &registry.certs_dir,
+        Some(&auth_file),
+    );
+
+    // No entry for the registry (no file at all): a clear refusal naming the registry, that
+    // it needs credentials, and where the admin puts them.
+    let run = env.berth(&["fetch", &image.reference]);
+    assert!(!run.success(), "{run:?}");
+    for needle in [
+        registry.host.as_str(),
+        "requires credentials",
+        "[registry] auth_file",
+        &auth_file.display().to_string(),
+    ] {
+        assert!(run.stderr.contains(needle), "missing {needle:?}: {run:?}");
+    }
+    assert!(env.images().is_empty());
+
+    // The admin adds them: root-owned, 0600, docker config.json `auths`.
+    let auth = format!("{}:{}", PrivateRegistry::USER, PrivateRegistry::PASSWORD);
+    let encoded = sh(&format!("printf %s '{auth}' | base64 -w0"));
+    std::fs::write(
+        &auth_file,
+        format!(
+            r#"{{"auths": {{"{}": {{"auth": "{encoded}"}}}}}}"#,
+            registry.host
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &auth_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let sif = env.fetch_ok(&image.reference);
+    assert!(sif_config(&env, &sif).contains(&image.digest));
 }

@@ -35,8 +35,6 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use rustix::fs::FlockOperation;
-
 use crate::config::{CacheConfig, Config};
 use crate::policy::{ImageRequest, Policy, Verdict};
 use crate::reference::{Digest, Reference};
@@ -73,14 +71,12 @@ pub fn fetch_with(config: &Config, image: &str, options: &FetchOptions) -> Resul
         }
     }
     let redirect_allowed = |host: &str| policy.allows_host(host);
-    let mut client = Client::new(
-        &config.registry,
-        &reference.registry,
-        ClientOptions {
-            plain_http: policy.allows_plain_http(&reference.registry),
-            redirect_allowed: &redirect_allowed,
-            quiet: options.quiet,
-        },
+    let mut client = client_for(
+        config,
+        &policy,
+        &reference,
+        &redirect_allowed,
+        options.quiet,
     )?;
     let resolved = client.resolve(&reference)?;
     if let Some(path) = cache.hit(&resolved.manifest_digest)? {
@@ -97,20 +93,32 @@ pub fn resolve(config: &Config, image: &str) -> Result<Reference> {
     let policy = Policy::new(&config.policy);
     let reference = approved_reference(&policy, image)?;
     let redirect_allowed = |host: &str| policy.allows_host(host);
-    let mut client = Client::new(
-        &config.registry,
-        &reference.registry,
-        ClientOptions {
-            plain_http: policy.allows_plain_http(&reference.registry),
-            redirect_allowed: &redirect_allowed,
-            quiet: true,
-        },
-    )?;
+    let mut client = client_for(config, &policy, &reference, &redirect_allowed, true)?;
     let fetched = client.manifest(&reference.repository, &reference)?;
     Ok(Reference {
         tag: None,
         ..reference.pinned(fetched.digest)
     })
+}
+
+/// A registry client for `reference` under the site policy: plain HTTP only where the
+/// policy allows it, redirects only to approved hosts.
+fn client_for<'a>(
+    config: &Config,
+    policy: &Policy,
+    reference: &Reference,
+    redirect_allowed: &'a dyn Fn(&str) -> bool,
+    quiet: bool,
+) -> Result<Client<'a>> {
+    Client::new(
+        &config.registry,
+        &reference.registry,
+        ClientOptions {
+            plain_http: policy.allows_plain_http(&reference.registry),
+            redirect_allowed,
+            quiet,
+        },
+    )
 }
 
 fn approved_reference(policy: &Policy, image: &str) -> Result<Reference> {
@@ -135,8 +143,8 @@ fn approved_reference(policy: &Policy, image: &str) -> Result<Reference> {
 /// `File` lives, so eviction leaves it alone.
 pub fn open_for_run(path: &Path) -> Result<File> {
     let file = File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-    rustix::fs::flock(&file, FlockOperation::LockShared)
-        .map_err(|e| Error::io(format!("locking {}", path.display()), e.into()))?;
+    file.lock_shared()
+        .map_err(|e| Error::io(format!("locking {}", path.display()), e))?;
     let meta = file
         .metadata()
         .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
@@ -203,7 +211,7 @@ impl Cache {
     pub fn open(config: &CacheConfig) -> Result<Cache> {
         let max_size = parse_size(&config.max_size)?;
         let dir = config.dir.clone();
-        let euid = rustix::process::geteuid().as_raw();
+        let euid = berth_sys::identity::effective_uid();
         if !dir.exists() && euid == 0 {
             make_dir(&dir, 0o755)?;
         }
@@ -395,13 +403,13 @@ impl Cache {
             .write(true)
             .open(&path)
             .map_err(|e| Error::io(format!("opening lock {}", path.display()), e))?;
-        if rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive).is_err() {
+        if file.try_lock().is_err() {
             progress::note(
                 quiet,
                 &format!("waiting for another berth fetch of {pinned} on this node"),
             );
-            rustix::fs::flock(&file, FlockOperation::LockExclusive)
-                .map_err(|e| Error::io(format!("locking {}", path.display()), e.into()))?;
+            file.lock()
+                .map_err(|e| Error::io(format!("locking {}", path.display()), e))?;
         }
         Ok(file)
     }
@@ -420,7 +428,7 @@ impl Cache {
             }
             let lock = self.dir.join("locks").join(format!("{name}.lock"));
             let free = match File::open(&lock) {
-                Ok(f) => rustix::fs::flock(&f, FlockOperation::NonBlockingLockExclusive).is_ok(),
+                Ok(f) => f.try_lock().is_ok(),
                 Err(_) => true,
             };
             if free {
@@ -487,7 +495,7 @@ impl Cache {
             let Ok(file) = File::open(&image.path) else {
                 continue;
             };
-            if rustix::fs::flock(&file, FlockOperation::NonBlockingLockExclusive).is_err() {
+            if file.try_lock().is_err() {
                 continue;
             }
             fs::remove_file(&image.path)

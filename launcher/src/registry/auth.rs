@@ -65,7 +65,7 @@ pub fn credentials_for(path: &Path, registry: &str) -> Result<Option<Credentials
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
     };
-    let euid = rustix::process::geteuid().as_raw();
+    let euid = berth_sys::identity::effective_uid();
     if meta.uid() != 0 && meta.uid() != euid {
         return Err(auth_error(
             path,

@@ -83,6 +83,8 @@ pub struct Client<'a> {
     base: String,
     agent: ureq::Agent,
     credentials: Option<Credentials>,
+    /// Where credentials would come from, for the message when there are none.
+    auth_file: PathBuf,
     authorization: Option<String>,
     retries: u32,
     options: ClientOptions<'a>,
@@ -123,6 +125,7 @@ impl<'a> Client<'a> {
             base: format!("{scheme}://{host}"),
             agent,
             credentials: auth::credentials_for(&config.auth_file, registry)?,
+            auth_file: config.auth_file.clone(),
             authorization: None,
             retries: config.retries.max(1),
             options,
@@ -348,9 +351,7 @@ impl<'a> Client<'a> {
                         registry: self.registry.clone(),
                         repository: repository_of(&url),
                         message: match (&self.credentials, detail.is_empty()) {
-                            (None, _) => {
-                                format!("HTTP {status}, and berth has no credentials for it")
-                            }
+                            (None, _) => self.no_credentials(status),
                             (Some(c), true) => {
                                 format!("HTTP {status} with the credentials of {}", c.username)
                             }
@@ -381,6 +382,17 @@ impl<'a> Client<'a> {
         }
     }
 
+    /// Why a request without credentials was refused, and where an admin puts them.
+    fn no_credentials(&self, status: u16) -> String {
+        format!(
+            "HTTP {status}: it requires credentials and berth has none for {}; they go in {} \
+             (`[registry] auth_file` in berth.toml: docker config.json `auths` format, owned \
+             by root, mode 0600)",
+            self.registry,
+            self.auth_file.display()
+        )
+    }
+
     /// Acts on a 401's challenge: a bearer token from the realm, or basic credentials.
     fn authenticate(&mut self, challenge: &str, url: &str, what: &str) -> Result<()> {
         let unauthorized = |message: String| Error::Unauthorized {
@@ -390,11 +402,10 @@ impl<'a> Client<'a> {
         };
         match auth::parse_challenge(challenge) {
             Some(Challenge::Basic) => {
-                let creds = self.credentials.as_ref().ok_or_else(|| {
-                    unauthorized(
-                        "the registry asks for a password and berth has none for it".into(),
-                    )
-                })?;
+                let creds = self
+                    .credentials
+                    .as_ref()
+                    .ok_or_else(|| unauthorized(self.no_credentials(401)))?;
                 self.authorization = Some(creds.basic_header());
                 Ok(())
             }
@@ -759,6 +770,128 @@ mod tests {
         assert_eq!(
             query_escape("repository:a/b:pull"),
             "repository%3Aa%2Fb%3Apull"
+        );
+    }
+
+    /// A one-thread HTTP server on loopback that answers `requests` requests, one per
+    /// connection, with `respond(request head)`; it returns the request heads it saw.
+    fn serve(
+        requests: usize,
+        respond: impl Fn(&str) -> String + Send + 'static,
+    ) -> (u16, std::thread::JoinHandle<Vec<String>>) {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let handle = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for _ in 0..requests {
+                let (stream, _) = listener.accept().unwrap();
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut head = String::new();
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
+                        break;
+                    }
+                    // Header names in lower case (HTTP/1.1 clients may send either).
+                    match line.split_once(':') {
+                        Some((name, value)) if !head.is_empty() => {
+                            head.push_str(&format!("{}:{value}", name.to_ascii_lowercase()))
+                        }
+                        _ => head.push_str(&line),
+                    }
+                }
+                let answer = respond(&head);
+                (&stream).write_all(answer.as_bytes()).unwrap();
+                seen.push(head);
+            }
+            seen
+        });
+        (port, handle)
+    }
+
+    fn http(status: &str, extra_header: &str, body: &str) -> String {
+        format!(
+            "HTTP/1.1 {status}\r\n{extra_header}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    #[test]
+    fn fetches_a_bearer_token_with_the_site_credentials_and_retries_with_it() {
+        let blob = b"layer bytes";
+        let digest = Digest::compute(DigestAlgorithm::Sha256, blob);
+        let (port, server) = serve(3, move |head| {
+            let request_line = head.lines().next().unwrap_or_default();
+            if request_line.starts_with("GET /token?") {
+                http("200 OK", "", r#"{"token":"t0k3n"}"#)
+            } else if head.contains("authorization: Bearer t0k3n") {
+                http("200 OK", "", "layer bytes")
+            } else {
+                let port = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("host: 127.0.0.1:"))
+                    .unwrap_or_default()
+                    .trim()
+                    .to_string();
+                http(
+                    "401 Unauthorized",
+                    &format!(
+                        "WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",\
+                         service=\"test-registry\",scope=\"repository:lab/img:pull\"\r\n"
+                    ),
+                    "",
+                )
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let registry = format!("127.0.0.1:{port}");
+        let auth_file = dir.path().join("auth.json");
+        std::fs::write(
+            &auth_file,
+            format!(r#"{{"auths": {{"{registry}": {{"username": "alice", "password": "pw"}}}}}}"#),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&auth_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let config = RegistryConfig {
+            certs_dir: dir.path().to_path_buf(),
+            auth_file,
+            retries: 1,
+            timeout_secs: 5,
+        };
+        let no_redirects = |_: &str| false;
+        let mut client = Client::new(
+            &config,
+            &registry,
+            ClientOptions {
+                plain_http: true,
+                redirect_allowed: &no_redirects,
+                quiet: true,
+            },
+        )
+        .unwrap();
+        let desc = Descriptor {
+            media_type: String::new(),
+            digest: digest.to_string(),
+            size: blob.len() as u64,
+            platform: None,
+        };
+        assert_eq!(client.small_blob("lab/img", &desc).unwrap(), blob);
+        let seen = server.join().unwrap();
+        assert!(!seen[0].contains("authorization"), "{seen:#?}");
+        // The token request carries the challenge's scope and service and the site's
+        // credentials (alice:pw), and the blob is asked for again with the token.
+        assert!(
+            seen[1].starts_with(
+                "GET /token?scope=repository%3Alab%2Fimg%3Apull&service=test-registry "
+            ) && seen[1].contains("authorization: Basic YWxpY2U6cHc="),
+            "{seen:#?}"
+        );
+        assert!(
+            seen[2].starts_with(&format!("GET /v2/lab/img/blobs/{digest} "))
+                && seen[2].contains("authorization: Bearer t0k3n"),
+            "{seen:#?}"
         );
     }
 }

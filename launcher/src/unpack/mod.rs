@@ -20,19 +20,22 @@
 //! an unprivileged container maps to anyway. Extended attributes are not applied.
 
 use std::collections::HashSet;
-use std::ffi::OsStr;
 use std::io::{self, Read};
-use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::rc::Rc;
+use std::sync::mpsc;
 
-use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, Timespec, Timestamps};
+use berth_sys::fs::{self as sysfs, Dir, EntryKind};
 use tar::EntryType;
 
 use crate::{Error, Result};
 
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const OPAQUE_WHITEOUT: &[u8] = b".wh..wh..opq";
+/// Decompressed bytes handed from the decompressing thread to the writer per message, and
+/// how many messages may wait: enough to keep both cores busy, little memory.
+const CHUNK: usize = 256 << 10;
+const CHUNKS_IN_FLIGHT: usize = 16;
 
 /// How a layer blob is compressed, from its media type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,19 +75,18 @@ pub struct LayerStats {
 
 /// Applies one layer, decompressing it as `compression` says, onto the directory `root`.
 /// `layer` names the layer in error messages (e.g. its digest).
+///
+/// Decompression runs on a second thread, so that inflating the stream (user CPU) overlaps
+/// with creating the files (kernel CPU): on a 2-core node that is most of the unpack time.
 pub fn apply_layer(
     root: &Path,
-    reader: impl Read,
+    reader: impl Read + Send,
     compression: Compression,
     layer: &str,
 ) -> Result<LayerStats> {
-    let root_fd = rfs::open(
-        root,
-        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| Error::io(format!("opening unpack root {}", root.display()), e.into()))?;
-    let reader: Box<dyn Read> = match compression {
+    let root_fd = Dir::open(root)
+        .map_err(|e| Error::io(format!("opening unpack root {}", root.display()), e))?;
+    let decoder: Box<dyn Read + Send> = match compression {
         Compression::None => Box::new(reader),
         Compression::Gzip => Box::new(flate2::read::GzDecoder::new(reader)),
         Compression::Zstd => Box::new(
@@ -93,19 +95,80 @@ pub fn apply_layer(
         ),
     };
     let mut applier = Applier {
-        root: root_fd,
-        as_root: rustix::process::geteuid().is_root(),
+        root: Rc::new(root_fd),
+        last_parent: None,
+        as_root: berth_sys::identity::effective_uid() == 0,
         layer,
         created: HashSet::new(),
         dirs: Vec::new(),
         stats: LayerStats::default(),
     };
-    applier.run(reader)?;
+    std::thread::scope(|scope| {
+        let (tx, rx) = mpsc::sync_channel(CHUNKS_IN_FLIGHT);
+        scope.spawn(move || decompress(decoder, &tx));
+        // `run` consumes the receiver: when it stops early (a refused entry), the
+        // decompressing thread's next send fails and it ends, so the scope can close.
+        applier.run(ChannelReader {
+            rx,
+            chunk: Vec::new(),
+            pos: 0,
+        })
+    })?;
     Ok(applier.stats)
 }
 
+/// The decompressing thread: reads `decoder` to the end (or its first error) in chunks.
+fn decompress(mut decoder: Box<dyn Read + Send + '_>, tx: &mpsc::SyncSender<io::Result<Vec<u8>>>) {
+    loop {
+        let mut chunk = vec![0u8; CHUNK];
+        let n = match decoder.read(&mut chunk) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+        };
+        chunk.truncate(n);
+        if tx.send(Ok(chunk)).is_err() || n == 0 {
+            return;
+        }
+    }
+}
+
+/// The writer's side of the decompressed stream; an empty chunk is the end.
+struct ChannelReader {
+    rx: mpsc::Receiver<io::Result<Vec<u8>>>,
+    chunk: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.pos == self.chunk.len() {
+            match self.rx.recv() {
+                Ok(next) => {
+                    self.chunk = next?;
+                    self.pos = 0;
+                }
+                // The thread ended after the empty end-of-stream chunk.
+                Err(mpsc::RecvError) => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.pos);
+        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
 struct Applier<'a> {
-    root: OwnedFd,
+    root: Rc<Dir>,
+    /// The parent directory of the previous entry: tar streams list a directory's entries
+    /// together, so most entries reuse it instead of resolving their path again. Dropped
+    /// whenever a directory is removed (the only way a path can stop naming the directory
+    /// this fd holds).
+    last_parent: Option<(Vec<u8>, Rc<Dir>)>,
     as_root: bool,
     layer: &'a str,
     /// Paths this layer created: an opaque whiteout hides only what lower layers left.
@@ -132,9 +195,8 @@ impl Applier<'_> {
         for (path, header) in dirs.iter().rev() {
             let (parent, name) = self.open_parent(path)?;
             // A later entry of this layer may have removed or replaced the directory.
-            match stat_nofollow(&parent, name) {
-                Some(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {}
-                _ => continue,
+            if self.kind(&parent, name, path)? != Some(EntryKind::Directory) {
+                continue;
             }
             let fd = self.open_child_dir(&parent, name, path)?;
             self.set_metadata(&fd, path, header)?;
@@ -156,7 +218,7 @@ impl Applier<'_> {
 
         if name == OPAQUE_WHITEOUT {
             // `parent` is the directory the marker sits in, the one to make opaque.
-            return self.clear_dir(&parent, parent_of(&path));
+            return self.remove_children(&parent, parent_of(&path), true);
         }
         if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
             if hidden.is_empty() || hidden == b"." || hidden == b".." {
@@ -167,9 +229,9 @@ impl Applier<'_> {
 
         match kind {
             EntryType::Directory => {
-                match stat_nofollow(&parent, name) {
-                    Some(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {}
-                    Some(_) => {
+                match self.kind(&parent, name, &path)? {
+                    Some(EntryKind::Directory) => {}
+                    Some(EntryKind::Other) => {
                         self.remove(&parent, name, &path)?;
                         self.mkdir(&parent, name, &path)?;
                     }
@@ -178,20 +240,17 @@ impl Applier<'_> {
                 self.dirs.push((path.clone(), entry.header().clone()));
             }
             EntryType::Regular | EntryType::Continuous => {
-                self.remove(&parent, name, &path)?;
-                let file = rfs::openat(
-                    &parent,
-                    OsStr::from_bytes(name),
-                    OFlags::CREATE
-                        | OFlags::EXCL
-                        | OFlags::WRONLY
-                        | OFlags::NOFOLLOW
-                        | OFlags::CLOEXEC,
-                    Mode::from_raw_mode(0o600),
-                )
+                // Most files are new: try to create first, and look at what is in the way
+                // only when something is.
+                let mut out = match parent.create_file(name, 0o600) {
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                        self.remove(&parent, name, &path)?;
+                        parent.create_file(name, 0o600)
+                    }
+                    other => other,
+                }
                 .map_err(|e| self.io(&path, "creating file", e))?;
                 let expected = entry.size();
-                let mut out = std::fs::File::from(file);
                 let copied = io::copy(&mut entry, &mut out)
                     .map_err(|e| self.bad(format!("reading {}: {e}", show(&path))))?;
                 if copied != expected {
@@ -209,7 +268,8 @@ impl Applier<'_> {
                     .ok_or_else(|| self.refuse(&raw_path, "symlink without a target"))?
                     .into_owned();
                 self.remove(&parent, name, &path)?;
-                rfs::symlinkat(OsStr::from_bytes(&target), &parent, OsStr::from_bytes(name))
+                parent
+                    .symlink(&target, name)
                     .map_err(|e| self.io(&path, "creating symlink", e))?;
                 self.set_link_metadata(&parent, name, &path, entry.header())?;
             }
@@ -222,7 +282,7 @@ impl Applier<'_> {
                     .map_err(|why| self.refuse(&raw_path, &format!("hard link target {why}")))?
                     .ok_or_else(|| self.refuse(&raw_path, "hard link to the image root"))?;
                 let (target_parent, target_name) = self.open_parent(&target)?;
-                match stat_nofollow(&target_parent, target_name) {
+                match self.kind(&target_parent, target_name, &target)? {
                     None => {
                         return Err(self.refuse(
                             &raw_path,
@@ -232,24 +292,19 @@ impl Applier<'_> {
                             ),
                         ))
                     }
-                    Some(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {
+                    Some(EntryKind::Directory) => {
                         return Err(self.refuse(&raw_path, "hard link to a directory"))
                     }
-                    Some(_) => {}
+                    Some(EntryKind::Other) => {}
                 }
                 if target == path {
                     // A link to itself: the file is already there.
                     return Ok(());
                 }
                 self.remove(&parent, name, &path)?;
-                rfs::linkat(
-                    &target_parent,
-                    OsStr::from_bytes(target_name),
-                    &parent,
-                    OsStr::from_bytes(name),
-                    AtFlags::empty(),
-                )
-                .map_err(|e| self.io(&path, "creating hard link", e))?;
+                parent
+                    .hard_link(&target_parent, target_name, name)
+                    .map_err(|e| self.io(&path, "creating hard link", e))?;
             }
             EntryType::Char | EntryType::Block | EntryType::Fifo => {
                 self.stats.skipped_special += 1;
@@ -267,143 +322,147 @@ impl Applier<'_> {
 
     /// Opens the directory that holds `path` (a normalised, non-empty path) without
     /// following any symlink, creating missing parents as 0755 directories (layers may omit
-    /// them). Returns the parent fd and the final component.
-    fn open_parent<'p>(&self, path: &'p [u8]) -> Result<(OwnedFd, &'p [u8])> {
-        let mut components = path.split(|b| *b == b'/');
-        let name = components.next_back().unwrap_or_default();
-        let mut dir = rfs::openat(
-            &self.root,
-            ".",
-            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| self.io(b".", "opening unpack root", e))?;
-        for component in components {
-            let c = OsStr::from_bytes(component);
-            let flags = OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC;
-            dir = match rfs::openat(&dir, c, flags, Mode::empty()) {
-                Ok(fd) => fd,
-                Err(rustix::io::Errno::NOENT) => {
-                    rfs::mkdirat(&dir, c, Mode::from_raw_mode(0o755))
+    /// them). Returns the parent and the final component.
+    fn open_parent<'p>(&mut self, path: &'p [u8]) -> Result<(Rc<Dir>, &'p [u8])> {
+        let dir_path = parent_of(path);
+        let name = match path.iter().rposition(|b| *b == b'/') {
+            Some(i) => &path[i + 1..],
+            None => path,
+        };
+        if dir_path.is_empty() {
+            return Ok((Rc::clone(&self.root), name));
+        }
+        if let Some((cached, dir)) = &self.last_parent {
+            if cached == dir_path {
+                return Ok((Rc::clone(dir), name));
+            }
+        }
+        // One in-root lookup that refuses symlinks; the walk below only runs when a parent
+        // is missing (to create it) or the lookup failed (to name the culprit).
+        let dir = match self.root.open_beneath(dir_path) {
+            Ok(dir) => Rc::new(dir),
+            Err(_) => Rc::new(self.walk_creating(path, dir_path)?),
+        };
+        self.last_parent = Some((dir_path.to_vec(), Rc::clone(&dir)));
+        Ok((dir, name))
+    }
+
+    /// Walks `dir_path` one component at a time with `O_NOFOLLOW`, creating what is missing.
+    fn walk_creating(&self, path: &[u8], dir_path: &[u8]) -> Result<Dir> {
+        let mut dir: Option<Dir> = None;
+        for component in dir_path.split(|b| *b == b'/') {
+            let here = dir.as_ref().unwrap_or(&self.root);
+            let next = match here.open_child(component) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    here.mkdir(component, 0o755)
                         .map_err(|e| self.io(path, "creating parent directory", e))?;
-                    rfs::openat(&dir, c, flags, Mode::empty())
-                        .map_err(|e| self.io(path, "opening parent directory", e))?
+                    here.open_child(component)
                 }
-                Err(rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR) => {
+                other => other,
+            };
+            dir = Some(match next {
+                Ok(d) => d,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)) => {
+                    let end =
+                        component.as_ptr() as usize - path.as_ptr() as usize + component.len();
                     return Err(self.refuse(
                         path,
                         &format!(
                             "its parent {} is a symlink or not a directory; berth never \
                              writes through symlinks",
-                            show(
-                                &path[..component.as_ptr() as usize - path.as_ptr() as usize
-                                    + component.len()]
-                            )
+                            show(&path[..end])
                         ),
-                    ))
+                    ));
                 }
                 Err(e) => return Err(self.io(path, "opening parent directory", e)),
-            };
+            });
         }
-        Ok((dir, name))
+        dir.ok_or_else(|| self.refuse(path, "empty parent path"))
     }
 
-    fn mkdir(&self, parent: &OwnedFd, name: &[u8], path: &[u8]) -> Result<()> {
-        rfs::mkdirat(parent, OsStr::from_bytes(name), Mode::from_raw_mode(0o700))
+    fn kind(&self, parent: &Dir, name: &[u8], path: &[u8]) -> Result<Option<EntryKind>> {
+        parent
+            .kind(name)
+            .map_err(|e| self.io(path, "inspecting", e))
+    }
+
+    fn mkdir(&self, parent: &Dir, name: &[u8], path: &[u8]) -> Result<()> {
+        parent
+            .mkdir(name, 0o700)
             .map_err(|e| self.io(path, "creating directory", e))
     }
 
     /// Removes whatever is at `name` (recursively for directories); nothing there is fine.
-    fn remove(&self, parent: &OwnedFd, name: &[u8], path: &[u8]) -> Result<()> {
-        let Some(st) = stat_nofollow(parent, name) else {
-            return Ok(());
-        };
-        if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
-            let dir = self.open_child_dir(parent, name, path)?;
-            self.clear_children(&dir, path, &|_| true)?;
-            rfs::unlinkat(parent, OsStr::from_bytes(name), AtFlags::REMOVEDIR)
-        } else {
-            rfs::unlinkat(parent, OsStr::from_bytes(name), AtFlags::empty())
-        }
-        .map_err(|e| self.io(path, "removing", e))
-    }
-
-    /// Opaque whiteout: removes the children of `dir` (at `dir_path`) that lower layers put
-    /// there, keeping what this layer added.
-    fn clear_dir(&self, dir: &OwnedFd, dir_path: &[u8]) -> Result<()> {
-        let lower = |child: &[u8]| !self.created.contains(&join(dir_path, child));
-        self.clear_children(dir, dir_path, &lower)
-    }
-
-    fn clear_children(
-        &self,
-        dir: &OwnedFd,
-        dir_path: &[u8],
-        should_remove: &dyn Fn(&[u8]) -> bool,
-    ) -> Result<()> {
-        let mut names = Vec::new();
-        let mut iter = rfs::Dir::read_from(dir).map_err(|e| self.io(dir_path, "listing", e))?;
-        while let Some(child) = iter.read() {
-            let child = child.map_err(|e| self.io(dir_path, "listing", e))?;
-            let name = child.file_name().to_bytes();
-            if name != b"." && name != b".." && should_remove(name) {
-                names.push(name.to_vec());
+    fn remove(&mut self, parent: &Dir, name: &[u8], path: &[u8]) -> Result<()> {
+        match self.kind(parent, name, path)? {
+            None => Ok(()),
+            Some(EntryKind::Directory) => {
+                self.last_parent = None;
+                let dir = self.open_child_dir(parent, name, path)?;
+                self.remove_children(&dir, path, false)?;
+                parent
+                    .remove_dir(name)
+                    .map_err(|e| self.io(path, "removing", e))
             }
+            Some(EntryKind::Other) => parent
+                .remove_file(name)
+                .map_err(|e| self.io(path, "removing", e)),
         }
+    }
+
+    /// Removes the children of `dir` (at `dir_path`). With `keep_created`, what this layer
+    /// itself added stays: an opaque whiteout hides only what lower layers put there.
+    fn remove_children(&mut self, dir: &Dir, dir_path: &[u8], keep_created: bool) -> Result<()> {
+        let names = dir
+            .entry_names()
+            .map_err(|e| self.io(dir_path, "listing", e))?;
         for name in names {
-            self.remove(dir, &name, &join(dir_path, &name))?;
+            let child = join(dir_path, &name);
+            if !(keep_created && self.created.contains(&child)) {
+                self.remove(dir, &name, &child)?;
+            }
         }
         Ok(())
     }
 
-    fn open_child_dir(&self, parent: &OwnedFd, name: &[u8], path: &[u8]) -> Result<OwnedFd> {
-        rfs::openat(
-            parent,
-            OsStr::from_bytes(name),
-            OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| self.io(path, "opening directory", e))
+    fn open_child_dir(&self, parent: &Dir, name: &[u8], path: &[u8]) -> Result<Dir> {
+        parent
+            .open_child(name)
+            .map_err(|e| self.io(path, "opening directory", e))
     }
 
     /// Owner (root only), mode and mtime of a file or directory, through its fd. The owner
     /// goes first because chown clears set-id bits.
-    fn set_metadata(&self, fd: impl AsFd, path: &[u8], header: &tar::Header) -> Result<()> {
+    fn set_metadata(
+        &self,
+        fd: impl std::os::fd::AsFd,
+        path: &[u8],
+        header: &tar::Header,
+    ) -> Result<()> {
         if self.as_root {
             let (uid, gid) = ids(header);
-            rfs::fchown(
-                &fd,
-                Some(rustix::fs::Uid::from_raw(uid)),
-                Some(rustix::fs::Gid::from_raw(gid)),
-            )
-            .map_err(|e| self.io(path, "setting owner", e))?;
+            sysfs::fchown(&fd, uid, gid).map_err(|e| self.io(path, "setting owner", e))?;
         }
         let mode = header.mode().unwrap_or(0o644) & 0o7777;
-        rfs::fchmod(&fd, Mode::from_raw_mode(mode))
-            .map_err(|e| self.io(path, "setting mode", e))?;
-        rfs::futimens(&fd, &times(header)).map_err(|e| self.io(path, "setting mtime", e))
+        sysfs::fchmod(&fd, mode).map_err(|e| self.io(path, "setting mode", e))?;
+        sysfs::set_mtime(&fd, mtime(header)).map_err(|e| self.io(path, "setting mtime", e))
     }
 
     fn set_link_metadata(
         &self,
-        parent: &OwnedFd,
+        parent: &Dir,
         name: &[u8],
         path: &[u8],
         header: &tar::Header,
     ) -> Result<()> {
-        let name = OsStr::from_bytes(name);
         if self.as_root {
             let (uid, gid) = ids(header);
-            rfs::chownat(
-                parent,
-                name,
-                Some(rustix::fs::Uid::from_raw(uid)),
-                Some(rustix::fs::Gid::from_raw(gid)),
-                AtFlags::SYMLINK_NOFOLLOW,
-            )
-            .map_err(|e| self.io(path, "setting symlink owner", e))?;
+            parent
+                .lchown(name, uid, gid)
+                .map_err(|e| self.io(path, "setting symlink owner", e))?;
         }
-        rfs::utimensat(parent, name, &times(header), AtFlags::SYMLINK_NOFOLLOW)
+        parent
+            .lset_mtime(name, mtime(header))
             .map_err(|e| self.io(path, "setting symlink mtime", e))
     }
 
@@ -422,11 +481,8 @@ impl Applier<'_> {
         }
     }
 
-    fn io(&self, path: &[u8], what: &str, e: rustix::io::Errno) -> Error {
-        Error::io(
-            format!("layer {}: {what} {}", self.layer, show(path)),
-            e.into(),
-        )
+    fn io(&self, path: &[u8], what: &str, e: io::Error) -> Error {
+        Error::io(format!("layer {}: {what} {}", self.layer, show(path)), e)
     }
 }
 
@@ -467,10 +523,6 @@ fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
     }
 }
 
-fn stat_nofollow(parent: &OwnedFd, name: &[u8]) -> Option<rfs::Stat> {
-    rfs::statat(parent, OsStr::from_bytes(name), AtFlags::SYMLINK_NOFOLLOW).ok()
-}
-
 fn ids(header: &tar::Header) -> (u32, u32) {
     let uid = header.uid().unwrap_or(0);
     let gid = header.gid().unwrap_or(0);
@@ -480,16 +532,8 @@ fn ids(header: &tar::Header) -> (u32, u32) {
     )
 }
 
-fn times(header: &tar::Header) -> Timestamps {
-    let secs = header.mtime().unwrap_or(0);
-    let ts = Timespec {
-        tv_sec: i64::try_from(secs).unwrap_or(0),
-        tv_nsec: 0,
-    };
-    Timestamps {
-        last_access: ts,
-        last_modification: ts,
-    }
+fn mtime(header: &tar::Header) -> i64 {
+    i64::try_from(header.mtime().unwrap_or(0)).unwrap_or(0)
 }
 
 fn show(path: &[u8]) -> String {
@@ -593,29 +637,20 @@ mod tests {
 
     #[test]
     fn refuses_escapes() {
-        let root = tempfile::tempdir().unwrap();
-        refused(root.path(), Layer::new().file("../x", "x").bytes(), "`..`");
+        // A private parent, so that a stray `x` elsewhere cannot fool the final check.
+        let outer = tempfile::tempdir().unwrap();
+        let root = outer.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        refused(&root, Layer::new().file("../x", "x").bytes(), "`..`");
+        refused(&root, Layer::new().file("a/../../x", "x").bytes(), "`..`");
+        refused(&root, Layer::new().file("/abs", "x").bytes(), "absolute");
+        refused(&root, Layer::new().symlink(".", "/").bytes(), "image root");
         refused(
-            root.path(),
-            Layer::new().file("a/../../x", "x").bytes(),
-            "`..`",
-        );
-        refused(
-            root.path(),
-            Layer::new().file("/abs", "x").bytes(),
-            "absolute",
-        );
-        refused(
-            root.path(),
-            Layer::new().symlink(".", "/").bytes(),
-            "image root",
-        );
-        refused(
-            root.path(),
+            &root,
             Layer::new().symlink("./", "/etc").bytes(),
             "image root",
         );
-        assert!(!root.path().parent().unwrap().join("x").exists());
+        assert!(!outer.path().join("x").exists());
     }
 
     #[test]
@@ -645,6 +680,36 @@ mod tests {
             std::fs::read_to_string(root.path().join("evil")).unwrap(),
             "plain"
         );
+    }
+
+    #[test]
+    fn a_replaced_parent_is_never_written_through_an_old_handle() {
+        let outside = tempfile::tempdir().unwrap();
+        let root = tempfile::tempdir().unwrap();
+        // `d` is a directory, then a symlink out of the root: `d/f2` must be refused, not
+        // written into the removed directory or through the symlink.
+        refused(
+            root.path(),
+            Layer::new()
+                .file("d/f1", "1")
+                .symlink("d", outside.path().to_str().unwrap())
+                .file("d/f2", "2")
+                .bytes(),
+            "symlink",
+        );
+        assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
+        // `e` is removed and made again: later files land in the new directory.
+        apply(
+            root.path(),
+            Layer::new()
+                .file("e/old", "1")
+                .file("e", "now a file")
+                .dir("e")
+                .file("e/new", "2")
+                .bytes(),
+        )
+        .unwrap();
+        assert!(root.path().join("e/new").is_file() && !root.path().join("e/old").exists());
     }
 
     #[test]
