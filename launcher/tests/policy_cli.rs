@@ -1,5 +1,6 @@
-//! `berth policy check` and `berth policy require-container` as the SPANK plugin runs them: exit 0 allow, 1 deny (malformed
-//! references included), 125 configuration errors; the verdict line on stdout.
+//! `berth policy check [--fetch]` and `berth policy require-container` as the SPANK plugin
+//! runs them: exit 0 allow, 1 deny (malformed references included), 125 configuration errors
+//! (and failed fetches); the verdict line on stdout.
 //!
 //! The tests run as root (so `--config` is honoured). That a non-root caller's `--config` is
 //! refused cannot be tested in-process; the end-to-end suite covers it as the test user.
@@ -174,4 +175,29 @@ fn require_container_answers_globally_and_per_partition() {
         "{}",
         run.stdout
     );
+}
+
+#[test]
+fn check_with_fetch_pulls_only_what_it_allows() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    // Port 1 on loopback: nothing listens, so an attempted pull fails at once.
+    let cfg = config(
+        dir.path(),
+        &format!(
+            "[policy]\nallowed = [\"127.0.0.1:1/test/*\"]\nplain_http = [\"127.0.0.1:1\"]\n\
+             [cache]\ndir = \"{}\"\n",
+            cache.display()
+        ),
+    );
+    let denied = berth(&cfg, &["--fetch".as_ref(), "127.0.0.1:1/other/a".as_ref()]);
+    assert_eq!(denied.code, 1, "{}{}", denied.stdout, denied.stderr);
+    assert!(denied.stdout.starts_with("deny: "), "{}", denied.stdout);
+    assert!(!cache.exists(), "a denied image touched the cache");
+
+    let allowed = berth(&cfg, &["--fetch".as_ref(), "127.0.0.1:1/test/a".as_ref()]);
+    assert_eq!(allowed.code, 125, "{}{}", allowed.stdout, allowed.stderr);
+    // No verdict line: exit 0 and `allow:` promise the image is in the cache.
+    assert!(allowed.stdout.is_empty(), "{}", allowed.stdout);
+    assert!(allowed.stderr.contains("127.0.0.1:1"), "{}", allowed.stderr);
 }

@@ -7,7 +7,7 @@
 //! | `berth policy check IMAGE` | allowed | refused, `deny: REASON` on stdout | berth failed |
 //! | `berth resolve IMAGE` | `host/repo@sha256:HEX` on stdout | - | could not pin (stderr says why) |
 //! | `berth policy require-container [--partition P]` | required, the reason on stdout | not required | berth failed |
-//! | `berth fetch IMAGE` (node, root) | cached; progress lines on stderr | - | could not fetch (stderr says why) |
+//! | `berth policy check --fetch IMAGE` (node, root) | allowed and cached; progress lines on stderr | refused, as `policy check` | could not fetch (stderr says why) |
 //! | `berth start [OPTIONS] IMAGE` (node, the user) | `PID:FD` on one line, then runs until SIGTERM | - | could not start |
 //!
 //! On the login node the child runs with the caller's identity and environment (the user,
@@ -110,24 +110,24 @@ impl Launcher {
         }
     }
 
-    /// `berth fetch IMAGE`: pulls the image into the node cache. Its progress lines go on to
+    /// `berth policy check --fetch IMAGE`: the node's verdict and, for an allowed image, the
+    /// pull into the node cache, in one launcher call. The pull's progress lines go on to
     /// this process's stderr as they come, which slurmstepd connects to the job's stderr
     /// (srun's terminal, the batch output file).
-    pub fn fetch(&self, image: &str) -> Result<(), Error> {
-        let args = ["fetch", image];
+    pub fn check_and_fetch(&self, image: &str) -> Result<Verdict, Error> {
+        let args = ["policy", "check", "--fetch", image];
         let launcher = Launcher {
             timeout: FETCH_TIMEOUT,
             ..self.clone()
         };
         let out = launcher.collect_output(&args, true)?;
-        if out.status.success() {
-            return Ok(());
-        }
-        // The last line is berth's error; the ones before it were progress.
-        let detail = out.stderr.trim().lines().last().unwrap_or_default();
-        Err(Error::FetchFailed {
-            image: image.to_owned(),
-            detail: format!("{}: {}", describe(out.status), detail.trim()),
+        verdict(&out).ok_or_else(|| {
+            // The last line is berth's error; the ones before it were progress.
+            let detail = out.stderr.trim().lines().last().unwrap_or_default();
+            Error::FetchFailed {
+                image: image.to_owned(),
+                detail: format!("{}: {}", describe(out.status), detail.trim()),
+            }
         })
     }
 
@@ -179,7 +179,11 @@ impl Launcher {
             .and_then(|()| stderr.read_to_string(&mut text));
         let detail = match read {
             Err(Collect::TimedOut) => format!("no handle within {} s", self.timeout.as_secs()),
-            _ if status.success() => format!("it printed '{}', not a PID:FD handle", handle.trim()),
+            // A whole line that is not a handle: berth was killed for it above, so its exit
+            // status would only say how fast that was.
+            Ok(()) if handle.contains('\n') => {
+                format!("it printed '{}', not a PID:FD handle", handle.trim())
+            }
             _ => describe(status),
         };
         Err(Error::StartFailed {
@@ -195,19 +199,7 @@ impl Launcher {
     pub fn policy_check(&self, image: &str) -> Result<Verdict, Error> {
         let args = ["policy", "check", image];
         let out = self.run(&args)?;
-        match out.status.code() {
-            Some(0) => Ok(Verdict::Allow),
-            Some(1) => {
-                let line = first_line(&out.stdout);
-                let reason = line.strip_prefix("deny: ").unwrap_or(line);
-                Ok(Verdict::Deny(if reason.is_empty() {
-                    "the site policy refuses it (berth gave no reason)".to_owned()
-                } else {
-                    reason.to_owned()
-                }))
-            }
-            _ => Err(self.failed(&args, &out)),
-        }
+        verdict(&out).ok_or_else(|| self.failed(&args, &out))
     }
 
     /// `berth resolve IMAGE`: the digest-pinned reference.
@@ -514,6 +506,23 @@ fn pump(
 trait ReadFd: Read + AsRawFd {}
 impl<T: Read + AsRawFd> ReadFd for T {}
 
+/// The verdict of a `berth policy check`, or None where berth failed instead of judging.
+fn verdict(out: &Outcome) -> Option<Verdict> {
+    match out.status.code() {
+        Some(0) => Some(Verdict::Allow),
+        Some(1) => {
+            let line = first_line(&out.stdout);
+            let reason = line.strip_prefix("deny: ").unwrap_or(line);
+            Some(Verdict::Deny(if reason.is_empty() {
+                "the site policy refuses it (berth gave no reason)".to_owned()
+            } else {
+                reason.to_owned()
+            }))
+        }
+        _ => None,
+    }
+}
+
 fn first_line(text: &str) -> &str {
     text.lines().next().unwrap_or_default().trim()
 }
@@ -540,6 +549,18 @@ fn is_pinned(reference: &str) -> bool {
         })
 }
 
+/// Tests that start processes run one at a time, across every module: a test writing its
+/// fake launcher script while another forks would leave the script's write descriptor open in
+/// that child until it execs, and executing the script then fails with ETXTBSY ("Text file
+/// busy").
+#[cfg(test)]
+pub(crate) fn serial_spawns() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -559,6 +580,7 @@ mod tests {
 
     #[test]
     fn policy_verdicts() {
+        let _serial = serial_spawns();
         let (_d, berth) = fake(
             r#"[ "$1 $2" = "policy check" ] || exit 2
                case "$3" in
@@ -581,6 +603,7 @@ mod tests {
 
     #[test]
     fn launcher_failure_is_not_a_verdict() {
+        let _serial = serial_spawns();
         let (_d, berth) = fake("echo 'config unreadable' >&2; exit 125");
         let err = berth.policy_check("a").unwrap_err();
         assert_eq!(
@@ -598,6 +621,7 @@ mod tests {
 
     #[test]
     fn resolve_gives_the_pinned_reference() {
+        let _serial = serial_spawns();
         let (_d, berth) = fake(&format!(
             r#"[ "$1" = resolve ] || exit 2
                case "$2" in
@@ -625,6 +649,7 @@ mod tests {
 
     #[test]
     fn require_container_passes_the_partition() {
+        let _serial = serial_spawns();
         let (_d, berth) = fake(
             r#"[ "$1 $2" = "policy require-container" ] || exit 2
                [ "$3 $4" = "--partition gpu" ] && { echo "partition gpu runs containers only"; exit 0; }
@@ -641,6 +666,7 @@ mod tests {
 
     #[test]
     fn missing_launcher_is_named() {
+        let _serial = serial_spawns();
         let berth = Launcher::new(Path::new("/nonexistent/berth"));
         let msg = berth.policy_check("a").unwrap_err().to_string();
         assert!(
@@ -651,6 +677,7 @@ mod tests {
 
     #[test]
     fn a_hanging_launcher_is_killed_at_the_limit() {
+        let _serial = serial_spawns();
         // The grandchild keeps stdout open: the limit must still hold.
         let (_d, mut berth) = fake("sleep 3 & sleep 3");
         berth.timeout = Duration::from_millis(300);
@@ -662,6 +689,7 @@ mod tests {
 
     #[test]
     fn descriptors_are_not_inherited() {
+        let _serial = serial_spawns();
         // A descriptor without close-on-exec, as Slurm's own often are.
         let file = std::fs::File::open("/dev/null").unwrap();
         let fd = file.as_raw_fd();
@@ -675,6 +703,7 @@ mod tests {
 
     #[test]
     fn output_is_bounded() {
+        let _serial = serial_spawns();
         let (_d, berth) = fake("head -c 1000000 /dev/zero | tr '\\0' x; exit 1");
         match berth.policy_check("a") {
             Ok(Verdict::Deny(reason)) => assert_eq!(reason.len(), OUTPUT_MAX_BYTES),
@@ -684,6 +713,7 @@ mod tests {
 
     #[test]
     fn start_returns_at_the_handle_line_and_stop_ends_the_holder() {
+        let _serial = serial_spawns();
         // Like berth start: the handle, then running on with stdout still open.
         let (_d, berth) = fake(r#"[ "$1 $2" = "start --" ] || exit 2; echo "$$:0"; exec sleep 30"#);
         let started = Instant::now();
@@ -703,6 +733,7 @@ mod tests {
 
     #[test]
     fn a_failed_start_reports_the_launchers_words() {
+        let _serial = serial_spawns();
         let (_d, berth) = fake("echo 'bind source /nope: No such file' >&2; exit 125");
         let msg = berth.start(&["start".into()]).unwrap_err().to_string();
         assert!(
@@ -719,20 +750,32 @@ mod tests {
 
     #[test]
     fn a_holder_that_ignores_sigterm_is_killed() {
+        let _serial = serial_spawns();
         let (_d, berth) = fake(r#"trap '' TERM; echo "$$:0"; while :; do sleep 0.1; done"#);
         let holder = berth.start(&["start".into()]).unwrap();
         assert_eq!(holder.stop(Duration::from_millis(300)), Ok(true));
     }
 
     #[test]
-    fn fetch_failure_names_the_last_line() {
-        let (_d, berth) = fake("echo 'pulling 1/2 MB' >&2; echo 'manifest unknown' >&2; exit 125");
+    fn check_and_fetch_judges_then_names_the_last_line() {
+        let _serial = serial_spawns();
+        let (_d, berth) = fake(
+            r#"[ "$1 $2 $3" = "policy check --fetch" ] && [ -z "$HOME" ] || exit 2
+               case "$4" in
+                 ok) echo "allow: ok (rule: *)";;
+                 evil) echo "deny: not approved"; exit 1;;
+                 *) echo 'pulling 1/2 MB' >&2; echo 'manifest unknown' >&2; exit 125;;
+               esac"#,
+        );
         let berth = berth.run_as(Identity::Root);
-        let msg = berth.fetch("h/r:1").unwrap_err().to_string();
+        assert_eq!(berth.check_and_fetch("ok"), Ok(Verdict::Allow));
+        assert_eq!(
+            berth.check_and_fetch("evil"),
+            Ok(Verdict::Deny("not approved".into()))
+        );
+        let msg = berth.check_and_fetch("h/r:1").unwrap_err().to_string();
         assert!(msg.contains("fetch image 'h/r:1'"), "{msg}");
         assert!(msg.contains("(exit status 125: manifest unknown)"), "{msg}");
-        let (_d, ok) = fake(r#"[ "$1 $2" = "fetch h/r:1" ] && [ -z "$HOME" ] && echo /c/x.sif"#);
-        assert_eq!(ok.run_as(Identity::Root).fetch("h/r:1"), Ok(()));
     }
 
     #[test]

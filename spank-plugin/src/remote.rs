@@ -5,9 +5,9 @@
 //! - `init` and the option callbacks run in slurmstepd as root, before privileges are dropped.
 //! - `user_init` runs in slurmstepd with real uid 0 and effective uid the user, already in the
 //!   step's cgroups, before the tasks are forked. It prepares the step's one container on this
-//!   node: the policy checked as root from the root-owned config, the image fetched as root
-//!   into the node cache, the container started as the user (`berth start`), its holder kept
-//!   in [`STEP`] which every task inherits through fork.
+//!   node: the policy checked and the image fetched into the node cache as root, from the
+//!   root-owned config, in one launcher call; the container started as the user (`berth
+//!   start`), its holder kept in [`STEP`] which every task inherits through fork.
 //! - `task_init` runs in each task's process, as the user, in its task cgroups: it enters the
 //!   container (`container.rs`). Failing here ends the task with exit code 1, shows the message
 //!   on the task's stderr (srun's, or the batch output file) and leaves the node up: this is
@@ -119,10 +119,9 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
             };
         }
     };
-    if let Verdict::Deny(reason) = root.policy_check(&image)? {
+    if let Verdict::Deny(reason) = root.check_and_fetch(&image)? {
         return Err(Error::PolicyDenied { image, reason });
     }
-    root.fetch(&image)?;
     let binds = node_binds(&info, getenv("PMIX_SERVER_TMPDIR")?);
     let user = launcher.run_as(Identity::User {
         uid: info.uid,

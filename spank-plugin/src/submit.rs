@@ -327,6 +327,7 @@ esac"#,
         env: &[(&str, &str)],
         context: Context,
     ) -> (Result<ContainerRequest, Error>, Vec<String>) {
+        let _serial = crate::launcher::serial_spawns();
         let dir = tempfile::tempdir().unwrap();
         let env: HashMap<String, Vec<u8>> = env
             .iter()

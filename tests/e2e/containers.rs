@@ -503,3 +503,131 @@ fn nothing_is_left_after_many_jobs() {
     assert_eq!(runtime_after, runtime_before, "runtime directories left");
     assert_node_idle(&cluster);
 }
+
+/// The partition of the test cluster whose berth.toml entry says `require_container = true`.
+const STRICT: &str = "strict";
+
+#[test]
+fn a_partition_that_requires_a_container_refuses_steps_without_one() {
+    let _serial = serial();
+    let cluster = Cluster::get();
+    let partition = format!("--partition={STRICT}");
+    // Named in srun's input variable, the partition is known at submission: srun stops there.
+    let run = Cmd::user(["srun", "sh", "-c", "echo ran"])
+        .env("SLURM_PARTITION", STRICT)
+        .run();
+    run.assert_failure();
+    assert!(
+        run.stderr.contains("srun: error: berth:")
+            && run
+                .stderr
+                .contains("requires every job to run in a container"),
+        "not refused by srun:\n{run}"
+    );
+    assert!(
+        !run.stderr.contains("slurmstepd"),
+        "the step reached the node:\n{run}"
+    );
+    assert!(run.stdout.is_empty(), "{run}");
+    // `-p` is no SPANK option, so only the node sees it: refused from task_init, nothing runs.
+    let run = srun(&[&partition, "sh", "-c", "echo ran"]);
+    run.assert_failure();
+    assert!(
+        run.stderr
+            .contains("partition `strict` requires every job to run in a container"),
+        "{run}"
+    );
+    assert!(run.stdout.is_empty(), "the command ran on the host:\n{run}");
+    assert_node_idle(&cluster);
+    // A forged submission (no plugin at srun) asking for the host is refused on the node too.
+    let bypass = PluginlessConf::new(&cluster);
+    let run = bypass.srun(
+        "container-image=none",
+        &[&partition, "sh", "-c", "echo ran"],
+    );
+    run.assert_failure();
+    assert!(
+        run.stderr
+            .contains("requires every job to run in a container"),
+        "{run}"
+    );
+    assert!(run.stdout.is_empty(), "the command ran on the host:\n{run}");
+    assert_node_idle(&cluster);
+    // With an image, the partition runs the step in it.
+    let run = srun(&[&partition, &approved(&cluster), "cat", "/etc/os-release"]);
+    run.assert_success();
+    assert!(run.stdout.contains(IMAGE_MARK), "{run}");
+    assert_node_idle(&cluster);
+}
+
+/// One field of `scontrol show job -o JOB` (empty once Slurm has forgotten the job).
+fn job_field(job: &str, field: &str) -> String {
+    let run = as_root(["scontrol", "show", "job", "-o", job]);
+    let prefix = format!("{field}=");
+    run.stdout
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&prefix))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn a_containerized_job_times_out_like_a_bare_one() {
+    let _serial = serial();
+    let cluster = Cluster::get();
+    let batch = Batch::new(&cluster, "#!/bin/sh\nsleep 300\n");
+    let output = |tag: &str| format!("--output={}.{tag}", batch.output.display());
+    let submit = |extra: &[&str]| -> String {
+        let script = batch.script.display().to_string();
+        let mut args = vec!["sbatch", "--parsable"];
+        args.extend_from_slice(extra);
+        args.push(&script);
+        let run = Cmd::user(args).run();
+        run.assert_success();
+        run.stdout.trim().split(';').next().unwrap().to_owned()
+    };
+    let bare = submit(&[&output("bare")]);
+    let contained = submit(&[&output("container"), &approved(&cluster)]);
+    let jobs = [bare.as_str(), contained.as_str()];
+    assert!(
+        wait_until(Duration::from_secs(60), || user_processes(
+            &cluster, "sleep"
+        ) == 2),
+        "the two sleeps never ran: {:?}",
+        jobs.map(|j| job_field(j, "JobState"))
+    );
+    // The time limit is up now. Slurm's minimum limit is a minute; moving the end time
+    // instead takes the same path (slurmctld's periodic check, every 30 s, then KillWait).
+    for job in jobs {
+        as_root(["scontrol", "update", &format!("JobId={job}"), "EndTime=now"]).assert_success();
+    }
+    assert!(
+        wait_until(Duration::from_secs(60), || jobs
+            .iter()
+            .all(|j| job_field(j, "JobState") == "TIMEOUT")),
+        "states: {:?}",
+        jobs.map(|j| job_field(j, "JobState"))
+    );
+    assert!(
+        wait_until(Duration::from_secs(15), || user_processes(
+            &cluster, "sleep"
+        ) + user_processes(
+            &cluster,
+            "squashfuse"
+        ) + user_processes(
+            &cluster, "berth"
+        ) == 0),
+        "processes left: {}",
+        as_root(["ps", "-u", cluster.user(), "-o", "pid,args"]).stdout
+    );
+    for tag in ["bare", "container"] {
+        let path = format!("{}.{tag}", batch.output.display());
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let _ = std::fs::remove_file(&path);
+        assert!(
+            text.contains("DUE TO TIME LIMIT"),
+            "{tag} job's output:\n{text}"
+        );
+    }
+    assert_node_idle(&cluster);
+}

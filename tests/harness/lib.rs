@@ -195,7 +195,10 @@ impl Cluster {
     pub fn node_state(&self) -> String {
         let run = Cmd::root(["sinfo", "-h", "-N", "-n", self.node(), "-o", "%T"]).run();
         run.assert_success();
-        run.stdout.trim().to_owned()
+        // sinfo prints the node once per partition, with the same state.
+        let mut states: Vec<&str> = run.stdout.lines().map(str::trim).collect();
+        states.dedup();
+        states.join(" ")
     }
 
     /// Panics when the node is drained or down: a required plugin that fails on the node
@@ -205,7 +208,14 @@ impl Cluster {
         let state = self.node_state();
         if state.contains("drain") || state.contains("down") || state.contains("fail") {
             let reason = Cmd::root(["sinfo", "-h", "-N", "-n", self.node(), "-o", "%E"]).run();
-            panic!("node {} is {state}: {}", self.node(), reason.stdout.trim());
+            let reason = reason
+                .stdout
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_owned();
+            panic!("node {} is {state}: {reason}", self.node());
         }
     }
 }
