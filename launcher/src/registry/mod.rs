@@ -894,4 +894,97 @@ mod tests {
             "{seen:#?}"
         );
     }
+
+    fn plain_client<'a>(
+        dir: &Path,
+        registry: &str,
+        redirect_allowed: &'a dyn Fn(&str) -> bool,
+    ) -> Client<'a> {
+        let config = RegistryConfig {
+            certs_dir: dir.to_path_buf(),
+            auth_file: dir.join("no-auth.json"),
+            retries: 1,
+            timeout_secs: 5,
+        };
+        let options = ClientOptions {
+            plain_http: true,
+            redirect_allowed,
+            quiet: true,
+        };
+        Client::new(&config, registry, options).unwrap()
+    }
+
+    #[test]
+    fn a_manifest_redirect_to_a_host_the_policy_does_not_list_is_refused_unvisited() {
+        // The host the registry would send us to: it must never see a connection.
+        let elsewhere = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let elsewhere_port = elsewhere.local_addr().unwrap().port();
+        elsewhere.set_nonblocking(true).unwrap();
+        let (port, server) = serve(1, move |_| {
+            http(
+                "307 Temporary Redirect",
+                &format!(
+                    "Location: http://127.0.0.1:{elsewhere_port}/v2/lab/img/manifests/latest\r\n"
+                ),
+                "",
+            )
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let registry = format!("127.0.0.1:{port}");
+        let no_redirects = |_: &str| false;
+        let mut client = plain_client(dir.path(), &registry, &no_redirects);
+        let reference = Reference::parse(&format!("{registry}/lab/img:latest")).unwrap();
+        let err = client
+            .manifest("lab/img", &reference)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!(
+                "refusing redirect to http://127.0.0.1:{elsewhere_port}"
+            )) && err.contains("the site policy does not approve that host"),
+            "{err}"
+        );
+        server.join().unwrap();
+        assert_eq!(
+            elsewhere.accept().map(|_| ()).unwrap_err().kind(),
+            std::io::ErrorKind::WouldBlock,
+            "the refused host was contacted"
+        );
+    }
+
+    #[test]
+    fn a_manifest_redirect_on_the_same_registry_is_followed() {
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:{}","size":2}},"layers":[]}}"#,
+            "0".repeat(64)
+        );
+        let expected = Digest::compute(DigestAlgorithm::Sha256, manifest.as_bytes());
+        let (port, server) = serve(2, move |head| {
+            if head.starts_with("GET /v2/lab/img/manifests/latest ") {
+                http(
+                    "307 Temporary Redirect",
+                    "Location: /v2/lab/img/manifests/moved\r\n",
+                    "",
+                )
+            } else {
+                http(
+                    "200 OK",
+                    "Content-Type: application/vnd.oci.image.manifest.v1+json\r\n",
+                    &manifest,
+                )
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let registry = format!("127.0.0.1:{port}");
+        let no_redirects = |_: &str| false;
+        let mut client = plain_client(dir.path(), &registry, &no_redirects);
+        let reference = Reference::parse(&format!("{registry}/lab/img:latest")).unwrap();
+        let fetched = client.manifest("lab/img", &reference).unwrap();
+        assert_eq!(fetched.digest, expected);
+        let seen = server.join().unwrap();
+        assert!(
+            seen[1].starts_with("GET /v2/lab/img/manifests/moved "),
+            "{seen:#?}"
+        );
+    }
 }
