@@ -54,7 +54,6 @@ pub fn start_args(image: &str, options: &ContainerOptions, node: &[NodeBind]) ->
         (options.writable == Some(true), "--writable"),
         (options.mount_home == Some(false), "--no-home"),
         (options.remap_root == Some(true), "--remap-root"),
-        (options.entrypoint == Some(true), "--entrypoint"),
     ];
     args.extend(
         flags

@@ -16,6 +16,13 @@ pub enum Error {
     #[error("{option} is {len} bytes long, more than the {VALUE_MAX_BYTES} allowed: shorten it")]
     OptionTooLong { option: String, len: usize },
 
+    #[error(
+        "{option}: berth does not run an image's entrypoint in Slurm tasks yet (a SPANK plugin \
+         cannot change the task's command); put the entrypoint in front of your command \
+         instead, e.g. `srun --container-image=IMAGE /entrypoint.sh CMD`"
+    )]
+    EntrypointUnsupported { option: String },
+
     #[error("{option} is not valid UTF-8: type the value again as plain text")]
     OptionNotUtf8 { option: String },
 

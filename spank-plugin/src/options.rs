@@ -139,7 +139,8 @@ pub const SPECS: [OptionSpec; 12] = [
         opt: Opt::Entrypoint,
         name: c"container-entrypoint",
         arginfo: None,
-        usage: c"[berth] run the image's entrypoint before the command",
+        usage:
+            c"[berth] run the image's entrypoint first (not supported in Slurm tasks yet: refused)",
     },
     OptionSpec {
         opt: Opt::NoEntrypoint,
@@ -398,6 +399,9 @@ fn apply(
                 (_, Some(on)) => on,
                 (_, None) => unreachable!("flag settings are set by flag options"),
             };
+            if setting == Setting::Entrypoint && on {
+                return Err(Error::EntrypointUnsupported { option: name() });
+            }
             let slot = match setting {
                 Setting::MountHome => &mut o.mount_home,
                 Setting::RemapRoot => &mut o.remap_root,
@@ -881,6 +885,24 @@ mod tests {
         assert_eq!(s.options.writable, Some(false));
         assert_eq!(s.options.entrypoint, Some(false));
         assert_eq!(from(&[]).unwrap(), Settings::default());
+    }
+
+    #[test]
+    fn running_the_entrypoint_is_refused_with_the_way_around() {
+        for given in [
+            from(&[(Opt::Entrypoint, "")]),
+            from(&[(Opt::NoEntrypoint, ""), (Opt::Entrypoint, "")]),
+        ] {
+            let err = given.unwrap_err();
+            assert!(
+                matches!(&err, Error::EntrypointUnsupported { option } if option == "--container-entrypoint"),
+                "{err:?}"
+            );
+            assert!(
+                err.to_string().contains("in front of your command"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -40,7 +40,12 @@ struct Images {
 fn images() -> &'static Images {
     static IMAGES: OnceLock<Images> = OnceLock::new();
     IMAGES.get_or_init(|| {
-        let dir = Path::new("/tmp").join(unique_name("berth-e2e-exec"));
+        // One fixed place, made anew by each run, so runs do not pile up in /tmp.
+        let dir = PathBuf::from("/tmp/berth-e2e-exec");
+        match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => panic!("{}: {e}", dir.display()),
+            _ => {}
+        }
         let rootfs = dir.join("rootfs");
         std::fs::create_dir_all(rootfs.join("bin")).unwrap();
         std::fs::create_dir_all(rootfs.join("etc")).unwrap();
