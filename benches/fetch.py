@@ -6,6 +6,7 @@ Run as root from the repository root (issue 4):
     benches/fetch.py [--berth target/release/berth] [--runs 3] [--format oci|v2s2]
                      [--image-dir /var/tmp/berth-bench-image] [--rebuild] [--no-berth]
                      [--warm-runs 20] [--keep] [--work-dir /var/tmp]
+                     [--fresh-fs | --no-fresh-fs] [--fs-size 3G]
 
 What it does:
 1. Starts its own Debian `docker-registry` on a free 127.0.0.1 port (plain HTTP, filesystem
@@ -21,7 +22,20 @@ What it does:
 3. Per run, interleaved (the order alternates each run): berth cold (`prune --all`, then
    time `berth fetch`); the alternative (empty work dir, then time `skopeo copy` to an OCI
    layout, `umoci unpack --rootless`, and `mksquashfs` with berth's exact flags, stage by
-   stage). Before each measurement `sync` flushes the previous one's dirty pages (untimed);
+   stage). With --fresh-fs (the default), every measurement, on both sides, gets its own
+   freshly made filesystem (untimed, before it): a sparse --fs-size file in --work-dir,
+   `mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0` (no background init during
+   the measurement), `mount -o loop`, root chmod 0755; the alternative's work dir (OCI
+   layout, bundle, out.sqfs) or berth's `[cache] dir` (its staging and SIF) lives on it.
+   A side's filesystem is unmounted and its file deleted (untimed) just before that side's
+   next measurement; the last one of each side stays mounted for the warm fetch and the
+   comparison, then goes too. Why: on the dev VM's ext4, creating a file costs ~0.03 ms
+   normally but ~0.8 ms of kernel time for minutes after a large deletion nearby, and each
+   run deletes ~17,000 files of the previous results, so on a shared filesystem every run
+   after the first measures the disk's recovery, not the tools. --no-fresh-fs keeps the old
+   protocol (everything in one temp dir under --work-dir, emptied before each run).
+   The registry's storage stays in the temp dir (it is the source, like a remote registry).
+   Before each measurement `sync` flushes the previous one's dirty pages (untimed);
    the page cache is not dropped: it is left as it is: the registry's blobs stay cached between runs,
    as they would on a registry host, and neither side drops caches.
    Then the warm fetch (already cached), by tag and by digest, median of --warm-runs.
@@ -35,6 +49,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import statistics
 import struct
@@ -60,6 +75,19 @@ def sh(*args, **kw):
     return subprocess.run([str(a) for a in args], check=True, **kw)
 
 
+def kill_group(p):
+    """Kills a child started with process_group=0 and everything it started (berth's
+    mksquashfs), and reaps it, so nothing keeps writing to a filesystem we unmount."""
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    try:
+        p.wait()
+    except ChildProcessError:
+        pass
+
+
 def timed_berth_fetch(args):
     """Times a `berth fetch`, and its phases from when its progress lines arrive on stderr:
     pull ends at the last `pulling` line, unpack at the `building squashfs` line.
@@ -68,7 +96,7 @@ def timed_berth_fetch(args):
     chunks = []
     t0 = time.perf_counter()
     p = subprocess.Popen([str(a) for a in args], stdin=subprocess.DEVNULL,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, process_group=0)
 
     def reader():
         while True:
@@ -76,11 +104,15 @@ def timed_berth_fetch(args):
             if not b:
                 return
             chunks.append((time.perf_counter() - t0, b))
-    th = threading.Thread(target=reader)
+    th = threading.Thread(target=reader, daemon=True)
     th.start()
-    out = p.stdout.read().decode()
-    th.join()
-    _, status, ru = os.wait4(p.pid, 0)
+    try:
+        out = p.stdout.read().decode()
+        th.join()
+        _, status, ru = os.wait4(p.pid, 0)
+    except BaseException:
+        kill_group(p)
+        raise
     dt = time.perf_counter() - t0
     p.returncode = os.waitstatus_to_exitcode(status)
     err = b"".join(c for _, c in chunks).decode(errors="replace")
@@ -106,8 +138,12 @@ def timed(args, **kw):
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         p = subprocess.Popen([str(a) for a in args], stdin=subprocess.DEVNULL, stdout=out,
-                             stderr=err, **kw)
-        _, status, ru = os.wait4(p.pid, 0)
+                             stderr=err, process_group=0, **kw)
+        try:
+            _, status, ru = os.wait4(p.pid, 0)
+        except BaseException:
+            kill_group(p)
+            raise
         dt = time.perf_counter() - t0
         p.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
@@ -274,6 +310,59 @@ def layout_facts(layout):
     return len(layers), sum(l["size"] for l in layers)
 
 
+# ---------------------------------------------------------------- fresh filesystems
+
+
+class FreshFs:
+    """Loop-mounted ext4 filesystems, one per measurement (see --fresh-fs).
+
+    Every image file and mountpoint made is tracked until it is gone, so release_all()
+    (called from main's finally) leaves nothing mounted or on disk after a failure."""
+
+    def __init__(self, image_parent, mount_parent, size):
+        self.image_parent, self.mount_parent, self.size = image_parent, mount_parent, size
+        self.live = {}  # mountpoint -> image file
+        self.n = 0
+
+    def make(self, tag):
+        self.n += 1
+        img = os.path.join(self.image_parent, f"berth-bench-fs-{os.getpid()}-{self.n}-{tag}.img")
+        mnt = os.path.join(self.mount_parent, f"fs-{self.n}-{tag}")
+        os.makedirs(mnt)
+        self.live[mnt] = img
+        with open(img, "wb") as f:
+            f.truncate(self.size)  # sparse
+        sh("mkfs.ext4", "-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0", img)
+        sh("mount", "-o", "loop", img, mnt)
+        os.chmod(mnt, 0o755)  # berth's cache must not be group/world-writable
+        return mnt
+
+    def release(self, mnt):
+        img = self.live[mnt]
+        if os.path.ismount(mnt):
+            for _ in range(10):
+                if subprocess.run(["umount", mnt]).returncode == 0:
+                    break
+                time.sleep(0.5)
+            else:
+                log(f"{mnt}: busy; detaching it lazily")
+                subprocess.run(["umount", "-l", mnt])
+        if not os.path.ismount(mnt):
+            os.rmdir(mnt)
+        try:
+            os.unlink(img)
+        except FileNotFoundError:
+            pass
+        del self.live[mnt]
+
+    def release_all(self):
+        for mnt in list(self.live):
+            try:
+                self.release(mnt)
+            except Exception as e:
+                log(f"cleanup of {mnt} ({self.live.get(mnt)}): {e}")
+
+
 # ---------------------------------------------------------------- registry
 
 
@@ -322,14 +411,14 @@ http:
 # ---------------------------------------------------------------- berth
 
 
-def write_berth_config(tmp, port):
+def write_berth_config(tmp, port, cache_dir):
     cfg = os.path.join(tmp, "berth.toml")
     with open(cfg, "w") as f:
         f.write(f"""[policy]
 allowed = ["127.0.0.1:{port}/*"]
 plain_http = ["127.0.0.1:{port}"]
 [cache]
-dir = "{tmp}/cache"
+dir = "{cache_dir}"
 max_size = "10G"
 [registry]
 certs_dir = "{tmp}/certs.d"
@@ -419,8 +508,17 @@ def main():
     # minutes after a large deletion nearby (each run deletes ~17,000 files), and that
     # dominates both sides' unpack times.
     ap.add_argument("--work-dir", default="/var/tmp",
-                    help="parent of the temp dir holding berth's cache and the alternative's work")
+                    help="parent of the temp dir holding berth's cache and the alternative's work "
+                         "(and, with --fresh-fs, of the filesystem image files)")
+    ap.add_argument("--fresh-fs", action=argparse.BooleanOptionalAction, default=True,
+                    help="give every measurement its own freshly made loop-mounted ext4 "
+                         "(default); --no-fresh-fs: both sides share one temp dir as before")
+    ap.add_argument("--fs-size", default="3G",
+                    help="size of each --fresh-fs sparse image file (default 3G)")
     args = ap.parse_args()
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    fs_size = (int(args.fs_size[:-1]) * units[args.fs_size[-1].upper()]
+               if args.fs_size[-1:].upper() in units else int(args.fs_size))
     if os.geteuid() != 0:
         sys.exit("run as root (berth --config is root-only)")
     berth = os.path.abspath(args.berth)
@@ -434,6 +532,14 @@ def main():
 
     tmp = tempfile.mkdtemp(prefix="berth-bench-fetch-", dir=args.work_dir)
     reg = None
+    fresh = FreshFs(args.work_dir, tmp, fs_size) if args.fresh_fs else None
+
+    def on_term(signum, frame):  # SIGTERM/SIGHUP: unwind through the finally below
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, on_term)
+    # Also when started in the background of a script, where SIGINT comes in ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGHUP, on_term)
     try:
         reg, port = start_registry(tmp)
         ref = f"127.0.0.1:{port}/bench/big"
@@ -444,13 +550,33 @@ def main():
             log(f"pushed {ref}:{tag} ({fmt}) in {dt:.1f} s")
         _, r = timed(["skopeo", "inspect", "--tls-verify=false", f"docker://{ref}:latest"])
         digest = json.loads(r.stdout)["Digest"]
-        cfg = write_berth_config(tmp, port)
+        cache_dir = os.path.join(tmp, "cache")
+        cfg = write_berth_config(tmp, port, cache_dir)
         work = os.path.join(tmp, "work")
         bcmd = [berth, "--config", cfg]
+        current = {}  # side -> its mounted filesystem (the last one stays for the checks)
+
+        def new_fs(who):
+            """--fresh-fs: unmounts and deletes `who`'s previous filesystem, makes its next
+            one, and points `who`'s working area at it (berth: a rewritten config)."""
+            nonlocal cache_dir, work
+            if who in current:
+                fresh.release(current.pop(who))
+            current[who] = fresh.make(who)
+            if who == "berth":
+                cache_dir = os.path.join(current[who], "cache")
+                write_berth_config(tmp, port, cache_dir)
+            else:
+                work = os.path.join(current[who], "work")
 
         def run_berth():
+            if fresh:
+                new_fs("berth")
+            # Flush (not drop) what the previous measurement (and mkfs) left dirty, so its
+            # writeback is not billed to this one.
+            sh("sync")
             timed(bcmd + ["prune", "--all"])
-            shutil.rmtree(os.path.join(tmp, "cache"), ignore_errors=True)
+            shutil.rmtree(cache_dir, ignore_errors=True)
             dt, out, err, rss, phases = timed_berth_fetch(bcmd + ["fetch", f"{ref}:latest"])
             berth_rss.append(rss)
             berth_phases.append(phases)
@@ -459,6 +585,9 @@ def main():
         facts, alt_rss = {}, []
 
         def run_alt():
+            if fresh:
+                new_fs("alt")
+            sh("sync")  # as in run_berth
             shutil.rmtree(work, ignore_errors=True)
             os.makedirs(work)
             t = {}
@@ -486,9 +615,6 @@ def main():
         for i in range(args.runs):
             order = ("berth", "alt") if i % 2 == 0 else ("alt", "berth")
             for who in order:
-                # Flush (not drop) what the previous measurement left dirty, so its writeback
-                # is not billed to the next one.
-                sh("sync")
                 if who == "berth" and not args.no_berth:
                     dt, sif, berth_err = run_berth()
                     berth_t.append(dt)
@@ -528,7 +654,10 @@ def main():
         print(f"Image: {ref}:latest ({args.format} manifest), {nlayers} layers, "
               f"{mib(layer_bytes):.0f} MiB of gzip layers, rootfs {mib(int(du)):.0f} MiB "
               f"in {nfiles} entries; {CPUS} CPUs; medians of {args.runs} cold runs "
-              f"(interleaved, page cache as is) and {args.warm_runs} warm fetches.")
+              f"(interleaved, page cache as is, "
+              + (f"each on its own fresh {args.fs_size} loop-mounted ext4" if fresh
+                 else "shared work dir (--no-fresh-fs)")
+              + f") and {args.warm_runs} warm fetches.")
         print()
         print("| stage | alternative s | berth s |")
         print("|---|---:|---:|")
@@ -576,10 +705,14 @@ def main():
         if reg is not None:
             reg.kill()
             reg.wait()
+        if fresh is not None:
+            fresh.release_all()  # before anything is removed: never rmtree into a mount
         if args.keep:
-            log(f"kept {tmp}")
-        else:
+            log(f"kept {tmp}" + (" (the fresh filesystems are gone)" if fresh else ""))
+        elif fresh is None or not fresh.live:
             shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            log(f"left {tmp}: still mounted under it: {list(fresh.live)}")
 
 
 if __name__ == "__main__":
