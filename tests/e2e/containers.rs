@@ -8,19 +8,13 @@
 //! the leftover checks look at the whole node.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use berth_e2e::{as_root, unique_name, wait_until, write_user_file, Cluster, Cmd, Run};
+use berth_e2e::{as_root, serial, unique_name, wait_until, write_user_file, Cluster, Cmd, Run};
 
 /// What `/etc/os-release` of the test images says and the host's does not: `up` writes the
 /// image's registry into it.
 const IMAGE_MARK: &str = "localhost:5000";
-
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// `srun` as the test user with `args` after it.
 fn srun(args: &[&str]) -> Run {

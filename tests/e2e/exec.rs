@@ -9,10 +9,10 @@
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use berth_e2e::{unique_name, wait_until};
+use berth_e2e::{serial, unique_name, wait_until};
 
 const USER: &str = "berthtest";
 const UID: &str = "1100";
@@ -21,11 +21,6 @@ fn berth() -> PathBuf {
     std::env::var_os("BERTH_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/berth"))
-}
-
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The images of this run, in a world-readable directory.

@@ -16,6 +16,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Where `tests/cluster/up` records what it started (shell `KEY=VALUE` lines).
@@ -673,6 +674,14 @@ pub fn write_user_file(cluster: &Cluster, path: &Path, contents: &str, mode: u32
     let uid = cluster.uid();
     std::os::unix::fs::chown(path, Some(uid), Some(uid))
         .unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
+}
+
+/// Holds the lock that runs a suite's tests one at a time: they share the one node (two CPUs)
+/// and count the test user's processes and mounts, so two at once would see each other's
+/// work. Each suite is its own test binary, so each has its own lock.
+pub fn serial() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Polls `pred` every 100 ms until it holds (true) or `limit` passes (false).
