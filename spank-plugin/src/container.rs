@@ -15,14 +15,12 @@
 
 use std::path::PathBuf;
 
+use berth_sys::memfd::SpecHandle;
+
 use crate::error::Error;
 use crate::launcher::Holder;
 use crate::options::{Access, ContainerOptions};
 use crate::spank::Spank;
-
-/// The name `berth start` gives the memfd holding the spec (launcher's `handle.rs`): a pid
-/// reused by another process cannot pass for the holder.
-const SPEC_MEMFD: &str = "/memfd:berth-spec";
 
 /// A bind the node adds to the user's own (the batch script's directory, the PMIx server's).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,19 +158,14 @@ impl StepContainer {
     }
 
     fn read_spec(&self) -> Result<Spec, Error> {
-        let (pid, fd) = (self.holder.pid, self.holder.spec_fd);
-        let path = PathBuf::from(format!("/proc/{pid}/fd/{fd}"));
-        let failed = |what: &str, e: &dyn std::fmt::Display| Error::JoinFailed {
-            detail: format!("{what} {}: {e}", path.display()),
+        let handle = SpecHandle {
+            pid: self.holder.pid,
+            fd: self.holder.spec_fd,
         };
-        let target = std::fs::read_link(&path).map_err(|e| failed("reading", &e))?;
-        if !target.to_string_lossy().starts_with(SPEC_MEMFD) {
-            return Err(failed(
-                "checking",
-                &format!("it is {}, not the container's spec", target.display()),
-            ));
-        }
-        let bytes = std::fs::read(&path).map_err(|e| failed("reading", &e))?;
+        let failed = |what: &str, e: &dyn std::fmt::Display| Error::JoinFailed {
+            detail: format!("{what} the spec of container {handle}: {e}"),
+        };
+        let bytes = handle.read().map_err(|e| failed("reading", &e))?;
         serde_json::from_slice(&bytes).map_err(|e| failed("parsing", &e))
     }
 }

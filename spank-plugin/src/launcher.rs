@@ -25,6 +25,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use berth_sys::memfd::SpecHandle;
+
 use crate::error::Error;
 
 /// How long a launcher call may take. A registry lookup through a slow proxy takes seconds;
@@ -157,7 +159,9 @@ impl Launcher {
             &|out: &[Vec<u8>; 2]| out[0].contains(&b'\n'),
         );
         let handle = String::from_utf8_lossy(&output[0]).into_owned();
-        if let (Ok(()), Some((pid, spec_fd))) = (&read, parse_handle(first_line(&handle))) {
+        if let (Ok(()), Some(SpecHandle { pid, fd: spec_fd })) =
+            (&read, SpecHandle::parse(first_line(&handle)))
+        {
             let pidfd = berth_sys::process::PidFd::open(pid).map_err(|e| Error::StartFailed {
                 command: self.command_line(&args),
                 detail: format!("the holder {pid} ended at once ({e})"),
@@ -365,12 +369,6 @@ fn anonymous_file() -> std::io::Result<File> {
 }
 
 /// `PID:FD` as `berth start` prints it.
-fn parse_handle(line: &str) -> Option<(i32, i32)> {
-    let (pid, fd) = line.split_once(':')?;
-    let (pid, fd) = (pid.parse().ok()?, fd.parse().ok()?);
-    (pid > 0 && fd >= 0).then_some((pid, fd))
-}
-
 /// SIGKILLs the process group `child` leads (it was spawned with process_group(0)); the
 /// group cannot be reused before the child is reaped.
 fn kill_group(child: &Child) {

@@ -1,8 +1,10 @@
 //! Sealed memory files: how a `berth start` holder publishes its container's spec to
 //! joiners (readable by the same user through `/proc/PID/fd/N`, unchangeable once sealed).
 
+use std::ffi::CStr;
 use std::io::Write;
 use std::os::fd::OwnedFd;
+use std::path::PathBuf;
 
 use nix::fcntl::{FcntlArg, SealFlag};
 use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
@@ -33,10 +35,95 @@ pub fn sealed(name: &std::ffi::CStr, bytes: &[u8]) -> Result<OwnedFd> {
     Ok(file.into())
 }
 
+/// The name of the memfd a `berth start` holder publishes its container's spec in. Joiners
+/// check it, so a stale handle (a reused pid) never reads another process's descriptor.
+pub const SPEC_NAME: &CStr = c"berth-spec";
+
+/// The handle `berth start` prints and the SPANK plugin keeps: `PID:FD`, the holder whose
+/// namespaces joiners enter and its sealed memfd holding the container's OCI spec, which the
+/// same user reads through `/proc/PID/fd/FD`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpecHandle {
+    pub pid: i32,
+    pub fd: i32,
+}
+
+impl SpecHandle {
+    /// Parses `PID:FD` (surrounding whitespace allowed); `None` if it is not one.
+    pub fn parse(text: &str) -> Option<SpecHandle> {
+        let (pid, fd) = text.trim().split_once(':')?;
+        let (pid, fd) = (pid.parse().ok()?, fd.parse().ok()?);
+        (pid > 0 && fd >= 0).then_some(SpecHandle { pid, fd })
+    }
+
+    fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/fd/{}", self.pid, self.fd))
+    }
+
+    /// Checks that the handle still names a holder's spec memfd.
+    pub fn check(&self) -> std::io::Result<()> {
+        let target = std::fs::read_link(self.path())?;
+        let expected = format!("/memfd:{}", SPEC_NAME.to_string_lossy());
+        if target.to_string_lossy().starts_with(&expected) {
+            Ok(())
+        } else {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("it is {}, not a berth container's spec", target.display()),
+            ))
+        }
+    }
+
+    /// The spec's bytes (JSON), after [`SpecHandle::check`].
+    pub fn read(&self) -> std::io::Result<Vec<u8>> {
+        self.check()?;
+        std::fs::read(self.path())
+    }
+}
+
+impl std::fmt::Display for SpecHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.pid, self.fd)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::fd::AsRawFd;
+
+    fn own(fd: &impl AsRawFd) -> SpecHandle {
+        SpecHandle {
+            pid: std::process::id() as i32,
+            fd: fd.as_raw_fd(),
+        }
+    }
+
+    #[test]
+    fn parses_pid_colon_fd() {
+        assert_eq!(
+            SpecHandle::parse("123:4\n"),
+            Some(SpecHandle { pid: 123, fd: 4 })
+        );
+        assert_eq!(SpecHandle { pid: 123, fd: 4 }.to_string(), "123:4");
+        for bad in ["", "123", "x:4", "0:4", "12:-1", "1:2:3"] {
+            assert_eq!(SpecHandle::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn reads_a_spec_memfd_and_refuses_any_other_descriptor() {
+        let spec = sealed(SPEC_NAME, b"{}").unwrap();
+        assert_eq!(own(&spec).read().unwrap(), b"{}");
+        let other = sealed(c"other", b"{}").unwrap();
+        let err = own(&other).read().unwrap_err();
+        assert!(
+            err.to_string().contains("not a berth container's spec"),
+            "{err}"
+        );
+        let null = std::fs::File::open("/dev/null").unwrap();
+        assert!(own(&null).check().is_err());
+    }
 
     #[test]
     fn content_is_readable_through_proc_and_cannot_change() {

@@ -7,7 +7,7 @@ use super::exec::{build_spec, print_spec, ContainerArgs};
 use super::Globals;
 use crate::cache;
 use crate::config::Config;
-use crate::container::{self, handle::Handle};
+use crate::container::{self, handle};
 use crate::{Error, Result};
 
 #[derive(Debug, clap::Args)]
@@ -45,14 +45,14 @@ pub fn run_start(a: StartArgs, g: &Globals) -> Result<i32> {
 
 /// Sends SIGTERM to the holder and waits (bounded) until it has torn the container down.
 pub fn run_stop(a: StopArgs, _g: &Globals) -> Result<i32> {
-    let h = Handle::parse(&a.handle)?;
+    let h = handle::parse(&a.handle)?;
     let sys = |what| move |source| Error::Container { what, source };
     // The pidfd first, then the check: the signal then reaches the process we checked.
     let pidfd = berth_sys::process::PidFd::open(h.pid).map_err(|e| Error::HandleGone {
         handle: h.to_string(),
         source: std::io::Error::from_raw_os_error(e.raw_os_error().unwrap_or(libc::ESRCH)),
     })?;
-    h.check()?;
+    handle::check(&h)?;
     pidfd
         .signal(berth_sys::process::Signal::SIGTERM)
         .map_err(sys("signalling the holder"))?;

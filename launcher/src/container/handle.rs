@@ -5,65 +5,32 @@
 //! keep it in the job's environment.
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::PathBuf;
 
+use berth_sys::memfd::{SpecHandle, SPEC_NAME};
 use oci_spec::runtime::Spec;
 
 use crate::{Error, Result};
 
-/// The memfd name joiners check, so a stale handle never reads some other process's fd.
-const MEMFD_NAME: &std::ffi::CStr = c"berth-spec";
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Handle {
-    pub pid: i32,
-    pub fd: i32,
+/// Parses a handle as given on the command line.
+pub fn parse(text: &str) -> Result<SpecHandle> {
+    SpecHandle::parse(text).ok_or_else(|| Error::BadHandle(text.into()))
 }
 
-impl Handle {
-    pub fn parse(s: &str) -> Result<Handle> {
-        let bad = || Error::BadHandle(s.into());
-        let (pid, fd) = s.trim().split_once(':').ok_or_else(bad)?;
-        let pid: i32 = pid.parse().map_err(|_| bad())?;
-        let fd: i32 = fd.parse().map_err(|_| bad())?;
-        if pid <= 0 || fd < 0 {
-            return Err(bad());
-        }
-        Ok(Handle { pid, fd })
-    }
-
-    fn fd_path(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/{}/fd/{}", self.pid, self.fd))
-    }
-
-    /// Checks the handle still names a berth holder (a pid can be reused).
-    pub fn check(&self) -> Result<()> {
-        let gone = |source| Error::HandleGone {
-            handle: self.to_string(),
-            source,
-        };
-        let target = std::fs::read_link(self.fd_path()).map_err(gone)?;
-        let expected = format!("/memfd:{}", MEMFD_NAME.to_string_lossy());
-        if !target.to_string_lossy().starts_with(&expected) {
-            return Err(gone(std::io::Error::from_raw_os_error(libc::ESRCH)));
-        }
-        Ok(())
-    }
-
-    /// The held container's spec.
-    pub fn read_spec(&self) -> Result<Spec> {
-        self.check()?;
-        let bytes = std::fs::read(self.fd_path()).map_err(|source| Error::HandleGone {
-            handle: self.to_string(),
-            source,
-        })?;
-        serde_json::from_slice(&bytes).map_err(Error::Spec)
-    }
+/// Checks the handle still names a berth holder (a pid can be reused).
+pub fn check(h: &SpecHandle) -> Result<()> {
+    h.check().map_err(|source| gone(h, source))
 }
 
-impl std::fmt::Display for Handle {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.pid, self.fd)
+/// The held container's spec.
+pub fn read_spec(h: &SpecHandle) -> Result<Spec> {
+    let bytes = h.read().map_err(|source| gone(h, source))?;
+    serde_json::from_slice(&bytes).map_err(Error::Spec)
+}
+
+fn gone(h: &SpecHandle, source: std::io::Error) -> Error {
+    Error::HandleGone {
+        handle: h.to_string(),
+        source,
     }
 }
 
@@ -71,11 +38,11 @@ impl std::fmt::Display for Handle {
 /// The returned fd must stay open for as long as the container is held.
 pub fn publish(spec: &Spec) -> Result<OwnedFd> {
     let json = serde_json::to_vec(spec).map_err(Error::Spec)?;
-    let fd = berth_sys::memfd::sealed(MEMFD_NAME, &json).map_err(|source| Error::Container {
+    let fd = berth_sys::memfd::sealed(SPEC_NAME, &json).map_err(|source| Error::Container {
         what: "publishing the spec",
         source,
     })?;
-    let handle = Handle {
+    let handle = SpecHandle {
         pid: std::process::id() as i32,
         fd: fd.as_raw_fd(),
     };
@@ -92,23 +59,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_pid_colon_fd() {
-        assert_eq!(
-            Handle::parse("123:4\n").unwrap(),
-            Handle { pid: 123, fd: 4 }
-        );
-        for bad in ["", "123", "x:4", "0:4", "12:-1", "1:2:3"] {
-            assert!(Handle::parse(bad).is_err(), "{bad}");
-        }
+    fn a_malformed_handle_names_the_expected_form() {
+        let err = parse("12").unwrap_err().to_string();
+        assert!(err.contains("expected PID:FD"), "{err}");
     }
 
     #[test]
     fn a_handle_to_a_non_berth_fd_is_refused() {
         let f = std::fs::File::open("/dev/null").unwrap();
-        let h = Handle {
+        let h = SpecHandle {
             pid: std::process::id() as i32,
             fd: f.as_raw_fd(),
         };
-        assert!(matches!(h.read_spec(), Err(Error::HandleGone { .. })));
+        assert!(matches!(read_spec(&h), Err(Error::HandleGone { .. })));
     }
 }

@@ -79,8 +79,8 @@ pub fn start(spec: &Spec, runtime: &RuntimeConfig) -> Result<i32> {
 /// Joins the container of `handle` and replaces this process with `argv` there (`berth exec
 /// --join`). Returns only on failure.
 pub fn join_exec(handle: &str, argv: Vec<String>, env: &[(String, String)]) -> Result<i32> {
-    let h = handle::Handle::parse(handle)?;
-    let mut spec = h.read_spec()?;
+    let h = handle::parse(handle)?;
+    let mut spec = handle::read_spec(&h)?;
     if let Some(p) = spec.process_mut() {
         let mut vars = p.env().clone().unwrap_or_default();
         for (k, v) in env {
