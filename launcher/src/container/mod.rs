@@ -82,11 +82,7 @@ pub fn join_exec(handle: &str, argv: Vec<String>, env: &[(String, String)]) -> R
     let h = handle::parse(handle)?;
     let mut spec = handle::read_spec(&h)?;
     if let Some(p) = spec.process_mut() {
-        let mut vars = p.env().clone().unwrap_or_default();
-        for (k, v) in env {
-            vars.retain(|kv| kv.split_once('=').map(|(key, _)| key) != Some(k.as_str()));
-            vars.push(format!("{k}={v}"));
-        }
+        let vars = spec::with_vars(p.env().as_deref().unwrap_or_default(), env);
         p.set_env(Some(vars));
         p.set_args(Some(argv));
     }

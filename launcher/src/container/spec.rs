@@ -235,26 +235,34 @@ fn workdir(config: &ImageConfig, opts: &Options, host: &Host) -> Result<PathBuf>
 /// TERM of the host user; then `--env`. Nothing else of the host's environment (LANG/LC_*
 /// notably) comes in unless named with `--env`.
 fn environment(config: &ImageConfig, opts: &Options, host: &Host) -> Vec<String> {
-    let mut env: Vec<(String, String)> = Vec::new();
-    let mut set = |k: &str, v: &str| match env.iter_mut().find(|(key, _)| key == k) {
-        Some(slot) => slot.1 = v.to_string(),
-        None => env.push((k.to_string(), v.to_string())),
-    };
-    for kv in &config.env {
-        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
-        set(k, v);
-    }
-    set("PATH", config.path());
     let home = host.home.as_deref().unwrap_or(Path::new("/"));
-    set("HOME", &home.display().to_string());
-    set("USER", &host.user);
+    let mut vars = vec![
+        ("PATH".to_string(), config.path().to_string()),
+        ("HOME".to_string(), home.display().to_string()),
+        ("USER".to_string(), host.user.clone()),
+    ];
     if let Some(term) = &host.term {
-        set("TERM", term);
+        vars.push(("TERM".to_string(), term.clone()));
     }
-    for (k, v) in &opts.env {
-        set(k, v);
+    vars.extend(opts.env.iter().cloned());
+    with_vars(&config.env, &vars)
+}
+
+/// `env` (`KEY=VALUE` strings) with each of `vars` set: replaced where the key is already
+/// there, appended otherwise, later ones winning.
+pub fn with_vars(env: &[String], vars: &[(String, String)]) -> Vec<String> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    let pairs = env.iter().map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k.to_string(), v.to_string())
+    });
+    for (k, v) in pairs.chain(vars.iter().cloned()) {
+        match out.iter_mut().find(|(key, _)| *key == k) {
+            Some(slot) => slot.1 = v,
+            None => out.push((k, v)),
+        }
     }
-    env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
+    out.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
 }
 
 fn mount(destination: &Path, typ: &str, source: &Path, options: &[&str]) -> Value {
@@ -375,6 +383,17 @@ mod tests {
             .iter()
             .map(|m| m.destination().display().to_string())
             .collect()
+    }
+
+    #[test]
+    fn with_vars_replaces_in_place_and_appends_new_keys() {
+        let env = ["A=1".to_string(), "B=2".to_string(), "C".to_string()];
+        let vars = [
+            ("B".to_string(), "x".to_string()),
+            ("D".to_string(), "4".to_string()),
+            ("B".to_string(), "y=z".to_string()),
+        ];
+        assert_eq!(with_vars(&env, &vars), ["A=1", "B=y=z", "C=", "D=4"]);
     }
 
     #[test]
