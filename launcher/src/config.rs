@@ -67,6 +67,15 @@ pub struct CacheConfig {
     pub dir: PathBuf,
     /// Evict least-recently-used images above this total, e.g. "10G", "500M".
     pub max_size: String,
+    /// Largest image root builds: refused before download when the layers' compressed sizes
+    /// add up to more, and while unpacking when the unpacked bytes do.
+    pub max_image_size: String,
+    /// Most tar entries (files, directories, links, whiteouts) one image may unpack.
+    pub max_entries: u64,
+    /// Longest path (bytes) a layer entry or hard-link target may have.
+    pub max_path_length: usize,
+    /// Most path components a layer entry or hard-link target may have.
+    pub max_path_depth: usize,
 }
 
 impl Default for CacheConfig {
@@ -74,6 +83,10 @@ impl Default for CacheConfig {
         CacheConfig {
             dir: PathBuf::from("/var/cache/berth"),
             max_size: "20G".into(),
+            max_image_size: "10G".into(),
+            max_entries: 1_000_000,
+            max_path_length: 4096,
+            max_path_depth: 256,
         }
     }
 }
@@ -90,6 +103,13 @@ pub struct RegistryConfig {
     pub retries: u32,
     /// Seconds without progress before a request is abandoned.
     pub timeout_secs: u64,
+    /// Hosts other than the registry (`host[:port]` or `*.domain`) that blob downloads may
+    /// be redirected to, e.g. a registry's CDN. Empty: blobs come from the registry only.
+    pub blob_hosts: Vec<crate::registry::HostPattern>,
+    /// Token services on another host than their registry that may receive the registry's
+    /// credentials from `auth_file` (`host[:port]` or `*.domain`). Others get anonymous
+    /// token requests.
+    pub token_hosts: Vec<crate::registry::HostPattern>,
 }
 
 impl Default for RegistryConfig {
@@ -99,6 +119,8 @@ impl Default for RegistryConfig {
             auth_file: PathBuf::from("/etc/berth/auth.json"),
             retries: 3,
             timeout_secs: 30,
+            blob_hosts: Vec::new(),
+            token_hosts: Vec::new(),
         }
     }
 }

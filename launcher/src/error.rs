@@ -178,6 +178,20 @@ pub enum Error {
     },
     #[error("layer {layer} is corrupt: {reason}; push the image again")]
     BadLayer { layer: String, reason: String },
+    /// An image over one of the `[cache]` limits on what root unpacks.
+    #[error("{what}, over the node's limit `[cache] {key} = {limit}`; berth refuses images this large (or hostile), so use a smaller image, or ask the site admins to raise {key} in /etc/berth/berth.toml")]
+    ImageLimit {
+        what: String,
+        key: &'static str,
+        limit: String,
+    },
+    /// A malformed entry in the `[registry]` section; reported inside the config error.
+    #[error("[registry] {key} entry `{value}`: {reason}")]
+    RegistryEntry {
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
     #[error("refused by the site policy: {reason}")]
     FetchDenied { reason: String },
     #[error("image cache {path}: {message}")]

@@ -12,6 +12,7 @@ pub mod process;
 #[cfg(any(test, feature = "recording"))]
 pub mod recording;
 pub mod rootfs;
+pub mod statfs;
 pub mod syscall;
 
 pub use error::{Error, Result};

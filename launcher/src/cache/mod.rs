@@ -1,18 +1,30 @@
-//! The node image cache: registry images converted to SIF files, keyed by manifest digest.
+//! The node image cache: registry images converted to SIF files, keyed by repository and
+//! manifest digest.
 //!
-//! Layout under `[cache] dir`:
+//! Layout under `[cache] dir` (`REPO` is the first 32 hex digits of the SHA-256 of
+//! `registry/repository`):
 //!
 //! ```text
-//! images/<manifest-hex>.sif   complete images only (0755 dir, 0644 files)
-//! locks/<manifest-hex>.lock   one build lock per image (0700; never deleted, see below)
-//! tmp/<manifest-hex>/         staging for a build: verified blobs, rootfs, image.sif (0700)
+//! images/<manifest-hex>-<REPO>.sif  complete images only (0755 dir, 0644 files)
+//! index/<index-hex>-<REPO>          symlink to the image this node runs for a multi-platform
+//!                                   index digest (0755 dir)
+//! locks/<manifest-hex>-<REPO>.lock  one build lock per image (0700; never deleted, see below)
+//! tmp/<manifest-hex>-<REPO>/        staging for a build: verified blobs, rootfs, image.sif
+//!                                   (0700)
 //! ```
 //!
-//! - Written only by its owner, root or a service identity; berth refuses a cache directory
-//!   owned by anyone else or writable by group/others.
+//! - Written only by its owner, root or a service identity; berth refuses a cache directory,
+//!   or any of the four above, owned by anyone else or writable by group/others.
+//! - Keyed by repository as well as digest: a hit needs the repository the request names,
+//!   which the policy has just approved, so `allowed/repo@sha256:D` never runs an image D
+//!   that was pulled through another repository (one the policy may since have dropped).
+//!   The same bytes pulled through two repositories are stored twice; that is rare.
+//! - A reference pinned to an index digest (what `berth resolve` prints for multi-platform
+//!   images) hits through `index/`, so `berth start` as the user needs no network either.
 //! - An image appears by `rename` of a synced SIF from `tmp/` into `images/`, then the
 //!   directory is synced, so a `kill -9` at any moment leaves either no entry or a complete
-//!   one. Leftover staging dirs are removed by the next fetch that can take their lock.
+//!   one. Leftover staging dirs are removed by the next build that can take their lock, best
+//!   effort: a leftover that cannot be removed is reported and never fails another build.
 //! - Concurrent fetches of one image serialise on its lock: the first downloads and builds,
 //!   the others wait and return the same path, so each blob is downloaded once per node.
 //!   Lock files are never deleted: unlinking a lock file another process is waiting on would
@@ -22,10 +34,14 @@
 //!   next to the conversion (see docs in ARCHITECTURE's measurements: pull 1.1 s vs convert
 //!   5-17 s for 300 MB). Staged blobs survive a crashed build of the same image, so a retry
 //!   downloads only what is missing.
+//! - What root builds is bounded (`[cache] max_image_size`, `max_entries`, path limits; see
+//!   `unpack`), and a build starts only with room for it on the file system, evicting
+//!   unused images first.
 //! - Least recently used images are evicted above `max_size` after each build. A SIF's mtime
-//!   is its last use (set on every fetch hit). Images in use are skipped: runners hold a
-//!   shared `flock` on the SIF (see [`open_for_run`]) and eviction takes it exclusively
-//!   without waiting.
+//!   is its last use (set on every fetch hit). Runners hold a shared `flock` on the SIF (see
+//!   [`open_for_run`]); eviction takes idle images first and then, if the cache is still too
+//!   big, images in use too. Any user can lock a 0644 SIF, so locks only order eviction and
+//!   never stop it; unlinking an open SIF leaves it readable by the squashfuse holding it.
 
 mod size;
 
@@ -35,16 +51,24 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
+use sha2::Digest as _;
+
 use crate::config::{CacheConfig, Config};
+use crate::image_config::ImageConfig;
 use crate::policy::{ImageRequest, Policy, Verdict};
 use crate::reference::{Digest, Reference};
-use crate::registry::manifest::parse_image_config;
+use crate::registry::manifest::{parse_image_config, Descriptor};
 use crate::registry::progress::{self, Progress};
 use crate::registry::{Client, ClientOptions, ResolvedImage};
-use crate::unpack::{self, Compression};
+use crate::unpack::{self, Budget, Compression, Limits};
 use crate::{sif, Error, Result};
 
 pub use size::{format_size, parse_size};
+
+/// Free space a build needs, as a multiple of the image's compressed size: the staged
+/// layers, the unpacked tree (typically 2-3 times the gzip size) and the SIF. An estimate:
+/// it refuses early what cannot fit, and a build that still runs out fails cleanly.
+const SPACE_FACTOR: u64 = 4;
 
 /// How `fetch_with` reports.
 #[derive(Debug, Clone, Default)]
@@ -65,25 +89,23 @@ pub fn fetch_with(config: &Config, image: &str, options: &FetchOptions) -> Resul
     // The policy decides before anything touches the network or the cache.
     let reference = approved_reference(&policy, image)?;
     let cache = Cache::open(&config.cache)?;
+    let repo = RepoKey::of(&reference);
     if let Some(digest) = &reference.digest {
-        if let Some(path) = cache.hit(digest)? {
+        if let Some(path) = cache.hit(&repo, digest)? {
             return Ok(path);
         }
     }
-    let redirect_allowed = |host: &str| policy.allows_host(host);
-    let mut client = client_for(
-        config,
-        &policy,
-        &reference,
-        &redirect_allowed,
-        options.quiet,
-    )?;
+    let mut client = client_for(config, &policy, &reference, options.quiet)?;
     let resolved = client.resolve(&reference)?;
-    if let Some(path) = cache.hit(&resolved.manifest_digest)? {
-        return Ok(path);
-    }
-    cache.require_writable(&reference)?;
-    cache.build(&mut client, &reference, &resolved, options)
+    let path = match cache.hit(&repo, &resolved.manifest_digest)? {
+        Some(path) => path,
+        None => {
+            cache.require_writable(&reference)?;
+            cache.build(&mut client, &reference, &repo, &resolved, options)?
+        }
+    };
+    cache.record_index(&repo, &resolved)?;
+    Ok(path)
 }
 
 /// Resolves `image` to its digest-pinned reference (`host/repo@sha256:...`): the digest of
@@ -92,8 +114,7 @@ pub fn fetch_with(config: &Config, image: &str, options: &FetchOptions) -> Resul
 pub fn resolve(config: &Config, image: &str) -> Result<Reference> {
     let policy = Policy::new(&config.policy);
     let reference = approved_reference(&policy, image)?;
-    let redirect_allowed = |host: &str| policy.allows_host(host);
-    let mut client = client_for(config, &policy, &reference, &redirect_allowed, true)?;
+    let mut client = client_for(config, &policy, &reference, true)?;
     let fetched = client.manifest(&reference.repository, &reference)?;
     Ok(Reference {
         tag: None,
@@ -102,20 +123,18 @@ pub fn resolve(config: &Config, image: &str) -> Result<Reference> {
 }
 
 /// A registry client for `reference` under the site policy: plain HTTP only where the
-/// policy allows it, redirects only to approved hosts.
-fn client_for<'a>(
+/// policy allows it.
+fn client_for(
     config: &Config,
     policy: &Policy,
     reference: &Reference,
-    redirect_allowed: &'a dyn Fn(&str) -> bool,
     quiet: bool,
-) -> Result<Client<'a>> {
+) -> Result<Client> {
     Client::new(
         &config.registry,
         &reference.registry,
         ClientOptions {
             plain_http: policy.allows_plain_http(&reference.registry),
-            redirect_allowed,
             quiet,
         },
     )
@@ -140,7 +159,7 @@ fn approved_reference(policy: &Policy, image: &str) -> Result<Reference> {
 }
 
 /// Opens a cached SIF for running and holds a shared lock on it for as long as the returned
-/// `File` lives, so eviction leaves it alone.
+/// `File` lives, so eviction takes other images first.
 pub fn open_for_run(path: &Path) -> Result<File> {
     let file = File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
     file.lock_shared()
@@ -159,7 +178,7 @@ pub fn open_for_run(path: &Path) -> Result<File> {
 
 /// An image ready for `berth exec` / `berth start`: a local file as given, or a registry
 /// image fetched into the node cache and held under a shared lock (see [`open_for_run`]) for
-/// as long as this value lives, so eviction never removes an image a container runs from.
+/// as long as this value lives, so eviction prefers other images.
 pub struct RunnableImage {
     pub path: PathBuf,
     _lock: Option<File>,
@@ -197,32 +216,53 @@ pub struct CachedImage {
     pub last_used: SystemTime,
 }
 
+/// The repository part of cache names: 32 hex digits of the SHA-256 of
+/// `registry/repository`, so names stay short and need no escaping.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepoKey(String);
+
+impl RepoKey {
+    pub fn of(reference: &Reference) -> RepoKey {
+        let full = format!("{}/{}", reference.registry, reference.repository);
+        RepoKey(hex::encode(sha2::Sha256::digest(full.as_bytes()))[..32].to_string())
+    }
+
+    /// The cache name of `digest` in this repository: `<hex>-<repo key>`.
+    fn name(&self, digest: &Digest) -> String {
+        format!("{}-{}", digest.hex(), self.0)
+    }
+}
+
+/// The subdirectories of the cache, with the mode berth creates them with.
+const SUBDIRS: [(&str, u32); 4] = [
+    ("images", 0o755),
+    ("index", 0o755),
+    ("locks", 0o700),
+    ("tmp", 0o700),
+];
+
 pub struct Cache {
     dir: PathBuf,
     max_size: u64,
+    limits: Limits,
     /// The caller owns the cache (root or the service identity) and may write it.
     writable: bool,
 }
 
 impl Cache {
-    /// Opens the cache, creating it when the caller may. Refuses a directory that someone
-    /// other than root or the caller owns, or that group or others can write: berth would
-    /// otherwise run images a user planted.
+    /// Opens the cache, creating it when the caller may. Refuses a directory (the cache or
+    /// one of its subdirectories) that someone other than root or the caller owns, or that
+    /// group or others can write: berth would otherwise run images a user planted.
     pub fn open(config: &CacheConfig) -> Result<Cache> {
         let max_size = parse_size(&config.max_size)?;
+        let limits = Limits::from_config(config)?;
         let dir = config.dir.clone();
         let euid = berth_sys::identity::effective_uid();
         if !dir.exists() && euid == 0 {
             make_dir(&dir, 0o755)?;
         }
-        let writable = match fs::symlink_metadata(&dir) {
+        let owner = match fs::symlink_metadata(&dir) {
             Ok(meta) => {
-                if !meta.is_dir() {
-                    return Err(cache_error(
-                        &dir,
-                        "not a directory (fix [cache] dir)".into(),
-                    ));
-                }
                 if meta.uid() != 0 && meta.uid() != euid {
                     return Err(cache_error(
                         &dir,
@@ -233,31 +273,32 @@ impl Cache {
                         ),
                     ));
                 }
-                if meta.mode() & 0o022 != 0 {
-                    return Err(cache_error(
-                        &dir,
-                        format!(
-                            "mode {:o} lets other users plant images (fix: chmod 755)",
-                            meta.mode() & 0o7777
-                        ),
-                    ));
-                }
-                meta.uid() == euid
+                check_dir(&dir, &meta, meta.uid(), 0o755)?;
+                Some(meta.uid())
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(Error::io(format!("reading {}", dir.display()), e)),
         };
-        let cache = Cache {
+        let writable = owner == Some(euid);
+        if let Some(owner) = owner {
+            for (name, mode) in SUBDIRS {
+                let sub = dir.join(name);
+                if writable {
+                    make_dir(&sub, mode)?;
+                }
+                match fs::symlink_metadata(&sub) {
+                    Ok(meta) => check_dir(&sub, &meta, owner, mode)?,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(Error::io(format!("reading {}", sub.display()), e)),
+                }
+            }
+        }
+        Ok(Cache {
             dir,
             max_size,
+            limits,
             writable,
-        };
-        if writable {
-            make_dir(&cache.images_dir(), 0o755)?;
-            make_dir(&cache.dir.join("locks"), 0o700)?;
-            make_dir(&cache.dir.join("tmp"), 0o700)?;
-        }
-        Ok(cache)
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -272,24 +313,70 @@ impl Cache {
         self.dir.join("images")
     }
 
-    /// Where the image with this manifest digest lives (whether or not it is there).
-    pub fn image_path(&self, digest: &Digest) -> PathBuf {
-        self.images_dir().join(format!("{}.sif", digest.hex()))
+    /// Where the image with this manifest digest, pulled through `repo`, lives (whether or
+    /// not it is there).
+    pub fn image_path(&self, repo: &RepoKey, digest: &Digest) -> PathBuf {
+        self.images_dir().join(format!("{}.sif", repo.name(digest)))
     }
 
-    /// The cached SIF for `digest`, marked as just used.
-    pub fn hit(&self, digest: &Digest) -> Result<Option<PathBuf>> {
-        let path = self.image_path(digest);
-        match File::open(&path) {
+    /// The cached SIF for `digest` (a manifest digest, or an index digest this node has
+    /// resolved before) pulled through `repo`, marked as just used.
+    pub fn hit(&self, repo: &RepoKey, digest: &Digest) -> Result<Option<PathBuf>> {
+        if let Some(path) = self.hit_image(&self.image_path(repo, digest))? {
+            return Ok(Some(path));
+        }
+        let link = self.dir.join("index").join(repo.name(digest));
+        let target = match fs::read_link(&link) {
+            Ok(target) => target,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(format!("reading {}", link.display()), e)),
+        };
+        // Only the file name counts, and only an image of the same repository.
+        let image = target
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".sif"))
+            .filter(|n| n.ends_with(&format!("-{}", repo.0)));
+        match image {
+            Some(name) => self.hit_image(&self.images_dir().join(format!("{name}.sif"))),
+            None => Err(cache_error(
+                &link,
+                format!(
+                    "points to {}, not an image of the same repository; remove it",
+                    target.display()
+                ),
+            )),
+        }
+    }
+
+    fn hit_image(&self, path: &Path) -> Result<Option<PathBuf>> {
+        match File::open(path) {
             Ok(file) => {
                 if self.writable {
                     file.set_modified(SystemTime::now())
                         .map_err(|e| Error::io(format!("marking {} used", path.display()), e))?;
                 }
-                Ok(Some(path))
+                Ok(Some(path.to_path_buf()))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(Error::io(format!("opening {}", path.display()), e)),
+        }
+    }
+
+    /// Records which image an index digest resolved to on this node, so that the same
+    /// pinned reference hits without the registry (as the user, too). The mapping never
+    /// changes for a node: an index digest names fixed bytes, and the platform is the node's.
+    fn record_index(&self, repo: &RepoKey, resolved: &ResolvedImage) -> Result<()> {
+        if !self.writable || resolved.target == resolved.manifest_digest {
+            return Ok(());
+        }
+        let link = self.dir.join("index").join(repo.name(&resolved.target));
+        let target =
+            Path::new("../images").join(format!("{}.sif", repo.name(&resolved.manifest_digest)));
+        match std::os::unix::fs::symlink(&target, &link) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(Error::io(format!("recording {}", link.display()), e)),
         }
     }
 
@@ -310,21 +397,14 @@ impl Cache {
     /// Downloads, verifies, unpacks and converts one image under its lock, then publishes it.
     fn build(
         &self,
-        client: &mut Client<'_>,
+        client: &mut Client,
         reference: &Reference,
+        repo: &RepoKey,
         resolved: &ResolvedImage,
         options: &FetchOptions,
     ) -> Result<PathBuf> {
         let digest = &resolved.manifest_digest;
         let pinned = reference.pinned(digest.clone());
-        let key = digest.hex();
-        let _lock = self.lock_image(key, &pinned, options.quiet)?;
-        // Another fetch may have built it while this one waited.
-        if let Some(path) = self.hit(digest)? {
-            return Ok(path);
-        }
-        self.clean_stale(key)?;
-
         let manifest = &resolved.manifest;
         let layers = manifest
             .layers
@@ -341,8 +421,22 @@ impl Cache {
                 Ok((l, l.digest()?, compression))
             })
             .collect::<Result<Vec<_>>>()?;
+        let total = layers
+            .iter()
+            .fold(0u64, |sum, (l, _, _)| sum.saturating_add(l.size));
+        // Before anything is downloaded: the blobs are verified against these sizes.
+        self.limits.check_download(&pinned.to_string(), total)?;
 
-        let staging = self.dir.join("tmp").join(key);
+        let key = repo.name(digest);
+        let _lock = self.lock_image(&key, &pinned, options.quiet)?;
+        // Another fetch may have built it while this one waited.
+        if let Some(path) = self.hit(repo, digest)? {
+            return Ok(path);
+        }
+        self.clean_stale(&key);
+        self.ensure_space(total.saturating_mul(SPACE_FACTOR), total, &pinned)?;
+
+        let staging = self.dir.join("tmp").join(&key);
         let blobs = staging.join("blobs");
         let rootfs = staging.join("rootfs");
         make_dir(&staging, 0o700)?;
@@ -355,7 +449,6 @@ impl Cache {
         image_config.manifest_digest = digest.to_string();
         image_config.source = reference.to_string();
 
-        let total: u64 = layers.iter().map(|(l, _, _)| l.size).sum();
         let mut pull = Progress::new(format!("pulling {pinned}"), total, options.quiet);
         for (layer, layer_digest, _) in &layers {
             let dest = blobs.join(layer_digest.hex());
@@ -367,8 +460,41 @@ impl Cache {
         }
         pull.finish();
 
+        let converted = self.convert(&layers, &staging, &image_config, &pinned, total, options);
+        if converted.is_err() {
+            // A refused or failed image must not keep its unpacked files (up to the image
+            // limit) on the node until the next build; the verified blobs stay for a retry.
+            if let Err(e) = remove_tree(&rootfs) {
+                warn(&format!("could not remove {}: {e}", rootfs.display()));
+            }
+        }
+        converted?;
+        let path = self.image_path(repo, digest);
+        fs::rename(staging.join("image.sif"), &path)
+            .map_err(|e| Error::io(format!("publishing {}", path.display()), e))?;
+        sync_dir(&self.images_dir())?;
+        remove_tree(&staging)?;
+        drop(_lock);
+
+        self.evict_to(self.max_size, Some(&path))?;
+        Ok(path)
+    }
+
+    /// Unpacks the layers staged in `staging/blobs` into `staging/rootfs` within the image
+    /// limits and builds `staging/image.sif`.
+    fn convert(
+        &self,
+        layers: &[(&Descriptor, Digest, Compression)],
+        staging: &Path,
+        image_config: &ImageConfig,
+        pinned: &Reference,
+        total: u64,
+        options: &FetchOptions,
+    ) -> Result<()> {
+        let (blobs, rootfs) = (staging.join("blobs"), staging.join("rootfs"));
+        let mut budget = Budget::new(self.limits.clone());
         let mut unpacking = Progress::new(format!("unpacking {pinned}"), total, options.quiet);
-        for (_, layer_digest, compression) in &layers {
+        for (_, layer_digest, compression) in layers {
             let path = blobs.join(layer_digest.hex());
             let file = File::open(&path)
                 .map_err(|e| Error::io(format!("opening blob {}", path.display()), e))?;
@@ -376,22 +502,49 @@ impl Cache {
                 inner: BufReader::with_capacity(256 << 10, file),
                 progress: &mut unpacking,
             };
-            unpack::apply_layer(&rootfs, counted, *compression, &layer_digest.to_string())?;
+            unpack::apply_layer(
+                &rootfs,
+                counted,
+                *compression,
+                &layer_digest.to_string(),
+                &mut budget,
+            )?;
         }
         unpacking.finish();
-
         progress::note(options.quiet, &format!("building squashfs for {pinned}"));
-        let staged_sif = staging.join("image.sif");
-        sif::create_from_dir(&staged_sif, &rootfs, &image_config)?;
-        let path = self.image_path(digest);
-        fs::rename(&staged_sif, &path)
-            .map_err(|e| Error::io(format!("publishing {}", path.display()), e))?;
-        sync_dir(&self.images_dir())?;
-        remove_tree(&staging)?;
-        drop(_lock);
+        sif::create_from_dir(&staging.join("image.sif"), &rootfs, image_config)
+    }
 
-        self.evict_to(self.max_size, Some(digest))?;
-        Ok(path)
+    /// Makes sure the cache's file system has `needed` bytes free for a build, evicting
+    /// unused images (least recently used first) when it has not.
+    fn ensure_space(&self, needed: u64, compressed: u64, image: &Reference) -> Result<()> {
+        let free = || {
+            berth_sys::statfs::available_bytes(&self.dir)
+                .map_err(|e| Error::io(format!("checking free space in {}", self.dir.display()), e))
+        };
+        let available = free()?;
+        if available >= needed {
+            return Ok(());
+        }
+        let cached: u64 = self.list()?.iter().map(|i| i.size).sum();
+        // Images in use free nothing when unlinked, so only idle ones go.
+        self.evict(cached.saturating_sub(needed - available), None, false)?;
+        let available = free()?;
+        if available >= needed {
+            return Ok(());
+        }
+        Err(cache_error(
+            &self.dir,
+            format!(
+                "not enough free space to build {image}: it needs about {} ({SPACE_FACTOR} × its \
+                 {} of compressed layers: the layers, the unpacked files and the SIF) and {} is \
+                 free after evicting unused images; free space on this file system, or move \
+                 [cache] dir to a bigger one",
+                format_size(needed),
+                format_size(compressed),
+                format_size(available)
+            ),
+        ))
     }
 
     /// Takes the image's build lock, saying so on stderr when another fetch holds it.
@@ -416,12 +569,15 @@ impl Cache {
 
     /// Removes staging left by killed fetches: any `tmp/` entry whose image lock is free.
     /// `own` is the image this process is building (its lock is held, its staging reused).
-    fn clean_stale(&self, own: &str) -> Result<()> {
+    /// Best effort: another image's leftovers must never fail this build, so what cannot be
+    /// removed is reported on stderr and left for an admin.
+    fn clean_stale(&self, own: &str) {
         let tmp = self.dir.join("tmp");
-        let entries =
-            fs::read_dir(&tmp).map_err(|e| Error::io(format!("listing {}", tmp.display()), e))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| Error::io(format!("listing {}", tmp.display()), e))?;
+        let entries = match fs::read_dir(&tmp) {
+            Ok(entries) => entries,
+            Err(e) => return warn(&format!("cannot list {}: {e}", tmp.display())),
+        };
+        for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             if name == own {
                 continue;
@@ -432,10 +588,14 @@ impl Cache {
                 Err(_) => true,
             };
             if free {
-                remove_tree(&entry.path())?;
+                if let Err(e) = remove_tree(&entry.path()) {
+                    warn(&format!(
+                        "cannot remove the leftover staging {}: {e}; remove it by hand",
+                        entry.path().display()
+                    ));
+                }
             }
         }
-        Ok(())
     }
 
     /// The complete images in the cache, least recently used first.
@@ -450,9 +610,11 @@ impl Cache {
         for entry in entries {
             let entry = entry.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(hex) = name.strip_suffix(".sif") else {
+            let Some(stem) = name.strip_suffix(".sif") else {
                 continue;
             };
+            // `<hex>-<repo key>`; older berth versions wrote `<hex>` alone.
+            let hex = stem.split_once('-').map_or(stem, |(hex, _)| hex);
             let algorithm = if hex.len() == 128 { "sha512" } else { "sha256" };
             let Ok(digest) = Digest::parse(&format!("{algorithm}:{hex}")) else {
                 continue;
@@ -473,9 +635,14 @@ impl Cache {
         Ok(images)
     }
 
-    /// Evicts least recently used images until the total is at most `max`, never `keep` and
-    /// never an image a runner holds open. Returns what was evicted.
-    pub fn evict_to(&self, max: u64, keep: Option<&Digest>) -> Result<Vec<CachedImage>> {
+    /// Evicts least recently used images until the total is at most `max`, never `keep`.
+    /// Idle images go first, then images in use (see the module doc). Returns what was
+    /// evicted.
+    pub fn evict_to(&self, max: u64, keep: Option<&Path>) -> Result<Vec<CachedImage>> {
+        self.evict(max, keep, true)
+    }
+
+    fn evict(&self, max: u64, keep: Option<&Path>, in_use_too: bool) -> Result<Vec<CachedImage>> {
         if !self.writable {
             return Err(cache_error(
                 &self.dir,
@@ -485,25 +652,64 @@ impl Cache {
         let images = self.list()?;
         let mut total: u64 = images.iter().map(|i| i.size).sum();
         let mut evicted = Vec::new();
+        let mut in_use = Vec::new();
         for image in images {
             if total <= max {
                 break;
             }
-            if Some(&image.digest) == keep {
+            if Some(image.path.as_path()) == keep {
                 continue;
             }
             let Ok(file) = File::open(&image.path) else {
                 continue;
             };
+            // Held while unlinking, so a runner that locks it next sees it gone (nlink 0).
             if file.try_lock().is_err() {
+                in_use.push(image);
                 continue;
             }
-            fs::remove_file(&image.path)
-                .map_err(|e| Error::io(format!("evicting {}", image.path.display()), e))?;
-            total -= image.size;
-            evicted.push(image);
+            total -= self.unlink(image, &mut evicted)?;
+        }
+        if in_use_too {
+            for image in in_use {
+                if total <= max {
+                    break;
+                }
+                total -= self.unlink(image, &mut evicted)?;
+            }
+        }
+        if !evicted.is_empty() {
+            self.sweep_index();
         }
         Ok(evicted)
+    }
+
+    /// Removes one image; returns the bytes it freed from the cache's total.
+    fn unlink(&self, image: CachedImage, evicted: &mut Vec<CachedImage>) -> Result<u64> {
+        match fs::remove_file(&image.path) {
+            Ok(()) => {}
+            // Another prune got there first.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(format!("evicting {}", image.path.display()), e)),
+        }
+        let size = image.size;
+        evicted.push(image);
+        Ok(size)
+    }
+
+    /// Removes `index/` entries whose image is gone. Best effort: a stale entry is only a
+    /// miss.
+    fn sweep_index(&self) {
+        let index = self.dir.join("index");
+        let Ok(entries) = fs::read_dir(&index) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            // `metadata` follows the link: NotFound means its image was evicted.
+            if entry.path().metadata().is_err() {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
     }
 }
 
@@ -521,6 +727,40 @@ impl<R: Read> Read for Counted<'_, R> {
     }
 }
 
+/// Refuses a cache directory that is not a plain directory (a symlink included), is owned
+/// by another uid than `owner`, or is writable by group or others.
+fn check_dir(path: &Path, meta: &fs::Metadata, owner: u32, mode: u32) -> Result<()> {
+    let fix = format!("chown {owner} {0} && chmod {mode:o} {0}", path.display());
+    if !meta.is_dir() {
+        return Err(cache_error(
+            path,
+            "not a directory (a symlink?); berth trusts only a real one (fix: remove it and \
+             let berth create it, or set [cache] dir)"
+                .into(),
+        ));
+    }
+    if meta.uid() != owner {
+        return Err(cache_error(
+            path,
+            format!(
+                "owned by uid {}, not by the cache's owner (uid {owner}); other users could \
+                 plant or swap images (fix: {fix})",
+                meta.uid()
+            ),
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(cache_error(
+            path,
+            format!(
+                "mode {:o} lets other users plant or swap images (fix: {fix})",
+                meta.mode() & 0o7777
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn make_dir(path: &Path, mode: u32) -> Result<()> {
     match fs::create_dir(path) {
         Ok(()) => fs::set_permissions(path, fs::Permissions::from_mode(mode))
@@ -536,36 +776,28 @@ fn make_dir(path: &Path, mode: u32) -> Result<()> {
     }
 }
 
-/// Removes a staging tree. Image directories may be read-only (mode 0555), which stops an
-/// unprivileged owner from deleting their contents, so directories are opened up first.
+/// Removes a staging tree through directory fds (see `unpack::remove_tree`), so that no
+/// depth or path length an image built can stop it.
 fn remove_tree(path: &Path) -> Result<()> {
-    let meta = match fs::symlink_metadata(path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(Error::io(format!("removing {}", path.display()), e)),
+    let io_error = |e| Error::io(format!("removing {}", path.display()), e);
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(io_error(std::io::Error::from(
+            std::io::ErrorKind::InvalidInput,
+        )));
     };
-    if meta.is_dir() {
-        if meta.mode() & 0o700 != 0o700 {
-            fs::set_permissions(path, fs::Permissions::from_mode(0o700))
-                .map_err(|e| Error::io(format!("removing {}", path.display()), e))?;
-        }
-        let entries =
-            fs::read_dir(path).map_err(|e| Error::io(format!("removing {}", path.display()), e))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| Error::io(format!("removing {}", path.display()), e))?;
-            remove_tree(&entry.path())?;
-        }
-        fs::remove_dir(path)
-    } else {
-        fs::remove_file(path)
-    }
-    .map_err(|e| Error::io(format!("removing {}", path.display()), e))
+    let parent = berth_sys::fs::Dir::open(parent).map_err(io_error)?;
+    unpack::remove_tree(&parent, std::os::unix::ffi::OsStrExt::as_bytes(name)).map_err(io_error)
 }
 
 fn sync_dir(path: &Path) -> Result<()> {
     File::open(path)
         .and_then(|d| d.sync_all())
         .map_err(|e| Error::io(format!("syncing {}", path.display()), e))
+}
+
+/// A problem berth works around, on stderr even when quiet: an admin should hear of it.
+fn warn(message: &str) {
+    eprintln!("berth: warning: {message}");
 }
 
 fn cache_error(path: &Path, message: String) -> Error {
@@ -578,11 +810,14 @@ fn cache_error(path: &Path, message: String) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
 
     fn config(dir: &Path, max: &str) -> CacheConfig {
         CacheConfig {
             dir: dir.to_path_buf(),
             max_size: max.into(),
+            ..CacheConfig::default()
         }
     }
 
@@ -590,8 +825,12 @@ mod tests {
         Digest::compute(crate::reference::DigestAlgorithm::Sha256, &[n])
     }
 
+    fn repo() -> RepoKey {
+        RepoKey::of(&Reference::parse("localhost:5000/x/y").unwrap())
+    }
+
     fn put(cache: &Cache, n: u8, size: usize, age_secs: u64) -> PathBuf {
-        let path = cache.image_path(&digest(n));
+        let path = cache.image_path(&repo(), &digest(n));
         fs::write(&path, vec![0u8; size]).unwrap();
         let when = SystemTime::now() - std::time::Duration::from_secs(age_secs);
         File::open(&path).unwrap().set_modified(when).unwrap();
@@ -599,7 +838,7 @@ mod tests {
     }
 
     #[test]
-    fn evicts_least_recently_used_but_not_images_in_use() {
+    fn evicts_least_recently_used_idle_images_first() {
         let dir = tempfile::tempdir().unwrap();
         let cache = Cache::open(&config(dir.path(), "10K")).unwrap();
         let oldest = put(&cache, 1, 4000, 300);
@@ -608,12 +847,56 @@ mod tests {
         let newest = put(&cache, 4, 4000, 0);
         let _running = open_for_run(&in_use).unwrap();
         // A hit makes `oldest` the most recently used.
-        assert_eq!(cache.hit(&digest(1)).unwrap(), Some(oldest.clone()));
-        let evicted = cache.evict_to(cache.max_size(), Some(&digest(4))).unwrap();
+        assert_eq!(
+            cache.hit(&repo(), &digest(1)).unwrap(),
+            Some(oldest.clone())
+        );
+        let evicted = cache.evict_to(cache.max_size(), Some(&newest)).unwrap();
         let evicted: Vec<_> = evicted.into_iter().map(|i| i.digest).collect();
         assert_eq!(evicted, vec![digest(3), digest(1)]);
         assert!(in_use.exists() && newest.exists() && !newer.exists() && !oldest.exists());
         assert_eq!(cache.list().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_users_lock_on_a_cached_image_does_not_stop_eviction() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(&config(dir.path(), "1M")).unwrap();
+        let locked = put(&cache, 1, 5000, 300);
+        let idle = put(&cache, 2, 5000, 200);
+        // What `flock -s SIF sleep 1000` by any user does: SIFs are world-readable.
+        let user = std::process::Command::new("flock")
+            .arg("-s")
+            .arg(&locked)
+            .args(["sleep", "30"])
+            .spawn()
+            .unwrap();
+        let mut user = scopeguard(user);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(
+            File::open(&locked).unwrap().try_lock().is_err(),
+            "not locked"
+        );
+        let evicted = cache.evict_to(0, None).unwrap();
+        // Idle images go first, and the locked one still goes.
+        let evicted: Vec<_> = evicted.into_iter().map(|i| i.digest).collect();
+        assert_eq!(evicted, vec![digest(2), digest(1)]);
+        assert!(!locked.exists() && !idle.exists());
+        user.0.kill().unwrap();
+    }
+
+    /// Kills and reaps a child when the test ends, failed or not.
+    struct Reaped(std::process::Child);
+
+    impl Drop for Reaped {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn scopeguard(child: std::process::Child) -> Reaped {
+        Reaped(child)
     }
 
     #[test]
@@ -628,6 +911,53 @@ mod tests {
     }
 
     #[test]
+    fn refuses_cache_subdirectories_others_can_write_or_that_are_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        Cache::open(&config(dir.path(), "1G")).unwrap();
+        for (sub, fix) in [
+            ("images", "chmod 755"),
+            ("index", "chmod 755"),
+            ("locks", "chmod 700"),
+            ("tmp", "chmod 700"),
+        ] {
+            let path = dir.path().join(sub);
+            for mode in [0o777, 0o775, 0o757] {
+                fs::set_permissions(&path, fs::Permissions::from_mode(mode)).unwrap();
+                let err = Cache::open(&config(dir.path(), "1G"))
+                    .err()
+                    .unwrap()
+                    .to_string();
+                assert!(
+                    err.contains(&path.display().to_string()) && err.contains(fix),
+                    "{sub} {mode:o}: {err}"
+                );
+            }
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o700)).unwrap();
+        }
+        Cache::open(&config(dir.path(), "1G")).unwrap();
+        // A symlink to a directory elsewhere is not the cache's own directory.
+        let elsewhere = tempfile::tempdir().unwrap();
+        fs::remove_dir(dir.path().join("images")).unwrap();
+        std::os::unix::fs::symlink(elsewhere.path(), dir.path().join("images")).unwrap();
+        let err = Cache::open(&config(dir.path(), "1G"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("not a directory"), "{err}");
+        if berth_sys::identity::effective_uid() == 0 {
+            // Owned by another user: refused even with a safe mode.
+            fs::remove_file(dir.path().join("images")).unwrap();
+            fs::create_dir(dir.path().join("images")).unwrap();
+            std::os::unix::fs::chown(dir.path().join("images"), Some(65534), None).unwrap();
+            let err = Cache::open(&config(dir.path(), "1G"))
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(err.contains("owned by uid 65534"), "{err}");
+        }
+    }
+
+    #[test]
     fn cleans_stale_staging_whose_lock_is_free() {
         let dir = tempfile::tempdir().unwrap();
         let cache = Cache::open(&config(dir.path(), "1G")).unwrap();
@@ -638,8 +968,296 @@ mod tests {
         fs::create_dir_all(&busy).unwrap();
         let reference = Reference::parse("localhost:5000/x:y").unwrap();
         let _held = cache.lock_image("bbbb", &reference, true).unwrap();
-        cache.clean_stale("cccc").unwrap();
+        cache.clean_stale("cccc");
         assert!(!dir.path().join("tmp/aaaa").exists());
         assert!(busy.exists());
+    }
+
+    /// A registry of one repository on loopback, plain HTTP: serves `documents` by request
+    /// path (manifests by tag or digest, blobs by digest) and records the paths asked for.
+    struct Registry {
+        host: String,
+        seen: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl Registry {
+        fn start(documents: HashMap<String, (String, Vec<u8>)>) -> Registry {
+            use std::io::{BufRead, Write};
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let host = format!("127.0.0.1:{}", listener.local_addr().unwrap().port());
+            let seen = Arc::new(Mutex::new(Vec::new()));
+            let log = Arc::clone(&seen);
+            // Ends with the test process; each test has its own.
+            std::thread::spawn(move || {
+                for stream in listener.incoming() {
+                    let Ok(stream) = stream else { continue };
+                    let mut reader = std::io::BufReader::new(&stream);
+                    let mut line = String::new();
+                    let _ = reader.read_line(&mut line);
+                    let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
+                    loop {
+                        let mut header = String::new();
+                        if reader.read_line(&mut header).unwrap_or(0) == 0 || header == "\r\n" {
+                            break;
+                        }
+                    }
+                    log.lock().unwrap().push(path.clone());
+                    let (status, kind, body) = match documents.get(&path) {
+                        Some((kind, body)) => ("200 OK", kind.as_str(), body.as_slice()),
+                        None => ("404 Not Found", "text/plain", &b"no"[..]),
+                    };
+                    let head = format!(
+                        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\n\
+                         Connection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = (&stream).write_all(head.as_bytes());
+                    let _ = (&stream).write_all(body);
+                }
+            });
+            Registry { host, seen }
+        }
+
+        fn requests(&self) -> usize {
+            self.seen.lock().unwrap().len()
+        }
+    }
+
+    /// One image in repository `repo`: a one-layer manifest, and an index over it when
+    /// `index` is set. Returns the documents to serve and (manifest digest, index digest).
+    fn image(
+        repo: &str,
+        marker: &str,
+        index: bool,
+    ) -> (HashMap<String, (String, Vec<u8>)>, Digest, Option<Digest>) {
+        let sha = |b: &[u8]| Digest::compute(crate::reference::DigestAlgorithm::Sha256, b);
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(marker.len() as u64);
+        h.set_mode(0o644);
+        tar.append_data(&mut h, "marker", marker.as_bytes())
+            .unwrap();
+        let layer = tar.into_inner().unwrap();
+        let config =
+            br#"{"architecture":"amd64","os":"linux","config":{"Cmd":["/marker"]}}"#.to_vec();
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{}","size":{}}}]}}"#,
+            sha(&config), config.len(), sha(&layer), layer.len()
+        ).into_bytes();
+        let manifest_digest = sha(&manifest);
+        let oci = |t: &str| format!("application/vnd.oci.image.{t}.v1+json");
+        let mut docs = HashMap::new();
+        docs.insert(
+            format!("/v2/{repo}/blobs/{}", sha(&config)),
+            ("application/octet-stream".into(), config.clone()),
+        );
+        docs.insert(
+            format!("/v2/{repo}/blobs/{}", sha(&layer)),
+            ("application/octet-stream".into(), layer.clone()),
+        );
+        docs.insert(
+            format!("/v2/{repo}/manifests/{manifest_digest}"),
+            (oci("manifest"), manifest.clone()),
+        );
+        let top = if index {
+            let platform = crate::registry::manifest::host_platform();
+            let variant = platform
+                .variant
+                .map(|v| format!(r#","variant":"{v}""#))
+                .unwrap_or_default();
+            let index = format!(
+                r#"{{"schemaVersion":2,"mediaType":"{}","manifests":[{{"mediaType":"{}","digest":"{manifest_digest}","size":{},"platform":{{"architecture":"{}","os":"linux"{variant}}}}}]}}"#,
+                oci("index"), oci("manifest"), manifest.len(), platform.architecture
+            ).into_bytes();
+            let index_digest = sha(&index);
+            docs.insert(
+                format!("/v2/{repo}/manifests/{index_digest}"),
+                (oci("index"), index.clone()),
+            );
+            docs.insert(
+                format!("/v2/{repo}/manifests/latest"),
+                (oci("index"), index),
+            );
+            Some(index_digest)
+        } else {
+            docs.insert(
+                format!("/v2/{repo}/manifests/latest"),
+                (oci("manifest"), manifest),
+            );
+            None
+        };
+        (docs, manifest_digest, top)
+    }
+
+    /// A configuration allowing `allowed` on `registry` (plain HTTP), with its cache in `dir`.
+    fn site(dir: &Path, registry: &str, allowed: &[&str]) -> Config {
+        let allowed: Vec<String> = allowed
+            .iter()
+            .map(|a| format!("\"{registry}/{a}\""))
+            .collect();
+        let text = format!(
+            "[policy]\nallowed = [{}]\nplain_http = [\"{registry}\"]\n[cache]\ndir = \"{}\"\n\
+             [registry]\nretries = 1\ntimeout_secs = 5\nauth_file = \"{}\"\n",
+            allowed.join(", "),
+            dir.join("cache").display(),
+            dir.join("no-auth.json").display(),
+        );
+        Config::from_toml(Path::new("test.toml"), &text).unwrap()
+    }
+
+    fn quiet(config: &Config, image: &str) -> Result<PathBuf> {
+        fetch_with(config, image, &FetchOptions { quiet: true })
+    }
+
+    #[test]
+    fn a_deep_leftover_staging_tree_does_not_stop_the_next_build() {
+        let (docs, manifest, _) = image("lab/good", "good", false);
+        let registry = Registry::start(docs);
+        let dir = tempfile::tempdir().unwrap();
+        let config = site(dir.path(), &registry.host, &["lab/*"]);
+        let cache = Cache::open(&config.cache).unwrap();
+        // The review's demo: a layer with a path deeper than PATH_MAX, then a refused entry,
+        // leaves its staging behind.
+        let rootfs = dir.path().join("cache/tmp/aaaa/rootfs");
+        fs::create_dir_all(&rootfs).unwrap();
+        let mut b = tar::Builder::new(Vec::new());
+        let deep = vec!["d".repeat(250); 40].join("/") + "/f";
+        let mut h = tar::Header::new_gnu();
+        h.set_size(1);
+        h.set_mode(0o644);
+        b.append_data(&mut h, &deep, &b"x"[..]).unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_size(0);
+        h.as_gnu_mut().unwrap().name[..4].copy_from_slice(b"../x");
+        h.set_cksum();
+        b.append(&h, &b""[..]).unwrap();
+        let layer = b.into_inner().unwrap();
+        let limits = Limits {
+            max_path_length: 1 << 20,
+            max_path_depth: 1 << 10,
+            ..cache.limits.clone()
+        };
+        unpack::apply_layer(
+            &rootfs,
+            layer.as_slice(),
+            Compression::None,
+            "sha256:evil",
+            &mut Budget::new(limits),
+        )
+        .unwrap_err();
+        drop(cache);
+
+        let path = quiet(&config, &format!("{}/lab/good:latest", registry.host)).unwrap();
+        assert_eq!(
+            path,
+            Cache::open(&config.cache).unwrap().image_path(
+                &RepoKey::of(&Reference::parse(&format!("{}/lab/good", registry.host)).unwrap()),
+                &manifest
+            )
+        );
+        assert_eq!(
+            fs::read_dir(dir.path().join("cache/tmp")).unwrap().count(),
+            0
+        );
+    }
+
+    #[test]
+    fn a_digest_cached_through_one_repository_is_not_served_for_another() {
+        let (mut docs, manifest, _) = image("lab/old", "old", false);
+        // The same image is also in lab/new, which the policy still allows.
+        let copies: Vec<_> = docs
+            .iter()
+            .map(|(k, v)| (k.replace("/lab/old/", "/lab/new/"), v.clone()))
+            .collect();
+        docs.extend(copies);
+        let registry = Registry::start(docs);
+        let dir = tempfile::tempdir().unwrap();
+        let before = site(dir.path(), &registry.host, &["lab/old", "lab/new"]);
+        let old = quiet(&before, &format!("{}/lab/old:latest", registry.host)).unwrap();
+        // The site drops lab/old. lab/new@D must not be lab/old's cached file: it is
+        // pulled through lab/new itself (from the registry) and cached apart.
+        let after = site(dir.path(), &registry.host, &["lab/new"]);
+        let seen = registry.requests();
+        let new = quiet(&after, &format!("{}/lab/new@{manifest}", registry.host)).unwrap();
+        assert_ne!(new, old);
+        assert!(
+            registry.requests() > seen,
+            "served from lab/old's cache entry"
+        );
+        let err = quiet(&after, &format!("{}/lab/old@{manifest}", registry.host)).unwrap_err();
+        assert!(matches!(err, Error::FetchDenied { .. }), "{err}");
+    }
+
+    #[test]
+    fn an_image_pinned_to_its_index_digest_hits_the_cache_without_the_registry() {
+        let (docs, manifest, index) = image("lab/multi", "multi", true);
+        let index = index.unwrap();
+        let registry = Registry::start(docs);
+        let dir = tempfile::tempdir().unwrap();
+        let config = site(dir.path(), &registry.host, &["lab/*"]);
+        let pinned = format!("{}/lab/multi@{index}", registry.host);
+        let path = quiet(&config, &pinned).unwrap();
+        assert!(
+            path.to_string_lossy().contains(manifest.hex()),
+            "{}",
+            path.display()
+        );
+        let seen = registry.requests();
+        assert_eq!(quiet(&config, &pinned).unwrap(), path);
+        assert_eq!(
+            registry.requests(),
+            seen,
+            "the second fetch asked the registry"
+        );
+        // The mapping goes with its image.
+        let cache = Cache::open(&config.cache).unwrap();
+        cache.evict_to(0, None).unwrap();
+        assert_eq!(
+            fs::read_dir(dir.path().join("cache/index"))
+                .unwrap()
+                .count(),
+            0
+        );
+    }
+
+    #[test]
+    fn an_image_over_the_size_limit_is_refused_before_download() {
+        let (docs, _, _) = image("lab/big", "big", false);
+        let registry = Registry::start(docs);
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = site(dir.path(), &registry.host, &["lab/*"]);
+        config.cache.max_image_size = "100".into();
+        let err = quiet(&config, &format!("{}/lab/big:latest", registry.host)).unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                Error::ImageLimit {
+                    key: "max_image_size",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let seen = registry.seen.lock().unwrap().clone();
+        assert!(seen.iter().all(|p| !p.contains("/blobs/")), "{seen:?}");
+    }
+
+    #[test]
+    fn a_build_that_cannot_fit_evicts_idle_images_and_then_refuses_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(&config(dir.path(), "1G")).unwrap();
+        let idle = put(&cache, 1, 1000, 10);
+        let image = Reference::parse("localhost:5000/x/y:z").unwrap();
+        cache.ensure_space(1000, 250, &image).unwrap();
+        assert!(idle.exists(), "evicted with room to spare");
+        let err = cache
+            .ensure_space(u64::MAX / 2, 1, &image)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("not enough free space") && err.contains("[cache] dir"),
+            "{err}"
+        );
+        assert!(!idle.exists(), "idle images are evicted first");
     }
 }

@@ -5,11 +5,18 @@
 //! checked before use: manifests and blobs against their digests (while streaming, for blobs),
 //! sizes against the manifest, and redirects against the site policy:
 //!
-//! - manifest and token requests follow a redirect only to the registry itself or to a host
-//!   the policy allows (they decide *what* runs, and may carry credentials);
-//! - blob requests may be redirected anywhere (registries hand out CDN or S3 URLs): the bytes
-//!   are verified against the digest from the manifest, and credentials are never sent to
-//!   another host.
+//! - manifest requests follow a redirect only within the request's own registry and
+//!   repository, token requests only within the token service's host (they decide *what*
+//!   runs, and may carry credentials);
+//! - blob requests may be redirected to the registry itself or, over HTTPS, to the hosts
+//!   the site lists in `[registry] blob_hosts` (registries hand out CDN or S3 URLs): nothing
+//!   else, so a registry cannot make the node (root) fetch internal URLs. The bytes are
+//!   verified against the digest from the manifest, and credentials never leave the
+//!   registry's origin;
+//! - the site's credentials go to a token service on another host than the registry only
+//!   when `[registry] token_hosts` lists it; elsewhere tokens are asked for anonymously;
+//! - text a registry sends (error bodies) reaches messages only summarised: short, and with
+//!   control characters escaped.
 //!
 //! TLS trusts the system roots plus the registry's own CA files from the containers layout
 //! (`<certs_dir>/HOST[:PORT]/*.crt`). Proxies come from `HTTPS_PROXY`/`HTTP_PROXY`/
@@ -17,6 +24,7 @@
 //! reported as the registry being down.
 
 pub mod auth;
+mod hosts;
 pub mod manifest;
 pub mod progress;
 
@@ -29,9 +37,10 @@ use ureq::http::{HeaderMap, Response};
 use ureq::Body;
 
 use crate::config::RegistryConfig;
-use crate::reference::{Digest, DigestAlgorithm, Reference};
+use crate::reference::{self, Digest, DigestAlgorithm, Reference};
 use crate::{Error, Result};
 use auth::{Challenge, Credentials};
+pub use hosts::HostPattern;
 use manifest::{Descriptor, ImageManifest, Manifest, MANIFEST_ACCEPT};
 use progress::Progress;
 
@@ -50,11 +59,9 @@ enum Purpose {
 }
 
 /// How a client may talk to its registry, decided by the caller from the site policy.
-pub struct ClientOptions<'a> {
+pub struct ClientOptions {
     /// The policy approved plain HTTP for this registry.
     pub plain_http: bool,
-    /// Whether a manifest or token request may be redirected to this host.
-    pub redirect_allowed: &'a dyn Fn(&str) -> bool,
     /// No progress lines on stderr.
     pub quiet: bool,
 }
@@ -78,7 +85,7 @@ pub struct ResolvedImage {
     pub manifest: ImageManifest,
 }
 
-pub struct Client<'a> {
+pub struct Client {
     registry: String,
     base: String,
     agent: ureq::Agent,
@@ -87,16 +94,14 @@ pub struct Client<'a> {
     auth_file: PathBuf,
     authorization: Option<String>,
     retries: u32,
-    options: ClientOptions<'a>,
+    blob_hosts: Vec<HostPattern>,
+    token_hosts: Vec<HostPattern>,
+    options: ClientOptions,
 }
 
-impl<'a> Client<'a> {
+impl Client {
     /// A client for `registry` (canonical `host[:port]`).
-    pub fn new(
-        config: &RegistryConfig,
-        registry: &str,
-        options: ClientOptions<'a>,
-    ) -> Result<Client<'a>> {
+    pub fn new(config: &RegistryConfig, registry: &str, options: ClientOptions) -> Result<Client> {
         let tls = ureq::tls::TlsConfig::builder()
             .root_certs(root_certs(&config.certs_dir, registry)?)
             .build();
@@ -128,6 +133,8 @@ impl<'a> Client<'a> {
             auth_file: config.auth_file.clone(),
             authorization: None,
             retries: config.retries.max(1),
+            blob_hosts: config.blob_hosts.clone(),
+            token_hosts: config.token_hosts.clone(),
             options,
         })
     }
@@ -429,7 +436,12 @@ impl<'a> Client<'a> {
                 if let Some(service) = service {
                     token_url.push_str(&format!("&service={}", query_escape(&service)));
                 }
-                let token = self.fetch_token(token_url, what)?;
+                // The site's credentials are for this registry: a token service elsewhere
+                // gets them only when the site says it serves this registry.
+                let realm_host = host_of(&realm);
+                let credentials = realm_host == host_of(&self.base)
+                    || hosts::any_matches(&self.token_hosts, &realm_host);
+                let token = self.fetch_token(token_url, credentials, what)?;
                 self.authorization = Some(format!("Bearer {token}"));
                 Ok(())
             }
@@ -439,11 +451,11 @@ impl<'a> Client<'a> {
         }
     }
 
-    fn fetch_token(&mut self, url: String, what: &str) -> Result<String> {
+    fn fetch_token(&mut self, url: String, credentials: bool, what: &str) -> Result<String> {
         // Credentials go to the token service only on the first request; `get` does not add
         // the registry's Authorization header to token requests.
         let mut request = self.agent.get(&url);
-        if let Some(creds) = &self.credentials {
+        if let (Some(creds), true) = (&self.credentials, credentials) {
             request = request.header("Authorization", creds.basic_header());
         }
         let resp = match request.call() {
@@ -503,21 +515,35 @@ impl<'a> Client<'a> {
         } else {
             return Err(self.error(format!("{what}: unsupported redirect to {location:?}")));
         };
-        if purpose == Purpose::Blob {
+        let allowed = match purpose {
+            // What runs is decided here: the registry's own answer for this repository.
+            Purpose::Manifest => {
+                origin(&next) == origin(&self.base) && repository_of(&next) == repository_of(from)
+            }
+            Purpose::Token => origin(&next) == origin(from),
+            Purpose::Blob => {
+                origin(&next) == origin(&self.base)
+                    || (next.starts_with("https://")
+                        && hosts::any_matches(&self.blob_hosts, &host_of(&next)))
+            }
+        };
+        if allowed {
             return Ok(next);
         }
-        let host = host_of(&next);
-        let same = host == host_of(&self.base);
-        let scheme_ok = next.starts_with("https://") || (same && self.options.plain_http);
-        if (same || (self.options.redirect_allowed)(&host)) && scheme_ok {
-            Ok(next)
-        } else {
-            Err(self.error(format!(
-                "{what}: refusing redirect to {}: the site policy does not approve that host \
-                 (ask the admins to allow it, or use the registry's own address)",
-                origin(&next)
-            )))
-        }
+        let fix = match purpose {
+            Purpose::Blob => {
+                "if it is the registry's CDN, the site admins can list that host in \
+                 `[registry] blob_hosts` (HTTPS only)"
+            }
+            Purpose::Manifest | Purpose::Token => {
+                "berth follows such redirects only within the registry (or token service) \
+                 itself; use the registry's own address"
+            }
+        };
+        Err(self.error(format!(
+            "{what}: refusing redirect to {}: {fix}",
+            reference::shown(&origin(&next))
+        )))
     }
 
     fn error(&self, message: String) -> Error {
@@ -654,7 +680,9 @@ fn read_small(resp: Response<Body>, what: &str) -> Result<Vec<u8>> {
         })
 }
 
-/// The registry's error text (`{"errors":[{"message":...}]}`), short, for messages.
+/// The registry's error text (`{"errors":[{"message":...}]}`) for messages: short, control
+/// characters escaped, and nothing of a body in another format (an HTML page, a proxy's
+/// answer) beyond its first line.
 fn error_detail(resp: Response<Body>) -> String {
     let body = resp
         .into_body()
@@ -673,15 +701,20 @@ fn error_detail(resp: Response<Body>) -> String {
         #[serde(default)]
         message: String,
     }
-    match serde_json::from_slice::<Errors>(&body) {
+    let text = match serde_json::from_slice::<Errors>(&body) {
         Ok(e) => e
             .errors
             .iter()
             .map(|i| format!("{} {}", i.code, i.message))
             .collect::<Vec<_>>()
             .join("; "),
-        Err(_) => String::from_utf8_lossy(&body).chars().take(200).collect(),
-    }
+        Err(_) => String::from_utf8_lossy(&body)
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string(),
+    };
+    reference::shown(text.trim())
 }
 
 fn header(headers: &HeaderMap, name: &str) -> Option<String> {
@@ -859,14 +892,13 @@ mod tests {
             auth_file,
             retries: 1,
             timeout_secs: 5,
+            ..RegistryConfig::default()
         };
-        let no_redirects = |_: &str| false;
         let mut client = Client::new(
             &config,
             &registry,
             ClientOptions {
                 plain_http: true,
-                redirect_allowed: &no_redirects,
                 quiet: true,
             },
         )
@@ -895,20 +927,16 @@ mod tests {
         );
     }
 
-    fn plain_client<'a>(
-        dir: &Path,
-        registry: &str,
-        redirect_allowed: &'a dyn Fn(&str) -> bool,
-    ) -> Client<'a> {
+    fn plain_client(dir: &Path, registry: &str) -> Client {
         let config = RegistryConfig {
             certs_dir: dir.to_path_buf(),
             auth_file: dir.join("no-auth.json"),
             retries: 1,
             timeout_secs: 5,
+            ..RegistryConfig::default()
         };
         let options = ClientOptions {
             plain_http: true,
-            redirect_allowed,
             quiet: true,
         };
         Client::new(&config, registry, options).unwrap()
@@ -931,8 +959,7 @@ mod tests {
         });
         let dir = tempfile::tempdir().unwrap();
         let registry = format!("127.0.0.1:{port}");
-        let no_redirects = |_: &str| false;
-        let mut client = plain_client(dir.path(), &registry, &no_redirects);
+        let mut client = plain_client(dir.path(), &registry);
         let reference = Reference::parse(&format!("{registry}/lab/img:latest")).unwrap();
         let err = client
             .manifest("lab/img", &reference)
@@ -941,7 +968,7 @@ mod tests {
         assert!(
             err.contains(&format!(
                 "refusing redirect to http://127.0.0.1:{elsewhere_port}"
-            )) && err.contains("the site policy does not approve that host"),
+            )) && err.contains("only within the registry"),
             "{err}"
         );
         server.join().unwrap();
@@ -976,8 +1003,7 @@ mod tests {
         });
         let dir = tempfile::tempdir().unwrap();
         let registry = format!("127.0.0.1:{port}");
-        let no_redirects = |_: &str| false;
-        let mut client = plain_client(dir.path(), &registry, &no_redirects);
+        let mut client = plain_client(dir.path(), &registry);
         let reference = Reference::parse(&format!("{registry}/lab/img:latest")).unwrap();
         let fetched = client.manifest("lab/img", &reference).unwrap();
         assert_eq!(fetched.digest, expected);

@@ -15,6 +15,10 @@
 //! - OCI whiteouts (`.wh.NAME`, `.wh..wh..opq`) are applied, not copied;
 //! - a file entry shorter than its header size (a truncated layer) is an error.
 //!
+//! Root unpacks registry images, so everything it would spend is bounded per image (see
+//! [`limits`]): bytes, entries, path length and depth, and the tar extension headers that
+//! the `tar` crate would otherwise read whole into memory.
+//!
 //! Modes are preserved. Ownership from the headers is applied only when berth runs as root
 //! (the cache writer in production); an unprivileged writer keeps its own uid, which is what
 //! an unprivileged container maps to anyway. Extended attributes are not applied.
@@ -29,6 +33,12 @@ use berth_sys::fs::{self as sysfs, Dir, EntryKind};
 use tar::EntryType;
 
 use crate::{Error, Result};
+
+mod limits;
+mod remove;
+
+pub use limits::{Budget, Limits, EXTENSION_LIMIT};
+pub use remove::remove_tree;
 
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const OPAQUE_WHITEOUT: &[u8] = b".wh..wh..opq";
@@ -74,7 +84,8 @@ pub struct LayerStats {
 }
 
 /// Applies one layer, decompressing it as `compression` says, onto the directory `root`.
-/// `layer` names the layer in error messages (e.g. its digest).
+/// `layer` names the layer in error messages (e.g. its digest). What the layer declares is
+/// charged to `budget`, the image's, and the layer is refused past its limits.
 ///
 /// Decompression runs on a second thread, so that inflating the stream (user CPU) overlaps
 /// with creating the files (kernel CPU): on a 2-core node that is most of the unpack time.
@@ -83,6 +94,7 @@ pub fn apply_layer(
     reader: impl Read + Send,
     compression: Compression,
     layer: &str,
+    budget: &mut Budget,
 ) -> Result<LayerStats> {
     let root_fd = Dir::open(root)
         .map_err(|e| Error::io(format!("opening unpack root {}", root.display()), e))?;
@@ -102,19 +114,25 @@ pub fn apply_layer(
         created: HashSet::new(),
         dirs: Vec::new(),
         stats: LayerStats::default(),
+        limits: budget.limits().clone(),
     };
-    std::thread::scope(|scope| {
+    let result = std::thread::scope(|scope| {
         let (tx, rx) = mpsc::sync_channel(CHUNKS_IN_FLIGHT);
         scope.spawn(move || decompress(decoder, &tx));
         // `run` consumes the receiver: when it stops early (a refused entry), the
         // decompressing thread's next send fails and it ends, so the scope can close.
-        applier.run(ChannelReader {
+        let stream = ChannelReader {
             rx,
             chunk: Vec::new(),
             pos: 0,
-        })
-    })?;
-    Ok(applier.stats)
+        };
+        applier.run(limits::TarGuard::new(stream, budget, layer))
+    });
+    // A limit the guard enforced reaches the applier as a bare I/O error: say which.
+    match (result, budget.take_refusal()) {
+        (Err(_), Some(refusal)) => Err(refusal),
+        (result, _) => result.map(|()| applier.stats),
+    }
 }
 
 /// The decompressing thread: reads `decoder` to the end (or its first error) in chunks.
@@ -177,6 +195,7 @@ struct Applier<'a> {
     /// not stop its own children from being written.
     dirs: Vec<(Vec<u8>, tar::Header)>,
     stats: LayerStats,
+    limits: Limits,
 }
 
 impl Applier<'_> {
@@ -214,11 +233,12 @@ impl Applier<'_> {
                 Err(self.refuse(&raw_path, "it would replace the image root"))
             };
         };
+        self.limits.check_path(self.layer, &path)?;
         let (parent, name) = self.open_parent(&path)?;
 
         if name == OPAQUE_WHITEOUT {
             // `parent` is the directory the marker sits in, the one to make opaque.
-            return self.remove_children(&parent, parent_of(&path), true);
+            return self.remove_lower_children(&parent, parent_of(&path));
         }
         if let Some(hidden) = name.strip_prefix(WHITEOUT_PREFIX) {
             if hidden.is_empty() || hidden == b"." || hidden == b".." {
@@ -281,6 +301,7 @@ impl Applier<'_> {
                 let target = normalise(&raw_target)
                     .map_err(|why| self.refuse(&raw_path, &format!("hard link target {why}")))?
                     .ok_or_else(|| self.refuse(&raw_path, "hard link to the image root"))?;
+                self.limits.check_path(self.layer, &target)?;
                 let (target_parent, target_name) = self.open_parent(&target)?;
                 match self.kind(&target_parent, target_name, &target)? {
                     None => {
@@ -398,11 +419,7 @@ impl Applier<'_> {
             None => Ok(()),
             Some(EntryKind::Directory) => {
                 self.last_parent = None;
-                let dir = self.open_child_dir(parent, name, path)?;
-                self.remove_children(&dir, path, false)?;
-                parent
-                    .remove_dir(name)
-                    .map_err(|e| self.io(path, "removing", e))
+                remove_tree(parent, name).map_err(|e| self.io(path, "removing", e))
             }
             Some(EntryKind::Other) => parent
                 .remove_file(name)
@@ -410,15 +427,15 @@ impl Applier<'_> {
         }
     }
 
-    /// Removes the children of `dir` (at `dir_path`). With `keep_created`, what this layer
-    /// itself added stays: an opaque whiteout hides only what lower layers put there.
-    fn remove_children(&mut self, dir: &Dir, dir_path: &[u8], keep_created: bool) -> Result<()> {
+    /// Removes the children of `dir` (at `dir_path`) except what this layer itself added:
+    /// an opaque whiteout hides only what lower layers put there.
+    fn remove_lower_children(&mut self, dir: &Dir, dir_path: &[u8]) -> Result<()> {
         let names = dir
             .entry_names()
             .map_err(|e| self.io(dir_path, "listing", e))?;
         for name in names {
             let child = join(dir_path, &name);
-            if !(keep_created && self.created.contains(&child)) {
+            if !self.created.contains(&child) {
                 self.remove(dir, &name, &child)?;
             }
         }
@@ -588,8 +605,18 @@ mod tests {
         }
     }
 
+    fn budget() -> Budget {
+        Budget::new(Limits::from_config(&crate::config::CacheConfig::default()).unwrap())
+    }
+
     fn apply(root: &Path, layer: Vec<u8>) -> Result<LayerStats> {
-        apply_layer(root, layer.as_slice(), Compression::None, "sha256:test")
+        apply_layer(
+            root,
+            layer.as_slice(),
+            Compression::None,
+            "sha256:test",
+            &mut budget(),
+        )
     }
 
     fn refused(root: &Path, layer: Vec<u8>, needle: &str) {
@@ -803,7 +830,7 @@ mod tests {
         let zst = zstd::stream::encode_all(plain.as_slice(), 3).unwrap();
         for (bytes, c) in [(gz, Compression::Gzip), (zst, Compression::Zstd)] {
             let root = tempfile::tempdir().unwrap();
-            apply_layer(root.path(), bytes.as_slice(), c, "l").unwrap();
+            apply_layer(root.path(), bytes.as_slice(), c, "l", &mut budget()).unwrap();
             assert_eq!(
                 std::fs::read_to_string(root.path().join("f")).unwrap(),
                 "hello"
@@ -814,5 +841,261 @@ mod tests {
             Some(Compression::Gzip)
         );
         assert_eq!(Compression::from_media_type("application/x-unknown"), None);
+    }
+
+    /// A reader of `len` zero bytes that counts how many were read, standing in for a
+    /// highly compressible payload without holding it in memory.
+    struct Zeros {
+        left: u64,
+        read: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    }
+
+    impl Read for Zeros {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.left.min(buf.len() as u64) as usize;
+            buf[..n].fill(0);
+            self.left -= n as u64;
+            self.read
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            Ok(n)
+        }
+    }
+
+    /// zstd of `header` followed by `size` zeros and the end of the archive, streamed: the
+    /// review's bombs (a 4 GiB file in 132 KB; a 3 GiB GNU long name in 99 KB).
+    fn bomb(header: &tar::Header, size: u64) -> Vec<u8> {
+        let zeros = Zeros {
+            left: size.div_ceil(512) * 512 + 1024,
+            read: Default::default(),
+        };
+        let stream = io::Cursor::new(header.as_bytes().to_vec()).chain(zeros);
+        zstd::stream::encode_all(stream, 3).unwrap()
+    }
+
+    fn small_limits() -> Limits {
+        Limits {
+            max_bytes: 64 << 20,
+            ..Limits::from_config(&crate::config::CacheConfig::default()).unwrap()
+        }
+    }
+
+    #[test]
+    fn a_decompression_bomb_is_refused_at_its_header() {
+        let mut h = tar::Header::new_gnu();
+        h.set_path("big").unwrap();
+        h.set_entry_type(EntryType::Regular);
+        h.set_size(4 << 30);
+        h.set_mode(0o644);
+        h.set_cksum();
+        let layer = bomb(&h, 4 << 30);
+        assert!(layer.len() < 1 << 20, "{} bytes", layer.len());
+        let root = tempfile::tempdir().unwrap();
+        let start = std::time::Instant::now();
+        let err = apply_layer(
+            root.path(),
+            layer.as_slice(),
+            Compression::Zstd,
+            "sha256:bomb",
+            &mut Budget::new(small_limits()),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("[cache] max_image_size = 64.0M") && err.contains("sha256:bomb"),
+            "{err}"
+        );
+        // Refused at the header: nothing written, no time spent inflating 4 GiB.
+        assert!(start.elapsed() < std::time::Duration::from_secs(5));
+        assert!(!root.path().join("big").exists());
+    }
+
+    #[test]
+    fn the_byte_limit_counts_every_layer_of_the_image() {
+        let mut limits = small_limits();
+        limits.max_bytes = 10_000;
+        let mut budget = Budget::new(limits);
+        let root = tempfile::tempdir().unwrap();
+        let layer = || Layer::new().file("f", &"x".repeat(6000)).bytes();
+        apply_layer(
+            root.path(),
+            layer().as_slice(),
+            Compression::None,
+            "l1",
+            &mut budget,
+        )
+        .unwrap();
+        let err = apply_layer(
+            root.path(),
+            layer().as_slice(),
+            Compression::None,
+            "l2",
+            &mut budget,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::ImageLimit {
+                    key: "max_image_size",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_huge_gnu_long_name_is_refused_before_it_is_read() {
+        let mut h = tar::Header::new_gnu();
+        h.as_gnu_mut().unwrap().name[..13].copy_from_slice(b"././@LongLink");
+        h.set_entry_type(EntryType::GNULongName);
+        h.set_size(3 << 30);
+        h.set_cksum();
+        let root = tempfile::tempdir().unwrap();
+        let refused = |r: Result<LayerStats>| {
+            assert!(
+                matches!(&r, Err(Error::UnsafeLayer { reason, .. }) if reason.contains("extension header")),
+                "{r:?}"
+            )
+        };
+        // The review's layer: 3 GiB of name in about 100 KB of zstd.
+        let layer = bomb(&h, 3 << 30);
+        refused(apply_layer(
+            root.path(),
+            layer.as_slice(),
+            Compression::Zstd,
+            "l",
+            &mut budget(),
+        ));
+        // Streamed uncompressed, to see how much was read before the refusal: the header and
+        // at most the chunks in flight between the threads, never the 3 GiB name.
+        let read = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let zeros = Zeros {
+            left: 3 << 30,
+            read: read.clone(),
+        };
+        let stream = io::Cursor::new(h.as_bytes().to_vec()).chain(zeros);
+        refused(apply_layer(
+            root.path(),
+            stream,
+            Compression::None,
+            "l",
+            &mut budget(),
+        ));
+        let read = read.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(read < 16 << 20, "{read} bytes read");
+        // A PAX header just over the bound is refused the same way, one at it is fine.
+        for (size, ok) in [(EXTENSION_LIMIT + 1, false), (EXTENSION_LIMIT, true)] {
+            let mut b = tar::Builder::new(Vec::new());
+            let mut pax = tar::Header::new_ustar();
+            pax.set_entry_type(EntryType::XHeader);
+            pax.set_path("PaxHeaders/f").unwrap();
+            let record = pax_record("comment", size);
+            pax.set_size(record.len() as u64);
+            pax.set_cksum();
+            b.append(&pax, record.as_slice()).unwrap();
+            let mut f = tar::Header::new_ustar();
+            f.set_path("f").unwrap();
+            f.set_size(0);
+            f.set_cksum();
+            b.append(&f, &b""[..]).unwrap();
+            let r = apply(root.path(), b.into_inner().unwrap());
+            assert_eq!(r.is_ok(), ok, "{size}: {r:?}");
+        }
+    }
+
+    /// One PAX record `LEN KEY=VALUE\n` of exactly `total` bytes.
+    fn pax_record(key: &str, total: u64) -> Vec<u8> {
+        let total = total as usize;
+        let digits = total.to_string().len();
+        let value = "v".repeat(total - digits - key.len() - 3);
+        let record = format!("{total} {key}={value}\n");
+        assert_eq!(record.len(), total);
+        record.into_bytes()
+    }
+
+    #[test]
+    fn a_pax_size_is_followed_like_the_tar_crate_does() {
+        // A PAX `size` record overrides the header's size (0 here): the guard must count
+        // the 600 bytes and find the next header where the crate does.
+        let mut b = tar::Builder::new(Vec::new());
+        let mut pax = tar::Header::new_ustar();
+        pax.set_entry_type(EntryType::XHeader);
+        pax.set_path("PaxHeaders/big").unwrap();
+        let record = b"12 size=600\n";
+        pax.set_size(record.len() as u64);
+        pax.set_cksum();
+        b.append(&pax, &record[..]).unwrap();
+        let mut f = tar::Header::new_ustar();
+        f.set_path("big").unwrap();
+        f.set_size(0);
+        f.set_mode(0o644);
+        f.set_cksum();
+        b.append(&f, &[7u8; 600][..]).unwrap();
+        let mut g = tar::Header::new_ustar();
+        g.set_path("after").unwrap();
+        g.set_size(3);
+        g.set_mode(0o644);
+        g.set_cksum();
+        b.append(&g, &b"abc"[..]).unwrap();
+        let layer = b.into_inner().unwrap();
+        let root = tempfile::tempdir().unwrap();
+        apply(root.path(), layer.clone()).unwrap();
+        assert_eq!(std::fs::read(root.path().join("big")).unwrap(), [7u8; 600]);
+        assert_eq!(std::fs::read(root.path().join("after")).unwrap(), b"abc");
+        let mut limits = small_limits();
+        limits.max_bytes = 600 + 12;
+        let r = apply_layer(
+            tempfile::tempdir().unwrap().path(),
+            layer.as_slice(),
+            Compression::None,
+            "l",
+            &mut Budget::new(limits),
+        );
+        assert!(matches!(r, Err(Error::ImageLimit { .. })), "{r:?}");
+    }
+
+    #[test]
+    fn entries_paths_and_depth_are_limited() {
+        let root = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            max_entries: 3,
+            max_path_length: 50,
+            max_path_depth: 4,
+            ..small_limits()
+        };
+        let run = |layer: Vec<u8>| {
+            apply_layer(
+                root.path(),
+                layer.as_slice(),
+                Compression::None,
+                "l",
+                &mut Budget::new(limits.clone()),
+            )
+        };
+        let key = |r: Result<LayerStats>| match r {
+            Err(Error::ImageLimit { key, .. }) => key,
+            other => panic!("{other:?}"),
+        };
+        let many = (0..4).fold(Layer::new(), |l, i| l.file(&format!("f{i}"), ""));
+        assert_eq!(key(run(many.bytes())), "max_entries");
+        let long = format!("{}/f", "x".repeat(49));
+        assert_eq!(
+            key(run(Layer::new().file(&long, "").bytes())),
+            "max_path_length"
+        );
+        assert_eq!(
+            key(run(Layer::new().file("a/b/c/d/e", "").bytes())),
+            "max_path_depth"
+        );
+        assert_eq!(
+            key(run(Layer::new().hardlink("l", "a/b/c/d/e").bytes())),
+            "max_path_depth"
+        );
+        run(Layer::new()
+            .file("a/b/c/d", "")
+            .file("./a//b/c/d", "")
+            .bytes())
+        .unwrap();
     }
 }
