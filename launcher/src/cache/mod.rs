@@ -973,6 +973,9 @@ mod tests {
         assert!(busy.exists());
     }
 
+    /// What a test registry serves: request path -> (content type, body).
+    type Documents = HashMap<String, (String, Vec<u8>)>;
+
     /// A registry of one repository on loopback, plain HTTP: serves `documents` by request
     /// path (manifests by tag or digest, blobs by digest) and records the paths asked for.
     struct Registry {
@@ -981,7 +984,7 @@ mod tests {
     }
 
     impl Registry {
-        fn start(documents: HashMap<String, (String, Vec<u8>)>) -> Registry {
+        fn start(documents: Documents) -> Registry {
             use std::io::{BufRead, Write};
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let host = format!("127.0.0.1:{}", listener.local_addr().unwrap().port());
@@ -1025,11 +1028,7 @@ mod tests {
 
     /// One image in repository `repo`: a one-layer manifest, and an index over it when
     /// `index` is set. Returns the documents to serve and (manifest digest, index digest).
-    fn image(
-        repo: &str,
-        marker: &str,
-        index: bool,
-    ) -> (HashMap<String, (String, Vec<u8>)>, Digest, Option<Digest>) {
+    fn image(repo: &str, marker: &str, index: bool) -> (Documents, Digest, Option<Digest>) {
         let sha = |b: &[u8]| Digest::compute(crate::reference::DigestAlgorithm::Sha256, b);
         let mut tar = tar::Builder::new(Vec::new());
         let mut h = tar::Header::new_gnu();

@@ -436,11 +436,7 @@ impl Client {
                 if let Some(service) = service {
                     token_url.push_str(&format!("&service={}", query_escape(&service)));
                 }
-                // The site's credentials are for this registry: a token service elsewhere
-                // gets them only when the site says it serves this registry.
-                let realm_host = host_of(&realm);
-                let credentials = realm_host == host_of(&self.base)
-                    || hosts::any_matches(&self.token_hosts, &realm_host);
+                let credentials = self.may_send_credentials_to(&realm);
                 let token = self.fetch_token(token_url, credentials, what)?;
                 self.authorization = Some(format!("Bearer {token}"));
                 Ok(())
@@ -449,6 +445,13 @@ impl Client {
                 "HTTP 401 with an authentication scheme berth does not speak: {challenge:?}"
             ))),
         }
+    }
+
+    /// The site's credentials are for this registry: a token service on another host gets
+    /// them only when the site lists it in `[registry] token_hosts`.
+    fn may_send_credentials_to(&self, realm: &str) -> bool {
+        let realm_host = host_of(realm);
+        realm_host == host_of(&self.base) || hosts::any_matches(&self.token_hosts, &realm_host)
     }
 
     fn fetch_token(&mut self, url: String, credentials: bool, what: &str) -> Result<String> {
@@ -943,7 +946,7 @@ mod tests {
     }
 
     #[test]
-    fn a_manifest_redirect_to_a_host_the_policy_does_not_list_is_refused_unvisited() {
+    fn a_manifest_redirect_to_another_host_is_refused_unvisited() {
         // The host the registry would send us to: it must never see a connection.
         let elsewhere = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let elsewhere_port = elsewhere.local_addr().unwrap().port();
@@ -1012,5 +1015,112 @@ mod tests {
             seen[1].starts_with("GET /v2/lab/img/manifests/moved "),
             "{seen:#?}"
         );
+    }
+
+    fn client_with(config: RegistryConfig, registry: &str) -> Client {
+        let options = ClientOptions {
+            plain_http: false,
+            quiet: true,
+        };
+        Client::new(&config, registry, options).unwrap()
+    }
+
+    fn hosts(list: &[&str]) -> Vec<HostPattern> {
+        list.iter()
+            .map(|h| HostPattern::try_from(h.to_string()).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn blob_redirects_go_only_to_the_registry_or_listed_https_hosts() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = RegistryConfig {
+            certs_dir: dir.path().to_path_buf(),
+            auth_file: dir.path().join("none.json"),
+            blob_hosts: hosts(&["*.cdn.example.org", "s3.example.org"]),
+            ..RegistryConfig::default()
+        };
+        let client = client_with(config, "registry.example.org");
+        let from = "https://registry.example.org/v2/lab/img/blobs/sha256:00";
+        let check = |to: &str| client.check_redirect(from, to, Purpose::Blob, "blob");
+        for ok in [
+            "https://eu.cdn.example.org/blobs/abc?sig=1",
+            "https://s3.example.org/bucket/abc",
+            "/v2/lab/img/blobs/elsewhere",
+        ] {
+            check(ok).unwrap();
+        }
+        for refused in [
+            // The metadata service, an internal host, plain HTTP to a listed host.
+            "https://169.254.169.254/latest/meta-data/",
+            "https://intranet.example.org/admin",
+            "http://eu.cdn.example.org/blobs/abc",
+            "https://cdn.example.org.evil.io/x",
+        ] {
+            let err = check(refused).unwrap_err().to_string();
+            assert!(err.contains("[registry] blob_hosts"), "{refused}: {err}");
+        }
+        // Manifests stay in the registry and the repository; tokens on the token host.
+        let manifest = "https://registry.example.org/v2/lab/img/manifests/latest";
+        let m = |to: &str| client.check_redirect(manifest, to, Purpose::Manifest, "manifest");
+        m("/v2/lab/img/manifests/sha256:00").unwrap();
+        m("https://eu.cdn.example.org/v2/lab/img/manifests/latest").unwrap_err();
+        m("/v2/lab/other/manifests/latest").unwrap_err();
+        let token = "https://auth.example.org/token?scope=x";
+        let t = |to: &str| client.check_redirect(token, to, Purpose::Token, "token");
+        t("/token2?scope=x").unwrap();
+        t("https://registry.example.org/token").unwrap_err();
+    }
+
+    #[test]
+    fn credentials_go_to_a_token_service_elsewhere_only_when_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = |token_hosts| RegistryConfig {
+            certs_dir: dir.path().to_path_buf(),
+            auth_file: dir.path().join("none.json"),
+            token_hosts,
+            ..RegistryConfig::default()
+        };
+        let client = client_with(config(Vec::new()), "registry.example.org");
+        assert!(client.may_send_credentials_to("https://registry.example.org/token"));
+        assert!(!client.may_send_credentials_to("https://auth.example.org/token"));
+        assert!(!client.may_send_credentials_to("https://evil.example.com/token"));
+        let client = client_with(config(hosts(&["auth.example.org"])), "registry.example.org");
+        assert!(client.may_send_credentials_to("https://auth.example.org/token"));
+        assert!(!client.may_send_credentials_to("https://evil.example.com/token"));
+    }
+
+    #[test]
+    fn a_registry_error_body_is_summarised_not_echoed() {
+        let (port, server) = serve(2, move |head| {
+            if head.contains("/manifests/json") {
+                http(
+                    "400 Bad Request",
+                    "",
+                    r#"{"errors":[{"code":"DENIED","message":"no \u001b[2Jway\nforged: line"}]}"#,
+                )
+            } else {
+                http(
+                    "400 Bad Request",
+                    "",
+                    "<html>\x1b]0;pwned\x07 first line\nberth: allow: forged\n</html>",
+                )
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let registry = format!("127.0.0.1:{port}");
+        let mut client = plain_client(dir.path(), &registry);
+        for tag in ["json", "html"] {
+            let reference = Reference::parse(&format!("{registry}/lab/img:{tag}")).unwrap();
+            let err = client
+                .manifest("lab/img", &reference)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("HTTP 400"), "{err}");
+            assert!(!err.contains('\x1b') && !err.contains('\x07'), "{err:?}");
+            assert!(!err.contains('\n'), "{err:?}");
+            assert!(!err.contains("berth: allow"), "{err:?}");
+        }
+        server.join().unwrap();
     }
 }

@@ -39,6 +39,28 @@ pub const PARTITION_OFFSET: u64 = DATA_OFFSET.div_ceil(PARTITION_ALIGN) * PARTIT
 /// lz4 -Xhc reads no faster than lz4 and builds 100x slower.
 pub const MKSQUASHFS_COMPRESSION: &[&str] = &["-comp", "lz4"];
 
+/// Where distributions install mksquashfs (squashfs-tools). berth runs it by absolute path,
+/// as root for the node cache: never through PATH, whose directories (`/usr/local/sbin`
+/// first, or whatever a caller's environment says) are not berth's to trust.
+const MKSQUASHFS: [&str; 2] = ["/usr/bin/mksquashfs", "/usr/sbin/mksquashfs"];
+
+fn mksquashfs() -> Result<&'static Path> {
+    MKSQUASHFS
+        .iter()
+        .map(Path::new)
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            Error::io(
+                format!(
+                    "finding mksquashfs (looked for {}; install squashfs-tools: apt-get install \
+                     squashfs-tools)",
+                    MKSQUASHFS.join(", ")
+                ),
+                std::io::Error::from(std::io::ErrorKind::NotFound),
+            )
+        })
+}
+
 /// Writes `out` atomically (temp file in the same dir + fsync + rename) from a squashfs file and a config: header, a PrimSys/squashfs partition descriptor, and a descriptor holding the ImageConfig JSON.
 pub fn write_image(out: &Path, squashfs: &Path, config: &ImageConfig) -> Result<()> {
     let mut src = File::open(squashfs)
@@ -87,7 +109,7 @@ pub fn create_from_dir(out: &Path, dir: &Path, config: &ImageConfig) -> Result<(
     }
     let tmp = TempOut::create(out)?;
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let result = Command::new("mksquashfs")
+    let result = Command::new(mksquashfs()?)
         .arg(dir)
         .arg(&tmp.path)
         .arg("-o")
@@ -105,12 +127,7 @@ pub fn create_from_dir(out: &Path, dir: &Path, config: &ImageConfig) -> Result<(
         .arg(cpus.to_string())
         .args(MKSQUASHFS_COMPRESSION)
         .output()
-        .map_err(|e| {
-            Error::io(
-                "running mksquashfs (install squashfs-tools: apt-get install squashfs-tools)",
-                e,
-            )
-        })?;
+        .map_err(|e| Error::io("running mksquashfs", e))?;
     if !result.status.success() {
         return Err(Error::Mksquashfs {
             dir: dir.to_owned(),
@@ -292,7 +309,7 @@ mod tests {
 
     fn squashfs_of(dir: &Path, out: &Path) {
         std::fs::write(dir.join("hello.txt"), b"hello from berth\n").unwrap();
-        let st = Command::new("mksquashfs")
+        let st = Command::new(mksquashfs().unwrap())
             .arg(dir)
             .arg(out)
             .args(["-noappend", "-quiet", "-no-progress"])
@@ -391,5 +408,16 @@ mod tests {
         let src = open_image(&out).unwrap();
         assert_eq!(src.offset, PARTITION_OFFSET);
         assert_eq!(src.config, config());
+    }
+
+    #[test]
+    fn mksquashfs_is_found_in_system_directories_not_path() {
+        // Root builds the cache: a `mksquashfs` early in root's PATH must not be what runs.
+        let found = mksquashfs().unwrap();
+        assert!(
+            MKSQUASHFS.iter().any(|p| Path::new(p) == found),
+            "{}",
+            found.display()
+        );
     }
 }
