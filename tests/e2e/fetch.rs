@@ -153,16 +153,32 @@ fn push_image_to(
         .unwrap();
     std::fs::write(rootfs.join("payload"), payload).unwrap();
     std::fs::write(rootfs.join("marker"), marker).unwrap();
-    let layout = work.join("oci");
-    let blobs = layout.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).unwrap();
     let layer_path = work.join("layer.tar.gz");
     sh(&format!(
         "tar --sort=name --owner=0 --group=0 --numeric-owner -C {} -cf - payload marker | gzip -1 > {}",
         rootfs.display(),
         layer_path.display()
     ));
-    let layer_bytes = std::fs::read(&layer_path).unwrap();
+    let pushed = push_layer_to(host, skopeo_options, name, tag, &layer_path, marker);
+    std::fs::remove_dir_all(&work).unwrap();
+    pushed
+}
+
+/// Pushes a one-layer image whose layer is the gzip file `layer_path` (any bytes: hostile
+/// layers too) as `test/NAME:TAG` to the registry `host`.
+fn push_layer_to(
+    host: &str,
+    skopeo_options: &[String],
+    name: &str,
+    tag: &str,
+    layer_path: &Path,
+    marker: &str,
+) -> Pushed {
+    let work = Path::new("/var/tmp").join(unique_name("berth-e2e-layout"));
+    let layout = work.join("oci");
+    let blobs = layout.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let layer_bytes = std::fs::read(layer_path).unwrap();
     let diff_id = sh(&format!("gzip -dc {} | sha256sum", layer_path.display()));
     let layer = add_blob(&blobs, &layer_bytes);
     let config = serde_json::json!({
@@ -254,8 +270,15 @@ fn approved_image_is_fetched_with_its_config_and_warm_fetch_needs_no_network() {
         run.stderr.contains("berth: pulling") && run.stderr.contains(" MB/s"),
         "{run:?}"
     );
+    // Named by manifest digest and repository: `images/<hex>-<repository key>.sif`.
     let hex = image.digest.strip_prefix("sha256:").unwrap();
-    assert!(sif.ends_with(format!("images/{hex}.sif")), "{run:?}");
+    let name = sif.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        sif.parent().unwrap().ends_with("images")
+            && name.starts_with(&format!("{hex}-"))
+            && name.ends_with(".sif"),
+        "{run:?}"
+    );
     let inspect = sif_config(&env, &sif);
     assert!(inspect.contains(&image.digest), "{inspect}");
     assert!(inspect.contains("\"/bin/sh\""), "{inspect}");
@@ -394,7 +417,11 @@ fn kill_during_fetch_leaves_nothing_usable_and_a_new_fetch_succeeds() {
 
     let sif = env.fetch_ok(&image.reference);
     let hex = image.digest.strip_prefix("sha256:").unwrap();
-    assert_eq!(env.images(), vec![format!("{hex}.sif")]);
+    assert_eq!(
+        env.images(),
+        vec![sif.file_name().unwrap().to_string_lossy().into_owned()]
+    );
+    assert!(env.images()[0].starts_with(hex), "{:?}", env.images());
     assert!(
         env.staging().is_empty(),
         "staging left behind: {:?}",
@@ -634,4 +661,114 @@ fn a_private_repository_needs_the_site_credentials_and_says_where_they_go() {
     .unwrap();
     let sif = env.fetch_ok(&image.reference);
     assert!(sif_config(&env, &sif).contains(&image.digest));
+}
+
+/// A gzip layer written by Python's tarfile from `script`, which gets `tf` (a GNU-format
+/// TarFile writing to the layer) and `t` (tarfile) and may write raw bytes to `out`.
+fn python_layer(dir: &Path, script: &str) -> PathBuf {
+    let tar = dir.join("layer.tar");
+    let program = format!(
+        "import tarfile as t, io, sys\nout = open({:?}, 'wb')\ntf = t.open(fileobj=out, mode='w', format=t.GNU_FORMAT)\n{script}\n",
+        tar.display().to_string()
+    );
+    std::fs::write(dir.join("layer.py"), program).unwrap();
+    sh(&format!(
+        "python3 {0}/layer.py && gzip -1 -c {0}/layer.tar > {0}/layer.tar.gz",
+        dir.display()
+    ));
+    dir.join("layer.tar.gz")
+}
+
+#[test]
+fn hostile_layers_are_refused_quickly_and_the_next_pull_still_works() {
+    let env = Env::new(&[]);
+    let host = env.cluster.tls_registry().host.clone();
+    let work = env.dir.join("layers");
+    std::fs::create_dir_all(&work).unwrap();
+    let cases = [
+        // A path deeper than PATH_MAX, then an entry berth refuses: the staging is left
+        // behind with a tree a path-based removal cannot delete.
+        (
+            "deep",
+            "i = t.TarInfo('/'.join(['d' * 250] * 40) + '/f'); i.size = 1\n\
+             tf.addfile(i, io.BytesIO(b'x'))\n\
+             tf.addfile(t.TarInfo('../x'))\ntf.close()",
+            "max_path_length",
+        ),
+        // A header declaring an 11 GiB file (the data would follow): over max_image_size.
+        (
+            "bomb",
+            "i = t.TarInfo('big'); i.size = 11 << 30\nout.write(i.tobuf(format=t.GNU_FORMAT))\n\
+             out.write(bytes(1 << 20))\nout.close()",
+            "max_image_size",
+        ),
+        // A GNU long name claiming 3 GiB: the tar crate would read it all into memory.
+        (
+            "longname",
+            "i = t.TarInfo('././@LongLink'); i.type = t.GNUTYPE_LONGNAME; i.size = 3 << 30\n\
+             out.write(i.tobuf(format=t.GNU_FORMAT))\nout.write(bytes(1 << 20))\nout.close()",
+            "extension header",
+        ),
+    ];
+    for (name, script, needle) in cases {
+        let dir = work.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let layer = python_layer(&dir, script);
+        let image = push_layer_to(&host, &[], &unique_name(name), "v", &layer, name);
+        let start = Instant::now();
+        let run = env.berth(&["fetch", &image.reference]);
+        assert!(!run.success(), "{run:?}");
+        assert!(run.stderr.contains(needle), "{name}: {run:?}");
+        assert!(start.elapsed() < Duration::from_secs(20), "{name}: {run:?}");
+        assert!(env.images().is_empty(), "{:?}", env.images());
+    }
+    // A good image after all of them: the leftovers are no obstacle and are cleaned up.
+    let good = push_image(&unique_name("after"), "v", 1000, "after");
+    let sif = env.fetch_ok(&good.reference);
+    assert!(sif_config(&env, &sif).contains("MARKER=after"));
+    assert!(
+        env.staging().is_empty(),
+        "staging left behind: {:?}",
+        env.staging()
+    );
+}
+
+#[test]
+fn a_users_lock_on_a_cached_image_does_not_stop_prune() {
+    let env = Env::new(&[]);
+    let locked = env.fetch_ok(&env.cluster.image_tls().reference);
+    env.fetch_ok(&env.cluster.image_tls_v2s2().reference);
+    // Any user can open a 0644 SIF and hold a shared lock on it for as long as they like.
+    let mut holder = Command::new("runuser")
+        .args(["-u", env.cluster.user(), "--", "flock", "-s"])
+        .arg(&locked)
+        .args(["sleep", "60"])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let held = berth_e2e::wait_until(Duration::from_secs(10), || {
+        std::fs::File::open(&locked)
+            .map(|f| f.try_lock().is_err())
+            .unwrap_or(false)
+    });
+    let run = env.berth(&["prune", "--all"]);
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert!(held, "the user's lock was never taken");
+    assert!(run.success(), "{run:?}");
+    assert!(env.images().is_empty(), "{:?} {run:?}", env.images());
+}
+
+#[test]
+fn a_cache_directory_others_can_write_is_refused() {
+    let env = Env::new(&[]);
+    env.fetch_ok(&env.cluster.image_tls().reference);
+    let images = env.dir.join("cache/images");
+    std::fs::set_permissions(&images, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let run = env.berth(&["fetch", &env.cluster.image_tls().by_digest()]);
+    assert!(!run.success(), "{run:?}");
+    assert!(
+        run.stderr.contains(&images.display().to_string()) && run.stderr.contains("chmod 755"),
+        "{run:?}"
+    );
 }
