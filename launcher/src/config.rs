@@ -15,6 +15,11 @@ use crate::{Error, Result};
 /// path would let jobs choose their own policy.
 pub const DEFAULT_PATH: &str = "/etc/berth/berth.toml";
 
+/// The exit status of every `berth` command that stopped because the site configuration is
+/// unreadable or invalid: sysexits' EX_CONFIG. The SPANK plugin tells it apart from other
+/// failures and refuses the job with "node misconfigured" instead of blaming the image.
+pub const EXIT_MISCONFIGURED: i32 = 78;
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -123,15 +128,27 @@ impl Default for RuntimeConfig {
 impl Config {
     /// Parses a configuration file.
     pub fn from_file(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::io(format!("reading berth configuration {}", path.display()), e))?;
+        let text = std::fs::read_to_string(path).map_err(|source| Error::ConfigUnreadable {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Config::from_toml(path, &text)
     }
 
+    /// Parses `text`, the contents of `path`. An error names the line and column the problem
+    /// starts at (toml's span), as `berth config check` shows it.
     pub fn from_toml(path: &Path, text: &str) -> Result<Config> {
-        toml::from_str(text).map_err(|e| Error::Config {
-            path: path.to_path_buf(),
-            message: format!("{e}(fix the file; `configs/berth.toml` documents every key)"),
+        toml::from_str(text).map_err(|e| {
+            let (line, column) = e
+                .span()
+                .map(|span| line_column(text, entry_offset(text, span, e.message())))
+                .unwrap_or((1, 1));
+            Error::ConfigAt {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message: e.message().trim_end().to_owned(),
+            }
         })
     }
 
@@ -164,9 +181,70 @@ impl Config {
     }
 }
 
+/// Where the problem starts. toml spans a bad entry of a list with the whole list, so for
+/// the `[policy]` entry errors (which quote the entry) this finds the entry inside it: in a
+/// list written one entry per line, the line named is the entry's own.
+fn entry_offset(text: &str, span: std::ops::Range<usize>, message: &str) -> usize {
+    let entry = message
+        .split_once("entry `")
+        .and_then(|(_, rest)| rest.split_once('`'))
+        .map(|(entry, _)| entry);
+    let within = text.get(span.clone()).unwrap_or_default();
+    entry
+        .and_then(|entry| {
+            within
+                .find(&format!("\"{entry}\""))
+                .or_else(|| within.find(&format!("'{entry}'")))
+        })
+        .map_or(span.start, |at| span.start + at)
+}
+
+/// The 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    // toml's spans fall on character boundaries; anything else counts as the end.
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[line_start..].chars().count() + 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn error_of(text: &str) -> String {
+        Config::from_toml(Path::new("/etc/berth/berth.toml"), text)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn an_unknown_key_names_its_line_and_the_keys_allowed() {
+        let err = error_of("[policy]\nallowed = []\nalowed = []\n");
+        assert!(err.contains("/etc/berth/berth.toml:3:1:"), "{err}");
+        assert!(err.contains("unknown field `alowed`"), "{err}");
+        assert!(err.contains("`require_digest`"), "{err}");
+    }
+
+    #[test]
+    fn a_wrong_type_names_its_line_and_column() {
+        let err = error_of("\n[policy]\nrequire_digest = \"yes\"\n");
+        assert!(err.contains("berth.toml:3:18:"), "{err}");
+        assert!(err.contains("expected a boolean"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_registry_pattern_names_its_line() {
+        let err = error_of("[policy]\nallowed = [\n  \"ok.example/*\",\n  \"Bad Host/*\",\n]\n");
+        assert!(err.contains("berth.toml:4:3:"), "{err}");
+        assert!(err.contains("Bad Host/*"), "{err}");
+    }
+
+    #[test]
+    fn line_column_counts_characters() {
+        assert_eq!(line_column("a\nbé c", 6), (2, 4));
+        assert_eq!(line_column("", 0), (1, 1));
+    }
 
     #[test]
     fn empty_file_is_valid() {

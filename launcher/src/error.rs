@@ -25,6 +25,27 @@ pub enum Error {
     // ---- config --------------------------------------------------------------------------
     #[error("berth configuration {path}: {message}")]
     Config { path: PathBuf, message: String },
+    #[error(
+        "berth configuration {}:{line}:{column}: {message}; fix the file (`berth config check` \
+         checks it; berth.toml(5) and /etc/berth/berth.toml's comments document every key)",
+        path.display()
+    )]
+    ConfigAt {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error(
+        "berth configuration {} cannot be read ({source}); it must be a file (mode 0644) \
+         readable by every user",
+        path.display()
+    )]
+    ConfigUnreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     // ---- sif -----------------------------------------------------------------------------
     #[error("{path}: not a container image: neither a SIF file (no \"SIF_MAGIC\" at byte 32) nor a squashfs file (no \"hsqs\" at byte 0); build one with `berth sif create DIR OUT.sif`")]
     NotAnImage { path: PathBuf },

@@ -44,6 +44,10 @@ const NODE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin
 /// grow srun's memory.
 const OUTPUT_MAX_BYTES: usize = 64 * 1024;
 
+/// The launcher's exit status when the site configuration is unreadable or invalid
+/// (sysexits' EX_CONFIG; `berth::config::EXIT_MISCONFIGURED`).
+const EXIT_MISCONFIGURED: i32 = 78;
+
 /// The launcher binary, the limit its calls run under and the identity they run as.
 #[derive(Debug, Clone)]
 pub struct Launcher {
@@ -124,6 +128,9 @@ impl Launcher {
         };
         let out = launcher.collect_output(&args, true)?;
         verdict(&out).ok_or_else(|| {
+            if let Some(e) = misconfigured(&out) {
+                return e;
+            }
             // The last line is berth's error; the ones before it were progress.
             let detail = out.stderr.trim().lines().last().unwrap_or_default();
             Error::FetchFailed {
@@ -249,6 +256,9 @@ impl Launcher {
     }
 
     fn failed(&self, args: &[&str], out: &Outcome) -> Error {
+        if let Some(e) = misconfigured(out) {
+            return e;
+        }
         Error::LauncherFailed {
             command: self.command_line(args),
             status: describe(out.status),
@@ -331,6 +341,20 @@ impl std::fmt::Debug for Holder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Holder({}:{})", self.pid, self.spec_fd)
     }
+}
+
+/// [`Error::NodeMisconfigured`] if the launcher stopped on the site configuration.
+fn misconfigured(out: &Outcome) -> Option<Error> {
+    (out.status.code() == Some(EXIT_MISCONFIGURED)).then(|| Error::NodeMisconfigured {
+        detail: out
+            .stderr
+            .trim()
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .trim_start_matches("berth: ")
+            .to_owned(),
+    })
 }
 
 /// In the child before exec: takes `identity`. slurmstepd's real uid is 0, which lets the
@@ -774,6 +798,28 @@ mod tests {
         let msg = berth.check_and_fetch("h/r:1").unwrap_err().to_string();
         assert!(msg.contains("fetch image 'h/r:1'"), "{msg}");
         assert!(msg.contains("(exit status 125: manifest unknown)"), "{msg}");
+    }
+
+    #[test]
+    fn an_invalid_site_config_is_a_misconfigured_node() {
+        let _serial = serial_spawns();
+        let (_d, berth) = fake(
+            "echo 'berth: berth configuration /etc/berth/berth.toml:3:1: unknown field' >&2
+             exit 78",
+        );
+        let berth = berth.run_as(Identity::Root);
+        for err in [
+            berth.check_and_fetch("h/r:1").unwrap_err(),
+            berth.require_container(None).unwrap_err(),
+        ] {
+            assert_eq!(
+                err,
+                Error::NodeMisconfigured {
+                    detail: "berth configuration /etc/berth/berth.toml:3:1: unknown field".into()
+                }
+            );
+            assert!(err.to_string().starts_with("node misconfigured: "), "{err}");
+        }
     }
 
     #[test]

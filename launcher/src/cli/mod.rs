@@ -7,8 +7,10 @@ use clap::{Parser, Subcommand};
 
 use crate::Result;
 
+mod config;
 mod exec;
 mod fetch;
+mod generate;
 mod images;
 mod policy;
 mod sif;
@@ -57,6 +59,12 @@ pub enum Command {
     Images(images::ListArgs),
     /// Evict images from the node cache.
     Prune(images::PruneArgs),
+    /// Validate the site configuration.
+    #[command(subcommand)]
+    Config(config::Command),
+    /// Write the man page or shell completions (used when packaging).
+    #[command(subcommand, hide = true)]
+    Generate(generate::Command),
 }
 
 impl Cli {
@@ -72,6 +80,8 @@ impl Cli {
             Command::Resolve(a) => fetch::run_resolve(a, g),
             Command::Images(a) => images::run_list(a, g),
             Command::Prune(a) => images::run_prune(a, g),
+            Command::Config(c) => config::run(c, g),
+            Command::Generate(c) => generate::run(c, g),
         }
     }
 }
