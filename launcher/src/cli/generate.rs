@@ -38,14 +38,21 @@ pub fn run(command: Command, _globals: &Globals) -> Result<i32> {
 }
 
 /// The roff of berth(1): the top-level page, then a section per visible subcommand (nested
-/// ones like `berth sif create` included) with its synopsis, description and options.
+/// ones like `berth sif create` following their parent) with its description, synopsis and
+/// options.
 pub fn man_page() -> Result<Vec<u8>> {
     let mut cmd = Cli::command();
     cmd.build();
     let render_err = |e: std::io::Error| Error::io("rendering the man page", e);
     let mut out = Vec::new();
-    clap_mangen::Man::new(cmd.clone())
-        .render(&mut out)
+    // Not Man::render: its SUBCOMMANDS section points at berth-exec(1) and the like, pages
+    // that do not exist because each subcommand is a section of this one.
+    let top = clap_mangen::Man::new(cmd.clone());
+    top.render_title(&mut out)
+        .and_then(|()| top.render_name_section(&mut out))
+        .and_then(|()| top.render_synopsis_section(&mut out))
+        .and_then(|()| top.render_description_section(&mut out))
+        .and_then(|()| top.render_options_section(&mut out))
         .map_err(render_err)?;
     let mut stack: Vec<clap::Command> = visible_subcommands(&cmd);
     stack.reverse();
@@ -60,7 +67,6 @@ pub fn man_page() -> Result<Vec<u8>> {
         man.render_description_section(&mut section)
             .and_then(|()| man.render_synopsis_section(&mut section))
             .and_then(|()| man.render_options_section(&mut section))
-            .and_then(|()| man.render_subcommands_section(&mut section))
             .map_err(render_err)?;
         // The subcommand's own headings become subsections of its section.
         for line in String::from_utf8_lossy(&section).lines() {
@@ -74,6 +80,7 @@ pub fn man_page() -> Result<Vec<u8>> {
         children.reverse();
         stack.extend(children);
     }
+    top.render_version_section(&mut out).map_err(render_err)?;
     Ok(out)
 }
 
