@@ -1,0 +1,183 @@
+//! The admin's side (issue 10), end to end on the real cluster: `berth config check` names
+//! the line of each mistake, and a node whose installed /etc/berth/berth.toml is invalid
+//! refuses container jobs with "node misconfigured" (the reason in slurmd's log) and stays
+//! idle. Needs `tests/cluster/up`; fails (does not skip) without it.
+//!
+//! Tests that change the installed config run under [`serial`] and put it back in a drop
+//! guard, so a failing assertion cannot leave the cluster misconfigured.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use berth_e2e::{serial, unique_name, wait_until, write_user_file, Cluster, Cmd, LogCursor, Run};
+
+const MISCONFIGURED: &str = "node misconfigured";
+
+/// `berth ARGS` as the test user.
+fn berth(cluster: &Cluster, args: &[&str]) -> Run {
+    let bin = cluster.berth_bin().display().to_string();
+    let mut all = vec![bin.as_str()];
+    all.extend_from_slice(args);
+    Cmd::user(all).run()
+}
+
+/// A file in the test user's home, removed on drop.
+struct UserFile(PathBuf);
+
+impl UserFile {
+    fn new(cluster: &Cluster, contents: &str) -> UserFile {
+        let path = cluster
+            .home()
+            .join(format!("{}.toml", unique_name("e2e-admin")));
+        write_user_file(cluster, &path, contents, 0o644);
+        UserFile(path)
+    }
+
+    fn arg(&self) -> String {
+        self.0.display().to_string()
+    }
+}
+
+impl Drop for UserFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Replaces the installed berth.toml for the guard's lifetime.
+struct InstalledConfig {
+    path: PathBuf,
+    saved: Vec<u8>,
+}
+
+impl InstalledConfig {
+    fn replace(cluster: &Cluster, contents: &str) -> InstalledConfig {
+        let path = cluster.berth_config();
+        let saved = std::fs::read(&path).expect("the installed berth.toml");
+        write_atomically(&path, contents.as_bytes());
+        InstalledConfig { path, saved }
+    }
+}
+
+impl Drop for InstalledConfig {
+    fn drop(&mut self) {
+        write_atomically(&self.path, &self.saved);
+    }
+}
+
+/// Writes `path` through a temporary file and a rename: a job reading it meanwhile sees the
+/// old or the new file, never half of one.
+fn write_atomically(path: &Path, contents: &[u8]) {
+    let tmp = path.with_extension("e2e-tmp");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[track_caller]
+fn assert_node_idle(cluster: &Cluster) {
+    cluster.assert_node_healthy();
+    let idle = wait_until(Duration::from_secs(20), || cluster.node_state() == "idle");
+    assert!(idle, "node is {} after the test", cluster.node_state());
+}
+
+#[test]
+fn config_check_accepts_the_installed_config() {
+    let cluster = Cluster::get();
+    let config = cluster.berth_config().display().to_string();
+    let run = berth(&cluster, &["config", "check", &config]);
+    run.assert_success();
+    assert!(run.stdout.contains(&format!("{config}: valid")), "{run:?}");
+}
+
+#[test]
+fn config_check_names_the_line_of_each_mistake() {
+    let cluster = Cluster::get();
+    for (text, place, words) in [
+        (
+            "[policy]\nallowed = []\nalowed = [\"x/*\"]\n",
+            ":3:1:",
+            "unknown field `alowed`, expected one of",
+        ),
+        (
+            "[cache]\ndir = \"/var/cache/berth\"\n\n[policy]\nrequire_digest = \"yes\"\n",
+            ":5:18:",
+            "expected a boolean",
+        ),
+        (
+            "[policy]\nallowed = [\n  \"localhost:5000/*\",\n  \"https://evil/*\",\n]\n",
+            ":4:3:",
+            "https://evil/*",
+        ),
+    ] {
+        let file = UserFile::new(&cluster, text);
+        let run = berth(&cluster, &["config", "check", &file.arg()]);
+        assert_eq!(run.code(), Some(1), "{run:?}");
+        let expected = format!("{}{place}", file.arg());
+        assert!(run.stderr.contains(&expected), "no {expected} in {run:?}");
+        assert!(run.stderr.contains(words), "no {words} in {run:?}");
+    }
+}
+
+#[test]
+fn a_node_with_an_invalid_config_refuses_container_jobs_and_stays_idle() {
+    let _serial = serial();
+    let cluster = Cluster::get();
+    let image = format!("--container-image={}", cluster.image_tls().reference);
+    let name = unique_name("e2e-admin-misconfigured");
+    let script = cluster.home().join(format!("{name}.sh"));
+    let output = cluster.home().join(format!("{name}.out"));
+    write_user_file(&cluster, &script, "#!/bin/sh\ncat /etc/os-release\n", 0o755);
+    let _files = (UserFile(script.clone()), UserFile(output.clone()));
+
+    // Submitted while the config is valid (the login node's check passes and pins the
+    // image), held, and released once the node's config is broken: the node's own check
+    // is the one that must refuse it.
+    let out = format!("--output={}", output.display());
+    let script_arg = script.display().to_string();
+    let sbatch = Cmd::user(["sbatch", "--hold", "--parsable", &out, &image, &script_arg])
+        .current_dir(cluster.home())
+        .run();
+    sbatch.assert_success();
+    let job = sbatch.stdout.trim().to_owned();
+
+    let slurmd_log = LogCursor::at_end(cluster.slurmd_log());
+    let broken = InstalledConfig::replace(
+        &cluster,
+        "[policy]\nallowed = [\"localhost:5000/*\"]\nnot_a_key = 1\n",
+    );
+    Cmd::root(["scontrol", "release", &job])
+        .run()
+        .assert_success();
+    let ended = wait_until(Duration::from_secs(60), || {
+        Cmd::root(["squeue", "-h", "-j", &job])
+            .run()
+            .stdout
+            .trim()
+            .is_empty()
+    });
+    assert!(ended, "job {job} did not end");
+    let text = std::fs::read_to_string(&output).unwrap_or_default();
+    assert!(text.contains(MISCONFIGURED), "job output: {text}");
+    assert!(text.contains("berth.toml:3:1"), "job output: {text}");
+    assert!(!text.contains("BERTH_REGISTRY"), "the job ran: {text}");
+    let (log, found) = slurmd_log.wait_for(Duration::from_secs(10), |t| t.contains(MISCONFIGURED));
+    assert!(
+        found,
+        "no '{MISCONFIGURED}' for the admin in slurmd's log:\n{log}"
+    );
+    assert_node_idle(&cluster);
+
+    // At submission too, srun says the same rather than blaming the image.
+    let srun = Cmd::user(["srun", &image, "true"])
+        .current_dir(cluster.home())
+        .run();
+    srun.assert_failure();
+    assert!(srun.stderr.contains(MISCONFIGURED), "{srun:?}");
+    assert_node_idle(&cluster);
+
+    drop(broken);
+    let again = Cmd::user(["srun", &image, "true"])
+        .current_dir(cluster.home())
+        .run();
+    again.assert_success();
+}
