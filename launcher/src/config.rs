@@ -31,6 +31,9 @@ pub struct Config {
     pub registry: RegistryConfig,
     #[serde(default)]
     pub runtime: RuntimeConfig,
+    /// `[audit]`: where the node's decisions are recorded (see `audit`).
+    #[serde(default)]
+    pub audit: crate::audit::AuditConfig,
 }
 
 /// `[policy]`: which images may run. Owned by `policy.rs`. Entries are validated while the
@@ -95,6 +98,11 @@ pub struct RegistryConfig {
     pub retries: u32,
     /// Seconds without progress before a request is abandoned.
     pub timeout_secs: u64,
+    /// The HTTP proxy every registry request goes through (see [`ProxyUrl`]); unset: the
+    /// caller's HTTPS_PROXY/HTTP_PROXY/NO_PROXY environment, which on a node is empty.
+    pub proxy: Option<ProxyUrl>,
+    /// Registry hosts reached directly although `proxy` is set (see [`NoProxyHost`]).
+    pub no_proxy: Vec<NoProxyHost>,
 }
 
 impl Default for RegistryConfig {
@@ -104,7 +112,83 @@ impl Default for RegistryConfig {
             auth_file: PathBuf::from("/etc/berth/auth.json"),
             retries: 3,
             timeout_secs: 30,
+            proxy: None,
+            no_proxy: Vec::new(),
         }
+    }
+}
+
+/// `[registry] proxy`: an `http://` or `https://` proxy URL with a host (and usually a port,
+/// `user:password@` if the proxy wants it), checked when the file is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyUrl(String);
+
+impl<'de> Deserialize<'de> for ProxyUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let url = String::deserialize(d)?;
+        let fail = |why: &str| {
+            serde::de::Error::custom(format!(
+                "[registry] proxy `{url}`: {why}; write it as http://HOST:PORT (e.g. \
+                 \"http://proxy.example.org:3128\")"
+            ))
+        };
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(fail("berth speaks only to http:// and https:// proxies"));
+        }
+        let proxy = ureq::Proxy::new(&url).map_err(|e| fail(&e.to_string()))?;
+        if proxy.host().is_empty() {
+            return Err(fail("it names no host"));
+        }
+        Ok(ProxyUrl(url))
+    }
+}
+
+/// A `[registry] no_proxy` entry, matched against the registry's host (not its port):
+/// `host` exactly, `.domain` or `*.domain` for every host below domain, `*` for all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NoProxyHost(String);
+
+impl<'de> Deserialize<'de> for NoProxyHost {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let entry = String::deserialize(d)?;
+        let host = entry.trim_start_matches("*.").trim_start_matches('.');
+        let valid_host = !host.is_empty()
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'));
+        if entry == "*" || valid_host {
+            Ok(NoProxyHost(entry))
+        } else {
+            Err(serde::de::Error::custom(format!(
+                "[registry] no_proxy entry `{entry}`: not a host name; use `host`, \
+                 `.domain`, `*.domain` or `*` (no scheme, path or port)"
+            )))
+        }
+    }
+}
+
+impl RegistryConfig {
+    /// The proxy for the registry client's agent: the configured one with its `no_proxy`
+    /// exceptions, or (none configured) the caller's environment, as curl and skopeo do.
+    pub fn agent_proxy(&self) -> Option<ureq::Proxy> {
+        let Some(ProxyUrl(url)) = &self.proxy else {
+            return ureq::Proxy::try_from_env();
+        };
+        // Validated when the configuration was read.
+        let parsed = ureq::Proxy::new(url).ok()?;
+        let mut builder = ureq::Proxy::builder(parsed.protocol())
+            .host(parsed.host())
+            .port(parsed.port());
+        if let Some(user) = parsed.username() {
+            builder = builder.username(user);
+        }
+        if let Some(password) = parsed.password() {
+            builder = builder.password(password);
+        }
+        for NoProxyHost(entry) in &self.no_proxy {
+            builder = builder.no_proxy(entry);
+        }
+        builder.build().ok()
     }
 }
 
@@ -241,9 +325,46 @@ mod tests {
     }
 
     #[test]
+    fn the_proxy_setting_reaches_the_agent_with_its_exceptions() {
+        let config = Config::from_toml(
+            Path::new("b.toml"),
+            "[registry]\nproxy = \"http://u:p@proxy.example:3128\"\n\
+             no_proxy = [\"internal.example\", \".lab.example\"]\n",
+        )
+        .unwrap();
+        let proxy = config.registry.agent_proxy().unwrap();
+        assert_eq!((proxy.host(), proxy.port()), ("proxy.example", 3128));
+        assert_eq!((proxy.username(), proxy.password()), (Some("u"), Some("p")));
+        let uri = |s: &str| s.parse::<ureq::http::Uri>().unwrap();
+        assert!(proxy.is_no_proxy(&uri("https://internal.example/v2/")));
+        assert!(proxy.is_no_proxy(&uri("https://r.lab.example/v2/")));
+        assert!(!proxy.is_no_proxy(&uri("https://registry.example.org/v2/")));
+    }
+
+    #[test]
+    fn a_bad_proxy_setting_names_its_line() {
+        let err = error_of("[registry]\nproxy = \"socks5://p:1080\"\n");
+        assert!(err.contains("berth.toml:2:9:"), "{err}");
+        assert!(err.contains("http://HOST:PORT"), "{err}");
+        let err = error_of("[registry]\nno_proxy = [\"http://x/\"]\n");
+        assert!(err.contains("no_proxy entry `http://x/`"), "{err}");
+    }
+
+    #[test]
     fn line_column_counts_characters() {
         assert_eq!(line_column("a\nbé c", 6), (2, 4));
         assert_eq!(line_column("", 0), (1, 1));
+    }
+
+    #[test]
+    fn the_shipped_config_is_valid_and_approves_nothing() {
+        let config = Config::from_toml(
+            Path::new("configs/berth.toml"),
+            include_str!("../../configs/berth.toml"),
+        )
+        .unwrap();
+        assert!(config.policy.allowed.is_empty());
+        assert!(!config.policy.local_images);
     }
 
     #[test]

@@ -167,7 +167,7 @@ pub enum Error {
     // ---- registry / fetch / cache --------------------------------------------------------
     #[error("registry {registry}: {message}")]
     Registry { registry: String, message: String },
-    #[error("registry {registry} is unreachable after {attempts} attempt(s): {message}; check that it is up and reachable from this node (and HTTPS_PROXY/NO_PROXY), or ask the site admins")]
+    #[error("registry {registry} is unreachable after {attempts} attempt(s): {message}; check that it is up and reachable from this node (and the proxy: [registry] proxy in /etc/berth/berth.toml, else HTTPS_PROXY/NO_PROXY), or ask the site admins")]
     RegistryDown {
         registry: String,
         attempts: u32,

@@ -3,6 +3,7 @@
 //! (`main.rs`, `cli/`) is a thin command-line layer over it, so everything here is usable and
 //! testable without Slurm.
 
+pub mod audit;
 pub mod cache;
 pub mod cli;
 pub mod config;

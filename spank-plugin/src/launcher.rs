@@ -92,6 +92,15 @@ struct Outcome {
     stderr: String,
 }
 
+/// The job step a node-side decision is for, as the audit trail records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepIds {
+    pub job: u32,
+    /// The step id, or `batch` for the batch script's step.
+    pub step: String,
+    pub uid: u32,
+}
+
 /// `berth policy check`'s verdict.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -120,8 +129,17 @@ impl Launcher {
     /// pull into the node cache, in one launcher call. The pull's progress lines go on to
     /// this process's stderr as they come, which slurmstepd connects to the job's stderr
     /// (srun's terminal, the batch output file).
-    pub fn check_and_fetch(&self, image: &str) -> Result<Verdict, Error> {
-        let args = ["policy", "check", "--fetch", image];
+    /// `step` (`--job ID --step ID --uid N`) names the job step, so the launcher records the
+    /// decision in the node's audit trail.
+    pub fn check_and_fetch(&self, image: &str, step: &StepIds) -> Result<Verdict, Error> {
+        let (job, step_id, uid) = (
+            step.job.to_string(),
+            step.step.clone(),
+            step.uid.to_string(),
+        );
+        let args = [
+            "policy", "check", "--fetch", image, "--job", &job, "--step", &step_id, "--uid", &uid,
+        ];
         let launcher = Launcher {
             timeout: FETCH_TIMEOUT,
             ..self.clone()
@@ -782,7 +800,8 @@ mod tests {
     fn check_and_fetch_judges_then_names_the_last_line() {
         let _serial = serial_spawns();
         let (_d, berth) = fake(
-            r#"[ "$1 $2 $3" = "policy check --fetch" ] && [ -z "$HOME" ] || exit 2
+            r#"[ "$1 $2 $3 $5 $6 $7 $8 $9 ${10}" = "policy check --fetch --job 7 --step 0 --uid 1100" ] \
+                 && [ -z "$HOME" ] || exit 2
                case "$4" in
                  ok) echo "allow: ok (rule: *)";;
                  evil) echo "deny: not approved"; exit 1;;
@@ -790,14 +809,26 @@ mod tests {
                esac"#,
         );
         let berth = berth.run_as(Identity::Root);
-        assert_eq!(berth.check_and_fetch("ok"), Ok(Verdict::Allow));
+        let step = step_ids();
+        assert_eq!(berth.check_and_fetch("ok", &step), Ok(Verdict::Allow));
         assert_eq!(
-            berth.check_and_fetch("evil"),
+            berth.check_and_fetch("evil", &step),
             Ok(Verdict::Deny("not approved".into()))
         );
-        let msg = berth.check_and_fetch("h/r:1").unwrap_err().to_string();
+        let msg = berth
+            .check_and_fetch("h/r:1", &step)
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("fetch image 'h/r:1'"), "{msg}");
         assert!(msg.contains("(exit status 125: manifest unknown)"), "{msg}");
+    }
+
+    fn step_ids() -> StepIds {
+        StepIds {
+            job: 7,
+            step: "0".into(),
+            uid: 1100,
+        }
     }
 
     #[test]
@@ -809,7 +840,7 @@ mod tests {
         );
         let berth = berth.run_as(Identity::Root);
         for err in [
-            berth.check_and_fetch("h/r:1").unwrap_err(),
+            berth.check_and_fetch("h/r:1", &step_ids()).unwrap_err(),
             berth.require_container(None).unwrap_err(),
         ] {
             assert_eq!(

@@ -27,7 +27,7 @@ use crate::config::Config;
 use crate::container::{self, NodeBind, StepContainer};
 use crate::error::Error;
 use crate::guard;
-use crate::launcher::{Identity, Launcher, Verdict};
+use crate::launcher::{Identity, Launcher, StepIds, Verdict};
 use crate::options::{self, ContainerRequest, Given, ImageChoice, Opt, Origin, SPECS};
 use crate::spank::{self, Spank, StepInfo};
 use crate::submit::{REQUEST_VAR, SLURM_CONTAINER};
@@ -119,7 +119,15 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
             };
         }
     };
-    if let Verdict::Deny(reason) = root.check_and_fetch(&image)? {
+    let step = StepIds {
+        job: info.job_id,
+        step: match info.step_id {
+            BATCH_STEP => "batch".to_owned(),
+            id => id.to_string(),
+        },
+        uid: info.uid,
+    };
+    if let Verdict::Deny(reason) = root.check_and_fetch(&image, &step)? {
         return Err(Error::PolicyDenied { image, reason });
     }
     let binds = node_binds(&info, getenv("PMIX_SERVER_TMPDIR")?);

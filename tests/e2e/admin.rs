@@ -181,3 +181,176 @@ fn a_node_with_an_invalid_config_refuses_container_jobs_and_stays_idle() {
         .run();
     again.assert_success();
 }
+
+/// A registry name that only the proxy can resolve: tinyproxy runs in a mount namespace of
+/// its own whose /etc/hosts maps it to the plain-HTTP test registry's address. Anything
+/// that reaches the registry under this name went through the proxy.
+const PROXIED_HOST: &str = "berth-proxied.test";
+const PROXY_PORT: u16 = 18128;
+
+/// Debian's tinyproxy on 127.0.0.1:PROXY_PORT, stopped on drop.
+struct Tinyproxy {
+    child: std::process::Child,
+    dir: PathBuf,
+}
+
+impl Tinyproxy {
+    fn start() -> Tinyproxy {
+        let dir = std::env::temp_dir().join(unique_name("e2e-admin-tinyproxy"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let conf = dir.join("tinyproxy.conf");
+        let hosts = dir.join("hosts");
+        std::fs::write(
+            &conf,
+            format!(
+                "Port {PROXY_PORT}\nListen 127.0.0.1\nUser nobody\nGroup nogroup\n\
+                 Timeout 30\nMaxClients 20\nLogLevel Connect\n"
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            &hosts,
+            format!("127.0.0.1 localhost\n127.0.0.1 {PROXIED_HOST}\n"),
+        )
+        .unwrap();
+        let script = format!(
+            "mount --bind {} /etc/hosts && exec tinyproxy -d -c {}",
+            hosts.display(),
+            conf.display()
+        );
+        let log = std::fs::File::create(dir.join("tinyproxy.log")).unwrap();
+        let child = std::process::Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sh", "-c", &script])
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("unshare + tinyproxy (apt install tinyproxy; tests/cluster/up does)");
+        let listening = wait_until(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", PROXY_PORT)).is_ok()
+        });
+        let proxy = Tinyproxy { child, dir };
+        assert!(listening, "tinyproxy did not listen: {}", proxy.log());
+        proxy
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("tinyproxy.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Tinyproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The test's site config: the proxied registry approved, reached over plain HTTP, through
+/// the proxy if `proxy`; `cache` is a `[cache]` table or nothing.
+fn proxied_config(cluster: &Cluster, proxy: bool, cache: &str) -> String {
+    let plain = cluster.plain_registry().port;
+    let tls = cluster.tls_registry().port;
+    let proxy = if proxy {
+        format!("proxy = \"http://127.0.0.1:{PROXY_PORT}\"\nno_proxy = [\"localhost\"]\n")
+    } else {
+        String::new()
+    };
+    format!(
+        "[policy]\nallowed = [\"localhost:{tls}/*\", \"{PROXIED_HOST}:{plain}/*\"]\n\
+         plain_http = [\"{PROXIED_HOST}:{plain}\"]\n{cache}\
+         [registry]\ncerts_dir = \"{}\"\nretries = 1\ntimeout_secs = 5\n{proxy}",
+        cluster.certs_dir().display()
+    )
+}
+
+/// A root-only config file and cache directory for direct launcher calls, removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Scratch {
+        let dir = PathBuf::from("/var/tmp").join(unique_name("e2e-admin"));
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    fn config(&self, name: &str, text: &str) -> String {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn the_node_fetch_goes_through_the_configured_proxy() {
+    let _serial = serial();
+    let cluster = Cluster::get();
+    let scratch = Scratch::new();
+    let cache = format!("[cache]\ndir = \"{}\"\n", scratch.0.join("cache").display());
+    let with_proxy = scratch.config("proxy.toml", &proxied_config(&cluster, true, &cache));
+    let direct = scratch.config("direct.toml", &proxied_config(&cluster, false, &cache));
+    let image = format!(
+        "{PROXIED_HOST}:{}/test/busybox",
+        cluster.plain_registry().port
+    );
+    let bin = cluster.berth_bin().display().to_string();
+    // What the plugin runs in slurmstepd: root, an environment with only PATH.
+    let node_fetch = |config: &str| {
+        Cmd::root([
+            &bin, "--config", config, "policy", "check", "--fetch", &image,
+        ])
+        .run()
+    };
+
+    let proxy = Tinyproxy::start();
+    // Without the setting the name does not even resolve: only the proxy reaches it.
+    let run = node_fetch(&direct);
+    assert_ne!(run.code(), Some(0), "{run:?}");
+    let run = node_fetch(&with_proxy);
+    run.assert_success();
+    assert!(run.stdout.starts_with("allow: "), "{run:?}");
+    assert!(
+        proxy.log().contains(PROXIED_HOST),
+        "tinyproxy saw no request for {PROXIED_HOST}:\n{}",
+        proxy.log()
+    );
+
+    drop(proxy);
+    let run = Cmd::root([&bin, "--config", &with_proxy, "resolve", &image]).run();
+    assert_ne!(run.code(), Some(0), "{run:?}");
+    assert!(
+        run.stderr.contains("unreachable") && run.stderr.contains("[registry] proxy"),
+        "not a clear message with the proxy down: {run:?}"
+    );
+}
+
+#[test]
+fn a_job_runs_an_image_reached_only_through_the_proxy() {
+    let _serial = serial();
+    let cluster = Cluster::get();
+    let proxy = Tinyproxy::start();
+    let _config = InstalledConfig::replace(&cluster, &proxied_config(&cluster, true, ""));
+    let image = format!(
+        "--container-image={PROXIED_HOST}:{}/test/busybox",
+        cluster.plain_registry().port
+    );
+    let run = Cmd::user(["srun", &image, "cat", "/etc/os-release"]).run();
+    run.assert_success();
+    // The plain registry's image says where it was pushed.
+    let plain = format!("BERTH_REGISTRY=localhost:{}", cluster.plain_registry().port);
+    assert!(run.stdout.contains(&plain), "{run:?}");
+    assert!(proxy.log().contains(PROXIED_HOST), "{}", proxy.log());
+
+    drop(proxy);
+    let run = Cmd::user(["srun", &image, "true"]).run();
+    run.assert_failure();
+    assert!(run.stderr.contains("[registry] proxy"), "{run:?}");
+    assert_node_idle(&cluster);
+}

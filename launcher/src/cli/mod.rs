@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 use crate::Result;
 
+mod audit;
 mod config;
 mod exec;
 mod fetch;
@@ -59,6 +60,8 @@ pub enum Command {
     Images(images::ListArgs),
     /// Evict images from the node cache.
     Prune(images::PruneArgs),
+    /// Show which image and digest each step of a job ran on this node (the audit file).
+    Audit(audit::Args),
     /// Validate the site configuration.
     #[command(subcommand)]
     Config(config::Command),
@@ -80,6 +83,7 @@ impl Cli {
             Command::Resolve(a) => fetch::run_resolve(a, g),
             Command::Images(a) => images::run_list(a, g),
             Command::Prune(a) => images::run_prune(a, g),
+            Command::Audit(a) => audit::run(a, g),
             Command::Config(c) => config::run(c, g),
             Command::Generate(c) => generate::run(c, g),
         }

@@ -17,6 +17,7 @@ use std::ffi::OsString;
 use serde_json::json;
 
 use super::Globals;
+use crate::audit;
 use crate::cache::{self, FetchOptions};
 use crate::config::Config;
 use crate::policy::{ImageRequest, Policy, Verdict};
@@ -48,6 +49,9 @@ pub struct CheckArgs {
     /// (progress on stderr), as `berth fetch` does; a local image file needs no fetch.
     #[arg(long)]
     pub fetch: bool,
+    /// The job step the decision is for (the plugin on the node): recorded in the audit trail.
+    #[command(flatten)]
+    pub step: crate::audit::StepArgs,
     /// A registry reference (`host[:port]/repo[:tag][@sha256:...]`, `docker://...`,
     /// `REGISTRY#IMAGE`) or a local image file path, as given to --container-image.
     // OsString, so a non-UTF-8 argument reaches us and is refused with a message instead of
@@ -93,11 +97,13 @@ fn check(args: CheckArgs, globals: &Globals) -> Result<i32> {
         );
         return Ok(report(args.json, &shown, Outcome::Deny(reason)));
     };
+    let mut digest = None;
     let outcome = match policy.check(image) {
         Ok((request, Verdict::Allow { rule })) => {
             if let (true, ImageRequest::Registry(_)) = (args.fetch, &request) {
                 // Before the verdict is printed: exit 0 promises the image is in the cache.
-                cache::fetch_with(&config, image, &FetchOptions { quiet: false })?;
+                let sif = cache::fetch_with(&config, image, &FetchOptions { quiet: false })?;
+                digest = audit::digest_of_cached(&sif);
             }
             Outcome::Allow(request, rule)
         }
@@ -107,6 +113,15 @@ fn check(args: CheckArgs, globals: &Globals) -> Result<i32> {
         Err(e @ Error::InvalidReference { .. }) => Outcome::Deny(e.to_string()),
         Err(e) => return Err(e),
     };
+    let decision = match &outcome {
+        Outcome::Allow(_, rule) => audit::Decision::Allow { rule, digest },
+        Outcome::Deny(reason) => audit::Decision::Deny { reason },
+    };
+    if let Some(record) = audit::Record::new(&args.step, image, decision) {
+        for warning in audit::record(&config.audit, &record) {
+            eprintln!("berth: {warning}");
+        }
+    }
     Ok(report(args.json, image, outcome))
 }
 

@@ -103,7 +103,7 @@ impl<'a> Client<'a> {
         let timeout = Some(Duration::from_secs(config.timeout_secs.max(1)));
         let agent = ureq::Agent::config_builder()
             .tls_config(tls)
-            .proxy(ureq::Proxy::try_from_env())
+            .proxy(config.agent_proxy())
             .http_status_as_error(false)
             .max_redirects(0)
             .https_only(!options.plain_http)
@@ -859,6 +859,7 @@ mod tests {
             auth_file,
             retries: 1,
             timeout_secs: 5,
+            ..RegistryConfig::default()
         };
         let no_redirects = |_: &str| false;
         let mut client = Client::new(
@@ -905,6 +906,7 @@ mod tests {
             auth_file: dir.join("no-auth.json"),
             retries: 1,
             timeout_secs: 5,
+            ..RegistryConfig::default()
         };
         let options = ClientOptions {
             plain_http: true,
