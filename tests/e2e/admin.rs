@@ -354,3 +354,132 @@ fn a_job_runs_an_image_reached_only_through_the_proxy() {
     assert!(run.stderr.contains("[registry] proxy"), "{run:?}");
     assert_node_idle(&cluster);
 }
+
+/// A datagram socket at /dev/log standing in for syslog while no syslog daemon runs (the
+/// test machine has none), removed on drop. `None` where a real one listens: the test then
+/// checks the audit file only.
+struct SyslogListener(std::os::unix::net::UnixDatagram);
+
+impl SyslogListener {
+    fn bind() -> Option<SyslogListener> {
+        if Path::new("/dev/log").exists() {
+            return None;
+        }
+        let socket = std::os::unix::net::UnixDatagram::bind("/dev/log").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        Some(SyslogListener(socket))
+    }
+
+    /// Every message received so far.
+    fn messages(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n) = self.0.recv(&mut buf) {
+            out.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        }
+        out
+    }
+}
+
+impl Drop for SyslogListener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file("/dev/log");
+    }
+}
+
+/// The cluster's own config with an `[audit]` table of the test's.
+fn audited_config(cluster: &Cluster, allowed: &str, audit_file: &Path) -> String {
+    format!(
+        "[policy]\nallowed = [{allowed}]\n[registry]\ncerts_dir = \"{}\"\n\
+         [audit]\nfile = \"{}\"\nsyslog = true\n",
+        cluster.certs_dir().display(),
+        audit_file.display()
+    )
+}
+
+#[test]
+fn node_decisions_are_audited_and_berth_audit_names_each_steps_digest() {
+    let _serial = serial();
+    let cluster = Cluster::get();
+    let scratch = Scratch::new();
+    let audit_file = scratch.0.join("audit.jsonl");
+    let tls = cluster.image_tls();
+    let approved = format!("\"localhost:{}/*\"", cluster.tls_registry().port);
+    let syslog = SyslogListener::bind();
+    let config =
+        InstalledConfig::replace(&cluster, &audited_config(&cluster, &approved, &audit_file));
+    let bin = cluster.berth_bin().display().to_string();
+    let image = format!("--container-image={}", tls.reference);
+
+    // Allowed: the job's step 0 ran the image's digest.
+    let run = Cmd::user(["srun", &image, "printenv", "SLURM_JOB_ID"]).run();
+    run.assert_success();
+    let job = run.stdout.trim().to_owned();
+    let audit = Cmd::root([&bin, "audit", "--job", &job]).run();
+    audit.assert_success();
+    let step0 = audit
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("0 "))
+        .unwrap_or_default();
+    assert!(
+        step0.contains("allow") && step0.contains(&tls.digest),
+        "{audit:?}"
+    );
+    let json = Cmd::root([&bin, "audit", "--job", &job, "--json"]).run();
+    let record: serde_json::Value =
+        serde_json::from_str(json.stdout.lines().next().unwrap()).unwrap();
+    assert_eq!(record["user"], cluster.user(), "{record}");
+    assert_eq!(record["node"], cluster.node(), "{record}");
+    assert_eq!(record["rule"], approved.trim_matches('"'), "{record}");
+
+    // Denied on the node: submitted while allowed, released after the site withdrew it.
+    let name = unique_name("e2e-admin-audit");
+    let script = cluster.home().join(format!("{name}.sh"));
+    let output = cluster.home().join(format!("{name}.out"));
+    write_user_file(&cluster, &script, "#!/bin/sh\ntrue\n", 0o755);
+    let _files = (UserFile(script.clone()), UserFile(output.clone()));
+    let out = format!("--output={}", output.display());
+    let script_arg = script.display().to_string();
+    let sbatch = Cmd::user(["sbatch", "--hold", "--parsable", &out, &image, &script_arg]).run();
+    sbatch.assert_success();
+    let denied_job = sbatch.stdout.trim().to_owned();
+    let withdrawn = InstalledConfig::replace(&cluster, &audited_config(&cluster, "", &audit_file));
+    Cmd::root(["scontrol", "release", &denied_job])
+        .run()
+        .assert_success();
+    let ended = wait_until(Duration::from_secs(60), || {
+        Cmd::root(["squeue", "-h", "-j", &denied_job])
+            .run()
+            .stdout
+            .trim()
+            .is_empty()
+    });
+    assert!(ended, "job {denied_job} did not end");
+    let audit = Cmd::root([&bin, "audit", "--job", &denied_job]).run();
+    audit.assert_success();
+    let batch = audit
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("batch "))
+        .unwrap_or_default();
+    assert!(batch.contains("deny"), "{audit:?}");
+    drop(withdrawn);
+    drop(config);
+    assert_node_idle(&cluster);
+
+    if let Some(syslog) = syslog {
+        let messages = syslog.messages();
+        for (job, verdict) in [(&job, "allow"), (&denied_job, "deny")] {
+            let needle = format!("\"job\":\"{job}\"");
+            assert!(
+                messages.iter().any(|m| m.starts_with("<38>berth[")
+                    && m.contains(&needle)
+                    && m.contains(&format!("\"verdict\":\"{verdict}\""))),
+                "no syslog line for job {job} ({verdict}) in {messages:#?}"
+            );
+        }
+    }
+}
