@@ -34,6 +34,9 @@ pub struct Config {
     /// `[audit]`: where the node's decisions are recorded (see `audit`).
     #[serde(default)]
     pub audit: crate::audit::AuditConfig,
+    /// `[metrics]`: the Prometheus textfile (see `metrics`).
+    #[serde(default)]
+    pub metrics: crate::metrics::MetricsConfig,
 }
 
 /// `[policy]`: which images may run. Owned by `policy.rs`. Entries are validated while the

@@ -10,6 +10,7 @@ pub mod config;
 pub mod container;
 pub mod error;
 pub mod image_config;
+pub mod metrics;
 pub mod policy;
 pub mod reference;
 pub mod registry;

@@ -483,3 +483,64 @@ fn node_decisions_are_audited_and_berth_audit_names_each_steps_digest() {
         }
     }
 }
+
+/// The metrics textfile's samples as Python's prometheus_client parses them:
+/// `name{labels}` -> value, one per line of its output; panics if it does not parse.
+fn parse_metrics(file: &Path) -> std::collections::BTreeMap<String, f64> {
+    let program = "import sys\n\
+        from prometheus_client.parser import text_string_to_metric_families as parse\n\
+        for family in parse(open(sys.argv[1]).read()):\n\
+        \x20   for s in family.samples:\n\
+        \x20       labels = ','.join(f'{k}={v}' for k, v in sorted(s.labels.items()))\n\
+        \x20       print(f'{s.name}{{{labels}}} {s.value}')\n";
+    let path = file.display().to_string();
+    let run = Cmd::root(["/usr/bin/python3", "-c", program, &path]).run();
+    run.assert_success();
+    run.stdout
+        .lines()
+        .filter_map(|l| l.rsplit_once(' '))
+        .map(|(k, v)| (k.to_owned(), v.parse().unwrap()))
+        .collect()
+}
+
+#[test]
+fn the_metrics_textfile_parses_and_its_counters_move_with_each_job() {
+    let _serial = serial();
+    let cluster = Cluster::get();
+    let scratch = Scratch::new();
+    let file = scratch.0.join("berth.prom");
+    let config = format!(
+        "[policy]\nallowed = [\"localhost:{}/*\"]\n[registry]\ncerts_dir = \"{}\"\n\
+         [audit]\nfile = \"\"\nsyslog = false\n[metrics]\nfile = \"{}\"\n",
+        cluster.tls_registry().port,
+        cluster.certs_dir().display(),
+        file.display()
+    );
+    let _config = InstalledConfig::replace(&cluster, &config);
+    let image = format!("--container-image={}", cluster.image_tls().reference);
+    Cmd::user(["srun", &image, "true"]).run().assert_success();
+    let first = parse_metrics(&file);
+    let allowed = "berth_decisions_total{verdict=allow}";
+    let fetches = |m: &std::collections::BTreeMap<String, f64>| {
+        m.get("berth_cache_hits_total{}").copied().unwrap_or(0.0)
+            + m.get("berth_cache_misses_total{}").copied().unwrap_or(0.0)
+    };
+    assert_eq!(first.get(allowed), Some(&1.0), "{first:#?}");
+    assert_eq!(fetches(&first), 1.0, "{first:#?}");
+    assert!(first["berth_cache_entries{}"] >= 1.0, "{first:#?}");
+    assert!(first["berth_cache_bytes{}"] > 0.0, "{first:#?}");
+    assert!(
+        first.contains_key("berth_containers_running{}"),
+        "{first:#?}"
+    );
+
+    Cmd::user(["srun", &image, "true"]).run().assert_success();
+    let second = parse_metrics(&file);
+    assert_eq!(second.get(allowed), Some(&2.0), "{second:#?}");
+    assert_eq!(fetches(&second), 2.0, "{second:#?}");
+    assert!(
+        second["berth_cache_hits_total{}"] >= 1.0,
+        "the second fetch is a hit: {second:#?}"
+    );
+    assert_node_idle(&cluster);
+}

@@ -17,10 +17,9 @@ use std::ffi::OsString;
 use serde_json::json;
 
 use super::Globals;
-use crate::audit;
-use crate::cache::{self, FetchOptions};
 use crate::config::Config;
 use crate::policy::{ImageRequest, Policy, Verdict};
+use crate::{audit, metrics};
 use crate::{Error, Result};
 
 #[derive(Debug, clap::Subcommand)]
@@ -98,12 +97,16 @@ fn check(args: CheckArgs, globals: &Globals) -> Result<i32> {
         return Ok(report(args.json, &shown, Outcome::Deny(reason)));
     };
     let mut digest = None;
+    let mut observed = metrics::Observation::default();
     let outcome = match policy.check(image) {
         Ok((request, Verdict::Allow { rule })) => {
             if let (true, ImageRequest::Registry(_)) = (args.fetch, &request) {
                 // Before the verdict is printed: exit 0 promises the image is in the cache.
-                let sif = cache::fetch_with(&config, image, &FetchOptions { quiet: false })?;
-                digest = audit::digest_of_cached(&sif);
+                let fetched = metrics::fetch(&config, image, &mut observed);
+                if fetched.is_err() && args.step.job.is_some() {
+                    publish_metrics(&config, &observed);
+                }
+                digest = audit::digest_of_cached(&fetched?);
             }
             Outcome::Allow(request, rule)
         }
@@ -121,8 +124,20 @@ fn check(args: CheckArgs, globals: &Globals) -> Result<i32> {
         for warning in audit::record(&config.audit, &record) {
             eprintln!("berth: {warning}");
         }
+        observed.decision(match &outcome {
+            Outcome::Allow(_, rule) => Ok(rule),
+            Outcome::Deny(reason) => Err(reason),
+        });
+        publish_metrics(&config, &observed);
     }
     Ok(report(args.json, image, outcome))
+}
+
+/// Node decisions (for a job step) and fetches update the metrics textfile.
+fn publish_metrics(config: &Config, observed: &metrics::Observation) {
+    if let Some(warning) = metrics::publish(config, observed) {
+        eprintln!("berth: {warning}");
+    }
 }
 
 enum Outcome {
