@@ -8,6 +8,7 @@ pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod container;
+pub mod doctor;
 pub mod error;
 pub mod image_config;
 pub mod metrics;

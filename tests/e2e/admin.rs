@@ -544,3 +544,61 @@ fn the_metrics_textfile_parses_and_its_counters_move_with_each_job() {
     );
     assert_node_idle(&cluster);
 }
+
+/// Sets /dev/fuse's mode for the guard's lifetime.
+struct FuseMode(u32);
+
+impl FuseMode {
+    fn set(mode: u32) -> FuseMode {
+        use std::os::unix::fs::PermissionsExt;
+        let old = std::fs::metadata("/dev/fuse").unwrap().permissions().mode() & 0o7777;
+        std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(mode)).unwrap();
+        FuseMode(old)
+    }
+}
+
+impl Drop for FuseMode {
+    fn drop(&mut self) {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(self.0));
+    }
+}
+
+#[test]
+fn doctor_passes_on_the_cluster_and_names_the_fix_for_an_unusable_dev_fuse() {
+    let _serial = serial();
+    let cluster = Cluster::get();
+    let bin = cluster.berth_bin().display().to_string();
+    let run = Cmd::root([&bin, "doctor"]).run();
+    run.assert_success();
+    for check in [
+        "user namespaces",
+        "/dev/fuse",
+        "squashfuse",
+        "cgroups",
+        "plugstack entry",
+    ] {
+        assert!(
+            run.stdout.contains(&format!("ok    {check}: ")),
+            "{check}: {run:?}"
+        );
+    }
+    let registry = format!(
+        "ok    registry: localhost:{} answers",
+        cluster.tls_registry().port
+    );
+    assert!(run.stdout.contains(&registry), "{run:?}");
+
+    let _fuse = FuseMode::set(0o600);
+    let run = Cmd::root([&bin, "doctor"]).run();
+    assert_eq!(run.code(), Some(1), "{run:?}");
+    assert!(
+        run.stdout
+            .contains("FAIL  /dev/fuse: /dev/fuse is mode 0600"),
+        "{run:?}"
+    );
+    assert!(
+        run.stdout.contains("fix: ") && run.stdout.contains("chmod 0666 /dev/fuse"),
+        "{run:?}"
+    );
+}

@@ -9,6 +9,7 @@ use crate::Result;
 
 mod audit;
 mod config;
+mod doctor;
 mod exec;
 mod fetch;
 mod generate;
@@ -62,6 +63,8 @@ pub enum Command {
     Prune(images::PruneArgs),
     /// Show which image and digest each step of a job ran on this node (the audit file).
     Audit(audit::Args),
+    /// Check what berth needs on this node and say how to fix each failure.
+    Doctor(doctor::Args),
     /// Validate the site configuration.
     #[command(subcommand)]
     Config(config::Command),
@@ -85,6 +88,7 @@ impl Cli {
             Command::Prune(a) => images::run_prune(a, g),
             Command::Audit(a) => audit::run(a, g),
             Command::Config(c) => config::run(c, g),
+            Command::Doctor(a) => doctor::run(a, g),
             Command::Generate(c) => generate::run(c, g),
         }
     }
