@@ -37,6 +37,9 @@ pub struct Config {
     /// `[metrics]`: the Prometheus textfile (see `metrics`).
     #[serde(default)]
     pub metrics: crate::metrics::MetricsConfig,
+    /// `[site]`: binds and variables every container gets, limits on users' binds.
+    #[serde(default)]
+    pub site: crate::site::SiteConfig,
 }
 
 /// `[policy]`: which images may run. Owned by `policy.rs`. Entries are validated while the

@@ -98,6 +98,8 @@ pub enum Error {
         #[source]
         source: berth_sys::Error,
     },
+    #[error("bind {bind} refused: {reason} (set by the site in /etc/berth/berth.toml [site])")]
+    BindRefused { bind: String, reason: String },
     #[error("invalid --bind {spec:?}: {reason} (use SRC:DST[:ro|rw] with an absolute DST)")]
     BindSyntax { spec: String, reason: String },
     #[error("bind source {} is not usable on this node ({source}): fix the path or create it", path.display())]

@@ -16,6 +16,7 @@ pub mod policy;
 pub mod reference;
 pub mod registry;
 pub mod sif;
+pub mod site;
 pub mod unpack;
 
 pub use error::{Error, Result};

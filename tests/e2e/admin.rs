@@ -602,3 +602,71 @@ fn doctor_passes_on_the_cluster_and_names_the_fix_for_an_unusable_dev_fuse() {
         "{run:?}"
     );
 }
+
+#[test]
+fn site_mounts_and_variables_reach_every_container_and_user_binds_are_limited() {
+    let _serial = serial();
+    let cluster = Cluster::get();
+    let scratch = Scratch::new();
+    let site_dir = scratch.0.join("site");
+    std::fs::create_dir_all(&site_dir).unwrap();
+    std::fs::write(site_dir.join("marker"), "site mount\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    for dir in [&scratch.0, &site_dir] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    std::fs::set_permissions(
+        site_dir.join("marker"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let home = cluster.home().display().to_string();
+    let config = format!(
+        "[policy]\nallowed = [\"localhost:{}/*\"]\n[registry]\ncerts_dir = \"{}\"\n\
+         [audit]\nfile = \"\"\nsyslog = false\n\
+         [site]\nbinds = [\"{}:/site:ro\"]\noptional_binds = [\"/no/such/dir:/opt/missing\"]\n\
+         env = {{ BERTH_SITE_TEST = \"from-the-site\" }}\nuser_bind_prefixes = [\"{home}\"]\n",
+        cluster.tls_registry().port,
+        cluster.certs_dir().display(),
+        site_dir.display(),
+    );
+    let _config = InstalledConfig::replace(&cluster, &config);
+    let image = format!("--container-image={}", cluster.image_tls().reference);
+
+    let run = Cmd::user([
+        "srun",
+        &image,
+        "sh",
+        "-c",
+        "cat /site/marker; echo $BERTH_SITE_TEST; test -e /opt/missing || echo no-optional",
+    ])
+    .run();
+    run.assert_success();
+    assert_eq!(
+        run.stdout.lines().collect::<Vec<_>>(),
+        ["site mount", "from-the-site", "no-optional"],
+        "{run:?}"
+    );
+
+    // Replacing the site's mount is refused, and so is a bind outside the allowed prefixes.
+    let over = format!("--container-mounts={home}:/site");
+    let run = Cmd::user(["srun", &image, &over, "true"]).run();
+    run.assert_failure();
+    assert!(
+        run.stderr.contains("mount the site gives every container"),
+        "{run:?}"
+    );
+    let outside = "--container-mounts=/etc:/data";
+    let run = Cmd::user(["srun", &image, outside, "true"]).run();
+    run.assert_failure();
+    assert!(
+        run.stderr.contains(&format!("only paths below {home}")),
+        "{run:?}"
+    );
+    // Inside the prefixes it works.
+    let inside = format!("--container-mounts={home}:/data");
+    Cmd::user(["srun", &image, &inside, "true"])
+        .run()
+        .assert_success();
+    assert_node_idle(&cluster);
+}
