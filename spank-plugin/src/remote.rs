@@ -127,7 +127,20 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
         },
         uid: info.uid,
     };
-    if let Verdict::Deny(reason) = root.check_and_fetch(&image, &step)? {
+    let verdict = root.check_and_fetch(&image, &step)?;
+    // The decision in slurmd's log too, at its default level, beside the launcher's syslog
+    // line and audit file (`berth audit --job ID`).
+    spank::log_info(&format!(
+        "audit: job={} step={} uid={} image={image:?} verdict={}",
+        step.job,
+        step.step,
+        step.uid,
+        match &verdict {
+            Verdict::Allow => "allow".to_owned(),
+            Verdict::Deny(reason) => format!("deny reason={reason:?}"),
+        }
+    ));
+    if let Verdict::Deny(reason) = verdict {
         return Err(Error::PolicyDenied { image, reason });
     }
     let binds = node_binds(&info, getenv("PMIX_SERVER_TMPDIR")?);

@@ -414,6 +414,7 @@ fn node_decisions_are_audited_and_berth_audit_names_each_steps_digest() {
     let image = format!("--container-image={}", tls.reference);
 
     // Allowed: the job's step 0 ran the image's digest.
+    let slurmd_log = LogCursor::at_end(cluster.slurmd_log());
     let run = Cmd::user(["srun", &image, "printenv", "SLURM_JOB_ID"]).run();
     run.assert_success();
     let job = run.stdout.trim().to_owned();
@@ -434,6 +435,12 @@ fn node_decisions_are_audited_and_berth_audit_names_each_steps_digest() {
     assert_eq!(record["user"], cluster.user(), "{record}");
     assert_eq!(record["node"], cluster.node(), "{record}");
     assert_eq!(record["rule"], approved.trim_matches('"'), "{record}");
+    let line = format!("audit: job={job} step=0 uid={} ", cluster.uid());
+    let (log, found) = slurmd_log.wait_for(Duration::from_secs(10), |t| t.contains(&line));
+    assert!(
+        found && log.contains("verdict=allow"),
+        "no '{line}' in slurmd's log:\n{log}"
+    );
 
     // Denied on the node: submitted while allowed, released after the site withdrew it.
     let name = unique_name("e2e-admin-audit");
