@@ -73,6 +73,56 @@ fn write_atomically(path: &Path, contents: &[u8]) {
     std::fs::rename(&tmp, path).unwrap();
 }
 
+/// A batch job submitted on hold (so the login node's checks run now, the node's when it
+/// is released), its script and output removed on drop.
+struct HeldJob {
+    job: String,
+    output: PathBuf,
+    _files: (UserFile, UserFile),
+}
+
+impl HeldJob {
+    fn submit(cluster: &Cluster, image_option: &str, command: &str) -> HeldJob {
+        let name = unique_name("e2e-admin-job");
+        let script = cluster.home().join(format!("{name}.sh"));
+        let output = cluster.home().join(format!("{name}.out"));
+        write_user_file(cluster, &script, &format!("#!/bin/sh\n{command}\n"), 0o755);
+        let out = format!("--output={}", output.display());
+        let script_arg = script.display().to_string();
+        let sbatch = Cmd::user([
+            "sbatch",
+            "--hold",
+            "--parsable",
+            &out,
+            image_option,
+            &script_arg,
+        ])
+        .run();
+        sbatch.assert_success();
+        HeldJob {
+            job: sbatch.stdout.trim().to_owned(),
+            output: output.clone(),
+            _files: (UserFile(script), UserFile(output)),
+        }
+    }
+
+    /// Releases the job, waits for it to end and returns its output.
+    fn release_and_wait(&self) -> String {
+        Cmd::root(["scontrol", "release", &self.job])
+            .run()
+            .assert_success();
+        let ended = wait_until(Duration::from_secs(60), || {
+            Cmd::root(["squeue", "-h", "-j", &self.job])
+                .run()
+                .stdout
+                .trim()
+                .is_empty()
+        });
+        assert!(ended, "job {} did not end", self.job);
+        std::fs::read_to_string(&self.output).unwrap_or_default()
+    }
+}
+
 #[track_caller]
 fn assert_node_idle(cluster: &Cluster) {
     cluster.assert_node_healthy();
@@ -123,40 +173,16 @@ fn a_node_with_an_invalid_config_refuses_container_jobs_and_stays_idle() {
     let _serial = serial();
     let cluster = Cluster::get();
     let image = format!("--container-image={}", cluster.image_tls().reference);
-    let name = unique_name("e2e-admin-misconfigured");
-    let script = cluster.home().join(format!("{name}.sh"));
-    let output = cluster.home().join(format!("{name}.out"));
-    write_user_file(&cluster, &script, "#!/bin/sh\ncat /etc/os-release\n", 0o755);
-    let _files = (UserFile(script.clone()), UserFile(output.clone()));
-
     // Submitted while the config is valid (the login node's check passes and pins the
     // image), held, and released once the node's config is broken: the node's own check
     // is the one that must refuse it.
-    let out = format!("--output={}", output.display());
-    let script_arg = script.display().to_string();
-    let sbatch = Cmd::user(["sbatch", "--hold", "--parsable", &out, &image, &script_arg])
-        .current_dir(cluster.home())
-        .run();
-    sbatch.assert_success();
-    let job = sbatch.stdout.trim().to_owned();
-
+    let held = HeldJob::submit(&cluster, &image, "cat /etc/os-release");
     let slurmd_log = LogCursor::at_end(cluster.slurmd_log());
     let broken = InstalledConfig::replace(
         &cluster,
         "[policy]\nallowed = [\"localhost:5000/*\"]\nnot_a_key = 1\n",
     );
-    Cmd::root(["scontrol", "release", &job])
-        .run()
-        .assert_success();
-    let ended = wait_until(Duration::from_secs(60), || {
-        Cmd::root(["squeue", "-h", "-j", &job])
-            .run()
-            .stdout
-            .trim()
-            .is_empty()
-    });
-    assert!(ended, "job {job} did not end");
-    let text = std::fs::read_to_string(&output).unwrap_or_default();
+    let text = held.release_and_wait();
     assert!(text.contains(MISCONFIGURED), "job output: {text}");
     assert!(text.contains("berth.toml:3:1"), "job output: {text}");
     assert!(!text.contains("BERTH_REGISTRY"), "the job ran: {text}");
@@ -443,28 +469,10 @@ fn node_decisions_are_audited_and_berth_audit_names_each_steps_digest() {
     );
 
     // Denied on the node: submitted while allowed, released after the site withdrew it.
-    let name = unique_name("e2e-admin-audit");
-    let script = cluster.home().join(format!("{name}.sh"));
-    let output = cluster.home().join(format!("{name}.out"));
-    write_user_file(&cluster, &script, "#!/bin/sh\ntrue\n", 0o755);
-    let _files = (UserFile(script.clone()), UserFile(output.clone()));
-    let out = format!("--output={}", output.display());
-    let script_arg = script.display().to_string();
-    let sbatch = Cmd::user(["sbatch", "--hold", "--parsable", &out, &image, &script_arg]).run();
-    sbatch.assert_success();
-    let denied_job = sbatch.stdout.trim().to_owned();
+    let held = HeldJob::submit(&cluster, &image, "true");
     let withdrawn = InstalledConfig::replace(&cluster, &audited_config(&cluster, "", &audit_file));
-    Cmd::root(["scontrol", "release", &denied_job])
-        .run()
-        .assert_success();
-    let ended = wait_until(Duration::from_secs(60), || {
-        Cmd::root(["squeue", "-h", "-j", &denied_job])
-            .run()
-            .stdout
-            .trim()
-            .is_empty()
-    });
-    assert!(ended, "job {denied_job} did not end");
+    held.release_and_wait();
+    let denied_job = held.job.clone();
     let audit = Cmd::root([&bin, "audit", "--job", &denied_job]).run();
     audit.assert_success();
     let batch = audit
