@@ -441,7 +441,7 @@ fn node_decisions_are_audited_and_berth_audit_names_each_steps_digest() {
 
     // Allowed: the job's step 0 ran the image's digest.
     let slurmd_log = LogCursor::at_end(cluster.slurmd_log());
-    let run = Cmd::user(["srun", &image, "printenv", "SLURM_JOB_ID"]).run();
+    let run = Cmd::user(["srun", &image, "sh", "-c", "echo $SLURM_JOB_ID"]).run();
     run.assert_success();
     let job = run.stdout.trim().to_owned();
     let audit = Cmd::root([&bin, "audit", "--job", &job]).run();
