@@ -9,8 +9,8 @@
 //! containerized step would otherwise pay twice.
 //!
 //! Exit status: 0 allowed / required, 1 refused / not required (including malformed or tricky
-//! references), 125 berth itself failed (e.g. an unreadable or invalid configuration, or with
-//! `--fetch` a failed pull; reported by `main`).
+//! references), 78 the configuration is unreadable or invalid, 125 berth itself failed (e.g.
+//! with `--fetch` a failed pull; reported by `main`).
 
 use std::ffi::OsString;
 
