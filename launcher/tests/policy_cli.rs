@@ -1,6 +1,6 @@
 //! `berth policy check [--fetch]` and `berth policy require-container` as the SPANK plugin
-//! runs them: exit 0 allow, 1 deny (malformed references included), 78 configuration errors (EX_CONFIG)
-//! (and failed fetches); the verdict line on stdout.
+//! runs them: exit 0 allow, 1 deny (malformed references included), 78 configuration errors
+//! (EX_CONFIG), 125 failed fetches; the verdict line on stdout.
 //!
 //! The tests run as root (so `--config` is honoured). That a non-root caller's `--config` is
 //! refused cannot be tested in-process; the end-to-end suite covers it as the test user.
