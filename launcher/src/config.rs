@@ -15,6 +15,11 @@ use crate::{Error, Result};
 /// path would let jobs choose their own policy.
 pub const DEFAULT_PATH: &str = "/etc/berth/berth.toml";
 
+/// The exit status of every `berth` command that stopped because the site configuration is
+/// unreadable or invalid: sysexits' EX_CONFIG. The SPANK plugin tells it apart from other
+/// failures and refuses the job with "node misconfigured" instead of blaming the image.
+pub const EXIT_MISCONFIGURED: i32 = 78;
+
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -26,6 +31,15 @@ pub struct Config {
     pub registry: RegistryConfig,
     #[serde(default)]
     pub runtime: RuntimeConfig,
+    /// `[audit]`: where the node's decisions are recorded (see `audit`).
+    #[serde(default)]
+    pub audit: crate::audit::AuditConfig,
+    /// `[metrics]`: the Prometheus textfile (see `metrics`).
+    #[serde(default)]
+    pub metrics: crate::metrics::MetricsConfig,
+    /// `[site]`: binds and variables every container gets, limits on users' binds.
+    #[serde(default)]
+    pub site: crate::site::SiteConfig,
 }
 
 /// `[policy]`: which images may run. Owned by `policy.rs`. Entries are validated while the
@@ -110,6 +124,11 @@ pub struct RegistryConfig {
     /// credentials from `auth_file` (`host[:port]` or `*.domain`). Others get anonymous
     /// token requests.
     pub token_hosts: Vec<crate::registry::HostPattern>,
+    /// The HTTP proxy every registry request goes through (see [`ProxyUrl`]); unset: the
+    /// caller's HTTPS_PROXY/HTTP_PROXY/NO_PROXY environment, which on a node is empty.
+    pub proxy: Option<ProxyUrl>,
+    /// Registry hosts reached directly although `proxy` is set (see [`NoProxyHost`]).
+    pub no_proxy: Vec<NoProxyHost>,
 }
 
 impl Default for RegistryConfig {
@@ -121,7 +140,83 @@ impl Default for RegistryConfig {
             timeout_secs: 30,
             blob_hosts: Vec::new(),
             token_hosts: Vec::new(),
+            proxy: None,
+            no_proxy: Vec::new(),
         }
+    }
+}
+
+/// `[registry] proxy`: an `http://` or `https://` proxy URL with a host (and usually a port,
+/// `user:password@` if the proxy wants it), checked when the file is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyUrl(String);
+
+impl<'de> Deserialize<'de> for ProxyUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let url = String::deserialize(d)?;
+        let fail = |why: &str| {
+            serde::de::Error::custom(format!(
+                "[registry] proxy `{url}`: {why}; write it as http://HOST:PORT (e.g. \
+                 \"http://proxy.example.org:3128\")"
+            ))
+        };
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(fail("berth speaks only to http:// and https:// proxies"));
+        }
+        let proxy = ureq::Proxy::new(&url).map_err(|e| fail(&e.to_string()))?;
+        if proxy.host().is_empty() {
+            return Err(fail("it names no host"));
+        }
+        Ok(ProxyUrl(url))
+    }
+}
+
+/// A `[registry] no_proxy` entry, matched against the registry's host (not its port):
+/// `host` exactly, `.domain` or `*.domain` for every host below domain, `*` for all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NoProxyHost(String);
+
+impl<'de> Deserialize<'de> for NoProxyHost {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let entry = String::deserialize(d)?;
+        let host = entry.trim_start_matches("*.").trim_start_matches('.');
+        let valid_host = !host.is_empty()
+            && host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'));
+        if entry == "*" || valid_host {
+            Ok(NoProxyHost(entry))
+        } else {
+            Err(serde::de::Error::custom(format!(
+                "[registry] no_proxy entry `{entry}`: not a host name; use `host`, \
+                 `.domain`, `*.domain` or `*` (no scheme, path or port)"
+            )))
+        }
+    }
+}
+
+impl RegistryConfig {
+    /// The proxy for the registry client's agent: the configured one with its `no_proxy`
+    /// exceptions, or (none configured) the caller's environment, as curl and skopeo do.
+    pub fn agent_proxy(&self) -> Option<ureq::Proxy> {
+        let Some(ProxyUrl(url)) = &self.proxy else {
+            return ureq::Proxy::try_from_env();
+        };
+        // Validated when the configuration was read.
+        let parsed = ureq::Proxy::new(url).ok()?;
+        let mut builder = ureq::Proxy::builder(parsed.protocol())
+            .host(parsed.host())
+            .port(parsed.port());
+        if let Some(user) = parsed.username() {
+            builder = builder.username(user);
+        }
+        if let Some(password) = parsed.password() {
+            builder = builder.password(password);
+        }
+        for NoProxyHost(entry) in &self.no_proxy {
+            builder = builder.no_proxy(entry);
+        }
+        builder.build().ok()
     }
 }
 
@@ -145,15 +240,27 @@ impl Default for RuntimeConfig {
 impl Config {
     /// Parses a configuration file.
     pub fn from_file(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::io(format!("reading berth configuration {}", path.display()), e))?;
+        let text = std::fs::read_to_string(path).map_err(|source| Error::ConfigUnreadable {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Config::from_toml(path, &text)
     }
 
+    /// Parses `text`, the contents of `path`. An error names the line and column the problem
+    /// starts at (toml's span), as `berth config check` shows it.
     pub fn from_toml(path: &Path, text: &str) -> Result<Config> {
-        toml::from_str(text).map_err(|e| Error::Config {
-            path: path.to_path_buf(),
-            message: format!("{e}(fix the file; `configs/berth.toml` documents every key)"),
+        toml::from_str(text).map_err(|e| {
+            let (line, column) = e
+                .span()
+                .map(|span| line_column(text, entry_offset(text, span, e.message())))
+                .unwrap_or((1, 1));
+            Error::ConfigAt {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message: e.message().trim_end().to_owned(),
+            }
         })
     }
 
@@ -186,9 +293,107 @@ impl Config {
     }
 }
 
+/// Where the problem starts. toml spans a bad entry of a list with the whole list, so for
+/// the `[policy]` entry errors (which quote the entry) this finds the entry inside it: in a
+/// list written one entry per line, the line named is the entry's own.
+fn entry_offset(text: &str, span: std::ops::Range<usize>, message: &str) -> usize {
+    let entry = message
+        .split_once("entry `")
+        .and_then(|(_, rest)| rest.split_once('`'))
+        .map(|(entry, _)| entry);
+    let within = text.get(span.clone()).unwrap_or_default();
+    entry
+        .and_then(|entry| {
+            within
+                .find(&format!("\"{entry}\""))
+                .or_else(|| within.find(&format!("'{entry}'")))
+        })
+        .map_or(span.start, |at| span.start + at)
+}
+
+/// The 1-based line and column (in characters) of byte `offset` in `text`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    // toml's spans fall on character boundaries; anything else counts as the end.
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[line_start..].chars().count() + 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn error_of(text: &str) -> String {
+        Config::from_toml(Path::new("/etc/berth/berth.toml"), text)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn an_unknown_key_names_its_line_and_the_keys_allowed() {
+        let err = error_of("[policy]\nallowed = []\nalowed = []\n");
+        assert!(err.contains("/etc/berth/berth.toml:3:1:"), "{err}");
+        assert!(err.contains("unknown field `alowed`"), "{err}");
+        assert!(err.contains("`require_digest`"), "{err}");
+    }
+
+    #[test]
+    fn a_wrong_type_names_its_line_and_column() {
+        let err = error_of("\n[policy]\nrequire_digest = \"yes\"\n");
+        assert!(err.contains("berth.toml:3:18:"), "{err}");
+        assert!(err.contains("expected a boolean"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_registry_pattern_names_its_line() {
+        let err = error_of("[policy]\nallowed = [\n  \"ok.example/*\",\n  \"Bad Host/*\",\n]\n");
+        assert!(err.contains("berth.toml:4:3:"), "{err}");
+        assert!(err.contains("Bad Host/*"), "{err}");
+    }
+
+    #[test]
+    fn the_proxy_setting_reaches_the_agent_with_its_exceptions() {
+        let config = Config::from_toml(
+            Path::new("b.toml"),
+            "[registry]\nproxy = \"http://u:p@proxy.example:3128\"\n\
+             no_proxy = [\"internal.example\", \".lab.example\"]\n",
+        )
+        .unwrap();
+        let proxy = config.registry.agent_proxy().unwrap();
+        assert_eq!((proxy.host(), proxy.port()), ("proxy.example", 3128));
+        assert_eq!((proxy.username(), proxy.password()), (Some("u"), Some("p")));
+        let uri = |s: &str| s.parse::<ureq::http::Uri>().unwrap();
+        assert!(proxy.is_no_proxy(&uri("https://internal.example/v2/")));
+        assert!(proxy.is_no_proxy(&uri("https://r.lab.example/v2/")));
+        assert!(!proxy.is_no_proxy(&uri("https://registry.example.org/v2/")));
+    }
+
+    #[test]
+    fn a_bad_proxy_setting_names_its_line() {
+        let err = error_of("[registry]\nproxy = \"socks5://p:1080\"\n");
+        assert!(err.contains("berth.toml:2:9:"), "{err}");
+        assert!(err.contains("http://HOST:PORT"), "{err}");
+        let err = error_of("[registry]\nno_proxy = [\"http://x/\"]\n");
+        assert!(err.contains("no_proxy entry `http://x/`"), "{err}");
+    }
+
+    #[test]
+    fn line_column_counts_characters() {
+        assert_eq!(line_column("a\nbé c", 6), (2, 4));
+        assert_eq!(line_column("", 0), (1, 1));
+    }
+
+    #[test]
+    fn the_shipped_config_is_valid_and_approves_nothing() {
+        let config = Config::from_toml(
+            Path::new("configs/berth.toml"),
+            include_str!("../../configs/berth.toml"),
+        )
+        .unwrap();
+        assert!(config.policy.allowed.is_empty());
+        assert!(!config.policy.local_images);
+    }
 
     #[test]
     fn empty_file_is_valid() {

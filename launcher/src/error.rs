@@ -25,6 +25,27 @@ pub enum Error {
     // ---- config --------------------------------------------------------------------------
     #[error("berth configuration {path}: {message}")]
     Config { path: PathBuf, message: String },
+    #[error(
+        "berth configuration {}:{line}:{column}: {message}; fix the file (`berth config check` \
+         checks it; berth.toml(5) and /etc/berth/berth.toml's comments document every key)",
+        path.display()
+    )]
+    ConfigAt {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error(
+        "berth configuration {} cannot be read ({source}); it must be a file (mode 0644) \
+         readable by every user",
+        path.display()
+    )]
+    ConfigUnreadable {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     // ---- sif -----------------------------------------------------------------------------
     #[error("{path}: not a container image: neither a SIF file (no \"SIF_MAGIC\" at byte 32) nor a squashfs file (no \"hsqs\" at byte 0); build one with `berth sif create DIR OUT.sif`")]
     NotAnImage { path: PathBuf },
@@ -77,6 +98,8 @@ pub enum Error {
         #[source]
         source: berth_sys::Error,
     },
+    #[error("bind {bind} refused: {reason} (set by the site in /etc/berth/berth.toml [site])")]
+    BindRefused { bind: String, reason: String },
     #[error("invalid --bind {spec:?}: {reason} (use SRC:DST[:ro|rw] with an absolute DST)")]
     BindSyntax { spec: String, reason: String },
     #[error("bind source {} is not usable on this node ({source}): fix the path or create it", path.display())]
@@ -146,7 +169,7 @@ pub enum Error {
     // ---- registry / fetch / cache --------------------------------------------------------
     #[error("registry {registry}: {message}")]
     Registry { registry: String, message: String },
-    #[error("registry {registry} is unreachable after {attempts} attempt(s): {message}; check that it is up and reachable from this node (and HTTPS_PROXY/NO_PROXY), or ask the site admins")]
+    #[error("registry {registry} is unreachable after {attempts} attempt(s): {message}; check that it is up and reachable from this node (and the proxy: [registry] proxy in /etc/berth/berth.toml, else HTTPS_PROXY/NO_PROXY), or ask the site admins")]
     RegistryDown {
         registry: String,
         attempts: u32,

@@ -3,16 +3,20 @@
 //! (`main.rs`, `cli/`) is a thin command-line layer over it, so everything here is usable and
 //! testable without Slurm.
 
+pub mod audit;
 pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod container;
+pub mod doctor;
 pub mod error;
 pub mod image_config;
+pub mod metrics;
 pub mod policy;
 pub mod reference;
 pub mod registry;
 pub mod sif;
+pub mod site;
 pub mod unpack;
 
 pub use error::{Error, Result};

@@ -1,6 +1,6 @@
 //! `berth policy check [--fetch]` and `berth policy require-container` as the SPANK plugin
-//! runs them: exit 0 allow, 1 deny (malformed references included), 125 configuration errors
-//! (and failed fetches); the verdict line on stdout.
+//! runs them: exit 0 allow, 1 deny (malformed references included), 78 configuration errors
+//! (EX_CONFIG), 125 failed fetches; the verdict line on stdout.
 //!
 //! The tests run as root (so `--config` is honoured). That a non-root caller's `--config` is
 //! refused cannot be tested in-process; the end-to-end suite covers it as the test user.
@@ -115,14 +115,15 @@ fn json_output_carries_verdict_rule_and_reason() {
 }
 
 #[test]
-fn a_malformed_pattern_is_a_configuration_error_exit_125() {
+fn a_malformed_pattern_is_a_configuration_error_exit_78() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(
         dir.path(),
         "[policy]\nallowed = [\"localhost:5000/test*\"]\n",
     );
     let run = berth(&cfg, &["localhost:5000/test/a".as_ref()]);
-    assert_eq!(run.code, 125, "{}{}", run.stdout, run.stderr);
+    // EX_CONFIG: the plugin tells users the node is misconfigured.
+    assert_eq!(run.code, 78, "{}{}", run.stdout, run.stderr);
     assert!(run.stdout.is_empty());
     assert!(
         run.stderr.contains("localhost:5000/test*"),

@@ -123,6 +123,14 @@ pub enum Error {
     },
 
     #[error(
+        "node misconfigured: berth's site configuration on this node is invalid, so no \
+         container can be checked or run here and the job was refused ({detail}); this is not \
+         a problem with your job: tell your admins (`berth config check` on the node shows the \
+         fix)"
+    )]
+    NodeMisconfigured { detail: String },
+
+    #[error(
         "could not run the berth launcher {path} ({reason}): ask your admins to install berth \
          on this node or to fix berth= in plugstack.conf"
     )]

@@ -44,6 +44,10 @@ const NODE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin
 /// grow srun's memory.
 const OUTPUT_MAX_BYTES: usize = 64 * 1024;
 
+/// The launcher's exit status when the site configuration is unreadable or invalid
+/// (sysexits' EX_CONFIG; `berth::config::EXIT_MISCONFIGURED`).
+const EXIT_MISCONFIGURED: i32 = 78;
+
 /// The launcher binary, the limit its calls run under and the identity they run as.
 #[derive(Debug, Clone)]
 pub struct Launcher {
@@ -88,6 +92,15 @@ struct Outcome {
     stderr: String,
 }
 
+/// The job step a node-side decision is for, as the audit trail records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepIds {
+    pub job: u32,
+    /// The step id, or `batch` for the batch script's step.
+    pub step: String,
+    pub uid: u32,
+}
+
 /// `berth policy check`'s verdict.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -116,14 +129,26 @@ impl Launcher {
     /// pull into the node cache, in one launcher call. The pull's progress lines go on to
     /// this process's stderr as they come, which slurmstepd connects to the job's stderr
     /// (srun's terminal, the batch output file).
-    pub fn check_and_fetch(&self, image: &str) -> Result<Verdict, Error> {
-        let args = ["policy", "check", "--fetch", image];
+    /// `step` (`--job ID --step ID --uid N`) names the job step, so the launcher records the
+    /// decision in the node's audit trail.
+    pub fn check_and_fetch(&self, image: &str, step: &StepIds) -> Result<Verdict, Error> {
+        let (job, step_id, uid) = (
+            step.job.to_string(),
+            step.step.clone(),
+            step.uid.to_string(),
+        );
+        let args = [
+            "policy", "check", "--fetch", image, "--job", &job, "--step", &step_id, "--uid", &uid,
+        ];
         let launcher = Launcher {
             timeout: FETCH_TIMEOUT,
             ..self.clone()
         };
         let out = launcher.collect_output(&args, true)?;
         verdict(&out).ok_or_else(|| {
+            if let Some(e) = misconfigured(&out) {
+                return e;
+            }
             // The last line is berth's error; the ones before it were progress.
             let detail = out.stderr.trim().lines().last().unwrap_or_default();
             Error::FetchFailed {
@@ -249,6 +274,9 @@ impl Launcher {
     }
 
     fn failed(&self, args: &[&str], out: &Outcome) -> Error {
+        if let Some(e) = misconfigured(out) {
+            return e;
+        }
         Error::LauncherFailed {
             command: self.command_line(args),
             status: describe(out.status),
@@ -331,6 +359,20 @@ impl std::fmt::Debug for Holder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Holder({}:{})", self.pid, self.spec_fd)
     }
+}
+
+/// [`Error::NodeMisconfigured`] if the launcher stopped on the site configuration.
+fn misconfigured(out: &Outcome) -> Option<Error> {
+    (out.status.code() == Some(EXIT_MISCONFIGURED)).then(|| Error::NodeMisconfigured {
+        detail: out
+            .stderr
+            .trim()
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .trim_start_matches("berth: ")
+            .to_owned(),
+    })
 }
 
 /// In the child before exec: takes `identity`. slurmstepd's real uid is 0, which lets the
@@ -758,7 +800,8 @@ mod tests {
     fn check_and_fetch_judges_then_names_the_last_line() {
         let _serial = serial_spawns();
         let (_d, berth) = fake(
-            r#"[ "$1 $2 $3" = "policy check --fetch" ] && [ -z "$HOME" ] || exit 2
+            r#"[ "$1 $2 $3 $5 $6 $7 $8 $9 ${10}" = "policy check --fetch --job 7 --step 0 --uid 1100" ] \
+                 && [ -z "$HOME" ] || exit 2
                case "$4" in
                  ok) echo "allow: ok (rule: *)";;
                  evil) echo "deny: not approved"; exit 1;;
@@ -766,14 +809,48 @@ mod tests {
                esac"#,
         );
         let berth = berth.run_as(Identity::Root);
-        assert_eq!(berth.check_and_fetch("ok"), Ok(Verdict::Allow));
+        let step = step_ids();
+        assert_eq!(berth.check_and_fetch("ok", &step), Ok(Verdict::Allow));
         assert_eq!(
-            berth.check_and_fetch("evil"),
+            berth.check_and_fetch("evil", &step),
             Ok(Verdict::Deny("not approved".into()))
         );
-        let msg = berth.check_and_fetch("h/r:1").unwrap_err().to_string();
+        let msg = berth
+            .check_and_fetch("h/r:1", &step)
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("fetch image 'h/r:1'"), "{msg}");
         assert!(msg.contains("(exit status 125: manifest unknown)"), "{msg}");
+    }
+
+    fn step_ids() -> StepIds {
+        StepIds {
+            job: 7,
+            step: "0".into(),
+            uid: 1100,
+        }
+    }
+
+    #[test]
+    fn an_invalid_site_config_is_a_misconfigured_node() {
+        let _serial = serial_spawns();
+        let (_d, berth) = fake(
+            "echo 'berth: berth configuration /etc/berth/berth.toml:3:1: unknown field' >&2
+             exit 78",
+        );
+        let berth = berth.run_as(Identity::Root);
+        for err in [
+            berth.check_and_fetch("h/r:1", &step_ids()).unwrap_err(),
+            berth.require_container(None).unwrap_err(),
+        ] {
+            assert_eq!(
+                err,
+                Error::NodeMisconfigured {
+                    detail: "berth configuration /etc/berth/berth.toml:3:1: unknown field".into()
+                }
+            );
+            assert!(err.to_string().starts_with("node misconfigured: "), "{err}");
+        }
     }
 
     #[test]

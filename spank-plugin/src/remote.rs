@@ -27,7 +27,7 @@ use crate::config::Config;
 use crate::container::{self, NodeBind, StepContainer};
 use crate::error::Error;
 use crate::guard;
-use crate::launcher::{Identity, Launcher, Verdict};
+use crate::launcher::{Identity, Launcher, StepIds, Verdict};
 use crate::options::{self, ContainerRequest, Given, ImageChoice, Opt, Origin, SPECS};
 use crate::spank::{self, Spank, StepInfo};
 use crate::submit::{REQUEST_VAR, SLURM_CONTAINER};
@@ -119,7 +119,28 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
             };
         }
     };
-    if let Verdict::Deny(reason) = root.check_and_fetch(&image)? {
+    let step = StepIds {
+        job: info.job_id,
+        step: match info.step_id {
+            BATCH_STEP => "batch".to_owned(),
+            id => id.to_string(),
+        },
+        uid: info.uid,
+    };
+    let verdict = root.check_and_fetch(&image, &step)?;
+    // The decision in slurmd's log too, at its default level, beside the launcher's syslog
+    // line and audit file (`berth audit --job ID`).
+    spank::log_info(&format!(
+        "audit: job={} step={} uid={} image={image:?} verdict={}",
+        step.job,
+        step.step,
+        step.uid,
+        match &verdict {
+            Verdict::Allow => "allow".to_owned(),
+            Verdict::Deny(reason) => format!("deny reason={reason:?}"),
+        }
+    ));
+    if let Verdict::Deny(reason) = verdict {
         return Err(Error::PolicyDenied { image, reason });
     }
     let binds = node_binds(&info, getenv("PMIX_SERVER_TMPDIR")?);

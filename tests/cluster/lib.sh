@@ -34,7 +34,8 @@ CA_INSTALLED=$CERTS_D/localhost:$REGISTRY_TLS_PORT/ca.crt
 
 SLURM_PLUGIN_DIR=/usr/lib/x86_64-linux-gnu/slurm-wlm
 SPANK_PLUGIN=$SLURM_PLUGIN_DIR/spank_berth.so
-BERTH_BIN=/usr/local/bin/berth
+# Where the berth package installs the launcher (up installs the package).
+BERTH_BIN=/usr/bin/berth
 BERTH_CONFIG=/etc/berth/berth.toml
 
 log() { printf 'cluster: %s\n' "$*" >&2; }

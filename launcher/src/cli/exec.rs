@@ -70,7 +70,7 @@ pub fn run(a: Args, g: &Globals) -> Result<i32> {
             let config = Config::load_for_caller(g.config.as_deref())?;
             // Held until the command ends: a cached image stays locked against eviction.
             let image = cache::runnable(&config, image)?;
-            let spec = build_spec(&a.container, &image.path, command.to_vec())?;
+            let spec = build_spec(&a.container, &config.site, &image.path, command.to_vec())?;
             if a.container.print_spec {
                 return print_spec(&spec);
             }
@@ -88,21 +88,25 @@ pub fn run(a: Args, g: &Globals) -> Result<i32> {
 }
 
 /// The spec of a container of `image` running `command` with these options.
+/// The site's `[site]` binds and variables are added to the user's, and the user's binds
+/// checked against them.
 pub fn build_spec(
     c: &ContainerArgs,
+    site: &crate::site::SiteConfig,
     image: &std::path::Path,
     command: Vec<String>,
 ) -> Result<oci_spec::runtime::Spec> {
     let path = container::canonical_image(image)?;
     let source = crate::sif::open_image(&path)?;
+    let binds = c
+        .binds
+        .iter()
+        .map(|b| spec::Bind::parse(b))
+        .collect::<Result<_>>()?;
     let opts = spec::Options {
-        binds: c
-            .binds
-            .iter()
-            .map(|b| spec::Bind::parse(b))
-            .collect::<Result<_>>()?,
+        binds: crate::site::apply(site, binds, &|p| p.exists())?,
         workdir: c.workdir.clone(),
-        env: parse_env(&c.env)?,
+        env: crate::site::env(site, parse_env(&c.env)?),
         writable: c.writable,
         no_home: c.no_home,
         remap_root: c.remap_root,

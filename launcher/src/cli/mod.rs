@@ -7,8 +7,12 @@ use clap::{Parser, Subcommand};
 
 use crate::Result;
 
+mod audit;
+mod config;
+mod doctor;
 mod exec;
 mod fetch;
+mod generate;
 mod images;
 mod policy;
 mod sif;
@@ -57,6 +61,16 @@ pub enum Command {
     Images(images::ListArgs),
     /// Evict images from the node cache.
     Prune(images::PruneArgs),
+    /// Show which image and digest each step of a job ran on this node (the audit file).
+    Audit(audit::Args),
+    /// Check what berth needs on this node and say how to fix each failure.
+    Doctor(doctor::Args),
+    /// Validate the site configuration.
+    #[command(subcommand)]
+    Config(config::Command),
+    /// Write the man page or shell completions (used when packaging).
+    #[command(subcommand, hide = true)]
+    Generate(generate::Command),
 }
 
 impl Cli {
@@ -72,6 +86,10 @@ impl Cli {
             Command::Resolve(a) => fetch::run_resolve(a, g),
             Command::Images(a) => images::run_list(a, g),
             Command::Prune(a) => images::run_prune(a, g),
+            Command::Audit(a) => audit::run(a, g),
+            Command::Config(c) => config::run(c, g),
+            Command::Doctor(a) => doctor::run(a, g),
+            Command::Generate(c) => generate::run(c, g),
         }
     }
 }

@@ -9,17 +9,17 @@
 //! containerized step would otherwise pay twice.
 //!
 //! Exit status: 0 allowed / required, 1 refused / not required (including malformed or tricky
-//! references), 125 berth itself failed (e.g. an unreadable or invalid configuration, or with
-//! `--fetch` a failed pull; reported by `main`).
+//! references), 78 the configuration is unreadable or invalid, 125 berth itself failed (e.g.
+//! with `--fetch` a failed pull; reported by `main`).
 
 use std::ffi::OsString;
 
 use serde_json::json;
 
 use super::Globals;
-use crate::cache::{self, FetchOptions};
 use crate::config::Config;
 use crate::policy::{ImageRequest, Policy, Verdict};
+use crate::{audit, metrics};
 use crate::{Error, Result};
 
 #[derive(Debug, clap::Subcommand)]
@@ -48,6 +48,9 @@ pub struct CheckArgs {
     /// (progress on stderr), as `berth fetch` does; a local image file needs no fetch.
     #[arg(long)]
     pub fetch: bool,
+    /// The job step the decision is for (the plugin on the node): recorded in the audit trail.
+    #[command(flatten)]
+    pub step: crate::audit::StepArgs,
     /// A registry reference (`host[:port]/repo[:tag][@sha256:...]`, `docker://...`,
     /// `REGISTRY#IMAGE`) or a local image file path, as given to --container-image.
     // OsString, so a non-UTF-8 argument reaches us and is refused with a message instead of
@@ -93,11 +96,17 @@ fn check(args: CheckArgs, globals: &Globals) -> Result<i32> {
         );
         return Ok(report(args.json, &shown, Outcome::Deny(reason)));
     };
+    let mut digest = None;
+    let mut observed = metrics::Observation::default();
     let outcome = match policy.check(image) {
         Ok((request, Verdict::Allow { rule })) => {
             if let (true, ImageRequest::Registry(_)) = (args.fetch, &request) {
                 // Before the verdict is printed: exit 0 promises the image is in the cache.
-                cache::fetch_with(&config, image, &FetchOptions { quiet: false })?;
+                let fetched = metrics::fetch(&config, image, &mut observed);
+                if fetched.is_err() && args.step.job.is_some() {
+                    publish_metrics(&config, &observed);
+                }
+                digest = audit::digest_of_cached(&fetched?);
             }
             Outcome::Allow(request, rule)
         }
@@ -107,7 +116,28 @@ fn check(args: CheckArgs, globals: &Globals) -> Result<i32> {
         Err(e @ Error::InvalidReference { .. }) => Outcome::Deny(e.to_string()),
         Err(e) => return Err(e),
     };
+    let decision = match &outcome {
+        Outcome::Allow(_, rule) => audit::Decision::Allow { rule, digest },
+        Outcome::Deny(reason) => audit::Decision::Deny { reason },
+    };
+    if let Some(record) = audit::Record::new(&args.step, image, decision) {
+        for warning in audit::record(&config.audit, &record) {
+            eprintln!("berth: {warning}");
+        }
+        observed.decision(match &outcome {
+            Outcome::Allow(_, rule) => Ok(rule),
+            Outcome::Deny(reason) => Err(reason),
+        });
+        publish_metrics(&config, &observed);
+    }
     Ok(report(args.json, image, outcome))
+}
+
+/// Node decisions (for a job step) and fetches update the metrics textfile.
+fn publish_metrics(config: &Config, observed: &metrics::Observation) {
+    if let Some(warning) = metrics::publish(config, observed) {
+        eprintln!("berth: {warning}");
+    }
 }
 
 enum Outcome {

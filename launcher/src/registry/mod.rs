@@ -108,7 +108,7 @@ impl Client {
         let timeout = Some(Duration::from_secs(config.timeout_secs.max(1)));
         let agent = ureq::Agent::config_builder()
             .tls_config(tls)
-            .proxy(ureq::Proxy::try_from_env())
+            .proxy(config.agent_proxy())
             .http_status_as_error(false)
             .max_redirects(0)
             .https_only(!options.plain_http)
