@@ -2,6 +2,8 @@
 //! an exit status. 125 means berth itself failed (the convention of docker, podman and
 //! crun), so it is never confused with the status of the user's command.
 
+#![forbid(unsafe_code)]
+
 use clap::Parser;
 
 fn main() {

@@ -134,7 +134,6 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
         container: StepContainer {
             holder,
             keep_env: options.env,
-            remap_root: options.remap_root == Some(true),
             workdir_given: options.workdir.is_some(),
         },
         local_tasks: info.local_tasks,

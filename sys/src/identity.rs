@@ -20,6 +20,74 @@ pub fn effective_uid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
+/// The identity a spawned program takes (see [`crate::process::Spawn::credentials`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub uid: u32,
+    pub gid: u32,
+    /// Supplementary groups.
+    pub groups: Vec<u32>,
+}
+
+impl Credentials {
+    /// Full root, no supplementary groups.
+    pub fn root() -> Credentials {
+        Credentials {
+            uid: 0,
+            gid: 0,
+            groups: Vec::new(),
+        }
+    }
+
+    /// Takes these credentials. A process whose real uid is 0 may take euid 0 back first
+    /// (slurmstepd runs `user_init` with real uid 0 and effective uid the user), so groups and
+    /// gid are set while it is root, the uid last. Async-signal-safe: it runs between fork
+    /// and exec.
+    pub(crate) fn take_in_child(&self) -> std::io::Result<()> {
+        let ok = |rc: libc::c_int| {
+            if rc == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        };
+        // SAFETY: plain system calls on integers and a valid slice of `groups.len()` gids.
+        unsafe {
+            ok(libc::setresuid(0, 0, 0))?;
+            ok(libc::setgroups(self.groups.len(), self.groups.as_ptr()))?;
+            ok(libc::setresgid(self.gid, self.gid, self.gid))?;
+            ok(libc::setresuid(self.uid, self.uid, self.uid))
+        }
+    }
+}
+
+/// Runs `f` with effective uid 0 and gives the caller's effective uid back afterwards. This
+/// is how slurmstepd's `user_init` (real uid 0, effective uid the user) opens what only root
+/// may open, as slurmstepd's own `_reclaim_privileges` does; glibc's seteuid applies to
+/// every thread of the process. Where the effective uid is 0 already, or the real uid is not
+/// 0 (a user's own process, a unit test), `f` simply runs as the caller.
+pub fn with_effective_root<T>(f: impl FnOnce() -> T) -> crate::Result<T> {
+    use nix::unistd::{seteuid, Uid};
+    let (real, effective) = (real_uid(), effective_uid());
+    if effective == 0 || real != 0 {
+        return Ok(f());
+    }
+    seteuid(Uid::from_raw(0)).map_err(crate::Error::os("seteuid(0)"))?;
+    /// Gives the user's euid back even if `f` panics.
+    struct Restore(u32);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            if let Err(e) = seteuid(Uid::from_raw(self.0)) {
+                // Going on as root where the caller expects the user's rights would be worse
+                // than ending slurmstepd.
+                panic!("seteuid({}) failed after a root-only open: {e}", self.0);
+            }
+        }
+    }
+    let _restore = Restore(effective);
+    Ok(f())
+}
+
 /// The passwd entry of a uid: what a container needs to give the user a name and a home.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserInfo {

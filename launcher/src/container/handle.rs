@@ -6,7 +6,9 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 
+use berth_sys::holder::Held;
 use berth_sys::memfd::{SpecHandle, SPEC_NAME};
+use berth_sys::process::PidFd;
 use oci_spec::runtime::Spec;
 
 use crate::{Error, Result};
@@ -16,18 +18,30 @@ pub fn parse(text: &str) -> Result<SpecHandle> {
     SpecHandle::parse(text).ok_or_else(|| Error::BadHandle(text.into()))
 }
 
-/// Checks the handle still names a berth holder (a pid can be reused).
-pub fn check(h: &SpecHandle) -> Result<()> {
-    h.check().map_err(|source| gone(h, source))
+/// A pidfd on the handle's holder, opened before anything is read through its pid, so what
+/// is checked and what is signalled or joined is one process.
+pub fn pidfd(h: &SpecHandle) -> Result<PidFd> {
+    PidFd::open(h.pid).map_err(|e| gone(h, e))
 }
 
-/// The held container's spec.
-pub fn read_spec(h: &SpecHandle) -> Result<Spec> {
-    let bytes = h.read().map_err(|source| gone(h, source))?;
-    serde_json::from_slice(&bytes).map_err(Error::Spec)
+/// Checks the handle still names a berth holder: its pid is alive and owns a sealed spec
+/// memfd at the handle's fd (a pid can be reused); returns the pidfd to act on.
+pub fn check(h: &SpecHandle) -> Result<PidFd> {
+    let pidfd = pidfd(h)?;
+    berth_sys::holder::open(&pidfd, *h).map_err(|e| gone(h, e))?;
+    Ok(pidfd)
 }
 
-fn gone(h: &SpecHandle, source: std::io::Error) -> Error {
+/// The held container's namespaces and spec, by descriptor (see [`berth_sys::holder`]).
+pub fn open(h: &SpecHandle) -> Result<Held> {
+    berth_sys::holder::open(&pidfd(h)?, *h).map_err(|e| gone(h, e))
+}
+
+fn gone(h: &SpecHandle, e: berth_sys::Error) -> Error {
+    let source = match e {
+        berth_sys::Error::Os { source, .. } | berth_sys::Error::OsPath { source, .. } => source,
+        other => std::io::Error::new(std::io::ErrorKind::InvalidData, other.to_string()),
+    };
     Error::HandleGone {
         handle: h.to_string(),
         source,
@@ -71,6 +85,6 @@ mod tests {
             pid: std::process::id() as i32,
             fd: f.as_raw_fd(),
         };
-        assert!(matches!(read_spec(&h), Err(Error::HandleGone { .. })));
+        assert!(matches!(open(&h), Err(Error::HandleGone { .. })));
     }
 }
