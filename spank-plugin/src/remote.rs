@@ -7,7 +7,8 @@
 //!   step's cgroups, before the tasks are forked. It prepares the step's one container on this
 //!   node: the policy checked and the image fetched into the node cache as root, from the
 //!   root-owned config, in one launcher call; the container started as the user (`berth
-//!   start`), its holder kept in [`STEP`] which every task inherits through fork.
+//!   start --private`), its namespaces and spec taken from that child by root and kept in
+//!   [`STEP`] as descriptors, which every task inherits through fork.
 //! - `task_init` runs in each task's process, as the user, in its task cgroups: it enters the
 //!   container (`container.rs`). Failing here ends the task with exit code 1, shows the message
 //!   on the task's stderr (srun's, or the batch output file) and leaves the node up: this is
