@@ -19,7 +19,7 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -152,7 +152,10 @@ impl Launcher {
     /// process) until [`Holder::stop`]. The handle is output the user can write to (any of
     /// their processes may open the pipe), so it is only believed where it names the child
     /// spawned here, and what root opens is opened from that child.
-    pub fn start(&self, args: &[String]) -> Result<Holder, Error> {
+    ///
+    /// `fds` are given to `berth start` at the descriptor numbers they name (3 and above),
+    /// e.g. a file root opened and vetted for it.
+    pub fn start(&self, args: &[String], fds: Vec<(RawFd, OwnedFd)>) -> Result<Holder, Error> {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         // A file, not a pipe: nobody reads the holder's stderr while it runs, and a full
         // pipe would block it. It is read only if the start fails.
@@ -162,7 +165,7 @@ impl Launcher {
         command
             .stdout(Stdio::piped())
             .stderr(stderr.try_clone().map_err(|e| self.io_failure(&args, &e))?);
-        let mut spawned = self.spawn(command)?;
+        let mut spawned = self.spawn(command, fds)?;
         let mut pipes: [Option<Box<dyn ReadFd>>; 2] = [
             spawned
                 .child
@@ -328,7 +331,7 @@ impl Launcher {
     fn collect_output(&self, args: &[&str], echo: bool) -> Result<Outcome, Error> {
         let mut command = self.command(args);
         command.stdout(Stdio::piped()).stderr(Stdio::piped());
-        let spawned = self.spawn(command)?;
+        let spawned = self.spawn(command, Vec::new())?;
         collect(spawned, self.timeout, echo).map_err(|e| match e {
             Collect::TimedOut => Error::LauncherTimedOut {
                 command: self.command_line(args),
@@ -351,8 +354,12 @@ impl Launcher {
 
     /// Starts `command` as [`Identity`] says, with no descriptor of this process beyond
     /// stdin/stdout/stderr (Slurm's sockets to slurmctld, slurmstepd's to the tasks).
-    fn spawn(&self, command: Command) -> Result<Spawned, Error> {
-        let spawn = Spawn::new(command);
+    fn spawn(&self, command: Command, fds: Vec<(RawFd, OwnedFd)>) -> Result<Spawned, Error> {
+        let spawn = fds
+            .into_iter()
+            .fold(Spawn::new(command), |spawn, (number, fd)| {
+                spawn.with_fd(number, fd)
+            });
         let spawn = match &self.identity {
             Identity::Caller => spawn,
             Identity::Root => spawn.credentials(Credentials::root()),
@@ -765,6 +772,7 @@ while True: time.sleep(0.1)
         );
         let (dir, berth) = fake(
             r#"[ "$1 $2 $3" = "start --private --" ] || exit 2
+               [ -e /proc/self/fd/5 ] && [ "$(cat /proc/self/fd/5)" != vetted ] && exit 3
                exec python3 "$(dirname "$0")/holder.py""#,
         );
         std::fs::write(dir.path().join("holder.py"), python).unwrap();
@@ -782,7 +790,7 @@ while True: time.sleep(0.1)
         let _serial = serial_spawns();
         let (_d, berth) = fake_holder("{pid}:{fd}", false);
         let started = Instant::now();
-        let holder = berth.start(&start_args()).unwrap();
+        let holder = berth.start(&start_args(), Vec::new()).unwrap();
         assert!(started.elapsed() < Duration::from_secs(5));
         assert!(Path::new(&format!("/proc/{}", holder.pid)).exists());
         // The spec was read from the child itself.
@@ -796,6 +804,21 @@ while True: time.sleep(0.1)
         assert!(!Path::new(&format!("/proc/{pid}")).exists(), "reaped");
     }
 
+    #[test]
+    fn start_hands_the_holder_the_given_descriptors() {
+        let _serial = serial_spawns();
+        let (_d, berth) = fake_holder("{pid}:{fd}", false);
+        let vetted = berth_sys::memfd::sealed(c"image", b"vetted").unwrap();
+        let holder = berth.start(&start_args(), vec![(5, vetted)]).unwrap();
+        assert_eq!(holder.stop(Duration::from_secs(5)), Ok(false));
+        let other = berth_sys::memfd::sealed(c"image", b"other").unwrap();
+        let msg = berth
+            .start(&start_args(), vec![(5, other)])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("exit status 3"), "{msg}");
+    }
+
     /// Finding 1 of the security review: any process of the user can write into the
     /// holder's stdout. A handle naming another process (here a victim the plugin must never
     /// signal) is refused, and the holder that was spawned is ended instead.
@@ -804,7 +827,10 @@ while True: time.sleep(0.1)
         let _serial = serial_spawns();
         let mut victim = Command::new("sleep").arg("30").spawn().unwrap();
         let (_d, berth) = fake_holder(&format!("{}:{{fd}}", victim.id()), false);
-        let msg = berth.start(&start_args()).unwrap_err().to_string();
+        let msg = berth
+            .start(&start_args(), Vec::new())
+            .unwrap_err()
+            .to_string();
         assert!(
             msg.contains(&format!("printed the handle {}:", victim.id()))
                 && msg.contains("something else wrote into its output"),
@@ -815,7 +841,10 @@ while True: time.sleep(0.1)
         victim.wait().unwrap();
         // Its own pid with an fd that is not its spec memfd is refused too.
         let (_d, berth) = fake_holder("{pid}:0", false);
-        let msg = berth.start(&start_args()).unwrap_err().to_string();
+        let msg = berth
+            .start(&start_args(), Vec::new())
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("not a berth container's spec"), "{msg}");
     }
 
@@ -823,13 +852,19 @@ while True: time.sleep(0.1)
     fn a_failed_start_reports_the_launchers_words() {
         let _serial = serial_spawns();
         let (_d, berth) = fake("echo 'bind source /nope: No such file' >&2; exit 125");
-        let msg = berth.start(&["start".into()]).unwrap_err().to_string();
+        let msg = berth
+            .start(&["start".into()], Vec::new())
+            .unwrap_err()
+            .to_string();
         assert!(
             msg.contains("exit status 125: bind source /nope: No such file"),
             "{msg}"
         );
         let (_d, berth) = fake("echo hello");
-        let msg = berth.start(&["start".into()]).unwrap_err().to_string();
+        let msg = berth
+            .start(&["start".into()], Vec::new())
+            .unwrap_err()
+            .to_string();
         assert!(
             msg.contains("printed 'hello', not a PID:FD handle"),
             "{msg}"
@@ -844,7 +879,10 @@ while True: time.sleep(0.1)
             r#"head -c 1000000 /dev/zero | tr '\0' x >&2
                printf '\033[2Jlast words\n' >&2; exit 125"#,
         );
-        let msg = berth.start(&["start".into()]).unwrap_err().to_string();
+        let msg = berth
+            .start(&["start".into()], Vec::new())
+            .unwrap_err()
+            .to_string();
         assert!(
             msg.len() < STDERR_TAIL_BYTES as usize + 512,
             "{}",
@@ -859,7 +897,7 @@ while True: time.sleep(0.1)
     fn a_holder_that_ignores_sigterm_is_killed() {
         let _serial = serial_spawns();
         let (_d, berth) = fake_holder("{pid}:{fd}", true);
-        let holder = berth.start(&start_args()).unwrap();
+        let holder = berth.start(&start_args(), Vec::new()).unwrap();
         assert_eq!(holder.stop(Duration::from_millis(300)), Ok(true));
     }
 

@@ -129,7 +129,7 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
         gid: info.gid,
         groups: info.groups.clone(),
     });
-    let holder = user.start(&container::start_args(&image, &options, &binds))?;
+    let holder = user.start(&container::start_args(&image, &options, &binds), Vec::new())?;
     spank::log_debug(&format!("container of {image} held by pid {}", holder.pid));
     *lock(&STEP) = Some(Step {
         container: StepContainer {
