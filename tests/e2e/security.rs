@@ -5,9 +5,9 @@
 //! the approved image or fails closed with a clear message, and the node stays up.
 //! Needs `tests/cluster/up`; fails (does not skip) without it.
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 use berth_e2e::{serial, unique_name, wait_until, write_user_file, Cluster, Cmd, LogCursor, Run};
@@ -15,42 +15,57 @@ use berth_e2e::{serial, unique_name, wait_until, write_user_file, Cluster, Cmd, 
 /// What `/etc/os-release` of the test images says and the host's does not.
 const IMAGE_MARK: &str = "localhost:5000";
 
-/// The review's attacker (`reviews/security-1/attacker.py`), run as the job's user: waits
-/// for the step's `berth start`, freezes it, writes a forged `VICTIM:3` handle into its
-/// stdout through /proc, lets it go on, and says what it managed.
+/// The review's attacker (`reviews/security-1/attacker.py`), run as the job's user, made
+/// faster so it wins the race every time: it follows the kernel's last pid and watches each
+/// new process until it has exec'd; the step's `berth start` is frozen at once, a forged
+/// `VICTIM:3` handle is written into its stdout through /proc, and it goes on. It says what
+/// it managed.
 const ATTACKER: &str = r#"
 import os, signal, sys, time
 victim = sys.argv[1]
+def last_pid():
+    with open("/proc/sys/kernel/ns_last_pid") as f:
+        return int(f.read())
+seen, pending = last_pid(), set()
+print("watching", flush=True)
 deadline = time.time() + 60
 while time.time() < deadline:
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
+    now = last_pid()
+    pending.update(range(seen + 1, now + 1))
+    seen = max(seen, now)
+    for pid in list(pending):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+        except OSError:
+            pending.discard(pid)
+            continue
+        if cmd[0].startswith(b"slurmstepd") or cmd[0] == b"":
+            continue  # forked, not exec'd yet
+        pending.discard(pid)
+        if len(cmd) < 2 or not cmd[0].endswith(b"/berth") or cmd[1] != b"start":
             continue
         try:
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if len(cmd) > 1 and cmd[0].endswith(b"/berth") and cmd[1] == b"start":
-            try:
-                os.kill(int(pid), signal.SIGSTOP)
-            except OSError as e:
-                print(f"attacker: cannot stop {pid}: {e}", flush=True)
-                sys.exit(0)
-            try:
-                with open(f"/proc/{pid}/fd/1", "w") as pipe:
-                    pipe.write(f"{victim}:3\n")
-                print(f"attacker: wrote '{victim}:3' into /proc/{pid}/fd/1", flush=True)
-            except OSError as e:
-                print(f"attacker: cannot open /proc/{pid}/fd/1: {e}", flush=True)
-            os.kill(int(pid), signal.SIGCONT)
+            os.kill(pid, signal.SIGSTOP)
+        except OSError as e:
+            print(f"attacker: cannot stop {pid}: {e}", flush=True)
             sys.exit(0)
+        try:
+            with open(f"/proc/{pid}/fd/1", "w") as pipe:
+                pipe.write(f"{victim}:3\n")
+            print(f"attacker: wrote '{victim}:3' into /proc/{pid}/fd/1", flush=True)
+        except OSError as e:
+            print(f"attacker: cannot open /proc/{pid}/fd/1: {e}", flush=True)
+        os.kill(pid, signal.SIGCONT)
+        sys.exit(0)
 print("attacker: no berth start seen", flush=True)
 sys.exit(1)
 "#;
 
-/// [`ATTACKER`] running as the job's user against `target`, started before the step.
+/// [`ATTACKER`] running as the job's user against `target`, watching before the step starts.
 struct Attacker {
     child: Child,
+    said: BufReader<ChildStdout>,
     _script: UserFile,
 }
 
@@ -59,15 +74,20 @@ impl Attacker {
         let name = format!("{}.py", unique_name("attacker"));
         let script = UserFile(cluster.home().join(name));
         write_user_file(cluster, &script.0, ATTACKER, 0o644);
-        let child = Command::new("runuser")
+        let mut child = Command::new("runuser")
             .args(["-u", cluster.user(), "--", "python3"])
             .arg(&script.0)
             .arg(target.to_string())
             .stdout(Stdio::piped())
             .spawn()
             .expect("runuser");
+        let mut said = BufReader::new(child.stdout.take().expect("piped"));
+        let mut first = String::new();
+        let _ = said.read_line(&mut first);
+        assert_eq!(first.trim(), "watching", "the attacker did not start");
         Attacker {
             child,
+            said,
             _script: script,
         }
     }
@@ -76,8 +96,7 @@ impl Attacker {
     fn finish(mut self) -> (bool, String) {
         let found = self.child.wait().expect("attacker").success();
         let mut said = String::new();
-        let out = self.child.stdout.as_mut().expect("piped");
-        let _ = out.read_to_string(&mut said);
+        let _ = self.said.read_to_string(&mut said);
         eprintln!("{said}");
         (found, said)
     }
@@ -198,7 +217,7 @@ fn a_handle_to_the_users_own_namespaces_is_not_joined() {
         .expect("runuser");
     let mut line = String::new();
     let out = holder.stdout.take().expect("piped");
-    let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line);
+    let _ = BufReader::new(out).read_line(&mut line);
     let fake_pid: u32 = line.trim().parse().expect("the fake holder's pid");
     let attacker = Attacker::start(&cluster, fake_pid);
     let image = format!("--container-image={}", cluster.image_tls().reference);

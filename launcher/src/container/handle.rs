@@ -1,8 +1,10 @@
 //! The handle of a container held by `berth start`: `PID:FD`. PID is the holder, whose user
 //! and mount namespaces joiners enter; FD is a sealed memfd of the holder holding the
-//! container's OCI spec (JSON), which joiners read through `/proc/PID/fd/FD` (only the same
-//! user can) for the process's env, cwd and capabilities. One line, so the SPANK plugin can
-//! keep it in the job's environment.
+//! container's OCI spec (JSON) for the process's env, cwd and capabilities. A joiner opens a
+//! pidfd on PID first, then takes the namespaces and the spec through `/proc/PID` (only the
+//! same user can, and only root for a `--private` holder) and checks the pidfd is still
+//! alive, so everything it uses belongs to that one process ([`berth_sys::holder`]). One
+//! line, so it can be passed around as text.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 
