@@ -128,4 +128,38 @@ mod tests {
         let real: u32 = gid_line.split_whitespace().nth(1).unwrap().parse().unwrap();
         assert_eq!(real_gid(), real);
     }
+
+    /// slurmstepd's `user_init`: real uid 0, effective uid the user. Root-only files open
+    /// inside [`with_effective_root`] only, and the user's euid comes back after it.
+    #[test]
+    fn effective_root_is_taken_back_and_given_up() {
+        if real_uid() != 0 {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "root only").unwrap();
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        // SAFETY: the forked child only changes its euid, opens a file and exits.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                let user = nix::unistd::Uid::from_raw(65534);
+                let steps = [
+                    nix::unistd::seteuid(user).is_ok(),
+                    std::fs::read(&secret).is_err(),
+                    with_effective_root(|| std::fs::read(&secret)).is_ok_and(|r| r.is_ok()),
+                    effective_uid() == 65534,
+                ];
+                let failed = steps.iter().position(|ok| !ok).map_or(0, |i| i + 1);
+                // SAFETY: _exit skips the parent's atexit handlers in this copy.
+                unsafe { libc::_exit(failed as i32) }
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                let exit = crate::process::reap(child.as_raw()).unwrap();
+                assert_eq!(exit, crate::process::Exit::Code(0));
+            }
+        }
+    }
 }
