@@ -457,7 +457,9 @@ impl Spawn {
     }
 
     /// Gives the program `fd` as its descriptor number `child_fd` (3 or above), inherited
-    /// across exec; the caller's copy is closed once the program started.
+    /// across exec; the caller's copy is closed once the program started. (Should std's own
+    /// exec-error pipe hold that number in the child, it is replaced: a failed exec then
+    /// shows as exit status 1 instead of a spawn error.)
     pub fn with_fd(mut self, child_fd: RawFd, fd: OwnedFd) -> Spawn {
         self.fds.push((child_fd, fd));
         self
@@ -743,20 +745,22 @@ mod tests {
         .unwrap();
         let given = crate::memfd::sealed(c"given", b"vetted").unwrap();
         let given_too = crate::memfd::sealed(c"given-too", b"second").unwrap();
+        // Swapped: each lands on the other's number, so a naive dup2 would lose one.
+        let (a, b) = (given.as_raw_fd(), given_too.as_raw_fd());
         let mut command = std::process::Command::new("/bin/sh");
         command.arg("-c").arg(format!(
-            "[ ! -e /proc/self/fd/{} ] && [ \"$(cat /proc/self/fd/3 /proc/self/fd/4)\" = vettedsecond ]",
+            "[ ! -e /proc/self/fd/{} ] && [ \"$(cat /proc/self/fd/{a} /proc/self/fd/{b})\" = secondvetted ]",
             leak.as_raw_fd()
         ));
-        // Targets that collide with the sources' own numbers must still land right.
         let spawned = Spawn::new(command)
-            .with_fd(4, given_too)
-            .with_fd(3, given)
+            .with_fd(a, given_too)
+            .with_fd(b, given)
             .spawn()
             .unwrap();
         assert!(spawned.pidfd.is_alive().is_ok());
         let mut child = spawned.child;
-        assert!(child.wait().unwrap().success());
+        let status = child.wait().unwrap();
+        assert!(status.success(), "{status}");
         let mut command = std::process::Command::new("/bin/true");
         command.stdin(std::process::Stdio::null());
         let null: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
