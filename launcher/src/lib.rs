@@ -3,6 +3,8 @@
 //! (`main.rs`, `cli/`) is a thin command-line layer over it, so everything here is usable and
 //! testable without Slurm.
 
+#![forbid(unsafe_code)]
+
 pub mod audit;
 pub mod cache;
 pub mod cli;

@@ -4,6 +4,8 @@
 //! means the site configuration is unreadable or invalid, so the SPANK plugin can tell the
 //! user the node is misconfigured instead of blaming the image.
 
+#![forbid(unsafe_code)]
+
 use clap::Parser;
 
 fn main() {

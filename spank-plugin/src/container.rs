@@ -2,20 +2,18 @@
 //! and how a task enters the container and gets its environment. The decisions are pure
 //! functions, unit-tested here; `remote.rs` runs them at the right moments.
 //!
-//! How a task enters (in `task_init`, as the user, already in its task cgroups): it reads the
-//! container's OCI spec from the holder (`/proc/PID/fd/FD`, a sealed memfd only the same user
-//! can open), sets the task's environment through Slurm (slurmstepd executes the task with
-//! its own copy of the environment, not the process's), then joins the holder's user and
-//! mount namespaces and changes to the working directory: `--container-workdir` if given,
+//! How a task enters (in `task_init`, as the user, already in its task cgroups): `user_init`
+//! took the container's namespaces (descriptors, close-on-exec) and OCI spec from the holder
+//! it spawned, as root, and every task inherits them through fork. The task sets its
+//! environment through Slurm (slurmstepd executes the task with its own copy of the
+//! environment, not the process's), then joins those namespaces by descriptor, confined as
+//! the spec says (capabilities kept only where it lists them, as for `berth exec`), and
+//! changes to the working directory: `--container-workdir` if given,
 //! else the job's own (slurmstepd changed the task into it) where the container has that
 //! path, as pyxis does, else the image's. Slurm then looks the command
 //! up on the PATH just set and execs it, inside the container. Nothing else changes: the
 //! task's cgroups (so the job's memory, CPU and device limits), its open descriptors (PMI_FD,
 //! stdio) and its per-task variables stay as Slurm made them.
-
-use std::path::PathBuf;
-
-use berth_sys::memfd::SpecHandle;
 
 use crate::error::Error;
 use crate::launcher::Holder;
@@ -32,7 +30,8 @@ pub struct NodeBind {
 /// `berth start` arguments for `image` with the user's options and the node's binds, each at
 /// the same path inside. `--container-env` is not among them: it is applied per task.
 pub fn start_args(image: &str, options: &ContainerOptions, node: &[NodeBind]) -> Vec<String> {
-    let mut args = vec!["start".to_owned()];
+    // --private: only root may open the holder's descriptors (see Launcher::start).
+    let mut args = vec!["start".to_owned(), "--private".to_owned()];
     for mount in &options.mounts {
         let ro = if mount.access == Access::ReadOnly {
             ":ro"
@@ -103,27 +102,12 @@ pub fn task_env(spec_env: &[String], job_env: &[Vec<u8>], keep: &[String]) -> Ve
     changes
 }
 
-/// What a task needs from the container's OCI spec.
-#[derive(Debug, serde::Deserialize)]
-struct Spec {
-    process: Process,
-}
-
-#[derive(Debug, serde::Deserialize)]
-struct Process {
-    #[serde(default)]
-    env: Vec<String>,
-    cwd: PathBuf,
-}
-
 /// The running container of this step: the holder, and what each task must apply.
 #[derive(Debug)]
 pub struct StepContainer {
     pub holder: Holder,
     /// `--container-env`: job variables that win over the image's.
     pub keep_env: Vec<String>,
-    /// `--container-remap-root`: keep the capabilities of the container's root.
-    pub remap_root: bool,
     /// `--container-workdir` was given (and is the spec's cwd).
     pub workdir_given: bool,
 }
@@ -132,41 +116,24 @@ impl StepContainer {
     /// Enters the container from a task (see the module comment). The caller is the task
     /// process, single-threaded, running as the user.
     pub fn enter(&self, spank: Spank) -> Result<(), Error> {
-        let spec = self.read_spec()?;
         let job_cwd = std::env::current_dir().ok();
-        for change in task_env(&spec.process.env, &spank.job_env()?, &self.keep_env) {
+        for change in task_env(&self.holder.process.env, &spank.job_env()?, &self.keep_env) {
             match change {
                 EnvChange::Set(name, value) => spank.setenv(&name, &value)?,
                 EnvChange::Unset(name) => spank.unsetenv(&name)?,
             }
         }
-        let join = berth_sys::JoinSpec {
-            cwd: spec.process.cwd,
-            // Slurm execs with the environment set above, not the process's.
-            env: Vec::new(),
-            keep_caps: self.remap_root,
-        };
-        berth_sys::join(self.holder.pid, &join).map_err(|e| Error::JoinFailed {
-            detail: format!("joining holder {}: {e}", self.holder.pid),
-        })?;
+        berth_sys::join(&self.holder.namespaces, &self.holder.process.confinement).map_err(
+            |e| Error::JoinFailed {
+                detail: format!("joining the container of holder {}: {e}", self.holder.pid),
+            },
+        )?;
         if let (false, Some(dir)) = (self.workdir_given, job_cwd) {
             // Resolved inside the container now; where it has no such path, the image's
             // directory entered above stays.
             let _ = std::env::set_current_dir(dir);
         }
         Ok(())
-    }
-
-    fn read_spec(&self) -> Result<Spec, Error> {
-        let handle = SpecHandle {
-            pid: self.holder.pid,
-            fd: self.holder.spec_fd,
-        };
-        let failed = |what: &str, e: &dyn std::fmt::Display| Error::JoinFailed {
-            detail: format!("{what} the spec of container {handle}: {e}"),
-        };
-        let bytes = handle.read().map_err(|e| failed("reading", &e))?;
-        serde_json::from_slice(&bytes).map_err(|e| failed("parsing", &e))
     }
 }
 
@@ -259,6 +226,7 @@ mod tests {
             start_args("h/r@sha256:00", &options, &node),
             strings(&[
                 "start",
+                "--private",
                 "--bind=/data:/in:ro",
                 "--bind=/scratch:/scratch",
                 "--bind=/var/spool/slurmd/job7:/var/spool/slurmd/job7:ro",
@@ -272,18 +240,7 @@ mod tests {
         );
         assert_eq!(
             start_args("-x", &ContainerOptions::default(), &[]),
-            strings(&["start", "--", "-x"])
+            strings(&["start", "--private", "--", "-x"])
         );
-    }
-
-    #[test]
-    fn the_spec_fields_a_task_needs_are_read() {
-        let spec: Spec = serde_json::from_str(
-            r#"{"ociVersion":"1.0.2","process":{"env":["PATH=/bin"],"cwd":"/w","args":["sh"]},
-                "root":{"path":"rootfs"}}"#,
-        )
-        .unwrap();
-        assert_eq!(spec.process.env, strings(&["PATH=/bin"]));
-        assert_eq!(spec.process.cwd, PathBuf::from("/w"));
     }
 }

@@ -8,7 +8,7 @@
 //! | `berth resolve IMAGE` | `host/repo@sha256:HEX` on stdout | - | could not pin (stderr says why) |
 //! | `berth policy require-container [--partition P]` | required, the reason on stdout | not required | berth failed |
 //! | `berth policy check --fetch IMAGE` (node, root) | allowed and cached; progress lines on stderr | refused, as `policy check` | could not fetch (stderr says why) |
-//! | `berth start [OPTIONS] IMAGE` (node, the user) | `PID:FD` on one line, then runs until SIGTERM | - | could not start |
+//! | `berth start --private [OPTIONS] IMAGE` (node, the user) | `PID:FD` on one line (PID its own, FD its sealed spec memfd), then runs until SIGTERM | - | could not start |
 //!
 //! On the login node the child runs with the caller's identity and environment (the user,
 //! whose proxy settings and credentials a registry lookup may need); in slurmstepd it takes
@@ -18,16 +18,21 @@
 //! calling thread.
 
 use std::fs::File;
-use std::io::{Read, Seek, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::{AsFd, OwnedFd, RawFd};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use berth_sys::holder::{ContainerProcess, Held};
+use berth_sys::identity::Credentials;
 use berth_sys::memfd::SpecHandle;
+use berth_sys::process::{PidFd, Spawn, Spawned};
+use berth_sys::Namespaces;
 
 use crate::error::Error;
+use crate::spank::escape_control;
 
 /// How long a launcher call may take. A registry lookup through a slow proxy takes seconds;
 /// a minute means something is stuck, and the user is better told so than left waiting.
@@ -47,6 +52,10 @@ const OUTPUT_MAX_BYTES: usize = 64 * 1024;
 /// The launcher's exit status when the site configuration is unreadable or invalid
 /// (sysexits' EX_CONFIG; `berth::config::EXIT_MISCONFIGURED`).
 const EXIT_MISCONFIGURED: i32 = 78;
+
+/// How much of a failed holder's stderr is read into slurmstepd: its last lines, which say
+/// why. The holder is the user's process and its stderr the user's to fill.
+const STDERR_TAIL_BYTES: u64 = 16 * 1024;
 
 /// The launcher binary, the limit its calls run under and the identity they run as.
 #[derive(Debug, Clone)]
@@ -75,13 +84,18 @@ pub enum Identity {
     },
 }
 
-/// A container `berth start` holds for the step: its handle and a pidfd on the holder, so
-/// stopping it signals that process even if its pid were reused.
+/// A container `berth start` holds for the step: the holder, a child of this process known
+/// by the pidfd opened right after spawning it (so it is signalled, and only it, even if its
+/// pid were reused), and the container's namespaces and spec, taken from that child by
+/// descriptor. Nothing here comes from what the holder printed but the spec fd's number,
+/// checked against the child itself.
 pub struct Holder {
     pub pid: i32,
-    /// The holder's descriptor of the container's OCI spec (`/proc/PID/fd/FD`).
-    pub spec_fd: i32,
-    pidfd: berth_sys::process::PidFd,
+    pub namespaces: Namespaces,
+    /// The environment and confinement of the container's spec.
+    pub process: ContainerProcess,
+    child: Child,
+    pidfd: PidFd,
 }
 
 /// What a finished call left behind.
@@ -159,19 +173,30 @@ impl Launcher {
     }
 
     /// `berth start ARGS...`: starts the step's container and returns once it printed its
-    /// handle; the holder keeps running (a child of this process) until [`Holder::stop`].
-    pub fn start(&self, args: &[String]) -> Result<Holder, Error> {
+    /// handle and its namespaces and spec are open; the holder keeps running (a child of this
+    /// process) until [`Holder::stop`]. The handle is output the user can write to (any of
+    /// their processes may open the pipe), so it is only believed where it names the child
+    /// spawned here, and what root opens is opened from that child.
+    ///
+    /// `fds` are given to `berth start` at the descriptor numbers they name (3 and above),
+    /// e.g. a file root opened and vetted for it.
+    pub fn start(&self, args: &[String], fds: Vec<(RawFd, OwnedFd)>) -> Result<Holder, Error> {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         // A file, not a pipe: nobody reads the holder's stderr while it runs, and a full
         // pipe would block it. It is read only if the start fails.
-        let mut stderr = anonymous_file().map_err(|e| self.io_failure(&args, &e))?;
+        let mut stderr = berth_sys::memfd::anonymous(c"berth-start-stderr")
+            .map_err(|e| self.io_failure(&args, &std::io::Error::other(e)))?;
         let mut command = self.command(&args);
         command
             .stdout(Stdio::piped())
             .stderr(stderr.try_clone().map_err(|e| self.io_failure(&args, &e))?);
-        let mut child = self.spawn(&mut command)?;
+        let mut spawned = self.spawn(command, fds)?;
         let mut pipes: [Option<Box<dyn ReadFd>>; 2] = [
-            child.stdout.take().map(|p| Box::new(p) as Box<dyn ReadFd>),
+            spawned
+                .child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn ReadFd>),
             None,
         ];
         let mut output = [Vec::new(), Vec::new()];
@@ -180,48 +205,76 @@ impl Launcher {
             &mut pipes,
             &mut output,
             Instant::now() + self.timeout,
-            false,
+            None,
             &|out: &[Vec<u8>; 2]| out[0].contains(&b'\n'),
         );
-        let handle = String::from_utf8_lossy(&output[0]).into_owned();
-        if let (Ok(()), Some(SpecHandle { pid, fd: spec_fd })) =
-            (&read, SpecHandle::parse(first_line(&handle)))
-        {
-            let pidfd = berth_sys::process::PidFd::open(pid).map_err(|e| Error::StartFailed {
-                command: self.command_line(&args),
-                detail: format!("the holder {pid} ended at once ({e})"),
-            })?;
-            // `child` is dropped without waiting: the holder runs on, and is reaped by
-            // Holder::stop (or by slurmstepd, which reaps every child it has).
+        let printed = String::from_utf8_lossy(&output[0]).into_owned();
+        let opened = match (&read, SpecHandle::parse(first_line(&printed))) {
+            (Ok(()), Some(handle)) => Some(self.open_holder(&spawned, handle)),
+            _ => None,
+        };
+        if let Some(Ok((namespaces, process))) = opened {
+            // The handle's pid, checked to be the child's.
+            let pid = spawned.pid();
+            let Spawned { child, pidfd } = spawned;
             return Ok(Holder {
                 pid,
-                spec_fd,
+                namespaces,
+                process,
+                child,
                 pidfd,
             });
         }
-        kill_group(&child);
-        let status = child.wait().map_err(|e| self.io_failure(&args, &e))?;
-        let mut text = String::new();
-        // Best effort: the message is what matters, and the status is known anyway.
-        let _ = stderr
-            .rewind()
-            .and_then(|()| stderr.read_to_string(&mut text));
-        let detail = match read {
-            Err(Collect::TimedOut) => format!("no handle within {} s", self.timeout.as_secs()),
+        spawned.kill_group();
+        let status = spawned
+            .child
+            .wait()
+            .map_err(|e| self.io_failure(&args, &e))?;
+        let detail = match (read, opened) {
+            (_, Some(Err(refusal))) => refusal,
+            (Err(Collect::TimedOut), _) => {
+                format!("no handle within {} s", self.timeout.as_secs())
+            }
             // A whole line that is not a handle: berth was killed for it above, so its exit
             // status would only say how fast that was.
-            Ok(()) if handle.contains('\n') => {
-                format!("it printed '{}', not a PID:FD handle", handle.trim())
+            (Ok(()), None) if printed.contains('\n') => {
+                format!("it printed '{}', not a PID:FD handle", printed.trim())
             }
             _ => describe(status),
         };
+        let text = stderr_tail(&mut stderr);
         Err(Error::StartFailed {
             command: self.command_line(&args),
+            // Shown through spank's log functions, which escape it.
             detail: match text.trim() {
                 "" => detail,
                 text => format!("{detail}: {text}"),
             },
         })
+    }
+
+    /// Takes the container's namespaces and spec from the spawned holder, as root where this
+    /// process may take root back (slurmstepd's `user_init`): the holder is non-dumpable, so
+    /// neither the user nor any other of their processes could. Refuses a handle that names
+    /// any process but the child itself.
+    fn open_holder(
+        &self,
+        spawned: &Spawned,
+        handle: SpecHandle,
+    ) -> Result<(Namespaces, ContainerProcess), String> {
+        if handle.pid != spawned.pid() {
+            return Err(format!(
+                "it printed the handle {handle}, but it is process {}: something else wrote \
+                 into its output, which is refused",
+                spawned.pid()
+            ));
+        }
+        berth_sys::identity::with_effective_root(|| berth_sys::holder::open(&spawned.pidfd, handle))
+            .and_then(|opened| opened)
+            .and_then(|Held { namespaces, spec }| {
+                Ok((namespaces, ContainerProcess::from_spec(&spec)?))
+            })
+            .map_err(|e| format!("opening the container of holder {handle}: {e}"))
     }
 
     /// `berth policy check IMAGE`.
@@ -306,8 +359,8 @@ impl Launcher {
     fn collect_output(&self, args: &[&str], echo: bool) -> Result<Outcome, Error> {
         let mut command = self.command(args);
         command.stdout(Stdio::piped()).stderr(Stdio::piped());
-        let child = self.spawn(&mut command)?;
-        collect(child, self.timeout, echo).map_err(|e| match e {
+        let spawned = self.spawn(command, Vec::new())?;
+        collect(spawned, self.timeout, echo).map_err(|e| match e {
             Collect::TimedOut => Error::LauncherTimedOut {
                 command: self.command_line(args),
                 seconds: self.timeout.as_secs(),
@@ -316,48 +369,55 @@ impl Launcher {
         })
     }
 
-    /// The launcher with `args`, as [`Identity`] says, in a process group of its own (so a
-    /// time limit can stop the launcher and its helpers together).
+    /// The launcher with `args`, in a process group of its own (so a time limit can stop the
+    /// launcher and its helpers together); [`Launcher::spawn`] gives it the identity.
     fn command(&self, args: &[&str]) -> Command {
         let mut command = Command::new(&self.path);
         command.args(args).stdin(Stdio::null()).process_group(0);
         if self.identity != Identity::Caller {
             command.env_clear().env("PATH", NODE_PATH).current_dir("/");
         }
-        let identity = self.identity.clone();
-        // SAFETY: the closure runs in the child between fork and exec and makes only
-        // async-signal-safe system calls (the group list was allocated before the fork). It
-        // marks every descriptor above stderr close-on-exec, so the launcher cannot read from
-        // or hold open what the calling Slurm process left inheritable (its sockets to
-        // slurmctld, slurmstepd's to the tasks); marking rather than closing keeps the pipe
-        // std uses to report a failed exec. Then it takes the identity.
-        unsafe {
-            command.pre_exec(move || {
-                // Linux 5.11; on an older kernel the leak it prevents remains, which is no
-                // reason to refuse the job.
-                libc::syscall(
-                    libc::SYS_close_range,
-                    3u32,
-                    u32::MAX,
-                    libc::CLOSE_RANGE_CLOEXEC,
-                );
-                become_identity(&identity)
-            });
-        }
         command
     }
 
-    fn spawn(&self, command: &mut Command) -> Result<Child, Error> {
-        command.spawn().map_err(|e| Error::LauncherNotRunnable {
+    /// Starts `command` as [`Identity`] says, with no descriptor of this process beyond
+    /// stdin/stdout/stderr (Slurm's sockets to slurmctld, slurmstepd's to the tasks).
+    fn spawn(&self, command: Command, fds: Vec<(RawFd, OwnedFd)>) -> Result<Spawned, Error> {
+        let spawn = fds
+            .into_iter()
+            .fold(Spawn::new(command), |spawn, (number, fd)| {
+                spawn.with_fd(number, fd)
+            });
+        let spawn = match &self.identity {
+            Identity::Caller => spawn,
+            Identity::Root => spawn.credentials(Credentials::root()),
+            Identity::User { uid, gid, groups } => spawn.credentials(Credentials {
+                uid: *uid,
+                gid: *gid,
+                groups: groups.clone(),
+            }),
+        };
+        spawn.spawn().map_err(|e| Error::LauncherNotRunnable {
             path: self.path.display().to_string(),
             reason: e.to_string(),
         })
     }
 }
 
+/// The last [`STDERR_TAIL_BYTES`] of a failed holder's stderr; best effort, the status is
+/// known anyway.
+fn stderr_tail(file: &mut File) -> String {
+    let mut bytes = Vec::new();
+    let _ = file
+        .seek(SeekFrom::End(0))
+        .and_then(|len| file.seek(SeekFrom::Start(len.saturating_sub(STDERR_TAIL_BYTES))))
+        .and_then(|_| file.take(STDERR_TAIL_BYTES).read_to_end(&mut bytes));
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
 impl std::fmt::Debug for Holder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Holder({}:{})", self.pid, self.spec_fd)
+        write!(f, "Holder({})", self.pid)
     }
 }
 
@@ -375,61 +435,19 @@ fn misconfigured(out: &Outcome) -> Option<Error> {
     })
 }
 
-/// In the child before exec: takes `identity`. slurmstepd's real uid is 0, which lets the
-/// child take euid 0 back; groups and gid are set while it is root, the uid last.
-fn become_identity(identity: &Identity) -> std::io::Result<()> {
-    let (uid, gid, groups): (u32, u32, &[u32]) = match identity {
-        Identity::Caller => return Ok(()),
-        Identity::Root => (0, 0, &[]),
-        Identity::User { uid, gid, groups } => (*uid, *gid, groups),
-    };
-    let ok = |rc: libc::c_int| {
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
-    };
-    // SAFETY: plain system calls on integers and a valid slice of `groups.len()` gids.
-    unsafe {
-        ok(libc::setresuid(0, 0, 0))?;
-        ok(libc::setgroups(groups.len(), groups.as_ptr()))?;
-        ok(libc::setresgid(gid, gid, gid))?;
-        ok(libc::setresuid(uid, uid, uid))
-    }
-}
-
-/// An unnamed file in memory, for output nobody reads until something failed.
-fn anonymous_file() -> std::io::Result<File> {
-    // SAFETY: memfd_create reads the NUL-terminated name and returns a new descriptor or -1.
-    let fd = unsafe { libc::memfd_create(c"berth-start-stderr".as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fd is a new descriptor that nothing else owns.
-    Ok(unsafe { File::from_raw_fd(fd) })
-}
-
-/// `PID:FD` as `berth start` prints it.
-/// SIGKILLs the process group `child` leads (it was spawned with process_group(0)); the
-/// group cannot be reused before the child is reaped.
-fn kill_group(child: &Child) {
-    let pgid = libc::pid_t::try_from(child.id()).expect("pids fit pid_t");
-    // SAFETY: kill(2) with a negative pid signals the group; no memory is involved.
-    unsafe { libc::kill(-pgid, libc::SIGKILL) };
-}
-
 impl Holder {
     /// Asks the holder to tear the container down (SIGTERM: it unmounts, ends squashfuse and
     /// removes its runtime directory), waits up to `grace`, then kills it; reaps it either way.
     /// Returns whether it had to be killed.
-    pub fn stop(self, grace: Duration) -> Result<bool, Error> {
+    pub fn stop(mut self, grace: Duration) -> Result<bool, Error> {
         use berth_sys::process::Signal;
+        let pid = self.pid;
         let failed = |e: berth_sys::Error| Error::StopFailed {
-            pid: self.pid,
+            pid,
             detail: e.to_string(),
         };
-        // An error here means it is gone already (ESRCH), which is what we want.
+        // Only through the pidfd of the child spawned in `start`: never a number read from
+        // output. An error here means it is gone already (ESRCH), which is what we want.
         let _ = self.pidfd.signal(Signal::SIGTERM);
         let ended = self.pidfd.wait_exit(grace).map_err(failed)?;
         if !ended {
@@ -439,8 +457,7 @@ impl Holder {
                 .map_err(failed)?;
         }
         // Our child, so ours to reap; slurmstepd may have reaped it already (ECHILD).
-        // SAFETY: waitpid on one pid with WNOHANG writes only the status we pass.
-        unsafe { libc::waitpid(self.pid, std::ptr::null_mut(), libc::WNOHANG) };
+        let _ = self.child.try_wait();
         Ok(!ended)
     }
 }
@@ -454,23 +471,28 @@ enum Collect {
 /// first, kills the child's whole process group (SIGKILL; a launcher's own helpers could
 /// otherwise keep running and hold the pipes) and reaps it, so no zombie is left in srun or
 /// slurmstepd.
-fn collect(mut child: Child, timeout: Duration, echo: bool) -> Result<Outcome, Collect> {
+fn collect(mut spawned: Spawned, timeout: Duration, echo: bool) -> Result<Outcome, Collect> {
+    let child = &mut spawned.child;
     let mut pipes: [Option<Box<dyn ReadFd>>; 2] = [
         child.stdout.take().map(|p| Box::new(p) as Box<dyn ReadFd>),
         child.stderr.take().map(|p| Box::new(p) as Box<dyn ReadFd>),
     ];
     let mut output = [Vec::new(), Vec::new()];
+    let mut echo = echo.then(Echo::default);
     let pumped = pump(
         &mut pipes,
         &mut output,
         Instant::now() + timeout,
-        echo,
+        echo.as_mut(),
         &|_: &[Vec<u8>; 2]| false,
     );
-    if pumped.is_err() {
-        kill_group(&child);
+    if let Some(echo) = echo.as_mut() {
+        echo.finish();
     }
-    let status = child.wait().map_err(Collect::Io)?;
+    if pumped.is_err() {
+        spawned.kill_group();
+    }
+    let status = spawned.child.wait().map_err(Collect::Io)?;
     pumped?;
     let [stdout, stderr] = output.map(|o| String::from_utf8_lossy(&o).into_owned());
     Ok(Outcome {
@@ -480,14 +502,48 @@ fn collect(mut child: Child, timeout: Duration, echo: bool) -> Result<Outcome, C
     })
 }
 
+/// Passes a child's stderr on to this process's stderr (the job's) line by line, each with
+/// its control characters escaped: the root fetch's progress and errors carry text a
+/// registry chose, which must not move the user's cursor or forge lines.
+#[derive(Default)]
+struct Echo {
+    partial: Vec<u8>,
+}
+
+impl Echo {
+    fn feed(&mut self, bytes: &[u8]) {
+        self.partial.extend_from_slice(bytes);
+        while let Some(end) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=end).collect();
+            Self::write(&line[..end]);
+        }
+        if self.partial.len() > OUTPUT_MAX_BYTES {
+            self.finish();
+        }
+    }
+
+    /// Writes what is left of an unfinished line.
+    fn finish(&mut self) {
+        if !self.partial.is_empty() {
+            Self::write(&std::mem::take(&mut self.partial));
+        }
+    }
+
+    fn write(line: &[u8]) {
+        let text = format!("{}\n", escape_control(&String::from_utf8_lossy(line)));
+        // Progress for the user; losing a line must not fail the fetch.
+        let _ = std::io::stderr().write_all(text.as_bytes());
+    }
+}
+
 /// Moves what the pipes deliver into `output` until every pipe is closed, `done` holds for
 /// what was read, or `deadline`. With `echo`, what the second pipe (stderr) delivers is also
-/// written to this process's stderr as it comes.
+/// passed on as it comes.
 fn pump(
     pipes: &mut [Option<Box<dyn ReadFd>>; 2],
     output: &mut [Vec<u8>; 2],
     deadline: Instant,
-    echo: bool,
+    mut echo: Option<&mut Echo>,
     done: &dyn Fn(&[Vec<u8>; 2]) -> bool,
 ) -> Result<(), Collect> {
     loop {
@@ -502,35 +558,21 @@ fn pump(
         if left.is_zero() {
             return Err(Collect::TimedOut);
         }
-        let mut fds: Vec<libc::pollfd> = open
-            .iter()
-            .map(|&i| libc::pollfd {
-                fd: pipes[i].as_ref().expect("open").as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect();
-        let ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
-        // SAFETY: fds is a valid array of fds.len() pollfd structures.
-        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
-        if ready < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(Collect::Io(e));
-            }
-            continue;
-        }
-        for (fd, &i) in fds.iter().zip(&open) {
-            if fd.revents == 0 {
-                continue;
-            }
+        let ready = {
+            let fds: Vec<_> = open
+                .iter()
+                .map(|&i| pipes[i].as_ref().expect("open").as_fd())
+                .collect();
+            berth_sys::process::poll_readable(&fds, left)
+                .map_err(|e| Collect::Io(std::io::Error::other(e)))?
+        };
+        for (&i, _) in open.iter().zip(ready).filter(|(_, ready)| *ready) {
             let mut chunk = [0u8; 4096];
             match pipes[i].as_mut().expect("open").read(&mut chunk) {
                 Ok(0) => pipes[i] = None,
                 Ok(n) => {
-                    if echo && i == 1 {
-                        // Progress for the user; losing a line must not fail the fetch.
-                        let _ = std::io::stderr().write_all(&chunk[..n]);
+                    if let (Some(echo), 1) = (echo.as_deref_mut(), i) {
+                        echo.feed(&chunk[..n]);
                     }
                     let room = OUTPUT_MAX_BYTES.saturating_sub(output[i].len());
                     output[i].extend_from_slice(&chunk[..n.min(room)]);
@@ -543,8 +585,8 @@ fn pump(
 }
 
 /// A child's pipe: readable, with a descriptor for poll.
-trait ReadFd: Read + AsRawFd {}
-impl<T: Read + AsRawFd> ReadFd for T {}
+trait ReadFd: Read + AsFd {}
+impl<T: Read + AsFd> ReadFd for T {}
 
 /// The verdict of a `berth policy check`, or None where berth failed instead of judging.
 fn verdict(out: &Outcome) -> Option<Verdict> {
@@ -732,9 +774,12 @@ mod tests {
         let _serial = serial_spawns();
         // A descriptor without close-on-exec, as Slurm's own often are.
         let file = std::fs::File::open("/dev/null").unwrap();
-        let fd = file.as_raw_fd();
-        // SAFETY: fd is open; clearing FD_CLOEXEC only changes what exec keeps.
-        assert_eq!(unsafe { libc::fcntl(fd, libc::F_SETFD, 0) }, 0);
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&file);
+        nix::fcntl::fcntl(
+            fd,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+        )
+        .unwrap();
         let (_d, berth) = fake(&format!(
             "[ -e /proc/self/fd/{fd} ] && {{ echo leaked >&2; exit 3; }}; exit 0"
         ));
@@ -751,17 +796,47 @@ mod tests {
         }
     }
 
+    /// A stand-in for `berth start`: python, in this process's namespaces, publishing a
+    /// sealed `berth-spec` memfd and printing `PID:FD` (or what `handle` makes of them), then
+    /// running until SIGTERM (or, with `ignore_term`, until killed).
+    fn fake_holder(handle: &str, ignore_term: bool) -> (tempfile::TempDir, Launcher) {
+        let python = format!(
+            r#"import os, fcntl, signal, sys, time
+if {ignore_term}: signal.signal(signal.SIGTERM, signal.SIG_IGN)
+fd = os.memfd_create("berth-spec", os.MFD_ALLOW_SEALING)
+os.write(fd, b'{{"process":{{"env":["PATH=/img"],"cwd":"/"}}}}')
+fcntl.fcntl(fd, 1033, 15)
+pid, fd = os.getpid(), fd
+print(f"{handle}", flush=True)
+while True: time.sleep(0.1)
+"#,
+            ignore_term = if ignore_term { "True" } else { "False" },
+        );
+        let (dir, berth) = fake(
+            r#"[ "$1 $2 $3" = "start --private --" ] || exit 2
+               [ -e /proc/self/fd/5 ] && [ "$(cat /proc/self/fd/5)" != vetted ] && exit 3
+               exec python3 "$(dirname "$0")/holder.py""#,
+        );
+        std::fs::write(dir.path().join("holder.py"), python).unwrap();
+        (dir, berth)
+    }
+
+    fn start_args() -> Vec<String> {
+        ["start", "--private", "--", "img"]
+            .map(String::from)
+            .to_vec()
+    }
+
     #[test]
     fn start_returns_at_the_handle_line_and_stop_ends_the_holder() {
         let _serial = serial_spawns();
-        // Like berth start: the handle, then running on with stdout still open.
-        let (_d, berth) = fake(r#"[ "$1 $2" = "start --" ] || exit 2; echo "$$:0"; exec sleep 30"#);
+        let (_d, berth) = fake_holder("{pid}:{fd}", false);
         let started = Instant::now();
-        let holder = berth
-            .start(&["start".into(), "--".into(), "img".into()])
-            .unwrap();
+        let holder = berth.start(&start_args(), Vec::new()).unwrap();
         assert!(started.elapsed() < Duration::from_secs(5));
         assert!(Path::new(&format!("/proc/{}", holder.pid)).exists());
+        // The spec was read from the child itself.
+        assert_eq!(holder.process.env, vec!["PATH=/img".to_owned()]);
         let pid = holder.pid;
         assert_eq!(
             holder.stop(Duration::from_secs(5)),
@@ -772,27 +847,99 @@ mod tests {
     }
 
     #[test]
+    fn start_hands_the_holder_the_given_descriptors() {
+        let _serial = serial_spawns();
+        let (_d, berth) = fake_holder("{pid}:{fd}", false);
+        let vetted = berth_sys::memfd::sealed(c"image", b"vetted").unwrap();
+        let holder = berth.start(&start_args(), vec![(5, vetted)]).unwrap();
+        assert_eq!(holder.stop(Duration::from_secs(5)), Ok(false));
+        let other = berth_sys::memfd::sealed(c"image", b"other").unwrap();
+        let msg = berth
+            .start(&start_args(), vec![(5, other)])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("exit status 3"), "{msg}");
+    }
+
+    /// Finding 1 of the security review: any process of the user can write into the
+    /// holder's stdout. A handle naming another process (here a victim the plugin must never
+    /// signal) is refused, and the holder that was spawned is ended instead.
+    #[test]
+    fn a_handle_naming_another_process_is_refused() {
+        let _serial = serial_spawns();
+        let mut victim = Command::new("sleep").arg("30").spawn().unwrap();
+        let (_d, berth) = fake_holder(&format!("{}:{{fd}}", victim.id()), false);
+        let msg = berth
+            .start(&start_args(), Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains(&format!("printed the handle {}:", victim.id()))
+                && msg.contains("something else wrote into its output"),
+            "{msg}"
+        );
+        assert_eq!(victim.try_wait().unwrap(), None, "the victim lives on");
+        victim.kill().unwrap();
+        victim.wait().unwrap();
+        // Its own pid with an fd that is not its spec memfd is refused too.
+        let (_d, berth) = fake_holder("{pid}:0", false);
+        let msg = berth
+            .start(&start_args(), Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("not a berth container's spec"), "{msg}");
+    }
+
+    #[test]
     fn a_failed_start_reports_the_launchers_words() {
         let _serial = serial_spawns();
         let (_d, berth) = fake("echo 'bind source /nope: No such file' >&2; exit 125");
-        let msg = berth.start(&["start".into()]).unwrap_err().to_string();
+        let msg = berth
+            .start(&["start".into()], Vec::new())
+            .unwrap_err()
+            .to_string();
         assert!(
             msg.contains("exit status 125: bind source /nope: No such file"),
             "{msg}"
         );
         let (_d, berth) = fake("echo hello");
-        let msg = berth.start(&["start".into()]).unwrap_err().to_string();
+        let msg = berth
+            .start(&["start".into()], Vec::new())
+            .unwrap_err()
+            .to_string();
         assert!(
             msg.contains("printed 'hello', not a PID:FD handle"),
             "{msg}"
         );
     }
 
+    /// Finding 10: the holder's stderr is the user's to fill; only its tail is read.
+    #[test]
+    fn only_the_tail_of_a_failed_holders_stderr_is_read() {
+        let _serial = serial_spawns();
+        let (_d, berth) = fake(
+            r#"head -c 1000000 /dev/zero | tr '\0' x >&2
+               printf '\033[2Jlast words\n' >&2; exit 125"#,
+        );
+        let msg = berth
+            .start(&["start".into()], Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.len() < STDERR_TAIL_BYTES as usize + 512,
+            "{}",
+            msg.len()
+        );
+        assert!(msg.contains("x\u{1b}[2Jlast words"), "{msg}");
+        // As every log line of the plugin, it reaches slurmd's log and the user escaped.
+        assert!(crate::spank::escape_control(&msg).contains("x\\x1b[2Jlast words"));
+    }
+
     #[test]
     fn a_holder_that_ignores_sigterm_is_killed() {
         let _serial = serial_spawns();
-        let (_d, berth) = fake(r#"trap '' TERM; echo "$$:0"; while :; do sleep 0.1; done"#);
-        let holder = berth.start(&["start".into()]).unwrap();
+        let (_d, berth) = fake_holder("{pid}:{fd}", true);
+        let holder = berth.start(&start_args(), Vec::new()).unwrap();
         assert_eq!(holder.stop(Duration::from_millis(300)), Ok(true));
     }
 

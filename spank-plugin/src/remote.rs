@@ -7,7 +7,8 @@
 //!   step's cgroups, before the tasks are forked. It prepares the step's one container on this
 //!   node: the policy checked and the image fetched into the node cache as root, from the
 //!   root-owned config, in one launcher call; the container started as the user (`berth
-//!   start`), its holder kept in [`STEP`] which every task inherits through fork.
+//!   start --private`), its namespaces and spec taken from that child by root and kept in
+//!   [`STEP`] as descriptors, which every task inherits through fork.
 //! - `task_init` runs in each task's process, as the user, in its task cgroups: it enters the
 //!   container (`container.rs`). Failing here ends the task with exit code 1, shows the message
 //!   on the task's stderr (srun's, or the batch output file) and leaves the node up: this is
@@ -149,13 +150,12 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
         gid: info.gid,
         groups: info.groups.clone(),
     });
-    let holder = user.start(&container::start_args(&image, &options, &binds))?;
+    let holder = user.start(&container::start_args(&image, &options, &binds), Vec::new())?;
     spank::log_debug(&format!("container of {image} held by pid {}", holder.pid));
     *lock(&STEP) = Some(Step {
         container: StepContainer {
             holder,
             keep_env: options.env,
-            remap_root: options.remap_root == Some(true),
             workdir_given: options.workdir.is_some(),
         },
         local_tasks: info.local_tasks,

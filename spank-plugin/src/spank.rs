@@ -129,7 +129,10 @@ impl Spank {
     /// job's prolog/epilog and the batch step as `SLURM_SPANK_<name>`, also under
     /// `sbatch --export=NONE`.
     pub fn job_control_setenv(self, name: &str, value: &str) -> Result<(), Error> {
-        let (name, value) = (c_text(name), c_text(value));
+        // The transport is text of the plugin's own making, lines included, so it is not
+        // escaped; its values were checked for NULs when parsed, and one left would cut it.
+        let c = |text: &str| CString::new(text.replace('\0', "\\0")).expect("NULs replaced");
+        let (name, value) = (c(name), c(value));
         // SAFETY: the handle is the live one of this callback; both strings are NUL-terminated
         // and Slurm copies them.
         let rc = unsafe { ffi::spank_job_control_setenv(self.0, name.as_ptr(), value.as_ptr(), 1) };
@@ -347,29 +350,48 @@ pub unsafe fn option_value<'a>(optarg: *const c_char) -> &'a [u8] {
 /// Logs an error: srun/sbatch print it on the user's terminal, slurmstepd's task_init on the
 /// task's stderr, daemons in their log.
 pub fn log_error(message: &str) {
-    let text = c_text(message);
+    let text = log_text(message);
     // SAFETY: "%s" consumes exactly the one C string argument passed.
     unsafe { ffi::slurm_error(c"berth: %s".as_ptr(), text.as_ptr()) }
 }
 
 /// Logs an informational line: the daemon's log file, not the user's terminal.
 pub fn log_info(message: &str) {
-    let text = c_text(message);
+    let text = log_text(message);
     // SAFETY: as in log_error.
     unsafe { ffi::slurm_info(c"berth: %s".as_ptr(), text.as_ptr()) }
 }
 
 /// Logs a debug line (shown with srun -v / SlurmdDebug=debug).
 pub fn log_debug(message: &str) {
-    let text = c_text(message);
+    let text = log_text(message);
     // SAFETY: as in log_error.
     unsafe { ffi::slurm_debug(c"berth: %s".as_ptr(), text.as_ptr()) }
 }
 
-/// A message as a C string. A NUL inside (from a user's value) would cut the text short, so
-/// it is shown as the escape a reader recognises instead.
-fn c_text(message: &str) -> CString {
-    CString::new(message.replace('\0', "\\0")).expect("NULs were replaced")
+/// A log message as a C string, every control character escaped ([`escape_control`]).
+fn log_text(message: &str) -> CString {
+    CString::new(escape_control(message).into_owned()).expect("NULs were escaped")
+}
+
+/// `text` with every control character shown as an escape a reader recognises (`\x1b`,
+/// `\x0a`, `\u{9b}`): what the plugin logs or shows the user holds text others chose (a
+/// holder's stderr, a registry's error, a user's option value), which must not forge log
+/// lines, move a terminal's cursor or cut a C string short. The one escaping function of the
+/// plugin: every log line goes through it, and the fetch progress passed on to the user.
+pub fn escape_control(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match u32::from(c) {
+            n if !c.is_control() => out.push(char::from_u32(n).expect("a char")),
+            n @ 0..=0x7f => out.push_str(&format!("\\x{n:02x}")),
+            n => out.push_str(&format!("\\u{{{n:x}}}")),
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 #[cfg(test)]
@@ -400,8 +422,15 @@ mod tests {
     }
 
     #[test]
-    fn c_text_keeps_messages_whole() {
-        assert_eq!(c_text("a\0b").to_bytes(), b"a\\0b");
-        assert_eq!(c_text("plain").to_bytes(), b"plain");
+    fn log_text_escapes_every_control_character() {
+        assert_eq!(log_text("a\0b").to_bytes(), b"a\\x00b");
+        assert_eq!(
+            log_text("plain: /p\u{e9}").to_bytes(),
+            "plain: /p\u{e9}".as_bytes()
+        );
+        assert_eq!(
+            escape_control("red \x1b[31mX\r\nforged\tline\x7f\u{9b}2J"),
+            "red \\x1b[31mX\\x0d\\x0aforged\\x09line\\x7f\\u{9b}2J"
+        );
     }
 }

@@ -133,6 +133,11 @@ pub fn init_post_opt(spank: Spank, context: Context) -> Result<(), Error> {
     let request = decide(&given, &getenv, context, &launcher)?;
     spank::log_debug(&format!("request: {request:?}"));
 
+    // The process environment is changed on purpose: srun, sbatch and salloc build the
+    // job's environment from their own `environ`, and Slurm offers a plugin no other way to
+    // reach it here (spank_setenv/unsetenv answer ESPANK_NOT_REMOTE outside slurmstepd; the
+    // job control environment reaches neither an srun step nor salloc's shell). Slurm's own
+    // option handling sets variables the same way in this callback.
     // See the module comment: read once, then out of the job's way.
     std::env::remove_var(SLURM_CONTAINER);
     let transport = request.to_transport();

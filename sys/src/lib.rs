@@ -5,6 +5,7 @@
 pub mod caps;
 pub mod error;
 pub mod fs;
+pub mod holder;
 pub mod identity;
 pub mod memfd;
 pub mod namespaces;
@@ -16,7 +17,8 @@ pub mod statfs;
 pub mod syscall;
 
 pub use error::{Error, Result};
-pub use namespaces::{join, JoinSpec};
+pub use namespaces::{join, Namespaces};
 pub use nix::mount::MsFlags;
+pub use process::Confinement;
 pub use rootfs::MountpointKind;
 pub use syscall::{LinuxSyscall, Mount, Syscall};

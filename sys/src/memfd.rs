@@ -11,6 +11,22 @@ use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
 
 use crate::{Error, Result};
 
+/// Every seal [`sealed`] sets: nothing can change the content or the seals any more.
+const SEALS: SealFlag = SealFlag::F_SEAL_SEAL
+    .union(SealFlag::F_SEAL_SHRINK)
+    .union(SealFlag::F_SEAL_GROW)
+    .union(SealFlag::F_SEAL_WRITE);
+
+/// A spec is a few KiB; more is not one berth published, and is not read into memory.
+const SPEC_MAX_BYTES: u64 = 1024 * 1024;
+
+/// An unnamed, unsealed file in memory (close-on-exec), e.g. for a child's output that is
+/// read only if something failed.
+pub fn anonymous(name: &CStr) -> Result<std::fs::File> {
+    let fd = memfd_create(name, MemFdCreateFlag::MFD_CLOEXEC).map_err(Error::os("memfd_create"))?;
+    Ok(fd.into())
+}
+
 /// A memfd holding `bytes`, sealed against any change.
 pub fn sealed(name: &std::ffi::CStr, bytes: &[u8]) -> Result<OwnedFd> {
     let fd = memfd_create(
@@ -23,13 +39,9 @@ pub fn sealed(name: &std::ffi::CStr, bytes: &[u8]) -> Result<OwnedFd> {
         call: "write(memfd)",
         source,
     })?;
-    let seals = SealFlag::F_SEAL_SEAL
-        | SealFlag::F_SEAL_SHRINK
-        | SealFlag::F_SEAL_GROW
-        | SealFlag::F_SEAL_WRITE;
     nix::fcntl::fcntl(
         std::os::fd::AsRawFd::as_raw_fd(&file),
-        FcntlArg::F_ADD_SEALS(seals),
+        FcntlArg::F_ADD_SEALS(SEALS),
     )
     .map_err(Error::os("fcntl(F_ADD_SEALS)"))?;
     Ok(file.into())
@@ -74,10 +86,28 @@ impl SpecHandle {
         }
     }
 
-    /// The spec's bytes (JSON), after [`SpecHandle::check`].
+    /// The spec's bytes (JSON), after [`SpecHandle::check`] and a check that the memfd is
+    /// sealed against any change (as [`sealed`] leaves it), so what was read stays what the
+    /// holder runs with.
     pub fn read(&self) -> std::io::Result<Vec<u8>> {
+        use std::io::Read;
         self.check()?;
-        std::fs::read(self.path())
+        let file = std::fs::File::open(self.path())?;
+        let seals = nix::fcntl::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            FcntlArg::F_GET_SEALS,
+        )
+        .map(SealFlag::from_bits_truncate)
+        .map_err(std::io::Error::from)?;
+        if !seals.contains(SEALS) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "the spec memfd is not sealed, so it is not a berth container's",
+            ));
+        }
+        let mut bytes = Vec::new();
+        file.take(SPEC_MAX_BYTES).read_to_end(&mut bytes)?;
+        Ok(bytes)
     }
 }
 

@@ -1,15 +1,15 @@
 //! User and mount namespaces: creating them, writing id maps, and joining a running
-//! container's namespaces ([`join`]).
+//! container's namespaces by descriptor ([`join`]).
 
-use std::ffi::OsString;
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use nix::sched::CloneFlags;
 
-use crate::{caps, rootfs, Error, Result};
+use crate::process::{confine, Confinement};
+use crate::{rootfs, Error, Result};
 
 pub(crate) fn unshare(flags: CloneFlags) -> Result<()> {
     nix::sched::unshare(flags).map_err(Error::os("unshare"))
@@ -18,6 +18,7 @@ pub(crate) fn unshare(flags: CloneFlags) -> Result<()> {
 /// Writes the calling process's id maps. `setgroups` must be denied before an unprivileged
 /// process may write its gid_map (user_namespaces(7)); it stays denied for nested namespaces.
 pub(crate) fn write_id_maps(uid_map: &str, gid_map: &str) -> Result<()> {
+    let _dumpable = crate::process::dumpable_for_id_maps()?;
     let write = |path: &str, text: &str| {
         std::fs::write(path, text).map_err(Error::io_path("write", Path::new(path)))
     };
@@ -26,44 +27,39 @@ pub(crate) fn write_id_maps(uid_map: &str, gid_map: &str) -> Result<()> {
     write("/proc/self/gid_map", gid_map)
 }
 
-/// What a process joining a container takes on besides its namespaces.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JoinSpec {
-    /// Working directory inside the container (resolved inside its root).
-    pub cwd: PathBuf,
-    /// Variables set in this process's environment, in order.
-    pub env: Vec<(OsString, OsString)>,
-    /// Keep the capabilities the joined user namespace grants (`--remap-root`); otherwise
-    /// every capability is dropped.
-    pub keep_caps: bool,
-}
-
 // ioctl(2) requests of nsfs (include/uapi/linux/nsfs.h): _IO(0xb7, 1) and _IO(0xb7, 2).
 const NS_GET_USERNS: libc::c_ulong = 0xb701;
 const NS_GET_PARENT: libc::c_ulong = 0xb702;
 
-/// Joins the user and mount namespaces of process `pid` (a `berth start` holder), then
-/// takes on `spec`: cwd, no_new_privs, capabilities, environment. It does not exec, so the
-/// SPANK plugin can call it from `task_init` and return into Slurm, which execs the task.
+/// Descriptors of a running container's user and mount namespaces (close-on-exec), as
+/// [`crate::holder::open`] takes them from a `berth start` holder. Joining by descriptor, not
+/// by a pid or a `/proc` path, means a joiner enters exactly the namespaces that were
+/// checked when the descriptors were opened, whatever became of the holder's pid since.
+#[derive(Debug)]
+pub struct Namespaces {
+    pub user: OwnedFd,
+    pub mnt: OwnedFd,
+}
+
+/// Joins the namespaces `ns`, then confines the process as `confinement` says ([`confine`]:
+/// working directory inside the container, no_new_privs, capabilities). It does not exec, so
+/// the SPANK plugin can call it from `task_init` and return into Slurm, which execs the task.
 /// The caller must be single-threaded (setns of a user namespace requires it).
 ///
 /// The holder's user namespace may be nested (berth maps the image's root to the user in an
 /// outer namespace and the user to itself in an inner one); the mount namespace belongs to
 /// the outer one, so the chain is entered from the outside in, the mount namespace right
 /// after the user namespace that owns it.
-pub fn join(pid: i32, spec: &JoinSpec) -> Result<()> {
-    let ns = |name: &str| -> Result<File> {
-        let p = PathBuf::from(format!("/proc/{pid}/ns/{name}"));
-        File::open(&p).map_err(Error::io_path("open", &p))
-    };
-    let target_user: OwnedFd = ns("user")?.into();
-    let mnt: OwnedFd = ns("mnt")?.into();
+pub fn join(ns: &Namespaces, confinement: &Confinement) -> Result<()> {
     let own = ino(&File::open("/proc/self/ns/user")
         .map_err(Error::io_path("open", Path::new("/proc/self/ns/user")))?)?;
-    let mnt_owner = ino(&ns_ioctl(&mnt, NS_GET_USERNS, "NS_GET_USERNS")?)?;
+    let mnt_owner = ino(&ns_ioctl(&ns.mnt, NS_GET_USERNS, "NS_GET_USERNS")?)?;
 
     // Walk up from the target to our own user namespace, then enter from the outside in.
-    let mut chain = vec![target_user];
+    let mut chain = vec![ns.user.try_clone().map_err(|source| Error::Os {
+        call: "dup",
+        source,
+    })?];
     loop {
         let parent = ns_ioctl(
             chain.last().expect("chain is never empty"),
@@ -79,20 +75,13 @@ pub fn join(pid: i32, spec: &JoinSpec) -> Result<()> {
         nix::sched::setns(user.as_fd(), CloneFlags::CLONE_NEWUSER)
             .map_err(Error::os("setns(user namespace)"))?;
         if ino(user)? == mnt_owner {
-            nix::sched::setns(mnt.as_fd(), CloneFlags::CLONE_NEWNS)
+            nix::sched::setns(ns.mnt.as_fd(), CloneFlags::CLONE_NEWNS)
                 .map_err(Error::os("setns(mount namespace)"))?;
         }
     }
-    // setns(CLONE_NEWNS) put root and cwd at the namespace's root, the container's `/`.
-    enter_workdir(&spec.cwd)?;
-    caps::set_no_new_privs()?;
-    if !spec.keep_caps {
-        caps::drop_all()?;
-    }
-    for (k, v) in &spec.env {
-        std::env::set_var(k, v);
-    }
-    Ok(())
+    // setns(CLONE_NEWNS) put root and cwd at the namespace's root, the container's `/`, so
+    // the working directory is resolved from there.
+    confine(confinement).map_err(|(_, e)| e)
 }
 
 /// chdir to `cwd` resolved inside the current root, so it cannot be a path outside it

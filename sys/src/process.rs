@@ -45,15 +45,41 @@ pub struct CommandSpec {
     pub argv: Vec<CString>,
     pub env: Vec<CString>,
     pub search_path: Vec<PathBuf>,
-    /// Working directory, resolved inside the current root; `None` keeps the current one.
-    pub cwd: Option<PathBuf>,
-    /// Keep capabilities (a `--remap-root` container's root); otherwise drop all.
-    pub keep_caps: bool,
+    /// What the program is confined by once started.
+    pub confinement: Confinement,
     /// Descriptors besides 0-2 that the program inherits (a FUSE connection, a PMI fd).
     pub keep_fds: Vec<RawFd>,
     /// Point the child's stdout at berth's stderr (helpers must not hold `berth start`'s
     /// stdout, or whoever reads the handle would wait for them too).
     pub stdout_to_stderr: bool,
+}
+
+/// What a process in a container is confined by, whether it was started there (`berth
+/// exec`, [`spawn`]) or joined it (`berth exec --join`, the SPANK plugin's tasks,
+/// [`crate::namespaces::join`]): both apply it through [`confine`], in one order. Built
+/// from the container's OCI spec by [`crate::holder::ContainerProcess`] and the launcher.
+/// no_new_privs is not a field: berth sets it for every process it starts or joins.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Confinement {
+    /// Working directory, resolved inside the current root; `None` keeps the current one.
+    pub cwd: Option<PathBuf>,
+    /// Keep the capabilities the user namespace grants (a `--remap-root` container's root,
+    /// whose spec lists `process.capabilities`); otherwise every capability is dropped.
+    pub keep_caps: bool,
+}
+
+/// Applies `c` to the calling process, in youki's order: the working directory inside the
+/// root, no_new_privs, then capabilities (seccomp will come last). The error says which
+/// stage failed.
+pub fn confine(c: &Confinement) -> std::result::Result<(), (Stage, Error)> {
+    if let Some(cwd) = &c.cwd {
+        namespaces::enter_workdir(cwd).map_err(|e| (Stage::Workdir, e))?;
+    }
+    caps::set_no_new_privs().map_err(|e| (Stage::Setup, e))?;
+    if !c.keep_caps {
+        caps::drop_all().map_err(|e| (Stage::Setup, e))?;
+    }
+    Ok(())
 }
 
 /// Where a child failed before its program started.
@@ -143,8 +169,7 @@ pub fn spawn_helper(argv: &[CString], fuse: OwnedFd) -> Result<i32> {
         argv: argv.to_vec(),
         env: Vec::new(),
         search_path: Vec::new(),
-        cwd: None,
-        keep_caps: false,
+        confinement: Confinement::default(),
         keep_fds: vec![fuse.as_raw_fd()],
         stdout_to_stderr: true,
     };
@@ -218,20 +243,13 @@ fn child(
                 return Err(setup(Errno::ESRCH));
             }
         }
-        if let Some(cwd) = &spec.cwd {
-            namespaces::enter_workdir(cwd).map_err(|e| SpawnFailure {
-                stage: Stage::Workdir,
-                errno: e.raw_os_error().unwrap_or(libc::ENOENT),
-            })?;
-        }
-        let as_setup = |e: Error| SpawnFailure {
-            stage: Stage::Setup,
-            errno: e.raw_os_error().unwrap_or(libc::EPERM),
-        };
-        caps::set_no_new_privs().map_err(as_setup)?;
-        if !spec.keep_caps {
-            caps::drop_all().map_err(as_setup)?;
-        }
+        confine(&spec.confinement).map_err(|(stage, e)| SpawnFailure {
+            stage,
+            errno: e.raw_os_error().unwrap_or(match stage {
+                Stage::Workdir => libc::ENOENT,
+                _ => libc::EPERM,
+            }),
+        })?;
         if spec.stdout_to_stderr {
             nix::unistd::dup2(2, 1).map_err(setup)?;
         }
@@ -401,6 +419,186 @@ pub fn stdout_to_null() -> Result<()> {
     r
 }
 
+/// A program started from a multi-threaded caller (srun, sbatch, slurmstepd: the SPANK
+/// plugin) through `std::process::Command`, with what such a caller must do between fork and
+/// exec done here: every inherited descriptor above stderr marked close-on-exec (the caller's
+/// sockets to slurmctld, slurmstepd's to the tasks), chosen descriptors placed at chosen
+/// numbers ([`Spawn::with_fd`]), and optionally another identity ([`Spawn::credentials`]).
+/// Everything the child does there is async-signal-safe and prepared before the fork.
+pub struct Spawn {
+    command: std::process::Command,
+    credentials: Option<crate::identity::Credentials>,
+    fds: Vec<(RawFd, OwnedFd)>,
+}
+
+/// A program [`Spawn`] started: the std child (its pipes, its reaping) and a pidfd opened on
+/// it right after the spawn. The child is ours and unreaped, so its pid cannot have been
+/// reused in between: the pidfd is that process's.
+pub struct Spawned {
+    pub child: std::process::Child,
+    pub pidfd: PidFd,
+}
+
+impl Spawn {
+    /// `command` as configured by the caller (arguments, environment, stdio, directory,
+    /// process group).
+    pub fn new(command: std::process::Command) -> Spawn {
+        Spawn {
+            command,
+            credentials: None,
+            fds: Vec::new(),
+        }
+    }
+
+    /// Runs the program as `credentials` (the caller needs real uid 0 or euid 0).
+    pub fn credentials(mut self, credentials: crate::identity::Credentials) -> Spawn {
+        self.credentials = Some(credentials);
+        self
+    }
+
+    /// Gives the program `fd` as its descriptor number `child_fd` (3 or above), inherited
+    /// across exec; the caller's copy is closed once the program started. (Should std's own
+    /// exec-error pipe hold that number in the child, it is replaced: a failed exec then
+    /// shows as exit status 1 instead of a spawn error.)
+    pub fn with_fd(mut self, child_fd: RawFd, fd: OwnedFd) -> Spawn {
+        self.fds.push((child_fd, fd));
+        self
+    }
+
+    pub fn spawn(mut self) -> std::io::Result<Spawned> {
+        use std::os::unix::process::CommandExt;
+        if let Some(&(bad, _)) = self.fds.iter().find(|(n, _)| *n < 3) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("descriptor {bad} is stdin, stdout or stderr, set those on the Command"),
+            ));
+        }
+        let credentials = self.credentials.clone();
+        let moves: Vec<(RawFd, RawFd)> = self
+            .fds
+            .iter()
+            .map(|(target, fd)| (*target, fd.as_raw_fd()))
+            .collect();
+        // Copies land above every target first, so no move overwrites a later source.
+        let above = moves.iter().map(|(t, _)| *t).max().unwrap_or(2) + 1;
+        // SAFETY: the closure runs in the child between fork and exec and makes only
+        // async-signal-safe system calls on integers and memory allocated before the fork.
+        // Marking (not closing) keeps the pipe std uses to report a failed exec.
+        unsafe {
+            self.command.pre_exec(move || {
+                // Linux 5.11; on an older kernel the leak it prevents remains, which is no
+                // reason to refuse the job.
+                libc::syscall(
+                    libc::SYS_close_range,
+                    3u32,
+                    u32::MAX,
+                    libc::CLOSE_RANGE_CLOEXEC,
+                );
+                let mut copies = [0 as RawFd; 16];
+                if moves.len() > copies.len() {
+                    return Err(std::io::Error::from_raw_os_error(libc::EMFILE));
+                }
+                for (copy, (_, source)) in copies.iter_mut().zip(&moves) {
+                    *copy = libc::fcntl(*source, libc::F_DUPFD_CLOEXEC, above);
+                    if *copy < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                for (copy, (target, _)) in copies.iter().zip(&moves) {
+                    // dup2 leaves the new descriptor inheritable.
+                    if libc::dup2(*copy, *target) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                match &credentials {
+                    Some(c) => c.take_in_child(),
+                    None => Ok(()),
+                }
+            });
+        }
+        let child = self.command.spawn()?;
+        let pid = i32::try_from(child.id()).expect("pids fit pid_t");
+        let pidfd = PidFd::open(pid).map_err(|e| {
+            std::io::Error::from_raw_os_error(e.raw_os_error().unwrap_or(libc::ESRCH))
+        });
+        match pidfd {
+            Ok(pidfd) => Ok(Spawned { child, pidfd }),
+            Err(e) => {
+                let mut child = child;
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Spawned {
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).expect("pids fit pid_t")
+    }
+
+    /// SIGKILLs the process group the child leads (the caller set `process_group(0)`), so
+    /// its helpers go too; the group id cannot be reused before the child is reaped.
+    pub fn kill_group(&self) {
+        // ESRCH: the whole group is gone already.
+        let _ = nix::sys::signal::killpg(Pid::from_raw(self.pid()), Signal::SIGKILL);
+    }
+}
+
+/// Waits up to `timeout` until one of `fds` is readable or closed; says which are. EINTR
+/// reads as "none yet", so the caller's loop re-checks its own deadline.
+pub fn poll_readable(fds: &[BorrowedFd<'_>], timeout: std::time::Duration) -> Result<Vec<bool>> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut polled: Vec<PollFd> = fds
+        .iter()
+        .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
+        .collect();
+    let ms = PollTimeout::try_from(timeout.max(std::time::Duration::from_millis(1)))
+        .unwrap_or(PollTimeout::MAX);
+    match poll(&mut polled, ms) {
+        Ok(_) => Ok(polled
+            .iter()
+            .map(|p| p.revents().is_some_and(|r| !r.is_empty()))
+            .collect()),
+        Err(Errno::EINTR) => Ok(vec![false; fds.len()]),
+        Err(e) => Err(Error::os("poll")(e)),
+    }
+}
+
+/// Makes this process non-dumpable: no other process of its user may ptrace it or open its
+/// `/proc/PID/{fd,ns,mem,...}` any more; root still may. A `berth start` holder the SPANK
+/// plugin starts does this first, because root later takes the container's namespaces and
+/// spec from it.
+pub fn set_non_dumpable() -> Result<()> {
+    nix::sys::prctl::set_dumpable(false).map_err(Error::os("prctl(PR_SET_DUMPABLE, 0)"))
+}
+
+/// While alive, makes a non-dumpable process dumpable again (see [`dumpable_for_id_maps`]).
+pub(crate) struct DumpableAgain(bool);
+
+impl Drop for DumpableAgain {
+    fn drop(&mut self) {
+        if self.0 {
+            // Cannot fail for 0; if it did, the process would stay dumpable, which is how
+            // every user's own container runs anyway.
+            let _ = nix::sys::prctl::set_dumpable(false);
+        }
+    }
+}
+
+/// A process writes its own uid_map/gid_map/setgroups through `/proc/self`, whose files a
+/// non-dumpable process's user cannot open (they belong to root then). As runc's nsexec
+/// does, such a process is dumpable just for those writes.
+pub(crate) fn dumpable_for_id_maps() -> Result<DumpableAgain> {
+    let was_dumpable =
+        nix::sys::prctl::get_dumpable().map_err(Error::os("prctl(PR_GET_DUMPABLE)"))?;
+    if !was_dumpable {
+        nix::sys::prctl::set_dumpable(true).map_err(Error::os("prctl(PR_SET_DUMPABLE, 1)"))?;
+    }
+    Ok(DumpableAgain(!was_dumpable))
+}
+
 /// A process referred to by a pidfd: signals and waits reach that process even if its pid
 /// is reused meanwhile.
 pub struct PidFd {
@@ -443,6 +641,11 @@ impl PidFd {
         Ok(())
     }
 
+    /// Whether the process has not ended yet.
+    pub fn is_alive(&self) -> Result<bool> {
+        Ok(!self.wait_exit(std::time::Duration::ZERO)?)
+    }
+
     /// Waits up to `timeout` for the process to end; `true` if it did.
     pub fn wait_exit(&self, timeout: std::time::Duration) -> Result<bool> {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
@@ -470,7 +673,10 @@ mod tests {
         CommandSpec {
             argv: vec![cs("sh"), cs("-c"), cs(script)],
             search_path: vec!["/nonexistent".into(), "/bin".into()],
-            keep_caps: true,
+            confinement: Confinement {
+                cwd: None,
+                keep_caps: true,
+            },
             ..Default::default()
         }
     }
@@ -522,10 +728,70 @@ mod tests {
     #[test]
     fn no_new_privs_is_set_and_workdir_applied() {
         let mut spec = sh("grep -q '^NoNewPrivs:.*1' /proc/self/status && [ \"$(pwd)\" = /tmp ]");
-        spec.cwd = Some("/tmp".into());
+        spec.confinement.cwd = Some("/tmp".into());
         let pid = spawn(&spec).unwrap().unwrap();
         assert_eq!(reap(pid).unwrap(), Exit::Code(0));
-        spec.cwd = Some("/no/such/dir".into());
+        spec.confinement.cwd = Some("/no/such/dir".into());
         assert_eq!(spawn(&spec).unwrap().unwrap_err().stage, Stage::Workdir);
+    }
+
+    #[test]
+    fn spawn_places_given_fds_and_closes_the_rest() {
+        let leak = std::fs::File::open("/dev/null").unwrap();
+        nix::fcntl::fcntl(
+            leak.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+        )
+        .unwrap();
+        let given = crate::memfd::sealed(c"given", b"vetted").unwrap();
+        let given_too = crate::memfd::sealed(c"given-too", b"second").unwrap();
+        // Swapped: each lands on the other's number, so a naive dup2 would lose one.
+        let (a, b) = (given.as_raw_fd(), given_too.as_raw_fd());
+        let mut command = std::process::Command::new("/bin/sh");
+        command.arg("-c").arg(format!(
+            "[ ! -e /proc/self/fd/{} ] && [ \"$(cat /proc/self/fd/{a} /proc/self/fd/{b})\" = secondvetted ]",
+            leak.as_raw_fd()
+        ));
+        let spawned = Spawn::new(command)
+            .with_fd(a, given_too)
+            .with_fd(b, given)
+            .spawn()
+            .unwrap();
+        assert!(spawned.pidfd.is_alive().is_ok());
+        let mut child = spawned.child;
+        let status = child.wait().unwrap();
+        assert!(status.success(), "{status}");
+        let mut command = std::process::Command::new("/bin/true");
+        command.stdin(std::process::Stdio::null());
+        let null: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
+        assert!(Spawn::new(command).with_fd(1, null).spawn().is_err());
+    }
+
+    #[test]
+    fn kill_group_ends_the_helpers_too() {
+        use std::os::unix::process::CommandExt;
+        let mut command = std::process::Command::new("/bin/sh");
+        command
+            .args(["-c", "sleep 30 & echo $!; wait"])
+            .stdout(std::process::Stdio::piped())
+            .process_group(0);
+        let mut spawned = Spawn::new(command).spawn().unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(spawned.child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let helper: i32 = line.trim().parse().unwrap();
+        spawned.kill_group();
+        spawned.child.wait().unwrap();
+        // The helper is sh's child, reaped by init once killed; its pid leaves /proc.
+        let gone = (0..100).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            !std::path::Path::new(&format!("/proc/{helper}")).exists()
+                || std::fs::read_to_string(format!("/proc/{helper}/stat"))
+                    .is_ok_and(|s| s.contains(") Z "))
+        });
+        assert!(gone, "helper {helper} survived");
     }
 }

@@ -14,6 +14,12 @@ use crate::{Error, Result};
 pub struct StartArgs {
     #[command(flatten)]
     pub container: ContainerArgs,
+    /// Make the holder non-dumpable before anything else: no other process of the user can
+    /// then trace it or open its descriptors and namespaces, only root can (how the SPANK
+    /// plugin starts a step's container, whose namespaces root takes from the holder). Such
+    /// a container cannot be joined with `berth exec --join` by its user.
+    #[arg(long)]
+    pub private: bool,
     /// The image: a registry reference, or a .sif or squashfs file.
     pub image: String,
 }
@@ -30,6 +36,13 @@ pub struct StopArgs {
 /// Starts the container; returns when it is stopped. Joiners bring their own command; the
 /// spec's command is the image's (or /bin/sh), shown by --print-spec and run by nobody.
 pub fn run_start(a: StartArgs, g: &Globals) -> Result<i32> {
+    if a.private {
+        // First: until this, any process of the user may open our stdout or ptrace us.
+        berth_sys::process::set_non_dumpable().map_err(|source| Error::Container {
+            what: "making the holder private",
+            source,
+        })?;
+    }
     let config = Config::load_for_caller(g.config.as_deref())?;
     // Held for the container's life: a cached image stays locked against eviction.
     let image = cache::runnable(&config, &a.image)?;
@@ -50,12 +63,8 @@ pub fn run_start(a: StartArgs, g: &Globals) -> Result<i32> {
 pub fn run_stop(a: StopArgs, _g: &Globals) -> Result<i32> {
     let h = handle::parse(&a.handle)?;
     let sys = |what| move |source| Error::Container { what, source };
-    // The pidfd first, then the check: the signal then reaches the process we checked.
-    let pidfd = berth_sys::process::PidFd::open(h.pid).map_err(|e| Error::HandleGone {
-        handle: h.to_string(),
-        source: std::io::Error::from_raw_os_error(e.raw_os_error().unwrap_or(libc::ESRCH)),
-    })?;
-    handle::check(&h)?;
+    // The pidfd of the process checked: the signal reaches that process, whatever its pid.
+    let pidfd = handle::check(&h)?;
     pidfd
         .signal(berth_sys::process::Signal::SIGTERM)
         .map_err(sys("signalling the holder"))?;

@@ -1,12 +1,16 @@
 //! The handle of a container held by `berth start`: `PID:FD`. PID is the holder, whose user
 //! and mount namespaces joiners enter; FD is a sealed memfd of the holder holding the
-//! container's OCI spec (JSON), which joiners read through `/proc/PID/fd/FD` (only the same
-//! user can) for the process's env, cwd and capabilities. One line, so the SPANK plugin can
-//! keep it in the job's environment.
+//! container's OCI spec (JSON) for the process's env, cwd and capabilities. A joiner opens a
+//! pidfd on PID first, then takes the namespaces and the spec through `/proc/PID` (only the
+//! same user can, and only root for a `--private` holder) and checks the pidfd is still
+//! alive, so everything it uses belongs to that one process ([`berth_sys::holder`]). One
+//! line, so it can be passed around as text.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 
+use berth_sys::holder::Held;
 use berth_sys::memfd::{SpecHandle, SPEC_NAME};
+use berth_sys::process::PidFd;
 use oci_spec::runtime::Spec;
 
 use crate::{Error, Result};
@@ -16,18 +20,30 @@ pub fn parse(text: &str) -> Result<SpecHandle> {
     SpecHandle::parse(text).ok_or_else(|| Error::BadHandle(text.into()))
 }
 
-/// Checks the handle still names a berth holder (a pid can be reused).
-pub fn check(h: &SpecHandle) -> Result<()> {
-    h.check().map_err(|source| gone(h, source))
+/// A pidfd on the handle's holder, opened before anything is read through its pid, so what
+/// is checked and what is signalled or joined is one process.
+pub fn pidfd(h: &SpecHandle) -> Result<PidFd> {
+    PidFd::open(h.pid).map_err(|e| gone(h, e))
 }
 
-/// The held container's spec.
-pub fn read_spec(h: &SpecHandle) -> Result<Spec> {
-    let bytes = h.read().map_err(|source| gone(h, source))?;
-    serde_json::from_slice(&bytes).map_err(Error::Spec)
+/// Checks the handle still names a berth holder: its pid is alive and owns a sealed spec
+/// memfd at the handle's fd (a pid can be reused); returns the pidfd to act on.
+pub fn check(h: &SpecHandle) -> Result<PidFd> {
+    let pidfd = pidfd(h)?;
+    berth_sys::holder::open(&pidfd, *h).map_err(|e| gone(h, e))?;
+    Ok(pidfd)
 }
 
-fn gone(h: &SpecHandle, source: std::io::Error) -> Error {
+/// The held container's namespaces and spec, by descriptor (see [`berth_sys::holder`]).
+pub fn open(h: &SpecHandle) -> Result<Held> {
+    berth_sys::holder::open(&pidfd(h)?, *h).map_err(|e| gone(h, e))
+}
+
+fn gone(h: &SpecHandle, e: berth_sys::Error) -> Error {
+    let source = match e {
+        berth_sys::Error::Os { source, .. } | berth_sys::Error::OsPath { source, .. } => source,
+        other => std::io::Error::new(std::io::ErrorKind::InvalidData, other.to_string()),
+    };
     Error::HandleGone {
         handle: h.to_string(),
         source,
@@ -71,6 +87,6 @@ mod tests {
             pid: std::process::id() as i32,
             fd: f.as_raw_fd(),
         };
-        assert!(matches!(read_spec(&h), Err(Error::HandleGone { .. })));
+        assert!(matches!(open(&h), Err(Error::HandleGone { .. })));
     }
 }

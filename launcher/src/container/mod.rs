@@ -19,6 +19,7 @@ use std::ffi::{CString, OsString};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
+use berth_sys::holder::ContainerProcess;
 use berth_sys::process::{self, CommandSpec, SpawnFailure, Stage};
 use berth_sys::LinuxSyscall;
 use oci_spec::runtime::Spec;
@@ -79,21 +80,18 @@ pub fn start(spec: &Spec, runtime: &RuntimeConfig) -> Result<i32> {
 /// Joins the container of `handle` and replaces this process with `argv` there (`berth exec
 /// --join`). Returns only on failure.
 pub fn join_exec(handle: &str, argv: Vec<String>, env: &[(String, String)]) -> Result<i32> {
-    let h = handle::parse(handle)?;
-    let mut spec = handle::read_spec(&h)?;
+    let held = handle::open(&handle::parse(handle)?)?;
+    let mut spec: Spec = serde_json::from_slice(&held.spec).map_err(Error::Spec)?;
     if let Some(p) = spec.process_mut() {
         let vars = spec::with_vars(p.env().as_deref().unwrap_or_default(), env);
         p.set_env(Some(vars));
         p.set_args(Some(argv));
     }
     let command = command_spec(&spec)?;
-    // The environment goes to execve directly; join only enters and drops privileges.
-    let join = berth_sys::JoinSpec {
-        cwd: command.cwd.clone().unwrap_or_else(|| "/".into()),
-        env: Vec::new(),
-        keep_caps: command.keep_caps,
-    };
-    berth_sys::join(h.pid, &join).map_err(sys_err("joining the container"))?;
+    // join confines as exec will again (the same Confinement): the working directory is
+    // then resolved inside the container, and nothing runs there with more than it keeps.
+    berth_sys::join(&held.namespaces, &command.confinement)
+        .map_err(sys_err("joining the container"))?;
     Err(spawn_error(process::exec(&command), &command))
 }
 
@@ -188,6 +186,11 @@ fn command_spec(spec: &Spec) -> Result<CommandSpec> {
             .collect()
     };
     let env = process.env().clone().unwrap_or_default();
+    // The same rule as every other way into a container (berth_sys::holder).
+    let json = serde_json::to_vec(spec).map_err(Error::Spec)?;
+    let confinement = ContainerProcess::from_spec(&json)
+        .map_err(sys_err("reading the spec's process"))?
+        .confinement;
     Ok(CommandSpec {
         argv: cstrings(process.args().as_deref().unwrap_or_default())?,
         search_path: search_path(&env)
@@ -196,8 +199,7 @@ fn command_spec(spec: &Spec) -> Result<CommandSpec> {
             .map(PathBuf::from)
             .collect(),
         env: cstrings(&env)?,
-        cwd: Some(process.cwd().clone()),
-        keep_caps: process.capabilities().is_some(),
+        confinement,
         keep_fds: Vec::new(),
         stdout_to_stderr: false,
     })
@@ -231,7 +233,7 @@ fn spawn_error(f: SpawnFailure, command: &CommandSpec) -> Error {
             source,
         },
         Stage::Workdir => Error::Workdir {
-            path: command.cwd.clone().unwrap_or_default(),
+            path: command.confinement.cwd.clone().unwrap_or_default(),
             source,
         },
         Stage::Setup => Error::io(

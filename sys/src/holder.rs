@@ -1,0 +1,227 @@
+//! A container held by `berth start`, taken by descriptor: its user and mount namespaces and
+//! its published OCI spec, opened from the holder process through `/proc/PID` while a pidfd
+//! shows the holder is the process meant. Whoever joins afterwards (the SPANK plugin's tasks,
+//! which inherit the descriptors through fork; `berth exec --join`) uses only these, never a
+//! pid number again.
+
+use std::fs::File;
+use std::path::PathBuf;
+
+use crate::memfd::SpecHandle;
+use crate::namespaces::Namespaces;
+use crate::process::{Confinement, PidFd};
+use crate::{Error, Result};
+
+/// What a holder gives a joiner.
+#[derive(Debug)]
+pub struct Held {
+    pub namespaces: Namespaces,
+    /// The container's OCI spec (JSON), read from the holder's sealed spec memfd.
+    pub spec: Vec<u8>,
+}
+
+/// Opens the namespaces and reads the spec of the holder `handle` names. `pidfd` must have
+/// been opened on `handle.pid` before this call (by the holder's parent right after spawning
+/// it, or by a joiner right after reading the handle): the process is checked to be alive
+/// after the opens, so everything opened through `/proc/PID` belongs to that process and not
+/// to a later one with the same pid. Opening another process's `/proc/PID/ns` and fds needs
+/// ptrace access: the same user for a dumpable holder, root for a non-dumpable one (`berth
+/// start --private`; see [`crate::identity::with_effective_root`]).
+pub fn open(pidfd: &PidFd, handle: SpecHandle) -> Result<Held> {
+    let ns = |name: &str| -> Result<std::os::fd::OwnedFd> {
+        let path = PathBuf::from(format!("/proc/{}/ns/{name}", handle.pid));
+        // std opens with O_CLOEXEC: a task inherits these through fork, never through exec.
+        Ok(File::open(&path)
+            .map_err(Error::io_path("open", &path))?
+            .into())
+    };
+    let namespaces = Namespaces {
+        user: ns("user")?,
+        mnt: ns("mnt")?,
+    };
+    let spec = handle.read().map_err(|source| Error::Os {
+        call: "reading the holder's spec",
+        source,
+    })?;
+    if !pidfd.is_alive()? {
+        return Err(Error::Invalid {
+            what: "opening the container",
+            message: format!(
+                "its holder {} ended while it was being opened; start it again",
+                handle.pid
+            ),
+        });
+    }
+    Ok(Held { namespaces, spec })
+}
+
+/// What a process entering the container takes from its spec: the environment, and the
+/// [`Confinement`] every way into the container applies alike (`berth exec`, `berth exec
+/// --join`, the SPANK plugin's `task_init`), derived here and nowhere else.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerProcess {
+    pub env: Vec<String>,
+    pub confinement: Confinement,
+}
+
+#[derive(serde::Deserialize)]
+struct SpecDoc {
+    process: ProcessDoc,
+}
+
+#[derive(serde::Deserialize)]
+struct ProcessDoc {
+    #[serde(default)]
+    env: Vec<String>,
+    cwd: PathBuf,
+    /// Present in a `--remap-root` container's spec (the capabilities its root keeps);
+    /// anything else drops them all.
+    #[serde(default)]
+    capabilities: Option<serde::de::IgnoredAny>,
+}
+
+impl ContainerProcess {
+    /// From an OCI runtime spec (JSON); a spec without `process` or `process.cwd` is refused.
+    pub fn from_spec(json: &[u8]) -> Result<ContainerProcess> {
+        let doc: SpecDoc = serde_json::from_slice(json).map_err(|e| Error::Invalid {
+            what: "reading the container's OCI spec",
+            message: e.to_string(),
+        })?;
+        Ok(ContainerProcess {
+            env: doc.process.env,
+            confinement: Confinement {
+                cwd: Some(doc.process.cwd),
+                keep_caps: doc.process.capabilities.is_some(),
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memfd::{sealed, SPEC_NAME};
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn the_spec_decides_the_confinement() {
+        let plain = br#"{"process":{"env":["PATH=/bin"],"cwd":"/w","args":["sh"]}}"#;
+        assert_eq!(
+            ContainerProcess::from_spec(plain).unwrap(),
+            ContainerProcess {
+                env: vec!["PATH=/bin".into()],
+                confinement: Confinement {
+                    cwd: Some("/w".into()),
+                    keep_caps: false
+                },
+            }
+        );
+        let root = br#"{"process":{"cwd":"/","capabilities":{"bounding":["CAP_CHOWN"]}}}"#;
+        let p = ContainerProcess::from_spec(root).unwrap();
+        assert!(p.confinement.keep_caps);
+        assert!(p.env.is_empty());
+        assert!(ContainerProcess::from_spec(br#"{"process":{}}"#).is_err());
+        assert!(ContainerProcess::from_spec(b"not json").is_err());
+    }
+
+    /// A child of this test in namespaces of its own (unprivileged user namespaces), holding
+    /// a spec memfd at fd 3 and a marker file in a tmpfs only its mount namespace has.
+    fn holder(spec_name: &str) -> Option<std::process::Child> {
+        let python = format!(
+            "import os, fcntl, time\n\
+             fd = os.memfd_create('{spec_name}', os.MFD_ALLOW_SEALING)\n\
+             os.write(fd, b'{{\"process\":{{\"cwd\":\"/mnt\"}}}}')\n\
+             fcntl.fcntl(fd, 1033, 15)  # F_ADD_SEALS: seal, shrink, grow, write\n\
+             os.dup2(fd, 3)\n\
+             print('ready', flush=True)\n\
+             time.sleep(30)\n"
+        );
+        // unshare execs sh, which execs python: the child's pid is the holder's.
+        let mut child = std::process::Command::new("unshare")
+            .args(["-Urm", "sh", "-c"])
+            .arg("mount -t tmpfs t /mnt && echo inside > /mnt/marker && exec python3 -c \"$0\"")
+            .arg(python)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        let mut line = String::new();
+        let read = std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.as_mut()?),
+            &mut line,
+        );
+        if read.is_err() || line.trim() != "ready" {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        Some(child)
+    }
+
+    #[test]
+    fn a_holder_is_opened_and_joined_by_descriptor() {
+        let Some(mut child) = holder("berth-spec") else {
+            eprintln!("skipped: no unprivileged user namespaces or python3 here");
+            return;
+        };
+        // The holder's first process is unshare's child sh, then python: take python's pid.
+        let pid = child.id() as i32;
+        let pidfd = PidFd::open(pid).unwrap();
+        let held = open(&pidfd, SpecHandle { pid, fd: 3 }).unwrap();
+        assert_eq!(held.spec, br#"{"process":{"cwd":"/mnt"}}"#);
+        let process = ContainerProcess::from_spec(&held.spec).unwrap();
+        // Join from a fresh single-threaded process (setns of a user namespace needs one):
+        // the marker exists only in the holder's mount namespace.
+        let ns = &held.namespaces;
+        // SAFETY: the forked child only joins, reads a file and exits.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                let ok = crate::namespaces::join(ns, &process.confinement).is_ok()
+                    && std::fs::read_to_string("marker").is_ok_and(|m| m == "inside\n");
+                unsafe { libc::_exit(if ok { 0 } else { 1 }) }
+            }
+            nix::unistd::ForkResult::Parent { child: joiner } => {
+                let exit = crate::process::reap(joiner.as_raw()).unwrap();
+                assert_eq!(exit, crate::process::Exit::Code(0));
+            }
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // Ended: nothing is opened from its pid any more.
+        assert!(open(&pidfd, SpecHandle { pid, fd: 3 }).is_err());
+    }
+
+    #[test]
+    fn a_descriptor_that_is_not_a_sealed_spec_is_refused() {
+        let Some(mut child) = holder("other-name") else {
+            eprintln!("skipped: no unprivileged user namespaces or python3 here");
+            return;
+        };
+        let pid = child.id() as i32;
+        let pidfd = PidFd::open(pid).unwrap();
+        let err = open(&pidfd, SpecHandle { pid, fd: 3 }).unwrap_err();
+        assert!(
+            err.to_string().contains("not a berth container's spec"),
+            "{err}"
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // An unsealed memfd with the right name is refused too.
+        let me = std::process::id() as i32;
+        let unsealed =
+            nix::sys::memfd::memfd_create(SPEC_NAME, nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
+                .unwrap();
+        let handle = SpecHandle {
+            pid: me,
+            fd: unsealed.as_raw_fd(),
+        };
+        let err = open(&PidFd::open(me).unwrap(), handle).unwrap_err();
+        assert!(err.to_string().contains("not sealed"), "{err}");
+        let sealed = sealed(SPEC_NAME, b"{}").unwrap();
+        let handle = SpecHandle {
+            pid: me,
+            fd: sealed.as_raw_fd(),
+        };
+        assert_eq!(open(&PidFd::open(me).unwrap(), handle).unwrap().spec, b"{}");
+    }
+}
