@@ -524,14 +524,17 @@ fn admin_owned(file: &Path) -> std::result::Result<fs::Metadata, String> {
     while let Some(part) = parts.next() {
         match (part, &parent) {
             (Component::RootDir, None) | (Component::Normal(_), Some(_)) => {}
-            _ => return Err(format!("{} is not an absolute, resolved path", file.display())),
+            _ => {
+                return Err(format!(
+                    "{} is not an absolute, resolved path",
+                    file.display()
+                ))
+            }
         }
         at.push(part);
-        let opened = berth_sys::fsid::open_path_nofollow(
-            parent.as_ref().map(AsFd::as_fd),
-            part.as_os_str(),
-        )
-        .map(File::from);
+        let opened =
+            berth_sys::fsid::open_path_nofollow(parent.as_ref().map(AsFd::as_fd), part.as_os_str())
+                .map(File::from);
         let (node, meta) = opened
             .and_then(|node| node.metadata().map(|meta| (node, meta)))
             .map_err(|e| format!("{} cannot be checked ({e})", at.display()))?;
@@ -861,8 +864,10 @@ mod tests {
         // Where the partition is unknown, the strictest rule.
         assert!(p.requires_container_anywhere());
         assert!(Policy::new(&config).requires_container_anywhere());
-        assert!(!policy("[policy.partitions.gpu]\nrequire_container = false\n")
-            .requires_container_anywhere());
+        assert!(
+            !policy("[policy.partitions.gpu]\nrequire_container = false\n")
+                .requires_container_anywhere()
+        );
     }
 
     /// A real directory tree: `images/` (listed) with a good image, a symlink inside pointing
@@ -1025,8 +1030,14 @@ mod tests {
             fs::set_permissions(&sub, fs::Permissions::from_mode(mode)).unwrap();
             std::os::unix::fs::chown(&sub, Some(owner), None).unwrap();
             let reason = deny_reason(&p, &deep);
-            assert!(reason.contains(&format!("{} is {said}", sub.display())), "{reason}");
-            assert!(reason.contains("owned by root and writable only by root"), "{reason}");
+            assert!(
+                reason.contains(&format!("{} is {said}", sub.display())),
+                "{reason}"
+            );
+            assert!(
+                reason.contains("owned by root and writable only by root"),
+                "{reason}"
+            );
             // Siblings on a clean path stay allowed.
             assert!(matches!(
                 verdict(&p, &t.images.join("good.sif").display().to_string()),
@@ -1064,10 +1075,16 @@ mod tests {
         let reason = admin_owned(&t.images.join("dir-out/evil.sif")).unwrap_err();
         assert!(reason.contains("dir-out is a symbolic link"), "{reason}");
         let reason = admin_owned(&t.images.join("link-in.sif")).unwrap_err();
-        assert!(reason.contains("link-in.sif is a symbolic link"), "{reason}");
+        assert!(
+            reason.contains("link-in.sif is a symbolic link"),
+            "{reason}"
+        );
         assert!(admin_owned(&t.images.join("good.sif")).unwrap().is_file());
         let reason = admin_owned(Path::new("relative/x.sif")).unwrap_err();
-        assert!(reason.contains("not an absolute, resolved path"), "{reason}");
+        assert!(
+            reason.contains("not an absolute, resolved path"),
+            "{reason}"
+        );
     }
 
     #[test]
@@ -1078,8 +1095,11 @@ mod tests {
         fs::create_dir(&secret).unwrap();
         fs::set_permissions(&secret, fs::Permissions::from_mode(0o700)).unwrap();
         fs::write(secret.join("present.sif"), b"x").unwrap();
-        fs::set_permissions(t.images.parent().unwrap(), fs::Permissions::from_mode(0o755))
-            .unwrap();
+        fs::set_permissions(
+            t.images.parent().unwrap(),
+            fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
         let p = local_policy(&[&t.images], true).resolving_as(nobody());
         let answer = |name: &str| {
             let image = secret.join(name).display().to_string();
@@ -1087,7 +1107,11 @@ mod tests {
         };
         let present = answer("present.sif");
         assert!(present.contains("Permission denied"), "{present}");
-        assert_eq!(present, answer("absent.sif"), "the answers tell files apart");
+        assert_eq!(
+            present,
+            answer("absent.sif"),
+            "the answers tell files apart"
+        );
         // What the user may see is still allowed, and root's own check is unchanged.
         let good = t.images.join("good.sif").display().to_string();
         assert!(matches!(verdict(&p, &good), Verdict::Allow { .. }));
@@ -1107,7 +1131,10 @@ mod tests {
         );
         let evil = File::open(t.outside.join("evil.sif")).unwrap();
         let err = p.check_local_descriptor(&evil).unwrap_err().to_string();
-        assert!(err.contains("outside the site's local image directories"), "{err}");
+        assert!(
+            err.contains("outside the site's local image directories"),
+            "{err}"
+        );
         // Renamed since it was opened (by root: no one else can write there): the
         // descriptor's file is what runs, under its present name.
         fs::rename(t.images.join("good.sif"), t.images.join("old.sif")).unwrap();
@@ -1121,7 +1148,10 @@ mod tests {
         let err = p.check_local_descriptor(&removed).unwrap_err().to_string();
         assert!(err.contains("(deleted)"), "{err}");
         let refused = local_policy(&[&t.images], false);
-        let err = refused.check_local_descriptor(&good).unwrap_err().to_string();
+        let err = refused
+            .check_local_descriptor(&good)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("local_images = false"), "{err}");
     }
 

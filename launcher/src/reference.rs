@@ -772,7 +772,8 @@ mod tests {
             ("localhost:99999/a", "not a port number"),
             ("localhost:/a", "not a port number"),
             ("ex_ample.com/a", "not a valid host name"),
-            ("-bad.com/a", "not a valid host name"),
+            ("bad-.com/a", "not a valid host name"),
+            ("-bad.com/a", "starts with `-`"),
             (
                 "user@localhost:5000/test/x",
                 "credentials come from the site's auth file",

@@ -31,7 +31,7 @@ use std::sync::Mutex;
 
 use crate::config::Config;
 use crate::error::Error;
-use crate::launcher::{Launcher, Verdict};
+use crate::launcher::{Launcher, Partition, Verdict};
 use crate::options::{
     self, ContainerRequest, Env, Given, ImageChoice, Opt, Origin, Settings, SPECS,
 };
@@ -220,7 +220,9 @@ fn decide(
             }
             let asked_for_host = choice.is_some();
             let partition = partition(env, context);
-            if let Some(reason) = launcher.require_container(partition.as_deref())? {
+            if let Some(reason) =
+                launcher.require_container(Partition::Named(partition.as_deref()))?
+            {
                 return Err(Error::ContainerRequired {
                     asked_for_host,
                     partition,
@@ -293,9 +295,9 @@ mod tests {
                 r#"#!/bin/sh
 echo "$*" >> {calls}
 case "$1 $2" in
-  "policy check") case "$3" in ok/*) exit 0;; *) echo "deny: $3 is not approved"; exit 1;; esac;;
+  "policy check") case "$4" in ok/*) echo "allow: $4 (rule: ok/*)";; *) echo "deny: $4 is not approved"; exit 1;; esac;;
   "policy require-container") [ "$4" = gpu ] && {{ echo "partition gpu requires containers"; exit 0; }}; exit 1;;
-  "resolve "*) echo "${{2%%:*}}@sha256:{DIGEST}";;
+  "resolve --") echo "${{3%%:*}}@sha256:{DIGEST}";;
   *) exit 2;;
 esac"#,
                 calls = calls.display()
@@ -410,14 +412,14 @@ esac"#,
         let job = format!("container-image={}", pinned("ok/job"));
         let (result, calls) = run(&[], &[(REQUEST_VAR, &job)], Context::Local);
         assert_eq!(image_of(result), pinned("ok/job"));
-        assert_eq!(calls, vec![format!("policy check {}", pinned("ok/job"))]);
+        assert_eq!(calls, vec![format!("policy check -- {}", pinned("ok/job"))]);
     }
 
     #[test]
     fn a_fresh_image_is_checked_then_pinned() {
         let (result, calls) = run(&[cli(Opt::Image, "ok/a:1")], &[], Context::Allocator);
         assert_eq!(image_of(result), pinned("ok/a"));
-        assert_eq!(calls, vec!["policy check ok/a:1", "resolve ok/a:1"]);
+        assert_eq!(calls, vec!["policy check -- ok/a:1", "resolve -- ok/a:1"]);
     }
 
     #[test]

@@ -164,7 +164,10 @@ mod tests {
         });
         as_user(&nobody, || {
             go.send(()).unwrap();
-            assert!(other.join().unwrap(), "the user's identity reached another thread");
+            assert!(
+                other.join().unwrap(),
+                "the user's identity reached another thread"
+            );
         })
         .unwrap();
         assert_eq!(nix::unistd::getgroups().unwrap(), groups);
