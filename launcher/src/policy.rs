@@ -9,7 +9,9 @@
 //! `localhost:5000/test/*` allows `localhost:5000/test/a` and `localhost:5000/test/a/b`, never
 //! `localhost:5000/testing/a`, `localhost:5000/test` itself, `localhost:50001/...` or
 //! `evil.com/localhost:5000/test/a`. Local files are allowed only when their fully resolved
-//! path (every symlink and `..` followed) lies below a listed admin directory.
+//! path (every symlink and `..` followed, with the job user's rights when root checks for a
+//! job) lies below a listed admin directory, and every component from `/` down to the file is
+//! owned by root and writable by root alone, so nobody else can change what the path names.
 
 use std::fmt;
 use std::fs::{self, File};
@@ -328,6 +330,16 @@ impl Policy {
                     .unwrap_or(global)
             }),
         }
+    }
+
+    /// Whether [`requires_container`](Self::requires_container) can answer differently for
+    /// different partitions: only then is a job's partition worth asking Slurm for.
+    pub fn partition_matters(&self) -> bool {
+        let global = self.config.require_container;
+        self.config
+            .partitions
+            .values()
+            .any(|p| p.require_container.is_some_and(|r| r != global))
     }
 
     /// The strictest answer of [`requires_container`](Self::requires_container), for a job
@@ -863,6 +875,14 @@ mod tests {
         assert!(!p.requires_container(Some("cpu")));
         // Where the partition is unknown, the strictest rule.
         assert!(p.requires_container_anywhere());
+        assert!(p.partition_matters());
+        assert!(
+            !policy("[policy.partitions.gpu]\nrequire_container = false\n").partition_matters()
+        );
+        assert!(
+            !policy("[policy]\nrequire_container = true\n[policy.partitions.gpu]\n")
+                .partition_matters()
+        );
         assert!(Policy::new(&config).requires_container_anywhere());
         assert!(
             !policy("[policy.partitions.gpu]\nrequire_container = false\n")
