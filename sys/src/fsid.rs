@@ -71,22 +71,23 @@ impl Drop for Saved {
     }
 }
 
-/// setfsuid(2) reports no error: it returns the previous value either way, so a second call
-/// tells whether the first took effect.
 fn set_fsuid(uid: u32) -> io::Result<()> {
-    nix::unistd::setfsuid(nix::unistd::Uid::from_raw(uid));
-    let now = nix::unistd::setfsuid(nix::unistd::Uid::from_raw(uid)).as_raw();
-    if now == uid {
-        Ok(())
-    } else {
-        Err(io::Error::from_raw_os_error(libc::EPERM))
-    }
+    set_checked(uid, |id| {
+        nix::unistd::setfsuid(nix::unistd::Uid::from_raw(id)).as_raw()
+    })
 }
 
 fn set_fsgid(gid: u32) -> io::Result<()> {
-    nix::unistd::setfsgid(nix::unistd::Gid::from_raw(gid));
-    let now = nix::unistd::setfsgid(nix::unistd::Gid::from_raw(gid)).as_raw();
-    if now == gid {
+    set_checked(gid, |id| {
+        nix::unistd::setfsgid(nix::unistd::Gid::from_raw(id)).as_raw()
+    })
+}
+
+/// setfsuid(2) and setfsgid(2) report no error: they return the previous value either way,
+/// so a second call tells whether the first took effect.
+fn set_checked(id: u32, set: impl Fn(u32) -> u32) -> io::Result<()> {
+    set(id);
+    if set(id) == id {
         Ok(())
     } else {
         Err(io::Error::from_raw_os_error(libc::EPERM))
