@@ -512,7 +512,13 @@ fn root_tells_the_user_nothing_about_files_the_user_cannot_see() {
     assert_node_idle(&cluster);
 }
 
-/// `text` with digits removed: srun's messages name job and step ids.
-fn strip_job_ids(text: &str) -> String {
-    text.chars().filter(|c| !c.is_ascii_digit()).collect()
+/// The lines of `text` in sorted order with digits removed: srun's messages name job and
+/// task ids, and srun's and slurmstepd's lines arrive in either order.
+fn strip_job_ids(text: &str) -> Vec<String> {
+    let mut lines: Vec<String> = text
+        .lines()
+        .map(|l| l.chars().filter(|c| !c.is_ascii_digit()).collect())
+        .collect();
+    lines.sort();
+    lines
 }
