@@ -8,12 +8,14 @@
 //! Needs `tests/cluster/up`; fails (does not skip) without it.
 
 use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
+use std::time::Duration;
 
 use berth_e2e::{
-    as_root, assert_node_idle, serial, unique_name, write_user_file, Cluster, Cmd, PluginlessConf,
-    Run, PATH,
+    as_root, assert_node_idle, serial, unique_name, wait_until, write_user_file, Cluster, Cmd,
+    PluginlessConf, Run, PATH,
 };
 
 /// The partition of the test cluster whose berth.toml entry says `require_container = true`.
@@ -338,7 +340,13 @@ impl Flipper {
             .process_group(0)
             .spawn()
             .expect("start the flipping loop");
-        Flipper(child)
+        let flipper = Flipper(child);
+        // Python takes a moment to start; the link points at `evil` until it runs.
+        let flipping = wait_until(Duration::from_secs(20), || {
+            std::fs::read_link(&tree.link).is_ok_and(|t| t == approved_dir)
+        });
+        assert!(flipping, "the flipping loop never ran");
+        flipper
     }
 }
 
@@ -349,8 +357,6 @@ impl Drop for Flipper {
         let _ = self.0.wait();
     }
 }
-
-use std::os::unix::process::CommandExt;
 
 /// `berth start --print-spec ARGS` as the user: the image checks of `berth start`, without
 /// holding a container.
