@@ -484,8 +484,7 @@ fn root_tells_the_user_nothing_about_files_the_user_cannot_see() {
     let cluster = Cluster::get();
     let _site = LocalImages::enable(&cluster);
     // A file only root can see, and one that does not exist, in /root (0700).
-    let present = PathBuf::from("/root").join(unique_name("e2e-oracle"));
-    std::fs::write(&present, b"x").unwrap();
+    let present = RootFile::new();
     let absent = PathBuf::from("/root").join(unique_name("e2e-oracle"));
     let uid = cluster.uid().to_string();
     let answer = |path: &Path| {
@@ -501,7 +500,7 @@ fn root_tells_the_user_nothing_about_files_the_user_cannot_see() {
         assert_eq!(run.code(), Some(1), "{run}");
         run.stdout.replace(path.to_str().unwrap(), "PATH")
     };
-    let (seen_present, seen_absent) = (answer(&present), answer(&absent));
+    let (seen_present, seen_absent) = (answer(&present.0), answer(&absent));
     // And through the node, as the user sees it.
     let bypass = PluginlessConf::new(&cluster);
     let node = |path: &Path| {
@@ -509,8 +508,7 @@ fn root_tells_the_user_nothing_about_files_the_user_cannot_see() {
         run.assert_failure();
         run.stderr.replace(path.to_str().unwrap(), "PATH")
     };
-    let (node_present, node_absent) = (node(&present), node(&absent));
-    let _ = std::fs::remove_file(&present);
+    let (node_present, node_absent) = (node(&present.0), node(&absent));
     assert!(seen_present.contains("Permission denied"), "{seen_present}");
     assert_eq!(
         seen_present, seen_absent,
@@ -523,6 +521,23 @@ fn root_tells_the_user_nothing_about_files_the_user_cannot_see() {
         "the node's answers tell the files apart"
     );
     assert_node_idle(&cluster);
+}
+
+/// A file in /root, which only root can see; removed on drop.
+struct RootFile(PathBuf);
+
+impl RootFile {
+    fn new() -> RootFile {
+        let path = PathBuf::from("/root").join(unique_name("e2e-oracle"));
+        std::fs::write(&path, b"x").unwrap();
+        RootFile(path)
+    }
+}
+
+impl Drop for RootFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// The lines of `text` in sorted order with digits removed: srun's messages name job and
