@@ -202,3 +202,63 @@ fn check_with_fetch_pulls_only_what_it_allows() {
     assert!(allowed.stdout.is_empty(), "{}", allowed.stdout);
     assert!(allowed.stderr.contains("127.0.0.1:1"), "{}", allowed.stderr);
 }
+
+#[test]
+fn an_image_that_looks_like_an_option_is_denied_after_the_double_dash() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), POLICY);
+    for image in ["-h", "--help", "--fetch"] {
+        for fetch in [None, Some("--fetch")] {
+            let args: Vec<&OsStr> = fetch
+                .into_iter()
+                .chain(["--", image])
+                .map(OsStr::new)
+                .collect();
+            let run = berth(&cfg, &args);
+            assert_eq!(run.code, 1, "{image}: {}{}", run.stdout, run.stderr);
+            assert!(
+                run.stdout.starts_with(&format!(
+                    "deny: image `{image}` refused: it starts with `-`"
+                )),
+                "{}",
+                run.stdout
+            );
+            assert_eq!(run.stdout.lines().count(), 1, "{}", run.stdout);
+        }
+    }
+}
+
+#[test]
+fn require_container_for_a_job_slurm_cannot_name_applies_the_strictest_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    // No job has this id (squeue refuses it, or is not installed): the partition is unknown.
+    let job = ["--job".as_ref(), "4294967295".as_ref()];
+    let cfg = config(
+        dir.path(),
+        "[policy]\nrequire_container = false\n[policy.partitions.gpu]\nrequire_container = true\n",
+    );
+    let run = policy(&cfg, "require-container", &job);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout.contains("could not be learnt from Slurm")
+            && run.stdout.contains("strictest rule"),
+        "{}",
+        run.stdout
+    );
+    // Where no partition could require one, Slurm is not asked and nothing is required.
+    let cfg = config(
+        dir.path(),
+        "[policy.partitions.debug]\nrequire_container = false\n",
+    );
+    let run = policy(&cfg, "require-container", &job);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    // And where every partition requires one, the answer needs no Slurm either.
+    let cfg = config(dir.path(), "[policy]\nrequire_container = true\n");
+    let run = policy(&cfg, "require-container", &job);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout.contains("this cluster requires"),
+        "{}",
+        run.stdout
+    );
+}
