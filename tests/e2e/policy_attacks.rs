@@ -543,8 +543,14 @@ impl Drop for RootFile {
 /// The lines of `text` in sorted order with digits removed: srun's messages name job and
 /// task ids, and srun's and slurmstepd's lines arrive in either order.
 fn strip_job_ids(text: &str) -> Vec<String> {
+    // srun's own scheduling notes come and go with the node's load: not part of the answer.
+    let scheduling = |l: &&str| {
+        l.starts_with("srun: job ")
+            && (l.contains("queued and waiting") || l.contains("has been allocated"))
+    };
     let mut lines: Vec<String> = text
         .lines()
+        .filter(|l| !scheduling(l))
         .map(|l| l.chars().filter(|c| !c.is_ascii_digit()).collect())
         .collect();
     lines.sort();
