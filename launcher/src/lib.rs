@@ -8,6 +8,7 @@ pub mod cli;
 pub mod config;
 pub mod container;
 pub mod error;
+pub mod gpu;
 pub mod image_config;
 pub mod policy;
 pub mod reference;

@@ -128,7 +128,16 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
         gid: info.gid,
         groups: info.groups.clone(),
     });
-    let holder = user.start(&container::start_args(&image, &options, &binds))?;
+    // The GPUs Slurm allocated: indexes in gres.conf order (the batch step has only the
+    // job's list). Absent or empty: a container without GPUs.
+    let gpus_var = if info.step_id == BATCH_STEP {
+        "SLURM_JOB_GPUS"
+    } else {
+        "SLURM_STEP_GPUS"
+    };
+    let gpus = getenv(gpus_var)?.map(|g| String::from_utf8_lossy(&g).into_owned());
+    let args = container::start_args(&image, &options, &binds, gpus.as_deref());
+    let holder = user.start(&args)?;
     spank::log_debug(&format!("container of {image} held by pid {}", holder.pid));
     *lock(&STEP) = Some(Step {
         container: StepContainer {

@@ -33,8 +33,10 @@ pub fn run_start(a: StartArgs, g: &Globals) -> Result<i32> {
     let config = Config::load_for_caller(g.config.as_deref())?;
     // Held for the container's life: a cached image stays locked against eviction.
     let image = cache::runnable(&config, &a.image)?;
-    let spec = match build_spec(&a.container, &image.path, Vec::new()) {
-        Err(Error::NoCommand) => build_spec(&a.container, &image.path, vec!["/bin/sh".into()])?,
+    let spec = match build_spec(&a.container, &image.path, Vec::new(), &config) {
+        Err(Error::NoCommand) => {
+            build_spec(&a.container, &image.path, vec!["/bin/sh".into()], &config)?
+        }
         other => other?,
     };
     if a.container.print_spec {
