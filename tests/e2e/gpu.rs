@@ -292,16 +292,21 @@ fn a_cdi_spec_is_honoured_and_a_broken_one_refused() {
     let dir = PathBuf::from(format!("/tmp/{}", unique_name("berth-e2e-cdi")));
     std::fs::create_dir_all(&dir).unwrap();
     let config = cdi_config(&dir);
-    std::fs::write(
-        dir.join("test.yaml"),
-        "cdiVersion: 0.6.0\n\
-         kind: example.com/gpu\n\
-         devices:\n\
-         - name: second\n  containerEdits:\n    deviceNodes:\n    - path: /dev/nvidia1\n\
-         containerEdits:\n  env: [FROM_CDI=yes]\n  mounts:\n\
-         - hostPath: /etc/hostname\n    containerPath: /cdi/hostname\n    options: [ro, bind]\n",
-    )
-    .unwrap();
+    let spec = r#"cdiVersion: 0.6.0
+kind: example.com/gpu
+devices:
+- name: second
+  containerEdits:
+    deviceNodes:
+    - path: /dev/nvidia1
+containerEdits:
+  env: [FROM_CDI=yes]
+  mounts:
+  - hostPath: /etc/hostname
+    containerPath: /cdi/hostname
+    options: [ro, bind]
+"#;
+    std::fs::write(dir.join("test.yaml"), spec).unwrap();
     let config_arg = format!("--config={}", config.display());
     let out = ok(berth_exec(
         false,
