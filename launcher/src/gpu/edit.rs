@@ -9,7 +9,8 @@
 //! - loader-cache entries go to the `org.berth.ld.so.cache` annotation, and the bundle's
 //!   generated cache is bound over `/etc/ld.so.cache` (assembly writes it: the image's own
 //!   entries plus these);
-//! - where it all came from goes to the `org.berth.gpu` annotation.
+//! - the bound driver's version goes to `org.berth.gpu.driver` (assembly prefers an image's
+//!   newer CUDA forward-compatibility libraries), where it all came from to `org.berth.gpu`.
 
 use std::path::Path;
 
@@ -22,6 +23,7 @@ use crate::{Error, Result};
 
 pub const ANN_GPU: &str = "org.berth.gpu";
 pub const ANN_LDCACHE: &str = "org.berth.ld.so.cache";
+pub const ANN_DRIVER: &str = "org.berth.gpu.driver";
 /// The generated loader cache, relative to the bundle.
 pub const LDCACHE: &str = "ld.so.cache";
 pub const LDCACHE_PATH: &str = "/etc/ld.so.cache";
@@ -56,6 +58,9 @@ pub fn apply(s: &mut Spec, edits: &ContainerEdits) -> Result<()> {
         );
         mounts.push(to_mount(Path::new(LDCACHE), Path::new(LDCACHE_PATH), true)?);
     }
+    if let Some(v) = &edits.driver_version {
+        annotations.insert(ANN_DRIVER.into(), v.clone());
+    }
     if !edits.source.is_empty() {
         annotations.insert(ANN_GPU.into(), edits.source.join("; "));
     }
@@ -75,6 +80,11 @@ pub fn apply(s: &mut Spec, edits: &ContainerEdits) -> Result<()> {
 
 fn to_mount(host: &Path, container: &Path, readonly: bool) -> Result<Mount> {
     serde_json::from_value(spec::bind(host, container, readonly)).map_err(Error::Spec)
+}
+
+/// The bound driver's version, if the spec binds one.
+pub fn driver_version(s: &Spec) -> Option<String> {
+    s.annotations().as_ref()?.get(ANN_DRIVER).cloned()
 }
 
 /// The loader-cache entries the spec asks for (see [`apply`]).

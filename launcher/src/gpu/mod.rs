@@ -222,6 +222,9 @@ pub struct ContainerEdits {
     pub env: Vec<(String, String)>,
     /// (soname, path inside) for the container's ld.so cache.
     pub ld_cache: Vec<(String, PathBuf)>,
+    /// The driver whose libraries are bound (the image's CUDA forward-compatibility
+    /// libraries win when they are newer).
+    pub driver_version: Option<String>,
     /// How the edits were found, for `--print-spec` and support.
     pub source: Vec<String>,
 }
@@ -531,6 +534,7 @@ fn driver_edits(
     let caps = driver::capabilities(caps_value)?;
     let extra: Vec<String> = config.extra_libraries.iter().map(|l| l.0.clone()).collect();
     let libs = driver::libraries(&entries, &caps, &extra, &version, &resolve)?;
+    edits.driver_version = Some(version.clone());
     edits.source.push(format!(
         "driver {version}: {} libraries for {}",
         libs.len(),

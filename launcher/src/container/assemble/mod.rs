@@ -119,7 +119,12 @@ pub fn assemble(
     .map_err(container("mounting the overlay root"))?;
 
     userdb::write_user_db(&root, bundle, &facts)?;
-    userdb::write_ld_cache(&root, bundle, &edit::ld_cache_entries(spec)?)?;
+    userdb::write_ld_cache(
+        &root,
+        bundle,
+        &edit::ld_cache_entries(spec)?,
+        edit::driver_version(spec).as_deref(),
+    )?;
     for m in spec.mounts().iter().flatten() {
         let mount = mounts::to_sys_mount(m, bundle)?;
         sys.mount_in_root(&root, &mount)

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use super::AssemblyInputs;
 use crate::container::spec::{GROUP, PASSWD};
-use crate::gpu::{edit, ldcache};
+use crate::gpu::{driver, edit, ldcache};
 use crate::{Error, Result};
 
 /// Writes the bundle's passwd and group: the image's own entries (read inside the root, so
@@ -35,21 +35,93 @@ pub fn write_user_db(root: &Path, bundle: &Path, f: &AssemblyInputs) -> Result<(
     write(bundle, GROUP, group.as_bytes())
 }
 
-/// Writes the bundle's ld.so.cache when the spec binds libraries: its entries first (they
-/// win over an image's stub of the same name), then the image's own.
-pub fn write_ld_cache(root: &Path, bundle: &Path, entries: &[(String, String)]) -> Result<()> {
+/// Where CUDA images keep the forward-compatibility driver libraries (`cuda-compat-*`).
+const CUDA_COMPAT: &str = "/usr/local/cuda/compat";
+
+/// Writes the bundle's ld.so.cache when the spec binds libraries: the image's CUDA
+/// forward-compatibility libraries when they are of a newer driver than `driver` (as
+/// libnvidia-container does: a CUDA newer than the node's driver then still runs), then the
+/// spec's entries (they win over an image's stub of the same name), then the image's own.
+pub fn write_ld_cache(
+    root: &Path,
+    bundle: &Path,
+    entries: &[(String, String)],
+    driver: Option<&str>,
+) -> Result<()> {
     if entries.is_empty() {
         return Ok(());
     }
     let image = ldcache::parse(&read_in_root(root, edit::LDCACHE_PATH)?).unwrap_or_default();
-    let ours = entries.iter().map(|(key, value)| ldcache::Entry {
+    let entry = |key: &str, value: String| ldcache::Entry {
         flags: ldcache::NATIVE_FLAGS,
-        key: key.clone(),
-        value: value.clone(),
+        key: key.to_string(),
+        value,
         hwcap: 0,
-    });
-    let all: Vec<ldcache::Entry> = ours.chain(image).collect();
+    };
+    let compat = match driver {
+        Some(d) => compat_libraries(&list_in_root(root, CUDA_COMPAT)?, d),
+        None => Vec::new(),
+    };
+    let all: Vec<ldcache::Entry> = compat
+        .iter()
+        .map(|name| entry(name, format!("{CUDA_COMPAT}/{name}")))
+        .chain(entries.iter().map(|(k, v)| entry(k, v.clone())))
+        .chain(image)
+        .collect();
     write(bundle, edit::LDCACHE, &ldcache::write(&all))
+}
+
+/// The sonames (`libcuda.so.1`, ...) in a compat directory's `names` when its libcuda is of
+/// a newer driver branch than `driver`.
+fn compat_libraries(names: &[String], driver: &str) -> Vec<String> {
+    let major = |v: &str| v.split('.').next().and_then(|m| m.parse::<u32>().ok());
+    let newer = names.iter().any(|n| {
+        n.starts_with("libcuda.so.")
+            && driver::version_from_library(Path::new(n)).is_some_and(|v| major(&v) > major(driver))
+    });
+    if !newer {
+        return Vec::new();
+    }
+    names
+        .iter()
+        .filter(|n| {
+            n.split_once(".so.")
+                .is_some_and(|(_, v)| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .cloned()
+        .collect()
+}
+
+/// The names in a directory of the image (resolved inside the root), or none.
+fn list_in_root(root: &Path, path: &str) -> Result<Vec<String>> {
+    let root_fd = berth_sys::rootfs::open_dir(root).map_err(|source| Error::Sys {
+        path: root.into(),
+        source,
+    })?;
+    let dir = match berth_sys::rootfs::open_in_root(
+        root_fd.as_fd(),
+        Path::new(path),
+        libc::O_RDONLY | libc::O_DIRECTORY,
+    ) {
+        Ok(fd) => fd,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => {
+            return Ok(Vec::new())
+        }
+        Err(source) => {
+            return Err(Error::Sys {
+                path: path.into(),
+                source,
+            })
+        }
+    };
+    // The opened directory itself, through its descriptor: no path lookup in the image.
+    let entries = std::fs::read_dir(berth_sys::rootfs::fd_path(dir.as_fd()))
+        .map_err(|e| Error::io(format!("reading the image's {path}"), e))?;
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    Ok(names)
 }
 
 fn write(bundle: &Path, name: &str, bytes: &[u8]) -> Result<()> {
@@ -102,6 +174,47 @@ mod tests {
     use super::*;
 
     #[test]
+    fn newer_cuda_compat_libraries_win() {
+        let names: Vec<String> = [
+            "libcuda.so",
+            "libcuda.so.1",
+            "libcuda.so.555.42.06",
+            "libnvidia-ptxjitcompiler.so.1",
+            "libnvidia-ptxjitcompiler.so.555.42.06",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(
+            compat_libraries(&names, "550.54.15"),
+            ["libcuda.so.1", "libnvidia-ptxjitcompiler.so.1"]
+        );
+        assert!(compat_libraries(&names, "560.28.03").is_empty());
+        assert!(compat_libraries(&names, "555.1").is_empty());
+
+        let root = tempfile::tempdir().unwrap();
+        let bundle = tempfile::tempdir().unwrap();
+        let compat = root.path().join("usr/local/cuda/compat");
+        std::fs::create_dir_all(&compat).unwrap();
+        for n in &names {
+            std::fs::write(compat.join(n), "").unwrap();
+        }
+        let ours = [(
+            "libcuda.so.1".to_string(),
+            "/usr/local/nvidia/lib64/libcuda.so.1".to_string(),
+        )];
+        write_ld_cache(root.path(), bundle.path(), &ours, Some("550.54.15")).unwrap();
+        let written =
+            ldcache::parse(&std::fs::read(bundle.path().join("ld.so.cache")).unwrap()).unwrap();
+        let cuda = written.iter().find(|e| e.key == "libcuda.so.1").unwrap();
+        assert_eq!(cuda.value, "/usr/local/cuda/compat/libcuda.so.1");
+        assert_eq!(
+            written.iter().filter(|e| e.key == "libcuda.so.1").count(),
+            1
+        );
+    }
+
+    #[test]
     fn user_db_keeps_image_entries() {
         let text = "root:x:0:0::/root:/bin/sh\nada:x:1100:1200::/h:/bin/sh";
         assert_eq!(with_entry(text, 2, 1100, "new"), text);
@@ -136,7 +249,7 @@ mod tests {
             "libcuda.so.1".to_string(),
             "/usr/local/nvidia/lib64/libcuda.so.1".to_string(),
         )];
-        write_ld_cache(root.path(), bundle.path(), &ours).unwrap();
+        write_ld_cache(root.path(), bundle.path(), &ours, Some("550.54.15")).unwrap();
         let written =
             ldcache::parse(&std::fs::read(bundle.path().join("ld.so.cache")).unwrap()).unwrap();
         let pairs: Vec<_> = written
@@ -152,7 +265,7 @@ mod tests {
         );
         // No libraries: no cache written.
         let empty = tempfile::tempdir().unwrap();
-        write_ld_cache(root.path(), empty.path(), &[]).unwrap();
+        write_ld_cache(root.path(), empty.path(), &[], None).unwrap();
         assert!(!empty.path().join("ld.so.cache").exists());
     }
 }
