@@ -5,7 +5,7 @@ Run as root from the repository root against the running test cluster (`tests/cl
 whose four GPUs and driver are fake: tests/cluster/fake-gpu); every command runs as the
 test user:
 
-    benches/gpu.py [--runs 25] [--image IMG] [--berth /usr/local/bin/berth]
+    benches/gpu.py [--runs 25] [--image IMG] [--berth BIN]
 
 Two measurements, each interleaved round by round (the order rotating every round):
 
@@ -48,13 +48,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=25, help="rounds of each comparison (>= 20)")
     ap.add_argument("--image", help="image reference (default: the cluster's approved one)")
-    ap.add_argument("--berth", default="/usr/local/bin/berth")
+    ap.add_argument("--berth", help="the berth binary (default: the cluster's BERTH_BIN)")
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root (the commands run as the test user)")
     state = cluster_state()
     user = User(state["TEST_USER"])
     image = args.image or state["IMAGE_TLS"]
+    args.berth = args.berth or state["BERTH_BIN"]
     sif = subprocess.run([args.berth, "fetch", image], check=True, capture_output=True,
                          text=True).stdout.strip().splitlines()[-1]
     for _ in range(3):

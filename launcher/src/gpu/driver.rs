@@ -244,40 +244,31 @@ pub fn is_version(s: &str) -> bool {
 mod tests {
     use super::*;
 
-    fn e(key: &str, value: &str) -> Entry {
-        Entry {
-            flags: ldcache::NATIVE_FLAGS,
-            key: key.into(),
-            value: value.into(),
-            hwcap: 0,
-        }
-    }
-
     /// A host with driver 550.54.15 and a stale 535 libcuda left behind in another dir.
     fn host_cache() -> Vec<Entry> {
         vec![
-            e(
+            Entry::native(
                 "libnvidia-ml.so.1",
                 "/usr/lib/x86_64-linux-gnu/libnvidia-ml.so.1",
             ),
-            e(
+            Entry::native(
                 "libnvidia-ml.so",
                 "/usr/lib/x86_64-linux-gnu/libnvidia-ml.so",
             ),
-            e("libcuda.so.1", "/usr/lib/x86_64-linux-gnu/libcuda.so.1"),
-            e("libcuda.so.1", "/opt/old/libcuda.so.1"),
-            e(
+            Entry::native("libcuda.so.1", "/usr/lib/x86_64-linux-gnu/libcuda.so.1"),
+            Entry::native("libcuda.so.1", "/opt/old/libcuda.so.1"),
+            Entry::native(
                 "libnvidia-ptxjitcompiler.so.1",
                 "/usr/lib/x86_64-linux-gnu/libnvidia-ptxjitcompiler.so.1",
             ),
-            e(
+            Entry::native(
                 "libnvidia-encode.so.1",
                 "/usr/lib/x86_64-linux-gnu/libnvidia-encode.so.1",
             ),
-            e("libc.so.6", "/usr/lib/x86_64-linux-gnu/libc.so.6"),
+            Entry::native("libc.so.6", "/usr/lib/x86_64-linux-gnu/libc.so.6"),
             Entry {
                 flags: 0x0003,
-                ..e("libcuda.so.1", "/usr/lib/i386-linux-gnu/libcuda.so.1")
+                ..Entry::native("libcuda.so.1", "/usr/lib/i386-linux-gnu/libcuda.so.1")
             },
         ]
     }

@@ -38,6 +38,18 @@ pub struct Entry {
     pub hwcap: u64,
 }
 
+impl Entry {
+    /// A library of this machine's architecture.
+    pub fn native(key: &str, value: &str) -> Entry {
+        Entry {
+            flags: NATIVE_FLAGS,
+            key: key.into(),
+            value: value.into(),
+            hwcap: 0,
+        }
+    }
+}
+
 /// Parses a cache file; `None` when `bytes` is not one.
 pub fn parse(bytes: &[u8]) -> Option<Vec<Entry>> {
     let mut base = 0;
@@ -154,15 +166,6 @@ pub fn libcmp(a: &str, b: &str) -> Ordering {
 mod tests {
     use super::*;
 
-    fn entry(key: &str, value: &str) -> Entry {
-        Entry {
-            flags: NATIVE_FLAGS,
-            key: key.into(),
-            value: value.into(),
-            hwcap: 0,
-        }
-    }
-
     #[test]
     fn libcmp_is_glibcs() {
         assert_eq!(libcmp("libc.so.6", "libc.so.6"), Ordering::Equal);
@@ -175,14 +178,14 @@ mod tests {
     #[test]
     fn written_caches_read_back_sorted_for_the_loader() {
         let entries = [
-            entry("libcuda.so.1", "/usr/local/nvidia/lib64/libcuda.so.1"),
-            entry("libc.so.6", "/lib/x86_64-linux-gnu/libc.so.6"),
-            entry("libcuda.so.1", "/image/libcuda.so.1"),
+            Entry::native("libcuda.so.1", "/usr/local/nvidia/lib64/libcuda.so.1"),
+            Entry::native("libc.so.6", "/lib/x86_64-linux-gnu/libc.so.6"),
+            Entry::native("libcuda.so.1", "/image/libcuda.so.1"),
             Entry {
                 hwcap: HWCAP_EXTENSION | 1,
-                ..entry("libz.so.1", "/lib/glibc-hwcaps/x86-64-v3/libz.so.1")
+                ..Entry::native("libz.so.1", "/lib/glibc-hwcaps/x86-64-v3/libz.so.1")
             },
-            entry("libz.so.1", "/lib/libz.so.1"),
+            Entry::native("libz.so.1", "/lib/libz.so.1"),
         ];
         let back = parse(&write(&entries)).unwrap();
         let keys: Vec<_> = back
@@ -202,7 +205,7 @@ mod tests {
 
     #[test]
     fn the_compat_layout_and_garbage() {
-        let new = write(&[entry("libm.so.6", "/lib/libm.so.6")]);
+        let new = write(&[Entry::native("libm.so.6", "/lib/libm.so.6")]);
         let mut compat = Vec::new();
         compat.extend_from_slice(OLD_MAGIC);
         compat.push(0);

@@ -50,12 +50,7 @@ impl FakeNode {
                 link.clone().into(),
                 format!("{LIBDIR}/{lib}.{VERSION}").into(),
             );
-            entries.push(ldcache::Entry {
-                flags: ldcache::NATIVE_FLAGS,
-                key: format!("{lib}.1"),
-                value: link,
-                hwcap: 0,
-            });
+            entries.push(ldcache::Entry::native(&format!("{lib}.1"), &link));
         }
         n.files
             .insert("/etc/ld.so.cache".into(), ldcache::write(&entries));

@@ -52,20 +52,14 @@ pub fn write_ld_cache(
         return Ok(());
     }
     let image = ldcache::parse(&read_in_root(root, edit::LDCACHE_PATH)?).unwrap_or_default();
-    let entry = |key: &str, value: String| ldcache::Entry {
-        flags: ldcache::NATIVE_FLAGS,
-        key: key.to_string(),
-        value,
-        hwcap: 0,
-    };
     let compat = match driver {
         Some(d) => compat_libraries(&list_in_root(root, CUDA_COMPAT)?, d),
         None => Vec::new(),
     };
     let all: Vec<ldcache::Entry> = compat
         .iter()
-        .map(|name| entry(name, format!("{CUDA_COMPAT}/{name}")))
-        .chain(entries.iter().map(|(k, v)| entry(k, v.clone())))
+        .map(|name| ldcache::Entry::native(name, &format!("{CUDA_COMPAT}/{name}")))
+        .chain(entries.iter().map(|(k, v)| ldcache::Entry::native(k, v)))
         .chain(image)
         .collect();
     write(bundle, edit::LDCACHE, &ldcache::write(&all))
@@ -173,6 +167,17 @@ fn read_in_root(root: &Path, path: &str) -> Result<Vec<u8>> {
 mod tests {
     use super::*;
 
+    /// The cache written for an image `root` with the driver's libcuda bound.
+    fn cache_for(root: &Path) -> Vec<ldcache::Entry> {
+        let bundle = tempfile::tempdir().unwrap();
+        let ours = [(
+            "libcuda.so.1".to_string(),
+            "/usr/local/nvidia/lib64/libcuda.so.1".to_string(),
+        )];
+        write_ld_cache(root, bundle.path(), &ours, Some("550.54.15")).unwrap();
+        ldcache::parse(&std::fs::read(bundle.path().join("ld.so.cache")).unwrap()).unwrap()
+    }
+
     #[test]
     fn newer_cuda_compat_libraries_win() {
         let names: Vec<String> = [
@@ -193,19 +198,12 @@ mod tests {
         assert!(compat_libraries(&names, "555.1").is_empty());
 
         let root = tempfile::tempdir().unwrap();
-        let bundle = tempfile::tempdir().unwrap();
         let compat = root.path().join("usr/local/cuda/compat");
         std::fs::create_dir_all(&compat).unwrap();
         for n in &names {
             std::fs::write(compat.join(n), "").unwrap();
         }
-        let ours = [(
-            "libcuda.so.1".to_string(),
-            "/usr/local/nvidia/lib64/libcuda.so.1".to_string(),
-        )];
-        write_ld_cache(root.path(), bundle.path(), &ours, Some("550.54.15")).unwrap();
-        let written =
-            ldcache::parse(&std::fs::read(bundle.path().join("ld.so.cache")).unwrap()).unwrap();
+        let written = cache_for(root.path());
         let cuda = written.iter().find(|e| e.key == "libcuda.so.1").unwrap();
         assert_eq!(cuda.value, "/usr/local/cuda/compat/libcuda.so.1");
         assert_eq!(
@@ -228,30 +226,13 @@ mod tests {
     #[test]
     fn the_ld_cache_puts_the_drivers_first_and_keeps_the_images() {
         let root = tempfile::tempdir().unwrap();
-        let bundle = tempfile::tempdir().unwrap();
         std::fs::create_dir(root.path().join("etc")).unwrap();
         let image = ldcache::write(&[
-            ldcache::Entry {
-                flags: ldcache::NATIVE_FLAGS,
-                key: "libcuda.so.1".into(),
-                value: "/usr/lib/stubs/libcuda.so.1".into(),
-                hwcap: 0,
-            },
-            ldcache::Entry {
-                flags: ldcache::NATIVE_FLAGS,
-                key: "libc.so.6".into(),
-                value: "/lib/libc.so.6".into(),
-                hwcap: 0,
-            },
+            ldcache::Entry::native("libcuda.so.1", "/usr/lib/stubs/libcuda.so.1"),
+            ldcache::Entry::native("libc.so.6", "/lib/libc.so.6"),
         ]);
         std::fs::write(root.path().join("etc/ld.so.cache"), image).unwrap();
-        let ours = [(
-            "libcuda.so.1".to_string(),
-            "/usr/local/nvidia/lib64/libcuda.so.1".to_string(),
-        )];
-        write_ld_cache(root.path(), bundle.path(), &ours, Some("550.54.15")).unwrap();
-        let written =
-            ldcache::parse(&std::fs::read(bundle.path().join("ld.so.cache")).unwrap()).unwrap();
+        let written = cache_for(root.path());
         let pairs: Vec<_> = written
             .iter()
             .map(|e| (e.key.as_str(), e.value.as_str()))
