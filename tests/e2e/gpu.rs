@@ -349,3 +349,37 @@ containerEdits:
         "{run}"
     );
 }
+
+/// Removes a file when the test ends, passed or not.
+struct Remove(PathBuf);
+
+impl Drop for Remove {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[test]
+fn a_gpu_failure_reaches_the_user_from_task_init_and_the_node_stays_up() {
+    let _s = serial();
+    let cluster = Cluster::get();
+    // A broken CDI spec in a default CDI directory, for this test only (e2e runs hold the
+    // cluster lock, so no other run sees it).
+    std::fs::create_dir_all("/var/run/cdi").unwrap();
+    let spec = Remove(PathBuf::from(format!(
+        "/var/run/cdi/{}.yaml",
+        unique_name("berth-e2e-broken")
+    )));
+    std::fs::write(&spec.0, "cdiVersion: [\n").unwrap();
+    let run = srun(&["--gres=gpu:1", &approved(&cluster), "true"]);
+    assert!(!run.success(), "{run}");
+    let text = format!("{}{}", run.stdout, run.stderr);
+    assert!(
+        text.contains(&spec.0.display().to_string()) && text.contains("nvidia-ctk cdi generate"),
+        "{run}"
+    );
+    // A step without GPUs is not affected.
+    ok(srun(&[&approved(&cluster), "true"]));
+    drop(spec);
+    assert_node_idle(&cluster);
+}
