@@ -62,15 +62,7 @@ pub struct GresDevice {
 }
 
 impl GresConf {
-    /// Reads `path` for node `node`. A missing file is an empty configuration (no gres).
-    pub fn load(path: &Path, node: &str) -> Result<GresConf> {
-        match std::fs::read_to_string(path) {
-            Ok(text) => GresConf::parse(path, &text, node),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(GresConf::default()),
-            Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
-        }
-    }
-
+    /// Parses gres.conf `text` (read from `path`) for node `node`.
     pub fn parse(path: &Path, text: &str, node: &str) -> Result<GresConf> {
         let mut conf = GresConf::default();
         let joined = text.replace("\\\n", " ");
@@ -314,11 +306,5 @@ mod tests {
         assert!(e.contains("/g: line 2"), "{e}");
         let e = GresConf::parse(Path::new("/g"), "Name=gpu junk\n", "n").unwrap_err();
         assert!(e.to_string().contains("junk"), "{e}");
-    }
-
-    #[test]
-    fn a_missing_file_means_no_gres() {
-        let conf = GresConf::load(Path::new("/no/such/gres.conf"), "n").unwrap();
-        assert!(conf.lines.is_empty());
     }
 }
