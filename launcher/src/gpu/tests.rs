@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use super::nvml::{FakeNvml, MigDevice, NvmlGpu};
 use super::*;
+use crate::config::GpuConfig;
 use crate::container::spec::{build, Host, ImageRef, Options};
 use crate::image_config::ImageConfig;
 
