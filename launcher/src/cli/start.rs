@@ -60,10 +60,9 @@ pub fn run_start(a: StartArgs, g: &Globals) -> Result<i32> {
     let config = Config::load_for_caller(g.config.as_deref())?;
     // Held for the container's life: a cached image stays locked against eviction.
     let image = image_to_run(&config, a.image_fd, &a.image)?;
-    let site = &config.site;
-    let spec = match build_spec(&a.container, site, &image.path, Vec::new()) {
+    let spec = match build_spec(&a.container, &image.path, Vec::new(), &config) {
         Err(Error::NoCommand) => {
-            build_spec(&a.container, site, &image.path, vec!["/bin/sh".into()])?
+            build_spec(&a.container, &image.path, vec!["/bin/sh".into()], &config)?
         }
         other => other?,
     };
