@@ -377,7 +377,7 @@ fn berth_start_runs_only_allowed_local_files_and_the_descriptor_it_was_given() {
     // it, the listed file (by its resolved path) is what starts.
     let run = start_spec(
         &cluster,
-        &format!("exec BERTH start --print-spec -- {evil}"),
+        &format!("exec BERTH start --private --print-spec -- {evil}"),
     );
     run.assert_failure();
     assert!(
@@ -388,7 +388,10 @@ fn berth_start_runs_only_allowed_local_files_and_the_descriptor_it_was_given() {
     tree.point_at(&site.dir);
     let run = start_spec(
         &cluster,
-        &format!("exec BERTH start --print-spec -- {}", tree.through_link()),
+        &format!(
+            "exec BERTH start --private --print-spec -- {}",
+            tree.through_link()
+        ),
     );
     run.assert_success();
     assert!(run.stdout.contains(&approved), "{run}");
