@@ -423,7 +423,7 @@ fn berth_start_runs_only_allowed_local_files_and_the_descriptor_it_was_given() {
     std::fs::set_permissions(&site.dir, std::fs::Permissions::from_mode(0o775)).unwrap();
     let run = start_spec(
         &cluster,
-        &format!("exec BERTH start --print-spec -- {approved}"),
+        &format!("exec BERTH start --private --print-spec -- {approved}"),
     );
     std::fs::set_permissions(&site.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     run.assert_failure();
