@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::config::Config;
+use crate::gpu;
 
 /// The result of one check.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,8 +75,42 @@ pub fn run_all(config: &Config) -> Vec<Check> {
             status: directory(dir, std::fs::metadata(dir), &mountinfo),
         });
     }
+    checks.push(Check {
+        name: "GPUs",
+        status: gpus(
+            config.gpu.enabled,
+            gpu::discover(&config.gpu, Some(&gpu::Selection::All), &[], &gpu::HostNode),
+        ),
+    });
     checks.extend(registries(config));
     checks
+}
+
+/// What a job given every GPU of this node would get: the discovery path (gres.conf, NVML
+/// or CDI), the driver and its libraries, or the error a GPU job would fail with.
+pub fn gpus(enabled: bool, found: crate::Result<gpu::ContainerEdits>) -> Status {
+    if !enabled {
+        return Status::Ok("GPU binding is off ([gpu] enabled = false)".into());
+    }
+    match found {
+        Ok(edits) if edits.driver_version.is_none() => Status::Ok(format!(
+            "no GPU on this node for berth to bind{}",
+            if edits.source.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", edits.source.join("; "))
+            }
+        )),
+        Ok(edits) => Status::Ok(format!(
+            "{} device nodes; {}",
+            edits.devices.len(),
+            edits.source.join("; ")
+        )),
+        Err(e) => fail(
+            format!("GPU jobs would fail: {e}"),
+            "see the message; docs/GPU.md and `[gpu]` in berth.toml(5) describe the settings",
+        ),
+    }
 }
 
 /// The sysctls that decide whether unprivileged users may create user namespaces.
@@ -550,6 +585,25 @@ mod tests {
         assert!(matches!(
             plugstack(&lines("required /x/spank_berth.so berth=/nonexistent")),
             Status::Fail { .. }
+        ));
+    }
+
+    #[test]
+    fn gpu_discovery_is_reported_or_its_error_named() {
+        assert!(
+            matches!(gpus(false, Err(crate::Error::NoCommand)), Status::Ok(m) if m.contains("off"))
+        );
+        let none = gpu::ContainerEdits::default();
+        assert!(matches!(gpus(true, Ok(none)), Status::Ok(m) if m.starts_with("no GPU")));
+        let found = gpu::ContainerEdits {
+            driver_version: Some("550.54.15".into()),
+            source: vec!["gres.conf /etc/slurm/gres.conf".into()],
+            ..Default::default()
+        };
+        assert!(matches!(gpus(true, Ok(found)), Status::Ok(m) if m.contains("gres.conf")));
+        assert!(matches!(
+            gpus(true, Err(crate::Error::NoCommand)),
+            Status::Fail { problem, .. } if problem.starts_with("GPU jobs would fail")
         ));
     }
 }
