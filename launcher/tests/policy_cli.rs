@@ -202,3 +202,41 @@ fn check_with_fetch_pulls_only_what_it_allows() {
     assert!(allowed.stdout.is_empty(), "{}", allowed.stdout);
     assert!(allowed.stderr.contains("127.0.0.1:1"), "{}", allowed.stderr);
 }
+
+#[test]
+fn a_mirrored_registry_is_judged_by_its_name_and_shows_where_the_bytes_come_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        r#"
+[policy]
+allowed = ["docker.io/library/*"]
+[[registry.mirrors]]
+registry = "docker.io"
+mirrors = ["harbor.example.org/dockerhub-proxy"]
+fallback = true
+"#,
+    );
+    let run = berth(&cfg, &["ubuntu:24.04".as_ref()]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert_eq!(
+        run.stdout,
+        "allow: docker.io/library/ubuntu:24.04 (rule: docker.io/library/*)\n\
+         pull from: harbor.example.org/dockerhub-proxy (mirror of docker.io), then docker.io\n"
+    );
+    let run = berth(&cfg, &["--json".as_ref(), "ubuntu".as_ref()]);
+    let v: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(
+        v["pull_from"],
+        serde_json::json!([
+            "harbor.example.org/dockerhub-proxy (mirror of docker.io)",
+            "docker.io"
+        ])
+    );
+    // The mirror's own name is not approved by the rule.
+    let run = berth(
+        &cfg,
+        &["harbor.example.org/dockerhub-proxy/library/ubuntu".as_ref()],
+    );
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+}
