@@ -135,6 +135,9 @@ pub struct RegistryConfig {
     pub max_retry_wait_secs: u64,
     /// `[[registry.mirrors]]`: other hosts that serve a registry's images.
     pub mirrors: Vec<crate::registry::MirrorRule>,
+    /// berth running as an ordinary user (the digest lookup at submission) may use that
+    /// user's own registry credentials (podman/docker login files). Never used as root.
+    pub user_credentials: bool,
 }
 
 impl Default for RegistryConfig {
@@ -151,6 +154,7 @@ impl Default for RegistryConfig {
             parallel_downloads: 4,
             max_retry_wait_secs: 60,
             mirrors: Vec::new(),
+            user_credentials: false,
         }
     }
 }

@@ -1263,15 +1263,19 @@ mod tests {
             &format!("{}/proxy/library/tool:latest", mirror.host),
         );
         assert!(matches!(err, Err(Error::FetchDenied { .. })), "{err:?}");
-        // A mirror that does not answer, without fallback: the upstream is not tried.
-        let dead = format!("\"{upstream}/nothing\"");
+        // A mirror without the image, no fallback: the pull fails with the mirror's answer
+        // (with a fallback, the last error would be the unreachable upstream's).
+        let empty = format!("\"{}/nothing\"", mirror.host);
         let err = quiet(
-            &with_rule(false, &dead),
+            &with_rule(false, &empty),
             &format!("{upstream}/library/tool:1"),
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("not found") || err.contains("404"), "{err}");
+        );
+        assert!(matches!(err, Err(Error::ImageNotFound { .. })), "{err:?}");
+        let err = quiet(
+            &with_rule(true, &empty),
+            &format!("{upstream}/library/tool:1"),
+        );
+        assert!(matches!(err, Err(Error::RegistryDown { .. })), "{err:?}");
     }
 
     #[test]

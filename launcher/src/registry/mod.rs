@@ -98,6 +98,8 @@ pub struct Client {
     credentials: Option<Credentials>,
     /// Where credentials would come from, for the message when there are none.
     auth_file: PathBuf,
+    /// The caller's own credentials files are used (`[registry] user_credentials`, not root).
+    own_credentials: bool,
     /// The Authorization header for the registry (basic or a bearer token), shared by the
     /// parallel downloads; replaced when a token expires.
     authorization: Mutex<Option<String>>,
@@ -128,6 +130,8 @@ impl Client {
         options: ClientOptions,
     ) -> Result<Client> {
         let registry = endpoint.host.as_str();
+        // Never as root: a node pulls into the shared cache with the site's credentials only.
+        let own_credentials = config.user_credentials && berth_sys::identity::effective_uid() != 0;
         let tls = ureq::tls::TlsConfig::builder()
             .root_certs(root_certs(&config.certs_dir, registry)?)
             .build();
@@ -156,8 +160,13 @@ impl Client {
             base: format!("{scheme}://{host}"),
             prefix: endpoint.prefix.clone(),
             agent,
-            credentials: auth::credentials_for(&config.auth_file, registry)?,
+            credentials: match auth::credentials_for(&config.auth_file, registry)? {
+                Some(site) => Some(site),
+                None if own_credentials => caller_credentials(registry)?,
+                None => None,
+            },
             auth_file: config.auth_file.clone(),
+            own_credentials,
             authorization: Mutex::new(None),
             retries: config.retries.max(1),
             max_retry_wait: Duration::from_secs(config.max_retry_wait_secs),
@@ -380,10 +389,17 @@ impl Client {
 
     /// Why a request without credentials was refused, and where an admin puts them.
     fn no_credentials(&self, status: u16) -> String {
+        let own = if self.own_credentials {
+            "; or log in yourself (`podman login` or `docker login` writes your own \
+             credentials, which berth uses as you: ~/.docker/config.json or \
+             $XDG_RUNTIME_DIR/containers/auth.json)"
+        } else {
+            ""
+        };
         format!(
             "HTTP {status}: it requires credentials and berth has none for {}; they go in {} \
              (`[registry] auth_file` in berth.toml: docker config.json `auths` format, owned \
-             by root, mode 0600)",
+             by root, mode 0600){own}",
             self.registry,
             self.auth_file.display()
         )
@@ -625,6 +641,16 @@ impl Verifier {
             actual,
         }
     }
+}
+
+/// The calling user's own credentials for `registry` (see [`auth::user_auth_files`]).
+fn caller_credentials(registry: &str) -> Result<Option<Credentials>> {
+    let uid = berth_sys::identity::effective_uid();
+    let home = berth_sys::identity::user_info(uid)
+        .map(|u| u.home)
+        .unwrap_or_default();
+    let files = auth::user_auth_files(|name| std::env::var(name).ok(), &home);
+    Ok(auth::user_credentials_for(&files, registry, uid)?.map(|(credentials, _)| credentials))
 }
 
 /// System roots plus every `*.crt` in `<certs_dir>/<registry>/` (the containers layout).
