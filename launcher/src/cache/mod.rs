@@ -112,9 +112,19 @@ pub fn fetch_with(config: &Config, image: &str, options: &FetchOptions) -> Resul
 /// Resolves `image` to its digest-pinned reference (`host/repo@sha256:...`): the digest of
 /// what the tag points to now, an image index for multi-platform images, so every node of
 /// a job runs the same bytes for its own platform even if the tag moves meanwhile.
+///
+/// A reference that names a digest is its own pin: it is printed without asking the
+/// registry, so a job can name a private image by digest where the submitting user has no
+/// credentials (the nodes pull it with the site's and verify it against the digest).
 pub fn resolve(config: &Config, image: &str) -> Result<Reference> {
     let policy = Policy::new(&config.policy);
     let reference = approved_reference(&policy, image)?;
+    if reference.digest.is_some() {
+        return Ok(Reference {
+            tag: None,
+            ..reference
+        });
+    }
     let (_, fetched) = connect(config, &policy, &reference, true, |client| {
         client.manifest(&reference.repository, &reference)
     })?;
@@ -1276,6 +1286,25 @@ mod tests {
             &format!("{upstream}/library/tool:1"),
         );
         assert!(matches!(err, Err(Error::RegistryDown { .. })), "{err:?}");
+    }
+
+    #[test]
+    fn a_digest_reference_resolves_to_itself_without_the_registry() {
+        // Nothing listens there: a request would fail.
+        let gone = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("127.0.0.1:{}", listener.local_addr().unwrap().port())
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let config = site(dir.path(), &gone, &["lab/*"]);
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        let pinned = resolve(&config, &format!("{gone}/lab/private:v1@{digest}")).unwrap();
+        assert_eq!(pinned.to_string(), format!("{gone}/lab/private@{digest}"));
+        // Still the policy's call first.
+        let err = resolve(&config, &format!("{gone}/other/x@{digest}")).unwrap_err();
+        assert!(matches!(err, Error::FetchDenied { .. }), "{err}");
+        // A tag needs the registry.
+        assert!(resolve(&config, &format!("{gone}/lab/private:v1")).is_err());
     }
 
     #[test]
