@@ -9,12 +9,17 @@
 //! `localhost:5000/test/*` allows `localhost:5000/test/a` and `localhost:5000/test/a/b`, never
 //! `localhost:5000/testing/a`, `localhost:5000/test` itself, `localhost:50001/...` or
 //! `evil.com/localhost:5000/test/a`. Local files are allowed only when their fully resolved
-//! path (every symlink and `..` followed) lies below a listed admin directory.
+//! path (every symlink and `..` followed, with the job user's rights when root checks for a
+//! job) lies below a listed admin directory, and every component from `/` down to the file is
+//! owned by root and writable by root alone, so nobody else can change what the path names.
 
 use std::fmt;
-use std::fs;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::fs::{self, File};
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
+
+pub use berth_sys::fsid::FsUser;
 
 use serde::Deserialize;
 
@@ -214,12 +219,28 @@ impl TryFrom<PathBuf> for AdminDir {
 #[derive(Debug, Clone)]
 pub struct Policy {
     config: PolicyConfig,
+    /// Whose rights look up the paths of local image files; None: the caller's.
+    resolver: Option<FsUser>,
 }
 
 impl Policy {
     pub fn new(config: &PolicyConfig) -> Policy {
         Policy {
             config: config.clone(),
+            resolver: None,
+        }
+    }
+
+    /// The same policy, looking up user-written paths with `user`'s file-system rights
+    /// instead of the caller's. Root checking a job's image uses it, so that its answer
+    /// tells the user nothing about files the user cannot see (which root-only files exist,
+    /// where links in unreadable directories point), and root never walks into an automount
+    /// or a dead NFS server for the user. What the look-up found is then checked with root's
+    /// rights.
+    pub fn resolving_as(self, user: FsUser) -> Policy {
+        Policy {
+            resolver: Some(user),
+            ..self
         }
     }
 
@@ -233,8 +254,9 @@ impl Policy {
             reason,
         };
         reference::check_text(image).map_err(refuse)?;
-        if let Some(path) = local_path(image).map_err(refuse)? {
-            let (resolved, verdict) = self.check_local(image, path);
+        // local_path may look the name up, so as the resolver too.
+        if let Some(path) = self.as_resolver(|| local_path(image))?.map_err(refuse)? {
+            let (resolved, verdict) = self.check_local(image, path)?;
             return Ok((ImageRequest::LocalFile(resolved), verdict));
         }
         let r = Reference::parse(image)?;
@@ -310,6 +332,28 @@ impl Policy {
         }
     }
 
+    /// Whether [`requires_container`](Self::requires_container) can answer differently for
+    /// different partitions: only then is a job's partition worth asking Slurm for.
+    pub fn partition_matters(&self) -> bool {
+        let global = self.config.require_container;
+        self.config
+            .partitions
+            .values()
+            .any(|p| p.require_container.is_some_and(|r| r != global))
+    }
+
+    /// The strictest answer of [`requires_container`](Self::requires_container), for a job
+    /// whose partition cannot be known: whether any partition, or the global rule, requires
+    /// a container.
+    pub fn requires_container_anywhere(&self) -> bool {
+        self.config.require_container
+            || self
+                .config
+                .partitions
+                .values()
+                .any(|p| p.require_container == Some(true))
+    }
+
     fn allowed_summary(&self, registry: &str) -> String {
         let allowed = &self.config.allowed;
         if allowed.is_empty() {
@@ -342,9 +386,13 @@ impl Policy {
         }
     }
 
-    fn check_local(&self, image: &str, path: &Path) -> (PathBuf, Verdict) {
+    /// Decides on a local image file. The user's path is resolved with the rights of the
+    /// [`resolving_as`](Self::resolving_as) user where one is set, so root's answer reveals
+    /// nothing that user could not see; the result is then checked with the caller's rights,
+    /// one component at a time from `/` without following symlinks.
+    fn check_local(&self, image: &str, path: &Path) -> Result<(PathBuf, Verdict)> {
         let shown = reference::shown(image);
-        let deny = |p: &Path, reason: String| (p.to_path_buf(), Verdict::Deny { reason });
+        let deny = |p: &Path, reason: String| Ok((p.to_path_buf(), Verdict::Deny { reason }));
         if !self.config.local_images {
             return deny(
                 path,
@@ -368,7 +416,7 @@ impl Policy {
         // canonicalize follows every symlink, including the last component, and resolves
         // `..` on the real file system, so a link inside an allowed directory that points
         // outside it resolves to the outside path and is refused below.
-        let real = match fs::canonicalize(path) {
+        let real = match self.as_resolver(|| fs::canonicalize(path))? {
             Ok(real) => real,
             Err(e) => {
                 return deny(
@@ -380,74 +428,159 @@ impl Policy {
                 )
             }
         };
-        match fs::metadata(&real) {
-            Ok(m) if m.is_file() => {}
-            _ => {
-                return deny(
-                    &real,
-                    format!(
-                        "`{shown}` resolves to {}, which is not a regular file; a local image is \
-                         a SIF or squashfs file",
-                        real.display()
-                    ),
-                )
-            }
-        }
-        for dir in &self.config.local_image_dirs {
-            // A listed directory may itself be reached through a symlink (/images ->
-            // /srv/images); compare resolved paths, component by component. A listed
-            // directory missing on this node allows nothing here.
-            let Ok(real_dir) = fs::canonicalize(dir.as_path()) else {
-                continue;
+        let Some(dir) = self.admin_dir_of(&real) else {
+            let resolved = if real == path {
+                String::new()
+            } else {
+                format!(" resolves to {}, which", real.display())
             };
-            if real == real_dir || !real.starts_with(&real_dir) {
-                continue;
-            }
-            if let Some(open) = world_writable_on_the_way(&real_dir, &real) {
-                return deny(
-                    &real,
-                    format!(
-                        "`{shown}` resolves to {}, but {} is writable by every user, so anyone \
-                         could replace the image; the site admins must fix its permissions",
-                        real.display(),
-                        open.display()
-                    ),
-                );
-            }
-            return (
-                real,
-                Verdict::Allow {
-                    rule: format!("local_image_dirs: {}", dir.as_path().display()),
-                },
+            return deny(
+                &real,
+                format!(
+                    "`{shown}`{resolved} is outside the site's local image directories; {}",
+                    self.local_dirs_summary()
+                ),
+            );
+        };
+        if let Err(reason) = admin_owned(&real) {
+            return deny(
+                &real,
+                format!("`{shown}` resolves to {}, but {reason}", real.display()),
             );
         }
-        let resolved = if real == path {
-            String::new()
-        } else {
-            format!(" resolves to {}, which", real.display())
+        Ok((
+            real,
+            Verdict::Allow {
+                rule: format!("local_image_dirs: {}", dir.as_path().display()),
+            },
+        ))
+    }
+
+    /// The listed directory `real` (a resolved path) lies in, if any. A listed directory may
+    /// itself be reached through a symlink (/images -> /srv/images), so resolved paths are
+    /// compared, component by component; one missing on this node allows nothing here.
+    fn admin_dir_of(&self, real: &Path) -> Option<&AdminDir> {
+        self.config
+            .local_image_dirs
+            .iter()
+            .find(|dir| fs::canonicalize(dir.as_path()).is_ok_and(|d| real.starts_with(d)))
+    }
+
+    /// Checks the local image file `image` hands over as an open descriptor (`berth start
+    /// --image-fd`): it must be the very file the path it was opened at names now, and that
+    /// path must pass [`check`](Self::check) as a local image. Returns the path.
+    pub fn check_local_descriptor(&self, image: &File) -> Result<PathBuf> {
+        let refuse = |reason: String| Error::FetchDenied { reason };
+        let meta = image
+            .metadata()
+            .map_err(|e| Error::io("reading the image descriptor", e))?;
+        let fd_path = fs::read_link(format!("/proc/self/fd/{}", image.as_raw_fd()))
+            .map_err(|e| Error::io("reading the image descriptor's path", e))?;
+        let shown = fd_path.display().to_string();
+        let Some(path) = fd_path.to_str().filter(|p| p.starts_with('/')) else {
+            return Err(refuse(format!(
+                "the image descriptor is `{shown}`, not a file reached by a path"
+            )));
         };
-        deny(
-            &real,
-            format!(
-                "`{shown}`{resolved} is outside the site's local image directories; {}",
-                self.local_dirs_summary()
-            ),
-        )
+        match self.check(path)? {
+            (ImageRequest::LocalFile(real), Verdict::Allow { .. }) if real == fd_path => {
+                // The walk in check_local found every component root-owned and writable by
+                // root alone, so the path still names the file the descriptor holds unless
+                // root changed it; compare to be sure.
+                let now = fs::metadata(&real).map_err(|e| Error::io(&shown, e))?;
+                if (now.dev(), now.ino()) != (meta.dev(), meta.ino()) {
+                    return Err(refuse(format!(
+                        "the image descriptor's file is no longer at {shown}; start again"
+                    )));
+                }
+                Ok(real)
+            }
+            (_, Verdict::Deny { reason }) => Err(refuse(reason)),
+            (_, Verdict::Allow { .. }) => Err(refuse(format!(
+                "the image descriptor's path `{shown}` is not a resolved path"
+            ))),
+        }
+    }
+
+    /// Runs a look-up of a user-written path with the rights of the user set by
+    /// [`resolving_as`](Self::resolving_as), or the caller's own.
+    fn as_resolver<T>(&self, lookup: impl FnOnce() -> T) -> Result<T> {
+        match &self.resolver {
+            None => Ok(lookup()),
+            Some(user) => berth_sys::fsid::as_user(user, lookup).map_err(|e| {
+                Error::io(
+                    format!(
+                        "taking uid {} gid {} to look the image path up",
+                        user.uid, user.gid
+                    ),
+                    e,
+                )
+            }),
+        }
     }
 }
 
-/// The first path from `dir` down to `file` (both resolved, `file` below `dir`) that any
-/// user may write to, if there is one.
-fn world_writable_on_the_way(dir: &Path, file: &Path) -> Option<PathBuf> {
-    let mut path = dir.to_path_buf();
-    let mut candidates = vec![path.clone()];
-    for component in file.strip_prefix(dir).ok()?.components() {
-        path.push(component);
-        candidates.push(path.clone());
+/// Why `file` (an absolute, resolved path) could be replaced by someone other than root, if
+/// it could: every directory from `/` down and the file itself must be owned by root and
+/// writable by root alone, and the file must be a regular file. The walk opens one component
+/// at a time below the previous one (`O_PATH | O_NOFOLLOW`), so a symlink swapped in
+/// meanwhile is seen as a symlink and refused, never followed. On success, the file's
+/// metadata.
+fn admin_owned(file: &Path) -> std::result::Result<fs::Metadata, String> {
+    let fix = "so someone other than the site admins could replace the image; every directory \
+               from / to a local image, and the image itself, must be owned by root and \
+               writable only by root (the site admins must fix this)";
+    let mut at = PathBuf::new();
+    let mut parent: Option<File> = None;
+    let mut parts = file.components().peekable();
+    while let Some(part) = parts.next() {
+        match (part, &parent) {
+            (Component::RootDir, None) | (Component::Normal(_), Some(_)) => {}
+            _ => {
+                return Err(format!(
+                    "{} is not an absolute, resolved path",
+                    file.display()
+                ))
+            }
+        }
+        at.push(part);
+        let opened =
+            berth_sys::fsid::open_path_nofollow(parent.as_ref().map(AsFd::as_fd), part.as_os_str())
+                .map(File::from);
+        let (node, meta) = opened
+            .and_then(|node| node.metadata().map(|meta| (node, meta)))
+            .map_err(|e| format!("{} cannot be checked ({e})", at.display()))?;
+        let kind = meta.file_type();
+        if kind.is_symlink() {
+            return Err(format!(
+                "{} is a symbolic link now (was the path changed while it was checked?)",
+                at.display()
+            ));
+        }
+        if meta.uid() != 0 {
+            return Err(format!(
+                "{} is owned by uid {}, {fix}",
+                at.display(),
+                meta.uid()
+            ));
+        }
+        match meta.mode() & 0o022 {
+            0 => {}
+            0o020 => return Err(format!("{} is writable by its group, {fix}", at.display())),
+            _ => return Err(format!("{} is writable by every user, {fix}", at.display())),
+        }
+        if parts.peek().is_none() {
+            if !kind.is_file() {
+                return Err(format!(
+                    "{} is not a regular file; a local image is a SIF or squashfs file",
+                    at.display()
+                ));
+            }
+            return Ok(meta);
+        }
+        parent = Some(node);
     }
-    candidates
-        .into_iter()
-        .find(|p| fs::metadata(p).map_or(true, |m| m.permissions().mode() & 0o002 != 0))
+    Err("an empty path is no image file".into())
 }
 
 /// The file path `image` names, if it names one: a path (`/`, `.`, `~`), `file://PATH`, or a
@@ -504,7 +637,7 @@ fn is_docker_image_with_tag(image: &str, transport: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::symlink;
+    use std::os::unix::fs::{symlink, PermissionsExt};
 
     use super::*;
     use crate::config::{Config, PartitionPolicyConfig};
@@ -740,34 +873,60 @@ mod tests {
         assert!(p.requires_container(Some("gpu")));
         assert!(p.requires_container(Some("cpu, gpu")));
         assert!(!p.requires_container(Some("cpu")));
+        // Where the partition is unknown, the strictest rule.
+        assert!(p.requires_container_anywhere());
+        assert!(p.partition_matters());
+        assert!(
+            !policy("[policy.partitions.gpu]\nrequire_container = false\n").partition_matters()
+        );
+        assert!(
+            !policy("[policy]\nrequire_container = true\n[policy.partitions.gpu]\n")
+                .partition_matters()
+        );
+        assert!(Policy::new(&config).requires_container_anywhere());
+        assert!(
+            !policy("[policy.partitions.gpu]\nrequire_container = false\n")
+                .requires_container_anywhere()
+        );
     }
 
     /// A real directory tree: `images/` (listed) with a good image, a symlink inside pointing
-    /// outside, a symlink to a good image, a `..` escape, and `outside/` (not listed).
+    /// outside, a symlink to a good image, a `..` escape, and `outside/` (not listed). It lies
+    /// in this crate's build directory, whose ancestors are root-owned and writable only by
+    /// root where the tests run as root: local images are accepted only in such places. None
+    /// (the test is skipped) when not root, who cannot make such a tree.
     struct Tree {
         _dir: tempfile::TempDir,
         images: PathBuf,
         outside: PathBuf,
     }
 
-    fn tree() -> Tree {
-        let dir = tempfile::tempdir().unwrap();
+    fn tree() -> Option<Tree> {
+        if berth_sys::identity::effective_uid() != 0 {
+            eprintln!("skipped: local image trees must be root-owned, and this is not root");
+            return None;
+        }
+        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
+        let dir = tempfile::tempdir_in(fs::canonicalize(base).unwrap()).unwrap();
         let images = dir.path().join("images");
         let outside = dir.path().join("outside");
         fs::create_dir(&images).unwrap();
         fs::create_dir(&outside).unwrap();
         fs::create_dir(images.join("sub")).unwrap();
+        for dir in [&images, &outside, &images.join("sub")] {
+            fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).unwrap();
+        }
         fs::write(images.join("good.sif"), b"x").unwrap();
         fs::write(images.join("sub/deep.sif"), b"x").unwrap();
         fs::write(outside.join("evil.sif"), b"x").unwrap();
         symlink(outside.join("evil.sif"), images.join("link-out.sif")).unwrap();
         symlink("good.sif", images.join("link-in.sif")).unwrap();
         symlink(&outside, images.join("dir-out")).unwrap();
-        Tree {
+        Some(Tree {
             _dir: dir,
             images,
             outside,
-        }
+        })
     }
 
     fn local_policy(dirs: &[&Path], enabled: bool) -> Policy {
@@ -781,12 +940,19 @@ mod tests {
         ))
     }
 
+    fn nobody() -> FsUser {
+        FsUser {
+            uid: 65534,
+            gid: 65534,
+            groups: vec![65534],
+        }
+    }
+
     #[test]
     fn local_files_only_from_listed_directories_after_resolving_symlinks() {
-        let t = tree();
+        let Some(t) = tree() else { return };
         let p = local_policy(&[&t.images], true);
         let rule = format!("local_image_dirs: {}", t.images.display());
-        let real_images = fs::canonicalize(&t.images).unwrap();
         for (name, resolved) in [
             ("good.sif", "good.sif"),
             ("sub/deep.sif", "sub/deep.sif"),
@@ -798,7 +964,7 @@ mod tests {
             assert_eq!(v, Verdict::Allow { rule: rule.clone() }, "{image}");
             assert_eq!(
                 request,
-                ImageRequest::LocalFile(real_images.join(resolved)),
+                ImageRequest::LocalFile(t.images.join(resolved)),
                 "{image}"
             );
             let file_url = format!("file://{image}");
@@ -842,7 +1008,7 @@ mod tests {
 
     #[test]
     fn a_listed_directory_must_be_compared_by_components_not_by_string_prefix() {
-        let t = tree();
+        let Some(t) = tree() else { return };
         // Listing ".../images/sub" must not allow ".../images/sub-other/..." nor the parent.
         fs::create_dir(t.images.join("sub-other")).unwrap();
         fs::write(t.images.join("sub-other/x.sif"), b"x").unwrap();
@@ -857,34 +1023,162 @@ mod tests {
 
     #[test]
     fn local_files_are_refused_unless_enabled() {
-        let t = tree();
-        let p = local_policy(&[&t.images], false);
-        let reason = deny_reason(&p, &t.images.join("good.sif").display().to_string());
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("good.sif");
+        fs::write(&image, b"x").unwrap();
+        let p = local_policy(&[dir.path()], false);
+        let reason = deny_reason(&p, &image.display().to_string());
         assert!(reason.contains("local_images = false"), "{reason}");
         assert!(reason.contains("localhost:5000/*"), "{reason}");
         let none = local_policy(&[], true);
-        let reason = deny_reason(&none, &t.images.join("good.sif").display().to_string());
+        let reason = deny_reason(&none, &image.display().to_string());
         assert!(reason.contains("local_image_dirs is empty"), "{reason}");
     }
 
     #[test]
-    fn world_writable_image_directories_are_refused() {
-        let t = tree();
+    fn every_component_from_the_root_must_be_root_owned_and_writable_by_root_alone() {
+        let Some(t) = tree() else { return };
         let p = local_policy(&[&t.images], true);
-        fs::set_permissions(t.images.join("sub"), fs::Permissions::from_mode(0o777)).unwrap();
-        let reason = deny_reason(&p, &t.images.join("sub/deep.sif").display().to_string());
+        let deep = t.images.join("sub/deep.sif").display().to_string();
+        let sub = t.images.join("sub");
+        for (mode, owner, said) in [
+            (0o777, 0, "writable by every user"),
+            (0o775, 0, "writable by its group"),
+            (0o1777, 0, "writable by every user"),
+            (0o755, 1100, "owned by uid 1100"),
+        ] {
+            fs::set_permissions(&sub, fs::Permissions::from_mode(mode)).unwrap();
+            std::os::unix::fs::chown(&sub, Some(owner), None).unwrap();
+            let reason = deny_reason(&p, &deep);
+            assert!(
+                reason.contains(&format!("{} is {said}", sub.display())),
+                "{reason}"
+            );
+            assert!(
+                reason.contains("owned by root and writable only by root"),
+                "{reason}"
+            );
+            // Siblings on a clean path stay allowed.
+            assert!(matches!(
+                verdict(&p, &t.images.join("good.sif").display().to_string()),
+                Verdict::Allow { .. }
+            ));
+        }
+        fs::set_permissions(&sub, fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::chown(&sub, Some(0), None).unwrap();
+        // The file itself, and a writable ancestor above the listed directory.
+        let file = t.images.join("sub/deep.sif");
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o664)).unwrap();
+        assert!(deny_reason(&p, &deep).contains("deep.sif is writable by its group"));
+        fs::set_permissions(&file, fs::Permissions::from_mode(0o644)).unwrap();
+        let above = t.images.parent().unwrap();
+        fs::set_permissions(above, fs::Permissions::from_mode(0o757)).unwrap();
+        let reason = deny_reason(&p, &deep);
+        fs::set_permissions(above, fs::Permissions::from_mode(0o700)).unwrap();
+        assert!(
+            reason.contains(&format!("{} is writable by every user", above.display())),
+            "{reason}"
+        );
+        assert!(matches!(verdict(&p, &deep), Verdict::Allow { .. }));
+        // Anywhere under /tmp (world-writable) is refused, listed or not.
+        let tmp = tempfile::tempdir().unwrap();
+        fs::write(tmp.path().join("x.sif"), b"x").unwrap();
+        let p = local_policy(&[tmp.path()], true);
+        let reason = deny_reason(&p, &tmp.path().join("x.sif").display().to_string());
         assert!(reason.contains("writable by every user"), "{reason}");
-        assert!(matches!(
-            verdict(&p, &t.images.join("good.sif").display().to_string()),
-            Verdict::Allow { .. }
-        ));
+    }
+
+    #[test]
+    fn the_walk_refuses_a_symlink_it_meets_and_never_follows_it() {
+        let Some(t) = tree() else { return };
+        // A resolved path is symlink-free; meeting one means the path changed meanwhile.
+        let reason = admin_owned(&t.images.join("dir-out/evil.sif")).unwrap_err();
+        assert!(reason.contains("dir-out is a symbolic link"), "{reason}");
+        let reason = admin_owned(&t.images.join("link-in.sif")).unwrap_err();
+        assert!(
+            reason.contains("link-in.sif is a symbolic link"),
+            "{reason}"
+        );
+        assert!(admin_owned(&t.images.join("good.sif")).unwrap().is_file());
+        let reason = admin_owned(Path::new("relative/x.sif")).unwrap_err();
+        assert!(
+            reason.contains("not an absolute, resolved path"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn paths_are_resolved_with_the_job_users_rights() {
+        let Some(t) = tree() else { return };
+        // A root-only directory: root would see which files exist there, the user must not.
+        let secret = t.images.join("secret");
+        fs::create_dir(&secret).unwrap();
+        fs::set_permissions(&secret, fs::Permissions::from_mode(0o700)).unwrap();
+        fs::write(secret.join("present.sif"), b"x").unwrap();
+        fs::set_permissions(
+            t.images.parent().unwrap(),
+            fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        let p = local_policy(&[&t.images], true).resolving_as(nobody());
+        let answer = |name: &str| {
+            let image = secret.join(name).display().to_string();
+            deny_reason(&p, &image).replace(&image, "IMAGE")
+        };
+        let present = answer("present.sif");
+        assert!(present.contains("Permission denied"), "{present}");
+        assert_eq!(
+            present,
+            answer("absent.sif"),
+            "the answers tell files apart"
+        );
+        // What the user may see is still allowed, and root's own check is unchanged.
+        let good = t.images.join("good.sif").display().to_string();
+        assert!(matches!(verdict(&p, &good), Verdict::Allow { .. }));
+        let as_root = local_policy(&[&t.images], true);
+        let image = secret.join("present.sif").display().to_string();
+        assert!(matches!(verdict(&as_root, &image), Verdict::Allow { .. }));
+    }
+
+    #[test]
+    fn an_image_descriptor_must_be_an_allowed_file_at_its_own_path() {
+        let Some(t) = tree() else { return };
+        let p = local_policy(&[&t.images], true);
+        let good = File::open(t.images.join("good.sif")).unwrap();
+        assert_eq!(
+            p.check_local_descriptor(&good).unwrap(),
+            t.images.join("good.sif")
+        );
+        let evil = File::open(t.outside.join("evil.sif")).unwrap();
+        let err = p.check_local_descriptor(&evil).unwrap_err().to_string();
+        assert!(
+            err.contains("outside the site's local image directories"),
+            "{err}"
+        );
+        // Renamed since it was opened (by root: no one else can write there): the
+        // descriptor's file is what runs, under its present name.
+        fs::rename(t.images.join("good.sif"), t.images.join("old.sif")).unwrap();
+        fs::write(t.images.join("good.sif"), b"y").unwrap();
+        assert_eq!(
+            p.check_local_descriptor(&good).unwrap(),
+            t.images.join("old.sif")
+        );
+        let removed = File::open(t.images.join("good.sif")).unwrap();
+        fs::remove_file(t.images.join("good.sif")).unwrap();
+        let err = p.check_local_descriptor(&removed).unwrap_err().to_string();
+        assert!(err.contains("(deleted)"), "{err}");
+        let refused = local_policy(&[&t.images], false);
+        let err = refused
+            .check_local_descriptor(&good)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("local_images = false"), "{err}");
     }
 
     #[test]
     fn a_bare_name_that_exists_as_a_file_is_a_local_request() {
         // Relative to the working directory, so use a name unique to this test run.
-        let t = tree();
-        let p = local_policy(&[&t.images], false);
+        let p = local_policy(&[Path::new("/srv/images")], false);
         let cwd = std::env::current_dir().unwrap();
         let name = format!("berth-policy-test-{}.sif", std::process::id());
         fs::write(cwd.join(&name), b"x").unwrap();

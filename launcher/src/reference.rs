@@ -239,11 +239,20 @@ pub fn shown(input: &str) -> String {
 }
 
 /// Checks that apply to every image argument, reference or file path: not empty, not
-/// over-long, printable ASCII without spaces.
+/// starting with `-`, not over-long, printable ASCII without spaces.
 pub fn check_text(input: &str) -> Result<(), String> {
     if input.is_empty() {
         return Err(
             "the image is empty; give a reference like registry.example.org/team/image:tag".into(),
+        );
+    }
+    // No reference starts with `-`, and a program handed one could take it for an option
+    // (`-h` once made root's `berth policy check` print its help and exit 0).
+    if input.starts_with('-') {
+        return Err(
+            "it starts with `-`, like a command-line option; image references never do \
+             (give a local file starting with `-` as ./NAME or by absolute path)"
+                .into(),
         );
     }
     if input.len() > MAX_REFERENCE_LEN {
@@ -763,7 +772,8 @@ mod tests {
             ("localhost:99999/a", "not a port number"),
             ("localhost:/a", "not a port number"),
             ("ex_ample.com/a", "not a valid host name"),
-            ("-bad.com/a", "not a valid host name"),
+            ("bad-.com/a", "not a valid host name"),
+            ("-bad.com/a", "starts with `-`"),
             (
                 "user@localhost:5000/test/x",
                 "credentials come from the site's auth file",
@@ -794,6 +804,9 @@ mod tests {
                 "whitespace or a control character at byte 16",
             ),
             ("localhost:5000/a\tb", "whitespace or a control character"),
+            ("-h", "starts with `-`"),
+            ("--help", "like a command-line option"),
+            ("--config=/tmp/x", "starts with `-`"),
             ("localhost:5000/a\nb", "whitespace or a control character"),
             ("lоcalhost:5000/a", "non-ASCII"), // Cyrillic 'о'
             ("/opt/images/x.sif", "file path"),

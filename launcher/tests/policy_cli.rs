@@ -204,6 +204,66 @@ fn check_with_fetch_pulls_only_what_it_allows() {
 }
 
 #[test]
+fn an_image_that_looks_like_an_option_is_denied_after_the_double_dash() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), POLICY);
+    for image in ["-h", "--help", "--fetch"] {
+        for fetch in [None, Some("--fetch")] {
+            let args: Vec<&OsStr> = fetch
+                .into_iter()
+                .chain(["--", image])
+                .map(OsStr::new)
+                .collect();
+            let run = berth(&cfg, &args);
+            assert_eq!(run.code, 1, "{image}: {}{}", run.stdout, run.stderr);
+            assert!(
+                run.stdout.starts_with(&format!(
+                    "deny: image `{image}` refused: it starts with `-`"
+                )),
+                "{}",
+                run.stdout
+            );
+            assert_eq!(run.stdout.lines().count(), 1, "{}", run.stdout);
+        }
+    }
+}
+
+#[test]
+fn require_container_for_a_job_slurm_cannot_name_applies_the_strictest_rule() {
+    let dir = tempfile::tempdir().unwrap();
+    // No job has this id (squeue refuses it, or is not installed): the partition is unknown.
+    let job = ["--job".as_ref(), "4294967295".as_ref()];
+    let cfg = config(
+        dir.path(),
+        "[policy]\nrequire_container = false\n[policy.partitions.gpu]\nrequire_container = true\n",
+    );
+    let run = policy(&cfg, "require-container", &job);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout.contains("could not be learnt from Slurm")
+            && run.stdout.contains("strictest rule"),
+        "{}",
+        run.stdout
+    );
+    // Where no partition could require one, Slurm is not asked and nothing is required.
+    let cfg = config(
+        dir.path(),
+        "[policy.partitions.debug]\nrequire_container = false\n",
+    );
+    let run = policy(&cfg, "require-container", &job);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    // And where every partition requires one, the answer needs no Slurm either.
+    let cfg = config(dir.path(), "[policy]\nrequire_container = true\n");
+    let run = policy(&cfg, "require-container", &job);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout.contains("this cluster requires"),
+        "{}",
+        run.stdout
+    );
+}
+
+#[test]
 fn a_mirrored_registry_is_judged_by_its_name_and_shows_where_the_bytes_come_from() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(
@@ -219,10 +279,18 @@ fallback = true
     );
     let run = berth(&cfg, &["ubuntu:24.04".as_ref()]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    // stdout keeps exactly the verdict line the plugin reads; where the bytes come from
+    // goes to stderr.
     assert_eq!(
         run.stdout,
-        "allow: docker.io/library/ubuntu:24.04 (rule: docker.io/library/*)\n\
-         pull from: harbor.example.org/dockerhub-proxy (mirror of docker.io), then docker.io\n"
+        "allow: docker.io/library/ubuntu:24.04 (rule: docker.io/library/*)\n"
+    );
+    assert!(
+        run.stderr.contains(
+            "pull from: harbor.example.org/dockerhub-proxy (mirror of docker.io), then docker.io"
+        ),
+        "{}",
+        run.stderr
     );
     let run = berth(&cfg, &["--json".as_ref(), "ubuntu".as_ref()]);
     let v: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();

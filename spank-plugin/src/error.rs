@@ -87,6 +87,12 @@ pub enum Error {
     PolicyDenied { image: String, reason: String },
 
     #[error(
+        "could not open the local image {path} ({reason}): the site allows it, but this job's \
+         user cannot read it; ask your admins to make it readable"
+    )]
+    LocalImageUnreadable { path: String, reason: String },
+
+    #[error(
         "{}, but steps must run in a container{}: {reason}; give an image with \
          --container-image=IMAGE",
         if *asked_for_host {

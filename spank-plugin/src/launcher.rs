@@ -4,11 +4,19 @@
 //!
 //! | command | exit 0 | exit 1 | anything else |
 //! |---|---|---|---|
-//! | `berth policy check IMAGE` | allowed | refused, `deny: REASON` on stdout | berth failed |
-//! | `berth resolve IMAGE` | `host/repo@sha256:HEX` on stdout | - | could not pin (stderr says why) |
-//! | `berth policy require-container [--partition P]` | required, the reason on stdout | not required | berth failed |
-//! | `berth policy check --fetch IMAGE` (node, root) | allowed and cached; progress lines on stderr | refused, as `policy check` | could not fetch (stderr says why) |
-//! | `berth start --private [OPTIONS] IMAGE` (node, the user) | `PID:FD` on one line (PID its own, FD its sealed spec memfd), then runs until SIGTERM | - | could not start |
+//! | `berth policy check -- IMAGE` | allowed: stdout is exactly `allow: VETTED (rule: RULE)` | refused: stdout is exactly `deny: REASON` | berth failed |
+//! | `berth resolve -- IMAGE` | `host/repo@sha256:HEX` on stdout | - | could not pin (stderr says why) |
+//! | `berth policy require-container [--partition P]` (login node) | required, the reason on stdout | not required | berth failed |
+//! | `berth policy require-container --job JOBID` (node, root) | required (for the partition slurmctld records, or by the strictest rule where it cannot tell), the reason on stdout | not required | berth failed |
+//! | `berth policy check --fetch --job J --step S --uid U --as-user UID:GID:GIDS -- IMAGE` (node, root) | allowed and cached, as `policy check`; progress lines on stderr; the decision recorded in the audit trail | refused, as `policy check` | could not fetch (stderr says why); 78: the node's config is invalid |
+//! | `berth start --private [OPTIONS] [--image-fd=3] -- IMAGE` (node, the user) | `PID:FD` on one line (PID its own, FD its sealed spec memfd), then runs until SIGTERM | - | could not start |
+//!
+//! Every image goes after `--`, so none is ever read as an option. A verdict is taken only
+//! from its exact line with its exit status: anything else (help text, a crash, another
+//! version's output) is a launcher failure, and the step fails closed. VETTED is the
+//! canonical reference, or for a local image file the resolved path root checked; the node
+//! opens that file and hands it to `berth start` as descriptor 3 (`--image-fd=3`), so the
+//! holder runs exactly the file root vetted.
 //!
 //! On the login node the child runs with the caller's identity and environment (the user,
 //! whose proxy settings and credentials a registry lookup may need); in slurmstepd it takes
@@ -118,9 +126,26 @@ pub struct StepIds {
 /// `berth policy check`'s verdict.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {
-    Allow,
+    /// Allowed: the canonical reference, or the resolved path of a local image file.
+    Allow(String),
     Deny(String),
 }
+
+/// Which partition `berth policy require-container` judges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Partition<'a> {
+    /// As the submitting side's environment names it; None: only the global rule.
+    Named(Option<&'a str>),
+    /// The one slurmctld records for the job (on the node, where the step's environment
+    /// is srun's user's to set).
+    OfJob(u32),
+}
+
+/// The descriptor `berth start --image-fd` finds a local image file on.
+pub const IMAGE_FD: RawFd = 3;
+
+/// Descriptors of this process a launcher call gets, each at the number beside it.
+pub type HandedFds = Vec<(RawFd, OwnedFd)>;
 
 impl Launcher {
     pub fn new(path: &Path) -> Self {
@@ -145,14 +170,35 @@ impl Launcher {
     /// (srun's terminal, the batch output file).
     /// `step` (`--job ID --step ID --uid N`) names the job step, so the launcher records the
     /// decision in the node's audit trail.
-    pub fn check_and_fetch(&self, image: &str, step: &StepIds) -> Result<Verdict, Error> {
+    ///
+    /// A local image path is looked up with the rights of `user` (uid, gid, groups), never
+    /// root's, so the answer tells the user nothing about files they cannot see.
+    pub fn check_and_fetch(
+        &self,
+        image: &str,
+        step: &StepIds,
+        user: (u32, u32, &[u32]),
+    ) -> Result<Verdict, Error> {
         let (job, step_id, uid) = (
             step.job.to_string(),
             step.step.clone(),
             step.uid.to_string(),
         );
+        let as_user = as_user_arg(user);
         let args = [
-            "policy", "check", "--fetch", image, "--job", &job, "--step", &step_id, "--uid", &uid,
+            "policy",
+            "check",
+            "--fetch",
+            "--job",
+            &job,
+            "--step",
+            &step_id,
+            "--uid",
+            &uid,
+            "--as-user",
+            &as_user,
+            "--",
+            image,
         ];
         let launcher = Launcher {
             timeout: FETCH_TIMEOUT,
@@ -180,7 +226,7 @@ impl Launcher {
     ///
     /// `fds` are given to `berth start` at the descriptor numbers they name (3 and above),
     /// e.g. a file root opened and vetted for it.
-    pub fn start(&self, args: &[String], fds: Vec<(RawFd, OwnedFd)>) -> Result<Holder, Error> {
+    pub fn start(&self, args: &[String], fds: HandedFds) -> Result<Holder, Error> {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         // A file, not a pipe: nobody reads the holder's stderr while it runs, and a full
         // pipe would block it. It is read only if the start fails.
@@ -277,16 +323,16 @@ impl Launcher {
             .map_err(|e| format!("opening the container of holder {handle}: {e}"))
     }
 
-    /// `berth policy check IMAGE`.
+    /// `berth policy check -- IMAGE`.
     pub fn policy_check(&self, image: &str) -> Result<Verdict, Error> {
-        let args = ["policy", "check", image];
+        let args = ["policy", "check", "--", image];
         let out = self.run(&args)?;
         verdict(&out).ok_or_else(|| self.failed(&args, &out))
     }
 
-    /// `berth resolve IMAGE`: the digest-pinned reference.
+    /// `berth resolve -- IMAGE`: the digest-pinned reference.
     pub fn resolve(&self, image: &str) -> Result<String, Error> {
-        let out = self.run(&["resolve", image])?;
+        let out = self.run(&["resolve", "--", image])?;
         if !out.status.success() {
             return Err(Error::ResolveFailed {
                 image: image.to_owned(),
@@ -306,11 +352,18 @@ impl Launcher {
         Ok(pinned.to_owned())
     }
 
-    /// `berth policy require-container [--partition P]`: `Some(reason)` where the site
-    /// requires every step to run in a container.
-    pub fn require_container(&self, partition: Option<&str>) -> Result<Option<String>, Error> {
+    /// `berth policy require-container [--partition P | --job JOBID]`: `Some(reason)` where
+    /// the site requires every step to run in a container.
+    pub fn require_container(&self, partition: Partition) -> Result<Option<String>, Error> {
+        let job;
         let mut args = vec!["policy", "require-container"];
-        args.extend(partition.iter().flat_map(|p| ["--partition", p]));
+        match partition {
+            Partition::Named(name) => args.extend(name.iter().flat_map(|p| ["--partition", p])),
+            Partition::OfJob(id) => {
+                job = id.to_string();
+                args.extend(["--job", &job]);
+            }
+        }
         let out = self.run(&args)?;
         match out.status.code() {
             Some(0) => {
@@ -382,7 +435,7 @@ impl Launcher {
 
     /// Starts `command` as [`Identity`] says, with no descriptor of this process beyond
     /// stdin/stdout/stderr (Slurm's sockets to slurmctld, slurmstepd's to the tasks).
-    fn spawn(&self, command: Command, fds: Vec<(RawFd, OwnedFd)>) -> Result<Spawned, Error> {
+    fn spawn(&self, command: Command, fds: HandedFds) -> Result<Spawned, Error> {
         let spawn = fds
             .into_iter()
             .fold(Spawn::new(command), |spawn, (number, fd)| {
@@ -588,21 +641,33 @@ fn pump(
 trait ReadFd: Read + AsFd {}
 impl<T: Read + AsFd> ReadFd for T {}
 
-/// The verdict of a `berth policy check`, or None where berth failed instead of judging.
+/// The verdict of a `berth policy check`, or None where berth did not answer with one:
+/// stdout must be exactly one line, `allow: VETTED (rule: RULE)` with exit status 0 or
+/// `deny: REASON` with exit status 1. Exit 0 alone is no verdict: `berth policy check -h`
+/// once printed its help and exited 0.
 fn verdict(out: &Outcome) -> Option<Verdict> {
-    match out.status.code() {
-        Some(0) => Some(Verdict::Allow),
-        Some(1) => {
-            let line = first_line(&out.stdout);
-            let reason = line.strip_prefix("deny: ").unwrap_or(line);
-            Some(Verdict::Deny(if reason.is_empty() {
-                "the site policy refuses it (berth gave no reason)".to_owned()
-            } else {
-                reason.to_owned()
-            }))
+    let line = out
+        .stdout
+        .strip_suffix('\n')
+        .filter(|l| !l.contains('\n'))?;
+    match out.status.code()? {
+        0 => {
+            let (vetted, rule) = line.strip_prefix("allow: ")?.split_once(" (rule: ")?;
+            let ok = !vetted.is_empty() && rule.len() > 1 && rule.ends_with(')');
+            ok.then(|| Verdict::Allow(vetted.to_owned()))
         }
+        1 => line
+            .strip_prefix("deny: ")
+            .filter(|reason| !reason.trim().is_empty())
+            .map(|reason| Verdict::Deny(reason.to_owned())),
         _ => None,
     }
+}
+
+/// `UID:GID:GID,GID,...` for `berth policy check --as-user`.
+fn as_user_arg((uid, gid, groups): (u32, u32, &[u32])) -> String {
+    let groups: Vec<String> = groups.iter().map(u32::to_string).collect();
+    format!("{uid}:{gid}:{}", groups.join(","))
 }
 
 fn first_line(text: &str) -> &str {
@@ -664,22 +729,110 @@ mod tests {
     fn policy_verdicts() {
         let _serial = serial_spawns();
         let (_d, berth) = fake(
-            r#"[ "$1 $2" = "policy check" ] || exit 2
-               case "$3" in
-                 ok/*) echo "allow: $3 (rule: ok/*)"; exit 0;;
+            r#"[ "$1 $2 $3" = "policy check --" ] || exit 2
+               case "$4" in
+                 ok/*) echo "allow: h/$4 (rule: h/ok/*)"; exit 0;;
                  quiet/*) exit 1;;
-                 *) echo "deny: registry of $3 is not in the allow-list"; exit 1;;
+                 -h) echo "Usage: berth policy check"; exit 0;;
+                 *) echo "deny: registry of $4 is not in the allow-list"; exit 1;;
                esac"#,
         );
-        assert_eq!(berth.policy_check("ok/a"), Ok(Verdict::Allow));
+        assert_eq!(
+            berth.policy_check("ok/a"),
+            Ok(Verdict::Allow("h/ok/a".into()))
+        );
         assert_eq!(
             berth.policy_check("evil/a"),
             Ok(Verdict::Deny(
                 "registry of evil/a is not in the allow-list".into()
             ))
         );
-        assert!(
-            matches!(berth.policy_check("quiet/a"), Ok(Verdict::Deny(r)) if r.contains("no reason"))
+        // No verdict line, whatever the exit status: berth failed, the step fails closed.
+        for image in ["quiet/a", "-h"] {
+            let err = berth.policy_check(image).unwrap_err();
+            assert!(
+                matches!(err, Error::LauncherFailed { .. }),
+                "{image}: {err:?}"
+            );
+        }
+    }
+
+    fn outcome(code: i32, stdout: &str) -> Outcome {
+        Outcome {
+            status: ExitStatus::from_raw(code << 8),
+            stdout: stdout.into(),
+            stderr: String::new(),
+        }
+    }
+
+    #[test]
+    fn only_the_exact_answer_line_is_a_verdict() {
+        let allow = |v: &str| Some(Verdict::Allow(v.into()));
+        let deny = |r: &str| Some(Verdict::Deny(r.into()));
+        for (code, stdout, expected) in [
+            (0, "allow: h/r:1 (rule: h/*)\n", allow("h/r:1")),
+            (
+                0,
+                "allow: /srv/my images/a.sif (rule: local_image_dirs: /srv/my images)\n",
+                allow("/srv/my images/a.sif"),
+            ),
+            (1, "deny: not approved\n", deny("not approved")),
+            // Help text, an empty answer, a verdict with the wrong status, a second line,
+            // a cut line, a crash: none is a verdict.
+            (0, "Print `allow: IMAGE (rule: RULE)` and exit 0\n", None),
+            (0, "", None),
+            (0, "\n", None),
+            (0, "allow: h/r:1\n", None),
+            (0, "allow:  (rule: h/*)\n", None),
+            (0, "allow: h/r:1 (rule: )\n", None),
+            (0, "allow: h/r:1 (rule: h/*)", None),
+            (0, "allow: h/r:1 (rule: h/*)\nallow: x (rule: y)\n", None),
+            (1, "allow: h/r:1 (rule: h/*)\n", None),
+            (0, "deny: no\n", None),
+            (1, "deny: \n", None),
+            (1, "not approved\n", None),
+            (1, "", None),
+            (2, "deny: no\n", None),
+            (125, "allow: h/r:1 (rule: h/*)\n", None),
+        ] {
+            assert_eq!(
+                verdict(&outcome(code, stdout)),
+                expected,
+                "{code} {stdout:?}"
+            );
+        }
+        let killed = Outcome {
+            status: ExitStatus::from_raw(9),
+            stdout: "allow: h/r:1 (rule: h/*)\n".into(),
+            stderr: String::new(),
+        };
+        assert_eq!(verdict(&killed), None);
+    }
+
+    #[test]
+    fn images_come_after_a_double_dash_in_every_call() {
+        let _serial = serial_spawns();
+        // The fake answers like berth with its arguments recorded; an image that looks like
+        // an option must arrive after `--`.
+        let (dir, berth) = fake(
+            r#"echo "$*" >> "$(dirname "$0")/calls"
+               case "$1" in
+                 resolve) echo "h/r@sha256:564738b94caf6e650d2958faba160d41ffd14562c384717105d50bd4e59b20cc";;
+                 *) echo "deny: no"; exit 1;;
+               esac"#,
+        );
+        let root = berth.run_as(Identity::Root);
+        let _ = berth.policy_check("-h");
+        let _ = root.check_and_fetch("--help", &step_ids(), (1100, 1100, &[1100, 27]));
+        let _ = berth.resolve("--config=/tmp/x");
+        let calls = std::fs::read_to_string(dir.path().join("calls")).unwrap();
+        assert_eq!(
+            calls.lines().collect::<Vec<_>>(),
+            [
+                "policy check -- -h",
+                "policy check --fetch --job 7 --step 0 --uid 1100 --as-user 1100:1100:1100,27 -- --help",
+                "resolve -- --config=/tmp/x",
+            ]
         );
     }
 
@@ -691,13 +844,13 @@ mod tests {
         assert_eq!(
             err,
             Error::LauncherFailed {
-                command: format!("{} policy check a", berth.path.display()),
+                command: format!("{} policy check -- a", berth.path.display()),
                 status: "exit status 125".into(),
                 stderr: "config unreadable".into(),
             }
         );
         let (_d, berth) = fake("kill -9 $$");
-        let err = berth.require_container(None).unwrap_err();
+        let err = berth.require_container(Partition::Named(None)).unwrap_err();
         assert!(err.to_string().contains("killed by signal 9"), "{err}");
     }
 
@@ -705,8 +858,8 @@ mod tests {
     fn resolve_gives_the_pinned_reference() {
         let _serial = serial_spawns();
         let (_d, berth) = fake(&format!(
-            r#"[ "$1" = resolve ] || exit 2
-               case "$2" in
+            r#"[ "$1 $2" = "resolve --" ] || exit 2
+               case "$3" in
                  good) echo "localhost:5000/test/busybox@sha256:{DIGEST}";;
                  odd) echo "localhost:5000/test/busybox:latest";;
                  *) echo "registry localhost:5000 unreachable: connection refused" >&2; exit 1;;
@@ -730,20 +883,29 @@ mod tests {
     }
 
     #[test]
-    fn require_container_passes_the_partition() {
+    fn require_container_passes_the_partition_or_the_job() {
         let _serial = serial_spawns();
         let (_d, berth) = fake(
             r#"[ "$1 $2" = "policy require-container" ] || exit 2
                [ "$3 $4" = "--partition gpu" ] && { echo "partition gpu runs containers only"; exit 0; }
+               [ "$3 $4" = "--job 42" ] && { echo "partition strict runs containers only"; exit 0; }
+               [ "$3 $4" = "--job 43" ] && exit 1
                [ -z "$3" ] && exit 1
                exit 3"#,
         );
         assert_eq!(
-            berth.require_container(Some("gpu")),
+            berth.require_container(Partition::Named(Some("gpu"))),
             Ok(Some("partition gpu runs containers only".into()))
         );
-        assert_eq!(berth.require_container(None), Ok(None));
-        assert!(berth.require_container(Some("cpu")).is_err());
+        assert_eq!(berth.require_container(Partition::Named(None)), Ok(None));
+        assert!(berth
+            .require_container(Partition::Named(Some("cpu")))
+            .is_err());
+        assert_eq!(
+            berth.require_container(Partition::OfJob(42)),
+            Ok(Some("partition strict runs containers only".into()))
+        );
+        assert_eq!(berth.require_container(Partition::OfJob(43)), Ok(None));
     }
 
     #[test]
@@ -781,19 +943,23 @@ mod tests {
         )
         .unwrap();
         let (_d, berth) = fake(&format!(
-            "[ -e /proc/self/fd/{fd} ] && {{ echo leaked >&2; exit 3; }}; exit 0"
+            "[ -e /proc/self/fd/{fd} ] && {{ echo leaked >&2; exit 3; }}; echo 'allow: a (rule: *)'"
         ));
-        assert_eq!(berth.policy_check("a"), Ok(Verdict::Allow));
+        assert_eq!(berth.policy_check("a"), Ok(Verdict::Allow("a".into())));
     }
 
     #[test]
     fn output_is_bounded() {
         let _serial = serial_spawns();
-        let (_d, berth) = fake("head -c 1000000 /dev/zero | tr '\\0' x; exit 1");
-        match berth.policy_check("a") {
-            Ok(Verdict::Deny(reason)) => assert_eq!(reason.len(), OUTPUT_MAX_BYTES),
-            other => panic!("{other:?}"),
-        }
+        let (_d, berth) =
+            fake("printf 'deny: '; head -c 1000000 /dev/zero | tr '\\0' x; echo; exit 1");
+        let out = berth.run(&["policy", "check", "--", "a"]).unwrap();
+        assert_eq!(out.stdout.len(), OUTPUT_MAX_BYTES);
+        // Cut short, the line is no verdict.
+        assert!(matches!(
+            berth.policy_check("a"),
+            Err(Error::LauncherFailed { .. })
+        ));
     }
 
     /// A stand-in for `berth start`: python, in this process's namespaces, publishing a
@@ -947,23 +1113,26 @@ while True: time.sleep(0.1)
     fn check_and_fetch_judges_then_names_the_last_line() {
         let _serial = serial_spawns();
         let (_d, berth) = fake(
-            r#"[ "$1 $2 $3 $5 $6 $7 $8 $9 ${10}" = "policy check --fetch --job 7 --step 0 --uid 1100" ] \
+            r#"[ "$1 $2 $3 $4 $5 $6 $7 $8 $9 ${10} ${11} ${12}" = "policy check --fetch --job 7 --step 0 --uid 1100 --as-user 7:8: --" ] \
                  && [ -z "$HOME" ] || exit 2
-               case "$4" in
-                 ok) echo "allow: ok (rule: *)";;
+               case "${13}" in
+                 ok) echo "allow: h/ok (rule: *)";;
                  evil) echo "deny: not approved"; exit 1;;
                  *) echo 'pulling 1/2 MB' >&2; echo 'manifest unknown' >&2; exit 125;;
                esac"#,
         );
         let berth = berth.run_as(Identity::Root);
-        let step = step_ids();
-        assert_eq!(berth.check_and_fetch("ok", &step), Ok(Verdict::Allow));
+        let (step, user) = (step_ids(), (7, 8, &[][..]));
         assert_eq!(
-            berth.check_and_fetch("evil", &step),
+            berth.check_and_fetch("ok", &step, user),
+            Ok(Verdict::Allow("h/ok".into()))
+        );
+        assert_eq!(
+            berth.check_and_fetch("evil", &step, user),
             Ok(Verdict::Deny("not approved".into()))
         );
         let msg = berth
-            .check_and_fetch("h/r:1", &step)
+            .check_and_fetch("h/r:1", &step, user)
             .unwrap_err()
             .to_string();
         assert!(msg.contains("fetch image 'h/r:1'"), "{msg}");
@@ -987,8 +1156,10 @@ while True: time.sleep(0.1)
         );
         let berth = berth.run_as(Identity::Root);
         for err in [
-            berth.check_and_fetch("h/r:1", &step_ids()).unwrap_err(),
-            berth.require_container(None).unwrap_err(),
+            berth
+                .check_and_fetch("h/r:1", &step_ids(), (7, 8, &[]))
+                .unwrap_err(),
+            berth.require_container(Partition::OfJob(7)).unwrap_err(),
         ] {
             assert_eq!(
                 err,
@@ -998,6 +1169,37 @@ while True: time.sleep(0.1)
             );
             assert!(err.to_string().starts_with("node misconfigured: "), "{err}");
         }
+    }
+
+    #[test]
+    fn a_local_image_is_handed_over_as_descriptor_3() {
+        let _serial = serial_spawns();
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("image.sif");
+        std::fs::write(&image, b"the vetted image").unwrap();
+        // The holder reads its descriptor 3 and prints it in place of a handle.
+        let (_d, berth) = fake(
+            r#"[ "$2" = "--image-fd=3" ] || exit 2; read -r line <&3; echo "$line" >&2; exit 7"#,
+        );
+        for _ in 0..2 {
+            // Whatever number the file has here (3 if it is the lowest free one).
+            let file = File::open(&image).unwrap();
+            let msg = berth
+                .start(
+                    &["start".into(), "--image-fd=3".into()],
+                    vec![(IMAGE_FD, OwnedFd::from(file))],
+                )
+                .unwrap_err()
+                .to_string();
+            assert!(msg.contains("exit status 7: the vetted image"), "{msg}");
+        }
+        // Without one, descriptor 3 is not open in the launcher.
+        let (_d, berth) = fake(r#"[ -e /proc/self/fd/3 ] && exit 3; exit 7"#);
+        let msg = berth
+            .start(&["start".into()], Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("exit status 7"), "{msg}");
     }
 
     #[test]

@@ -21,6 +21,7 @@
 //! nothing a job can cause may fail there: `guard` defers the failure to `task_init`.
 
 use std::ffi::CString;
+use std::os::fd::OwnedFd;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -28,7 +29,7 @@ use crate::config::Config;
 use crate::container::{self, NodeBind, StepContainer};
 use crate::error::Error;
 use crate::guard;
-use crate::launcher::{Identity, Launcher, StepIds, Verdict};
+use crate::launcher::{HandedFds, Identity, Launcher, Partition, StepIds, Verdict, IMAGE_FD};
 use crate::options::{self, ContainerRequest, Given, ImageChoice, Opt, Origin, SPECS};
 use crate::spank::{self, Spank, StepInfo};
 use crate::submit::{REQUEST_VAR, SLURM_CONTAINER};
@@ -106,14 +107,12 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
     let (image, options) = match request {
         ContainerRequest::Container { image, options } => (image, options),
         ContainerRequest::None | ContainerRequest::Host => {
-            // The partition as the job's environment names it; Slurm offers no item for it.
-            let partition = getenv("SLURM_JOB_PARTITION")?
-                .filter(|p| !p.is_empty())
-                .map(|p| String::from_utf8_lossy(&p).into_owned());
-            return match root.require_container(partition.as_deref())? {
+            // The partition as slurmctld records it: the step's SLURM_JOB_PARTITION is what
+            // srun sent, which its user can set (SPANK has no item for the partition).
+            return match root.require_container(Partition::OfJob(info.job_id))? {
                 Some(reason) => Err(Error::ContainerRequired {
                     asked_for_host: request == ContainerRequest::Host,
-                    partition,
+                    partition: None,
                     reason,
                 }),
                 None => Ok(()),
@@ -128,7 +127,7 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
         },
         uid: info.uid,
     };
-    let verdict = root.check_and_fetch(&image, &step)?;
+    let verdict = root.check_and_fetch(&image, &step, (info.uid, info.gid, &info.groups))?;
     // The decision in slurmd's log too, at its default level, beside the launcher's syslog
     // line and audit file (`berth audit --job ID`).
     spank::log_info(&format!(
@@ -137,20 +136,22 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
         step.step,
         step.uid,
         match &verdict {
-            Verdict::Allow => "allow".to_owned(),
+            Verdict::Allow(vetted) => format!("allow vetted={vetted:?}"),
             Verdict::Deny(reason) => format!("deny reason={reason:?}"),
         }
     ));
-    if let Verdict::Deny(reason) = verdict {
-        return Err(Error::PolicyDenied { image, reason });
-    }
+    let vetted = match verdict {
+        Verdict::Deny(reason) => return Err(Error::PolicyDenied { image, reason }),
+        Verdict::Allow(vetted) => vetted,
+    };
     let binds = node_binds(&info, getenv("PMIX_SERVER_TMPDIR")?);
     let user = launcher.run_as(Identity::User {
         uid: info.uid,
         gid: info.gid,
         groups: info.groups.clone(),
     });
-    let holder = user.start(&container::start_args(&image, &options, &binds), Vec::new())?;
+    let (args, local_image) = start_image(&image, &vetted, &options, &binds)?;
+    let holder = user.start(&args, local_image)?;
     spank::log_debug(&format!("container of {image} held by pid {}", holder.pid));
     *lock(&STEP) = Some(Step {
         container: StepContainer {
@@ -162,6 +163,36 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
         exited: 0,
     });
     Ok(())
+}
+
+/// `berth start`'s arguments and, for a local image file, the file itself: root allowed
+/// `vetted` (its resolved path, every component root-owned and writable by root alone, so
+/// it still names the file root checked), and the holder gets that open file, not a path
+/// the user wrote and could have pointed elsewhere meanwhile. A registry image starts from
+/// the reference as requested (the node cache holds it, under the policy, by that name).
+fn start_image(
+    image: &str,
+    vetted: &str,
+    options: &options::ContainerOptions,
+    binds: &[NodeBind],
+) -> Result<(Vec<String>, HandedFds), Error> {
+    if !vetted.starts_with('/') {
+        return Ok((container::start_args(image, options, binds), Vec::new()));
+    }
+    use std::os::unix::fs::OpenOptionsExt;
+    // As the user (slurmstepd's effective uid here), with no symlink followed, and
+    // close-on-exec: only the launcher call gets it, as IMAGE_FD.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(vetted)
+        .map_err(|e| Error::LocalImageUnreadable {
+            path: vetted.to_owned(),
+            reason: e.to_string(),
+        })?;
+    let mut args = container::start_args(vetted, options, binds);
+    args.insert(1, format!("--image-fd={IMAGE_FD}"));
+    Ok((args, vec![(IMAGE_FD, OwnedFd::from(file))]))
 }
 
 /// What the node itself must make visible in the container, at the same path: the batch
@@ -322,6 +353,34 @@ mod tests {
             value: value.as_bytes().to_vec(),
             origin: Origin::CommandLine,
         }
+    }
+
+    #[test]
+    fn a_local_image_starts_from_the_vetted_file_itself() {
+        let options = options::ContainerOptions::default();
+        let (args, file) = start_image("h/r:1", "h/r:1", &options, &[]).unwrap();
+        assert_eq!(args, ["start", "--private", "--", "h/r:1"]);
+        assert!(file.is_empty());
+        let dir = tempfile::tempdir().unwrap();
+        let vetted = dir.path().join("a.sif");
+        std::fs::write(&vetted, b"x").unwrap();
+        let vetted = vetted.display().to_string();
+        // The user wrote some other path; what starts is the one root vetted.
+        let (args, file) = start_image("/home/u/link/a.sif", &vetted, &options, &[]).unwrap();
+        assert_eq!(
+            args,
+            ["start", "--image-fd=3", "--private", "--", vetted.as_str()]
+        );
+        assert_eq!(file.len(), 1);
+        assert_eq!(file[0].0, IMAGE_FD);
+        // A symlink put in its place is not followed.
+        let link = dir.path().join("link.sif");
+        std::os::unix::fs::symlink(&vetted, &link).unwrap();
+        let err = start_image("x", &link.display().to_string(), &options, &[]).unwrap_err();
+        assert!(
+            matches!(&err, Error::LocalImageUnreadable { reason, .. } if reason.contains("symbolic links")),
+            "{err:?}"
+        );
     }
 
     #[test]

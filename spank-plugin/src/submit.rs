@@ -31,7 +31,7 @@ use std::sync::Mutex;
 
 use crate::config::Config;
 use crate::error::Error;
-use crate::launcher::{Launcher, Verdict};
+use crate::launcher::{Launcher, Partition, Verdict};
 use crate::options::{
     self, ContainerRequest, Env, Given, ImageChoice, Opt, Origin, Settings, SPECS,
 };
@@ -225,7 +225,9 @@ fn decide(
             }
             let asked_for_host = choice.is_some();
             let partition = partition(env, context);
-            if let Some(reason) = launcher.require_container(partition.as_deref())? {
+            if let Some(reason) =
+                launcher.require_container(Partition::Named(partition.as_deref()))?
+            {
                 return Err(Error::ContainerRequired {
                     asked_for_host,
                     partition,
@@ -248,12 +250,16 @@ fn decide(
             });
         }
     }
-    if let Verdict::Deny(reason) = launcher.policy_check(&image)? {
-        return Err(Error::PolicyDenied { image, reason });
-    }
+    let vetted = match launcher.policy_check(&image)? {
+        Verdict::Deny(reason) => return Err(Error::PolicyDenied { image, reason }),
+        Verdict::Allow(vetted) => vetted,
+    };
     let pinned = match source {
         // Pinned when the job was submitted: the whole job runs the same bytes.
         ImageSource::Job => image,
+        // A local image file, by the path it resolves to: there is no digest to pin, and
+        // the node checks that path again.
+        _ if vetted.starts_with('/') => vetted,
         ImageSource::Option(_) | ImageSource::SlurmContainer => launcher.resolve(&image)?,
     };
     Ok(ContainerRequest::Container {
@@ -298,9 +304,13 @@ mod tests {
                 r#"#!/bin/sh
 echo "$*" >> {calls}
 case "$1 $2" in
-  "policy check") case "$3" in ok/*) exit 0;; *) echo "deny: $3 is not approved"; exit 1;; esac;;
+  "policy check") case "$4" in
+      ok/*) echo "allow: $4 (rule: ok/*)";;
+      /*) echo "allow: /real$4 (rule: local_image_dirs: /real)";;
+      *) echo "deny: $4 is not approved"; exit 1;;
+    esac;;
   "policy require-container") [ "$4" = gpu ] && {{ echo "partition gpu requires containers"; exit 0; }}; exit 1;;
-  "resolve "*) echo "${{2%%:*}}@sha256:{DIGEST}";;
+  "resolve --") echo "${{3%%:*}}@sha256:{DIGEST}";;
   *) exit 2;;
 esac"#,
                 calls = calls.display()
@@ -415,14 +425,21 @@ esac"#,
         let job = format!("container-image={}", pinned("ok/job"));
         let (result, calls) = run(&[], &[(REQUEST_VAR, &job)], Context::Local);
         assert_eq!(image_of(result), pinned("ok/job"));
-        assert_eq!(calls, vec![format!("policy check {}", pinned("ok/job"))]);
+        assert_eq!(calls, vec![format!("policy check -- {}", pinned("ok/job"))]);
+    }
+
+    #[test]
+    fn a_local_image_is_sent_by_its_resolved_path_and_not_pinned() {
+        let (result, calls) = run(&[cli(Opt::Image, "/img/a.sif")], &[], Context::Local);
+        assert_eq!(image_of(result), "/real/img/a.sif");
+        assert_eq!(calls, vec!["policy check -- /img/a.sif"]);
     }
 
     #[test]
     fn a_fresh_image_is_checked_then_pinned() {
         let (result, calls) = run(&[cli(Opt::Image, "ok/a:1")], &[], Context::Allocator);
         assert_eq!(image_of(result), pinned("ok/a"));
-        assert_eq!(calls, vec!["policy check ok/a:1", "resolve ok/a:1"]);
+        assert_eq!(calls, vec!["policy check -- ok/a:1", "resolve -- ok/a:1"]);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 pub mod caps;
 pub mod error;
 pub mod fs;
+pub mod fsid;
 pub mod holder;
 pub mod identity;
 pub mod memfd;

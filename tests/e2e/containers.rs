@@ -10,7 +10,10 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use berth_e2e::{as_root, serial, unique_name, wait_until, write_user_file, Cluster, Cmd, Run};
+use berth_e2e::{
+    as_root, assert_node_idle, serial, unique_name, wait_until, write_user_file, Cluster, Cmd,
+    PluginlessConf, Run,
+};
 
 /// What `/etc/os-release` of the test images says and the host's does not: `up` writes the
 /// image's registry into it.
@@ -26,15 +29,6 @@ fn srun(args: &[&str]) -> Run {
 /// `--container-image=` the approved test image.
 fn approved(cluster: &Cluster) -> String {
     format!("--container-image={}", cluster.image_tls().reference)
-}
-
-/// Waits for the node to be idle again (a step's end is reported a moment after srun
-/// returns) and panics if it is drained, down or still busy.
-#[track_caller]
-fn assert_node_idle(cluster: &Cluster) {
-    cluster.assert_node_healthy();
-    let idle = wait_until(Duration::from_secs(20), || cluster.node_state() == "idle");
-    assert!(idle, "node is {} after the test", cluster.node_state());
 }
 
 /// A batch script in the user's home, and where its output goes.
@@ -210,52 +204,6 @@ fn a_denied_image_is_refused_at_submission() {
     assert!(run.stderr.contains("is not allowed"), "{run}");
     assert!(output.is_empty(), "a job ran:\n{output}");
     assert_node_idle(&cluster);
-}
-
-/// A slurm.conf of the user's own whose plugin stack is empty, so srun runs without berth's
-/// submission checks: what a user can always do (SLURM_CONF), and why the node trusts nothing.
-struct PluginlessConf {
-    conf: PathBuf,
-    plugstack: PathBuf,
-}
-
-impl PluginlessConf {
-    fn new(cluster: &Cluster) -> PluginlessConf {
-        let name = unique_name("e2e-noplugin");
-        let plugstack = cluster.home().join(format!("{name}.plugstack.conf"));
-        let conf = cluster.home().join(format!("{name}.slurm.conf"));
-        let site = std::fs::read_to_string("/etc/slurm/slurm.conf").expect("read slurm.conf");
-        let mut text: String = site
-            .lines()
-            .filter(|l| {
-                !l.trim_start()
-                    .to_ascii_lowercase()
-                    .starts_with("plugstackconfig")
-            })
-            .map(|l| format!("{l}\n"))
-            .collect();
-        text.push_str(&format!("PlugStackConfig={}\n", plugstack.display()));
-        write_user_file(cluster, &plugstack, "", 0o644);
-        write_user_file(cluster, &conf, &text, 0o644);
-        PluginlessConf { conf, plugstack }
-    }
-
-    /// srun with this configuration and the request variable forged to `request`.
-    fn srun(&self, request: &str, args: &[&str]) -> Run {
-        let mut all = vec!["srun"];
-        all.extend_from_slice(args);
-        Cmd::user(all)
-            .env("SLURM_CONF", &self.conf)
-            .env("SLURM_SPANK_BERTH_REQUEST", request)
-            .run()
-    }
-}
-
-impl Drop for PluginlessConf {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.conf);
-        let _ = std::fs::remove_file(&self.plugstack);
-    }
 }
 
 #[test]

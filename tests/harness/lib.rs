@@ -698,6 +698,61 @@ pub fn wait_until(limit: Duration, mut pred: impl FnMut() -> bool) -> bool {
     }
 }
 
+/// A slurm.conf of the user's own whose plugin stack is empty, so srun runs without berth's
+/// submission checks: what a user can always do (SLURM_CONF), and why the node trusts nothing.
+pub struct PluginlessConf {
+    conf: PathBuf,
+    plugstack: PathBuf,
+}
+
+impl PluginlessConf {
+    pub fn new(cluster: &Cluster) -> PluginlessConf {
+        let name = unique_name("e2e-noplugin");
+        let plugstack = cluster.home().join(format!("{name}.plugstack.conf"));
+        let conf = cluster.home().join(format!("{name}.slurm.conf"));
+        let site = std::fs::read_to_string("/etc/slurm/slurm.conf").expect("read slurm.conf");
+        let mut text: String = site
+            .lines()
+            .filter(|l| {
+                !l.trim_start()
+                    .to_ascii_lowercase()
+                    .starts_with("plugstackconfig")
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        text.push_str(&format!("PlugStackConfig={}\n", plugstack.display()));
+        write_user_file(cluster, &plugstack, "", 0o644);
+        write_user_file(cluster, &conf, &text, 0o644);
+        PluginlessConf { conf, plugstack }
+    }
+
+    /// srun with this configuration and the request variable forged to `request`.
+    pub fn srun(&self, request: &str, args: &[&str]) -> Run {
+        let mut all = vec!["srun"];
+        all.extend_from_slice(args);
+        Cmd::user(all)
+            .env("SLURM_CONF", &self.conf)
+            .env("SLURM_SPANK_BERTH_REQUEST", request)
+            .run()
+    }
+}
+
+impl Drop for PluginlessConf {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.conf);
+        let _ = std::fs::remove_file(&self.plugstack);
+    }
+}
+
+/// Waits for the node to be idle again (a step's end is reported a moment after srun
+/// returns) and panics if it is drained, down or still busy.
+#[track_caller]
+pub fn assert_node_idle(cluster: &Cluster) {
+    cluster.assert_node_healthy();
+    let idle = wait_until(Duration::from_secs(20), || cluster.node_state() == "idle");
+    assert!(idle, "node is {} after the test", cluster.node_state());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

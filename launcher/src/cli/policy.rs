@@ -1,12 +1,19 @@
-//! `berth policy check [--json] [--fetch] IMAGE`: say whether the site policy allows an image,
-//! and why; with `--fetch`, also pull an allowed registry image into the node cache.
-//! `berth policy require-container [--partition P]`: say whether jobs must use a container.
+//! `berth policy check [--json] [--fetch] [--as-user UID:GID[:GIDS]] [--] IMAGE`: say whether
+//! the site policy allows an image, and why; with `--fetch`, also pull an allowed registry
+//! image into the node cache.
+//! `berth policy require-container [--partition P | --job JOBID]`: say whether jobs must use a
+//! container.
 //! The SPANK plugin runs both at submission (a clear error before the job queues) and on the
-//! node (authoritative). Neither has a registry client, so they cannot touch the network.
+//! node (authoritative). `check` without `--fetch` has no registry client, so it cannot touch
+//! the network.
 //!
-//! On the node the plugin runs `check --fetch` (as root, before the step's container starts):
-//! the verdict and the fetch in one launcher start and one configuration parse, which every
-//! containerized step would otherwise pay twice.
+//! On the node the plugin runs `check --fetch --as-user` (as root, before the step's container
+//! starts): the verdict and the fetch in one launcher start and one configuration parse, which
+//! every containerized step would otherwise pay twice. `--as-user` makes root look a local
+//! image path up with the job user's rights (see `Policy::resolving_as`). The allow line of a
+//! local image names the resolved, vetted file, which the plugin opens and hands to `berth
+//! start --image-fd`. On the node `require-container --job` asks Slurm for the job's
+//! partition, which the step's environment cannot be trusted to tell.
 //!
 //! Exit status: 0 allowed / required, 1 refused / not required (including malformed or tricky
 //! references), 78 the configuration is unreadable or invalid, 125 berth itself failed (e.g.
@@ -18,7 +25,7 @@ use serde_json::json;
 
 use super::Globals;
 use crate::config::Config;
-use crate::policy::{ImageRequest, Policy, Verdict};
+use crate::policy::{FsUser, ImageRequest, Policy, Verdict};
 use crate::registry::{self, Endpoint};
 use crate::{audit, metrics};
 use crate::{Error, Result};
@@ -34,9 +41,14 @@ pub enum Command {
 #[derive(Debug, clap::Args)]
 pub struct RequireArgs {
     /// The job's partition, or a comma-separated list: a container is required if any of
-    /// them requires one. Without it, the global `require_container` answers.
-    #[arg(long, value_name = "PARTITION")]
+    /// them requires one. Without it (and --job), the global `require_container` answers.
+    #[arg(long, value_name = "PARTITION", conflicts_with = "job")]
     pub partition: Option<String>,
+    /// The job whose partition Slurm itself names (asked with `squeue` from the system's
+    /// directories). Where Slurm cannot tell, the strictest rule answers: a container is
+    /// required if the global rule or any partition's requires one.
+    #[arg(long, value_name = "JOBID")]
+    pub job: Option<u32>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -52,6 +64,11 @@ pub struct CheckArgs {
     /// The job step the decision is for (the plugin on the node): recorded in the audit trail.
     #[command(flatten)]
     pub step: crate::audit::StepArgs,
+    /// Look a local image path up with this user's rights (`UID:GID`, optionally followed by
+    /// `:GID,GID,...`, the supplementary groups) instead of the caller's: root judging a
+    /// job's image so tells the user nothing about files they cannot see themselves.
+    #[arg(long, value_name = "UID:GID[:GIDS]", value_parser = parse_user)]
+    pub as_user: Option<FsUser>,
     /// A registry reference (`host[:port]/repo[:tag][@sha256:...]`, `docker://...`,
     /// `REGISTRY#IMAGE`) or a local image file path, as given to --container-image.
     // OsString, so a non-UTF-8 argument reaches us and is refused with a message instead of
@@ -70,8 +87,27 @@ pub fn run(command: Command, globals: &Globals) -> Result<i32> {
 fn require_container(args: RequireArgs, globals: &Globals) -> Result<i32> {
     let config = Config::load_for_caller(globals.config.as_deref())?;
     let policy = Policy::new(&config.policy);
-    let partition = args.partition.as_deref().filter(|p| !p.is_empty());
-    if !policy.requires_container(partition) {
+    let partition = match args.job {
+        // Every partition answers alike: no need to ask Slurm.
+        Some(_) if !policy.partition_matters() => None,
+        Some(job) => match job_partition(job) {
+            Ok(partition) => Some(partition),
+            Err(why) => {
+                if !policy.requires_container_anywhere() {
+                    return Ok(1);
+                }
+                println!(
+                    "the partition of job {job} could not be learnt from Slurm ({why}), so the \
+                     strictest rule applies and the job must run in a container: add \
+                     --container-image=IMAGE (or --container=IMAGE) with an image from an \
+                     approved registry"
+                );
+                return Ok(0);
+            }
+        },
+        None => args.partition.filter(|p| !p.is_empty()),
+    };
+    if !policy.requires_container(partition.as_deref()) {
         return Ok(1);
     }
     let scope = match partition {
@@ -85,9 +121,79 @@ fn require_container(args: RequireArgs, globals: &Globals) -> Result<i32> {
     Ok(0)
 }
 
+/// Where `squeue` is looked for: the system's own directories, never a PATH the caller set.
+const SQUEUE: [&str; 3] = ["/usr/bin/squeue", "/usr/local/bin/squeue", "/bin/squeue"];
+
+/// The partition slurmctld records for `job`, from `squeue --format=%P`: that field alone,
+/// so no text the user chose (a job name, a comment) can pass for it, as it could in
+/// `scontrol show job`'s `KEY=VALUE` line. Run with an empty environment, so nothing of the
+/// caller's (SLURM_CONF, SQUEUE_FORMAT) steers it.
+fn job_partition(job: u32) -> std::result::Result<String, String> {
+    let squeue = SQUEUE
+        .iter()
+        .find(|p| std::path::Path::new(p).is_file())
+        .ok_or_else(|| format!("squeue is not installed in {}", SQUEUE.join(", ")))?;
+    let out = std::process::Command::new(squeue)
+        .args(["--noheader", "--states=all", "--format=%P"])
+        .arg(format!("--jobs={job}"))
+        .env_clear()
+        .current_dir("/")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| format!("running {squeue}: {e}"))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().map(str::trim).collect();
+    match lines.as_slice() {
+        [partition] if out.status.success() && is_partition_list(partition) => {
+            Ok((*partition).to_owned())
+        }
+        _ => Err(format!(
+            "{squeue} --jobs={job} answered {} with {:?}{}",
+            out.status,
+            text.trim(),
+            match String::from_utf8_lossy(&out.stderr).trim() {
+                "" => String::new(),
+                err => format!(" ({err})"),
+            }
+        )),
+    }
+}
+
+/// A partition name or comma-separated list as Slurm prints them: no spaces, nothing empty.
+fn is_partition_list(text: &str) -> bool {
+    !text.is_empty()
+        && text.split(',').all(|p| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b',' && b != b'=')
+        })
+}
+
+/// `UID:GID` or `UID:GID:GID,GID,...`.
+fn parse_user(text: &str) -> std::result::Result<FsUser, String> {
+    let number = |s: &str| {
+        s.parse::<u32>()
+            .map_err(|_| format!("`{s}` is not a numeric id; write UID:GID[:GID,GID,...]"))
+    };
+    let mut parts = text.splitn(3, ':');
+    let uid = number(parts.next().unwrap_or_default())?;
+    let gid = number(parts.next().ok_or("no GID; write UID:GID[:GID,GID,...]")?)?;
+    let groups = match parts.next() {
+        None | Some("") => Vec::new(),
+        Some(list) => list
+            .split(',')
+            .map(number)
+            .collect::<std::result::Result<_, _>>()?,
+    };
+    Ok(FsUser { uid, gid, groups })
+}
+
 fn check(args: CheckArgs, globals: &Globals) -> Result<i32> {
     let config = Config::load_for_caller(globals.config.as_deref())?;
-    let policy = Policy::new(&config.policy);
+    let policy = match args.as_user {
+        Some(user) => Policy::new(&config.policy).resolving_as(user),
+        None => Policy::new(&config.policy),
+    };
     let Some(image) = args.image.to_str() else {
         let shown = args.image.to_string_lossy();
         let reason = format!(
@@ -101,9 +207,12 @@ fn check(args: CheckArgs, globals: &Globals) -> Result<i32> {
     let mut observed = metrics::Observation::default();
     let outcome = match policy.check(image) {
         Ok((request, Verdict::Allow { rule })) => {
-            if let (true, ImageRequest::Registry(_)) = (args.fetch, &request) {
+            if let (true, ImageRequest::Registry(r)) = (args.fetch, &request) {
                 // Before the verdict is printed: exit 0 promises the image is in the cache.
-                let fetched = metrics::fetch(&config, image, &mut observed);
+                // The canonical form names its registry, so the fetch's own check cannot take
+                // it for a file that root, unlike the --as-user look-up, can see.
+                let canonical = r.to_string();
+                let fetched = metrics::fetch(&config, &canonical, &mut observed);
                 if fetched.is_err() && args.step.job.is_some() {
                     publish_metrics(&config, &observed);
                 }
@@ -153,8 +262,9 @@ enum Outcome {
 }
 
 /// Prints the verdict on stdout and returns the exit status. For a registry image it also
-/// says where the bytes would come from: always in JSON (`pull_from`), and in text as a
-/// second line where `[[registry.mirrors]]` sends the pull elsewhere than the name written.
+/// says where the bytes would come from: in JSON as `pull_from`, in text on stderr (stdout
+/// is exactly the one verdict line the plugin reads) where `[[registry.mirrors]]` sends the
+/// pull elsewhere than the name written.
 fn report(as_json: bool, image: &str, outcome: Outcome, pull_from: &[Endpoint]) -> i32 {
     let hosts: Vec<String> = pull_from.iter().map(Endpoint::describe).collect();
     let (line, object, code) = match outcome {
@@ -171,11 +281,10 @@ fn report(as_json: bool, image: &str, outcome: Outcome, pull_from: &[Endpoint]) 
                            "local_file": path}),
                 ),
             };
-            let mut line = format!("allow: {what} (rule: {rule})");
-            if pull_from.iter().any(|e| e.mirror_of.is_some()) {
-                line.push_str(&format!("\npull from: {}", hosts.join(", then ")));
+            if !as_json && pull_from.iter().any(|e| e.mirror_of.is_some()) {
+                eprintln!("berth: pull from: {}", hosts.join(", then "));
             }
-            (line, object, 0)
+            (format!("allow: {what} (rule: {rule})"), object, 0)
         }
         Outcome::Deny(reason) => (
             format!("deny: {reason}"),
@@ -189,4 +298,37 @@ fn report(as_json: bool, image: &str, outcome: Outcome, pull_from: &[Endpoint]) 
         println!("{line}");
     }
     code
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn users_are_numeric_with_optional_groups() {
+        let user = |uid, gid, groups: &[u32]| FsUser {
+            uid,
+            gid,
+            groups: groups.to_vec(),
+        };
+        assert_eq!(parse_user("1100:1100"), Ok(user(1100, 1100, &[])));
+        assert_eq!(parse_user("1100:100:"), Ok(user(1100, 100, &[])));
+        assert_eq!(
+            parse_user("1100:100:27,1100"),
+            Ok(user(1100, 100, &[27, 1100]))
+        );
+        for bad in ["", "1100", "alice:1", "1:x", "1:2:3,,4", "-1:2", "1:2:a"] {
+            assert!(parse_user(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn partition_lists_as_slurm_prints_them() {
+        for good in ["debug", "strict", "gpu,cpu", "a-b_c.1"] {
+            assert!(is_partition_list(good), "{good}");
+        }
+        for bad in ["", "a b", "a,,b", ",a", "Partition=x", "a\tb"] {
+            assert!(!is_partition_list(bad), "{bad}");
+        }
+    }
 }

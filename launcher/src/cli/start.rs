@@ -1,6 +1,15 @@
-//! `berth start [OPTIONS] IMAGE`: hold a container for a job step and print its handle;
-//! `berth stop HANDLE`: end it.
+//! `berth start [OPTIONS] [--image-fd FD] IMAGE`: hold a container for a job step and print
+//! its handle; `berth stop HANDLE`: end it.
+//!
+//! The step's tasks join what `berth start` holds, so it applies the site policy itself
+//! instead of trusting that a caller checked: registry images come through the policy-checked
+//! node cache, and a local image file runs only where the policy allows local images and the
+//! file lies in a listed, root-owned directory. The SPANK plugin hands over the very file
+//! root vetted, opened, as `--image-fd` (the path the user wrote could point elsewhere by
+//! the time the holder opens it).
 
+use std::fs::File;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use super::exec::{build_spec, print_spec, ContainerArgs};
@@ -8,6 +17,7 @@ use super::Globals;
 use crate::cache;
 use crate::config::Config;
 use crate::container::{self, handle};
+use crate::policy::{ImageRequest, Policy, Verdict};
 use crate::{Error, Result};
 
 #[derive(Debug, clap::Args)]
@@ -20,6 +30,10 @@ pub struct StartArgs {
     /// a container cannot be joined with `berth exec --join` by its user.
     #[arg(long)]
     pub private: bool,
+    /// Run the local image file open on this descriptor (inherited from the caller), which
+    /// IMAGE must name by its resolved path. The site policy on local images applies to it.
+    #[arg(long, value_name = "FD")]
+    pub image_fd: Option<u32>,
     /// The image: a registry reference, or a .sif or squashfs file.
     pub image: String,
 }
@@ -45,7 +59,7 @@ pub fn run_start(a: StartArgs, g: &Globals) -> Result<i32> {
     }
     let config = Config::load_for_caller(g.config.as_deref())?;
     // Held for the container's life: a cached image stays locked against eviction.
-    let image = cache::runnable(&config, &a.image)?;
+    let image = image_to_run(&config, a.image_fd, &a.image)?;
     let site = &config.site;
     let spec = match build_spec(&a.container, site, &image.path, Vec::new()) {
         Err(Error::NoCommand) => {
@@ -57,6 +71,64 @@ pub fn run_start(a: StartArgs, g: &Globals) -> Result<i32> {
         return print_spec(&spec);
     }
     container::start(&spec, &config.runtime)
+}
+
+/// The image file a container runs, and what keeps it usable while it runs.
+struct ImageToRun {
+    path: PathBuf,
+    /// A registry image's lock against eviction.
+    _cached: Option<cache::RunnableImage>,
+    /// A local image's descriptor, so the file stays what was checked.
+    _file: Option<File>,
+}
+
+/// The file for `image`, or for the descriptor `fd`, under the site policy (see the module
+/// comment).
+fn image_to_run(config: &Config, fd: Option<u32>, image: &str) -> Result<ImageToRun> {
+    let policy = Policy::new(&config.policy);
+    let refuse = |reason: String| Error::FetchDenied { reason };
+    if let Some(fd) = fd {
+        // A new open of the descriptor's file (not of any path), so no unsafe adoption of a
+        // raw descriptor is needed.
+        let file = File::open(format!("/proc/self/fd/{fd}"))
+            .map_err(|e| Error::io(format!("--image-fd {fd}: opening the descriptor"), e))?;
+        let path = policy.check_local_descriptor(&file)?;
+        if path.as_os_str() != image {
+            return Err(refuse(format!(
+                "--image-fd {fd} holds {}, not `{}` as the command line says; name the \
+                 descriptor's own file",
+                path.display(),
+                crate::reference::shown(image)
+            )));
+        }
+        return Ok(ImageToRun {
+            path,
+            _cached: None,
+            _file: Some(file),
+        });
+    }
+    match policy.check(image)? {
+        (_, Verdict::Deny { reason }) => Err(refuse(reason)),
+        (ImageRequest::LocalFile(path), Verdict::Allow { .. }) => {
+            // Resolved, and root-owned all the way down: the path keeps naming this file.
+            let file = File::open(&path).map_err(|e| Error::io(path.display().to_string(), e))?;
+            Ok(ImageToRun {
+                path,
+                _cached: None,
+                _file: Some(file),
+            })
+        }
+        (ImageRequest::Registry(reference), Verdict::Allow { .. }) => {
+            // The canonical form names its registry, so a file of that name created
+            // meanwhile cannot be taken for it.
+            let cached = cache::runnable(config, &reference.to_string())?;
+            Ok(ImageToRun {
+                path: cached.path.clone(),
+                _cached: Some(cached),
+                _file: None,
+            })
+        }
+    }
 }
 
 /// Sends SIGTERM to the holder and waits (bounded) until it has torn the container down.
