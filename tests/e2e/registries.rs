@@ -128,8 +128,8 @@ fn a_pull_with_parallel_downloads_reports_totals_and_rates() {
     let line = run
         .stderr
         .lines()
-        .filter(|l| l.starts_with("berth: pulling "))
-        .last()
+        .rev()
+        .find(|l| l.starts_with("berth: pulling "))
         .unwrap_or_else(|| panic!("no progress line: {run:?}"));
     let fields: Vec<&str> = line.split_whitespace().collect();
     let (done, total) = fields[3].split_once('/').unwrap();
