@@ -4,12 +4,14 @@
 //! with Retry-After, an oversized blob, an expiring token) are unit tests with in-test
 //! servers in `launcher/src/registry/download.rs`, where the server can misbehave on cue.
 //!
-//! Each test uses its own cache and configuration (root's `--config`), so they run in
-//! parallel and never disturb the cluster's own cache.
+//! The mirror and progress tests use their own cache and configuration (root's `--config`);
+//! the private-registry test runs jobs through Slurm with the cluster's own configuration,
+//! which names its registry (`localhost:5002`, started by the test).
 
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
-use berth_e2e::{unique_name, Cluster, Cmd, Run};
+use berth_e2e::{unique_name, write_user_file, Cluster, Cmd, PrivateRegistry, Run};
 
 /// A private cache and a configuration made of `extra` after the cache and CA settings.
 struct Site {
@@ -136,4 +138,159 @@ fn a_pull_with_parallel_downloads_reports_totals_and_rates() {
     assert_eq!(done, total, "{line}");
     assert_eq!(fields[4], "MB", "{line}");
     assert_eq!(fields.last(), Some(&"MB/s"), "{line}");
+}
+
+/// The private registry's port, named in `tests/cluster/templates/berth.toml` (allowed, with
+/// `[registry] user_credentials = true`).
+const PRIVATE_PORT: u16 = 5002;
+
+/// Files the test puts where the node's berth reads them (the site's auth file, the
+/// registry's CA), put back as they were when dropped.
+struct Installed(Vec<(PathBuf, Option<Vec<u8>>)>);
+
+impl Installed {
+    fn file(&mut self, path: &Path, contents: &[u8], mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        self.0.push((path.to_path_buf(), std::fs::read(path).ok()));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, contents).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+}
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        for (path, before) in self.0.drain(..).rev() {
+            let _ = match before {
+                Some(bytes) => std::fs::write(&path, bytes),
+                None => std::fs::remove_file(&path),
+            };
+        }
+    }
+}
+
+#[test]
+fn a_private_image_runs_through_slurm_with_the_users_login_or_a_digest() {
+    let cluster = Cluster::get();
+    let registry = PrivateRegistry::start_on(PRIVATE_PORT);
+    // The cluster's test image, copied into the private registry (its os-release names
+    // localhost:5000, where it was built).
+    let image = format!("{}/private/busybox:latest", registry.host);
+    let digest_file = registry.dir.join("digest");
+    let copy = Command::new("bash")
+        .args([
+            "-c",
+            &format!(
+                "skopeo copy -q --src-cert-dir {}/localhost:5000 {} --digestfile {} \
+                 docker://{} docker://{image}",
+                cluster.certs_dir().display(),
+                registry.skopeo_options().join(" "),
+                digest_file.display(),
+                cluster.image_tls().reference,
+            ),
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(copy.status.success(), "{copy:?}");
+    let digest = std::fs::read_to_string(&digest_file).unwrap();
+    let pinned = format!("{}/private/busybox@{}", registry.host, digest.trim());
+
+    // The node has the site's credentials and trusts the registry's CA; the user cannot
+    // read the credentials.
+    let config = std::fs::read_to_string(cluster.berth_config()).unwrap();
+    let auth_file = config
+        .lines()
+        .find_map(|l| l.strip_prefix("auth_file = \""))
+        .and_then(|rest| rest.strip_suffix('"'))
+        .map(PathBuf::from)
+        .expect("the cluster's berth.toml names its auth_file");
+    let mut installed = Installed(Vec::new());
+    let site_auth = format!(
+        r#"{{"auths": {{"{}": {{"username": "{}", "password": "{}"}}}}}}"#,
+        registry.host,
+        PrivateRegistry::USER,
+        PrivateRegistry::PASSWORD
+    );
+    installed.file(&auth_file, site_auth.as_bytes(), 0o600);
+    let ca = std::fs::read(cluster.ca_cert()).unwrap();
+    installed.file(
+        &cluster.certs_dir().join(&registry.host).join("ca.crt"),
+        &ca,
+        0o644,
+    );
+    let peek = Cmd::user(["cat", &auth_file.display().to_string()]).run();
+    assert!(
+        !peek.success(),
+        "the user read the site's credentials: {peek:?}"
+    );
+
+    let srun = |image: &str, auth: Option<&Path>| {
+        let mut cmd = Cmd::user([
+            "srun",
+            &format!("--container-image={image}"),
+            "cat",
+            "/etc/os-release",
+        ]);
+        if let Some(auth) = auth {
+            cmd = cmd.env("REGISTRY_AUTH_FILE", auth);
+        }
+        cmd.run()
+    };
+
+    // Without a login of their own the pin at submission cannot read the tag: refused with
+    // both fixes named.
+    let refused = srun(&image, None);
+    assert!(!refused.success(), "{refused:?}");
+    assert!(
+        refused.stderr.contains("requires credentials") && refused.stderr.contains("login"),
+        "{refused:?}"
+    );
+
+    // With the user's own login (a podman auth file they own) the tag is pinned at
+    // submission and the node pulls that digest with the site's credentials.
+    let login = cluster.home().join(format!("{}.json", unique_name("auth")));
+    write_user_file(&cluster, &login, &site_auth, 0o600);
+    let ran = srun(&image, Some(&login));
+    assert!(ran.success(), "{ran:?}");
+    assert!(
+        ran.stdout.contains("BERTH_REGISTRY=localhost:5000"),
+        "{ran:?}"
+    );
+
+    // A batch job: the batch step and a step inside it run the job's pin.
+    let script = cluster
+        .home()
+        .join(format!("{}.sh", unique_name("private")));
+    let output = script.with_extension("out");
+    write_user_file(
+        &cluster,
+        &script,
+        "#!/bin/sh\ngrep BERTH_REGISTRY /etc/os-release\nsrun grep BERTH_REGISTRY /etc/os-release\n",
+        0o755,
+    );
+    let batch = Cmd::user([
+        "sbatch".to_string(),
+        "--wait".into(),
+        format!("--output={}", output.display()),
+        format!("--container-image={image}"),
+        script.display().to_string(),
+    ])
+    .env("REGISTRY_AUTH_FILE", &login)
+    .run();
+    let text = std::fs::read_to_string(&output).unwrap_or_default();
+    let _ = std::fs::remove_file(&script);
+    let _ = std::fs::remove_file(&output);
+    let _ = std::fs::remove_file(&login);
+    assert!(batch.success(), "{batch:?}\n{text}");
+    assert_eq!(
+        text.matches("BERTH_REGISTRY=localhost:5000").count(),
+        2,
+        "{text}"
+    );
+
+    // Named by digest, the image needs no credentials at submission at all.
+    let by_digest = srun(&pinned, None);
+    assert!(by_digest.success(), "{by_digest:?}");
+    drop(installed);
 }
