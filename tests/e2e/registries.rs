@@ -258,22 +258,21 @@ fn a_private_image_runs_through_slurm_with_the_users_login_or_a_digest() {
         "{ran:?}"
     );
 
-    // A batch job: the batch step and a step inside it run the job's pin.
+    // A batch job: the script runs in the image, and so do two steps the script (on the
+    // host) starts, each pinned where it is submitted, with the login the job inherited.
     let script = cluster
         .home()
         .join(format!("{}.sh", unique_name("private")));
     let output = script.with_extension("out");
-    write_user_file(
-        &cluster,
-        &script,
-        "#!/bin/sh\ngrep BERTH_REGISTRY /etc/os-release\nsrun grep BERTH_REGISTRY /etc/os-release\n",
-        0o755,
+    let body = format!(
+        "#!/bin/sh\nfor step in 1 2; do srun --container-image={image} grep BERTH_REGISTRY \
+         /etc/os-release; done\n"
     );
+    write_user_file(&cluster, &script, &body, 0o755);
     let batch = Cmd::user([
         "sbatch".to_string(),
         "--wait".into(),
         format!("--output={}", output.display()),
-        format!("--container-image={image}"),
         script.display().to_string(),
     ])
     .env("REGISTRY_AUTH_FILE", &login)
@@ -281,13 +280,13 @@ fn a_private_image_runs_through_slurm_with_the_users_login_or_a_digest() {
     let text = std::fs::read_to_string(&output).unwrap_or_default();
     let _ = std::fs::remove_file(&script);
     let _ = std::fs::remove_file(&output);
-    let _ = std::fs::remove_file(&login);
     assert!(batch.success(), "{batch:?}\n{text}");
     assert_eq!(
         text.matches("BERTH_REGISTRY=localhost:5000").count(),
         2,
         "{text}"
     );
+    let _ = std::fs::remove_file(&login);
 
     // Named by digest, the image needs no credentials at submission at all.
     let by_digest = srun(&pinned, None);
