@@ -30,10 +30,11 @@ pub struct BlobJob<'a> {
 enum Transfer {
     /// Worth another attempt; `progressed` says whether it received any bytes (which then
     /// stay staged for the next attempt to resume from).
-    Interrupted {
-        message: String,
-        progressed: bool,
-    },
+    Interrupted { message: String, progressed: bool },
+    /// The registry stayed unreachable through the request's own retries: give up, but keep
+    /// the staged bytes for the next fetch of the image to resume from.
+    Unreachable(Error),
+    /// The blob or the answer is wrong: give up and remove the staged bytes.
     Failed(Error),
 }
 
@@ -121,6 +122,7 @@ impl Client {
                     );
                     super::backoff(failures);
                 }
+                Err(Transfer::Unreachable(e)) => return Err(e),
                 Err(Transfer::Failed(e)) => {
                     let _ = std::fs::remove_file(&partial);
                     return Err(e);
@@ -155,10 +157,7 @@ impl Client {
         let resp = self
             .get_range(url, None, Purpose::Blob, &what, range)
             .map_err(|e| match e {
-                Error::RegistryDown { message, .. } => Transfer::Interrupted {
-                    message,
-                    progressed: false,
-                },
+                Error::RegistryDown { .. } => Transfer::Unreachable(e),
                 e => Transfer::Failed(e),
             })?;
         let offset = if resp.status().as_u16() == 206 {
@@ -273,7 +272,7 @@ mod tests {
     use super::*;
     use crate::config::RegistryConfig;
     use crate::reference::DigestAlgorithm;
-    use crate::registry::tests::{http, serve};
+    use crate::registry::tests::{bearer_challenge, http, serve};
     use crate::registry::ClientOptions;
 
     fn client(dir: &Path, port: u16, tune: impl FnOnce(&mut RegistryConfig)) -> Client {
@@ -307,6 +306,33 @@ mod tests {
 
     const BLOB: &str = "0123456789abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ";
 
+    /// Downloads [`BLOB`] from the test server on `port` to `blob` in a new directory (with
+    /// `staged` already in `blob.partial`, as an earlier attempt would have left it).
+    fn pull_blob(
+        port: u16,
+        staged: Option<&str>,
+        tune: impl FnOnce(&mut RegistryConfig),
+    ) -> (tempfile::TempDir, Result<()>) {
+        let dir = tempfile::tempdir().unwrap();
+        if let Some(bytes) = staged {
+            std::fs::write(dir.path().join("blob.partial"), bytes).unwrap();
+        }
+        let desc = descriptor(BLOB.as_bytes());
+        let jobs = [BlobJob {
+            desc: &desc,
+            dest: dir.path().join("blob"),
+        }];
+        let pulled =
+            client(dir.path(), port, tune).download_blobs("lab/img", &jobs, &quiet_progress());
+        (dir, pulled)
+    }
+
+    /// Neither the blob nor a partial file of it is left.
+    fn nothing_left(dir: &Path) {
+        assert!(!dir.join("blob.partial").exists());
+        assert!(!dir.join("blob").exists());
+    }
+
     #[test]
     fn an_interrupted_blob_resumes_with_a_range_request_and_is_verified_whole() {
         let (port, server) = serve(2, |head| {
@@ -327,17 +353,12 @@ mod tests {
                 full[..full.len() - (BLOB.len() - 30)].to_string()
             }
         });
-        let dir = tempfile::tempdir().unwrap();
-        let desc = descriptor(BLOB.as_bytes());
-        let dest = dir.path().join("blob");
-        let jobs = [BlobJob {
-            desc: &desc,
-            dest: dest.clone(),
-        }];
-        client(dir.path(), port, |_| {})
-            .download_blobs("lab/img", &jobs, &quiet_progress())
-            .unwrap();
-        assert_eq!(std::fs::read_to_string(&dest).unwrap(), BLOB);
+        let (dir, pulled) = pull_blob(port, None, |_| {});
+        pulled.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("blob")).unwrap(),
+            BLOB
+        );
         assert!(!dir.path().join("blob.partial").exists());
         let seen = server.join().unwrap();
         assert!(!seen[0].contains("range:"), "{seen:#?}");
@@ -359,20 +380,10 @@ mod tests {
                 &BLOB[10..],
             )
         });
-        let dir = tempfile::tempdir().unwrap();
-        let desc = descriptor(BLOB.as_bytes());
-        std::fs::write(dir.path().join("blob.partial"), "XXXXXXXXXX").unwrap();
-        let jobs = [BlobJob {
-            desc: &desc,
-            dest: dir.path().join("blob"),
-        }];
-        let err = client(dir.path(), port, |_| {})
-            .download_blobs("lab/img", &jobs, &quiet_progress())
-            .unwrap_err()
-            .to_string();
+        let (dir, pulled) = pull_blob(port, Some("XXXXXXXXXX"), |_| {});
+        let err = pulled.unwrap_err().to_string();
         assert!(err.contains("corrupt"), "{err}");
-        assert!(!dir.path().join("blob.partial").exists());
-        assert!(!dir.path().join("blob").exists());
+        nothing_left(dir.path());
         server.join().unwrap();
     }
 
@@ -385,15 +396,9 @@ mod tests {
             1 => http("503 Service Unavailable", "Retry-After: 3600\r\n", ""),
             _ => http("200 OK", "", BLOB),
         });
-        let dir = tempfile::tempdir().unwrap();
-        let desc = descriptor(BLOB.as_bytes());
-        let jobs = [BlobJob {
-            desc: &desc,
-            dest: dir.path().join("blob"),
-        }];
         let start = Instant::now();
-        client(dir.path(), port, |c| c.max_retry_wait_secs = 2)
-            .download_blobs("lab/img", &jobs, &quiet_progress())
+        pull_blob(port, None, |c| c.max_retry_wait_secs = 2)
+            .1
             .unwrap();
         let waited = start.elapsed();
         // 1 s as asked (the default backoff is 0.2 s), then 2 s, the cap, not an hour.
@@ -410,22 +415,13 @@ mod tests {
             "HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\nConnection: close\r\n\r\nxx"
                 .to_string()
         });
-        let dir = tempfile::tempdir().unwrap();
-        let desc = descriptor(BLOB.as_bytes());
-        let jobs = [BlobJob {
-            desc: &desc,
-            dest: dir.path().join("blob"),
-        }];
-        let err = client(dir.path(), port, |_| {})
-            .download_blobs("lab/img", &jobs, &quiet_progress())
-            .unwrap_err()
-            .to_string();
+        let (dir, pulled) = pull_blob(port, None, |_| {});
+        let err = pulled.unwrap_err().to_string();
         assert!(
             err.contains("announces 1000000000 bytes") && err.contains("before writing"),
             "{err}"
         );
-        assert!(!dir.path().join("blob.partial").exists());
-        assert!(!dir.path().join("blob").exists());
+        nothing_left(dir.path());
         server.join().unwrap();
     }
 
@@ -438,12 +434,6 @@ mod tests {
         let (issued2, used2) = (Arc::clone(&issued), Arc::clone(&used));
         let blobs = ["first blob", "second blob", "third blob"];
         let (port, server) = serve(9, move |head| {
-            let port = head
-                .lines()
-                .find_map(|l| l.strip_prefix("host: 127.0.0.1:"))
-                .unwrap_or_default()
-                .trim()
-                .to_string();
             if head.starts_with("GET /token?") {
                 let n = issued2.fetch_add(1, Ordering::SeqCst) + 1;
                 return http("200 OK", "", &format!(r#"{{"token":"t{n}"}}"#));
@@ -466,14 +456,7 @@ mod tests {
                         .unwrap();
                     http("200 OK", "", blob)
                 }
-                _ => http(
-                    "401 Unauthorized",
-                    &format!(
-                        "WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",\
-                         service=\"test\",scope=\"repository:lab/img:pull\"\r\n"
-                    ),
-                    "",
-                ),
+                _ => bearer_challenge(head),
             }
         });
         let dir = tempfile::tempdir().unwrap();

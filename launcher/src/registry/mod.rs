@@ -890,6 +890,24 @@ mod tests {
         )
     }
 
+    /// A 401 asking for a bearer token from `/token` on the server the request went to.
+    pub(super) fn bearer_challenge(head: &str) -> String {
+        let port = head
+            .lines()
+            .find_map(|l| l.strip_prefix("host: 127.0.0.1:"))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        http(
+            "401 Unauthorized",
+            &format!(
+                "WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",\
+                 service=\"test-registry\",scope=\"repository:lab/img:pull\"\r\n"
+            ),
+            "",
+        )
+    }
+
     #[test]
     fn fetches_a_bearer_token_with_the_site_credentials_and_retries_with_it() {
         let blob = b"layer bytes";
@@ -901,20 +919,7 @@ mod tests {
             } else if head.contains("authorization: Bearer t0k3n") {
                 http("200 OK", "", "layer bytes")
             } else {
-                let port = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("host: 127.0.0.1:"))
-                    .unwrap_or_default()
-                    .trim()
-                    .to_string();
-                http(
-                    "401 Unauthorized",
-                    &format!(
-                        "WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",\
-                         service=\"test-registry\",scope=\"repository:lab/img:pull\"\r\n"
-                    ),
-                    "",
-                )
+                bearer_challenge(head)
             }
         });
         let dir = tempfile::tempdir().unwrap();
