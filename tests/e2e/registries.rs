@@ -1,8 +1,9 @@
 //! Issue 11: registries as sites run them, against the test cluster's registries
-//! (`localhost:5000` HTTPS). Mirrors (`[[registry.mirrors]]`) and the pull pipeline's
-//! parallel downloads and progress; the HTTP edge cases (an interrupted blob resumed, 429
+//! (`localhost:5000` HTTPS): mirrors (`[[registry.mirrors]]`), a layer resumed from staged
+//! bytes with a Range request, progress, and a private registry through Slurm. The HTTP
+//! edge cases a real registry will not produce on cue (a connection dropped mid-blob, 429
 //! with Retry-After, an oversized blob, an expiring token) are unit tests with in-test
-//! servers in `launcher/src/registry/download.rs`, where the server can misbehave on cue.
+//! servers in `launcher/src/registry/download.rs`.
 //!
 //! The mirror and progress tests use their own cache and configuration (root's `--config`);
 //! the private-registry test runs jobs through Slurm with the cluster's own configuration,
@@ -292,4 +293,76 @@ fn a_private_image_runs_through_slurm_with_the_users_login_or_a_digest() {
     let by_digest = srun(&pinned, None);
     assert!(by_digest.success(), "{by_digest:?}");
     drop(installed);
+}
+
+/// `sha256sum` of `text`, hex.
+fn sha256_hex(text: &str) -> String {
+    let out = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(text.as_bytes())?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()[..64].to_string()
+}
+
+#[test]
+fn an_interrupted_layer_resumes_from_its_staged_bytes_with_a_range_request() {
+    let cluster = Cluster::get();
+    let registry = cluster.tls_registry();
+    let site = Site::new(&format!("[policy]\nallowed = [\"{}/*\"]\n", registry.host));
+    let image = cluster.image_tls();
+    let stored = |digest: &str| {
+        let hex = digest.trim_start_matches("sha256:");
+        std::fs::read(registry.storage.join(format!(
+            "docker/registry/v2/blobs/sha256/{}/{hex}/data",
+            &hex[..2]
+        )))
+        .unwrap()
+    };
+    let manifest: serde_json::Value = serde_json::from_slice(&stored(&image.digest)).unwrap();
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let bytes = stored(&layer);
+
+    // What an interrupted fetch leaves: the first half of the layer, staged under the
+    // image's cache name (`<manifest hex>-<first 32 hex of sha256(registry/repository)>`).
+    assert!(site.berth(&["images"]).success(), "the cache is made");
+    let key = format!(
+        "{}-{}",
+        image.digest.trim_start_matches("sha256:"),
+        &sha256_hex(&format!("{}/test/busybox", registry.host))[..32]
+    );
+    let blobs = site.dir.join("cache/tmp").join(key).join("blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let half = bytes.len() / 2;
+    std::fs::write(
+        blobs.join(format!("{}.partial", layer.trim_start_matches("sha256:"))),
+        &bytes[..half],
+    )
+    .unwrap();
+
+    let log = registry.log_cursor();
+    let run = site.berth(&["fetch", "--quiet", &image.reference]);
+    assert!(run.success(), "{run:?}");
+    // The registry sent the rest only (206, the other half), and the image was built.
+    let seen = log.read_new();
+    let request = format!("\"GET /v2/test/busybox/blobs/{layer} HTTP/1.1\" 206 ");
+    let line = seen
+        .lines()
+        .find(|l| l.contains(&request))
+        .unwrap_or_else(|| panic!("no ranged request for {layer}:\n{seen}"));
+    let sent: usize = line[line.find(&request).unwrap() + request.len()..]
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert_eq!(sent, bytes.len() - half, "{line}");
+    assert!(PathBuf::from(run.stdout.trim()).exists(), "{run:?}");
 }
