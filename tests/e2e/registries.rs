@@ -289,7 +289,13 @@ fn a_private_image_runs_through_slurm_with_the_users_login_or_a_digest() {
     );
     let _ = std::fs::remove_file(&login);
 
-    // Named by digest, the image needs no credentials at submission at all.
+    // Cached on the node now, the tag is still refused to a user without a login: the pin
+    // at submission asks the registry, not the node's cache.
+    let still_refused = srun(&image, None);
+    assert!(!still_refused.success(), "{still_refused:?}");
+
+    // Named by digest, the image needs no credentials at submission at all: the policy
+    // allows the repository, and the node pulled (or pulls) it with the site's.
     let by_digest = srun(&pinned, None);
     assert!(by_digest.success(), "{by_digest:?}");
     drop(installed);
