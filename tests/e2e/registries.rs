@@ -5,9 +5,10 @@
 //! with Retry-After, an oversized blob, an expiring token) are unit tests with in-test
 //! servers in `launcher/src/registry/download.rs`.
 //!
-//! The mirror and progress tests use their own cache and configuration (root's `--config`);
-//! the private-registry test runs jobs through Slurm with the cluster's own configuration,
-//! which names its registry (`localhost:5002`, started by the test).
+//! The tests use their own cache and configuration (root's `--config`), except the
+//! private-registry test: it runs jobs through Slurm, so it adds its registry
+//! (`localhost:5002`, started by the test) and `user_credentials` to the cluster's own
+//! berth.toml for its duration (the e2e lock keeps other suites out meanwhile).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -141,8 +142,7 @@ fn a_pull_with_parallel_downloads_reports_totals_and_rates() {
     assert_eq!(fields.last(), Some(&"MB/s"), "{line}");
 }
 
-/// The private registry's port, named in `tests/cluster/templates/berth.toml` (allowed, with
-/// `[registry] user_credentials = true`).
+/// The private registry's port.
 const PRIVATE_PORT: u16 = 5002;
 
 /// Files the test puts where the node's berth reads them (the site's auth file, the
@@ -206,7 +206,20 @@ fn a_private_image_runs_through_slurm_with_the_users_login_or_a_digest() {
         .and_then(|rest| rest.strip_suffix('"'))
         .map(PathBuf::from)
         .expect("the cluster's berth.toml names its auth_file");
+    // The site approves the registry and lets the pin at submission use users' own logins.
+    let site_config = config
+        .replacen(
+            "allowed = [",
+            &format!("allowed = [\"{}/*\", ", registry.host),
+            1,
+        )
+        .replacen("[registry]\n", "[registry]\nuser_credentials = true\n", 1);
+    assert_ne!(
+        site_config, config,
+        "the cluster's berth.toml changed shape"
+    );
     let mut installed = Installed(Vec::new());
+    installed.file(&cluster.berth_config(), site_config.as_bytes(), 0o644);
     let site_auth = format!(
         r#"{{"auths": {{"{}": {{"username": "{}", "password": "{}"}}}}}}"#,
         registry.host,
