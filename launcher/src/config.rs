@@ -40,6 +40,8 @@ pub struct Config {
     /// `[site]`: binds and variables every container gets, limits on users' binds.
     #[serde(default)]
     pub site: crate::site::SiteConfig,
+    #[serde(default)]
+    pub gpu: GpuConfig,
 }
 
 /// `[policy]`: which images may run. Owned by `policy.rs`. Entries are validated while the
@@ -246,6 +248,54 @@ impl Default for RuntimeConfig {
     fn default() -> Self {
         RuntimeConfig {
             dir: PathBuf::from("/run/berth"),
+        }
+    }
+}
+
+/// `[gpu]`: binding the allocation's GPUs and the node's fabric devices. Owned by `gpu/`.
+/// Entries are checked while the file is parsed, so a bad value names its key and the
+/// allowed values.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GpuConfig {
+    /// Bind the GPUs Slurm allocated (or `--gpus` names) into containers.
+    pub enabled: bool,
+    /// slurmd's gres.conf, which maps Slurm's GPU indexes to device files.
+    pub gres_conf: PathBuf,
+    /// Directories of CDI specs; a spec that covers the allocated devices is used instead of
+    /// berth's own discovery. Empty: never use CDI.
+    pub cdi_dirs: Vec<crate::gpu::AbsPath>,
+    /// More driver libraries to bind with the GPUs, by name as the ld.so cache lists them
+    /// without the version (`libnvidia-fbc.so`).
+    pub extra_libraries: Vec<crate::gpu::LibraryName>,
+    /// The driver version whose libraries are bound ("550.54.15"); empty: the running
+    /// driver's (/proc/driver/nvidia/version), else the version of the host's
+    /// libnvidia-ml.so.1.
+    pub driver_version: crate::gpu::DriverVersion,
+    /// Fabric device classes every container gets when the node has them.
+    pub fabric: Vec<crate::gpu::FabricClass>,
+    /// More device files every container gets when present (absolute, under /dev).
+    pub fabric_devices: Vec<crate::gpu::DevPath>,
+}
+
+impl Default for GpuConfig {
+    fn default() -> Self {
+        use crate::gpu::FabricClass;
+        GpuConfig {
+            enabled: true,
+            gres_conf: PathBuf::from("/etc/slurm/gres.conf"),
+            cdi_dirs: ["/etc/cdi", "/var/run/cdi"]
+                .iter()
+                .map(|d| crate::gpu::AbsPath(d.into()))
+                .collect(),
+            extra_libraries: Vec::new(),
+            driver_version: crate::gpu::DriverVersion::default(),
+            fabric: vec![
+                FabricClass::Uverbs,
+                FabricClass::RdmaCm,
+                FabricClass::Gdrdrv,
+            ],
+            fabric_devices: Vec::new(),
         }
     }
 }

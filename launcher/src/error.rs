@@ -154,6 +154,37 @@ pub enum Error {
     StopTimeout { handle: String, secs: u64 },
     #[error("the image's FUSE daemon (squashfuse) ended ({0}), so the container's files are gone; see its message above")]
     HelperDied(String),
+    // ---- gpu -----------------------------------------------------------------------------
+    #[error("{}: line {line}: {message}; fix gres.conf (slurmd reads it too) or point [gpu] gres_conf in berth.toml at the right file", path.display())]
+    GresConf {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("invalid GPU list {0:?}: use all, or Slurm GPU indexes like 0,2 or 0-3")]
+    GpuSelection(String),
+    #[error("GPU index {index} is not on this node: {from} lists {count} GPU(s), indexes from 0; fix gres.conf so it matches slurmd's, or ask for an index below {count}")]
+    GpuIndex {
+        index: usize,
+        count: usize,
+        from: String,
+    },
+    #[error("GPU device {} is missing or not a device node on this node; check the driver is loaded and gres.conf's File= names existing nodes", path.display())]
+    GpuDevice { path: PathBuf },
+    #[error("NVML: {0}; gres.conf says AutoDetect=nvml, so berth asks the NVIDIA driver's libnvidia-ml.so.1 which GPUs exist: check the driver is installed and loaded (nvidia-smi), or list the GPUs with File= in gres.conf")]
+    Nvml(String),
+    #[error("no NVIDIA driver found (no /proc/driver/nvidia/version, no libnvidia-ml.so.1 or libcuda.so.1 in the ld.so cache): install and load the driver, run ldconfig, or set [gpu] driver_version in berth.toml")]
+    NoDriver,
+    #[error("the NVIDIA driver library {library} of version {version} is not in this node's ld.so cache: install the driver's user-space libraries of the loaded kernel module's version and run ldconfig (or fix [gpu] driver_version / extra_libraries in berth.toml)")]
+    DriverLibrary { library: String, version: String },
+    #[error("NVIDIA_DRIVER_CAPABILITIES={value:?}: unknown capability {word:?}; allowed: {allowed} (set it with --env or --container-env)")]
+    GpuCapability {
+        value: String,
+        word: String,
+        allowed: String,
+    },
+    #[error("CDI spec {}: {message}; fix or remove the file (regenerate it with `nvidia-ctk cdi generate`), or take its directory out of [gpu] cdi_dirs", path.display())]
+    Cdi { path: PathBuf, message: String },
     // ---- reference / policy --------------------------------------------------------------
     #[error("image `{image}` refused: {reason}")]
     InvalidReference { image: String, reason: String },

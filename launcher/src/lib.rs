@@ -12,6 +12,7 @@ pub mod config;
 pub mod container;
 pub mod doctor;
 pub mod error;
+pub mod gpu;
 pub mod image_config;
 pub mod metrics;
 pub mod policy;

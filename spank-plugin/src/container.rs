@@ -27,11 +27,20 @@ pub struct NodeBind {
     pub read_only: bool,
 }
 
-/// `berth start` arguments for `image` with the user's options and the node's binds, each at
-/// the same path inside. `--container-env` is not among them: it is applied per task.
-pub fn start_args(image: &str, options: &ContainerOptions, node: &[NodeBind]) -> Vec<String> {
+/// `berth start` arguments for `image` with the user's options, the node's binds, each at
+/// the same path inside, and the step's GPUs (Slurm's indexes, which berth maps through
+/// gres.conf). `--container-env` is not among them: it is applied per task.
+pub fn start_args(
+    image: &str,
+    options: &ContainerOptions,
+    node: &[NodeBind],
+    gpus: Option<&str>,
+) -> Vec<String> {
     // --private: only root may open the holder's descriptors (see Launcher::start).
     let mut args = vec!["start".to_owned(), "--private".to_owned()];
+    if let Some(gpus) = gpus.filter(|g| !g.is_empty()) {
+        args.push(format!("--gpus={gpus}"));
+    }
     for mount in &options.mounts {
         let ro = if mount.access == Access::ReadOnly {
             ":ro"
@@ -223,7 +232,7 @@ mod tests {
             read_only: true,
         }];
         assert_eq!(
-            start_args("h/r@sha256:00", &options, &node),
+            start_args("h/r@sha256:00", &options, &node, None),
             strings(&[
                 "start",
                 "--private",
@@ -239,8 +248,16 @@ mod tests {
             ])
         );
         assert_eq!(
-            start_args("-x", &ContainerOptions::default(), &[]),
+            start_args("-x", &ContainerOptions::default(), &[], None),
             strings(&["start", "--private", "--", "-x"])
+        );
+        assert_eq!(
+            start_args("i", &ContainerOptions::default(), &[], Some("0,2")),
+            strings(&["start", "--private", "--gpus=0,2", "--", "i"])
+        );
+        assert_eq!(
+            start_args("i", &ContainerOptions::default(), &[], Some("")),
+            strings(&["start", "--private", "--", "i"])
         );
     }
 }

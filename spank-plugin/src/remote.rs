@@ -150,7 +150,15 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
         gid: info.gid,
         groups: info.groups.clone(),
     });
-    let (args, local_image) = start_image(&image, &vetted, &options, &binds)?;
+    // The GPUs Slurm allocated: indexes in gres.conf order (the batch step has only the
+    // job's list). Absent or empty: a container without GPUs.
+    let gpus_var = if info.step_id == BATCH_STEP {
+        "SLURM_JOB_GPUS"
+    } else {
+        "SLURM_STEP_GPUS"
+    };
+    let gpus = getenv(gpus_var)?.map(|g| String::from_utf8_lossy(&g).into_owned());
+    let (args, local_image) = start_image(&image, &vetted, &options, &binds, gpus.as_deref())?;
     let holder = user.start(&args, local_image)?;
     spank::log_debug(&format!("container of {image} held by pid {}", holder.pid));
     *lock(&STEP) = Some(Step {
@@ -175,9 +183,13 @@ fn start_image(
     vetted: &str,
     options: &options::ContainerOptions,
     binds: &[NodeBind],
+    gpus: Option<&str>,
 ) -> Result<(Vec<String>, HandedFds), Error> {
     if !vetted.starts_with('/') {
-        return Ok((container::start_args(image, options, binds), Vec::new()));
+        return Ok((
+            container::start_args(image, options, binds, gpus),
+            Vec::new(),
+        ));
     }
     use std::os::unix::fs::OpenOptionsExt;
     // As the user (slurmstepd's effective uid here), with no symlink followed, and
@@ -190,7 +202,7 @@ fn start_image(
             path: vetted.to_owned(),
             reason: e.to_string(),
         })?;
-    let mut args = container::start_args(vetted, options, binds);
+    let mut args = container::start_args(vetted, options, binds, gpus);
     args.insert(1, format!("--image-fd={IMAGE_FD}"));
     Ok((args, vec![(IMAGE_FD, OwnedFd::from(file))]))
 }
@@ -358,7 +370,7 @@ mod tests {
     #[test]
     fn a_local_image_starts_from_the_vetted_file_itself() {
         let options = options::ContainerOptions::default();
-        let (args, file) = start_image("h/r:1", "h/r:1", &options, &[]).unwrap();
+        let (args, file) = start_image("h/r:1", "h/r:1", &options, &[], None).unwrap();
         assert_eq!(args, ["start", "--private", "--", "h/r:1"]);
         assert!(file.is_empty());
         let dir = tempfile::tempdir().unwrap();
@@ -366,7 +378,7 @@ mod tests {
         std::fs::write(&vetted, b"x").unwrap();
         let vetted = vetted.display().to_string();
         // The user wrote some other path; what starts is the one root vetted.
-        let (args, file) = start_image("/home/u/link/a.sif", &vetted, &options, &[]).unwrap();
+        let (args, file) = start_image("/home/u/link/a.sif", &vetted, &options, &[], None).unwrap();
         assert_eq!(
             args,
             ["start", "--image-fd=3", "--private", "--", vetted.as_str()]
@@ -376,7 +388,7 @@ mod tests {
         // A symlink put in its place is not followed.
         let link = dir.path().join("link.sif");
         std::os::unix::fs::symlink(&vetted, &link).unwrap();
-        let err = start_image("x", &link.display().to_string(), &options, &[]).unwrap_err();
+        let err = start_image("x", &link.display().to_string(), &options, &[], None).unwrap_err();
         assert!(
             matches!(&err, Error::LocalImageUnreadable { reason, .. } if reason.contains("symbolic links")),
             "{err:?}"

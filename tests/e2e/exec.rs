@@ -404,3 +404,30 @@ fn a_hundred_runs_leave_no_process_mount_or_directory() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// Security finding 11: /proc and /sys are the host's, so a job running as real root (uid 0
+/// without capabilities) must find the dangerous parts masked or read-only, as under runc.
+/// Writes only what is already there, so a failure here changes nothing on the host.
+#[test]
+fn kernel_interfaces_are_masked_and_read_only_even_for_root() {
+    let _s = serial();
+    let img = images().sif.to_str().unwrap();
+    let script = "\
+        (echo h > /proc/sysrq-trigger) 2>/dev/null && echo sysrq=written || echo sysrq=refused; \
+        [ -s /proc/kcore ] && echo kcore=visible || echo kcore=hidden; \
+        cat /proc/sys/kernel/core_pattern > /tmp/cp; \
+        (cat /tmp/cp > /proc/sys/kernel/core_pattern) 2>&1; \
+        grep -E ' /proc/(sys|keys|timer_list) ' /proc/self/mountinfo";
+    let o = Command::new(berth())
+        .args(["exec", img, "sh", "-c", script])
+        .current_dir("/tmp")
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(out.contains("sysrq=refused"), "{out}");
+    assert!(out.contains("kcore=hidden"), "{out}");
+    assert!(out.contains("Read-only file system"), "{out}");
+    assert!(out.contains(" /proc/sys ro"), "{out}");
+    assert!(out.contains(" /proc/keys "), "{out}");
+}

@@ -8,6 +8,7 @@ use super::Globals;
 use crate::cache;
 use crate::config::Config;
 use crate::container::{self, spec};
+use crate::gpu;
 use crate::{Error, Result};
 
 /// Options describing a container, shared by `berth exec` and `berth start`.
@@ -40,6 +41,10 @@ pub struct ContainerArgs {
     /// Print the container's OCI runtime spec (JSON) and exit without running anything.
     #[arg(long)]
     pub print_spec: bool,
+    /// GPUs to bind: `all` (those you may open) or Slurm GPU indexes (gres.conf `File=`
+    /// order) like `0,2`; the plugin passes the step's allocation.
+    #[arg(long, value_name = "all|LIST")]
+    pub gpus: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -70,7 +75,7 @@ pub fn run(a: Args, g: &Globals) -> Result<i32> {
             let config = Config::load_for_caller(g.config.as_deref())?;
             // Held until the command ends: a cached image stays locked against eviction.
             let image = cache::runnable(&config, image)?;
-            let spec = build_spec(&a.container, &config.site, &image.path, command.to_vec())?;
+            let spec = build_spec(&a.container, &image.path, command.to_vec(), &config)?;
             if a.container.print_spec {
                 return print_spec(&spec);
             }
@@ -92,10 +97,11 @@ pub fn run(a: Args, g: &Globals) -> Result<i32> {
 /// checked against them.
 pub fn build_spec(
     c: &ContainerArgs,
-    site: &crate::site::SiteConfig,
     image: &std::path::Path,
     command: Vec<String>,
+    config: &Config,
 ) -> Result<oci_spec::runtime::Spec> {
+    let site = &config.site;
     let path = container::canonical_image(image)?;
     let source = crate::sif::open_image(&path)?;
     let binds = c
@@ -118,7 +124,16 @@ pub fn build_spec(
         offset: source.offset,
         config: &source.config,
     };
-    spec::build(&image, &opts, &spec::Host::current())
+    let mut spec = spec::build(&image, &opts, &spec::Host::current())?;
+    let selection = c.gpus.as_deref().map(gpu::Selection::parse).transpose()?;
+    let env = spec
+        .process()
+        .as_ref()
+        .and_then(|p| p.env().clone())
+        .unwrap_or_default();
+    let edits = gpu::discover(&config.gpu, selection.as_ref(), &env, &gpu::HostNode)?;
+    gpu::edit::apply(&mut spec, &edits)?;
+    Ok(spec)
 }
 
 pub fn print_spec(spec: &oci_spec::runtime::Spec) -> Result<i32> {

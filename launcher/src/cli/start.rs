@@ -1,12 +1,14 @@
 //! `berth start [OPTIONS] [--image-fd FD] IMAGE`: hold a container for a job step and print
 //! its handle; `berth stop HANDLE`: end it.
 //!
-//! The step's tasks join what `berth start` holds, so it applies the site policy itself
-//! instead of trusting that a caller checked: registry images come through the policy-checked
-//! node cache, and a local image file runs only where the policy allows local images and the
-//! file lies in a listed, root-owned directory. The SPANK plugin hands over the very file
-//! root vetted, opened, as `--image-fd` (the path the user wrote could point elsewhere by
-//! the time the holder opens it).
+//! A step's tasks join what `berth start --private` holds (the SPANK plugin's holder), so in
+//! that mode, and whenever `--image-fd` is given, it applies the site policy itself instead of
+//! trusting that a caller checked: registry images come through the policy-checked node
+//! cache, and a local image file runs only where the policy allows local images and the file
+//! lies in a listed, root-owned directory. The SPANK plugin hands over the very file root
+//! vetted, opened, as `--image-fd` (the path the user wrote could point elsewhere by the time
+//! the holder opens it). A plain `berth start` outside Slurm is, like `berth exec`, the
+//! caller's own container: their own image files run in it.
 
 use std::fs::File;
 use std::path::PathBuf;
@@ -59,11 +61,14 @@ pub fn run_start(a: StartArgs, g: &Globals) -> Result<i32> {
     }
     let config = Config::load_for_caller(g.config.as_deref())?;
     // Held for the container's life: a cached image stays locked against eviction.
-    let image = image_to_run(&config, a.image_fd, &a.image)?;
-    let site = &config.site;
-    let spec = match build_spec(&a.container, site, &image.path, Vec::new()) {
+    let image = if a.private || a.image_fd.is_some() {
+        image_to_run(&config, a.image_fd, &a.image)?
+    } else {
+        ImageToRun::cached(cache::runnable(&config, &a.image)?)
+    };
+    let spec = match build_spec(&a.container, &image.path, Vec::new(), &config) {
         Err(Error::NoCommand) => {
-            build_spec(&a.container, site, &image.path, vec!["/bin/sh".into()])?
+            build_spec(&a.container, &image.path, vec!["/bin/sh".into()], &config)?
         }
         other => other?,
     };
@@ -80,6 +85,16 @@ struct ImageToRun {
     _cached: Option<cache::RunnableImage>,
     /// A local image's descriptor, so the file stays what was checked.
     _file: Option<File>,
+}
+
+impl ImageToRun {
+    fn cached(image: cache::RunnableImage) -> ImageToRun {
+        ImageToRun {
+            path: image.path.clone(),
+            _cached: Some(image),
+            _file: None,
+        }
+    }
 }
 
 /// The file for `image`, or for the descriptor `fd`, under the site policy (see the module
@@ -121,12 +136,10 @@ fn image_to_run(config: &Config, fd: Option<u32>, image: &str) -> Result<ImageTo
         (ImageRequest::Registry(reference), Verdict::Allow { .. }) => {
             // The canonical form names its registry, so a file of that name created
             // meanwhile cannot be taken for it.
-            let cached = cache::runnable(config, &reference.to_string())?;
-            Ok(ImageToRun {
-                path: cached.path.clone(),
-                _cached: Some(cached),
-                _file: None,
-            })
+            Ok(ImageToRun::cached(cache::runnable(
+                config,
+                &reference.to_string(),
+            )?))
         }
     }
 }

@@ -26,8 +26,41 @@ pub const GROUP: &str = "group";
 
 /// Host files every container sees (read-only), when the host has them.
 pub const HOST_FILES: [&str; 2] = ["/etc/hosts", "/etc/resolv.conf"];
-/// Device nodes bound from the host into the container's /dev.
-pub const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
+/// The character devices every container gets (bound from the host): path, major, minor.
+pub const DEVICES: [(&str, u64, u64); 6] = [
+    ("/dev/null", 1, 3),
+    ("/dev/zero", 1, 5),
+    ("/dev/full", 1, 7),
+    ("/dev/random", 1, 8),
+    ("/dev/urandom", 1, 9),
+    ("/dev/tty", 5, 0),
+];
+
+/// Kernel interfaces hidden inside (an empty read-only tmpfs over directories, /dev/null
+/// over files), and those made read-only: runc's and containerd's defaults. /proc and /sys
+/// are the host's, so for a job running as root (uid 0, no capabilities) these are what
+/// keeps /proc/sysrq-trigger, /proc/sys/kernel/core_pattern and friends out of reach.
+pub const MASKED_PATHS: [&str; 12] = [
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/interrupts",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+];
+pub const READONLY_PATHS: [&str; 5] = [
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
 
 /// `--bind SRC:DST[:ro|rw]`, SRC already canonical on the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -162,6 +195,11 @@ pub fn build(image: &ImageRef<'_>, opts: &Options, host: &Host) -> Result<Spec> 
         "mounts": mounts(opts, host),
         "linux": {
             "namespaces": [{ "type": "user" }, { "type": "mount" }],
+            "devices": DEVICES.iter().map(|(path, major, minor)| {
+                json!({ "path": path, "type": "c", "major": major, "minor": minor })
+            }).collect::<Vec<_>>(),
+            "maskedPaths": MASKED_PATHS,
+            "readonlyPaths": READONLY_PATHS,
             "uidMappings": [{ "containerID": inside_uid, "hostID": host.uid, "size": 1 }],
             "gidMappings": [{ "containerID": inside_gid, "hostID": host.gid, "size": 1 }],
         },
@@ -269,7 +307,8 @@ fn mount(destination: &Path, typ: &str, source: &Path, options: &[&str]) -> Valu
     json!({ "destination": destination, "type": typ, "source": source, "options": options })
 }
 
-fn bind(source: &Path, destination: &Path, readonly: bool) -> Value {
+/// A bind mount of `source` (a host path, or relative: in the bundle) at `destination`.
+pub(crate) fn bind(source: &Path, destination: &Path, readonly: bool) -> Value {
     let options: &[&str] = if readonly {
         &["rbind", "ro"]
     } else {
@@ -293,10 +332,7 @@ fn mounts(opts: &Options, host: &Host) -> Vec<Value> {
             &["nosuid", "noexec", "mode=755", "size=64k"],
         ),
     ];
-    for d in DEVICES {
-        let dev = PathBuf::from(format!("/dev/{d}"));
-        v.push(bind(&dev, &dev, false));
-    }
+    // The devices of `linux.devices` are bound into this /dev right after it is mounted.
     v.push(mount(
         p("/dev/pts"),
         "devpts",
@@ -567,7 +603,7 @@ mod tests {
                 .position(|x| x == p)
                 .unwrap_or_else(|| panic!("{p} in {d:?}"))
         };
-        assert!(pos("/dev") < pos("/dev/null") && pos("/dev/null") < pos("/dev/pts"));
+        assert!(pos("/dev") < pos("/dev/pts") && pos("/dev/pts") < pos("/tmp"));
         assert!(pos("/proc") < pos("/home/ada") && pos("/home/ada") < pos("/data"));
         assert!(
             d.contains(&"/etc/hosts".to_string()) && !d.contains(&"/etc/resolv.conf".to_string())
@@ -579,6 +615,26 @@ mod tests {
         o.no_home = true;
         let d = destinations(&build_with(&ImageConfig::default(), &o, &host()));
         assert!(!d.contains(&"/home/ada".to_string()));
+    }
+
+    #[test]
+    fn devices_and_kernel_interfaces() {
+        let spec = build_with(&ImageConfig::default(), &opts(&["true"]), &host());
+        let linux = spec.linux().as_ref().unwrap();
+        let devices = linux.devices().as_ref().unwrap();
+        let null = devices
+            .iter()
+            .find(|d| d.path() == Path::new("/dev/null"))
+            .unwrap();
+        assert_eq!((null.major(), null.minor()), (1, 3));
+        assert_eq!(devices.len(), DEVICES.len());
+        assert!(!destinations(&spec).contains(&"/dev/null".to_string()));
+        let masked = linux.masked_paths().as_ref().unwrap();
+        assert!(masked.contains(&"/proc/kcore".to_string()));
+        assert!(masked.contains(&"/sys/firmware".to_string()));
+        let ro = linux.readonly_paths().as_ref().unwrap();
+        assert!(ro.contains(&"/proc/sys".to_string()));
+        assert!(ro.contains(&"/proc/sysrq-trigger".to_string()));
     }
 
     #[test]

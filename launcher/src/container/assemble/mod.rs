@@ -1,5 +1,10 @@
-//! Realising a spec (from `spec::build`) through [`Syscall`]: namespaces, the image mount,
-//! the root file system, pivot_root.
+//! Realising a spec (from `spec::build` and its edits) through [`Syscall`]: namespaces, the
+//! image mount, the root file system, pivot_root. By mechanism, as youki's `rootfs/`:
+//! - this file: the namespace and overlay sequence;
+//! - `mounts`: OCI mounts into mount(2) calls (a table of options), masked and read-only
+//!   kernel paths;
+//! - `devices`: the host nodes of `linux.devices` bound into /dev, and /dev's links;
+//! - `userdb`: the files generated from the image's own (passwd, group, ld.so.cache).
 //!
 //! Two user namespaces, both mapping one id, neither needing a setuid helper:
 //! - the outer one maps the image's root (uid/gid 0) to the user. squashfuse reports the
@@ -12,6 +17,10 @@
 //! The mount namespace belongs to the outer user namespace; `berth_sys::join` enters the
 //! chain in that order.
 
+mod devices;
+mod mounts;
+mod userdb;
+
 use std::ffi::{CString, OsString};
 use std::os::fd::AsFd;
 use std::os::unix::ffi::OsStringExt;
@@ -20,7 +29,8 @@ use std::path::{Path, PathBuf};
 use berth_sys::{Mount, MountpointKind, MsFlags, Syscall};
 use oci_spec::runtime::Spec;
 
-use super::spec::{self, GROUP, PASSWD};
+use super::spec;
+use crate::gpu::edit;
 use crate::{Error, Result};
 
 /// The squashfuse programs berth can serve images with, fastest first (the low-level one
@@ -55,7 +65,7 @@ pub fn assemble(
     bundle: &Path,
     squashfuse: &Path,
 ) -> Result<Assembled> {
-    let facts = Facts::of(spec)?;
+    let facts = AssemblyInputs::of(spec)?;
     sys.unshare_user_mount()
         .map_err(|source| match source.raw_os_error() {
             Some(libc::EPERM | libc::ENOSPC | libc::EINVAL | libc::EUSERS) => {
@@ -108,18 +118,36 @@ pub fn assemble(
     })
     .map_err(container("mounting the overlay root"))?;
 
-    write_user_db(&root, bundle, &facts)?;
+    userdb::write_user_db(&root, bundle, &facts)?;
+    userdb::write_ld_cache(
+        &root,
+        bundle,
+        &edit::ld_cache_entries(spec)?,
+        edit::driver_version(spec).as_deref(),
+    )?;
     for m in spec.mounts().iter().flatten() {
-        let mount = to_sys_mount(m, bundle)?;
+        let mount = mounts::to_sys_mount(m, bundle)?;
         sys.mount_in_root(&root, &mount)
             .map_err(|source| Error::Sys {
                 path: m.destination().clone(),
                 source,
             })?;
         if mount.target == Path::new("/dev") {
-            populate_dev(sys, &root)?;
+            devices::bind_devices(sys, &root, spec)?;
+            devices::links(sys, &root)?;
         }
     }
+    let linux = spec.linux().as_ref();
+    mounts::mask_and_protect(
+        sys,
+        &root,
+        &linux
+            .and_then(|l| l.masked_paths().clone())
+            .unwrap_or_default(),
+        &linux
+            .and_then(|l| l.readonly_paths().clone())
+            .unwrap_or_default(),
+    )?;
     if spec
         .root()
         .as_ref()
@@ -145,7 +173,12 @@ pub fn assemble(
 /// Mounts the image at `lower`: berth mounts the FUSE file system itself (it holds the
 /// privileges in its namespace; squashfuse, exec'd, would not) and hands the connection to
 /// squashfuse as `/dev/fd/N`.
-fn mount_image(sys: &impl Syscall, facts: &Facts, lower: &Path, squashfuse: &Path) -> Result<i32> {
+fn mount_image(
+    sys: &impl Syscall,
+    facts: &AssemblyInputs,
+    lower: &Path,
+    squashfuse: &Path,
+) -> Result<i32> {
     let fuse = sys
         .mount_fuse(&facts.image, lower, "squashfuse", 0, 0)
         .map_err(|source| match source.raw_os_error() {
@@ -184,90 +217,21 @@ fn cstring(s: OsString) -> Result<CString> {
     })
 }
 
-/// /dev entries that are links rather than mounts.
-fn populate_dev(sys: &impl Syscall, root: &Path) -> Result<()> {
-    for (target, link) in [
-        ("pts/ptmx", "/dev/ptmx"),
-        ("/proc/self/fd", "/dev/fd"),
-        ("/proc/self/fd/0", "/dev/stdin"),
-        ("/proc/self/fd/1", "/dev/stdout"),
-        ("/proc/self/fd/2", "/dev/stderr"),
-    ] {
-        sys.symlink_in_root(root, Path::new(target), Path::new(link))
-            .map_err(|source| Error::Sys {
-                path: link.into(),
-                source,
-            })?;
-    }
-    Ok(())
+/// What assembly needs from the spec besides its mounts and devices: the image, the outer
+/// and inner ids, the user's name and home.
+pub struct AssemblyInputs {
+    pub(crate) image: PathBuf,
+    pub(crate) offset: u64,
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+    pub(crate) uid_inside: u32,
+    pub(crate) gid_inside: u32,
+    pub(crate) user: String,
+    pub(crate) home: String,
 }
 
-/// Translates one OCI mount. Relative sources are in the bundle; binds of files get a file
-/// mountpoint; flag-like options become mount flags, the rest the file system's data.
-fn to_sys_mount(m: &oci_spec::runtime::Mount, bundle: &Path) -> Result<Mount> {
-    let source = m.source().clone().unwrap_or_default();
-    let source = if source.is_relative() {
-        bundle.join(source)
-    } else {
-        source
-    };
-    let typ = m.typ().clone().unwrap_or_else(|| "bind".into());
-    let options = m.options().clone().unwrap_or_default();
-    let mut flags = MsFlags::empty();
-    let mut data = Vec::new();
-    let mut readonly = false;
-    for o in &options {
-        match o.as_str() {
-            "rbind" => flags |= MsFlags::MS_BIND | MsFlags::MS_REC,
-            "bind" => flags |= MsFlags::MS_BIND,
-            "ro" => readonly = true,
-            "rw" => {}
-            "nosuid" => flags |= MsFlags::MS_NOSUID,
-            "nodev" => flags |= MsFlags::MS_NODEV,
-            "noexec" => flags |= MsFlags::MS_NOEXEC,
-            other => data.push(other),
-        }
-    }
-    let is_bind = typ == "bind";
-    if is_bind {
-        flags |= MsFlags::MS_BIND;
-    }
-    let kind = match std::fs::metadata(&source) {
-        Ok(meta) if is_bind && !meta.is_dir() => MountpointKind::File,
-        Ok(_) => MountpointKind::Dir,
-        Err(e) if is_bind => {
-            return Err(Error::BindSource {
-                path: source,
-                source: e,
-            });
-        }
-        Err(_) => MountpointKind::Dir,
-    };
-    Ok(Mount {
-        source: Some(source),
-        target: m.destination().clone(),
-        fstype: (!is_bind).then_some(typ),
-        flags,
-        data: (!data.is_empty()).then(|| data.join(",")),
-        readonly,
-        kind,
-    })
-}
-
-/// What assembly needs from the spec besides its mounts.
-struct Facts {
-    image: PathBuf,
-    offset: u64,
-    uid: u32,
-    gid: u32,
-    uid_inside: u32,
-    gid_inside: u32,
-    user: String,
-    home: String,
-}
-
-impl Facts {
-    fn of(spec: &Spec) -> Result<Facts> {
+impl AssemblyInputs {
+    fn of(spec: &Spec) -> Result<AssemblyInputs> {
         let missing =
             |what: &str| Error::Spec(serde::de::Error::custom(format!("the spec has no {what}")));
         let ann = spec.annotations().clone().unwrap_or_default();
@@ -287,7 +251,7 @@ impl Facts {
             .as_ref()
             .ok_or_else(|| missing("process"))?
             .user();
-        Ok(Facts {
+        Ok(AssemblyInputs {
             image: get(spec::ANN_IMAGE)?.into(),
             offset: get(spec::ANN_IMAGE_OFFSET)?
                 .parse()
@@ -299,75 +263,6 @@ impl Facts {
             user: get(spec::ANN_USER_NAME)?,
             home: get(spec::ANN_USER_HOME)?,
         })
-    }
-}
-
-/// Writes the bundle's passwd and group: the image's own entries (read inside the root, so
-/// an image symlink cannot make berth read a host file) plus the user's, unless the image
-/// already has an entry with the user's uid/gid.
-fn write_user_db(root: &Path, bundle: &Path, f: &Facts) -> Result<()> {
-    let passwd = read_in_root(root, "/etc/passwd")?;
-    let group = read_in_root(root, "/etc/group")?;
-    let passwd = with_entry(
-        &passwd,
-        2,
-        f.uid_inside,
-        &format!(
-            "{}:x:{}:{}::{}:/bin/sh",
-            f.user, f.uid_inside, f.gid_inside, f.home
-        ),
-    );
-    let group = with_entry(
-        &group,
-        2,
-        f.gid_inside,
-        &format!("{}:x:{}:", f.user, f.gid_inside),
-    );
-    for (name, text) in [(PASSWD, passwd), (GROUP, group)] {
-        let path = bundle.join(name);
-        std::fs::write(&path, text)
-            .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
-    }
-    Ok(())
-}
-
-/// `text` (a passwd or group file) with `entry` appended unless a line has `id` in field
-/// `field`.
-fn with_entry(text: &str, field: usize, id: u32, entry: &str) -> String {
-    let id = id.to_string();
-    if text
-        .lines()
-        .any(|l| l.split(':').nth(field) == Some(id.as_str()))
-    {
-        return text.to_string();
-    }
-    let mut out = text.to_string();
-    if !out.is_empty() && !out.ends_with('\n') {
-        out.push('\n');
-    }
-    out.push_str(entry);
-    out.push('\n');
-    out
-}
-
-/// A text file of the image, or "" when the image has none.
-fn read_in_root(root: &Path, path: &str) -> Result<String> {
-    let root_fd = berth_sys::rootfs::open_dir(root).map_err(|source| Error::Sys {
-        path: root.into(),
-        source,
-    })?;
-    match berth_sys::rootfs::open_in_root(root_fd.as_fd(), Path::new(path), libc::O_RDONLY) {
-        Ok(fd) => {
-            let mut text = String::new();
-            std::io::Read::read_to_string(&mut std::fs::File::from(fd), &mut text)
-                .map_err(|e| Error::io(format!("reading the image's {path}"), e))?;
-            Ok(text)
-        }
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(String::new()),
-        Err(source) => Err(Error::Sys {
-            path: path.into(),
-            source,
-        }),
     }
 }
 
@@ -498,9 +393,18 @@ mod tests {
             pts.data.as_deref(),
             Some("newinstance,ptmxmode=0666,mode=0620")
         );
+        // Right after /dev: its devices, then its links.
         let dev_at = calls.iter().position(|c| matches!(c, Call::MountInRoot { mount, .. } if mount.target == Path::new("/dev"))).unwrap();
+        let n_dev = spec::DEVICES.len();
+        for (i, (path, _, _)) in spec::DEVICES.iter().enumerate() {
+            assert!(
+                matches!(&calls[dev_at + 1 + i], Call::MountInRoot { mount, .. } if mount.target == Path::new(path) && mount.source.as_deref() == Some(Path::new(path))),
+                "{path}: {:?}",
+                calls[dev_at + 1 + i]
+            );
+        }
         assert!(
-            matches!(&calls[dev_at + 1], Call::SymlinkInRoot { link, .. } if link == Path::new("/dev/ptmx"))
+            matches!(&calls[dev_at + 1 + n_dev], Call::SymlinkInRoot { link, .. } if link == Path::new("/dev/ptmx"))
         );
 
         let n = calls.len();
@@ -556,13 +460,105 @@ mod tests {
     }
 
     #[test]
-    fn user_db_keeps_image_entries() {
-        let text = "root:x:0:0::/root:/bin/sh\nada:x:1100:1200::/h:/bin/sh";
-        assert_eq!(with_entry(text, 2, 1100, "new"), text);
+    fn kernel_paths_are_masked_and_read_only() {
+        let sys = RecordingSyscall::default();
+        let (_bundle, r) = run(&sys, &spec_for(false, false));
+        r.unwrap();
+        let calls = sys.calls();
+        let find = |target: &str| {
+            calls.iter().find_map(|c| match c {
+                Call::MountInRoot { mount, .. } if mount.target == Path::new(target) => {
+                    Some(mount.clone())
+                }
+                _ => None,
+            })
+        };
+        let mount = |target: &str| find(target).unwrap_or_else(|| panic!("no mount at {target}"));
+        // Every listed path this kernel has is covered; those it lacks (/proc/kcore and
+        // /proc/sysrq-trigger on kernels built without them) are skipped.
+        for path in spec::MASKED_PATHS {
+            let Ok(meta) = std::fs::metadata(path) else {
+                assert!(find(path).is_none(), "{path} is missing but mounted");
+                continue;
+            };
+            let m = mount(path);
+            if meta.is_dir() {
+                assert_eq!(m.fstype.as_deref(), Some("tmpfs"), "{path}");
+                assert!(m.flags.contains(MsFlags::MS_RDONLY), "{path}");
+            } else {
+                assert_eq!(m.source.as_deref(), Some(Path::new("/dev/null")), "{path}");
+                assert_eq!((m.flags, m.kind), (MsFlags::MS_BIND, MountpointKind::File));
+            }
+        }
+        for path in spec::READONLY_PATHS {
+            if Path::new(path).exists() {
+                let m = mount(path);
+                assert!(m.readonly && m.flags.contains(MsFlags::MS_BIND), "{path}");
+                assert_eq!(m.source.as_deref(), Some(Path::new(path)));
+            }
+        }
+        assert!(mount("/proc/sys").kind == MountpointKind::Dir);
+        assert_eq!(mount("/proc/keys").kind, MountpointKind::File);
+        // After every mount of the spec, before the root turns read-only.
+        let last_spec_mount = calls
+            .iter()
+            .rposition(|c| matches!(c, Call::MountInRoot { mount, .. } if mount.target == Path::new("/etc/group")))
+            .unwrap();
+        let kcore_at = calls
+            .iter()
+            .position(|c| matches!(c, Call::MountInRoot { mount, .. } if mount.target == Path::new("/proc/keys")))
+            .unwrap();
+        let ro_at = calls
+            .iter()
+            .position(|c| matches!(c, Call::SetReadonly(_)))
+            .unwrap();
+        assert!(last_spec_mount < kcore_at && kcore_at < ro_at);
+    }
+
+    #[test]
+    fn devices_of_the_spec_are_bound_into_dev() {
+        let mut spec = spec_for(false, false);
+        let edits = crate::gpu::ContainerEdits {
+            devices: vec![crate::gpu::DeviceNode {
+                path: "/dev/nvidia1".into(),
+                host: "/dev/nvidia1".into(),
+                kind: 'c',
+                major: 195,
+                minor: 1,
+            }],
+            ld_cache: vec![(
+                "libcuda.so.1".into(),
+                "/usr/local/nvidia/lib64/libcuda.so.1".into(),
+            )],
+            ..Default::default()
+        };
+        crate::gpu::edit::apply(&mut spec, &edits).unwrap();
+        let sys = RecordingSyscall::default();
+        let (bundle, r) = run(&sys, &spec);
+        r.unwrap();
+        let calls = sys.calls();
+        let dev_at = calls.iter().position(|c| matches!(c, Call::MountInRoot { mount, .. } if mount.target == Path::new("/dev"))).unwrap();
+        let gpu_at = calls.iter().position(|c| matches!(c, Call::MountInRoot { mount, .. } if mount.target == Path::new("/dev/nvidia1") && mount.flags == MsFlags::MS_BIND && mount.kind == MountpointKind::File)).unwrap();
+        assert!(dev_at < gpu_at);
+        let cache = calls
+            .iter()
+            .find_map(|c| match c {
+                Call::MountInRoot { mount, .. }
+                    if mount.target == Path::new("/etc/ld.so.cache") =>
+                {
+                    Some(mount.clone())
+                }
+                _ => None,
+            })
+            .unwrap();
         assert_eq!(
-            with_entry(text, 2, 7, "x:x:7:7"),
-            format!("{text}\nx:x:7:7\n")
+            cache.source.as_deref(),
+            Some(bundle.path().join("ld.so.cache").as_path())
         );
-        assert_eq!(with_entry("", 2, 7, "x:x:7:7"), "x:x:7:7\n");
+        assert!(cache.readonly);
+        let written =
+            crate::gpu::ldcache::parse(&std::fs::read(bundle.path().join("ld.so.cache")).unwrap())
+                .unwrap();
+        assert_eq!(written[0].key, "libcuda.so.1");
     }
 }

@@ -1,0 +1,252 @@
+//! Files berth generates in the bundle from the image's own: passwd and group with the
+//! user's entries, and the loader cache with the driver's libraries. They are bound
+//! read-only over the image's, which never changes.
+
+use std::os::fd::AsFd;
+use std::path::Path;
+
+use super::AssemblyInputs;
+use crate::container::spec::{GROUP, PASSWD};
+use crate::gpu::{driver, edit, ldcache};
+use crate::{Error, Result};
+
+/// Writes the bundle's passwd and group: the image's own entries (read inside the root, so
+/// an image symlink cannot make berth read a host file) plus the user's, unless the image
+/// already has an entry with the user's uid/gid.
+pub fn write_user_db(root: &Path, bundle: &Path, f: &AssemblyInputs) -> Result<()> {
+    let passwd = String::from_utf8_lossy(&read_in_root(root, "/etc/passwd")?).into_owned();
+    let group = String::from_utf8_lossy(&read_in_root(root, "/etc/group")?).into_owned();
+    let passwd = with_entry(
+        &passwd,
+        2,
+        f.uid_inside,
+        &format!(
+            "{}:x:{}:{}::{}:/bin/sh",
+            f.user, f.uid_inside, f.gid_inside, f.home
+        ),
+    );
+    let group = with_entry(
+        &group,
+        2,
+        f.gid_inside,
+        &format!("{}:x:{}:", f.user, f.gid_inside),
+    );
+    write(bundle, PASSWD, passwd.as_bytes())?;
+    write(bundle, GROUP, group.as_bytes())
+}
+
+/// Where CUDA images keep the forward-compatibility driver libraries (`cuda-compat-*`).
+const CUDA_COMPAT: &str = "/usr/local/cuda/compat";
+
+/// Writes the bundle's ld.so.cache when the spec binds libraries: the image's CUDA
+/// forward-compatibility libraries when they are of a newer driver than `driver` (as
+/// libnvidia-container does: a CUDA newer than the node's driver then still runs), then the
+/// spec's entries (they win over an image's stub of the same name), then the image's own.
+pub fn write_ld_cache(
+    root: &Path,
+    bundle: &Path,
+    entries: &[(String, String)],
+    driver: Option<&str>,
+) -> Result<()> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let image = ldcache::parse(&read_in_root(root, edit::LDCACHE_PATH)?).unwrap_or_default();
+    let compat = match driver {
+        Some(d) => compat_libraries(&list_in_root(root, CUDA_COMPAT)?, d),
+        None => Vec::new(),
+    };
+    let all: Vec<ldcache::Entry> = compat
+        .iter()
+        .map(|name| ldcache::Entry::native(name, &format!("{CUDA_COMPAT}/{name}")))
+        .chain(entries.iter().map(|(k, v)| ldcache::Entry::native(k, v)))
+        .chain(image)
+        .collect();
+    write(bundle, edit::LDCACHE, &ldcache::write(&all))
+}
+
+/// The sonames (`libcuda.so.1`, ...) in a compat directory's `names` when its libcuda is of
+/// a newer driver branch than `driver`.
+fn compat_libraries(names: &[String], driver: &str) -> Vec<String> {
+    let major = |v: &str| v.split('.').next().and_then(|m| m.parse::<u32>().ok());
+    let newer = names.iter().any(|n| {
+        n.starts_with("libcuda.so.")
+            && driver::version_from_library(Path::new(n)).is_some_and(|v| major(&v) > major(driver))
+    });
+    if !newer {
+        return Vec::new();
+    }
+    names
+        .iter()
+        .filter(|n| {
+            n.split_once(".so.")
+                .is_some_and(|(_, v)| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .cloned()
+        .collect()
+}
+
+/// The names in a directory of the image (resolved inside the root), or none.
+fn list_in_root(root: &Path, path: &str) -> Result<Vec<String>> {
+    let root_fd = berth_sys::rootfs::open_dir(root).map_err(|source| Error::Sys {
+        path: root.into(),
+        source,
+    })?;
+    let dir = match berth_sys::rootfs::open_in_root(
+        root_fd.as_fd(),
+        Path::new(path),
+        libc::O_RDONLY | libc::O_DIRECTORY,
+    ) {
+        Ok(fd) => fd,
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENOTDIR)) => {
+            return Ok(Vec::new())
+        }
+        Err(source) => {
+            return Err(Error::Sys {
+                path: path.into(),
+                source,
+            })
+        }
+    };
+    // The opened directory itself, through its descriptor: no path lookup in the image.
+    let entries = std::fs::read_dir(berth_sys::rootfs::fd_path(dir.as_fd()))
+        .map_err(|e| Error::io(format!("reading the image's {path}"), e))?;
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+fn write(bundle: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    let path = bundle.join(name);
+    std::fs::write(&path, bytes).map_err(|e| Error::io(format!("writing {}", path.display()), e))
+}
+
+/// `text` (a passwd or group file) with `entry` appended unless a line has `id` in field
+/// `field`.
+pub fn with_entry(text: &str, field: usize, id: u32, entry: &str) -> String {
+    let id = id.to_string();
+    if text
+        .lines()
+        .any(|l| l.split(':').nth(field) == Some(id.as_str()))
+    {
+        return text.to_string();
+    }
+    let mut out = text.to_string();
+    if !out.is_empty() && !out.ends_with('\n') {
+        out.push('\n');
+    }
+    out.push_str(entry);
+    out.push('\n');
+    out
+}
+
+/// A file of the image, or nothing when the image has none.
+fn read_in_root(root: &Path, path: &str) -> Result<Vec<u8>> {
+    let root_fd = berth_sys::rootfs::open_dir(root).map_err(|source| Error::Sys {
+        path: root.into(),
+        source,
+    })?;
+    match berth_sys::rootfs::open_in_root(root_fd.as_fd(), Path::new(path), libc::O_RDONLY) {
+        Ok(fd) => {
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut std::fs::File::from(fd), &mut bytes)
+                .map_err(|e| Error::io(format!("reading the image's {path}"), e))?;
+            Ok(bytes)
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(Vec::new()),
+        Err(source) => Err(Error::Sys {
+            path: path.into(),
+            source,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The cache written for an image `root` with the driver's libcuda bound.
+    fn cache_for(root: &Path) -> Vec<ldcache::Entry> {
+        let bundle = tempfile::tempdir().unwrap();
+        let ours = [(
+            "libcuda.so.1".to_string(),
+            "/usr/local/nvidia/lib64/libcuda.so.1".to_string(),
+        )];
+        write_ld_cache(root, bundle.path(), &ours, Some("550.54.15")).unwrap();
+        ldcache::parse(&std::fs::read(bundle.path().join("ld.so.cache")).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn newer_cuda_compat_libraries_win() {
+        let names: Vec<String> = [
+            "libcuda.so",
+            "libcuda.so.1",
+            "libcuda.so.555.42.06",
+            "libnvidia-ptxjitcompiler.so.1",
+            "libnvidia-ptxjitcompiler.so.555.42.06",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(
+            compat_libraries(&names, "550.54.15"),
+            ["libcuda.so.1", "libnvidia-ptxjitcompiler.so.1"]
+        );
+        assert!(compat_libraries(&names, "560.28.03").is_empty());
+        assert!(compat_libraries(&names, "555.1").is_empty());
+
+        let root = tempfile::tempdir().unwrap();
+        let compat = root.path().join("usr/local/cuda/compat");
+        std::fs::create_dir_all(&compat).unwrap();
+        for n in &names {
+            std::fs::write(compat.join(n), "").unwrap();
+        }
+        let written = cache_for(root.path());
+        let cuda = written.iter().find(|e| e.key == "libcuda.so.1").unwrap();
+        assert_eq!(cuda.value, "/usr/local/cuda/compat/libcuda.so.1");
+        assert_eq!(
+            written.iter().filter(|e| e.key == "libcuda.so.1").count(),
+            1
+        );
+    }
+
+    #[test]
+    fn user_db_keeps_image_entries() {
+        let text = "root:x:0:0::/root:/bin/sh\nada:x:1100:1200::/h:/bin/sh";
+        assert_eq!(with_entry(text, 2, 1100, "new"), text);
+        assert_eq!(
+            with_entry(text, 2, 7, "x:x:7:7"),
+            format!("{text}\nx:x:7:7\n")
+        );
+        assert_eq!(with_entry("", 2, 7, "x:x:7:7"), "x:x:7:7\n");
+    }
+
+    #[test]
+    fn the_ld_cache_puts_the_drivers_first_and_keeps_the_images() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("etc")).unwrap();
+        let image = ldcache::write(&[
+            ldcache::Entry::native("libcuda.so.1", "/usr/lib/stubs/libcuda.so.1"),
+            ldcache::Entry::native("libc.so.6", "/lib/libc.so.6"),
+        ]);
+        std::fs::write(root.path().join("etc/ld.so.cache"), image).unwrap();
+        let written = cache_for(root.path());
+        let pairs: Vec<_> = written
+            .iter()
+            .map(|e| (e.key.as_str(), e.value.as_str()))
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                ("libcuda.so.1", "/usr/local/nvidia/lib64/libcuda.so.1"),
+                ("libc.so.6", "/lib/libc.so.6")
+            ]
+        );
+        // No libraries: no cache written.
+        let empty = tempfile::tempdir().unwrap();
+        write_ld_cache(root.path(), empty.path(), &[], None).unwrap();
+        assert!(!empty.path().join("ld.so.cache").exists());
+    }
+}
