@@ -131,6 +131,15 @@ pub struct RegistryConfig {
     pub proxy: Option<ProxyUrl>,
     /// Registry hosts reached directly although `proxy` is set (see [`NoProxyHost`]).
     pub no_proxy: Vec<NoProxyHost>,
+    /// Layers of one image downloaded at the same time.
+    pub parallel_downloads: usize,
+    /// The longest a registry's `Retry-After` (429, 503) is waited for, in seconds.
+    pub max_retry_wait_secs: u64,
+    /// `[[registry.mirrors]]`: other hosts that serve a registry's images.
+    pub mirrors: Vec<crate::registry::MirrorRule>,
+    /// berth running as an ordinary user (the digest lookup at submission) may use that
+    /// user's own registry credentials (podman/docker login files). Never used as root.
+    pub user_credentials: bool,
 }
 
 impl Default for RegistryConfig {
@@ -144,6 +153,10 @@ impl Default for RegistryConfig {
             token_hosts: Vec::new(),
             proxy: None,
             no_proxy: Vec::new(),
+            parallel_downloads: 4,
+            max_retry_wait_secs: 60,
+            mirrors: Vec::new(),
+            user_credentials: false,
         }
     }
 }

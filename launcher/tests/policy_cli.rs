@@ -262,3 +262,49 @@ fn require_container_for_a_job_slurm_cannot_name_applies_the_strictest_rule() {
         run.stdout
     );
 }
+
+#[test]
+fn a_mirrored_registry_is_judged_by_its_name_and_shows_where_the_bytes_come_from() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(
+        dir.path(),
+        r#"
+[policy]
+allowed = ["docker.io/library/*"]
+[[registry.mirrors]]
+registry = "docker.io"
+mirrors = ["harbor.example.org/dockerhub-proxy"]
+fallback = true
+"#,
+    );
+    let run = berth(&cfg, &["ubuntu:24.04".as_ref()]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    // stdout keeps exactly the verdict line the plugin reads; where the bytes come from
+    // goes to stderr.
+    assert_eq!(
+        run.stdout,
+        "allow: docker.io/library/ubuntu:24.04 (rule: docker.io/library/*)\n"
+    );
+    assert!(
+        run.stderr.contains(
+            "pull from: harbor.example.org/dockerhub-proxy (mirror of docker.io), then docker.io"
+        ),
+        "{}",
+        run.stderr
+    );
+    let run = berth(&cfg, &["--json".as_ref(), "ubuntu".as_ref()]);
+    let v: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(
+        v["pull_from"],
+        serde_json::json!([
+            "harbor.example.org/dockerhub-proxy (mirror of docker.io)",
+            "docker.io"
+        ])
+    );
+    // The mirror's own name is not approved by the rule.
+    let run = berth(
+        &cfg,
+        &["harbor.example.org/dockerhub-proxy/library/ubuntu".as_ref()],
+    );
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+}

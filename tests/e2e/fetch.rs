@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use berth_e2e::{access_lines, unique_name, Cluster, Cmd, Run};
+use berth_e2e::{access_lines, unique_name, Cluster, Cmd, PrivateRegistry, Run};
 
 /// A private cache and configuration for one test.
 struct Env {
@@ -498,117 +498,6 @@ fn a_user_cannot_fill_the_node_cache() {
     .run();
     assert!(!run.success(), "{run:?}");
     assert!(run.stderr.contains("runs as root"), "{run:?}");
-}
-
-/// A `docker-registry` of one test's own: HTTPS with the cluster's server certificate (for
-/// localhost, signed by the test CA) and bcrypt htpasswd authentication. Killed by PID when
-/// dropped, so a failing test does not leave it running.
-struct PrivateRegistry {
-    child: std::process::Child,
-    dir: PathBuf,
-    host: String,
-    /// A containers-layout CA directory holding the test CA for `host`.
-    certs_dir: PathBuf,
-}
-
-impl PrivateRegistry {
-    const USER: &'static str = "alice";
-    const PASSWORD: &'static str = "s3cr3t-pw";
-
-    fn start() -> PrivateRegistry {
-        let cluster = Cluster::get();
-        let dir = Path::new("/var/tmp").join(unique_name("berth-e2e-private"));
-        std::fs::create_dir_all(dir.join("storage")).unwrap();
-        // A free port: the kernel picks one, the registry binds it right after.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let host = format!("localhost:{port}");
-        let htpasswd = sh(&format!("htpasswd -Bbn {} {}", Self::USER, Self::PASSWORD));
-        std::fs::write(dir.join("htpasswd"), htpasswd).unwrap();
-        let tls = Path::new(cluster.var("REGISTRY_TLS_ROOT"))
-            .parent()
-            .unwrap()
-            .join("tls");
-        let config = dir.join("registry.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\n\
-                 http:\n  addr: 127.0.0.1:{port}\n  tls:\n    certificate: {}\n    key: {}\n\
-                 auth:\n  htpasswd:\n    realm: berth-e2e\n    path: {}\n",
-                dir.join("storage").display(),
-                tls.join("server.crt").display(),
-                tls.join("server.key").display(),
-                dir.join("htpasswd").display()
-            ),
-        )
-        .unwrap();
-        let log = std::fs::File::create(dir.join("registry.log")).unwrap();
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("docker-registry (apt-get install docker-registry)");
-        let certs_dir = dir.join("certs.d");
-        std::fs::create_dir_all(certs_dir.join(&host)).unwrap();
-        std::fs::copy(cluster.ca_cert(), certs_dir.join(&host).join("ca.crt")).unwrap();
-        let registry = PrivateRegistry {
-            child,
-            dir,
-            host,
-            certs_dir,
-        };
-        // Up when it answers the API root with "authentication required".
-        let url = format!("https://{}/v2/", registry.host);
-        let ca = cluster.ca_cert().display().to_string();
-        let answered = berth_e2e::wait_until(Duration::from_secs(20), || {
-            Command::new("curl")
-                .args([
-                    "-s",
-                    "-o",
-                    "/dev/null",
-                    "-w",
-                    "%{http_code}",
-                    "--cacert",
-                    &ca,
-                    &url,
-                ])
-                .stdin(Stdio::null())
-                .output()
-                .is_ok_and(|o| o.stdout == b"401")
-        });
-        assert!(
-            answered,
-            "private registry did not come up: {}",
-            std::fs::read_to_string(registry.dir.join("registry.log")).unwrap_or_default()
-        );
-        registry
-    }
-
-    /// `skopeo copy` options that reach this registry with its credentials.
-    fn skopeo_options(&self) -> Vec<String> {
-        vec![
-            format!(
-                "--dest-cert-dir {}",
-                self.certs_dir.join(&self.host).display()
-            ),
-            format!("--dest-creds {}:{}", Self::USER, Self::PASSWORD),
-        ]
-    }
-}
-
-impl Drop for PrivateRegistry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 #[test]

@@ -59,7 +59,7 @@ use crate::policy::{ImageRequest, Policy, Verdict};
 use crate::reference::{Digest, Reference};
 use crate::registry::manifest::{parse_image_config, Descriptor};
 use crate::registry::progress::{self, Progress};
-use crate::registry::{Client, ClientOptions, ResolvedImage};
+use crate::registry::{mirrors, BlobJob, Client, ClientOptions, Endpoint, ResolvedImage};
 use crate::unpack::{self, Budget, Compression, Limits};
 use crate::{sif, Error, Result};
 
@@ -95,13 +95,14 @@ pub fn fetch_with(config: &Config, image: &str, options: &FetchOptions) -> Resul
             return Ok(path);
         }
     }
-    let mut client = client_for(config, &policy, &reference, options.quiet)?;
-    let resolved = client.resolve(&reference)?;
+    let (client, resolved) = connect(config, &policy, &reference, options.quiet, |client| {
+        client.resolve(&reference)
+    })?;
     let path = match cache.hit(&repo, &resolved.manifest_digest)? {
         Some(path) => path,
         None => {
             cache.require_writable(&reference)?;
-            cache.build(&mut client, &reference, &repo, &resolved, options)?
+            cache.build(&client, &reference, &repo, &resolved, options)?
         }
     };
     cache.record_index(&repo, &resolved)?;
@@ -111,33 +112,43 @@ pub fn fetch_with(config: &Config, image: &str, options: &FetchOptions) -> Resul
 /// Resolves `image` to its digest-pinned reference (`host/repo@sha256:...`): the digest of
 /// what the tag points to now, an image index for multi-platform images, so every node of
 /// a job runs the same bytes for its own platform even if the tag moves meanwhile.
+///
+/// A reference that names a digest is its own pin: it is printed without asking the
+/// registry, so a job can name a private image by digest where the submitting user has no
+/// credentials (the nodes pull it with the site's and verify it against the digest).
 pub fn resolve(config: &Config, image: &str) -> Result<Reference> {
     let policy = Policy::new(&config.policy);
     let reference = approved_reference(&policy, image)?;
-    let mut client = client_for(config, &policy, &reference, true)?;
-    let fetched = client.manifest(&reference.repository, &reference)?;
+    if reference.digest.is_some() {
+        return Ok(Reference {
+            tag: None,
+            ..reference
+        });
+    }
+    let (_, fetched) = connect(config, &policy, &reference, true, |client| {
+        client.manifest(&reference.repository, &reference)
+    })?;
     Ok(Reference {
         tag: None,
         ..reference.pinned(fetched.digest)
     })
 }
 
-/// A registry client for `reference` under the site policy: plain HTTP only where the
-/// policy allows it.
-fn client_for(
+/// A registry client for `reference` from the first of its endpoints (mirrors, then the
+/// registry where allowed) for which `first` succeeds, with `first`'s answer. The policy has
+/// judged the reference as written; plain HTTP is used only to hosts the policy approves.
+fn connect<T>(
     config: &Config,
     policy: &Policy,
     reference: &Reference,
     quiet: bool,
-) -> Result<Client> {
-    Client::new(
-        &config.registry,
-        &reference.registry,
-        ClientOptions {
-            plain_http: policy.allows_plain_http(&reference.registry),
-            quiet,
-        },
-    )
+    first: impl FnMut(&Client) -> Result<T>,
+) -> Result<(Client, T)> {
+    let options = |endpoint: &Endpoint| ClientOptions {
+        plain_http: policy.allows_plain_http(&endpoint.host),
+        quiet,
+    };
+    mirrors::first_answering(&config.registry, &reference.registry, options, first)
 }
 
 fn approved_reference(policy: &Policy, image: &str) -> Result<Reference> {
@@ -397,7 +408,7 @@ impl Cache {
     /// Downloads, verifies, unpacks and converts one image under its lock, then publishes it.
     fn build(
         &self,
-        client: &mut Client,
+        client: &Client,
         reference: &Reference,
         repo: &RepoKey,
         resolved: &ResolvedImage,
@@ -449,15 +460,18 @@ impl Cache {
         image_config.manifest_digest = digest.to_string();
         image_config.source = reference.to_string();
 
-        let mut pull = Progress::new(format!("pulling {pinned}"), total, options.quiet);
+        let pull = Progress::new(format!("pulling {pinned}"), total, options.quiet);
+        let mut missing = Vec::new();
         for (layer, layer_digest, _) in &layers {
             let dest = blobs.join(layer_digest.hex());
-            if dest.exists() {
+            // A layer listed twice is downloaded once (two transfers would share a file).
+            if dest.exists() || missing.iter().any(|job: &BlobJob| job.dest == dest) {
                 pull.add(layer.size);
             } else {
-                client.download_blob(&reference.repository, layer, &dest, &mut pull)?;
+                missing.push(BlobJob { desc: layer, dest });
             }
         }
+        client.download_blobs(&reference.repository, &missing, &pull)?;
         pull.finish();
 
         let converted = self.convert(&layers, &staging, &image_config, &pinned, total, options);
@@ -493,14 +507,14 @@ impl Cache {
     ) -> Result<()> {
         let (blobs, rootfs) = (staging.join("blobs"), staging.join("rootfs"));
         let mut budget = Budget::new(self.limits.clone());
-        let mut unpacking = Progress::new(format!("unpacking {pinned}"), total, options.quiet);
+        let unpacking = Progress::new(format!("unpacking {pinned}"), total, options.quiet);
         for (_, layer_digest, compression) in layers {
             let path = blobs.join(layer_digest.hex());
             let file = File::open(&path)
                 .map_err(|e| Error::io(format!("opening blob {}", path.display()), e))?;
             let counted = Counted {
                 inner: BufReader::with_capacity(256 << 10, file),
-                progress: &mut unpacking,
+                progress: &unpacking,
             };
             unpack::apply_layer(
                 &rootfs,
@@ -716,7 +730,7 @@ impl Cache {
 /// Counts the compressed bytes a layer reader consumes, for the unpack progress line.
 struct Counted<'a, R> {
     inner: R,
-    progress: &'a mut Progress,
+    progress: &'a Progress,
 }
 
 impl<R: Read> Read for Counted<'_, R> {
@@ -1217,6 +1231,80 @@ mod tests {
                 .count(),
             0
         );
+    }
+
+    #[test]
+    fn a_mirror_serves_another_registrys_name_with_the_upstream_unreachable() {
+        // The upstream: a loopback port nothing listens on.
+        let upstream = {
+            let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("127.0.0.1:{}", gone.local_addr().unwrap().port())
+        };
+        let (docs, manifest, _) = image("proxy/library/tool", "mirrored", false);
+        let mirror = Registry::start(docs);
+        let dir = tempfile::tempdir().unwrap();
+        let with_rule = |fallback: bool, mirrors: &str| {
+            let text = format!(
+                "[policy]\nallowed = [\"{upstream}/library/*\"]\n\
+                 plain_http = [\"{upstream}\", \"{}\"]\n[cache]\ndir = \"{}\"\n\
+                 [registry]\nretries = 1\ntimeout_secs = 5\nauth_file = \"{}\"\n\
+                 [[registry.mirrors]]\nregistry = \"{upstream}\"\nmirrors = [{mirrors}]\n\
+                 fallback = {fallback}\n",
+                mirror.host,
+                dir.path().join("cache").display(),
+                dir.path().join("no-auth.json").display(),
+            );
+            Config::from_toml(Path::new("test.toml"), &text).unwrap()
+        };
+        let config = with_rule(false, &format!("\"{}/proxy\"", mirror.host));
+        // Judged on the name written; the bytes come from the mirror's project and are
+        // verified against the manifest's digests.
+        let path = quiet(&config, &format!("{upstream}/library/tool:latest")).unwrap();
+        assert!(path.to_string_lossy().contains(manifest.hex()));
+        let seen = mirror.seen.lock().unwrap().clone();
+        assert!(
+            seen.iter()
+                .all(|p| p.starts_with("/v2/proxy/library/tool/")),
+            "{seen:?}"
+        );
+        // The mirror's own name is not approved by the rule.
+        let err = quiet(
+            &config,
+            &format!("{}/proxy/library/tool:latest", mirror.host),
+        );
+        assert!(matches!(err, Err(Error::FetchDenied { .. })), "{err:?}");
+        // A mirror without the image, no fallback: the pull fails with the mirror's answer
+        // (with a fallback, the last error would be the unreachable upstream's).
+        let empty = format!("\"{}/nothing\"", mirror.host);
+        let err = quiet(
+            &with_rule(false, &empty),
+            &format!("{upstream}/library/tool:1"),
+        );
+        assert!(matches!(err, Err(Error::ImageNotFound { .. })), "{err:?}");
+        let err = quiet(
+            &with_rule(true, &empty),
+            &format!("{upstream}/library/tool:1"),
+        );
+        assert!(matches!(err, Err(Error::RegistryDown { .. })), "{err:?}");
+    }
+
+    #[test]
+    fn a_digest_reference_resolves_to_itself_without_the_registry() {
+        // Nothing listens there: a request would fail.
+        let gone = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            format!("127.0.0.1:{}", listener.local_addr().unwrap().port())
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let config = site(dir.path(), &gone, &["lab/*"]);
+        let digest = format!("sha256:{}", "ab".repeat(32));
+        let pinned = resolve(&config, &format!("{gone}/lab/private:v1@{digest}")).unwrap();
+        assert_eq!(pinned.to_string(), format!("{gone}/lab/private@{digest}"));
+        // Still the policy's call first.
+        let err = resolve(&config, &format!("{gone}/other/x@{digest}")).unwrap_err();
+        assert!(matches!(err, Error::FetchDenied { .. }), "{err}");
+        // A tag needs the registry.
+        assert!(resolve(&config, &format!("{gone}/lab/private:v1")).is_err());
     }
 
     #[test]

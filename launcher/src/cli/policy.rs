@@ -26,6 +26,7 @@ use serde_json::json;
 use super::Globals;
 use crate::config::Config;
 use crate::policy::{FsUser, ImageRequest, Policy, Verdict};
+use crate::registry::{self, Endpoint};
 use crate::{audit, metrics};
 use crate::{Error, Result};
 
@@ -200,7 +201,7 @@ fn check(args: CheckArgs, globals: &Globals) -> Result<i32> {
              image references are ASCII",
             shown.escape_debug()
         );
-        return Ok(report(args.json, &shown, Outcome::Deny(reason)));
+        return Ok(report(args.json, &shown, Outcome::Deny(reason), &[]));
     };
     let mut digest = None;
     let mut observed = metrics::Observation::default();
@@ -239,7 +240,13 @@ fn check(args: CheckArgs, globals: &Globals) -> Result<i32> {
         });
         publish_metrics(&config, &observed);
     }
-    Ok(report(args.json, image, outcome))
+    let pull_from = match &outcome {
+        Outcome::Allow(ImageRequest::Registry(r), _) => {
+            registry::mirrors::endpoints(&config.registry, &r.registry)
+        }
+        _ => Vec::new(),
+    };
+    Ok(report(args.json, image, outcome, &pull_from))
 }
 
 /// Node decisions (for a job step) and fetches update the metrics textfile.
@@ -254,15 +261,19 @@ enum Outcome {
     Deny(String),
 }
 
-/// Prints the verdict on stdout and returns the exit status.
-fn report(as_json: bool, image: &str, outcome: Outcome) -> i32 {
+/// Prints the verdict on stdout and returns the exit status. For a registry image it also
+/// says where the bytes would come from: in JSON as `pull_from`, in text on stderr (stdout
+/// is exactly the one verdict line the plugin reads) where `[[registry.mirrors]]` sends the
+/// pull elsewhere than the name written.
+fn report(as_json: bool, image: &str, outcome: Outcome, pull_from: &[Endpoint]) -> i32 {
+    let hosts: Vec<String> = pull_from.iter().map(Endpoint::describe).collect();
     let (line, object, code) = match outcome {
         Outcome::Allow(request, rule) => {
             let (what, object) = match request {
                 ImageRequest::Registry(r) => (
                     r.to_string(),
                     json!({"image": image, "verdict": "allow", "rule": rule,
-                           "reference": r.to_string()}),
+                           "reference": r.to_string(), "pull_from": hosts}),
                 ),
                 ImageRequest::LocalFile(path) => (
                     path.display().to_string(),
@@ -270,6 +281,9 @@ fn report(as_json: bool, image: &str, outcome: Outcome) -> i32 {
                            "local_file": path}),
                 ),
             };
+            if !as_json && pull_from.iter().any(|e| e.mirror_of.is_some()) {
+                eprintln!("berth: pull from: {}", hosts.join(", then "));
+            }
             (format!("allow: {what} (rule: {rule})"), object, 0)
         }
         Outcome::Deny(reason) => (

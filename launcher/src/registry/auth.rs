@@ -1,13 +1,18 @@
 //! Registry credentials and authentication challenges.
 //!
-//! Credentials come only from the site's auth file (`[registry] auth_file`, a docker-style
+//! Credentials come from the site's auth file (`[registry] auth_file`, a docker-style
 //! `config.json` with an `auths` map). It holds secrets for every user of the node, so berth
 //! refuses to read one that is not owned by root (or the service identity running berth) or
 //! that others can read or write.
+//!
+//! Where the site allows it (`[registry] user_credentials`), berth running as an ordinary
+//! user (the digest lookup at submission, `berth resolve`) also uses that user's own
+//! credentials, from the files podman, skopeo and docker write: never as root, so a node
+//! never pulls into the shared cache with one user's credentials.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use serde::Deserialize;
@@ -91,6 +96,57 @@ pub fn credentials_for(path: &Path, registry: &str) -> Result<Option<Credentials
         Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
     };
     parse_auth_file(path, &text, registry)
+}
+
+/// The caller's own registry credentials files, in the order podman and skopeo read them:
+/// `$REGISTRY_AUTH_FILE`, `$XDG_RUNTIME_DIR/containers/auth.json`,
+/// `$XDG_CONFIG_HOME/containers/auth.json` (default `~/.config`), then docker's
+/// `$DOCKER_CONFIG/config.json` (default `~/.docker`). `home` is the passwd entry's.
+pub fn user_auth_files(env: impl Fn(&str) -> Option<String>, home: &Path) -> Vec<PathBuf> {
+    let set = |name: &str| env(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+    let mut files = Vec::new();
+    files.extend(set("REGISTRY_AUTH_FILE"));
+    files.extend(set("XDG_RUNTIME_DIR").map(|d| d.join("containers/auth.json")));
+    files.push(
+        set("XDG_CONFIG_HOME")
+            .unwrap_or_else(|| home.join(".config"))
+            .join("containers/auth.json"),
+    );
+    files.push(
+        set("DOCKER_CONFIG")
+            .unwrap_or_else(|| home.join(".docker"))
+            .join("config.json"),
+    );
+    files
+}
+
+/// The first entry for `registry` in the caller's own `files` (see [`user_auth_files`]),
+/// with the file it came from. Only files the caller (`uid`) owns count: credentials another
+/// user planted would make berth act as that user.
+pub fn user_credentials_for(
+    files: &[PathBuf],
+    registry: &str,
+    uid: u32,
+) -> Result<Option<(Credentials, PathBuf)>> {
+    for path in files {
+        let Ok(meta) = std::fs::metadata(path) else {
+            continue;
+        };
+        if meta.uid() != uid || meta.mode() & 0o022 != 0 {
+            return Err(auth_error(
+                path,
+                format!(
+                    "not owned by you (uid {uid}) or writable by others, so berth does not use                      it (fix: chown and chmod 600 it, or remove it)"
+                ),
+            ));
+        }
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        if let Some(credentials) = parse_auth_file(path, &text, registry)? {
+            return Ok(Some((credentials, path.clone())));
+        }
+    }
+    Ok(None)
 }
 
 fn parse_auth_file(path: &Path, text: &str, registry: &str) -> Result<Option<Credentials>> {
@@ -296,6 +352,70 @@ mod tests {
         );
         assert!(parse_auth_file(p, r#"{"auths": 5}"#, "x").is_err());
         assert!(!format!("{c:?}").contains("s3cr3t"));
+    }
+
+    #[test]
+    fn finds_a_users_own_credentials_where_podman_and_docker_keep_them() {
+        let home = Path::new("/home/alice");
+        let env = |vars: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                vars.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        assert_eq!(
+            user_auth_files(env(&[]), home),
+            [
+                PathBuf::from("/home/alice/.config/containers/auth.json"),
+                PathBuf::from("/home/alice/.docker/config.json")
+            ]
+        );
+        assert_eq!(
+            user_auth_files(
+                env(&[
+                    ("REGISTRY_AUTH_FILE", "/tmp/a.json"),
+                    ("XDG_RUNTIME_DIR", "/run/user/1100"),
+                    ("DOCKER_CONFIG", "/d"),
+                    ("XDG_CONFIG_HOME", "")
+                ]),
+                home
+            ),
+            [
+                PathBuf::from("/tmp/a.json"),
+                PathBuf::from("/run/user/1100/containers/auth.json"),
+                PathBuf::from("/home/alice/.config/containers/auth.json"),
+                PathBuf::from("/d/config.json")
+            ]
+        );
+
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (podman, docker) = (dir.path().join("auth.json"), dir.path().join("config.json"));
+        std::fs::write(&podman, r#"{"auths": {"other:1": {"auth": "eDp5"}}}"#).unwrap();
+        std::fs::write(
+            &docker,
+            r#"{"auths": {"r:1": {"username": "alice", "password": "pw"}}}"#,
+        )
+        .unwrap();
+        let files = [
+            dir.path().join("missing.json"),
+            podman.clone(),
+            docker.clone(),
+        ];
+        let me = berth_sys::identity::effective_uid();
+        let (creds, from) = user_credentials_for(&files, "r:1", me).unwrap().unwrap();
+        assert_eq!((creds.username.as_str(), from), ("alice", docker.clone()));
+        assert!(user_credentials_for(&files, "none:1", me)
+            .unwrap()
+            .is_none());
+        // Another user's file, or one others can change, is refused with the fix.
+        let err = user_credentials_for(&files, "r:1", me + 1)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not owned by you"), "{err}");
+        std::fs::set_permissions(&podman, std::fs::Permissions::from_mode(0o666)).unwrap();
+        assert!(user_credentials_for(&files, "r:1", me).is_err());
     }
 
     #[test]

@@ -24,12 +24,14 @@
 //! reported as the registry being down.
 
 pub mod auth;
+mod download;
 mod hosts;
 pub mod manifest;
+pub mod mirrors;
 pub mod progress;
 
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use sha2::Digest as _;
@@ -40,9 +42,10 @@ use crate::config::RegistryConfig;
 use crate::reference::{self, Digest, DigestAlgorithm, Reference};
 use crate::{Error, Result};
 use auth::{Challenge, Credentials};
+pub use download::BlobJob;
 pub use hosts::HostPattern;
 use manifest::{Descriptor, ImageManifest, Manifest, MANIFEST_ACCEPT};
-use progress::Progress;
+pub use mirrors::{Endpoint, MirrorRule};
 
 /// Manifests, indexes, image configs and token answers are small; a registry that sends more
 /// is broken or hostile.
@@ -86,22 +89,49 @@ pub struct ResolvedImage {
 }
 
 pub struct Client {
+    /// The host contacted (a mirror's, for a mirror), for messages and credentials.
     registry: String,
     base: String,
+    /// A mirror's project path before every repository, or empty.
+    prefix: String,
     agent: ureq::Agent,
     credentials: Option<Credentials>,
     /// Where credentials would come from, for the message when there are none.
     auth_file: PathBuf,
-    authorization: Option<String>,
+    /// The caller's own credentials files are used (`[registry] user_credentials`, not root).
+    own_credentials: bool,
+    /// The Authorization header for the registry (basic or a bearer token), shared by the
+    /// parallel downloads; replaced when a token expires.
+    authorization: Mutex<Option<String>>,
     retries: u32,
+    max_retry_wait: Duration,
+    parallel: usize,
     blob_hosts: Vec<HostPattern>,
     token_hosts: Vec<HostPattern>,
     options: ClientOptions,
 }
 
 impl Client {
-    /// A client for `registry` (canonical `host[:port]`).
+    /// A client for `registry` (canonical `host[:port]`) itself, mirrors aside.
     pub fn new(config: &RegistryConfig, registry: &str, options: ClientOptions) -> Result<Client> {
+        let endpoint = Endpoint {
+            host: registry.to_string(),
+            prefix: String::new(),
+            mirror_of: None,
+        };
+        Client::for_endpoint(config, &endpoint, options)
+    }
+
+    /// A client for one endpoint: a registry or a mirror of one. CA files and credentials
+    /// are the endpoint host's own.
+    pub fn for_endpoint(
+        config: &RegistryConfig,
+        endpoint: &Endpoint,
+        options: ClientOptions,
+    ) -> Result<Client> {
+        let registry = endpoint.host.as_str();
+        // Never as root: a node pulls into the shared cache with the site's credentials only.
+        let own_credentials = config.user_credentials && berth_sys::identity::effective_uid() != 0;
         let tls = ureq::tls::TlsConfig::builder()
             .root_certs(root_certs(&config.certs_dir, registry)?)
             .build();
@@ -128,11 +158,19 @@ impl Client {
         Ok(Client {
             registry: registry.to_string(),
             base: format!("{scheme}://{host}"),
+            prefix: endpoint.prefix.clone(),
             agent,
-            credentials: auth::credentials_for(&config.auth_file, registry)?,
+            credentials: match auth::credentials_for(&config.auth_file, registry)? {
+                Some(site) => Some(site),
+                None if own_credentials => caller_credentials(registry)?,
+                None => None,
+            },
             auth_file: config.auth_file.clone(),
-            authorization: None,
+            own_credentials,
+            authorization: Mutex::new(None),
             retries: config.retries.max(1),
+            max_retry_wait: Duration::from_secs(config.max_retry_wait_secs),
+            parallel: config.parallel_downloads.max(1),
             blob_hosts: config.blob_hosts.clone(),
             token_hosts: config.token_hosts.clone(),
             options,
@@ -140,13 +178,17 @@ impl Client {
     }
 
     /// Fetches a manifest by tag or digest. A manifest asked for by digest must hash to it.
-    pub fn manifest(&mut self, repository: &str, reference: &Reference) -> Result<FetchedManifest> {
+    pub fn manifest(&self, repository: &str, reference: &Reference) -> Result<FetchedManifest> {
         let wanted = reference
             .digest
             .as_ref()
             .map(|d| d.to_string())
             .unwrap_or_else(|| reference.tag_or_latest().to_string());
-        let url = format!("{}/v2/{repository}/manifests/{wanted}", self.base);
+        let url = format!(
+            "{}/v2/{}/manifests/{wanted}",
+            self.base,
+            self.path(repository)
+        );
         let shown = reference.to_string();
         let resp = self.get(url, Some(MANIFEST_ACCEPT), Purpose::Manifest, &shown)?;
         let content_type = header(resp.headers(), "content-type").unwrap_or_default();
@@ -170,7 +212,7 @@ impl Client {
     }
 
     /// Resolves a reference to the image manifest for this host's platform.
-    pub fn resolve(&mut self, reference: &Reference) -> Result<ResolvedImage> {
+    pub fn resolve(&self, reference: &Reference) -> Result<ResolvedImage> {
         let top = self.manifest(&reference.repository, reference)?;
         match top.manifest {
             Manifest::Image(manifest) => Ok(ResolvedImage {
@@ -201,7 +243,7 @@ impl Client {
     }
 
     /// Fetches a small blob (the image config) into memory, verified.
-    pub fn small_blob(&mut self, repository: &str, desc: &Descriptor) -> Result<Vec<u8>> {
+    pub fn small_blob(&self, repository: &str, desc: &Descriptor) -> Result<Vec<u8>> {
         let digest = desc.digest()?;
         let what = format!("blob {digest} of {}/{repository}", self.registry);
         if desc.size > SMALL_DOCUMENT_LIMIT {
@@ -210,7 +252,7 @@ impl Client {
                 desc.size
             )));
         }
-        let url = format!("{}/v2/{repository}/blobs/{digest}", self.base);
+        let url = format!("{}/v2/{}/blobs/{digest}", self.base, self.path(repository));
         let resp = self.get(url, None, Purpose::Blob, &what)?;
         let bytes = read_small(resp, &what)?;
         let mut verifier = Verifier::new(&digest, desc.size, what);
@@ -219,90 +261,25 @@ impl Client {
         Ok(bytes)
     }
 
-    /// Downloads a blob to `dest`, verifying size and digest while streaming; `dest` appears
-    /// (by rename from `dest.partial`) only once verified and synced. Interrupted transfers are
-    /// retried from the start (their bytes are counted again in `progress`).
-    pub fn download_blob(
-        &mut self,
-        repository: &str,
-        desc: &Descriptor,
-        dest: &Path,
-        progress: &mut Progress,
-    ) -> Result<()> {
-        let digest = desc.digest()?;
-        let partial = PathBuf::from(format!("{}.partial", dest.display()));
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.try_download(repository, desc, &digest, &partial, progress) {
-                Ok(()) => break,
-                Err(Transfer::Interrupted(e)) if attempt < self.retries => {
-                    progress::note(self.options.quiet, &format!("retrying {digest} after: {e}"));
-                    backoff(attempt);
-                }
-                Err(Transfer::Interrupted(e)) => {
-                    return Err(Error::RegistryDown {
-                        registry: self.registry.clone(),
-                        attempts: attempt,
-                        message: format!("downloading {digest}: {e}"),
-                    })
-                }
-                Err(Transfer::Failed(e)) => {
-                    let _ = std::fs::remove_file(&partial);
-                    return Err(e);
-                }
-            }
-        }
-        std::fs::rename(&partial, dest)
-            .map_err(|e| Error::io(format!("publishing blob {}", dest.display()), e))
-    }
-
-    fn try_download(
-        &mut self,
-        repository: &str,
-        desc: &Descriptor,
-        digest: &Digest,
-        partial: &Path,
-        progress: &mut Progress,
-    ) -> Result<(), Transfer> {
-        let what = format!("blob {digest} of {}/{repository}", self.registry);
-        let url = format!("{}/v2/{repository}/blobs/{digest}", self.base);
-        let resp = self
-            .get(url, None, Purpose::Blob, &what)
-            .map_err(Transfer::Failed)?;
-        let mut file = std::fs::File::create(partial).map_err(|e| {
-            Transfer::Failed(Error::io(format!("creating {}", partial.display()), e))
-        })?;
-        let mut reader = resp.into_body().into_reader();
-        let mut verifier = Verifier::new(digest, desc.size, what);
-        let mut buf = vec![0u8; 256 << 10];
-        loop {
-            let n = reader
-                .read(&mut buf)
-                .map_err(|e| Transfer::Interrupted(e.to_string()))?;
-            if n == 0 {
-                break;
-            }
-            verifier.update(&buf[..n]).map_err(Transfer::Failed)?;
-            file.write_all(&buf[..n]).map_err(|e| {
-                Transfer::Failed(Error::io(format!("writing {}", partial.display()), e))
-            })?;
-            progress.add(n as u64);
-        }
-        verifier.finish().map_err(Transfer::Failed)?;
-        file.sync_all().map_err(|e| {
-            Transfer::Failed(Error::io(format!("syncing {}", partial.display()), e))
-        })?;
-        Ok(())
-    }
-
     /// GET with retries, authentication and redirect rules. Returns only 2xx responses.
     fn get(
-        &mut self,
+        &self,
+        url: String,
+        accept: Option<&str>,
+        purpose: Purpose,
+        what: &str,
+    ) -> Result<Response<Body>> {
+        self.get_range(url, accept, purpose, what, None)
+    }
+
+    /// `get`, asking for `range` (a `Range` header value, for resumed blobs) on every hop.
+    fn get_range(
+        &self,
         mut url: String,
         accept: Option<&str>,
         purpose: Purpose,
         what: &str,
+        range: Option<String>,
     ) -> Result<Response<Body>> {
         let mut attempt = 0;
         let mut redirects = 0;
@@ -314,10 +291,15 @@ impl Client {
                 request = request.header("Accept", accept);
             }
             let to_registry = origin(&url) == origin(&self.base);
-            if let (Some(authorization), true, false) =
-                (&self.authorization, to_registry, purpose == Purpose::Token)
-            {
+            if let (Some(authorization), true, false) = (
+                self.auth_header().clone(),
+                to_registry,
+                purpose == Purpose::Token,
+            ) {
                 request = request.header("Authorization", authorization);
+            }
+            if let Some(range) = &range {
+                request = request.header("Range", range);
             }
             let resp = match request.call() {
                 Ok(resp) => resp,
@@ -374,7 +356,23 @@ impl Client {
                         reference: what.to_string(),
                     })
                 }
-                429 | 500..=599 if attempt < self.retries => backoff(attempt),
+                429 | 503 if attempt < self.retries => {
+                    // The registry says when to come back; bounded, so a job start does not
+                    // hang on a registry asking for an hour.
+                    let wait = retry_after(resp.headers())
+                        .unwrap_or_else(|| backoff_delay(attempt))
+                        .min(self.max_retry_wait);
+                    progress::note(
+                        self.options.quiet,
+                        &format!(
+                            "{what}: {} answered HTTP {status}, retrying in {} s",
+                            self.registry,
+                            wait.as_secs_f32().ceil()
+                        ),
+                    );
+                    std::thread::sleep(wait);
+                }
+                500..=599 if attempt < self.retries => backoff(attempt),
                 429 | 500..=599 => {
                     return Err(Error::RegistryDown {
                         registry: self.registry.clone(),
@@ -391,17 +389,24 @@ impl Client {
 
     /// Why a request without credentials was refused, and where an admin puts them.
     fn no_credentials(&self, status: u16) -> String {
+        let own = if self.own_credentials {
+            "; or log in yourself (`podman login` or `docker login` writes your own \
+             credentials, which berth uses as you: ~/.docker/config.json or \
+             $XDG_RUNTIME_DIR/containers/auth.json)"
+        } else {
+            ""
+        };
         format!(
             "HTTP {status}: it requires credentials and berth has none for {}; they go in {} \
              (`[registry] auth_file` in berth.toml: docker config.json `auths` format, owned \
-             by root, mode 0600)",
+             by root, mode 0600){own}",
             self.registry,
             self.auth_file.display()
         )
     }
 
     /// Acts on a 401's challenge: a bearer token from the realm, or basic credentials.
-    fn authenticate(&mut self, challenge: &str, url: &str, what: &str) -> Result<()> {
+    fn authenticate(&self, challenge: &str, url: &str, what: &str) -> Result<()> {
         let unauthorized = |message: String| Error::Unauthorized {
             registry: self.registry.clone(),
             repository: repository_of(url),
@@ -413,7 +418,7 @@ impl Client {
                     .credentials
                     .as_ref()
                     .ok_or_else(|| unauthorized(self.no_credentials(401)))?;
-                self.authorization = Some(creds.basic_header());
+                *self.auth_header() = Some(creds.basic_header());
                 Ok(())
             }
             Some(Challenge::Bearer {
@@ -438,7 +443,7 @@ impl Client {
                 }
                 let credentials = self.may_send_credentials_to(&realm);
                 let token = self.fetch_token(token_url, credentials, what)?;
-                self.authorization = Some(format!("Bearer {token}"));
+                *self.auth_header() = Some(format!("Bearer {token}"));
                 Ok(())
             }
             None => Err(unauthorized(format!(
@@ -454,7 +459,7 @@ impl Client {
         realm_host == host_of(&self.base) || hosts::any_matches(&self.token_hosts, &realm_host)
     }
 
-    fn fetch_token(&mut self, url: String, credentials: bool, what: &str) -> Result<String> {
+    fn fetch_token(&self, url: String, credentials: bool, what: &str) -> Result<String> {
         // Credentials go to the token service only on the first request; `get` does not add
         // the registry's Authorization header to token requests.
         let mut request = self.agent.get(&url);
@@ -549,18 +554,28 @@ impl Client {
         )))
     }
 
+    /// A repository's path on this endpoint.
+    fn path(&self, repository: &str) -> String {
+        match self.prefix.as_str() {
+            "" => repository.to_string(),
+            prefix => format!("{prefix}/{repository}"),
+        }
+    }
+
+    /// The shared Authorization header; a poisoned lock (a panicked download thread) still
+    /// holds a usable value.
+    fn auth_header(&self) -> MutexGuard<'_, Option<String>> {
+        self.authorization
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn error(&self, message: String) -> Error {
         Error::Registry {
             registry: self.registry.clone(),
             message,
         }
     }
-}
-
-/// A download failure: `Interrupted` ones are worth another attempt.
-enum Transfer {
-    Interrupted(String),
-    Failed(Error),
 }
 
 /// Counts and hashes a blob as it streams, so a blob is known good before anything uses it.
@@ -626,6 +641,16 @@ impl Verifier {
             actual,
         }
     }
+}
+
+/// The calling user's own credentials for `registry` (see [`auth::user_auth_files`]).
+fn caller_credentials(registry: &str) -> Result<Option<Credentials>> {
+    let uid = berth_sys::identity::effective_uid();
+    let home = berth_sys::identity::user_info(uid)
+        .map(|u| u.home)
+        .unwrap_or_default();
+    let files = auth::user_auth_files(|name| std::env::var(name).ok(), &home);
+    Ok(auth::user_credentials_for(&files, registry, uid)?.map(|(credentials, _)| credentials))
 }
 
 /// System roots plus every `*.crt` in `<certs_dir>/<registry>/` (the containers layout).
@@ -762,8 +787,20 @@ fn query_escape(s: &str) -> String {
 }
 
 fn backoff(attempt: u32) {
+    std::thread::sleep(backoff_delay(attempt));
+}
+
+/// 200 ms, doubling per attempt, at most 5 s.
+fn backoff_delay(attempt: u32) -> Duration {
     let ms = 200u64 << attempt.saturating_sub(1).min(5);
-    std::thread::sleep(Duration::from_millis(ms.min(5000)));
+    Duration::from_millis(ms.min(5000))
+}
+
+/// A `Retry-After` in seconds (the form registries send; an HTTP date counts as absent and
+/// the usual backoff applies).
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = header(headers, "retry-after")?;
+    value.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
 #[cfg(test)]
@@ -811,7 +848,7 @@ mod tests {
 
     /// A one-thread HTTP server on loopback that answers `requests` requests, one per
     /// connection, with `respond(request head)`; it returns the request heads it saw.
-    fn serve(
+    pub(super) fn serve(
         requests: usize,
         respond: impl Fn(&str) -> String + Send + 'static,
     ) -> (u16, std::thread::JoinHandle<Vec<String>>) {
@@ -846,10 +883,28 @@ mod tests {
         (port, handle)
     }
 
-    fn http(status: &str, extra_header: &str, body: &str) -> String {
+    pub(super) fn http(status: &str, extra_header: &str, body: &str) -> String {
         format!(
             "HTTP/1.1 {status}\r\n{extra_header}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
             body.len()
+        )
+    }
+
+    /// A 401 asking for a bearer token from `/token` on the server the request went to.
+    pub(super) fn bearer_challenge(head: &str) -> String {
+        let port = head
+            .lines()
+            .find_map(|l| l.strip_prefix("host: 127.0.0.1:"))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        http(
+            "401 Unauthorized",
+            &format!(
+                "WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",\
+                 service=\"test-registry\",scope=\"repository:lab/img:pull\"\r\n"
+            ),
+            "",
         )
     }
 
@@ -864,20 +919,7 @@ mod tests {
             } else if head.contains("authorization: Bearer t0k3n") {
                 http("200 OK", "", "layer bytes")
             } else {
-                let port = head
-                    .lines()
-                    .find_map(|l| l.strip_prefix("host: 127.0.0.1:"))
-                    .unwrap_or_default()
-                    .trim()
-                    .to_string();
-                http(
-                    "401 Unauthorized",
-                    &format!(
-                        "WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",\
-                         service=\"test-registry\",scope=\"repository:lab/img:pull\"\r\n"
-                    ),
-                    "",
-                )
+                bearer_challenge(head)
             }
         });
         let dir = tempfile::tempdir().unwrap();
@@ -897,7 +939,7 @@ mod tests {
             timeout_secs: 5,
             ..RegistryConfig::default()
         };
-        let mut client = Client::new(
+        let client = Client::new(
             &config,
             &registry,
             ClientOptions {
@@ -962,7 +1004,7 @@ mod tests {
         });
         let dir = tempfile::tempdir().unwrap();
         let registry = format!("127.0.0.1:{port}");
-        let mut client = plain_client(dir.path(), &registry);
+        let client = plain_client(dir.path(), &registry);
         let reference = Reference::parse(&format!("{registry}/lab/img:latest")).unwrap();
         let err = client
             .manifest("lab/img", &reference)
@@ -1006,7 +1048,7 @@ mod tests {
         });
         let dir = tempfile::tempdir().unwrap();
         let registry = format!("127.0.0.1:{port}");
-        let mut client = plain_client(dir.path(), &registry);
+        let client = plain_client(dir.path(), &registry);
         let reference = Reference::parse(&format!("{registry}/lab/img:latest")).unwrap();
         let fetched = client.manifest("lab/img", &reference).unwrap();
         assert_eq!(fetched.digest, expected);
@@ -1109,7 +1151,7 @@ mod tests {
         });
         let dir = tempfile::tempdir().unwrap();
         let registry = format!("127.0.0.1:{port}");
-        let mut client = plain_client(dir.path(), &registry);
+        let client = plain_client(dir.path(), &registry);
         for tag in ["json", "html"] {
             let reference = Reference::parse(&format!("{registry}/lab/img:{tag}")).unwrap();
             let err = client

@@ -1,0 +1,387 @@
+//! Issue 11: registries as sites run them, against the test cluster's registries
+//! (`localhost:5000` HTTPS): mirrors (`[[registry.mirrors]]`), a layer resumed from staged
+//! bytes with a Range request, progress, and a private registry through Slurm. The HTTP
+//! edge cases a real registry will not produce on cue (a connection dropped mid-blob, 429
+//! with Retry-After, an oversized blob, an expiring token) are unit tests with in-test
+//! servers in `launcher/src/registry/download.rs`.
+//!
+//! The tests use their own cache and configuration (root's `--config`), except the
+//! private-registry test: it runs jobs through Slurm, so it adds its registry
+//! (`localhost:5002`, started by the test) and `user_credentials` to the cluster's own
+//! berth.toml for its duration (the e2e lock keeps other suites out meanwhile).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use berth_e2e::{unique_name, write_user_file, Cluster, Cmd, PrivateRegistry, Run};
+
+/// A private cache and a configuration made of `extra` after the cache and CA settings.
+struct Site {
+    dir: PathBuf,
+    config: PathBuf,
+    berth: PathBuf,
+}
+
+impl Site {
+    fn new(extra: &str) -> Site {
+        let cluster = Cluster::get();
+        let dir = Path::new("/var/tmp").join(unique_name("berth-e2e-registries"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("berth.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[cache]\ndir = \"{}\"\n[registry]\ncerts_dir = \"{}\"\nretries = 2\n\
+                 timeout_secs = 5\n{extra}",
+                dir.join("cache").display(),
+                cluster.certs_dir().display()
+            ),
+        )
+        .unwrap();
+        let berth = std::env::var_os("BERTH_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| cluster.berth_bin());
+        Site { dir, config, berth }
+    }
+
+    fn berth(&self, args: &[&str]) -> Run {
+        let mut all = vec![
+            self.berth.display().to_string(),
+            "--config".into(),
+            self.config.display().to_string(),
+        ];
+        all.extend(args.iter().map(|a| a.to_string()));
+        Cmd::root(all).run()
+    }
+}
+
+impl Drop for Site {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn a_mirror_serves_another_registrys_name_with_the_upstream_unreachable() {
+    let cluster = Cluster::get();
+    let registry = cluster.tls_registry();
+    // `mirrored.invalid` cannot resolve: every byte must come from the mirror, which keeps
+    // the registry's repositories under its project `test`.
+    let site = Site::new(&format!(
+        "[[registry.mirrors]]\nregistry = \"mirrored.invalid\"\nmirrors = [\"{}/test\"]\n\
+         [policy]\nallowed = [\"mirrored.invalid/*\"]\n",
+        registry.host
+    ));
+    let image = "mirrored.invalid/busybox:latest";
+
+    let check = site.berth(&["policy", "check", image]);
+    assert!(check.success(), "{check:?}");
+    assert_eq!(
+        check.stdout,
+        format!("allow: {image} (rule: mirrored.invalid/*)\n")
+    );
+    assert!(
+        check.stderr.contains(&format!(
+            "pull from: {}/test (mirror of mirrored.invalid)",
+            registry.host
+        )),
+        "{check:?}"
+    );
+    // The policy judges the name written: the mirror's own name is not approved.
+    let mirror_name = cluster.image_tls().reference;
+    let denied = site.berth(&["policy", "check", &mirror_name]);
+    assert_eq!(denied.code(), Some(1), "{denied:?}");
+
+    let log = registry.log_cursor();
+    let fetched = site.berth(&["fetch", "--quiet", image]);
+    assert!(fetched.success(), "{fetched:?}");
+    let sif = PathBuf::from(fetched.stdout.trim());
+    assert!(sif.exists(), "{fetched:?}");
+    // The same bytes as the mirror's own image: the manifest digest is in the cache name.
+    let digest = cluster.image_tls().digest;
+    let hex = digest.trim_start_matches("sha256:");
+    assert!(sif.to_string_lossy().contains(hex), "{}", sif.display());
+    let seen = log.read_new();
+    assert!(
+        seen.contains("/v2/test/busybox/manifests/latest"),
+        "the mirror was not asked: {seen}"
+    );
+
+    // `berth resolve` (the submission-side pin) goes through the mirror too and prints the
+    // name the user wrote, pinned.
+    let pinned = site.berth(&["resolve", image]);
+    assert!(pinned.success(), "{pinned:?}");
+    assert_eq!(
+        pinned.stdout.trim(),
+        format!("mirrored.invalid/busybox@{digest}")
+    );
+}
+
+#[test]
+fn a_pull_with_parallel_downloads_reports_totals_and_rates() {
+    let cluster = Cluster::get();
+    let registry = cluster.tls_registry();
+    let site = Site::new(&format!(
+        "parallel_downloads = 2\n[policy]\nallowed = [\"{}/*\"]\n",
+        registry.host
+    ));
+    let image = cluster.image_tls();
+    let run = site.berth(&["fetch", &image.reference]);
+    assert!(run.success(), "{run:?}");
+    // The final line: `berth: pulling REF DONE/TOTAL MB RATE MB/s`, done equal to total.
+    let line = run
+        .stderr
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("berth: pulling "))
+        .unwrap_or_else(|| panic!("no progress line: {run:?}"));
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let (done, total) = fields[3].split_once('/').unwrap();
+    assert_eq!(done, total, "{line}");
+    assert_eq!(fields[4], "MB", "{line}");
+    assert_eq!(fields.last(), Some(&"MB/s"), "{line}");
+}
+
+/// The private registry's port.
+const PRIVATE_PORT: u16 = 5002;
+
+/// Files the test puts where the node's berth reads them (the site's auth file, the
+/// registry's CA), put back as they were when dropped.
+struct Installed(Vec<(PathBuf, Option<Vec<u8>>)>);
+
+impl Installed {
+    fn file(&mut self, path: &Path, contents: &[u8], mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        self.0.push((path.to_path_buf(), std::fs::read(path).ok()));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, contents).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+}
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        for (path, before) in self.0.drain(..).rev() {
+            let _ = match before {
+                Some(bytes) => std::fs::write(&path, bytes),
+                None => std::fs::remove_file(&path),
+            };
+        }
+    }
+}
+
+#[test]
+fn a_private_image_runs_through_slurm_with_the_users_login_or_a_digest() {
+    let cluster = Cluster::get();
+    let registry = PrivateRegistry::start_on(PRIVATE_PORT);
+    // The cluster's test image, copied into the private registry (its os-release names
+    // localhost:5000, where it was built).
+    let image = format!("{}/private/busybox:latest", registry.host);
+    let digest_file = registry.dir.join("digest");
+    let copy = Command::new("bash")
+        .args([
+            "-c",
+            &format!(
+                "skopeo copy -q --src-cert-dir {}/localhost:5000 {} --digestfile {} \
+                 docker://{} docker://{image}",
+                cluster.certs_dir().display(),
+                registry.skopeo_options().join(" "),
+                digest_file.display(),
+                cluster.image_tls().reference,
+            ),
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(copy.status.success(), "{copy:?}");
+    let digest = std::fs::read_to_string(&digest_file).unwrap();
+    let pinned = format!("{}/private/busybox@{}", registry.host, digest.trim());
+
+    // The node has the site's credentials and trusts the registry's CA; the user cannot
+    // read the credentials.
+    let config = std::fs::read_to_string(cluster.berth_config()).unwrap();
+    let auth_file = config
+        .lines()
+        .find_map(|l| l.strip_prefix("auth_file = \""))
+        .and_then(|rest| rest.strip_suffix('"'))
+        .map(PathBuf::from)
+        .expect("the cluster's berth.toml names its auth_file");
+    // The site approves the registry and lets the pin at submission use users' own logins.
+    let site_config = config
+        .replacen(
+            "allowed = [",
+            &format!("allowed = [\"{}/*\", ", registry.host),
+            1,
+        )
+        .replacen("[registry]\n", "[registry]\nuser_credentials = true\n", 1);
+    assert_ne!(
+        site_config, config,
+        "the cluster's berth.toml changed shape"
+    );
+    let mut installed = Installed(Vec::new());
+    installed.file(&cluster.berth_config(), site_config.as_bytes(), 0o644);
+    let site_auth = format!(
+        r#"{{"auths": {{"{}": {{"username": "{}", "password": "{}"}}}}}}"#,
+        registry.host,
+        PrivateRegistry::USER,
+        PrivateRegistry::PASSWORD
+    );
+    installed.file(&auth_file, site_auth.as_bytes(), 0o600);
+    let ca = std::fs::read(cluster.ca_cert()).unwrap();
+    installed.file(
+        &cluster.certs_dir().join(&registry.host).join("ca.crt"),
+        &ca,
+        0o644,
+    );
+    let peek = Cmd::user(["cat", &auth_file.display().to_string()]).run();
+    assert!(
+        !peek.success(),
+        "the user read the site's credentials: {peek:?}"
+    );
+
+    let srun = |image: &str, auth: Option<&Path>| {
+        let mut cmd = Cmd::user([
+            "srun",
+            &format!("--container-image={image}"),
+            "cat",
+            "/etc/os-release",
+        ]);
+        if let Some(auth) = auth {
+            cmd = cmd.env("REGISTRY_AUTH_FILE", auth);
+        }
+        cmd.run()
+    };
+
+    // Without a login of their own the pin at submission cannot read the tag: refused with
+    // both fixes named.
+    let refused = srun(&image, None);
+    assert!(!refused.success(), "{refused:?}");
+    assert!(
+        refused.stderr.contains("requires credentials") && refused.stderr.contains("login"),
+        "{refused:?}"
+    );
+
+    // With the user's own login (a podman auth file they own) the tag is pinned at
+    // submission and the node pulls that digest with the site's credentials.
+    let login = cluster.home().join(format!("{}.json", unique_name("auth")));
+    write_user_file(&cluster, &login, &site_auth, 0o600);
+    let ran = srun(&image, Some(&login));
+    assert!(ran.success(), "{ran:?}");
+    assert!(
+        ran.stdout.contains("BERTH_REGISTRY=localhost:5000"),
+        "{ran:?}"
+    );
+
+    // A batch job: the script runs in the image, and so do two steps the script (on the
+    // host) starts, each pinned where it is submitted, with the login the job inherited.
+    let script = cluster
+        .home()
+        .join(format!("{}.sh", unique_name("private")));
+    let output = script.with_extension("out");
+    let body = format!(
+        "#!/bin/sh\nfor step in 1 2; do srun --container-image={image} grep BERTH_REGISTRY \
+         /etc/os-release; done\n"
+    );
+    write_user_file(&cluster, &script, &body, 0o755);
+    let batch = Cmd::user([
+        "sbatch".to_string(),
+        "--wait".into(),
+        format!("--output={}", output.display()),
+        script.display().to_string(),
+    ])
+    .env("REGISTRY_AUTH_FILE", &login)
+    .run();
+    let text = std::fs::read_to_string(&output).unwrap_or_default();
+    let _ = std::fs::remove_file(&script);
+    let _ = std::fs::remove_file(&output);
+    assert!(batch.success(), "{batch:?}\n{text}");
+    assert_eq!(
+        text.matches("BERTH_REGISTRY=localhost:5000").count(),
+        2,
+        "{text}"
+    );
+    let _ = std::fs::remove_file(&login);
+
+    // Cached on the node now, the tag is still refused to a user without a login: the pin
+    // at submission asks the registry, not the node's cache.
+    let still_refused = srun(&image, None);
+    assert!(!still_refused.success(), "{still_refused:?}");
+
+    // Named by digest, the image needs no credentials at submission at all: the policy
+    // allows the repository, and the node pulled (or pulls) it with the site's.
+    let by_digest = srun(&pinned, None);
+    assert!(by_digest.success(), "{by_digest:?}");
+    drop(installed);
+}
+
+/// `sha256sum` of `text`, hex.
+fn sha256_hex(text: &str) -> String {
+    let out = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(text.as_bytes())?;
+            child.wait_with_output()
+        })
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap()[..64].to_string()
+}
+
+#[test]
+fn an_interrupted_layer_resumes_from_its_staged_bytes_with_a_range_request() {
+    let cluster = Cluster::get();
+    let registry = cluster.tls_registry();
+    let site = Site::new(&format!("[policy]\nallowed = [\"{}/*\"]\n", registry.host));
+    let image = cluster.image_tls();
+    let stored = |digest: &str| {
+        let hex = digest.trim_start_matches("sha256:");
+        std::fs::read(registry.storage.join(format!(
+            "docker/registry/v2/blobs/sha256/{}/{hex}/data",
+            &hex[..2]
+        )))
+        .unwrap()
+    };
+    let manifest: serde_json::Value = serde_json::from_slice(&stored(&image.digest)).unwrap();
+    let layer = manifest["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let bytes = stored(&layer);
+
+    // What an interrupted fetch leaves: the first half of the layer, staged under the
+    // image's cache name (`<manifest hex>-<first 32 hex of sha256(registry/repository)>`).
+    assert!(site.berth(&["images"]).success(), "the cache is made");
+    let key = format!(
+        "{}-{}",
+        image.digest.trim_start_matches("sha256:"),
+        &sha256_hex(&format!("{}/test/busybox", registry.host))[..32]
+    );
+    let blobs = site.dir.join("cache/tmp").join(key).join("blobs");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let half = bytes.len() / 2;
+    std::fs::write(
+        blobs.join(format!("{}.partial", layer.trim_start_matches("sha256:"))),
+        &bytes[..half],
+    )
+    .unwrap();
+
+    let log = registry.log_cursor();
+    let run = site.berth(&["fetch", "--quiet", &image.reference]);
+    assert!(run.success(), "{run:?}");
+    // The registry sent the rest only (206, the other half), and the image was built.
+    let seen = log.read_new();
+    let request = format!("\"GET /v2/test/busybox/blobs/{layer} HTTP/1.1\" 206 ");
+    let line = seen
+        .lines()
+        .find(|l| l.contains(&request))
+        .unwrap_or_else(|| panic!("no ranged request for {layer}:\n{seen}"));
+    let sent: usize = line[line.find(&request).unwrap() + request.len()..]
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert_eq!(sent, bytes.len() - half, "{line}");
+    assert!(PathBuf::from(run.stdout.trim()).exists(), "{run:?}");
+}
