@@ -90,6 +90,10 @@ pub struct CacheConfig {
     pub max_path_length: usize,
     /// Most path components a layer entry or hard-link target may have.
     pub max_path_depth: usize,
+    /// The cgroup (relative to the hierarchy's root) root's image builds move into before
+    /// downloading, so a build never counts against a job's memory limit; "" keeps them in
+    /// the job's cgroups.
+    pub build_cgroup: crate::cache::BuildCgroup,
 }
 
 impl Default for CacheConfig {
@@ -101,6 +105,7 @@ impl Default for CacheConfig {
             max_entries: 1_000_000,
             max_path_length: 4096,
             max_path_depth: 256,
+            build_cgroup: crate::cache::BuildCgroup::default(),
         }
     }
 }

@@ -43,6 +43,7 @@
 //!   big, images in use too. Any user can lock a 0644 SIF, so locks only order eviction and
 //!   never stop it; unlinking an open SIF leaves it readable by the squashfuse holding it.
 
+mod cgroup;
 mod size;
 
 use std::fs::{self, File};
@@ -63,6 +64,7 @@ use crate::registry::{Client, ClientOptions, ResolvedImage};
 use crate::unpack::{self, Budget, Compression, Limits};
 use crate::{sif, Error, Result};
 
+pub use cgroup::BuildCgroup;
 pub use size::{format_size, parse_size};
 
 /// Free space a build needs, as a multiple of the image's compressed size: the staged
@@ -243,6 +245,7 @@ const SUBDIRS: [(&str, u32); 4] = [
 
 pub struct Cache {
     dir: PathBuf,
+    build_cgroup: BuildCgroup,
     max_size: u64,
     limits: Limits,
     /// The caller owns the cache (root or the service identity) and may write it.
@@ -295,6 +298,7 @@ impl Cache {
         }
         Ok(Cache {
             dir,
+            build_cgroup: config.build_cgroup.clone(),
             max_size,
             limits,
             writable,
@@ -433,6 +437,7 @@ impl Cache {
         if let Some(path) = self.hit(repo, digest)? {
             return Ok(path);
         }
+        self.leave_job_memory_cgroup(&pinned, options.quiet);
         self.clean_stale(&key);
         self.ensure_space(total.saturating_mul(SPACE_FACTOR), total, &pinned)?;
 
@@ -545,6 +550,28 @@ impl Cache {
                 format_size(available)
             ),
         ))
+    }
+
+    /// Moves a root build out of the job's memory cgroup (see `cgroup`), before it downloads
+    /// or unpacks anything. A move that fails costs only the protection: the build goes on
+    /// where it was, with a warning naming the cause.
+    fn leave_job_memory_cgroup(&self, pinned: &Reference, quiet: bool) {
+        if berth_sys::identity::effective_uid() != 0 {
+            return;
+        }
+        match cgroup::leave_job_memory_cgroup(Path::new(cgroup::CGROUP_ROOT), &self.build_cgroup) {
+            Ok(Some(now)) => progress::note(
+                quiet,
+                &format!("building {pinned} in memory cgroup {now}, outside the job's limits"),
+            ),
+            Ok(None) => {}
+            Err(e) => warn(&format!(
+                "building {pinned} inside the caller's memory cgroup: {e}; a small --mem job \
+                 may be killed while its image is converted (fix: check [cache] build_cgroup \
+                 and that cgroups are mounted under {})",
+                cgroup::CGROUP_ROOT
+            )),
+        }
     }
 
     /// Takes the image's build lock, saying so on stderr when another fetch holds it.

@@ -1,0 +1,170 @@
+//! Issue 12, staging at job start: a large image is fetched and converted outside the job's
+//! memory cgroup, so a small `--mem` job whose image is not cached yet completes.
+//! Needs `tests/cluster/up`; fails (does not skip) without it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use berth_e2e::{serial, unique_name, wait_until, write_user_file, Cluster, Cmd};
+
+fn sh(script: &str) -> String {
+    let out = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", script])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The cluster's busybox image with one more layer: `/payload`, `mib` MiB of random bytes
+/// (incompressible, so the SIF is as big), and `/marker`. Built with GNU tar and `umoci raw
+/// add-layer` (`umoci insert` truncates large files) and pushed under a new name, so no
+/// node has it cached.
+fn push_big_image(cluster: &Cluster, mib: usize, marker: &str) -> String {
+    let work = Path::new("/var/tmp").join(unique_name("berth-e2e-big"));
+    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/templates/skopeo-policy.json");
+    let name = unique_name("big");
+    let reference = format!("{}/test/{name}:v1", cluster.tls_registry().host);
+    sh(&format!(
+        "w={work}; mkdir -p $w/root
+         skopeo --policy {policy} copy -q docker://{base} oci:$w/oci:big
+         head -c {mib}M /dev/urandom > $w/root/payload
+         printf %s {marker} > $w/root/marker
+         tar --sort=name --owner=0 --group=0 --numeric-owner -C $w/root -cf $w/layer.tar payload marker
+         umoci raw add-layer --image $w/oci:big $w/layer.tar
+         skopeo --policy {policy} copy -q oci:$w/oci:big docker://{reference}
+         rm -rf $w",
+        work = work.display(),
+        policy = policy.display(),
+        base = cluster.image_tls().reference,
+    ));
+    reference
+}
+
+/// The memory cgroup (`/proc/PID/cgroup`'s memory line, or the v2 line) of every process
+/// now fetching or converting `image`: `berth policy check --fetch IMAGE` and its
+/// mksquashfs.
+fn fetch_cgroups(image: &str) -> Vec<(String, String)> {
+    let mut seen = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return seen;
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let Ok(cmdline) = std::fs::read(dir.join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let fetching = args.iter().any(|a| a == "--fetch") && args.iter().any(|a| a == image);
+        let converting = args.first().is_some_and(|a| a.ends_with("mksquashfs"))
+            && args
+                .iter()
+                .any(|a| a.contains("/cache/") || a.contains("berth"));
+        if !(fetching || converting) {
+            continue;
+        }
+        let Ok(cgroup) = std::fs::read_to_string(dir.join("cgroup")) else {
+            continue;
+        };
+        let memory = cgroup
+            .lines()
+            .find(|l| {
+                l.split(':')
+                    .nth(1)
+                    .is_some_and(|c| c.split(',').any(|c| c == "memory"))
+            })
+            .or_else(|| cgroup.lines().find(|l| l.starts_with("0::")))
+            .unwrap_or_default()
+            .to_owned();
+        seen.push((args.join(" "), memory));
+    }
+    seen
+}
+
+/// Removes the image's SIF from the cluster's node cache (named `<digest>-<REPO>.sif`,
+/// REPO the first 32 hex digits of the SHA-256 of `registry/repository`), so the cache does
+/// not keep hundreds of MB per run.
+fn drop_cached(image: &str) {
+    let repo = image.rsplit_once(':').unwrap().0;
+    sh(&format!(
+        "key=$(printf %s {repo} | sha256sum | cut -c1-32); rm -f /var/cache/berth/images/*-$key.sif"
+    ));
+}
+
+#[test]
+fn a_small_mem_job_fetches_a_large_image_outside_its_memory_cgroup() {
+    let _serial = serial();
+    let cluster = Cluster::get();
+    let marker = unique_name("big-marker");
+    let image = push_big_image(&cluster, 320, &marker);
+
+    let name = unique_name("e2e-staging");
+    let script: PathBuf = cluster.home().join(format!("{name}.sh"));
+    let output: PathBuf = cluster.home().join(format!("{name}.out"));
+    write_user_file(
+        &cluster,
+        &script,
+        "#!/bin/sh\ncat /marker; echo; wc -c </payload\n",
+        0o755,
+    );
+    let done = AtomicBool::new(false);
+    let (run, seen) = std::thread::scope(|s| {
+        let job = s.spawn(|| {
+            let run = Cmd::user([
+                "sbatch".to_owned(),
+                "--wait".into(),
+                "--mem=48M".into(),
+                format!("--output={}", output.display()),
+                format!("--container-image={image}"),
+                script.display().to_string(),
+            ])
+            .timeout(Duration::from_secs(600))
+            .run();
+            done.store(true, Ordering::SeqCst);
+            run
+        });
+        let mut seen = Vec::new();
+        while !done.load(Ordering::SeqCst) {
+            seen.extend(fetch_cgroups(&image));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        (job.join().unwrap(), seen)
+    });
+    let text = std::fs::read_to_string(&output).unwrap_or_default();
+    let _ = std::fs::remove_file(&script);
+    let _ = std::fs::remove_file(&output);
+    drop_cached(&image);
+
+    assert!(run.success(), "{run:?}\noutput:\n{text}");
+    assert!(text.contains(&marker), "{text}");
+    assert!(text.contains(&(320u64 << 20).to_string()), "{text}");
+    // The fetch starts in the job's cgroup and moves before it downloads: what it runs
+    // (mksquashfs) and its own last sighting must be in berth's build cgroup.
+    let outside = |memory: &str| memory.ends_with(":/berth/fetch");
+    let fetch: Vec<_> = seen.iter().filter(|(p, _)| p.contains("--fetch")).collect();
+    let last = fetch.last().expect("never saw the fetch running");
+    assert!(
+        outside(&last.1),
+        "the fetch ran in memory cgroup {:?}",
+        last.1
+    );
+    for (process, memory) in seen.iter().filter(|(p, _)| !p.contains("--fetch")) {
+        assert!(outside(memory), "{process} ran in memory cgroup {memory:?}");
+    }
+    cluster.assert_node_healthy();
+    assert!(
+        wait_until(Duration::from_secs(20), || cluster.node_state() == "idle"),
+        "node is {} after the test",
+        cluster.node_state()
+    );
+}
