@@ -40,6 +40,9 @@ pub struct Config {
     /// `[site]`: binds and variables every container gets, limits on users' binds.
     #[serde(default)]
     pub site: crate::site::SiteConfig,
+    /// `[stage]`: node-local copies of users' data (see `stage`).
+    #[serde(default)]
+    pub stage: StageConfig,
 }
 
 /// `[policy]`: which images may run. Owned by `policy.rs`. Entries are validated while the
@@ -232,6 +235,32 @@ pub struct RuntimeConfig {
     /// Root-owned directory (tmpfs) under which containers mount their private scratch
     /// space; berth falls back to a private directory under $TMPDIR when it is missing.
     pub dir: PathBuf,
+}
+
+/// `[stage]`: where and how much users may stage on a node. Owned by `stage/`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StageConfig {
+    /// Sticky, world-writable directory on fast node-local storage; each user gets a
+    /// private (0700) directory below it.
+    pub dir: PathBuf,
+    /// The most one user may have staged on a node, e.g. "100G".
+    pub max_user: String,
+    /// Free space every stage leaves on the stage area's file system, e.g. "10G".
+    pub reserve: String,
+    /// Files copied at once.
+    pub threads: usize,
+}
+
+impl Default for StageConfig {
+    fn default() -> Self {
+        StageConfig {
+            dir: PathBuf::from("/var/tmp/berth-stage"),
+            max_user: "100G".into(),
+            reserve: "10G".into(),
+            threads: 8,
+        }
+    }
 }
 
 impl Default for RuntimeConfig {

@@ -65,7 +65,10 @@ fn fetch_cgroups(image: &str) -> Vec<(String, String)> {
             .split(|&b| b == 0)
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
-        let fetching = args.iter().any(|a| a == "--fetch") && args.iter().any(|a| a == image);
+        // The plugin fetches the digest-pinned form the submission resolved.
+        let repo = image.rsplit_once(':').map_or(image, |(repo, _)| repo);
+        let fetching =
+            args.iter().any(|a| a == "--fetch") && args.iter().any(|a| a.starts_with(repo));
         let converting = args.first().is_some_and(|a| a.ends_with("mksquashfs"))
             && args
                 .iter()
