@@ -171,3 +171,126 @@ fn a_small_mem_job_fetches_a_large_image_outside_its_memory_cgroup() {
         cluster.node_state()
     );
 }
+
+/// The stage area as an admin (or the package's tmpfiles) makes it: root's, mode 1777.
+fn stage_area() -> PathBuf {
+    let area = PathBuf::from("/var/tmp/berth-stage");
+    sh(&format!(
+        "mkdir -p {a} && chown root:root {a} && chmod 1777 {a}",
+        a = area.display()
+    ));
+    area
+}
+
+/// `berth stage ARGS...` as the test user (the site config: users cannot pass --config).
+fn stage(args: &[&str]) -> berth_e2e::Run {
+    let mut all = vec![Cluster::get().berth_bin().display().to_string(), "stage".into()];
+    all.extend(args.iter().map(|a| a.to_string()));
+    Cmd::user(all).timeout(Duration::from_secs(300)).run()
+}
+
+/// A tree of `files` small files (4 to 64 KiB, random) and one `big_mib` MiB file, with a
+/// symlink, in the user's home.
+fn user_tree(cluster: &Cluster, files: usize, big_mib: usize) -> PathBuf {
+    let dir = cluster.home().join(unique_name("stage-src"));
+    sh(&format!(
+        "d={d}; mkdir -p $d/small
+         for i in $(seq 1 {files}); do
+           head -c $(( (RANDOM % 61 + 4) * 1024 )) /dev/urandom > $d/small/f$i
+         done
+         head -c {big_mib}M /dev/urandom > $d/big
+         ln -s small/f1 $d/link
+         ln -s /etc/shadow $d/outside
+         chown -R {uid}:{uid} $d",
+        d = dir.display(),
+        uid = cluster.uid()
+    ));
+    dir
+}
+
+#[test]
+fn stage_in_copies_a_tree_reuses_it_and_stages_results_out() {
+    let _serial = serial();
+    let cluster = Cluster::get();
+    let area = stage_area();
+    let src = user_tree(&cluster, 2000, 64);
+    let src_arg = src.display().to_string();
+
+    let first = stage(&["in", &src_arg]);
+    assert!(first.success(), "{first}");
+    let fields: Vec<&str> = first.stdout.trim().split('\t').collect();
+    assert_eq!(fields.len(), 3, "{first}");
+    let local = PathBuf::from(fields[1]);
+    assert!(local.starts_with(area.join(cluster.uid().to_string())), "{first}");
+    // Byte for byte, links as links (the one pointing out of the tree not followed).
+    sh(&format!("diff -r --no-dereference {src_arg} {}", local.display()));
+    let user_dir = area.join(cluster.uid().to_string());
+    let mode = sh(&format!("stat -c %a {}", user_dir.display()));
+    assert_eq!(mode.trim(), "700");
+
+    let again = stage(&["in", &src_arg]);
+    assert!(again.success(), "{again}");
+    assert!(again.stderr.contains("unchanged, reused"), "{again}");
+    assert!(again.elapsed < Duration::from_secs(2), "{again}");
+
+    let results = cluster.home().join(unique_name("stage-out"));
+    let out = stage(&[
+        "out",
+        &format!("{}:{}", local.join("small").display(), results.display()),
+    ]);
+    assert!(out.success(), "{out}");
+    sh(&format!(
+        "diff -r {}/small {}",
+        src_arg,
+        results.display()
+    ));
+
+    let clean = stage(&["clean"]);
+    assert!(clean.success(), "{clean}");
+    assert!(!local.exists());
+    sh(&format!("rm -rf {src_arg} {}", results.display()));
+}
+
+#[test]
+fn a_source_the_user_cannot_read_is_refused_and_nothing_is_staged() {
+    let _serial = serial();
+    let cluster = Cluster::get();
+    let area = stage_area();
+    assert!(stage(&["clean"]).success());
+    let src = user_tree(&cluster, 10, 1);
+    // Another user's private file inside the user's tree.
+    sh(&format!(
+        "echo secret > {d}/theirs && chown root:root {d}/theirs && chmod 0600 {d}/theirs",
+        d = src.display()
+    ));
+    let run = stage(&["in", &src.display().to_string()]);
+    assert!(!run.success(), "{run}");
+    assert!(
+        run.stderr.contains("theirs") && run.stderr.contains("ermission denied"),
+        "{run}"
+    );
+    let user_dir = area.join(cluster.uid().to_string());
+    let left = sh(&format!("ls -A {}", user_dir.display()));
+    assert!(left.trim().is_empty(), "left in the stage area: {left}");
+    sh(&format!("rm -rf {}", src.display()));
+}
+
+#[test]
+fn a_stage_over_the_user_limit_is_refused_before_copying() {
+    let _serial = serial();
+    let cluster = Cluster::get();
+    stage_area();
+    // The test cluster's max_user is the default 100G: a sparse file larger than that
+    // costs no disk and must be refused before a byte is copied.
+    let src = cluster.home().join(unique_name("stage-huge"));
+    sh(&format!(
+        "truncate -s 200G {s} && chown {uid} {s}",
+        s = src.display(),
+        uid = cluster.uid()
+    ));
+    let run = stage(&["in", &src.display().to_string()]);
+    let _ = std::fs::remove_file(&src);
+    assert!(!run.success(), "{run}");
+    assert!(run.stderr.contains("[stage] max_user"), "{run}");
+    assert!(run.elapsed < Duration::from_secs(5), "{run}");
+}
