@@ -172,6 +172,25 @@ impl Launcher {
         })
     }
 
+    /// `berth stage ARGS...` (as the job's user): data copied to or from node-local storage.
+    /// Progress goes on to this process's stderr (the job's); returns stdout, one line per
+    /// staged source.
+    pub fn stage(&self, args: &[&str]) -> Result<String, Error> {
+        let args = [&["stage"], args].concat();
+        let launcher = Launcher {
+            timeout: FETCH_TIMEOUT,
+            ..self.clone()
+        };
+        let out = launcher.collect_output(&args, true)?;
+        if out.status.success() {
+            return Ok(out.stdout);
+        }
+        let detail = out.stderr.trim().lines().last().unwrap_or_default();
+        Err(Error::StageFailed {
+            detail: format!("{}: {}", describe(out.status), detail.trim()),
+        })
+    }
+
     /// `berth start ARGS...`: starts the step's container and returns once it printed its
     /// handle and its namespaces and spec are open; the holder keeps running (a child of this
     /// process) until [`Holder::stop`]. The handle is output the user can write to (any of

@@ -184,7 +184,10 @@ fn stage_area() -> PathBuf {
 
 /// `berth stage ARGS...` as the test user (the site config: users cannot pass --config).
 fn stage(args: &[&str]) -> berth_e2e::Run {
-    let mut all = vec![Cluster::get().berth_bin().display().to_string(), "stage".into()];
+    let mut all = vec![
+        Cluster::get().berth_bin().display().to_string(),
+        "stage".into(),
+    ];
     all.extend(args.iter().map(|a| a.to_string()));
     Cmd::user(all).timeout(Duration::from_secs(300)).run()
 }
@@ -221,9 +224,15 @@ fn stage_in_copies_a_tree_reuses_it_and_stages_results_out() {
     let fields: Vec<&str> = first.stdout.trim().split('\t').collect();
     assert_eq!(fields.len(), 3, "{first}");
     let local = PathBuf::from(fields[1]);
-    assert!(local.starts_with(area.join(cluster.uid().to_string())), "{first}");
+    assert!(
+        local.starts_with(area.join(cluster.uid().to_string())),
+        "{first}"
+    );
     // Byte for byte, links as links (the one pointing out of the tree not followed).
-    sh(&format!("diff -r --no-dereference {src_arg} {}", local.display()));
+    sh(&format!(
+        "diff -r --no-dereference {src_arg} {}",
+        local.display()
+    ));
     let user_dir = area.join(cluster.uid().to_string());
     let mode = sh(&format!("stat -c %a {}", user_dir.display()));
     assert_eq!(mode.trim(), "700");
@@ -239,11 +248,7 @@ fn stage_in_copies_a_tree_reuses_it_and_stages_results_out() {
         &format!("{}:{}", local.join("small").display(), results.display()),
     ]);
     assert!(out.success(), "{out}");
-    sh(&format!(
-        "diff -r {}/small {}",
-        src_arg,
-        results.display()
-    ));
+    sh(&format!("diff -r {}/small {}", src_arg, results.display()));
 
     let clean = stage(&["clean"]);
     assert!(clean.success(), "{clean}");
@@ -293,4 +298,78 @@ fn a_stage_over_the_user_limit_is_refused_before_copying() {
     assert!(!run.success(), "{run}");
     assert!(run.stderr.contains("[stage] max_user"), "{run}");
     assert!(run.elapsed < Duration::from_secs(5), "{run}");
+}
+
+#[test]
+fn sbatch_stages_in_before_the_task_reuses_and_stages_out_after_a_failure() {
+    let _serial = serial();
+    let cluster = Cluster::get();
+    stage_area();
+    assert!(stage(&["clean"]).success());
+    let src = user_tree(&cluster, 300, 8);
+    let scratch = PathBuf::from("/tmp").join(unique_name("stage-scratch"));
+    let results = cluster.home().join(unique_name("stage-results"));
+    sh(&format!(
+        "mkdir -p {s} && chown {uid} {s}",
+        s = scratch.display(),
+        uid = cluster.uid()
+    ));
+    let name = unique_name("e2e-stage-job");
+    let script = cluster.home().join(format!("{name}.sh"));
+    let output = cluster.home().join(format!("{name}.out"));
+    // Checksums of the staged copy as the container sees it, written as a result; then a
+    // failing exit: the results must still come back.
+    write_user_file(
+        &cluster,
+        &script,
+        "#!/bin/sh\nmkdir -p /out/res\n(cd /in && find . -type f | sort | xargs md5sum) > \
+         /out/res/sums\nexit 3\n",
+        0o755,
+    );
+    let run_job = || {
+        Cmd::user([
+            "sbatch".to_owned(),
+            "--wait".into(),
+            format!("--output={}", output.display()),
+            format!("--container-image={}", cluster.image_tls().reference),
+            format!("--container-stage-in={}:/in", src.display()),
+            format!("--container-mounts={}:/out", scratch.display()),
+            format!("--container-stage-out=/out/res:{}", results.display()),
+            script.display().to_string(),
+        ])
+        .timeout(Duration::from_secs(300))
+        .run()
+    };
+    let first = run_job();
+    let first_text = std::fs::read_to_string(&output).unwrap_or_default();
+    let second = run_job();
+    let second_text = std::fs::read_to_string(&output).unwrap_or_default();
+    let expected = sh(&format!(
+        "cd {} && find . -type f | sort | xargs md5sum",
+        src.display()
+    ));
+    let got = std::fs::read_to_string(results.join("sums")).unwrap_or_default();
+    sh(&format!(
+        "rm -rf {} {} {} {} {}",
+        src.display(),
+        scratch.display(),
+        results.display(),
+        script.display(),
+        output.display()
+    ));
+    assert!(!stage(&["clean"]).stdout.contains("error"));
+
+    assert_eq!(first.code(), Some(3), "{first}\n{first_text}");
+    assert_eq!(got, expected, "the staged copy differs\n{first_text}");
+    assert_eq!(second.code(), Some(3), "{second}\n{second_text}");
+    assert!(
+        second_text.contains("unchanged, reused"),
+        "the second job copied again:\n{second_text}"
+    );
+    cluster.assert_node_healthy();
+    assert!(
+        wait_until(Duration::from_secs(20), || cluster.node_state() == "idle"),
+        "node is {} after the test",
+        cluster.node_state()
+    );
 }

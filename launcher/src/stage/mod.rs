@@ -138,7 +138,7 @@ impl Area {
         };
         let bytes = copy::data_size(&manifest.entries);
         let data = entry.join("data");
-        if read_manifest(&entry).as_ref() == Some(&manifest) {
+        if read_manifest(&entry).as_ref() == Some(&manifest) && copy_intact(&data, &manifest) {
             // Marks it used, for least-recently-used clean-up.
             let _ = fs::File::open(&entry).and_then(|d| d.set_modified(SystemTime::now()));
             progress_note(self.quiet, &format!("{}: unchanged, reused", src.display()));
@@ -288,6 +288,22 @@ fn publish(tmp: &Path, dst: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The copy still lists as the manifest says (links' own times aside, which copies do not
+/// keep): a copy changed on the node since is copied again, not reused.
+fn copy_intact(data: &Path, manifest: &Manifest) -> bool {
+    let Ok(found) = copy::walk(data) else {
+        return false;
+    };
+    found.len() == manifest.entries.len()
+        && found.iter().zip(&manifest.entries).all(|(a, b)| {
+            a.path == b.path
+                && a.kind == b.kind
+                && a.size == b.size
+                && (matches!(a.kind, copy::Kind::Symlink { .. })
+                    || (a.mode, a.mtime, a.mtime_nsec) == (b.mode, b.mtime, b.mtime_nsec))
+        })
+}
+
 fn read_manifest(entry: &Path) -> Option<Manifest> {
     let text = fs::read(entry.join("manifest.json")).ok()?;
     serde_json::from_slice(&text).ok()
@@ -365,6 +381,12 @@ mod tests {
         let third = area.stage_in(&src).unwrap();
         assert!(!third.reused);
         assert_eq!(fs::read(third.path.join("d/new")).unwrap(), b"more");
+
+        // A copy changed on the node is not reused either.
+        fs::write(third.path.join("d/7"), b"changed").unwrap();
+        let fourth = area.stage_in(&src).unwrap();
+        assert!(!fourth.reused);
+        assert_eq!(fs::read(fourth.path.join("d/7")).unwrap(), vec![7u8; 1000]);
         // Nothing temporary or old is left beside the entry.
         let names: Vec<_> = fs::read_dir(user_dir).unwrap().flatten().collect();
         assert_eq!(names.len(), 1, "{names:?}");
