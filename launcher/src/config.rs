@@ -43,6 +43,9 @@ pub struct Config {
     /// `[stage]`: node-local copies of users' data (see `stage`).
     #[serde(default)]
     pub stage: StageConfig,
+    /// `[store]`: the shared image store (see `cache::store`).
+    #[serde(default)]
+    pub store: StoreConfig,
 }
 
 /// `[policy]`: which images may run. Owned by `policy.rs`. Entries are validated while the
@@ -235,6 +238,27 @@ pub struct RuntimeConfig {
     /// Root-owned directory (tmpfs) under which containers mount their private scratch
     /// space; berth falls back to a private directory under $TMPDIR when it is missing.
     pub dir: PathBuf,
+}
+
+/// `[store]`: converted images shared by every node through a shared file system.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Directory on NFS or a parallel file system, written by root on every node; empty
+    /// (the default) means no shared store.
+    pub dir: PathBuf,
+    /// How long a node's claim to convert an image lasts unless renewed (it is renewed
+    /// while the node works): the longest a crashed node can hold up the others.
+    pub lease_secs: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            dir: PathBuf::new(),
+            lease_secs: 120,
+        }
+    }
 }
 
 /// `[stage]`: where and how much users may stage on a node. Owned by `stage/`.
