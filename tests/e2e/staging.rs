@@ -2,6 +2,7 @@
 //! memory cgroup, so a small `--mem` job whose image is not cached yet completes.
 //! Needs `tests/cluster/up`; fails (does not skip) without it.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -372,4 +373,93 @@ fn sbatch_stages_in_before_the_task_reuses_and_stages_out_after_a_failure() {
         "node is {} after the test",
         cluster.node_state()
     );
+}
+
+/// A configuration standing for one node: its own cache directory, the shared `store` with
+/// a 5 s lease.
+fn node_config(dir: &Path, name: &str, store: &Path) -> PathBuf {
+    let cluster = Cluster::get();
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "[policy]\nallowed = [\"{}/*\"]\n[cache]\ndir = \"{}\"\n[registry]\n\
+             certs_dir = \"{}\"\n[store]\ndir = \"{}\"\nlease_secs = 5\n",
+            cluster.tls_registry().host,
+            dir.join(name).display(),
+            cluster.certs_dir().display(),
+            store.display()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+fn fetch_command(config: &Path, image: &str) -> Command {
+    let mut command = Command::new(Cluster::get().berth_bin());
+    command
+        .arg("--config")
+        .arg(config)
+        .args(["fetch", image])
+        .stdin(Stdio::null());
+    command
+}
+
+#[test]
+fn a_shared_store_converts_once_and_a_killed_converter_holds_it_only_for_its_lease() {
+    let cluster = Cluster::get();
+    let dir = Path::new("/var/tmp").join(unique_name("berth-e2e-store"));
+    let store = dir.join("store");
+    std::fs::create_dir_all(&store).unwrap();
+    let image = push_big_image(&cluster, 200, &unique_name("store-marker"));
+    let (a, b, c) = (
+        node_config(&dir, "a", &store),
+        node_config(&dir, "b", &store),
+        node_config(&dir, "c", &store),
+    );
+
+    // Node a takes the lease and is killed (its whole process group, as a crashing node
+    // loses everything) while it works.
+    let mut killed = fetch_command(&a, &image)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let leases = store.join("leases");
+    let leased = wait_until(Duration::from_secs(120), || {
+        std::fs::read_dir(&leases).is_ok_and(|mut d| d.next().is_some())
+    });
+    sh(&format!("kill -9 -- -{}", killed.id()));
+    let _ = killed.wait();
+    assert!(leased, "node a never took the store's lease");
+
+    // Node b waits for the dead lease to expire (5 s), then converts and publishes.
+    let started = std::time::Instant::now();
+    let b_run = fetch_command(&b, &image).output().unwrap();
+    let b_took = started.elapsed();
+    let b_err = String::from_utf8_lossy(&b_run.stderr).into_owned();
+    // Node c copies what b published.
+    let c_run = fetch_command(&c, &image).output().unwrap();
+    let c_err = String::from_utf8_lossy(&c_run.stderr).into_owned();
+    let (b_sif, c_sif) = (
+        String::from_utf8_lossy(&b_run.stdout).trim().to_owned(),
+        String::from_utf8_lossy(&c_run.stdout).trim().to_owned(),
+    );
+    let same = sh(&format!("cmp {b_sif} {c_sif} && echo same")).contains("same");
+    let _ = std::fs::remove_dir_all(&dir);
+
+    assert!(b_run.status.success(), "node b: {b_err}");
+    assert!(b_err.contains("waiting"), "node b did not wait: {b_err}");
+    assert!(
+        b_took < Duration::from_secs(120),
+        "node b was held up {b_took:?}"
+    );
+    assert!(c_run.status.success(), "node c: {c_err}");
+    assert!(
+        c_err.contains("from the shared image store"),
+        "node c did not copy from the store: {c_err}"
+    );
+    assert!(!c_err.contains("pulling"), "node c pulled: {c_err}");
+    assert!(same, "nodes b and c have different SIFs");
 }
