@@ -172,6 +172,21 @@ impl Launcher {
         })
     }
 
+    /// `berth policy check --fetch IMAGE` started and left running on its own (its own
+    /// process group, no output): the job prolog's prefetch, which must not hold up slurmd.
+    /// Returns its pid. A later fetch of the same image on the node waits for it on the
+    /// cache's image lock and then finds the image there.
+    pub fn prefetch(&self, image: &str, step: &StepIds) -> Result<u32, Error> {
+        let (job, uid) = (step.job.to_string(), step.uid.to_string());
+        let args = [
+            "policy", "check", "--fetch", image, "--job", &job, "--step", &step.step, "--uid", &uid,
+        ];
+        let mut command = self.command(&args);
+        command.stdout(Stdio::null()).stderr(Stdio::null());
+        let spawned = self.spawn(command, Vec::new())?;
+        Ok(spawned.child.id())
+    }
+
     /// `berth stage ARGS...` (as the job's user): data copied to or from node-local storage.
     /// Progress goes on to this process's stderr (the job's); returns stdout, one line per
     /// staged source.
