@@ -8,20 +8,17 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use berth_e2e::{serial, unique_name, wait_until, write_user_file, Cluster, Cmd};
+use berth_e2e::{serial, sh, unique_name, wait_until, write_user_file, Cluster, Cmd};
 
-fn sh(script: &str) -> String {
-    let out = Command::new("bash")
-        .args(["-euo", "pipefail", "-c", script])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+/// Waits for the node to be idle again and panics if it is drained, down or still busy.
+#[track_caller]
+fn assert_node_idle(cluster: &Cluster) {
+    cluster.assert_node_healthy();
     assert!(
-        out.status.success(),
-        "{script}: {}",
-        String::from_utf8_lossy(&out.stderr)
+        wait_until(Duration::from_secs(20), || cluster.node_state() == "idle"),
+        "node is {} after the test",
+        cluster.node_state()
     );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The cluster's busybox image with one more layer: `/payload`, `mib` MiB of random bytes
@@ -148,7 +145,6 @@ fn a_small_mem_job_fetches_a_large_image_outside_its_memory_cgroup() {
     let text = std::fs::read_to_string(&output).unwrap_or_default();
     let _ = std::fs::remove_file(&script);
     let _ = std::fs::remove_file(&output);
-    drop_cached(&image);
 
     assert!(run.success(), "{run:?}\noutput:\n{text}");
     assert!(text.contains(&marker), "{text}");
@@ -165,24 +161,27 @@ fn a_small_mem_job_fetches_a_large_image_outside_its_memory_cgroup() {
     for (process, memory) in seen.iter().filter(|(p, _)| !p.contains("--fetch")) {
         assert!(outside(memory), "{process} ran in memory cgroup {memory:?}");
     }
+    // The prolog's fetch records its decision once it has the image (it may have waited
+    // for the step's fetch on the image lock).
     let job = run.stdout.trim();
-    let audit = Cmd::root([
-        cluster.berth_bin().display().to_string(),
-        "audit".into(),
-        "--job".into(),
-        job.to_owned(),
-    ])
-    .run();
+    let audit = || {
+        Cmd::root([
+            cluster.berth_bin().display().to_string(),
+            "audit".into(),
+            "--job".into(),
+            job.to_owned(),
+        ])
+        .run()
+    };
     assert!(
-        audit.stdout.contains("prolog"),
-        "no fetch at job start (step 'prolog') in the audit trail of job {job}: {audit}"
+        wait_until(Duration::from_secs(30), || audit()
+            .stdout
+            .contains("prolog")),
+        "no fetch at job start (step 'prolog') in the audit trail of job {job}: {}",
+        audit()
     );
-    cluster.assert_node_healthy();
-    assert!(
-        wait_until(Duration::from_secs(20), || cluster.node_state() == "idle"),
-        "node is {} after the test",
-        cluster.node_state()
-    );
+    drop_cached(&image);
+    assert_node_idle(&cluster);
 }
 
 /// The stage area as an admin (or the package's tmpfiles) makes it: root's, mode 1777.
@@ -379,12 +378,7 @@ fn sbatch_stages_in_before_the_task_reuses_and_stages_out_after_a_failure() {
         second_text.contains("unchanged, reused"),
         "the second job copied again:\n{second_text}"
     );
-    cluster.assert_node_healthy();
-    assert!(
-        wait_until(Duration::from_secs(20), || cluster.node_state() == "idle"),
-        "node is {} after the test",
-        cluster.node_state()
-    );
+    assert_node_idle(&cluster);
 }
 
 /// A configuration standing for one node: its own cache directory, the shared `store` with
