@@ -42,6 +42,12 @@ pub struct Config {
     pub site: crate::site::SiteConfig,
     #[serde(default)]
     pub gpu: GpuConfig,
+    /// `[stage]`: node-local copies of users' data (see `stage`).
+    #[serde(default)]
+    pub stage: StageConfig,
+    /// `[store]`: the shared image store (see `cache::store`).
+    #[serde(default)]
+    pub store: StoreConfig,
 }
 
 /// `[policy]`: which images may run. Owned by `policy.rs`. Entries are validated while the
@@ -92,6 +98,10 @@ pub struct CacheConfig {
     pub max_path_length: usize,
     /// Most path components a layer entry or hard-link target may have.
     pub max_path_depth: usize,
+    /// The cgroup (relative to the hierarchy's root) root's image builds move into before
+    /// downloading, so a build never counts against a job's memory limit; "" keeps them in
+    /// the job's cgroups.
+    pub build_cgroup: crate::cache::BuildCgroup,
 }
 
 impl Default for CacheConfig {
@@ -103,6 +113,7 @@ impl Default for CacheConfig {
             max_entries: 1_000_000,
             max_path_length: 4096,
             max_path_depth: 256,
+            build_cgroup: crate::cache::BuildCgroup::default(),
         }
     }
 }
@@ -242,6 +253,53 @@ pub struct RuntimeConfig {
     /// Root-owned directory (tmpfs) under which containers mount their private scratch
     /// space; berth falls back to a private directory under $TMPDIR when it is missing.
     pub dir: PathBuf,
+}
+
+/// `[store]`: converted images shared by every node through a shared file system.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// Directory on NFS or a parallel file system, written by root on every node; empty
+    /// (the default) means no shared store.
+    pub dir: PathBuf,
+    /// How long a node's claim to convert an image lasts unless renewed (it is renewed
+    /// while the node works): the longest a crashed node can hold up the others.
+    pub lease_secs: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            dir: PathBuf::new(),
+            lease_secs: 120,
+        }
+    }
+}
+
+/// `[stage]`: where and how much users may stage on a node. Owned by `stage/`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StageConfig {
+    /// Sticky, world-writable directory on fast node-local storage; each user gets a
+    /// private (0700) directory below it.
+    pub dir: PathBuf,
+    /// The most one user may have staged on a node, e.g. "100G".
+    pub max_user: String,
+    /// Free space every stage leaves on the stage area's file system, e.g. "10G".
+    pub reserve: String,
+    /// Files copied at once.
+    pub threads: usize,
+}
+
+impl Default for StageConfig {
+    fn default() -> Self {
+        StageConfig {
+            dir: PathBuf::from("/var/tmp/berth-stage"),
+            max_user: "100G".into(),
+            reserve: "10G".into(),
+            threads: 8,
+        }
+    }
 }
 
 impl Default for RuntimeConfig {

@@ -46,6 +46,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    // ---- stage ---------------------------------------------------------------------------
+    #[error("berth stage: {message}")]
+    Stage { message: String },
     // ---- sif -----------------------------------------------------------------------------
     #[error("{path}: not a container image: neither a SIF file (no \"SIF_MAGIC\" at byte 32) nor a squashfs file (no \"hsqs\" at byte 0); build one with `berth sif create DIR OUT.sif`")]
     NotAnImage { path: PathBuf },

@@ -20,6 +20,7 @@ pub mod reference;
 pub mod registry;
 pub mod sif;
 pub mod site;
+pub mod stage;
 pub mod unpack;
 
 pub use error::{Error, Result};

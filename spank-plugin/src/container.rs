@@ -226,6 +226,7 @@ mod tests {
             remap_root: Some(true),
             writable: Some(true),
             entrypoint: Some(false),
+            ..ContainerOptions::default()
         };
         let node = [NodeBind {
             path: "/var/spool/slurmd/job7".into(),

@@ -155,6 +155,19 @@ pub enum Error {
     )]
     FetchFailed { image: String, detail: String },
 
+    #[error("{option}: '{entry}' is not a valid stage: {reason}")]
+    StageInvalid {
+        option: String,
+        entry: String,
+        reason: String,
+    },
+
+    #[error(
+        "could not stage data for the step: {detail}; check the --container-stage-in and \
+         --container-stage-out paths, or run `berth stage` by hand on the node to see more"
+    )]
+    StageFailed { detail: String },
+
     #[error(
         "could not start the container: `{command}` failed ({detail}); check the \
          --container-mounts sources and destinations and --container-workdir, or run the same \

@@ -31,6 +31,8 @@ pub enum Callback {
     TaskInit,
     TaskExit,
     Exit,
+    /// slurmd's job prolog (`slurm_spank_job_prolog`).
+    JobProlog,
     /// An option's value callback, run while srun/sbatch or slurmstepd parse options.
     Option,
 }
@@ -44,6 +46,7 @@ impl Callback {
             Callback::TaskInit => "slurm_spank_task_init",
             Callback::TaskExit => "slurm_spank_task_exit",
             Callback::Exit => "slurm_spank_exit",
+            Callback::JobProlog => "slurm_spank_job_prolog",
             Callback::Option => "option",
         }
     }

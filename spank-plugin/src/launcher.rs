@@ -218,6 +218,40 @@ impl Launcher {
         })
     }
 
+    /// `berth policy check --fetch IMAGE` started and left running on its own (its own
+    /// process group, no output): the job prolog's prefetch, which must not hold up slurmd.
+    /// Returns its pid. A later fetch of the same image on the node waits for it on the
+    /// cache's image lock and then finds the image there.
+    pub fn prefetch(&self, image: &str, step: &StepIds) -> Result<u32, Error> {
+        let (job, uid) = (step.job.to_string(), step.uid.to_string());
+        let args = [
+            "policy", "check", "--fetch", image, "--job", &job, "--step", &step.step, "--uid", &uid,
+        ];
+        let mut command = self.command(&args);
+        command.stdout(Stdio::null()).stderr(Stdio::null());
+        let spawned = self.spawn(command, Vec::new())?;
+        Ok(spawned.child.id())
+    }
+
+    /// `berth stage ARGS...` (as the job's user): data copied to or from node-local storage.
+    /// Progress goes on to this process's stderr (the job's); returns stdout, one line per
+    /// staged source.
+    pub fn stage(&self, args: &[&str]) -> Result<String, Error> {
+        let args = [&["stage"], args].concat();
+        let launcher = Launcher {
+            timeout: FETCH_TIMEOUT,
+            ..self.clone()
+        };
+        let out = launcher.collect_output(&args, true)?;
+        if out.status.success() {
+            return Ok(out.stdout);
+        }
+        let detail = out.stderr.trim().lines().last().unwrap_or_default();
+        Err(Error::StageFailed {
+            detail: format!("{}: {}", describe(out.status), detail.trim()),
+        })
+    }
+
     /// `berth start ARGS...`: starts the step's container and returns once it printed its
     /// handle and its namespaces and spec are open; the holder keeps running (a child of this
     /// process) until [`Holder::stop`]. The handle is output the user can write to (any of

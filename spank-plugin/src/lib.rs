@@ -9,6 +9,7 @@
 //! | `submit`      | srun (local), sbatch / salloc (allocator), login node | the user |
 //! | `remote`      | slurmstepd, compute node         | root; the user in task_init |
 //! | `slurmd`      | slurmd, compute node             | root          |
+//! | `prolog`      | slurmd's job prolog (job script) | root, outside the job's cgroups |
 //!
 //! Callbacks not exported here are simply not called by Slurm.
 
@@ -25,6 +26,7 @@ mod error;
 mod guard;
 mod launcher;
 mod options;
+mod prolog;
 mod remote;
 mod slurmd;
 mod spank;
@@ -166,6 +168,27 @@ pub unsafe extern "C" fn slurm_spank_exit(
     guard::run(Callback::Exit, |context| match context {
         Context::Remote => remote::exit(),
         _ => Ok(()),
+    })
+}
+
+/// Called by slurmd's job prolog on each node of a new allocation (with PrologFlags=Alloc,
+/// at allocation; otherwise before the job's first step there), as root.
+///
+/// # Safety
+/// Called by Slurm with `ac` valid strings in `av`.
+#[no_mangle]
+pub unsafe extern "C" fn slurm_spank_job_prolog(
+    _sp: spank::ffi::spank_t,
+    ac: c_int,
+    av: *mut *mut c_char,
+) -> c_int {
+    guard::run(Callback::JobProlog, |context| {
+        // SAFETY: Slurm passes `ac` valid strings in `av`.
+        let args = unsafe { spank::plugin_args(ac, av.cast_const().cast()) };
+        match context {
+            Context::JobScript => prolog::job_prolog(&args, &|name| std::env::var_os(name)),
+            _ => Ok(()),
+        }
     })
 }
 

@@ -48,6 +48,8 @@ pub enum Opt {
     Readonly,
     Entrypoint,
     NoEntrypoint,
+    StageIn,
+    StageOut,
 }
 
 /// What an option sets. The `--x` / `--no-x` pairs (and writable/readonly) share a setting.
@@ -61,6 +63,8 @@ pub enum Setting {
     RemapRoot,
     Writable,
     Entrypoint,
+    StageIn,
+    StageOut,
 }
 
 /// One option as Slurm needs it described, C strings because Slurm keeps the pointers.
@@ -73,7 +77,7 @@ pub struct OptionSpec {
     pub usage: &'static CStr,
 }
 
-pub const SPECS: [OptionSpec; 12] = [
+pub const SPECS: [OptionSpec; 14] = [
     OptionSpec {
         opt: Opt::Image,
         name: c"container-image",
@@ -148,6 +152,20 @@ pub const SPECS: [OptionSpec; 12] = [
         arginfo: None,
         usage: c"[berth] do not run the image's entrypoint",
     },
+    OptionSpec {
+        opt: Opt::StageIn,
+        name: c"container-stage-in",
+        arginfo: Some(c"SRC[:DST][,...]"),
+        usage: c"[berth] copy SRC (read as you) to node-local storage before the step and \
+                 bind it at DST (default SRC); unchanged data is reused",
+    },
+    OptionSpec {
+        opt: Opt::StageOut,
+        name: c"container-stage-out",
+        arginfo: Some(c"SRC:DST[,...]"),
+        usage: c"[berth] copy SRC (a container path in a staged directory) to DST when the \
+                 step ends, also when it fails",
+    },
 ];
 
 impl Opt {
@@ -193,6 +211,8 @@ impl Opt {
             Opt::Readonly => (Setting::Writable, Some(false)),
             Opt::Entrypoint => (Setting::Entrypoint, Some(true)),
             Opt::NoEntrypoint => (Setting::Entrypoint, Some(false)),
+            Opt::StageIn => (Setting::StageIn, None),
+            Opt::StageOut => (Setting::StageOut, None),
         }
     }
 
@@ -214,7 +234,7 @@ impl Opt {
 }
 
 impl Setting {
-    pub const ALL: [Setting; 8] = [
+    pub const ALL: [Setting; 10] = [
         Setting::Image,
         Setting::Mounts,
         Setting::Workdir,
@@ -223,6 +243,8 @@ impl Setting {
         Setting::RemapRoot,
         Setting::Writable,
         Setting::Entrypoint,
+        Setting::StageIn,
+        Setting::StageOut,
     ];
 
     /// The user's environment variable for this setting (pyxis has `PYXIS_CONTAINER_*`).
@@ -237,6 +259,8 @@ impl Setting {
             Setting::RemapRoot => "BERTH_CONTAINER_REMAP_ROOT",
             Setting::Writable => "BERTH_CONTAINER_WRITABLE",
             Setting::Entrypoint => "BERTH_CONTAINER_ENTRYPOINT",
+            Setting::StageIn => "BERTH_CONTAINER_STAGE_IN",
+            Setting::StageOut => "BERTH_CONTAINER_STAGE_OUT",
         }
     }
 
@@ -251,6 +275,8 @@ impl Setting {
             Setting::RemapRoot => Opt::RemapRoot,
             Setting::Writable => Opt::Writable,
             Setting::Entrypoint => Opt::Entrypoint,
+            Setting::StageIn => Opt::StageIn,
+            Setting::StageOut => Opt::StageOut,
         }
     }
 }
@@ -290,6 +316,15 @@ pub enum Access {
     ReadOnly,
 }
 
+/// A `--container-stage-in`/`--container-stage-out` entry: a host path and a container path.
+/// Stage-in copies host `src` and binds the copy at `dst`; stage-out copies container path
+/// `src` (in a staged directory) to host path `dst`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stage {
+    pub src: String,
+    pub dst: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mount {
     pub src: String,
@@ -308,6 +343,8 @@ pub struct ContainerOptions {
     pub remap_root: Option<bool>,
     pub writable: Option<bool>,
     pub entrypoint: Option<bool>,
+    pub stage_in: Vec<Stage>,
+    pub stage_out: Vec<Stage>,
 }
 
 /// The settings parsed from every source, with where each came from; the image choice is
@@ -393,6 +430,8 @@ fn apply(
         Setting::Mounts => o.mounts = parse_mounts(&name(), text(&name(), value)?)?,
         Setting::Workdir => o.workdir = Some(parse_workdir(&name(), value)?),
         Setting::Env => o.env = parse_env_names(&name(), text(&name(), value)?)?,
+        Setting::StageIn => o.stage_in = parse_stages(&name(), text(&name(), value)?, false)?,
+        Setting::StageOut => o.stage_out = parse_stages(&name(), text(&name(), value)?, true)?,
         Setting::MountHome | Setting::RemapRoot | Setting::Writable | Setting::Entrypoint => {
             let on = match (origin, opt.setting().1) {
                 (Origin::Environment, _) => parse_bool(setting.env_var(), value)?,
@@ -547,6 +586,42 @@ fn check_container_path(path: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// `SRC[:DST][,...]` (stage-in: SRC a host path, DST where the copy appears, default SRC) or
+/// `SRC:DST[,...]` (stage-out, `need_dst`: SRC a container path, DST a host path).
+pub fn parse_stages(name: &str, value: &str, need_dst: bool) -> Result<Vec<Stage>, Error> {
+    value
+        .split(',')
+        .map(|entry| {
+            let bad = |reason: String| Error::StageInvalid {
+                option: name.to_owned(),
+                entry: entry.to_owned(),
+                reason,
+            };
+            let (src, dst) = match entry.split_once(':') {
+                Some((src, dst)) => (src, dst),
+                None if need_dst => return Err(bad("it has no destination; write SRC:DST".into())),
+                None => (entry, entry),
+            };
+            if dst.contains(':') {
+                return Err(bad("a path may not contain ':'".into()));
+            }
+            let (host, container) = if need_dst { (dst, src) } else { (src, dst) };
+            if !host.starts_with('/') {
+                return Err(bad(format!(
+                    "the host path '{host}' is relative; give an absolute path such as \
+                     $PWD/{host}"
+                )));
+            }
+            check_container_path(container)
+                .map_err(|why| bad(format!("the container path '{container}' {why}")))?;
+            Ok(Stage {
+                src: src.to_owned(),
+                dst: dst.to_owned(),
+            })
+        })
+        .collect()
+}
+
 pub fn parse_workdir(name: &str, value: &[u8]) -> Result<String, Error> {
     let path = text(name, value)?;
     if !path.starts_with('/') {
@@ -622,6 +697,18 @@ impl ContainerRequest {
         }
         if !options.env.is_empty() {
             lines.push(format!("{}={}", Opt::Env.name(), options.env.join(",")));
+        }
+        for (opt, stages) in [
+            (Opt::StageIn, &options.stage_in),
+            (Opt::StageOut, &options.stage_out),
+        ] {
+            if !stages.is_empty() {
+                let list: Vec<String> = stages
+                    .iter()
+                    .map(|s| format!("{}:{}", s.src, s.dst))
+                    .collect();
+                lines.push(format!("{}={}", opt.name(), list.join(",")));
+            }
         }
         let flags = [
             (options.mount_home, Opt::MountHome, Opt::NoMountHome),
@@ -850,6 +937,36 @@ mod tests {
     }
 
     #[test]
+    fn stages_parsed_and_refused_with_the_reason() {
+        let st = |src: &str, dst: &str| Stage {
+            src: src.into(),
+            dst: dst.into(),
+        };
+        assert_eq!(
+            parse_stages("i", "/d,/e:/in", false),
+            Ok(vec![st("/d", "/d"), st("/e", "/in")])
+        );
+        assert_eq!(
+            parse_stages("o", "/out/r:/home/u/r", true),
+            Ok(vec![st("/out/r", "/home/u/r")])
+        );
+        let cases = [
+            ("d:/x", false, "is relative"),
+            ("/d:x", false, "is not absolute"),
+            ("/d:/", false, "container's root"),
+            ("/out/r", true, "no destination"),
+            ("/out/r:rel", true, "is relative"),
+            ("/a:/b:/c", false, "may not contain ':'"),
+        ];
+        for (value, out, reason) in cases {
+            let msg = parse_stages("--container-stage-in", value, out)
+                .unwrap_err()
+                .to_string();
+            assert!(msg.contains(reason), "{value}: {msg}");
+        }
+    }
+
+    #[test]
     fn workdir_and_env_names() {
         assert_eq!(parse_workdir("w", b"/work dir"), Ok("/work dir".into()));
         assert_eq!(
@@ -1001,6 +1118,14 @@ mod tests {
                 remap_root: Some(true),
                 writable: Some(false),
                 entrypoint: None,
+                stage_in: vec![Stage {
+                    src: "/shared/in".into(),
+                    dst: "/in".into(),
+                }],
+                stage_out: vec![Stage {
+                    src: "/out/r".into(),
+                    dst: "/shared/r".into(),
+                }],
             },
         };
         for request in [

@@ -30,7 +30,9 @@ use crate::container::{self, NodeBind, StepContainer};
 use crate::error::Error;
 use crate::guard;
 use crate::launcher::{HandedFds, Identity, Launcher, Partition, StepIds, Verdict, IMAGE_FD};
-use crate::options::{self, ContainerRequest, Given, ImageChoice, Opt, Origin, SPECS};
+use crate::options::{
+    self, Access, ContainerRequest, Given, ImageChoice, Mount, Opt, Origin, Stage, SPECS,
+};
 use crate::spank::{self, Spank, StepInfo};
 use crate::submit::{REQUEST_VAR, SLURM_CONTAINER};
 
@@ -55,6 +57,9 @@ static STEP: Mutex<Option<Step>> = Mutex::new(None);
 #[derive(Debug)]
 struct Step {
     container: StepContainer,
+    /// `--container-stage-out`, as host paths (`berth stage out` arguments), and the job's
+    /// user, who copies them once the container has stopped.
+    stage_out: Option<(String, Launcher)>,
     /// Tasks of the step on this node, and how many have exited.
     local_tasks: u32,
     exited: u32,
@@ -150,6 +155,17 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
         gid: info.gid,
         groups: info.groups.clone(),
     });
+    let mut options = options;
+    // Staged as the user, so only what the user can read is copied; bound read-only, so
+    // the copy stays what the manifest says and the next job can reuse it.
+    if !options.stage_in.is_empty() {
+        let out = user.stage(&["in", &stage_list(&options.stage_in)])?;
+        options.mounts.extend(staged_mounts(&out)?);
+    }
+    let stage_out = match options.stage_out.as_slice() {
+        [] => None,
+        stages => Some((stage_out_list(stages, &options.mounts)?, user.clone())),
+    };
     // The GPUs Slurm allocated: indexes in gres.conf order (the batch step has only the
     // job's list). Absent or empty: a container without GPUs.
     let gpus_var = if info.step_id == BATCH_STEP {
@@ -167,6 +183,7 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
             keep_env: options.env,
             workdir_given: options.workdir.is_some(),
         },
+        stage_out,
         local_tasks: info.local_tasks,
         exited: 0,
     });
@@ -205,6 +222,71 @@ fn start_image(
     let mut args = container::start_args(vetted, options, binds, gpus);
     args.insert(1, format!("--image-fd={IMAGE_FD}"));
     Ok((args, vec![(IMAGE_FD, OwnedFd::from(file))]))
+}
+
+/// `SRC:DST,...`, the form `berth stage` and the options take.
+fn stage_list(stages: &[Stage]) -> String {
+    let list: Vec<String> = stages
+        .iter()
+        .map(|s| format!("{}:{}", s.src, s.dst))
+        .collect();
+    list.join(",")
+}
+
+/// The binds of `berth stage in`'s answer (`SRC<TAB>LOCAL<TAB>DST` lines): each local copy
+/// read-only at its DST.
+fn staged_mounts(out: &str) -> Result<Vec<Mount>, Error> {
+    out.lines()
+        .filter(|l| !l.is_empty())
+        .map(|line| match line.split('\t').collect::<Vec<_>>()[..] {
+            [_, local, dst] => Ok(Mount {
+                src: local.to_owned(),
+                dst: dst.to_owned(),
+                access: Access::ReadOnly,
+            }),
+            _ => Err(Error::StageFailed {
+                detail: format!("unexpected answer from berth stage in: {line:?}"),
+            }),
+        })
+        .collect()
+}
+
+/// `--container-stage-out`'s container paths as the host paths they are bound from (the
+/// deepest bind that holds each), for `berth stage out`. Refused before the step runs when
+/// a path is in no bind: what the container writes elsewhere is gone when it stops.
+fn stage_out_list(stages: &[Stage], mounts: &[Mount]) -> Result<String, Error> {
+    let host = |path: &str| {
+        mounts
+            .iter()
+            .filter_map(|m| {
+                let rest = path.strip_prefix(m.dst.trim_end_matches('/'))?;
+                (rest.is_empty() || rest.starts_with('/'))
+                    .then(|| (m.dst.len(), format!("{}{rest}", m.src)))
+            })
+            .max_by_key(|(depth, _)| *depth)
+            .map(|(_, host)| host)
+    };
+    let mapped = stages
+        .iter()
+        .map(|s| {
+            host(&s.src)
+                .map(|src| Stage {
+                    src,
+                    dst: s.dst.clone(),
+                })
+                .ok_or_else(|| Error::StageInvalid {
+                    option: "--container-stage-out".into(),
+                    entry: format!("{}:{}", s.src, s.dst),
+                    reason: format!(
+                        "'{}' is in no directory bound from the node (--container-mounts); \
+                         what the container writes elsewhere is gone when it stops: bind a \
+                         node-local directory and write the results there",
+                        s.src
+                    ),
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(stage_list(&mapped))
 }
 
 /// What the node itself must make visible in the container, at the same path: the batch
@@ -272,7 +354,16 @@ pub fn exit() -> Result<(), Error> {
 fn stop(step: Option<Step>) -> Result<(), Error> {
     let Some(step) = step else { return Ok(()) };
     let pid = step.container.holder.pid;
-    if step.container.holder.stop(STOP_GRACE)? {
+    let killed = step.container.holder.stop(STOP_GRACE);
+    // Results go back whatever the step's outcome (a failed step's output is often what
+    // the user needs most); a failure is reported, never fails slurmstepd's callback.
+    if let Some((list, user)) = step.stage_out {
+        if let Err(e) = user.stage(&["out", &list]) {
+            spank::log_error(&e.to_string());
+            eprintln!("berth: {e}");
+        }
+    }
+    if killed? {
         spank::log_error(&format!(
             "the container holder (pid {pid}) did not end within {} s of SIGTERM and was \
              killed; its runtime directory may be left under the runtime dir",
@@ -393,6 +484,44 @@ mod tests {
             matches!(&err, Error::LocalImageUnreadable { reason, .. } if reason.contains("symbolic links")),
             "{err:?}"
         );
+    }
+
+    #[test]
+    fn staged_copies_are_bound_read_only_at_their_destination() {
+        let mounts = staged_mounts("/d\t/var/tmp/s/1100/k/data\t/in\n").unwrap();
+        assert_eq!(
+            mounts,
+            vec![Mount {
+                src: "/var/tmp/s/1100/k/data".into(),
+                dst: "/in".into(),
+                access: Access::ReadOnly
+            }]
+        );
+        assert!(staged_mounts("garbage\n").is_err());
+    }
+
+    #[test]
+    fn stage_out_sources_map_through_the_deepest_bind() {
+        let mount = |src: &str, dst: &str| Mount {
+            src: src.into(),
+            dst: dst.into(),
+            access: Access::ReadWrite,
+        };
+        let mounts = [mount("/tmp/job", "/out"), mount("/tmp/deep", "/out/d")];
+        let stage = |src: &str, dst: &str| Stage {
+            src: src.into(),
+            dst: dst.into(),
+        };
+        assert_eq!(
+            stage_out_list(
+                &[stage("/out/r", "/home/u/r"), stage("/out/d/x", "/home/u/x")],
+                &mounts
+            ),
+            Ok("/tmp/job/r:/home/u/r,/tmp/deep/x:/home/u/x".into())
+        );
+        // Whole components only, and a path in no bind is refused before the step runs.
+        let err = stage_out_list(&[stage("/output/r", "/home/u/r")], &mounts).unwrap_err();
+        assert!(err.to_string().contains("in no directory bound"), "{err}");
     }
 
     #[test]

@@ -41,7 +41,7 @@ use crate::spank::{self, Context, Spank};
 pub const REQUEST_VAR: &str = "SLURM_SPANK_BERTH_REQUEST";
 
 /// The name given to `spank_job_control_setenv`, which Slurm prefixes into [`REQUEST_VAR`].
-const JOB_CONTROL_NAME: &str = "BERTH_REQUEST";
+pub const JOB_CONTROL_NAME: &str = "BERTH_REQUEST";
 
 /// Slurm's own `--container` value, as srun/sbatch/salloc export it.
 pub const SLURM_CONTAINER: &str = "SLURM_CONTAINER";

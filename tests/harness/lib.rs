@@ -684,6 +684,22 @@ pub fn serial() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Runs `script` with `bash -euo pipefail` (as the test's user, root on the cluster) and
+/// returns its stdout; panics with its stderr when it fails.
+pub fn sh(script: &str) -> String {
+    let out = Command::new("bash")
+        .args(["-euo", "pipefail", "-c", script])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Polls `pred` every 100 ms until it holds (true) or `limit` passes (false).
 pub fn wait_until(limit: Duration, mut pred: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;

@@ -43,7 +43,9 @@
 //!   big, images in use too. Any user can lock a 0644 SIF, so locks only order eviction and
 //!   never stop it; unlinking an open SIF leaves it readable by the squashfuse holding it.
 
+mod cgroup;
 mod size;
+pub mod store;
 
 use std::fs::{self, File};
 use std::io::{BufReader, Read};
@@ -53,7 +55,7 @@ use std::time::SystemTime;
 
 use sha2::Digest as _;
 
-use crate::config::{CacheConfig, Config};
+use crate::config::{CacheConfig, Config, StoreConfig};
 use crate::image_config::ImageConfig;
 use crate::policy::{ImageRequest, Policy, Verdict};
 use crate::reference::{Digest, Reference};
@@ -63,6 +65,7 @@ use crate::registry::{mirrors, BlobJob, Client, ClientOptions, Endpoint, Resolve
 use crate::unpack::{self, Budget, Compression, Limits};
 use crate::{sif, Error, Result};
 
+pub use cgroup::BuildCgroup;
 pub use size::{format_size, parse_size};
 
 /// Free space a build needs, as a multiple of the image's compressed size: the staged
@@ -88,7 +91,7 @@ pub fn fetch_with(config: &Config, image: &str, options: &FetchOptions) -> Resul
     let policy = Policy::new(&config.policy);
     // The policy decides before anything touches the network or the cache.
     let reference = approved_reference(&policy, image)?;
-    let cache = Cache::open(&config.cache)?;
+    let cache = Cache::open(&config.cache)?.with_store(&config.store);
     let repo = RepoKey::of(&reference);
     if let Some(digest) = &reference.digest {
         if let Some(path) = cache.hit(&repo, digest)? {
@@ -254,6 +257,9 @@ const SUBDIRS: [(&str, u32); 4] = [
 
 pub struct Cache {
     dir: PathBuf,
+    build_cgroup: BuildCgroup,
+    /// `[store]`; opened only when an image must be built.
+    store: StoreConfig,
     max_size: u64,
     limits: Limits,
     /// The caller owns the cache (root or the service identity) and may write it.
@@ -306,10 +312,20 @@ impl Cache {
         }
         Ok(Cache {
             dir,
+            build_cgroup: config.build_cgroup.clone(),
+            store: StoreConfig::default(),
             max_size,
             limits,
             writable,
         })
+    }
+
+    /// The cache with the shared store `[store]` behind it.
+    pub fn with_store(self, store: &StoreConfig) -> Cache {
+        Cache {
+            store: store.clone(),
+            ..self
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -444,6 +460,7 @@ impl Cache {
         if let Some(path) = self.hit(repo, digest)? {
             return Ok(path);
         }
+        self.leave_job_memory_cgroup(&pinned, options.quiet);
         self.clean_stale(&key);
         self.ensure_space(total.saturating_mul(SPACE_FACTOR), total, &pinned)?;
 
@@ -454,6 +471,26 @@ impl Cache {
         make_dir(&blobs, 0o700)?;
         remove_tree(&rootfs)?;
         make_dir(&rootfs, 0o755)?;
+
+        // A node that finds the image in the shared store copies it instead of pulling; the
+        // first to need it converts and publishes it, holding the store's lease meanwhile.
+        let lease = match self.open_store()? {
+            None => None,
+            Some(store) => {
+                match store.acquire(&key, &staging.join("image.sif"), |n| {
+                    progress::note(options.quiet, n)
+                })? {
+                    store::Acquired::Copied => {
+                        progress::note(
+                            options.quiet,
+                            &format!("copied {pinned} from the shared image store"),
+                        );
+                        return self.install(repo, digest, &staging, _lock);
+                    }
+                    store::Acquired::Lease(lease) => Some(lease),
+                }
+            }
+        };
 
         let config_bytes = client.small_blob(&reference.repository, &manifest.config)?;
         let mut image_config = parse_image_config(&pinned.to_string(), &config_bytes)?;
@@ -483,15 +520,47 @@ impl Cache {
             }
         }
         converted?;
+        if let Some(lease) = lease {
+            // The node has its image either way; the others will convert it themselves.
+            if let Err(e) = lease.publish(&staging.join("image.sif")) {
+                warn(&format!(
+                    "{e}; other nodes will convert {pinned} themselves (fix: make [store] dir \
+                     writable by root on this node)"
+                ));
+            }
+        }
+        self.install(repo, digest, &staging, _lock)
+    }
+
+    /// Puts the SIF built (or copied) in `staging` into the cache, gives up the image's lock
+    /// and evicts what the cache no longer has room for.
+    fn install(
+        &self,
+        repo: &RepoKey,
+        digest: &Digest,
+        staging: &Path,
+        lock: File,
+    ) -> Result<PathBuf> {
         let path = self.image_path(repo, digest);
         fs::rename(staging.join("image.sif"), &path)
             .map_err(|e| Error::io(format!("publishing {}", path.display()), e))?;
         sync_dir(&self.images_dir())?;
-        remove_tree(&staging)?;
-        drop(_lock);
+        remove_tree(staging)?;
+        drop(lock);
 
         self.evict_to(self.max_size, Some(&path))?;
         Ok(path)
+    }
+
+    fn open_store(&self) -> Result<Option<store::Store>> {
+        if self.store.dir.as_os_str().is_empty() {
+            return Ok(None);
+        }
+        store::Store::new(
+            &self.store.dir,
+            std::time::Duration::from_secs(self.store.lease_secs),
+        )
+        .map(Some)
     }
 
     /// Unpacks the layers staged in `staging/blobs` into `staging/rootfs` within the image
@@ -559,6 +628,28 @@ impl Cache {
                 format_size(available)
             ),
         ))
+    }
+
+    /// Moves a root build out of the job's memory cgroup (see `cgroup`), before it downloads
+    /// or unpacks anything. A move that fails costs only the protection: the build goes on
+    /// where it was, with a warning naming the cause.
+    fn leave_job_memory_cgroup(&self, pinned: &Reference, quiet: bool) {
+        if berth_sys::identity::effective_uid() != 0 {
+            return;
+        }
+        match cgroup::leave_job_memory_cgroup(Path::new(cgroup::CGROUP_ROOT), &self.build_cgroup) {
+            Ok(Some(now)) => progress::note(
+                quiet,
+                &format!("building {pinned} in memory cgroup {now}, outside the job's limits"),
+            ),
+            Ok(None) => {}
+            Err(e) => warn(&format!(
+                "building {pinned} inside the caller's memory cgroup: {e}; a small --mem job \
+                 may be killed while its image is converted (fix: check [cache] build_cgroup \
+                 and that cgroups are mounted under {})",
+                cgroup::CGROUP_ROOT
+            )),
+        }
     }
 
     /// Takes the image's build lock, saying so on stderr when another fetch holds it.
@@ -1120,6 +1211,38 @@ mod tests {
 
     fn quiet(config: &Config, image: &str) -> Result<PathBuf> {
         fetch_with(config, image, &FetchOptions { quiet: true })
+    }
+
+    #[test]
+    fn two_nodes_with_a_shared_store_convert_an_image_once() {
+        let (docs, _, _) = image("lab/shared", "shared", false);
+        let registry = Registry::start(docs);
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store");
+        let node = |name: &str| {
+            fs::create_dir(dir.path().join(name)).unwrap();
+            let mut config = site(&dir.path().join(name), &registry.host, &["lab/*"]);
+            config.store.dir = store.clone();
+            config
+        };
+        let (a, b) = (node("a"), node("b"));
+        let image = format!("{}/lab/shared:latest", registry.host);
+        let first = quiet(&a, &image).unwrap();
+        let blobs_seen = |registry: &Registry| {
+            registry
+                .seen
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|r| r.contains("/blobs/"))
+                .count()
+        };
+        let pulled = blobs_seen(&registry);
+        let second = quiet(&b, &image).unwrap();
+        assert_ne!(first.parent(), second.parent(), "two caches");
+        assert_eq!(fs::read(&first).unwrap(), fs::read(&second).unwrap());
+        assert_eq!(blobs_seen(&registry), pulled, "node b pulled layers");
+        assert_eq!(fs::read_dir(store.join("leases")).unwrap().count(), 0);
     }
 
     #[test]

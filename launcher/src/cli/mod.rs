@@ -16,6 +16,7 @@ mod generate;
 mod images;
 mod policy;
 mod sif;
+mod stage;
 mod start;
 
 #[derive(Debug, Parser)]
@@ -61,6 +62,9 @@ pub enum Command {
     Images(images::ListArgs),
     /// Evict images from the node cache.
     Prune(images::PruneArgs),
+    /// Copy data to node-local storage and results back.
+    #[command(subcommand)]
+    Stage(stage::Command),
     /// Show which image and digest each step of a job ran on this node (the audit file).
     Audit(audit::Args),
     /// Check what berth needs on this node and say how to fix each failure.
@@ -86,6 +90,7 @@ impl Cli {
             Command::Resolve(a) => fetch::run_resolve(a, g),
             Command::Images(a) => images::run_list(a, g),
             Command::Prune(a) => images::run_prune(a, g),
+            Command::Stage(c) => stage::run(c, g),
             Command::Audit(a) => audit::run(a, g),
             Command::Config(c) => config::run(c, g),
             Command::Doctor(a) => doctor::run(a, g),

@@ -1,0 +1,330 @@
+//! Walking a source tree into a manifest, and copying it in parallel.
+//!
+//! - The walk never follows a symlink (`symlink_metadata`), and files are opened with
+//!   `O_NOFOLLOW`, so a link swapped in after the walk is not followed either: links are
+//!   copied as links, whatever they point at, and nothing outside the tree is read.
+//! - Files are copied by worker threads (many small files are bound by per-file latency,
+//!   not bandwidth), each with `std::io::copy`, which uses `copy_file_range` between two
+//!   files on Linux (in-kernel, reflinks where the file system can) and falls back to
+//!   read/write elsewhere.
+//! - Modes and modification times are kept for files and directories; symlinks keep their
+//!   target (their own times are not kept: nothing reads them).
+//! - Everything is created private (0600/0700) and given its mode only once complete, and
+//!   directories last, deepest first, so a directory's time is not changed by its content.
+
+use std::fs::{self, File, FileTimes};
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use crate::registry::progress::Progress;
+use crate::{Error, Result};
+
+/// One entry of a source: its path relative to the source ("" for the source itself).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub path: String,
+    pub kind: Kind,
+    /// Permission bits (with sticky; set-id bits are not kept: staged data is the user's).
+    pub mode: u32,
+    pub size: u64,
+    pub mtime: i64,
+    pub mtime_nsec: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink { target: String },
+}
+
+/// The entries of `src` (a file or a directory), parents before their children, in name
+/// order. Refuses what berth does not stage (devices, FIFOs, sockets) and names that are not
+/// UTF-8, naming the path.
+pub fn walk(src: &Path) -> Result<Vec<Entry>> {
+    let mut entries = Vec::new();
+    let mut pending = vec![String::new()];
+    while let Some(rel) = pending.pop() {
+        let path = join(src, &rel);
+        let meta = fs::symlink_metadata(&path)
+            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        let kind = if meta.is_dir() {
+            let mut names = Vec::new();
+            for child in fs::read_dir(&path)
+                .map_err(|e| Error::io(format!("reading directory {}", path.display()), e))?
+            {
+                let child = child
+                    .map_err(|e| Error::io(format!("reading directory {}", path.display()), e))?;
+                let name = child.file_name().into_string().map_err(|name| {
+                    stage_error(format!(
+                        "{}: the name {name:?} is not UTF-8; berth stages UTF-8 names only \
+                         (rename the file)",
+                        path.display()
+                    ))
+                })?;
+                names.push(if rel.is_empty() {
+                    name
+                } else {
+                    format!("{rel}/{name}")
+                });
+            }
+            // Reversed onto the stack, so they come off in name order.
+            names.sort_unstable_by(|a, b| b.cmp(a));
+            pending.extend(names);
+            Kind::Dir
+        } else if meta.is_file() {
+            Kind::File
+        } else if meta.file_type().is_symlink() {
+            let target = fs::read_link(&path)
+                .map_err(|e| Error::io(format!("reading link {}", path.display()), e))?;
+            let target = target.into_os_string().into_string().map_err(|t| {
+                stage_error(format!(
+                    "{}: the link target {t:?} is not UTF-8",
+                    path.display()
+                ))
+            })?;
+            Kind::Symlink { target }
+        } else {
+            return Err(stage_error(format!(
+                "{} is not a file, directory or symlink (a device, FIFO or socket); berth \
+                 stages only those three: leave it out of the source",
+                path.display()
+            )));
+        };
+        entries.push(Entry {
+            path: rel,
+            size: if kind == Kind::File { meta.len() } else { 0 },
+            kind,
+            mode: meta.mode() & 0o1777,
+            mtime: meta.mtime(),
+            mtime_nsec: meta.mtime_nsec(),
+        });
+    }
+    Ok(entries)
+}
+
+/// Bytes of file data in `entries`.
+pub fn data_size(entries: &[Entry]) -> u64 {
+    entries.iter().map(|e| e.size).sum()
+}
+
+/// Copies `entries` (from [`walk`] of `src`) to `dst`, which must not exist, with `threads`
+/// workers. On error `dst` may be partly written: the caller copies into a private
+/// temporary name and removes it on failure.
+pub fn copy(
+    src: &Path,
+    dst: &Path,
+    entries: &[Entry],
+    threads: usize,
+    progress: &Mutex<Progress>,
+) -> Result<()> {
+    for entry in entries {
+        let to = join(dst, &entry.path);
+        match &entry.kind {
+            Kind::Dir => fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&to)
+                .map_err(|e| Error::io(format!("creating {}", to.display()), e))?,
+            Kind::Symlink { target } => std::os::unix::fs::symlink(target, &to)
+                .map_err(|e| Error::io(format!("creating link {}", to.display()), e))?,
+            Kind::File => {}
+        }
+    }
+    let files: Vec<&Entry> = entries.iter().filter(|e| e.kind == Kind::File).collect();
+    let next = AtomicUsize::new(0);
+    let failure: Mutex<Option<Error>> = Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..threads.clamp(1, files.len().max(1)) {
+            scope.spawn(|| loop {
+                let at = next.fetch_add(1, Ordering::Relaxed);
+                let Some(entry) = files.get(at) else { break };
+                if failure.lock().is_ok_and(|f| f.is_some()) {
+                    break;
+                }
+                match copy_file(src, dst, entry) {
+                    Ok(()) => progress
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .add(entry.size),
+                    Err(e) => {
+                        failure
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(e);
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e);
+    }
+    for entry in entries.iter().rev().filter(|e| e.kind == Kind::Dir) {
+        let to = join(dst, &entry.path);
+        let dir = File::open(&to).map_err(|e| Error::io(format!("opening {}", to.display()), e))?;
+        finish(&dir, &to, entry)?;
+    }
+    Ok(())
+}
+
+fn copy_file(src: &Path, dst: &Path, entry: &Entry) -> Result<()> {
+    let (from, to) = (join(src, &entry.path), join(dst, &entry.path));
+    let mut input = File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&from)
+        .map_err(|e| Error::io(format!("reading {}", from.display()), e))?;
+    let mut output = File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&to)
+        .map_err(|e| Error::io(format!("creating {}", to.display()), e))?;
+    let copied = io::copy(&mut input, &mut output)
+        .map_err(|e| Error::io(format!("copying {} to {}", from.display(), to.display()), e))?;
+    if copied != entry.size {
+        return Err(stage_error(format!(
+            "{} changed while it was copied ({} bytes when listed, {copied} copied); stage it \
+             again once it is no longer being written",
+            from.display(),
+            entry.size
+        )));
+    }
+    finish(&output, &to, entry)
+}
+
+/// Gives a complete file or directory its mode and modification time.
+fn finish(file: &File, path: &Path, entry: &Entry) -> Result<()> {
+    let io = |e| Error::io(format!("setting mode and time of {}", path.display()), e);
+    file.set_permissions(fs::Permissions::from_mode(entry.mode))
+        .map_err(io)?;
+    file.set_times(FileTimes::new().set_modified(time(entry)))
+        .map_err(io)
+}
+
+fn time(entry: &Entry) -> SystemTime {
+    let nanos = Duration::from_nanos(entry.mtime_nsec.clamp(0, 999_999_999) as u64);
+    match u64::try_from(entry.mtime) {
+        Ok(secs) => UNIX_EPOCH + Duration::from_secs(secs) + nanos,
+        Err(_) => UNIX_EPOCH - Duration::from_secs(entry.mtime.unsigned_abs()) + nanos,
+    }
+}
+
+/// `base/rel`, or `base` itself for the root entry.
+pub fn join(base: &Path, rel: &str) -> PathBuf {
+    if rel.is_empty() {
+        base.to_path_buf()
+    } else {
+        base.join(rel)
+    }
+}
+
+pub fn stage_error(message: String) -> Error {
+    Error::Stage { message }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn progress() -> Mutex<Progress> {
+        Mutex::new(Progress::new("test".into(), 0, true))
+    }
+
+    /// A tree with nested dirs, many small files, a symlink out of the tree, odd modes.
+    fn tree(root: &Path) {
+        fs::create_dir_all(root.join("a/b")).unwrap();
+        for i in 0..200 {
+            fs::write(
+                root.join(format!("a/b/f{i}")),
+                format!("file {i}").repeat(i),
+            )
+            .unwrap();
+        }
+        fs::write(root.join("top"), b"top").unwrap();
+        fs::set_permissions(root.join("top"), fs::Permissions::from_mode(0o751)).unwrap();
+        symlink("/etc/passwd", root.join("a/out")).unwrap();
+        symlink("b/f1", root.join("a/in")).unwrap();
+        fs::set_permissions(root.join("a"), fs::Permissions::from_mode(0o750)).unwrap();
+    }
+
+    #[test]
+    fn copies_a_tree_with_modes_times_and_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, dst) = (dir.path().join("src"), dir.path().join("dst"));
+        tree(&src);
+        let entries = walk(&src).unwrap();
+        assert_eq!(entries[0].path, "");
+        assert_eq!(entries[1].path, "a");
+        assert_eq!(entries.len(), 1 + 2 + 200 + 2 + 1);
+        copy(&src, &dst, &entries, 4, &progress()).unwrap();
+        // The copy lists the same: same names, kinds, modes, sizes and times (but for the
+        // links' own times, which are not kept).
+        let without_link_times = |list: Vec<Entry>| -> Vec<Entry> {
+            list.into_iter()
+                .map(|mut e| {
+                    if matches!(e.kind, Kind::Symlink { .. }) {
+                        (e.mtime, e.mtime_nsec) = (0, 0);
+                    }
+                    e
+                })
+                .collect()
+        };
+        let copied = without_link_times(walk(&dst).unwrap());
+        assert!(copied == without_link_times(entries), "the copy differs");
+        assert_eq!(
+            fs::read(dst.join("a/b/f7")).unwrap(),
+            fs::read(src.join("a/b/f7")).unwrap()
+        );
+        assert_eq!(
+            fs::read_link(dst.join("a/out")).unwrap(),
+            Path::new("/etc/passwd")
+        );
+    }
+
+    #[test]
+    fn a_single_file_is_copied_as_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("one");
+        fs::write(&src, vec![7u8; 100_000]).unwrap();
+        let entries = walk(&src).unwrap();
+        assert_eq!(data_size(&entries), 100_000);
+        let dst = dir.path().join("copy");
+        copy(&src, &dst, &entries, 8, &progress()).unwrap();
+        assert_eq!(walk(&dst).unwrap(), entries);
+    }
+
+    #[test]
+    fn a_fifo_is_refused_with_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("pipe");
+        let status = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let msg = walk(dir.path()).unwrap_err().to_string();
+        assert!(msg.contains("pipe") && msg.contains("not a file"), "{msg}");
+    }
+
+    #[test]
+    fn a_file_swapped_for_a_symlink_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        fs::create_dir(&src).unwrap();
+        fs::write(src.join("f"), b"x").unwrap();
+        let entries = walk(&src).unwrap();
+        fs::remove_file(src.join("f")).unwrap();
+        symlink("/etc/hostname", src.join("f")).unwrap();
+        let err = copy(&src, &dir.path().join("dst"), &entries, 2, &progress()).unwrap_err();
+        assert!(err.to_string().contains("reading"), "{err}");
+    }
+}
