@@ -88,7 +88,8 @@ impl Area {
             || (open_to_others && base_meta.mode() & 0o1000 == 0)
         {
             return Err(stage_error(format!(
-                "the stage area {} is owned by uid {} with mode {:o}; it must be root's, and                  sticky if others can write it (fix: chown root:root, chmod 1777)",
+                "the stage area {} is owned by uid {} with mode {:o}; it must be root's, and \
+                 sticky if others can write it (fix: chown root:root, chmod 1777)",
                 base.display(),
                 base_meta.uid(),
                 base_meta.mode() & 0o7777
