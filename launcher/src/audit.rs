@@ -57,6 +57,11 @@ pub struct StepArgs {
     pub uid: Option<u32>,
 }
 
+/// The step name the SPANK plugin's job prolog gives its prefetch at job start: audited
+/// like every node decision, but not counted as one in the metrics (the step that runs the
+/// image makes the decision that counts).
+pub const PREFETCH_STEP: &str = "prolog";
+
 /// One decision, as one line of the audit file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Record {
@@ -129,9 +134,13 @@ pub fn record(config: &AuditConfig, record: &Record) -> Vec<String> {
     let mut warnings = Vec::new();
     if config.syslog {
         let message = format!("<{SYSLOG_PRI}>berth[{}]: audit {line}", std::process::id());
-        if let Err(e) =
-            UnixDatagram::unbound().and_then(|s| s.send_to(message.as_bytes(), SYSLOG_SOCKET))
-        {
+        // Never blocking: a syslog daemon that is not reading (its queue holds only
+        // net.unix.max_dgram_qlen messages) must not hold a job step up; the audit file
+        // still has the decision.
+        if let Err(e) = UnixDatagram::unbound().and_then(|s| {
+            s.set_nonblocking(true)?;
+            s.send_to(message.as_bytes(), SYSLOG_SOCKET)
+        }) {
             warnings.push(format!(
                 "audit: could not send to syslog ({SYSLOG_SOCKET}: {e}); is a syslog daemon or \
                  journald running?"

@@ -234,10 +234,12 @@ fn check(args: CheckArgs, globals: &Globals) -> Result<i32> {
         for warning in audit::record(&config.audit, &record) {
             eprintln!("berth: {warning}");
         }
-        observed.decision(match &outcome {
-            Outcome::Allow(_, rule) => Ok(rule),
-            Outcome::Deny(reason) => Err(reason),
-        });
+        if args.step.step.as_deref() != Some(audit::PREFETCH_STEP) {
+            observed.decision(match &outcome {
+                Outcome::Allow(_, rule) => Ok(rule),
+                Outcome::Deny(reason) => Err(reason),
+            });
+        }
         publish_metrics(&config, &observed);
     }
     let pull_from = match &outcome {
