@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use berth_e2e::{access_lines, unique_name, Cluster, Cmd, PrivateRegistry, Run};
+use berth_e2e::{access_lines, sh, unique_name, Cluster, Cmd, PrivateRegistry, Run};
 
 /// A private cache and configuration for one test.
 struct Env {
@@ -234,20 +234,6 @@ fn add_blob(blobs: &Path, bytes: &[u8]) -> String {
     let hex = out.split_whitespace().next().unwrap().to_string();
     std::fs::rename(&tmp, blobs.join(&hex)).unwrap();
     format!("sha256:{hex}")
-}
-
-fn sh(script: &str) -> String {
-    let out = Command::new("bash")
-        .args(["-euo", "pipefail", "-c", script])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{script}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn without_tag(reference: &str) -> &str {
