@@ -121,10 +121,10 @@ impl Record {
     }
 }
 
-/// The digest of a cached image from its path (`<cache>/images/<hex>.sif`).
+/// The digest of a cached image from its path (named as the cache names it).
 pub fn digest_of_cached(sif: &Path) -> Option<String> {
-    let hex = sif.file_stem()?.to_str()?;
-    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit())).then(|| format!("sha256:{hex}"))
+    let name = sif.file_name()?.to_str()?;
+    crate::cache::digest_of_name(name).map(|d| d.to_string())
 }
 
 /// Records `record` in syslog and the audit file as configured; each failure is returned
@@ -299,6 +299,11 @@ mod tests {
         let hex = "b".repeat(64);
         let path = PathBuf::from(format!("/var/cache/berth/images/{hex}.sif"));
         assert_eq!(digest_of_cached(&path), Some(format!("sha256:{hex}")));
+        let keyed = PathBuf::from(format!(
+            "/var/cache/berth/images/{hex}-{}.sif",
+            "c".repeat(32)
+        ));
+        assert_eq!(digest_of_cached(&keyed), Some(format!("sha256:{hex}")));
         assert_eq!(digest_of_cached(Path::new("/x/y.sif")), None);
     }
 }

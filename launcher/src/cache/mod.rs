@@ -247,6 +247,15 @@ impl RepoKey {
     }
 }
 
+/// The manifest digest a cached image's file is named by: `<hex>-<repo key>.sif`, or
+/// `<hex>.sif` as older berth versions wrote it; None for any other file.
+pub fn digest_of_name(file_name: &str) -> Option<Digest> {
+    let stem = file_name.strip_suffix(".sif")?;
+    let hex = stem.split_once('-').map_or(stem, |(hex, _)| hex);
+    let algorithm = if hex.len() == 128 { "sha512" } else { "sha256" };
+    Digest::parse(&format!("{algorithm}:{hex}")).ok()
+}
+
 /// The subdirectories of the cache, with the mode berth creates them with.
 const SUBDIRS: [(&str, u32); 4] = [
     ("images", 0o755),
@@ -715,13 +724,7 @@ impl Cache {
         for entry in entries {
             let entry = entry.map_err(|e| Error::io(format!("listing {}", dir.display()), e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(stem) = name.strip_suffix(".sif") else {
-                continue;
-            };
-            // `<hex>-<repo key>`; older berth versions wrote `<hex>` alone.
-            let hex = stem.split_once('-').map_or(stem, |(hex, _)| hex);
-            let algorithm = if hex.len() == 128 { "sha512" } else { "sha256" };
-            let Ok(digest) = Digest::parse(&format!("{algorithm}:{hex}")) else {
+            let Some(digest) = digest_of_name(&name) else {
                 continue;
             };
             let meta = match entry.metadata() {
