@@ -225,7 +225,8 @@ impl Launcher {
     pub fn prefetch(&self, image: &str, step: &StepIds) -> Result<u32, Error> {
         let (job, uid) = (step.job.to_string(), step.uid.to_string());
         let args = [
-            "policy", "check", "--fetch", image, "--job", &job, "--step", &step.step, "--uid", &uid,
+            "policy", "check", "--fetch", "--job", &job, "--step", &step.step, "--uid", &uid, "--",
+            image,
         ];
         let mut command = self.command(&args);
         command.stdout(Stdio::null()).stderr(Stdio::null());
@@ -859,13 +860,25 @@ mod tests {
         let _ = berth.policy_check("-h");
         let _ = root.check_and_fetch("--help", &step_ids(), (1100, 1100, &[1100, 27]));
         let _ = berth.resolve("--config=/tmp/x");
-        let calls = std::fs::read_to_string(dir.path().join("calls")).unwrap();
+        // The prefetch runs detached: wait for its line.
+        root.prefetch("--config=/home/u/site.toml", &step_ids())
+            .unwrap();
+        let calls_file = dir.path().join("calls");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let calls = loop {
+            let calls = std::fs::read_to_string(&calls_file).unwrap();
+            if calls.lines().count() == 4 || Instant::now() > deadline {
+                break calls;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
         assert_eq!(
             calls.lines().collect::<Vec<_>>(),
             [
                 "policy check -- -h",
                 "policy check --fetch --job 7 --step 0 --uid 1100 --as-user 1100:1100:1100,27 -- --help",
                 "resolve -- --config=/tmp/x",
+                "policy check --fetch --job 7 --step 0 --uid 1100 -- --config=/home/u/site.toml",
             ]
         );
     }
