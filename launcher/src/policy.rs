@@ -892,8 +892,7 @@ mod tests {
 
     /// A real directory tree: `images/` (listed) with a good image, a symlink inside pointing
     /// outside, a symlink to a good image, a `..` escape, and `outside/` (not listed). It lies
-    /// in this crate's build directory, whose ancestors are root-owned and writable only by
-    /// root where the tests run as root: local images are accepted only in such places. None
+    /// in /var/lib, whose ancestors are root-owned and writable only by root: local images are accepted only in such places. None
     /// (the test is skipped) when not root, who cannot make such a tree.
     struct Tree {
         _dir: tempfile::TempDir,
@@ -906,8 +905,9 @@ mod tests {
             eprintln!("skipped: local image trees must be root-owned, and this is not root");
             return None;
         }
-        let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target");
-        let dir = tempfile::tempdir_in(fs::canonicalize(base).unwrap()).unwrap();
+        // Not below the checkout, which may lie under a world-writable /tmp: /var/lib is
+        // root's and writable by root alone on every Debian system.
+        let dir = tempfile::tempdir_in("/var/lib").unwrap();
         let images = dir.path().join("images");
         let outside = dir.path().join("outside");
         fs::create_dir(&images).unwrap();
