@@ -61,6 +61,112 @@ impl Credentials {
     }
 }
 
+/// Gives up root for good: no supplementary groups, real, effective and saved gid `gid`,
+/// then the same for uid `uid`, and no_new_privs, so no set-id program can hand anything
+/// back. Then checks that it held: the ids read back, and taking uid 0 again fails. A
+/// process that would go on with a way back to root is worse than one that stops, so any
+/// surprise is an error. The caller must be single-threaded (setresuid(2) changes the
+/// calling thread; glibc's wrappers signal the others, the raw calls here do not).
+pub(crate) fn drop_for_good(uid: u32, gid: u32) -> crate::Result<()> {
+    use nix::unistd::{getgroups, getresgid, getresuid, setgroups, setresgid, setresuid, Gid, Uid};
+    let (u, g) = (Uid::from_raw(uid), Gid::from_raw(gid));
+    setgroups(&[]).map_err(crate::Error::os("setgroups([])"))?;
+    setresgid(g, g, g).map_err(crate::Error::os("setresgid"))?;
+    setresuid(u, u, u).map_err(crate::Error::os("setresuid"))?;
+    crate::caps::set_no_new_privs()?;
+    let ids = getresuid().map_err(crate::Error::os("getresuid"))?;
+    let gids = getresgid().map_err(crate::Error::os("getresgid"))?;
+    let groups = getgroups().map_err(crate::Error::os("getgroups"))?;
+    let held = [ids.real, ids.effective, ids.saved] == [u; 3]
+        && [gids.real, gids.effective, gids.saved] == [g; 3]
+        && groups.iter().all(|&group| group == g);
+    let root = Uid::from_raw(0);
+    let regained = uid != 0 && setresuid(root, root, root).is_ok();
+    if held && !regained {
+        return Ok(());
+    }
+    Err(crate::Error::Invalid {
+        what: "dropping privileges",
+        message: format!(
+            "after taking uid {uid} and gid {gid} the process has uids {ids:?}, gids {gids:?},              groups {groups:?}{}; refusing to go on",
+            if regained { " and could take uid 0 back" } else { "" }
+        ),
+    })
+}
+
+/// Runs `work` in a forked child that first becomes `uid`/`gid` for good through `sys`
+/// (see [`crate::Syscall::drop_privileges`]), and returns the bytes `work` answers with.
+/// The caller keeps its own identity: root splits off the part of a job that handles
+/// untrusted bytes (registry answers, layer tarballs) and goes on as root with what only
+/// root may do afterwards. The child dies with the caller (SIGKILL on the parent's death,
+/// set after the drop, which would clear it). berth is single-threaded when it calls this,
+/// so the child may allocate and start threads of its own.
+pub fn run_in_child_as(
+    sys: &dyn crate::Syscall,
+    uid: u32,
+    gid: u32,
+    work: impl FnOnce() -> Vec<u8>,
+) -> crate::Result<Vec<u8>> {
+    use std::io::{Read, Write};
+    let (read, write) = std::io::pipe().map_err(|source| crate::Error::Os {
+        call: "pipe",
+        source,
+    })?;
+    let parent = nix::unistd::getpid();
+    // SAFETY: berth is single-threaded here (see above), so the child is a full copy with no
+    // lock held by a vanished thread.
+    match unsafe { nix::unistd::fork() }.map_err(crate::Error::os("fork"))? {
+        nix::unistd::ForkResult::Child => {
+            drop(read);
+            let mut write = write;
+            let dropped = sys.drop_privileges(uid, gid).and_then(|()| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                    .map_err(crate::Error::os("prctl(PR_SET_PDEATHSIG)"))?;
+                if nix::unistd::getppid() != parent {
+                    return Err(crate::Error::Invalid {
+                        what: "dropping privileges",
+                        message: "the parent process ended".into(),
+                    });
+                }
+                Ok(())
+            });
+            // A panic must end the child here: unwinding out of this function would run
+            // the caller's own code (meant for the parent) in the child.
+            let (answer, code) = match dropped.map(|()| {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
+            }) {
+                Ok(Ok(answer)) => (answer, 0),
+                Ok(Err(_)) => (b"it panicked (see above)".to_vec(), 3),
+                Err(e) => (e.to_string().into_bytes(), 1),
+            };
+            let written = write.write_all(&answer).is_ok();
+            // SAFETY: _exit skips the atexit handlers and buffers of the parent's copy.
+            unsafe { libc::_exit(if written { code } else { 2 }) }
+        }
+        nix::unistd::ForkResult::Parent { child } => {
+            drop(write);
+            let mut answer = Vec::new();
+            let mut read = read;
+            let got = read.read_to_end(&mut answer);
+            let exit = crate::process::reap(child.as_raw())?;
+            got.map_err(|source| crate::Error::Os {
+                call: "reading the answer of the unprivileged child",
+                source,
+            })?;
+            match exit {
+                crate::process::Exit::Code(0) => Ok(answer),
+                exit => Err(crate::Error::Invalid {
+                    what: "the unprivileged child",
+                    message: format!(
+                        "running as uid {uid} it ended with {exit}: {}",
+                        String::from_utf8_lossy(&answer).trim()
+                    ),
+                }),
+            }
+        }
+    }
+}
+
 /// Runs `f` with effective uid 0 and gives the caller's effective uid back afterwards. This
 /// is how slurmstepd's `user_init` (real uid 0, effective uid the user) opens what only root
 /// may open, as slurmstepd's own `_reclaim_privileges` does; glibc's seteuid applies to
@@ -161,5 +267,59 @@ mod tests {
                 assert_eq!(exit, crate::process::Exit::Code(0));
             }
         }
+    }
+
+    /// The real drop: afterwards the child has the service user's ids and no groups, cannot
+    /// take uid 0 back, and cannot read a root-only file; the parent is still root.
+    #[test]
+    fn a_child_drops_root_for_good() {
+        if real_uid() != 0 {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "root only").unwrap();
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let answer = run_in_child_as(&crate::LinuxSyscall, 65534, 65534, || {
+            let status = std::fs::read_to_string("/proc/self/status").unwrap();
+            let line = |key: &str| {
+                let l = status.lines().find(|l| l.starts_with(key)).unwrap();
+                l[key.len()..].split_whitespace().collect::<Vec<_>>().join(" ")
+            };
+            let root = nix::unistd::Uid::from_raw(0);
+            format!(
+                "{}|{}|{}|{}|{}|{}",
+                line("Uid:"),
+                line("Gid:"),
+                line("Groups:"),
+                line("NoNewPrivs:"),
+                nix::unistd::setresuid(root, root, root).is_err(),
+                std::fs::read(&secret).is_err(),
+            )
+            .into_bytes()
+        })
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(answer).unwrap(),
+            "65534 65534 65534 65534|65534 65534 65534 65534||1|true|true"
+        );
+        assert_eq!(effective_uid(), 0);
+    }
+
+    /// A child that cannot drop never runs the work, and the caller hears why.
+    #[test]
+    fn a_failed_drop_runs_nothing() {
+        let sys = crate::recording::RecordingSyscall {
+            fail_on: Some("DropPrivileges".into()),
+            ..Default::default()
+        };
+        let err = run_in_child_as(&sys, 4321, 4322, || {
+            unreachable!("the work ran without the drop")
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("uid 4321") && err.contains("exit status 1"), "{err}");
     }
 }

@@ -42,6 +42,10 @@ pub enum Call {
         target: PathBuf,
     },
     PivotRoot(PathBuf),
+    DropPrivileges {
+        uid: u32,
+        gid: u32,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -145,5 +149,8 @@ impl Syscall for RecordingSyscall {
     }
     fn pivot_root(&self, root: &Path) -> Result<()> {
         self.record(Call::PivotRoot(root.into()))
+    }
+    fn drop_privileges(&self, uid: u32, gid: u32) -> Result<()> {
+        self.record(Call::DropPrivileges { uid, gid })
     }
 }

@@ -59,6 +59,9 @@ pub trait Syscall {
     fn start_fuse_helper(&self, argv: &[CString], fuse: OwnedFd, target: &Path) -> Result<i32>;
     /// pivot_root(2) into `root` and detach the old root.
     fn pivot_root(&self, root: &Path) -> Result<()>;
+    /// Gives up root for good and becomes `uid`/`gid` with no supplementary groups (see
+    /// [`crate::identity::run_in_child_as`]); fails unless root is then out of reach.
+    fn drop_privileges(&self, uid: u32, gid: u32) -> Result<()>;
 }
 
 /// The real thing.
@@ -186,6 +189,10 @@ impl Syscall for LinuxSyscall {
 
     fn pivot_root(&self, root: &Path) -> Result<()> {
         rootfs::pivot_root(root)
+    }
+
+    fn drop_privileges(&self, uid: u32, gid: u32) -> Result<()> {
+        crate::identity::drop_for_good(uid, gid)
     }
 }
 
