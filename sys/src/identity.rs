@@ -98,55 +98,37 @@ pub(crate) fn drop_for_good(uid: u32, gid: u32) -> crate::Result<()> {
 /// (see [`crate::Syscall::drop_privileges`]), and returns the bytes `work` answers with.
 /// The caller keeps its own identity: root splits off the part of a job that handles
 /// untrusted bytes (registry answers, layer tarballs) and goes on as root with what only
-/// root may do afterwards. The child dies with the caller (SIGKILL on the parent's death,
-/// set after the drop, which would clear it). berth is single-threaded when it calls this,
-/// so the child may allocate and start threads of its own.
+/// root may do afterwards.
+///
+/// The work runs as the first process of a new PID namespace, so when it ends the kernel
+/// kills everything it started: once this returns, no process of the unprivileged side is
+/// left holding a file the caller goes on to trust (root seals the images it built). It
+/// also dies with the caller (SIGKILL on the parent's death, set after the drop, which
+/// would clear it). berth is single-threaded when it calls this, so the child may allocate
+/// and start threads of its own.
 pub fn run_in_child_as(
     sys: &dyn crate::Syscall,
     uid: u32,
     gid: u32,
     work: impl FnOnce() -> Vec<u8>,
 ) -> crate::Result<Vec<u8>> {
-    use std::io::{Read, Write};
-    let (read, write) = std::io::pipe().map_err(|source| crate::Error::Os {
+    use std::io::Read;
+    let (mut read, write) = std::io::pipe().map_err(|source| crate::Error::Os {
         call: "pipe",
         source,
     })?;
-    let parent = nix::unistd::getpid();
     // SAFETY: berth is single-threaded here (see above), so the child is a full copy with no
     // lock held by a vanished thread.
     match unsafe { nix::unistd::fork() }.map_err(crate::Error::os("fork"))? {
         nix::unistd::ForkResult::Child => {
             drop(read);
-            let mut write = write;
-            let dropped = sys.drop_privileges(uid, gid).and_then(|()| {
-                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-                    .map_err(crate::Error::os("prctl(PR_SET_PDEATHSIG)"))?;
-                if nix::unistd::getppid() != parent {
-                    return Err(crate::Error::Invalid {
-                        what: "dropping privileges",
-                        message: "the parent process ended".into(),
-                    });
-                }
-                Ok(())
-            });
-            // A panic must end the child here: unwinding out of this function would run
-            // the caller's own code (meant for the parent) in the child.
-            let (answer, code) = match dropped.map(|()| {
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
-            }) {
-                Ok(Ok(answer)) => (answer, 0),
-                Ok(Err(_)) => (b"it panicked (see above)".to_vec(), 3),
-                Err(e) => (e.to_string().into_bytes(), 1),
-            };
-            let written = write.write_all(&answer).is_ok();
+            let code = namespace_init(sys, uid, gid, write, work);
             // SAFETY: _exit skips the atexit handlers and buffers of the parent's copy.
-            unsafe { libc::_exit(if written { code } else { 2 }) }
+            unsafe { libc::_exit(code) }
         }
         nix::unistd::ForkResult::Parent { child } => {
             drop(write);
             let mut answer = Vec::new();
-            let mut read = read;
             let got = read.read_to_end(&mut answer);
             let exit = crate::process::reap(child.as_raw())?;
             got.map_err(|source| crate::Error::Os {
@@ -163,6 +145,63 @@ pub fn run_in_child_as(
                     ),
                 }),
             }
+        }
+    }
+}
+
+/// The child of [`run_in_child_as`]: enters a new PID namespace, starts its first process
+/// (which drops, works and answers on `write`) and exits as that process did.
+fn namespace_init(
+    sys: &dyn crate::Syscall,
+    uid: u32,
+    gid: u32,
+    write: std::io::PipeWriter,
+    work: impl FnOnce() -> Vec<u8>,
+) -> i32 {
+    use std::io::Write;
+    let mut write = write;
+    let setup = |e: crate::Error, write: &mut std::io::PipeWriter| {
+        let _ = write.write_all(e.to_string().as_bytes());
+        1
+    };
+    if let Err(e) = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+        .map_err(crate::Error::os("prctl(PR_SET_PDEATHSIG)"))
+        .and_then(|()| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWPID)
+                .map_err(crate::Error::os("unshare(CLONE_NEWPID)"))
+        })
+    {
+        return setup(e, &mut write);
+    }
+    // SAFETY: as in run_in_child_as: this process is a single-threaded copy.
+    match unsafe { nix::unistd::fork() } {
+        Err(e) => setup(crate::Error::os("fork")(e), &mut write),
+        Ok(nix::unistd::ForkResult::Parent { child }) => {
+            drop(write);
+            match crate::process::reap(child.as_raw()) {
+                Ok(crate::process::Exit::Code(code)) => code,
+                Ok(crate::process::Exit::Signal(_)) | Err(_) => 4,
+            }
+        }
+        Ok(nix::unistd::ForkResult::Child) => {
+            // If the process waiting for this one died before the pdeathsig below was set,
+            // this one finishes its work and finds no reader for its answer: nothing more.
+            let dropped = sys.drop_privileges(uid, gid).and_then(|()| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                    .map_err(crate::Error::os("prctl(PR_SET_PDEATHSIG)"))
+            });
+            // A panic must end the process here: unwinding out of this function would run
+            // the caller's own code (meant for the parent) in this copy.
+            let (answer, code) = match dropped.map(|()| {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
+            }) {
+                Ok(Ok(answer)) => (answer, 0),
+                Ok(Err(_)) => (b"it panicked (see above)".to_vec(), 3),
+                Err(e) => (e.to_string().into_bytes(), 1),
+            };
+            let code = if write.write_all(&answer).is_ok() { code } else { 2 };
+            // SAFETY: _exit skips the atexit handlers and buffers of the parent's copy.
+            unsafe { libc::_exit(code) }
         }
     }
 }
@@ -213,6 +252,15 @@ pub fn user_info(uid: u32) -> Option<UserInfo> {
         })
 }
 
+/// The uid and primary gid of the user called `name` in the host's user database; `None`
+/// when there is no such user.
+pub fn user_ids(name: &str) -> Option<(u32, u32)> {
+    nix::unistd::User::from_name(name)
+        .ok()
+        .flatten()
+        .map(|u| (u.uid.as_raw(), u.gid.as_raw()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -222,6 +270,8 @@ mod tests {
         let root = user_info(0).expect("uid 0 has a passwd entry");
         assert_eq!(root.name, "root");
         assert!(root.home.is_absolute());
+        assert_eq!(user_ids("root"), Some((0, 0)));
+        assert_eq!(user_ids("no such user, surely"), None);
     }
 
     #[test]
@@ -306,6 +356,47 @@ mod tests {
             "65534 65534 65534 65534|65534 65534 65534 65534||1|true|true"
         );
         assert_eq!(effective_uid(), 0);
+    }
+
+    /// What the unprivileged side starts dies with it, so nothing of it can still write a
+    /// file root goes on to trust.
+    #[test]
+    fn nothing_the_child_started_outlives_it() {
+        if real_uid() != 0 {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let answer = run_in_child_as(&crate::LinuxSyscall, 65534, 65534, || {
+            let child = std::process::Command::new("sleep")
+                .arg("600")
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            // The host's pid of the sleeper, through the host's /proc.
+            let host_pid = std::fs::read_link("/proc/self").unwrap();
+            let status = std::fs::read_to_string(format!("/proc/{}/status", host_pid.display()))
+                .unwrap();
+            let in_ns = status.lines().any(|l| l.starts_with("NSpid:") && l.ends_with("\t1"));
+            let sleeper = std::fs::read_to_string(format!(
+                "/proc/{}/task/{}/children",
+                host_pid.display(),
+                host_pid.display()
+            ))
+            .unwrap();
+            std::mem::forget(child);
+            format!("{in_ns} {}", sleeper.trim()).into_bytes()
+        })
+        .unwrap();
+        let answer = String::from_utf8(answer).unwrap();
+        let (in_ns, sleeper) = answer.split_once(' ').unwrap();
+        assert_eq!(in_ns, "true", "the work ran as its namespace's first process");
+        let gone = (0..100).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            !std::path::Path::new(&format!("/proc/{sleeper}")).exists()
+                || std::fs::read_to_string(format!("/proc/{sleeper}/stat"))
+                    .is_ok_and(|s| s.contains(") Z "))
+        });
+        assert!(gone, "the sleeper {sleeper} outlived the unprivileged child");
     }
 
     /// A child that cannot drop never runs the work, and the caller hears why.
