@@ -87,6 +87,9 @@ pub struct PartitionPolicyConfig {
 pub struct CacheConfig {
     /// Directory on fast node-local storage, written only by root or the service identity.
     pub dir: PathBuf,
+    /// Who writes the cache: "root", or a service user (the package creates `berth`) that
+    /// root's fetches become before they touch a registry or an image's bytes.
+    pub owner: String,
     /// Evict least-recently-used images above this total, e.g. "10G", "500M".
     pub max_size: String,
     /// Largest image root builds: refused before download when the layers' compressed sizes
@@ -108,6 +111,7 @@ impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {
             dir: PathBuf::from("/var/cache/berth"),
+            owner: "root".into(),
             max_size: "20G".into(),
             max_image_size: "10G".into(),
             max_entries: 1_000_000,

@@ -253,6 +253,10 @@ pub enum Error {
     FetchDenied { reason: String },
     #[error("image cache {path}: {message}")]
     Cache { path: PathBuf, message: String },
+    /// A fetch that failed in the cache owner's process (see `cache::owner`), as it said
+    /// there, with the metrics cause of the original error.
+    #[error("{message}")]
+    AsCacheOwner { message: String, cause: String },
     #[error("invalid size {value:?}: {message} (examples: 500M, 20G, 1T)")]
     InvalidSize { value: String, message: String },
 }

@@ -301,8 +301,9 @@ fn denial_kind(reason: &str) -> &'static str {
 }
 
 /// A bounded label for a failed fetch.
-fn failure_cause(e: &Error) -> &'static str {
+pub(crate) fn failure_cause(e: &Error) -> &str {
     match e {
+        Error::AsCacheOwner { cause, .. } => cause,
         Error::RegistryDown { .. } => "registry_unreachable",
         Error::Unauthorized { .. } => "unauthorized",
         Error::ImageNotFound { .. } => "not_found",

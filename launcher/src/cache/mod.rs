@@ -44,6 +44,7 @@
 //!   never stop it; unlinking an open SIF leaves it readable by the squashfuse holding it.
 
 mod cgroup;
+mod owner;
 mod size;
 pub mod store;
 
@@ -66,6 +67,7 @@ use crate::unpack::{self, Budget, Compression, Limits};
 use crate::{sif, Error, Result};
 
 pub use cgroup::BuildCgroup;
+pub use owner::{Owner, Sealed};
 pub use size::{format_size, parse_size};
 
 /// Free space a build needs, as a multiple of the image's compressed size: the staged
@@ -91,21 +93,39 @@ pub fn fetch_with(config: &Config, image: &str, options: &FetchOptions) -> Resul
     let policy = Policy::new(&config.policy);
     // The policy decides before anything touches the network or the cache.
     let reference = approved_reference(&policy, image)?;
+    let owner = Owner::of(&config.cache)?;
+    if owner.is_root() || berth_sys::identity::effective_uid() != 0 {
+        return fetch_approved(config, &policy, &reference, options);
+    }
+    // Root with a service user: the registry and the image's bytes are the owner's to
+    // handle (see `owner`).
+    owner::fetch_as(&owner, &config.cache, || {
+        fetch_approved(config, &policy, &reference, options)
+    })
+}
+
+/// [`fetch_with`] of a reference the policy approved, as the caller.
+fn fetch_approved(
+    config: &Config,
+    policy: &Policy,
+    reference: &Reference,
+    options: &FetchOptions,
+) -> Result<PathBuf> {
     let cache = Cache::open(&config.cache)?.with_store(&config.store);
-    let repo = RepoKey::of(&reference);
+    let repo = RepoKey::of(reference);
     if let Some(digest) = &reference.digest {
         if let Some(path) = cache.hit(&repo, digest)? {
             return Ok(path);
         }
     }
-    let (client, resolved) = connect(config, &policy, &reference, options.quiet, |client| {
-        client.resolve(&reference)
+    let (client, resolved) = connect(config, policy, reference, options.quiet, |client| {
+        client.resolve(reference)
     })?;
     let path = match cache.hit(&repo, &resolved.manifest_digest)? {
         Some(path) => path,
         None => {
-            cache.require_writable(&reference)?;
-            cache.build(&client, &reference, &repo, &resolved, options)?
+            cache.require_writable(reference)?;
+            cache.build(&client, reference, &repo, &resolved, options)?
         }
     };
     cache.record_index(&repo, &resolved)?;
@@ -215,6 +235,10 @@ pub fn runnable(config: &Config, image: &str) -> Result<RunnableImage> {
     }
     let path = fetch(config, image)?;
     let lock = open_for_run(&path)?;
+    if !Owner::of(&config.cache)?.is_root() {
+        // Checked again on what is now open: the owner could have swapped the name since.
+        Sealed::check(&lock, &path)?;
+    }
     Ok(RunnableImage {
         path,
         _lock: Some(lock),
@@ -273,6 +297,8 @@ pub struct Cache {
     limits: Limits,
     /// The caller owns the cache (root or the service identity) and may write it.
     writable: bool,
+    /// `[cache] owner` is a service user: images are used only sealed by root (see `owner`).
+    sealed: bool,
 }
 
 impl Cache {
@@ -284,6 +310,7 @@ impl Cache {
         let limits = Limits::from_config(config)?;
         let dir = config.dir.clone();
         let euid = berth_sys::identity::effective_uid();
+        let service = Some(Owner::of(config)?).filter(|o| !o.is_root());
         if !dir.exists() && euid == 0 {
             make_dir(&dir, 0o755)?;
         }
@@ -300,12 +327,15 @@ impl Cache {
                     ));
                 }
                 check_dir(&dir, &meta, meta.uid(), 0o755)?;
-                Some(meta.uid())
+                // The subdirectories are the service user's, the directory root's.
+                Some(service.as_ref().map_or(meta.uid(), |s| s.uid))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(Error::io(format!("reading {}", dir.display()), e)),
         };
-        let writable = owner == Some(euid);
+        // Root may evict and mark images used in a service user's cache too; it never builds
+        // there (`fetch_with` hands that to the owner).
+        let writable = owner == Some(euid) || (euid == 0 && service.is_some());
         if let Some(owner) = owner {
             for (name, mode) in SUBDIRS {
                 let sub = dir.join(name);
@@ -326,6 +356,7 @@ impl Cache {
             max_size,
             limits,
             writable,
+            sealed: service.is_some(),
         })
     }
 
@@ -386,17 +417,41 @@ impl Cache {
     }
 
     fn hit_image(&self, path: &Path) -> Result<Option<PathBuf>> {
-        match File::open(path) {
+        let opened = if self.sealed {
+            self.open_sealed(path)
+        } else {
+            File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))
+        };
+        match opened {
             Ok(file) => {
-                if self.writable {
+                // A sealed image is root's: root marks it used (the owner's fetch hands a hit
+                // back to root, which does).
+                if self.writable && (!self.sealed || berth_sys::identity::effective_uid() == 0) {
                     file.set_modified(SystemTime::now())
                         .map_err(|e| Error::io(format!("marking {} used", path.display()), e))?;
                 }
                 Ok(Some(path.to_path_buf()))
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io(format!("opening {}", path.display()), e)),
+            Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                Ok(None)
+            }
+            Err(e) => Err(e),
         }
+    }
+
+    /// Opens a cached image of a service user's cache if root sealed it (see `owner`), or
+    /// if it is the caller's own fresh build: the owner's fetch that finds another fetch's
+    /// image still unsealed hands it to its root parent, which seals it.
+    fn open_sealed(&self, path: &Path) -> Result<File> {
+        let file = owner::open_nofollow(path)?;
+        let euid = berth_sys::identity::effective_uid();
+        let fresh = self.writable
+            && euid != 0
+            && file.metadata().is_ok_and(|m| m.uid() == euid && m.is_file());
+        if !fresh {
+            Sealed::check(&file, path)?;
+        }
+        Ok(file)
     }
 
     /// Records which image an index digest resolved to on this node, so that the same
@@ -646,18 +701,11 @@ impl Cache {
         if berth_sys::identity::effective_uid() != 0 {
             return;
         }
-        match cgroup::leave_job_memory_cgroup(Path::new(cgroup::CGROUP_ROOT), &self.build_cgroup) {
-            Ok(Some(now)) => progress::note(
+        if let Some(now) = leave_job_memory_cgroup(&self.build_cgroup) {
+            progress::note(
                 quiet,
                 &format!("building {pinned} in memory cgroup {now}, outside the job's limits"),
-            ),
-            Ok(None) => {}
-            Err(e) => warn(&format!(
-                "building {pinned} inside the caller's memory cgroup: {e}; a small --mem job \
-                 may be killed while its image is converted (fix: check [cache] build_cgroup \
-                 and that cgroups are mounted under {})",
-                cgroup::CGROUP_ROOT
-            )),
+            );
         }
     }
 
@@ -817,6 +865,24 @@ impl Cache {
             if entry.path().metadata().is_err() {
                 let _ = fs::remove_file(entry.path());
             }
+        }
+    }
+}
+
+/// Moves root's process out of the job's memory cgroup (see `cgroup`) and returns the cgroup
+/// it is in now, if it moved. A move that fails costs only the protection: the build goes on
+/// where it was, with a warning naming the cause.
+fn leave_job_memory_cgroup(build_cgroup: &BuildCgroup) -> Option<String> {
+    match cgroup::leave_job_memory_cgroup(Path::new(cgroup::CGROUP_ROOT), build_cgroup) {
+        Ok(now) => now,
+        Err(e) => {
+            warn(&format!(
+                "building inside the caller's memory cgroup: {e}; a small --mem job may be \
+                 killed while its image is converted (fix: check [cache] build_cgroup and that \
+                 cgroups are mounted under {})",
+                cgroup::CGROUP_ROOT
+            ));
+            None
         }
     }
 }
