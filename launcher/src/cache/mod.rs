@@ -447,7 +447,9 @@ impl Cache {
         let euid = berth_sys::identity::effective_uid();
         let fresh = self.writable
             && euid != 0
-            && file.metadata().is_ok_and(|m| m.uid() == euid && m.is_file());
+            && file
+                .metadata()
+                .is_ok_and(|m| m.uid() == euid && m.is_file());
         if !fresh {
             Sealed::check(&file, path)?;
         }
@@ -640,6 +642,7 @@ impl Cache {
     ) -> Result<()> {
         let (blobs, rootfs) = (staging.join("blobs"), staging.join("rootfs"));
         let mut budget = Budget::new(self.limits.clone());
+        let mut ownership = unpack::Ownership::default();
         let unpacking = Progress::new(format!("unpacking {pinned}"), total, options.quiet);
         for (_, layer_digest, compression) in layers {
             let path = blobs.join(layer_digest.hex());
@@ -655,11 +658,16 @@ impl Cache {
                 *compression,
                 &layer_digest.to_string(),
                 &mut budget,
+                &mut ownership,
             )?;
         }
         unpacking.finish();
         progress::note(options.quiet, &format!("building squashfs for {pinned}"));
-        sif::create_from_dir(&staging.join("image.sif"), &rootfs, image_config)
+        let extra = match ownership.is_empty() {
+            true => Vec::new(),
+            false => ownership.mksquashfs_args(&staging.join("pseudo"))?,
+        };
+        sif::create_from_dir(&staging.join("image.sif"), &rootfs, image_config, &extra)
     }
 
     /// Makes sure the cache's file system has `needed` bytes free for a build, evicting
@@ -1348,6 +1356,7 @@ mod tests {
             Compression::None,
             "sha256:evil",
             &mut Budget::new(limits),
+            &mut unpack::Ownership::default(),
         )
         .unwrap_err();
         drop(cache);

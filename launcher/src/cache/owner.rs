@@ -105,9 +105,8 @@ fn adopt(sub: &Path, name: &str, owner: &Owner) -> Result<()> {
         match name {
             "locks" => dir.lchown(&entry, owner.uid, owner.gid).map_err(fail)?,
             "images" => {
-                let path = sub.join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(
-                    &entry,
-                ));
+                let path =
+                    sub.join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&entry));
                 if Sealed::check_path(&path).is_err() {
                     crate::unpack::remove_tree(&dir, &entry).map_err(fail)?;
                 }
@@ -241,7 +240,9 @@ impl Sealed {
         let copy = file
             .try_clone()
             .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-        let config = sif::Sif::from_file(copy, path)?.config()?.unwrap_or_default();
+        let config = sif::Sif::from_file(copy, path)?
+            .config()?
+            .unwrap_or_default();
         let repo = Reference::parse(&config.source).map(|r| RepoKey::of(&r));
         let expected = digest_of_name(name).map(|d| d.to_string());
         let stem = name.strip_suffix(".sif").unwrap_or(name);

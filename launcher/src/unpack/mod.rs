@@ -19,9 +19,11 @@
 //! [`limits`]): bytes, entries, path length and depth, and the tar extension headers that
 //! the `tar` crate would otherwise read whole into memory.
 //!
-//! Modes are preserved. Ownership from the headers is applied only when berth runs as root
-//! (the cache writer in production); an unprivileged writer keeps its own uid, which is what
-//! an unprivileged container maps to anyway. Extended attributes are not applied.
+//! Modes are preserved. Ownership from the headers is applied on disk when berth runs as
+//! root; an unprivileged writer (the cache's service user) keeps its own uid and owner
+//! rights on disk, without set-id bits, and records every entry's owner and mode from the
+//! headers in [`Ownership`], which mksquashfs then applies (see [`pseudo`]), so the image
+//! comes out the same either way. Extended attributes are not applied.
 
 use std::collections::HashSet;
 use std::io::{self, Read};
@@ -35,9 +37,11 @@ use tar::EntryType;
 use crate::{Error, Result};
 
 mod limits;
+pub mod pseudo;
 mod remove;
 
 pub use limits::{Budget, Limits, EXTENSION_LIMIT};
+pub use pseudo::Ownership;
 pub use remove::remove_tree;
 
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
@@ -85,7 +89,8 @@ pub struct LayerStats {
 
 /// Applies one layer, decompressing it as `compression` says, onto the directory `root`.
 /// `layer` names the layer in error messages (e.g. its digest). What the layer declares is
-/// charged to `budget`, the image's, and the layer is refused past its limits.
+/// charged to `budget`, the image's, and the layer is refused past its limits. An
+/// unprivileged caller's entries' owners and modes are recorded in `ownership`, the image's.
 ///
 /// Decompression runs on a second thread, so that inflating the stream (user CPU) overlaps
 /// with creating the files (kernel CPU): on a 2-core node that is most of the unpack time.
@@ -95,6 +100,7 @@ pub fn apply_layer(
     compression: Compression,
     layer: &str,
     budget: &mut Budget,
+    ownership: &mut Ownership,
 ) -> Result<LayerStats> {
     let root_fd = Dir::open(root)
         .map_err(|e| Error::io(format!("opening unpack root {}", root.display()), e))?;
@@ -115,6 +121,7 @@ pub fn apply_layer(
         dirs: Vec::new(),
         stats: LayerStats::default(),
         limits: budget.limits().clone(),
+        ownership,
     };
     let result = std::thread::scope(|scope| {
         let (tx, rx) = mpsc::sync_channel(CHUNKS_IN_FLIGHT);
@@ -196,6 +203,8 @@ struct Applier<'a> {
     dirs: Vec<(Vec<u8>, tar::Header)>,
     stats: LayerStats,
     limits: Limits,
+    /// What an unprivileged unpack cannot put on disk (unused as root).
+    ownership: &'a mut Ownership,
 }
 
 impl Applier<'_> {
@@ -326,6 +335,9 @@ impl Applier<'_> {
                 parent
                     .hard_link(&target_parent, target_name, name)
                     .map_err(|e| self.io(&path, "creating hard link", e))?;
+                if !self.as_root {
+                    self.ownership.link(&target, &path);
+                }
             }
             EntryType::Char | EntryType::Block | EntryType::Fifo => {
                 self.stats.skipped_special += 1;
@@ -369,7 +381,7 @@ impl Applier<'_> {
     }
 
     /// Walks `dir_path` one component at a time with `O_NOFOLLOW`, creating what is missing.
-    fn walk_creating(&self, path: &[u8], dir_path: &[u8]) -> Result<Dir> {
+    fn walk_creating(&mut self, path: &[u8], dir_path: &[u8]) -> Result<Dir> {
         let mut dir: Option<Dir> = None;
         for component in dir_path.split(|b| *b == b'/') {
             let here = dir.as_ref().unwrap_or(&self.root);
@@ -377,6 +389,17 @@ impl Applier<'_> {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     here.mkdir(component, 0o755)
                         .map_err(|e| self.io(path, "creating parent directory", e))?;
+                    if !self.as_root {
+                        // What a root unpack makes of a parent no entry declares.
+                        let end =
+                            component.as_ptr() as usize - path.as_ptr() as usize + component.len();
+                        let meta = pseudo::Meta {
+                            mode: 0o755,
+                            uid: 0,
+                            gid: 0,
+                        };
+                        self.ownership.set(&path[..end], meta);
+                    }
                     here.open_child(component)
                 }
                 other => other,
@@ -415,6 +438,7 @@ impl Applier<'_> {
 
     /// Removes whatever is at `name` (recursively for directories); nothing there is fine.
     fn remove(&mut self, parent: &Dir, name: &[u8], path: &[u8]) -> Result<()> {
+        self.ownership.remove_tree(path);
         match self.kind(parent, name, path)? {
             None => Ok(()),
             Some(EntryKind::Directory) => {
@@ -448,35 +472,48 @@ impl Applier<'_> {
             .map_err(|e| self.io(path, "opening directory", e))
     }
 
-    /// Owner (root only), mode and mtime of a file or directory, through its fd. The owner
-    /// goes first because chown clears set-id bits.
+    /// Owner, mode and mtime of a file or directory, through its fd. The owner goes first
+    /// because chown clears set-id bits. Unprivileged, the owner and mode go to the
+    /// [`Ownership`] record and the file keeps owner rights on disk (see the module doc).
     fn set_metadata(
-        &self,
+        &mut self,
         fd: impl std::os::fd::AsFd,
         path: &[u8],
         header: &tar::Header,
     ) -> Result<()> {
-        if self.as_root {
-            let (uid, gid) = ids(header);
-            sysfs::fchown(&fd, uid, gid).map_err(|e| self.io(path, "setting owner", e))?;
-        }
+        let (uid, gid) = ids(header);
         let mode = header.mode().unwrap_or(0o644) & 0o7777;
-        sysfs::fchmod(&fd, mode).map_err(|e| self.io(path, "setting mode", e))?;
+        let on_disk = if self.as_root {
+            sysfs::fchown(&fd, uid, gid).map_err(|e| self.io(path, "setting owner", e))?;
+            mode
+        } else {
+            self.ownership.set(path, pseudo::Meta { mode, uid, gid });
+            let owner_bits = if header.entry_type() == EntryType::Directory {
+                0o700
+            } else {
+                0o600
+            };
+            (mode & 0o777) | owner_bits
+        };
+        sysfs::fchmod(&fd, on_disk).map_err(|e| self.io(path, "setting mode", e))?;
         sysfs::set_mtime(&fd, mtime(header)).map_err(|e| self.io(path, "setting mtime", e))
     }
 
     fn set_link_metadata(
-        &self,
+        &mut self,
         parent: &Dir,
         name: &[u8],
         path: &[u8],
         header: &tar::Header,
     ) -> Result<()> {
+        let (uid, gid) = ids(header);
         if self.as_root {
-            let (uid, gid) = ids(header);
             parent
                 .lchown(name, uid, gid)
                 .map_err(|e| self.io(path, "setting symlink owner", e))?;
+        } else {
+            let mode = 0o777;
+            self.ownership.set(path, pseudo::Meta { mode, uid, gid });
         }
         parent
             .lset_mtime(name, mtime(header))
@@ -588,6 +625,26 @@ mod tests {
             self.0.append(&h, data).unwrap();
             self
         }
+        /// An entry with its own mode and owner (a symlink's `data` is its target).
+        fn owned(mut self, kind: EntryType, path: &str, mode: u32, uid: u64, data: &[u8]) -> Self {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(kind);
+            let data = if kind == EntryType::Symlink {
+                h.set_link_name(std::str::from_utf8(data).unwrap()).unwrap();
+                &b""[..]
+            } else {
+                data
+            };
+            h.set_size(data.len() as u64);
+            h.set_mode(mode);
+            h.set_uid(uid);
+            h.set_gid(uid + 1);
+            h.set_mtime(1_700_000_000);
+            h.set_path(path).unwrap();
+            h.set_cksum();
+            self.0.append(&h, data).unwrap();
+            self
+        }
         fn file(self, path: &str, data: &str) -> Self {
             self.entry(EntryType::Regular, path, "", data.as_bytes())
         }
@@ -616,6 +673,7 @@ mod tests {
             Compression::None,
             "sha256:test",
             &mut budget(),
+            &mut Ownership::default(),
         )
     }
 
@@ -659,6 +717,107 @@ mod tests {
         assert_eq!(
             std::fs::metadata(r.join("etc/hostname")).unwrap().mtime(),
             1_700_000_000
+        );
+    }
+
+    /// The cache's service user cannot chown nor keep a 0555 directory while it writes into
+    /// it: what it unpacks stays its own and writable, and the SIF still gets the layers'
+    /// owners and modes, set-id bits included, through the recorded pseudo file.
+    #[test]
+    fn an_unprivileged_unpack_gives_the_image_its_layers_owners_and_modes() {
+        if berth_sys::identity::real_uid() != 0 {
+            eprintln!("skipped: needs root to become another user");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534)).unwrap();
+        let root = dir.path().join("rootfs");
+        let lower = Layer::new()
+            .owned(EntryType::Directory, "ro", 0o555, 0, b"")
+            .owned(EntryType::Directory, "secret", 0o700, 0, b"")
+            .owned(EntryType::Regular, "secret/key", 0o400, 0, b"k")
+            .owned(EntryType::Regular, "bin/su", 0o4755, 0, b"#!")
+            .hardlink("bin/su2", "bin/su")
+            .owned(EntryType::Regular, "gone/f", 0o644, 5, b"")
+            .bytes();
+        let upper = Layer::new()
+            .owned(EntryType::Regular, "ro/new", 0o644, 1234, b"n")
+            .owned(EntryType::Symlink, "ln", 0o777, 42, b"ro/new")
+            .file("gone/.wh..wh..opq", "")
+            .bytes();
+        let root2 = root.clone();
+        let answer = berth_sys::identity::run_in_child_as(
+            &berth_sys::LinuxSyscall,
+            65534,
+            65534,
+            move || {
+                std::fs::create_dir(&root2).unwrap();
+                let mut ownership = Ownership::default();
+                let mut budget = budget();
+                for layer in [lower, upper] {
+                    let applied = apply_layer(
+                        &root2,
+                        layer.as_slice(),
+                        Compression::None,
+                        "l",
+                        &mut budget,
+                        &mut ownership,
+                    );
+                    if let Err(e) = applied {
+                        return e.to_string().into_bytes();
+                    }
+                }
+                let pseudo = root2.with_file_name("pseudo");
+                let args = ownership.mksquashfs_args(&pseudo).unwrap();
+                let out = root2.with_file_name("image.sqfs");
+                let made = std::process::Command::new("mksquashfs")
+                    .arg(&root2)
+                    .arg(&out)
+                    .args(["-noappend", "-quiet", "-no-progress"])
+                    .args(&args)
+                    .output()
+                    .unwrap();
+                made.stderr
+            },
+        )
+        .unwrap();
+        assert_eq!(String::from_utf8_lossy(&answer), "");
+        use std::os::unix::fs::MetadataExt;
+        let on_disk = std::fs::metadata(root.join("ro")).unwrap();
+        assert_eq!((on_disk.uid(), on_disk.mode() & 0o7777), (65534, 0o755));
+        let su = std::fs::metadata(root.join("bin/su")).unwrap();
+        assert_eq!(su.mode() & 0o7000, 0, "no set-id bits on disk");
+        let listing = std::process::Command::new("unsquashfs")
+            .args(["-lln", "-d", ""])
+            .arg(dir.path().join("image.sqfs"))
+            .output()
+            .unwrap();
+        let listing = String::from_utf8(listing.stdout).unwrap();
+        let entries: Vec<String> = listing
+            .lines()
+            .filter(|l| !l.starts_with("Parallel") && !l.is_empty())
+            .map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                format!("{} {} {}", f[0], f[1], f.get(5).unwrap_or(&""))
+            })
+            .collect();
+        assert_eq!(
+            entries,
+            [
+                "drwxr-xr-x 0/0 ",
+                "drwxr-xr-x 0/0 /bin",
+                "-rwsr-xr-x 0/1 /bin/su",
+                "-rwsr-xr-x 0/1 /bin/su2",
+                "drwxr-xr-x 0/0 /gone",
+                "lrwxrwxrwx 42/43 /ln",
+                "dr-xr-xr-x 0/1 /ro",
+                "-rw-r--r-- 1234/1235 /ro/new",
+                "drwx------ 0/1 /secret",
+                "-r-------- 0/1 /secret/key",
+            ]
+            .map(String::from)
+            .to_vec(),
+            "{listing}"
         );
     }
 
@@ -830,7 +989,15 @@ mod tests {
         let zst = zstd::stream::encode_all(plain.as_slice(), 3).unwrap();
         for (bytes, c) in [(gz, Compression::Gzip), (zst, Compression::Zstd)] {
             let root = tempfile::tempdir().unwrap();
-            apply_layer(root.path(), bytes.as_slice(), c, "l", &mut budget()).unwrap();
+            apply_layer(
+                root.path(),
+                bytes.as_slice(),
+                c,
+                "l",
+                &mut budget(),
+                &mut Ownership::default(),
+            )
+            .unwrap();
             assert_eq!(
                 std::fs::read_to_string(root.path().join("f")).unwrap(),
                 "hello"
@@ -897,6 +1064,7 @@ mod tests {
             Compression::Zstd,
             "sha256:bomb",
             &mut Budget::new(small_limits()),
+            &mut Ownership::default(),
         )
         .unwrap_err()
         .to_string();
@@ -922,6 +1090,7 @@ mod tests {
             Compression::None,
             "l1",
             &mut budget,
+            &mut Ownership::default(),
         )
         .unwrap();
         let err = apply_layer(
@@ -930,6 +1099,7 @@ mod tests {
             Compression::None,
             "l2",
             &mut budget,
+            &mut Ownership::default(),
         )
         .unwrap_err();
         assert!(
@@ -966,6 +1136,7 @@ mod tests {
             Compression::Zstd,
             "l",
             &mut budget(),
+            &mut Ownership::default(),
         ));
         // Streamed uncompressed, to see how much was read before the refusal: the header and
         // at most the chunks in flight between the threads, never the 3 GiB name.
@@ -981,6 +1152,7 @@ mod tests {
             Compression::None,
             "l",
             &mut budget(),
+            &mut Ownership::default(),
         ));
         let read = read.load(std::sync::atomic::Ordering::Relaxed);
         assert!(read < 16 << 20, "{read} bytes read");
@@ -1051,6 +1223,7 @@ mod tests {
             Compression::None,
             "l",
             &mut Budget::new(limits),
+            &mut Ownership::default(),
         );
         assert!(matches!(r, Err(Error::ImageLimit { .. })), "{r:?}");
     }
@@ -1071,6 +1244,7 @@ mod tests {
                 Compression::None,
                 "l",
                 &mut Budget::new(limits.clone()),
+                &mut Ownership::default(),
             )
         };
         let key = |r: Result<LayerStats>| match r {
