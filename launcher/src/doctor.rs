@@ -76,6 +76,10 @@ pub fn run_all(config: &Config) -> Vec<Check> {
         });
     }
     checks.push(Check {
+        name: "cache owner",
+        status: crate::cache::doctor_owner(config),
+    });
+    checks.push(Check {
         name: "GPUs",
         status: gpus(
             config.gpu.enabled,

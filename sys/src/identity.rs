@@ -192,14 +192,18 @@ fn namespace_init(
             });
             // A panic must end the process here: unwinding out of this function would run
             // the caller's own code (meant for the parent) in this copy.
-            let (answer, code) = match dropped.map(|()| {
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
-            }) {
+            let (answer, code) = match dropped
+                .map(|()| std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)))
+            {
                 Ok(Ok(answer)) => (answer, 0),
                 Ok(Err(_)) => (b"it panicked (see above)".to_vec(), 3),
                 Err(e) => (e.to_string().into_bytes(), 1),
             };
-            let code = if write.write_all(&answer).is_ok() { code } else { 2 };
+            let code = if write.write_all(&answer).is_ok() {
+                code
+            } else {
+                2
+            };
             // SAFETY: _exit skips the atexit handlers and buffers of the parent's copy.
             unsafe { libc::_exit(code) }
         }
@@ -336,7 +340,10 @@ mod tests {
             let status = std::fs::read_to_string("/proc/self/status").unwrap();
             let line = |key: &str| {
                 let l = status.lines().find(|l| l.starts_with(key)).unwrap();
-                l[key.len()..].split_whitespace().collect::<Vec<_>>().join(" ")
+                l[key.len()..]
+                    .split_whitespace()
+                    .collect::<Vec<_>>()
+                    .join(" ")
             };
             let root = nix::unistd::Uid::from_raw(0);
             format!(
@@ -374,9 +381,11 @@ mod tests {
                 .unwrap();
             // The host's pid of the sleeper, through the host's /proc.
             let host_pid = std::fs::read_link("/proc/self").unwrap();
-            let status = std::fs::read_to_string(format!("/proc/{}/status", host_pid.display()))
-                .unwrap();
-            let in_ns = status.lines().any(|l| l.starts_with("NSpid:") && l.ends_with("\t1"));
+            let status =
+                std::fs::read_to_string(format!("/proc/{}/status", host_pid.display())).unwrap();
+            let in_ns = status
+                .lines()
+                .any(|l| l.starts_with("NSpid:") && l.ends_with("\t1"));
             let sleeper = std::fs::read_to_string(format!(
                 "/proc/{}/task/{}/children",
                 host_pid.display(),
@@ -389,14 +398,20 @@ mod tests {
         .unwrap();
         let answer = String::from_utf8(answer).unwrap();
         let (in_ns, sleeper) = answer.split_once(' ').unwrap();
-        assert_eq!(in_ns, "true", "the work ran as its namespace's first process");
+        assert_eq!(
+            in_ns, "true",
+            "the work ran as its namespace's first process"
+        );
         let gone = (0..100).any(|_| {
             std::thread::sleep(std::time::Duration::from_millis(10));
             !std::path::Path::new(&format!("/proc/{sleeper}")).exists()
                 || std::fs::read_to_string(format!("/proc/{sleeper}/stat"))
                     .is_ok_and(|s| s.contains(") Z "))
         });
-        assert!(gone, "the sleeper {sleeper} outlived the unprivileged child");
+        assert!(
+            gone,
+            "the sleeper {sleeper} outlived the unprivileged child"
+        );
     }
 
     /// A child that cannot drop never runs the work, and the caller hears why.
@@ -411,6 +426,9 @@ mod tests {
         })
         .unwrap_err()
         .to_string();
-        assert!(err.contains("uid 4321") && err.contains("exit status 1"), "{err}");
+        assert!(
+            err.contains("uid 4321") && err.contains("exit status 1"),
+            "{err}"
+        );
     }
 }

@@ -67,7 +67,7 @@ use crate::unpack::{self, Budget, Compression, Limits};
 use crate::{sif, Error, Result};
 
 pub use cgroup::BuildCgroup;
-pub use owner::{Owner, Sealed};
+pub use owner::{doctor as doctor_owner, Owner, Sealed};
 pub use size::{format_size, parse_size};
 
 /// Free space a build needs, as a multiple of the image's compressed size: the staged
@@ -94,7 +94,12 @@ pub fn fetch_with(config: &Config, image: &str, options: &FetchOptions) -> Resul
     // The policy decides before anything touches the network or the cache.
     let reference = approved_reference(&policy, image)?;
     let owner = Owner::of(&config.cache)?;
-    if owner.is_root() || berth_sys::identity::effective_uid() != 0 {
+    if berth_sys::identity::effective_uid() != 0 {
+        return fetch_approved(config, &policy, &reference, options);
+    }
+    // Whoever had the subdirectories before (the site changed `owner`) loses them.
+    owner::prepare(&config.cache.dir, &owner)?;
+    if owner.is_root() {
         return fetch_approved(config, &policy, &reference, options);
     }
     // Root with a service user: the registry and the image's bytes are the owner's to
@@ -1373,6 +1378,90 @@ mod tests {
             fs::read_dir(dir.path().join("cache/tmp")).unwrap().count(),
             0
         );
+    }
+
+    /// `[cache] owner`: root's fetch builds as the service user (who owns the cache's
+    /// subdirectories and its build's staging) and seals the image; an image swapped under
+    /// another's name, or not sealed, is never used.
+    #[test]
+    fn a_service_users_cache_is_built_by_it_and_sealed_by_root() {
+        if berth_sys::identity::effective_uid() != 0 {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let (mut docs, a_digest, _) = image("lab/a", "a", false);
+        docs.extend(image("lab/b", "b", false).0);
+        let registry = Registry::start(docs);
+        let dir = tempfile::tempdir().unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let mut config = site(dir.path(), &registry.host, &["lab/*"]);
+        config.cache.owner = "nobody".into();
+        let nobody = Owner::of(&config.cache).unwrap();
+        let a = quiet(&config, &format!("{}/lab/a:latest", registry.host)).unwrap();
+        let b = quiet(&config, &format!("{}/lab/b:latest", registry.host)).unwrap();
+        let cache = dir.path().join("cache");
+        assert_eq!(fs::metadata(&cache).unwrap().uid(), 0);
+        for (sub, _) in SUBDIRS {
+            assert_eq!(
+                fs::metadata(cache.join(sub)).unwrap().uid(),
+                nobody.uid,
+                "{sub}"
+            );
+        }
+        for sif in [&a, &b] {
+            let meta = fs::metadata(sif).unwrap();
+            assert_eq!(
+                (meta.uid(), meta.mode() & 0o7777),
+                (0, 0o644),
+                "{}",
+                sif.display()
+            );
+        }
+        // The SIF's root is root's, as a root build makes it, not the builder's.
+        let opened = sif::open_image(&a).unwrap();
+        assert_eq!(opened.config.manifest_digest, a_digest.to_string());
+
+        // A hit by digest needs no registry and is checked.
+        let pinned_a = format!("{}/lab/a@{a_digest}", registry.host);
+        assert_eq!(quiet(&config, &pinned_a).unwrap(), a);
+        // The service user cannot change a sealed file, but it can rename one: b's image
+        // under a's name is refused, not run.
+        fs::rename(&b, &a).unwrap();
+        let err = quiet(&config, &pinned_a).unwrap_err().to_string();
+        assert!(err.contains("not what its name says"), "{err}");
+        // Nor is a file the service user owns, for anyone but that user's own fetch.
+        fs::remove_file(&a).unwrap();
+        let a = quiet(&config, &pinned_a).unwrap();
+        std::os::unix::fs::chown(&a, Some(nobody.uid), None).unwrap();
+        let err = Sealed::check_path(&a).unwrap_err().to_string();
+        assert!(err.contains("not sealed by root"), "{err}");
+    }
+
+    /// A cache root wrote before the site named a service user is handed over: the
+    /// subdirectories and lock files become the owner's, root's sealed images stay, and
+    /// staging root left goes.
+    #[test]
+    fn root_hands_its_old_cache_to_the_service_user() {
+        if berth_sys::identity::effective_uid() != 0 {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(&dir.path().join("cache"), "1G");
+        let cache = Cache::open(&config).unwrap();
+        fs::write(cache.dir().join("locks/x.lock"), "").unwrap();
+        fs::create_dir_all(cache.dir().join("tmp/x/rootfs/deep")).unwrap();
+        config.owner = "nobody".into();
+        let nobody = Owner::of(&config).unwrap();
+        owner::prepare(&config.dir, &nobody).unwrap();
+        let uid = |p: &str| fs::symlink_metadata(config.dir.join(p)).unwrap().uid();
+        assert_eq!(uid("."), 0);
+        for p in ["images", "index", "locks", "tmp", "locks/x.lock"] {
+            assert_eq!(uid(p), nobody.uid, "{p}");
+        }
+        assert!(!config.dir.join("tmp/x").exists());
+        // And the cache opens for the service user as its own.
+        assert!(Cache::open(&config).is_ok());
     }
 
     #[test]

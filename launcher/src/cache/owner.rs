@@ -28,7 +28,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::{cache_error, digest_of_name, RepoKey, SUBDIRS};
-use crate::config::CacheConfig;
+use crate::config::{CacheConfig, Config};
+use crate::doctor::Status;
 use crate::reference::Reference;
 use crate::{sif, Error, Result};
 
@@ -132,13 +133,12 @@ enum Answer {
 }
 
 /// Runs `fetch` (which returns a path in `dir`'s `images/`) as `owner` in a child, then
-/// seals the image it names; root's side of the module doc.
+/// seals the image it names; root's side of the module doc, after [`prepare`].
 pub fn fetch_as(
     owner: &Owner,
     config: &CacheConfig,
     fetch: impl FnOnce() -> Result<PathBuf>,
 ) -> Result<PathBuf> {
-    prepare(&config.dir, owner)?;
     super::leave_job_memory_cgroup(&config.build_cgroup);
     let bytes = berth_sys::identity::run_in_child_as(
         &berth_sys::LinuxSyscall,
@@ -272,4 +272,166 @@ pub(super) fn open_nofollow(path: &Path) -> Result<File> {
 fn metadata(file: &File, path: &Path) -> Result<fs::Metadata> {
     file.metadata()
         .map_err(|e| Error::io(format!("reading {}", path.display()), e))
+}
+
+/// `berth doctor`'s check of who owns the cache and whether its directories say so, with
+/// the commands that fix what does not.
+pub fn doctor(config: &Config) -> Status {
+    let dir = &config.cache.dir;
+    let owner = match Owner::of(&config.cache) {
+        Ok(owner) => owner,
+        Err(e) => {
+            return Status::Fail {
+                problem: e.to_string(),
+                fix: "adduser --system --group --no-create-home berth (the berth package does \
+                      this), or set [cache] owner = \"root\""
+                    .into(),
+            }
+        }
+    };
+    let mut problems = Vec::new();
+    let mut fixes = Vec::new();
+    let mut handed_over = false;
+    match fs::symlink_metadata(dir) {
+        Ok(meta) if meta.is_dir() && meta.uid() == 0 && meta.mode() & 0o022 == 0 => {}
+        Ok(meta) => {
+            problems.push(format!(
+                "{} is owned by uid {} with mode {:o}",
+                dir.display(),
+                meta.uid(),
+                meta.mode() & 0o7777
+            ));
+            fixes.push(format!(
+                "chown root:root {0} && chmod 755 {0}",
+                dir.display()
+            ));
+        }
+        // The first fetch creates it.
+        Err(_) => return Status::Ok(format!("{} writes the cache; not created yet", owner.name)),
+    }
+    for (name, mode) in SUBDIRS {
+        let sub = dir.join(name);
+        match fs::symlink_metadata(&sub) {
+            Err(_) => {}
+            Ok(meta) if !meta.is_dir() => {
+                problems.push(format!("{} is not a directory", sub.display()));
+                fixes.push(format!("rm {}", sub.display()));
+            }
+            // Root's cache from before the service user: the next fetch hands it over.
+            Ok(meta) if meta.uid() == 0 && !owner.is_root() => handed_over = true,
+            Ok(meta) if meta.uid() != owner.uid || meta.mode() & 0o7777 != mode => {
+                problems.push(format!(
+                    "{} is owned by uid {} with mode {:o}, not {}'s with mode {mode:o}",
+                    sub.display(),
+                    meta.uid(),
+                    meta.mode() & 0o7777,
+                    owner.name
+                ));
+                fixes.push(format!(
+                    "chown {1}: {0} && chmod {mode:o} {0}",
+                    sub.display(),
+                    owner.name
+                ));
+            }
+            Ok(_) => {}
+        }
+    }
+    if !problems.is_empty() {
+        return Status::Fail {
+            problem: format!("{}; berth refuses such a cache", problems.join("; ")),
+            fix: fixes.join("; "),
+        };
+    }
+    if owner.is_root() {
+        return Status::Ok(
+            "root writes the cache ([cache] owner = \"root\"; owner = \"berth\" keeps the \
+             registry client and the unpacking of images away from root)"
+                .into(),
+        );
+    }
+    if let Some(warning) = auth_file_unreadable(config, &owner) {
+        return Status::Warn(warning);
+    }
+    Status::Ok(format!(
+        "{} (uid {}) writes the cache; root seals what it builds{}",
+        owner.name,
+        owner.uid,
+        if handed_over {
+            "; root's older subdirectories are handed over at the next fetch"
+        } else {
+            ""
+        }
+    ))
+}
+
+/// The registry credentials file is read by the fetch running as the cache's owner: say so
+/// when that user cannot read it.
+fn auth_file_unreadable(config: &Config, owner: &Owner) -> Option<String> {
+    let file = &config.registry.auth_file;
+    let meta = fs::metadata(file).ok()?;
+    let readable = meta.uid() == owner.uid || (meta.gid() == owner.gid && meta.mode() & 0o040 != 0);
+    (!readable).then(|| {
+        format!(
+            "{0} is not readable by {1}, who pulls for the node: images needing its \
+             credentials will fail (fix: chown root:{1} {0} && chmod 640 {0})",
+            file.display(),
+            owner.name
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// doctor names the owner, and for a subdirectory someone else holds, the fix.
+    #[test]
+    fn doctor_checks_the_owner_and_the_directories() {
+        if berth_sys::identity::effective_uid() != 0 {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.cache.dir = dir.path().join("cache");
+        config.cache.owner = "nobody".into();
+        config.registry.auth_file = dir.path().join("auth.json");
+        let owner = Owner::of(&config.cache).unwrap();
+        prepare(&config.cache.dir, &owner).unwrap();
+        let status = doctor(&config);
+        assert!(
+            matches!(&status, Status::Ok(m) if m.contains("nobody (uid 65534)")),
+            "{status:?}"
+        );
+
+        fs::write(&config.registry.auth_file, "{}").unwrap();
+        fs::set_permissions(
+            &config.registry.auth_file,
+            fs::Permissions::from_mode(0o600),
+        )
+        .unwrap();
+        let status = doctor(&config);
+        assert!(
+            matches!(&status, Status::Warn(m) if m.contains("chmod 640")),
+            "{status:?}"
+        );
+
+        let locks = config.cache.dir.join("locks");
+        std::os::unix::fs::chown(&locks, Some(1234), None).unwrap();
+        match doctor(&config) {
+            Status::Fail { problem, fix } => {
+                assert!(problem.contains("owned by uid 1234"), "{problem}");
+                assert_eq!(
+                    fix,
+                    format!("chown nobody: {0} && chmod 700 {0}", locks.display())
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+
+        config.cache.owner = "no such user".into();
+        assert!(matches!(doctor(&config), Status::Fail { fix, .. } if fix.contains("adduser")));
+    }
+
+    use std::os::unix::fs::PermissionsExt;
 }
