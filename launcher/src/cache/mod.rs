@@ -94,12 +94,7 @@ pub fn fetch_with(config: &Config, image: &str, options: &FetchOptions) -> Resul
     // The policy decides before anything touches the network or the cache.
     let reference = approved_reference(&policy, image)?;
     let owner = Owner::of(&config.cache)?;
-    if berth_sys::identity::effective_uid() != 0 {
-        return fetch_approved(config, &policy, &reference, options);
-    }
-    // Whoever had the subdirectories before (the site changed `owner`) loses them.
-    owner::prepare(&config.cache.dir, &owner)?;
-    if owner.is_root() {
+    if owner.is_root() || berth_sys::identity::effective_uid() != 0 {
         return fetch_approved(config, &policy, &reference, options);
     }
     // Root with a service user: the registry and the image's bytes are the owner's to
@@ -315,10 +310,12 @@ impl Cache {
         let limits = Limits::from_config(config)?;
         let dir = config.dir.clone();
         let euid = berth_sys::identity::effective_uid();
-        let service = Some(Owner::of(config)?).filter(|o| !o.is_root());
-        if !dir.exists() && euid == 0 {
-            make_dir(&dir, 0o755)?;
+        let owner = Owner::of(config)?;
+        if euid == 0 {
+            // Whoever had the subdirectories before (the site changed `owner`) loses them.
+            owner::prepare(&dir, &owner)?;
         }
+        let service = Some(owner).filter(|o| !o.is_root());
         let owner = match fs::symlink_metadata(&dir) {
             Ok(meta) => {
                 if meta.uid() != 0 && meta.uid() != euid {
@@ -1132,14 +1129,31 @@ mod tests {
             .to_string();
         assert!(err.contains("not a directory"), "{err}");
         if berth_sys::identity::effective_uid() == 0 {
-            // Owned by another user: refused even with a safe mode.
-            fs::remove_file(dir.path().join("images")).unwrap();
-            fs::create_dir(dir.path().join("images")).unwrap();
-            std::os::unix::fs::chown(dir.path().join("images"), Some(65534), None).unwrap();
-            let err = Cache::open(&config(dir.path(), "1G"))
-                .err()
-                .unwrap()
-                .to_string();
+            // Owned by another user (a service user the site no longer names, say): root
+            // takes it back first, then drops what that user could have planted.
+            let images = dir.path().join("images");
+            fs::remove_file(&images).unwrap();
+            fs::create_dir(&images).unwrap();
+            fs::write(
+                images.join(format!("{}-{}.sif", digest(1).hex(), repo().0)),
+                "x",
+            )
+            .unwrap();
+            std::os::unix::fs::chown(&images, Some(65534), None).unwrap();
+            let cache = Cache::open(&config(dir.path(), "1G")).unwrap();
+            assert_eq!(fs::metadata(&images).unwrap().uid(), 0);
+            assert!(cache.list().unwrap().is_empty());
+            // A user cannot do the same: for them it stays refused.
+            std::os::unix::fs::chown(&images, Some(65534), None).unwrap();
+            let as_user =
+                berth_sys::identity::run_in_child_as(&berth_sys::LinuxSyscall, 1234, 1234, || {
+                    match Cache::open(&config(dir.path(), "1G")) {
+                        Ok(_) => b"opened".to_vec(),
+                        Err(e) => e.to_string().into_bytes(),
+                    }
+                })
+                .unwrap();
+            let err = String::from_utf8(as_user).unwrap();
             assert!(err.contains("owned by uid 65534"), "{err}");
         }
     }

@@ -5,7 +5,8 @@
 //! the job prolog's prefetch, an admin's `berth fetch`) is split in two:
 //!
 //! - root, in the process the caller waits on: reads the configuration and checks the policy,
-//!   makes the cache's subdirectories the owner's (see [`prepare`]), moves the build out of
+//!   makes the cache's subdirectories the owner's (see [`prepare`], which every root
+//!   `Cache::open` runs too, for root's own cache), moves the build out of
 //!   the job's memory cgroup, then forks;
 //! - the child becomes the owner for good (no groups, all uids and gids the owner's, no way
 //!   back, see `berth_sys::identity::run_in_child_as`) before it opens a connection, and
@@ -139,6 +140,7 @@ pub fn fetch_as(
     config: &CacheConfig,
     fetch: impl FnOnce() -> Result<PathBuf>,
 ) -> Result<PathBuf> {
+    prepare(&config.dir, owner)?;
     super::leave_job_memory_cgroup(&config.build_cgroup);
     let bytes = berth_sys::identity::run_in_child_as(
         &berth_sys::LinuxSyscall,
