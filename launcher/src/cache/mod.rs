@@ -148,12 +148,25 @@ pub fn resolve(config: &Config, image: &str) -> Result<Reference> {
             ..reference
         });
     }
-    let (_, fetched) = connect(config, &policy, &reference, true, |client| {
+    let owner = Owner::of(&config.cache)?;
+    if owner.is_root() || berth_sys::identity::effective_uid() != 0 {
+        return resolve_approved(config, &policy, &reference);
+    }
+    // Root with a service user: the registry's answers are the owner's to parse.
+    let pinned = owner::run_as(&owner, &config.cache, || {
+        resolve_approved(config, &policy, &reference).map(|r| r.to_string())
+    })?;
+    Reference::parse(&pinned)
+}
+
+/// [`resolve`] of a reference the policy approved that names no digest, as the caller.
+fn resolve_approved(config: &Config, policy: &Policy, reference: &Reference) -> Result<Reference> {
+    let (_, fetched) = connect(config, policy, reference, true, |client| {
         client.manifest(&reference.repository, &reference)
     })?;
     Ok(Reference {
         tag: None,
-        ..reference.pinned(fetched.digest)
+        ..reference.clone().pinned(fetched.digest)
     })
 }
 

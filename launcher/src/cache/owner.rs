@@ -127,32 +127,27 @@ fn chown(path: &Path, owner: &Owner) -> Result<()> {
 /// What the owner's child answers root with.
 #[derive(Debug, Serialize, Deserialize)]
 enum Answer {
-    /// The cached image's file name in `images/`.
-    Image(String),
+    /// What the work returned (a cached image's file name, a pinned reference).
+    Done(String),
     /// Why it failed: the message as the user should read it, and the metrics cause.
     Failed { message: String, cause: String },
 }
 
-/// Runs `fetch` (which returns a path in `dir`'s `images/`) as `owner` in a child, then
-/// seals the image it names; root's side of the module doc, after [`prepare`].
-pub fn fetch_as(
+/// Runs `work` as `owner` in a child (see `berth_sys::identity::run_in_child_as`) and
+/// returns its answer; root's side of the module doc. The answer is a plain string root
+/// checks before it uses it.
+pub fn run_as(
     owner: &Owner,
     config: &CacheConfig,
-    fetch: impl FnOnce() -> Result<PathBuf>,
-) -> Result<PathBuf> {
-    prepare(&config.dir, owner)?;
-    super::leave_job_memory_cgroup(&config.build_cgroup);
+    work: impl FnOnce() -> Result<String>,
+) -> Result<String> {
     let bytes = berth_sys::identity::run_in_child_as(
         &berth_sys::LinuxSyscall,
         owner.uid,
         owner.gid,
         || {
-            let answer = match fetch() {
-                Ok(path) => Answer::Image(
-                    path.file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default(),
-                ),
+            let answer = match work() {
+                Ok(text) => Answer::Done(text),
                 Err(e) => Answer::Failed {
                     message: e.to_string(),
                     cause: crate::metrics::failure_cause(&e).to_owned(),
@@ -165,16 +160,32 @@ pub fn fetch_as(
         path: config.dir.clone(),
         source: e,
     })?;
-    let answer: Answer = serde_json::from_slice(&bytes).map_err(|e| {
-        cache_error(
+    match serde_json::from_slice(&bytes) {
+        Ok(Answer::Done(text)) => Ok(text),
+        Ok(Answer::Failed { message, cause }) => Err(Error::AsCacheOwner { message, cause }),
+        Err(e) => Err(cache_error(
             &config.dir,
-            format!("the fetch running as {} answered nonsense: {e}", owner.name),
-        )
+            format!("the part running as {} answered nonsense: {e}", owner.name),
+        )),
+    }
+}
+
+/// Runs `fetch` (which returns a path in `dir`'s `images/`) as `owner`, then seals the
+/// image it names, after [`prepare`] and the build cgroup move.
+pub fn fetch_as(
+    owner: &Owner,
+    config: &CacheConfig,
+    fetch: impl FnOnce() -> Result<PathBuf>,
+) -> Result<PathBuf> {
+    prepare(&config.dir, owner)?;
+    super::leave_job_memory_cgroup(&config.build_cgroup);
+    let name = run_as(owner, config, || {
+        let path = fetch()?;
+        Ok(path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default())
     })?;
-    let name = match answer {
-        Answer::Failed { message, cause } => return Err(Error::AsCacheOwner { message, cause }),
-        Answer::Image(name) => name,
-    };
     if digest_of_name(&name).is_none() || name.contains('/') {
         return Err(cache_error(
             &config.dir,
