@@ -104,16 +104,17 @@ fn adopt(sub: &Path, name: &str, owner: &Owner) -> Result<()> {
     // First the directory, so that its old owner can no longer add or rename anything.
     berth_sys::fs::fchown(&dir, owner.uid, owner.gid).map_err(fail)?;
     for entry in dir.entry_names().map_err(fail)? {
-        match name {
-            "locks" => dir.lchown(&entry, owner.uid, owner.gid).map_err(fail)?,
-            "images" => {
-                let path =
-                    sub.join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&entry));
-                if Sealed::check_path(&path).is_err() {
-                    crate::unpack::remove_tree(&dir, &entry).map_err(fail)?;
-                }
-            }
-            _ => crate::unpack::remove_tree(&dir, &entry).map_err(fail)?,
+        let path = sub.join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&entry));
+        let keep = match name {
+            // Only a plain lock file: a hard link to some other file must not be chowned.
+            "locks" => fs::symlink_metadata(&path).is_ok_and(|m| m.is_file() && m.nlink() == 1),
+            "images" => Sealed::check_path(&path).is_ok(),
+            _ => false,
+        };
+        match (keep, name) {
+            (true, "locks") => dir.lchown(&entry, owner.uid, owner.gid).map_err(fail)?,
+            (true, _) => {}
+            (false, _) => crate::unpack::remove_tree(&dir, &entry).map_err(fail)?,
         }
     }
     Ok(())
