@@ -162,7 +162,7 @@ pub fn resolve(config: &Config, image: &str) -> Result<Reference> {
 /// [`resolve`] of a reference the policy approved that names no digest, as the caller.
 fn resolve_approved(config: &Config, policy: &Policy, reference: &Reference) -> Result<Reference> {
     let (_, fetched) = connect(config, policy, reference, true, |client| {
-        client.manifest(&reference.repository, &reference)
+        client.manifest(&reference.repository, reference)
     })?;
     Ok(Reference {
         tag: None,
