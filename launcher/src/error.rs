@@ -251,6 +251,8 @@ pub enum Error {
     },
     #[error("refused by the site policy: {reason}")]
     FetchDenied { reason: String },
+    #[error("job {job}: the image's digest pin (the job's AdminComment): {message}; `berth pin-job` runs as PrologSlurmctld (SlurmUser), which must be able to run squeue and scontrol on the controller")]
+    JobPin { job: u32, message: String },
     #[error("image cache {path}: {message}")]
     Cache { path: PathBuf, message: String },
     #[error("invalid size {value:?}: {message} (examples: 500M, 20G, 1T)")]

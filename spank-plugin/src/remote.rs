@@ -29,7 +29,9 @@ use crate::config::Config;
 use crate::container::{self, NodeBind, StepContainer};
 use crate::error::Error;
 use crate::guard;
-use crate::launcher::{HandedFds, Identity, Launcher, Partition, StepIds, Verdict, IMAGE_FD};
+use crate::launcher::{
+    self, HandedFds, Identity, Launcher, Partition, StepIds, Verdict, IMAGE_FD,
+};
 use crate::options::{
     self, Access, ContainerRequest, Given, ImageChoice, Mount, Opt, Origin, Stage, SPECS,
 };
@@ -132,6 +134,20 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
         },
         uid: info.uid,
     };
+    let image = match pin_for_job(&root, &info, &image)? {
+        Some(pinned) => {
+            if info.step_id == BATCH_STEP {
+                // Every srun in the script carries the job's request: now the pinned one.
+                let request = ContainerRequest::Container {
+                    image: pinned.clone(),
+                    options: options.clone(),
+                };
+                spank.setenv(REQUEST_VAR.as_bytes(), request.to_transport().as_bytes())?;
+            }
+            pinned
+        }
+        None => image,
+    };
     let verdict = root.check_and_fetch(&image, &step, (info.uid, info.gid, &info.groups))?;
     // The decision in slurmd's log too, at its default level, beside the launcher's syslog
     // line and audit file (`berth audit --job ID`).
@@ -188,6 +204,38 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
         exited: 0,
     });
     Ok(())
+}
+
+/// The digest a step runs for a registry image its request names by tag (the submission
+/// could not pin it: the registry wants credentials the user lacks, see `submit`); `None`
+/// for an image that needs no pin. The pin is the one the controller recorded for the job
+/// (`berth pin-job`, every node reads the same), else, in the batch step only (one step on
+/// one node, before any other), this node's own resolution, which the batch step passes on
+/// to the steps of its script. Any other step naming a tag with no pin is refused: nodes
+/// resolving a tag each on their own could run different images.
+fn pin_for_job(root: &Launcher, info: &StepInfo, image: &str) -> Result<Option<String>, Error> {
+    if image.starts_with('/') || launcher::is_pinned(image) {
+        return Ok(None);
+    }
+    if let Some(pinned) = root.job_pin(info.job_id, image)? {
+        return Ok(Some(pinned));
+    }
+    // Resolved here (as root, with the site's credentials): the batch step's pin, or for
+    // another step the registry's own words where it refuses the tag here too.
+    let resolved = root.resolve(image);
+    match (info.step_id, resolved) {
+        (BATCH_STEP, Ok(Some(pinned))) => Ok(Some(pinned)),
+        (_, Err(e)) => Err(Error::NotPinned {
+            image: image.to_owned(),
+            job: info.job_id,
+            cause: format!(" (and it cannot be resolved here: {e})"),
+        }),
+        _ => Err(Error::NotPinned {
+            image: image.to_owned(),
+            job: info.job_id,
+            cause: String::new(),
+        }),
+    }
 }
 
 /// `berth start`'s arguments and, for a local image file, the file itself: root allowed

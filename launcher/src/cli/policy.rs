@@ -27,7 +27,7 @@ use super::Globals;
 use crate::config::Config;
 use crate::policy::{FsUser, ImageRequest, Policy, Verdict};
 use crate::registry::{self, Endpoint};
-use crate::{audit, metrics};
+use crate::{audit, metrics, slurm};
 use crate::{Error, Result};
 
 #[derive(Debug, clap::Subcommand)]
@@ -121,41 +121,14 @@ fn require_container(args: RequireArgs, globals: &Globals) -> Result<i32> {
     Ok(0)
 }
 
-/// Where `squeue` is looked for: the system's own directories, never a PATH the caller set.
-const SQUEUE: [&str; 3] = ["/usr/bin/squeue", "/usr/local/bin/squeue", "/bin/squeue"];
-
-/// The partition slurmctld records for `job`, from `squeue --format=%P`: that field alone,
-/// so no text the user chose (a job name, a comment) can pass for it, as it could in
-/// `scontrol show job`'s `KEY=VALUE` line. Run with an empty environment, so nothing of the
-/// caller's (SLURM_CONF, SQUEUE_FORMAT) steers it.
+/// The partition slurmctld records for `job` (`squeue --format=%P`: that field alone, see
+/// [`slurm`]).
 fn job_partition(job: u32) -> std::result::Result<String, String> {
-    let squeue = SQUEUE
-        .iter()
-        .find(|p| std::path::Path::new(p).is_file())
-        .ok_or_else(|| format!("squeue is not installed in {}", SQUEUE.join(", ")))?;
-    let out = std::process::Command::new(squeue)
-        .args(["--noheader", "--states=all", "--format=%P"])
-        .arg(format!("--jobs={job}"))
-        .env_clear()
-        .current_dir("/")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| format!("running {squeue}: {e}"))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let lines: Vec<&str> = text.lines().map(str::trim).collect();
-    match lines.as_slice() {
-        [partition] if out.status.success() && is_partition_list(partition) => {
-            Ok((*partition).to_owned())
-        }
-        _ => Err(format!(
-            "{squeue} --jobs={job} answered {} with {:?}{}",
-            out.status,
-            text.trim(),
-            match String::from_utf8_lossy(&out.stderr).trim() {
-                "" => String::new(),
-                err => format!(" ({err})"),
-            }
-        )),
+    let partition = slurm::job_field(job, "--format=%P")?;
+    if is_partition_list(&partition) {
+        Ok(partition)
+    } else {
+        Err(format!("squeue named the partition of job {job} {partition:?}"))
     }
 }
 
