@@ -122,14 +122,25 @@ mod tests {
             "localhost:5002/p/busybox",
             "docker://localhost:5002/p/busybox:latest",
         ] {
-            assert_eq!(find(&comment, &r(spelling)), Some(pinned.clone()), "{spelling}");
+            assert_eq!(
+                find(&comment, &r(spelling)),
+                Some(pinned.clone()),
+                "{spelling}"
+            );
         }
         assert_eq!(find(&comment, &r("localhost:5002/p/busybox:2")), None);
         assert_eq!(find("", &tagged), None);
         // Pinned again (a requeued job): one entry, the new one.
-        let again = with_pin(&comment, &tagged, &r(&format!("localhost:5002/p/busybox@{D2}")));
+        let again = with_pin(
+            &comment,
+            &tagged,
+            &r(&format!("localhost:5002/p/busybox@{D2}")),
+        );
         assert_eq!(again.matches(MARK).count(), 1, "{again}");
-        assert!(again.starts_with("site note ") && again.ends_with(D2), "{again}");
+        assert!(
+            again.starts_with("site note ") && again.ends_with(D2),
+            "{again}"
+        );
     }
 
     #[test]

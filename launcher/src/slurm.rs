@@ -58,7 +58,12 @@ pub fn job_field(job: u32, arg: &str) -> Result<String, String> {
     ];
     let out = run("squeue", &args)?;
     let text = String::from_utf8_lossy(&out.stdout);
-    match text.lines().map(str::trim_end).collect::<Vec<_>>().as_slice() {
+    match text
+        .lines()
+        .map(str::trim_end)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
         [value] if out.status.success() => Ok(match *value {
             "(null)" => String::new(),
             value => value.trim_start().to_string(),

@@ -29,9 +29,7 @@ use crate::config::Config;
 use crate::container::{self, NodeBind, StepContainer};
 use crate::error::Error;
 use crate::guard;
-use crate::launcher::{
-    self, HandedFds, Identity, Launcher, Partition, StepIds, Verdict, IMAGE_FD,
-};
+use crate::launcher::{self, HandedFds, Identity, Launcher, Partition, StepIds, Verdict, IMAGE_FD};
 use crate::options::{
     self, Access, ContainerRequest, Given, ImageChoice, Mount, Opt, Origin, Stage, SPECS,
 };

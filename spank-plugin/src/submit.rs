@@ -474,7 +474,10 @@ esac"#,
         let (result, calls) = run(&[cli(Opt::Image, "ok/private:1")], &[], Context::Local);
         let request = result.unwrap();
         assert_eq!(left_to_the_controller(&request), Some("ok/private:1"));
-        assert_eq!(calls, vec!["policy check -- ok/private:1", "resolve -- ok/private:1"]);
+        assert_eq!(
+            calls,
+            vec!["policy check -- ok/private:1", "resolve -- ok/private:1"]
+        );
         // Pinned, local and host requests need nothing of the controller.
         for given in [cli(Opt::Image, "ok/a:1"), cli(Opt::Image, "/img/a.sif")] {
             let (result, _) = run(&[given], &[], Context::Local);

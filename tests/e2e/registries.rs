@@ -15,9 +15,7 @@ use std::process::{Command, Stdio};
 
 use std::time::Duration;
 
-use berth_e2e::{
-    unique_name, wait_until, write_user_file, Cluster, Cmd, PrivateRegistry, Run,
-};
+use berth_e2e::{unique_name, wait_until, write_user_file, Cluster, Cmd, PrivateRegistry, Run};
 
 /// A private cache and a configuration made of `extra` after the cache and CA settings.
 struct Site {
@@ -184,10 +182,22 @@ struct PrivateSite {
     auth_json: String,
 }
 
+/// How the site treats the private registry.
+struct SiteSetup {
+    /// The controller pins tags users cannot resolve (the test cluster's slurm.conf runs
+    /// `berth pin-job` as PrologSlurmctld).
+    controller_pin: bool,
+    /// The site's auth file holds credentials for the registry (else only users' own
+    /// logins reach it).
+    site_credentials: bool,
+}
+
 impl PrivateSite {
-    /// `controller_pin`: whether the controller pins tags users cannot resolve (the test
-    /// cluster's slurm.conf runs `berth pin-job` as PrologSlurmctld).
-    fn new(cluster: &Cluster, controller_pin: bool) -> PrivateSite {
+    fn new(cluster: &Cluster, setup: SiteSetup) -> PrivateSite {
+        let SiteSetup {
+            controller_pin,
+            site_credentials,
+        } = setup;
         let registry = PrivateRegistry::start_on(PRIVATE_PORT);
         let config = std::fs::read_to_string(cluster.berth_config()).unwrap();
         let auth_file = config
@@ -225,7 +235,12 @@ impl PrivateSite {
             PrivateRegistry::USER,
             PrivateRegistry::PASSWORD
         );
-        installed.file(&auth_file, auth_json.as_bytes(), 0o600);
+        let site_auth = if site_credentials {
+            auth_json.as_str()
+        } else {
+            r#"{"auths": {}}"#
+        };
+        installed.file(&auth_file, site_auth.as_bytes(), 0o600);
         let ca = std::fs::read(cluster.ca_cert()).unwrap();
         installed.file(
             &cluster.certs_dir().join(&registry.host).join("ca.crt"),
@@ -279,7 +294,13 @@ fn a_private_image_runs_through_slurm_with_the_users_login_or_a_digest() {
     let _serial = berth_e2e::serial();
     let cluster = Cluster::get();
     // Where the controller does not pin, the user's login or a digest is needed.
-    let site = PrivateSite::new(&cluster, false);
+    let site = PrivateSite::new(
+        &cluster,
+        SiteSetup {
+            controller_pin: false,
+            site_credentials: true,
+        },
+    );
     let registry = &site.registry;
     // The cluster's test image, copied into the private registry (its os-release names
     // localhost:5000, where it was built).
@@ -365,7 +386,13 @@ fn a_private_image_runs_through_slurm_with_the_users_login_or_a_digest() {
 fn the_controller_pins_a_private_tag_the_user_cannot_read_and_only_admins_can_change_it() {
     let _serial = berth_e2e::serial();
     let cluster = Cluster::get();
-    let site = PrivateSite::new(&cluster, true);
+    let site = PrivateSite::new(
+        &cluster,
+        SiteSetup {
+            controller_pin: true,
+            site_credentials: true,
+        },
+    );
     let image = format!("{}/private/busybox:latest", site.registry.host);
     let digest = site.push(&cluster.image_tls().reference, &image);
 
@@ -379,7 +406,10 @@ fn the_controller_pins_a_private_tag_the_user_cannot_read_and_only_admins_can_ch
     ])
     .run();
     assert!(ran.success(), "{ran:?}");
-    assert!(ran.stdout.contains("BERTH_REGISTRY=localhost:5000"), "{ran:?}");
+    assert!(
+        ran.stdout.contains("BERTH_REGISTRY=localhost:5000"),
+        "{ran:?}"
+    );
     let job = ran
         .stdout
         .lines()
@@ -584,9 +614,135 @@ fn a_public_tag_moved_while_a_job_runs_changes_no_step() {
 fn a_private_tag_moved_while_a_job_runs_changes_no_step() {
     let _serial = berth_e2e::serial();
     let cluster = Cluster::get();
-    let site = PrivateSite::new(&cluster, true);
+    let site = PrivateSite::new(
+        &cluster,
+        SiteSetup {
+            controller_pin: true,
+            site_credentials: true,
+        },
+    );
     let options = site.registry.skopeo_options().join(" ");
     all_steps_run_the_first_digest(&Moving::new(&site.registry.host, options));
+}
+
+/// A user's own `docker login` file (`~/.docker/config.json`, theirs, 0600), removed when
+/// dropped.
+struct UserLogin(PathBuf);
+
+impl UserLogin {
+    fn install(user: &str, json: &str) -> UserLogin {
+        let home = sh_out(&format!("getent passwd {user} | cut -d: -f6"));
+        let dir = Path::new(home.trim()).join(".docker");
+        assert!(
+            !dir.exists(),
+            "{} exists; the test will not touch it",
+            dir.display()
+        );
+        let file = dir.join("config.json");
+        let made = Cmd::root([
+            "runuser",
+            "-u",
+            user,
+            "--",
+            "sh",
+            "-c",
+            &format!(
+                "umask 077 && mkdir {} && cat > {}",
+                dir.display(),
+                file.display()
+            ),
+        ])
+        .stdin(json)
+        .run();
+        assert!(made.success(), "{made:?}");
+        UserLogin(dir)
+    }
+}
+
+impl Drop for UserLogin {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `sh -c script`'s stdout, as root.
+fn sh_out(script: &str) -> String {
+    let run = Cmd::root(["sh", "-c", script]).run();
+    assert!(run.success(), "{run:?}");
+    run.stdout
+}
+
+#[test]
+fn an_image_one_users_login_pulled_is_not_served_to_a_user_without_access() {
+    let _serial = berth_e2e::serial();
+    let cluster = Cluster::get();
+    // Only users' own logins reach the registry: the site has no credentials for it.
+    let site = PrivateSite::new(
+        &cluster,
+        SiteSetup {
+            controller_pin: false,
+            site_credentials: false,
+        },
+    );
+    let repo = format!("{}/{}", site.registry.host, unique_name("private/mine"));
+    let digest = site.push(&cluster.image_tls().reference, &format!("{repo}:1"));
+    let pinned = format!("{repo}@{digest}");
+    let other = cluster.var("OTHER_USER").to_string();
+    let as_other = |image: &str| {
+        Cmd::root([
+            "runuser",
+            "-u",
+            &other,
+            "--",
+            "srun",
+            &format!("--container-image={image}"),
+            "grep",
+            "BERTH_REGISTRY",
+            "/etc/os-release",
+        ])
+        .run()
+    };
+
+    // berthtest's own login pins the tag at submission and pulls it on the node (root reads
+    // the login with berthtest's rights); the cache records whose login that was.
+    let mine = UserLogin::install(cluster.user(), &site.auth_json);
+    let ran = Cmd::user([
+        "srun",
+        &format!("--container-image={repo}:1"),
+        "grep",
+        "BERTH_REGISTRY",
+        "/etc/os-release",
+    ])
+    .run();
+    assert!(ran.success(), "{ran:?}");
+    let records = sh_out(&format!(
+        "grep -l '^user {}$' /var/cache/berth/access/* || true",
+        cluster.uid()
+    ));
+    assert!(
+        records.contains(&digest[7..]),
+        "no access record for {digest}: {records}"
+    );
+
+    // The other user, without a login, names the cached image by digest: the registry does
+    // not confirm their access, so the node does not serve it.
+    let refused = as_other(&pinned);
+    assert!(!refused.success(), "{refused:?}");
+    assert!(
+        refused.stderr.contains("another user's registry login"),
+        "{refused:?}"
+    );
+    assert!(refused.stdout.is_empty(), "{refused:?}");
+
+    // With a login of their own that can read it, they are served the cached image.
+    let theirs = UserLogin::install(&other, &site.auth_json);
+    let served = as_other(&pinned);
+    assert!(served.success(), "{served:?}");
+    drop(theirs);
+    // The user whose login pulled it runs it without the registry being asked.
+    drop(mine);
+    let again = Cmd::user(["srun", &format!("--container-image={pinned}"), "true"]).run();
+    assert!(again.success(), "{again:?}");
 }
 
 /// `sha256sum` of `text`, hex.

@@ -26,7 +26,14 @@ pub struct ResolveArgs {
 
 pub fn run_fetch(args: FetchArgs, globals: &Globals) -> Result<i32> {
     let config = Config::load_for_caller(globals.config.as_deref())?;
-    let path = cache::fetch_with(&config, &args.image, &FetchOptions { quiet: args.quiet })?;
+    let path = cache::fetch_with(
+        &config,
+        &args.image,
+        &FetchOptions {
+            quiet: args.quiet,
+            user: None,
+        },
+    )?;
     println!("{}", path.display());
     Ok(0)
 }

@@ -43,8 +43,8 @@ pub fn run(args: Args, globals: &Globals) -> Result<i32> {
         .parse::<u32>()
         .map_err(|_| format!("SLURM_JOB_ID {job:?} is not a job id"))
         .and_then(|id| {
-            let config = Config::load_for_caller(globals.config.as_deref())
-                .map_err(|e| e.to_string())?;
+            let config =
+                Config::load_for_caller(globals.config.as_deref()).map_err(|e| e.to_string())?;
             jobpin::record(&config, id, &image).map_err(|e| e.to_string())
         });
     // slurmctld logs what its PrologSlurmctld prints (at debug level).

@@ -24,6 +24,7 @@ use std::ffi::OsString;
 use serde_json::json;
 
 use super::Globals;
+use crate::cache::FetchOptions;
 use crate::config::Config;
 use crate::policy::{FsUser, ImageRequest, Policy, Verdict};
 use crate::registry::{self, Endpoint};
@@ -128,7 +129,9 @@ fn job_partition(job: u32) -> std::result::Result<String, String> {
     if is_partition_list(&partition) {
         Ok(partition)
     } else {
-        Err(format!("squeue named the partition of job {job} {partition:?}"))
+        Err(format!(
+            "squeue named the partition of job {job} {partition:?}"
+        ))
     }
 }
 
@@ -163,7 +166,7 @@ fn parse_user(text: &str) -> std::result::Result<FsUser, String> {
 
 fn check(args: CheckArgs, globals: &Globals) -> Result<i32> {
     let config = Config::load_for_caller(globals.config.as_deref())?;
-    let policy = match args.as_user {
+    let policy = match args.as_user.clone() {
         Some(user) => Policy::new(&config.policy).resolving_as(user),
         None => Policy::new(&config.policy),
     };
@@ -185,7 +188,13 @@ fn check(args: CheckArgs, globals: &Globals) -> Result<i32> {
                 // The canonical form names its registry, so the fetch's own check cannot take
                 // it for a file that root, unlike the --as-user look-up, can see.
                 let canonical = r.to_string();
-                let fetched = metrics::fetch(&config, &canonical, &mut observed);
+                // For the job's user: their own login where the site allows it, and their
+                // access checked on an image another user's login pulled.
+                let options = FetchOptions {
+                    quiet: false,
+                    user: args.as_user.clone(),
+                };
+                let fetched = metrics::fetch(&config, &canonical, &options, &mut observed);
                 if fetched.is_err() && args.step.job.is_some() {
                     publish_metrics(&config, &observed);
                 }

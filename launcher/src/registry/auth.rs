@@ -128,19 +128,32 @@ pub fn user_credentials_for(
     registry: &str,
     uid: u32,
 ) -> Result<Option<(Credentials, PathBuf)>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
     for path in files {
-        let Ok(meta) = std::fs::metadata(path) else {
+        // Judged by the file opened, not the path: a symlink swapped in meanwhile cannot
+        // make berth read another user's file. Non-blocking, so a FIFO cannot hang it.
+        let Ok(mut file) = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+        else {
             continue;
         };
-        if meta.uid() != uid || meta.mode() & 0o022 != 0 {
+        let meta = file
+            .metadata()
+            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        if !meta.is_file() || meta.uid() != uid || meta.mode() & 0o022 != 0 {
             return Err(auth_error(
                 path,
                 format!(
-                    "not owned by you (uid {uid}) or writable by others, so berth does not use                      it (fix: chown and chmod 600 it, or remove it)"
+                    "not a regular file owned by you (uid {uid}) and writable by you alone, so \
+                     berth does not use it (fix: chown and chmod 600 it, or remove it)"
                 ),
             ));
         }
-        let text = std::fs::read_to_string(path)
+        let mut text = String::new();
+        file.read_to_string(&mut text)
             .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
         if let Some(credentials) = parse_auth_file(path, &text, registry)? {
             return Ok(Some((credentials, path.clone())));
@@ -413,9 +426,20 @@ mod tests {
         let err = user_credentials_for(&files, "r:1", me + 1)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("not owned by you"), "{err}");
+        assert!(err.contains("owned by you (uid"), "{err}");
         std::fs::set_permissions(&podman, std::fs::Permissions::from_mode(0o666)).unwrap();
         assert!(user_credentials_for(&files, "r:1", me).is_err());
+        // A FIFO in its place neither hangs the reader nor counts as a login file.
+        std::fs::remove_file(&podman).unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .arg(&podman)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let err = user_credentials_for(&files, "r:1", me)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a regular file"), "{err}");
     }
 
     #[test]

@@ -287,6 +287,7 @@ mod tests {
         let options = ClientOptions {
             plain_http: true,
             quiet: true,
+            user: None,
         };
         Client::new(&config, &format!("127.0.0.1:{port}"), options).unwrap()
     }

@@ -23,6 +23,7 @@
 //! `NO_PROXY`. Transport errors, 429 and 5xx are retried `retries` times with backoff, then
 //! reported as the registry being down.
 
+pub mod access;
 pub mod auth;
 mod download;
 mod hosts;
@@ -41,7 +42,9 @@ use ureq::Body;
 use crate::config::RegistryConfig;
 use crate::reference::{self, Digest, DigestAlgorithm, Reference};
 use crate::{Error, Result};
+use access::Puller;
 use auth::{Challenge, Credentials};
+use berth_sys::fsid::FsUser;
 pub use download::BlobJob;
 pub use hosts::HostPattern;
 use manifest::{Descriptor, ImageManifest, Manifest, MANIFEST_ACCEPT};
@@ -67,6 +70,10 @@ pub struct ClientOptions {
     pub plain_http: bool,
     /// No progress lines on stderr.
     pub quiet: bool,
+    /// The job user root asks for (`berth policy check --fetch --as-user`): where the site
+    /// has no credentials for the registry and `[registry] user_credentials` allows, that
+    /// user's own login is used, read with their rights (see [`access`]).
+    pub user: Option<FsUser>,
 }
 
 /// A manifest as the registry served it, with the digest of its exact bytes.
@@ -98,8 +105,10 @@ pub struct Client {
     credentials: Option<Credentials>,
     /// Where credentials would come from, for the message when there are none.
     auth_file: PathBuf,
-    /// The caller's own credentials files are used (`[registry] user_credentials`, not root).
+    /// A user's own credentials files are used (`[registry] user_credentials`).
     own_credentials: bool,
+    /// Whose credentials this client pulls with, for the cache's access record.
+    puller: Puller,
     /// The Authorization header for the registry (basic or a bearer token), shared by the
     /// parallel downloads; replaced when a token expires.
     authorization: Mutex<Option<String>>,
@@ -130,8 +139,19 @@ impl Client {
         options: ClientOptions,
     ) -> Result<Client> {
         let registry = endpoint.host.as_str();
-        // Never as root: a node pulls into the shared cache with the site's credentials only.
-        let own_credentials = config.user_credentials && berth_sys::identity::effective_uid() != 0;
+        // Root's own pulls use the site's credentials only; root pulling for a job user may
+        // use that user's login, and the cache records it (see `access`).
+        let euid = berth_sys::identity::effective_uid();
+        let user = options.user.as_ref().filter(|_| euid == 0);
+        let own_credentials = config.user_credentials && (euid != 0 || user.is_some());
+        let (credentials, puller) = match auth::credentials_for(&config.auth_file, registry)? {
+            Some(site) => (Some(site), Puller::Site),
+            None if own_credentials => match users_credentials(registry, user)? {
+                Some((credentials, uid)) => (Some(credentials), Puller::User(uid)),
+                None => (None, Puller::Site),
+            },
+            None => (None, Puller::Site),
+        };
         let tls = ureq::tls::TlsConfig::builder()
             .root_certs(root_certs(&config.certs_dir, registry)?)
             .build();
@@ -160,13 +180,10 @@ impl Client {
             base: format!("{scheme}://{host}"),
             prefix: endpoint.prefix.clone(),
             agent,
-            credentials: match auth::credentials_for(&config.auth_file, registry)? {
-                Some(site) => Some(site),
-                None if own_credentials => caller_credentials(registry)?,
-                None => None,
-            },
+            credentials,
             auth_file: config.auth_file.clone(),
             own_credentials,
+            puller,
             authorization: Mutex::new(None),
             retries: config.retries.max(1),
             max_retry_wait: Duration::from_secs(config.max_retry_wait_secs),
@@ -175,6 +192,11 @@ impl Client {
             token_hosts: config.token_hosts.clone(),
             options,
         })
+    }
+
+    /// Whose credentials this client pulls with.
+    pub fn puller(&self) -> Puller {
+        self.puller
     }
 
     /// Fetches a manifest by tag or digest. A manifest asked for by digest must hash to it.
@@ -643,14 +665,36 @@ impl Verifier {
     }
 }
 
-/// The calling user's own credentials for `registry` (see [`auth::user_auth_files`]).
-fn caller_credentials(registry: &str) -> Result<Option<Credentials>> {
-    let uid = berth_sys::identity::effective_uid();
+/// A user's own credentials for `registry` (see [`auth::user_auth_files`]), with their uid:
+/// the caller's, or with `user` (root fetching for a job step) that user's, from their home
+/// and runtime directories only (the job's environment is not root's to follow), read with
+/// their rights so root opens nothing they could not.
+fn users_credentials(registry: &str, user: Option<&FsUser>) -> Result<Option<(Credentials, u32)>> {
+    let uid = user.map_or_else(berth_sys::identity::effective_uid, |u| u.uid);
     let home = berth_sys::identity::user_info(uid)
         .map(|u| u.home)
         .unwrap_or_default();
-    let files = auth::user_auth_files(|name| std::env::var(name).ok(), &home);
-    Ok(auth::user_credentials_for(&files, registry, uid)?.map(|(credentials, _)| credentials))
+    let found = match user {
+        None => {
+            let files = auth::user_auth_files(|name| std::env::var(name).ok(), &home);
+            auth::user_credentials_for(&files, registry, uid)?
+        }
+        Some(user) => {
+            let runtime = format!("/run/user/{uid}");
+            let files = auth::user_auth_files(
+                |name| (name == "XDG_RUNTIME_DIR").then(|| runtime.clone()),
+                &home,
+            );
+            berth_sys::fsid::as_user(user, || auth::user_credentials_for(&files, registry, uid))
+                .map_err(|e| {
+                Error::io(
+                    format!("reading the registry login of uid {uid} as that user"),
+                    e,
+                )
+            })??
+        }
+    };
+    Ok(found.map(|(credentials, _)| (credentials, uid)))
 }
 
 /// System roots plus every `*.crt` in `<certs_dir>/<registry>/` (the containers layout).
@@ -945,6 +989,7 @@ mod tests {
             ClientOptions {
                 plain_http: true,
                 quiet: true,
+                user: None,
             },
         )
         .unwrap();
@@ -983,6 +1028,7 @@ mod tests {
         let options = ClientOptions {
             plain_http: true,
             quiet: true,
+            user: None,
         };
         Client::new(&config, registry, options).unwrap()
     }
@@ -1063,6 +1109,7 @@ mod tests {
         let options = ClientOptions {
             plain_http: false,
             quiet: true,
+            user: None,
         };
         Client::new(&config, registry, options).unwrap()
     }
