@@ -40,6 +40,7 @@ NETNS = f"berth-bench-{os.getpid()}"
 HOST_IF, NS_IF = f"bbh{os.getpid() % 100000}", f"bbn{os.getpid() % 100000}"
 HOST_IP, NS_IP = "10.203.77.1", "10.203.77.2"
 PORT = 5000
+TAGS = {}  # side -> the short name of its filesystems
 
 
 def ns(*args, **kw):
@@ -136,7 +137,7 @@ def main():
         def fresh_dir(side):
             if side in mounted:
                 fresh.release(mounted.pop(side))
-            mounted[side] = fresh.make(side.replace(" ", "-"))
+            mounted[side] = fresh.make(TAGS[side])
             fb.sh("sync")  # the previous measurement's writeback is not billed to this one
             return mounted[side]
 
@@ -148,6 +149,7 @@ def main():
 
         def run_alt(side):
             work = os.path.join(fresh_dir(side), "work")
+            os.makedirs(work)
             copy, _ = fb.timed(["skopeo", "copy", "--quiet", "--src-tls-verify=false",
                                 f"docker://{ref}", f"oci:{work}/oci:bench"])
             unpack, _ = fb.timed(["umoci", "unpack", "--rootless", "--image",
@@ -159,6 +161,7 @@ def main():
         sides = [(f"berth parallel_downloads={a.parallel}", lambda s: run_berth(s, a.parallel)),
                  ("berth parallel_downloads=1", lambda s: run_berth(s, 1)),
                  ("skopeo + umoci + mksquashfs", run_alt)]
+        TAGS.update(zip((name for name, _ in sides), ("parallel", "sequential", "alt")))
         links = [("veth, full speed", None), (f"veth, tc tbf {a.rate_mbs:g} MB/s", a.rate_mbs)]
         results = {}
         for link, rate in links:

@@ -432,15 +432,7 @@ fn the_controller_pins_a_private_tag_the_user_cannot_read_and_only_admins_can_ch
     ])
     .run();
     assert!(!forged.success(), "{forged:?}");
-    let at_submission = Cmd::user([
-        "sbatch",
-        "--hold",
-        "--admin-comment=berth-pin:forged",
-        "--wrap",
-        "true",
-    ])
-    .run();
-    assert!(!at_submission.success(), "{at_submission:?}");
+    assert_eq!(admin_comment(&job), comment, "the user changed the pin");
 }
 
 /// The job's AdminComment, whole.
