@@ -120,7 +120,7 @@ impl Client {
                         self.options.quiet,
                         &format!("resuming {digest} after: {message}"),
                     );
-                    super::backoff(failures);
+                    super::request::backoff(failures);
                 }
                 Err(Transfer::Unreachable(e)) => return Err(e),
                 Err(Transfer::Failed(e)) => {
