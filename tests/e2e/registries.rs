@@ -192,6 +192,22 @@ struct SiteSetup {
     site_credentials: bool,
 }
 
+/// Users pin at submission with their own login or a digest; the nodes pull with the site's.
+const USERS_RESOLVE: SiteSetup = SiteSetup {
+    controller_pin: false,
+    site_credentials: true,
+};
+/// The controller pins what users cannot resolve; the nodes pull with the site's credentials.
+const CONTROLLER_PINS: SiteSetup = SiteSetup {
+    controller_pin: true,
+    site_credentials: true,
+};
+/// Only users' own logins reach the registry.
+const USERS_LOGINS_ONLY: SiteSetup = SiteSetup {
+    controller_pin: false,
+    site_credentials: false,
+};
+
 impl PrivateSite {
     fn new(cluster: &Cluster, setup: SiteSetup) -> PrivateSite {
         let SiteSetup {
@@ -294,13 +310,7 @@ fn a_private_image_runs_through_slurm_with_the_users_login_or_a_digest() {
     let _serial = berth_e2e::serial();
     let cluster = Cluster::get();
     // Where the controller does not pin, the user's login or a digest is needed.
-    let site = PrivateSite::new(
-        &cluster,
-        SiteSetup {
-            controller_pin: false,
-            site_credentials: true,
-        },
-    );
+    let site = PrivateSite::new(&cluster, USERS_RESOLVE);
     let registry = &site.registry;
     // The cluster's test image, copied into the private registry (its os-release names
     // localhost:5000, where it was built).
@@ -386,14 +396,9 @@ fn a_private_image_runs_through_slurm_with_the_users_login_or_a_digest() {
 fn the_controller_pins_a_private_tag_the_user_cannot_read_and_only_admins_can_change_it() {
     let _serial = berth_e2e::serial();
     let cluster = Cluster::get();
-    let site = PrivateSite::new(
-        &cluster,
-        SiteSetup {
-            controller_pin: true,
-            site_credentials: true,
-        },
-    );
-    let image = format!("{}/private/busybox:latest", site.registry.host);
+    let site = PrivateSite::new(&cluster, CONTROLLER_PINS);
+    let repo = format!("{}/{}", site.registry.host, unique_name("private/pinned"));
+    let image = format!("{repo}:latest");
     let digest = site.push(&cluster.image_tls().reference, &image);
 
     // No login, no digest: srun is accepted, the controller pins the tag, the node runs it.
@@ -421,7 +426,10 @@ fn the_controller_pins_a_private_tag_the_user_cannot_read_and_only_admins_can_ch
         comment.contains(&format!("berth-pin:{image}=")) && comment.ends_with(&digest),
         "{comment}"
     );
-    assert_eq!(step_digests(&job), vec![("0".to_string(), digest.clone())]);
+    assert_eq!(
+        step_digests(&job, &repo),
+        vec![("0".to_string(), digest.clone())]
+    );
 
     // The user cannot write a pin: slurmctld keeps AdminComment to its administrators.
     let forged = Cmd::user([
@@ -449,9 +457,11 @@ fn admin_comment(job: &str) -> String {
     run.stdout.trim().to_string()
 }
 
-/// `(step, digest)` of each step of `job` the node's audit trail records, the job prolog's
-/// prefetch (which fetches ahead, and runs nothing) aside.
-fn step_digests(job: &str) -> Vec<(String, String)> {
+/// `(step, digest)` of each step of `job` that ran an image of `repo` (`host/path`), as the
+/// node's audit trail records them, the job prolog's prefetch (which fetches ahead, and runs
+/// nothing) aside. The repository tells this job's records from those of an earlier
+/// cluster's job with the same id (the audit file outlives a restart).
+fn step_digests(job: &str, repo: &str) -> Vec<(String, String)> {
     let cluster = Cluster::get();
     let bin = cluster.berth_bin().display().to_string();
     let audit = Cmd::root([&bin, "audit", "--job", job, "--json"]).run();
@@ -460,7 +470,12 @@ fn step_digests(job: &str) -> Vec<(String, String)> {
         .stdout
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|r| r["step"] != "prolog")
+        .filter(|r| {
+            r["step"] != "prolog"
+                && r["image"].as_str().is_some_and(|i| {
+                    i.starts_with(&format!("{repo}@")) || i.starts_with(&format!("{repo}:"))
+                })
+        })
         .map(|r| {
             (
                 r["step"].as_str().unwrap_or_default().to_string(),
@@ -490,6 +505,13 @@ impl Moving {
             second: cluster.image_tls_v2s2().reference,
             options,
         }
+    }
+
+    /// `host/path`, without the tag.
+    fn repo(&self) -> &str {
+        self.image
+            .rsplit_once(':')
+            .map_or(&self.image, |(repo, _)| repo)
     }
 
     fn moved(&self) {
@@ -545,7 +567,7 @@ fn all_steps_run_the_first_digest(moving: &Moving) {
     let _ = Cmd::user(["scancel", &job]).run();
     let _ = std::fs::remove_file(&output);
     assert!(step.success(), "{step:?}");
-    let steps = step_digests(&job);
+    let steps = step_digests(&job, moving.repo());
     assert!(steps.iter().any(|(s, _)| s == "batch"), "{steps:?}");
     assert!(steps.iter().any(|(s, _)| s == "0"), "{steps:?}");
     for (step, digest) in &steps {
@@ -584,7 +606,7 @@ fn all_steps_run_the_first_digest(moving: &Moving) {
         .find_map(|l| l.strip_prefix("job="))
         .unwrap()
         .to_string();
-    let steps = step_digests(&job);
+    let steps = step_digests(&job, moving.repo());
     assert_eq!(steps.len(), 2, "{steps:?}");
     for (step, digest) in &steps {
         assert_eq!(digest, &moving.first_digest, "step {step} of job {job}");
@@ -606,13 +628,7 @@ fn a_public_tag_moved_while_a_job_runs_changes_no_step() {
 fn a_private_tag_moved_while_a_job_runs_changes_no_step() {
     let _serial = berth_e2e::serial();
     let cluster = Cluster::get();
-    let site = PrivateSite::new(
-        &cluster,
-        SiteSetup {
-            controller_pin: true,
-            site_credentials: true,
-        },
-    );
+    let site = PrivateSite::new(&cluster, CONTROLLER_PINS);
     let options = site.registry.skopeo_options().join(" ");
     all_steps_run_the_first_digest(&Moving::new(&site.registry.host, options));
 }
@@ -669,13 +685,7 @@ fn an_image_one_users_login_pulled_is_not_served_to_a_user_without_access() {
     let _serial = berth_e2e::serial();
     let cluster = Cluster::get();
     // Only users' own logins reach the registry: the site has no credentials for it.
-    let site = PrivateSite::new(
-        &cluster,
-        SiteSetup {
-            controller_pin: false,
-            site_credentials: false,
-        },
-    );
+    let site = PrivateSite::new(&cluster, USERS_LOGINS_ONLY);
     let repo = format!("{}/{}", site.registry.host, unique_name("private/mine"));
     let digest = site.push(&cluster.image_tls().reference, &format!("{repo}:1"));
     let pinned = format!("{repo}@{digest}");

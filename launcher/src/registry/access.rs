@@ -90,7 +90,10 @@ pub fn puller(cache_dir: &Path, sif: &Path) -> Result<Puller> {
         .strip_prefix("user ")
         .and_then(|uid| uid.parse().ok())
         .map(Puller::User)
-        .ok_or_else(|| cache_error(&path, format!("unreadable record {:?}; remove it", text)))
+        .ok_or_else(|| Error::Cache {
+            message: format!("unreadable record {text:?}; remove it"),
+            path,
+        })
 }
 
 /// Whether `requester` may be served the entry without asking the registry.
@@ -111,22 +114,15 @@ fn check_dir(cache_dir: &Path, records: &Path) -> Result<()> {
     let meta = fs::symlink_metadata(records)
         .map_err(|e| Error::io(format!("reading {}", records.display()), e))?;
     if !meta.is_dir() || meta.uid() != owner || meta.mode() & 0o022 != 0 {
-        return Err(cache_error(
-            records,
-            format!(
+        return Err(Error::Cache {
+            path: records.to_path_buf(),
+            message: format!(
                 "must be a directory owned by the cache's owner (uid {owner}) and writable by \
                  it alone (fix: chown {owner} and chmod 755 it, or remove it)"
             ),
-        ));
+        });
     }
     Ok(())
-}
-
-fn cache_error(path: &Path, message: String) -> Error {
-    Error::Cache {
-        path: path.to_path_buf(),
-        message,
-    }
 }
 
 #[cfg(test)]
