@@ -9,7 +9,9 @@
 //!
 //! What the job receives: `SLURM_SPANK_BERTH_REQUEST`, the merged request in the options' own
 //! syntax ([`ContainerRequest::to_transport`]), with the image replaced by its digest-pinned
-//! form. It is set in the submitting process's environment, which srun and sbatch copy into
+//! form; or, where the registry wants credentials the user lacks and the site's controller
+//! pins tags (`[registry] controller_pin`), with the tag as written, which the job control
+//! variable `BERTH_PIN` names for `berth pin-job` (PrologSlurmctld) to pin once per job. It is set in the submitting process's environment, which srun and sbatch copy into
 //! the step's (srun only after `init_post_opt`, so the value set here is the one sent); the
 //! `SLURM_` prefix is what lets it through `--export=NONE`, under which Slurm passes only
 //! `SLURM_*` variables (seen on 22.05, for sbatch and for an srun inside such a job, which
