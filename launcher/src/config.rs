@@ -155,6 +155,9 @@ pub struct RegistryConfig {
     /// berth running as an ordinary user (the digest lookup at submission) may use that
     /// user's own registry credentials (podman/docker login files). Never used as root.
     pub user_credentials: bool,
+    /// The controller pins tags the submitting user cannot resolve: slurm.conf runs `berth
+    /// pin-job` as PrologSlurmctld (see `jobpin`).
+    pub controller_pin: bool,
 }
 
 impl Default for RegistryConfig {
@@ -172,6 +175,7 @@ impl Default for RegistryConfig {
             max_retry_wait_secs: 60,
             mirrors: Vec::new(),
             user_credentials: false,
+            controller_pin: false,
         }
     }
 }

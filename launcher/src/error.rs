@@ -251,6 +251,10 @@ pub enum Error {
     },
     #[error("refused by the site policy: {reason}")]
     FetchDenied { reason: String },
+    #[error("{reference}: this node has it from another user's registry login, and the registry does not confirm yours ({detail}); log in with an account that can read it (`podman login` or `docker login`; berth uses ~/.config/containers/auth.json or ~/.docker/config.json where the site allows users' credentials)")]
+    NoAccess { reference: String, detail: String },
+    #[error("job {job}: the image's digest pin (the job's AdminComment): {message}; `berth pin-job` runs as PrologSlurmctld (SlurmUser), which must be able to run squeue and scontrol on the controller")]
+    JobPin { job: u32, message: String },
     #[error("image cache {path}: {message}")]
     Cache { path: PathBuf, message: String },
     /// A fetch that failed in the cache owner's process (see `cache::owner`), as it said

@@ -14,12 +14,14 @@ pub mod doctor;
 pub mod error;
 pub mod gpu;
 pub mod image_config;
+pub mod jobpin;
 pub mod metrics;
 pub mod policy;
 pub mod reference;
 pub mod registry;
 pub mod sif;
 pub mod site;
+pub mod slurm;
 pub mod stage;
 pub mod unpack;
 

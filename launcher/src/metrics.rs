@@ -128,10 +128,15 @@ impl Observation {
 
 /// `cache::fetch_with`, observed: a hit or a miss (and then how long the pull took and how
 /// many bytes it added), or a failure and its cause.
-pub fn fetch(config: &Config, image: &str, observed: &mut Observation) -> Result<PathBuf> {
+pub fn fetch(
+    config: &Config,
+    image: &str,
+    options: &FetchOptions,
+    observed: &mut Observation,
+) -> Result<PathBuf> {
     let before = cached(config);
     let started = Instant::now();
-    match cache::fetch_with(config, image, &FetchOptions { quiet: false }) {
+    match cache::fetch_with(config, image, options) {
         Ok(path) => {
             match before.get(&path) {
                 Some(_) => observed.add("berth_cache_hits_total".into(), 1.0),

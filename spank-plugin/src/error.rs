@@ -117,6 +117,21 @@ pub enum Error {
     ResolveFailed { image: String, detail: String },
 
     #[error(
+        "image '{image}' names a tag that was not pinned to a digest for job {job}{cause}: \
+         every step of a job runs the same image, so a step does not resolve a tag on its \
+         own. Fix: name the image by digest (IMAGE@sha256:..., which `berth resolve IMAGE` \
+         prints where you have access), log in to the registry yourself (`podman login`) \
+         where the site uses users' credentials, or ask the site admins to run \
+         `berth pin-job` as PrologSlurmctld with `[registry] controller_pin = true`"
+    )]
+    NotPinned {
+        image: String,
+        job: u32,
+        /// Why the tag cannot be resolved here either, where that is the real problem.
+        cause: String,
+    },
+
+    #[error(
         "`{command}` failed ({status}){}: the berth launcher did not answer as this plugin \
          expects; ask your admins to check that the launcher and spank_berth.so are the same \
          version",

@@ -5,7 +5,8 @@
 //! | command | exit 0 | exit 1 | anything else |
 //! |---|---|---|---|
 //! | `berth policy check -- IMAGE` | allowed: stdout is exactly `allow: VETTED (rule: RULE)` | refused: stdout is exactly `deny: REASON` | berth failed |
-//! | `berth resolve -- IMAGE` | `host/repo@sha256:HEX` on stdout | - | could not pin (stderr says why) |
+//! | `berth resolve -- IMAGE` | `host/repo@sha256:HEX` on stdout | - | could not pin (stderr says why); 77: the registry wants credentials the user lacks and the controller pins the tag (`[registry] controller_pin`) |
+//! | `berth pin-job --show JOBID -- IMAGE` (node, root) | the pin recorded for IMAGE in the job's AdminComment, `host/repo@sha256:HEX` | no pin recorded | berth failed |
 //! | `berth policy require-container [--partition P]` (login node) | required, the reason on stdout | not required | berth failed |
 //! | `berth policy require-container --job JOBID` (node, root) | required (for the partition slurmctld records, or by the strictest rule where it cannot tell), the reason on stdout | not required | berth failed |
 //! | `berth policy check --fetch --job J --step S --uid U --as-user UID:GID:GIDS -- IMAGE` (node, root) | allowed and cached, as `policy check`; progress lines on stderr; the decision recorded in the audit trail | refused, as `policy check` | could not fetch (stderr says why); 78: the node's config is invalid |
@@ -60,6 +61,10 @@ const OUTPUT_MAX_BYTES: usize = 64 * 1024;
 /// The launcher's exit status when the site configuration is unreadable or invalid
 /// (sysexits' EX_CONFIG; `berth::config::EXIT_MISCONFIGURED`).
 const EXIT_MISCONFIGURED: i32 = 78;
+
+/// `berth resolve`'s exit status when the controller pins the tag instead
+/// (`berth::jobpin::DEFERRED_EXIT`).
+const EXIT_DEFERRED: i32 = 77;
 
 /// How much of a failed holder's stderr is read into slurmstepd: its last lines, which say
 /// why. The holder is the user's process and its stderr the user's to fill.
@@ -365,9 +370,13 @@ impl Launcher {
         verdict(&out).ok_or_else(|| self.failed(&args, &out))
     }
 
-    /// `berth resolve -- IMAGE`: the digest-pinned reference.
-    pub fn resolve(&self, image: &str) -> Result<String, Error> {
+    /// `berth resolve -- IMAGE`: the digest-pinned reference; `None` where the controller
+    /// pins the tag instead (the user has no credentials for the registry).
+    pub fn resolve(&self, image: &str) -> Result<Option<String>, Error> {
         let out = self.run(&["resolve", "--", image])?;
+        if out.status.code() == Some(EXIT_DEFERRED) {
+            return Ok(None);
+        }
         if !out.status.success() {
             return Err(Error::ResolveFailed {
                 image: image.to_owned(),
@@ -384,7 +393,22 @@ impl Launcher {
                 ),
             });
         }
-        Ok(pinned.to_owned())
+        Ok(Some(pinned.to_owned()))
+    }
+
+    /// `berth pin-job --show JOBID -- IMAGE`: the digest the controller pinned IMAGE to for
+    /// the job, if it did.
+    pub fn job_pin(&self, job: u32, image: &str) -> Result<Option<String>, Error> {
+        let job = job.to_string();
+        let args = ["pin-job", "--show", &job, "--", image];
+        let out = self.run(&args)?;
+        match out.status.code() {
+            Some(0) if is_pinned(first_line(&out.stdout)) => {
+                Ok(Some(first_line(&out.stdout).to_owned()))
+            }
+            Some(1) => Ok(None),
+            _ => Err(self.failed(&args, &out)),
+        }
     }
 
     /// `berth policy require-container [--partition P | --job JOBID]`: `Some(reason)` where
@@ -719,7 +743,7 @@ fn describe(status: ExitStatus) -> String {
 }
 
 /// Whether `reference` names its image by a sha256 digest, as a pinned reference must.
-fn is_pinned(reference: &str) -> bool {
+pub fn is_pinned(reference: &str) -> bool {
     reference
         .rsplit_once("@sha256:")
         .is_some_and(|(name, hex)| {
@@ -909,13 +933,15 @@ mod tests {
                case "$3" in
                  good) echo "localhost:5000/test/busybox@sha256:{DIGEST}";;
                  odd) echo "localhost:5000/test/busybox:latest";;
+                 private) echo "registry localhost:5002 refused access" >&2; exit 77;;
                  *) echo "registry localhost:5000 unreachable: connection refused" >&2; exit 1;;
                esac"#
         ));
         assert_eq!(
             berth.resolve("good"),
-            Ok(format!("localhost:5000/test/busybox@sha256:{DIGEST}"))
+            Ok(Some(format!("localhost:5000/test/busybox@sha256:{DIGEST}")))
         );
+        assert_eq!(berth.resolve("private"), Ok(None), "left to the controller");
         let msg = berth.resolve("down").unwrap_err().to_string();
         assert!(msg.contains("could not pin image 'down'"), "{msg}");
         assert!(
@@ -927,6 +953,26 @@ mod tests {
             msg.contains("not a reference with an @sha256: digest"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn the_job_pin_is_a_pinned_reference_or_none() {
+        let _serial = serial_spawns();
+        let (_d, berth) = fake(&format!(
+            r#"[ "$1 $2 $3 $4" = "pin-job --show 7 --" ] || exit 2
+               case "$5" in
+                 pinned) echo "localhost:5002/p/b@sha256:{DIGEST}";;
+                 tag) echo "localhost:5002/p/b:1";;
+                 *) echo "berth: job 7 has no digest pin" >&2; exit 1;;
+               esac"#
+        ));
+        assert_eq!(
+            berth.job_pin(7, "pinned"),
+            Ok(Some(format!("localhost:5002/p/b@sha256:{DIGEST}")))
+        );
+        assert_eq!(berth.job_pin(7, "none"), Ok(None));
+        assert!(berth.job_pin(7, "tag").is_err(), "a tag is no pin");
+        assert!(berth.job_pin(8, "pinned").is_err());
     }
 
     #[test]

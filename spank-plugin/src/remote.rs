@@ -29,7 +29,7 @@ use crate::config::Config;
 use crate::container::{self, NodeBind, StepContainer};
 use crate::error::Error;
 use crate::guard;
-use crate::launcher::{HandedFds, Identity, Launcher, Partition, StepIds, Verdict, IMAGE_FD};
+use crate::launcher::{self, HandedFds, Identity, Launcher, Partition, StepIds, Verdict, IMAGE_FD};
 use crate::options::{
     self, Access, ContainerRequest, Given, ImageChoice, Mount, Opt, Origin, Stage, SPECS,
 };
@@ -132,6 +132,20 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
         },
         uid: info.uid,
     };
+    let image = match pin_for_job(&root, &info, &image)? {
+        Some(pinned) => {
+            if info.step_id == BATCH_STEP {
+                // Every srun in the script carries the job's request: now the pinned one.
+                let request = ContainerRequest::Container {
+                    image: pinned.clone(),
+                    options: options.clone(),
+                };
+                spank.setenv(REQUEST_VAR.as_bytes(), request.to_transport().as_bytes())?;
+            }
+            pinned
+        }
+        None => image,
+    };
     let verdict = root.check_and_fetch(&image, &step, (info.uid, info.gid, &info.groups))?;
     // The decision in slurmd's log too, at its default level, beside the launcher's syslog
     // line and audit file (`berth audit --job ID`).
@@ -188,6 +202,44 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
         exited: 0,
     });
     Ok(())
+}
+
+/// The digest a step runs for a registry image its request names by tag (the submission
+/// could not pin it: the registry wants credentials the user lacks, see `submit`); `None`
+/// for an image that needs no pin. The pin is the one the controller recorded for the job
+/// (`berth pin-job`, every node reads the same), else, in the batch step only (one step on
+/// one node, before any other), this node's own resolution, which the batch step passes on
+/// to the steps of its script. Any other step naming a tag with no pin is refused: nodes
+/// resolving a tag each on their own could run different images.
+fn pin_for_job(root: &Launcher, info: &StepInfo, image: &str) -> Result<Option<String>, Error> {
+    if image.starts_with('/') || launcher::is_pinned(image) {
+        return Ok(None);
+    }
+    // Only a registry image the policy allows is pinned; any other is refused (or run from
+    // its file) by the check that follows, with the policy's own words.
+    match root.policy_check(image)? {
+        Verdict::Allow(vetted) if !vetted.starts_with('/') => {}
+        _ => return Ok(None),
+    }
+    if let Some(pinned) = root.job_pin(info.job_id, image)? {
+        return Ok(Some(pinned));
+    }
+    // Resolved here (as root, with the site's credentials): the batch step's pin, or for
+    // another step the registry's own words where it refuses the tag here too.
+    let resolved = root.resolve(image);
+    match (info.step_id, resolved) {
+        (BATCH_STEP, Ok(Some(pinned))) => Ok(Some(pinned)),
+        (_, Err(e)) => Err(Error::NotPinned {
+            image: image.to_owned(),
+            job: info.job_id,
+            cause: format!(" (and it cannot be resolved here: {e})"),
+        }),
+        _ => Err(Error::NotPinned {
+            image: image.to_owned(),
+            job: info.job_id,
+            cause: String::new(),
+        }),
+    }
 }
 
 /// `berth start`'s arguments and, for a local image file, the file itself: root allowed
@@ -484,6 +536,74 @@ mod tests {
             matches!(&err, Error::LocalImageUnreadable { reason, .. } if reason.contains("symbolic links")),
             "{err:?}"
         );
+    }
+
+    /// A launcher that allows `ok/*`, has a job pin for `ok/pinned:1`, resolves `ok/*` but
+    /// `ok/gone*`, and logs its calls.
+    fn pinning_launcher(dir: &tempfile::TempDir) -> Launcher {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.path().join("berth");
+        let d = "a".repeat(64);
+        std::fs::write(
+            &path,
+            format!(
+                r#"#!/bin/sh
+echo "$*" >> {calls}
+case "$1" in
+  policy) case "$4" in ok/*) echo "allow: $4 (rule: ok/*)";; *) echo "deny: no"; exit 1;; esac;;
+  pin-job) [ "$5" = ok/pinned:1 ] && {{ echo "ok/pinned@sha256:{d}"; exit 0; }}; exit 1;;
+  resolve) case "$3" in ok/gone*) echo "ok/gone: not found" >&2; exit 125;; esac
+           echo "${{3%%:*}}@sha256:{d}";;
+esac"#,
+                calls = dir.path().join("calls").display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Launcher::new(&path)
+    }
+
+    #[test]
+    fn a_tag_runs_the_jobs_pin_or_the_batch_steps_own_and_is_refused_elsewhere() {
+        let _serial = crate::launcher::serial_spawns();
+        let dir = tempfile::tempdir().unwrap();
+        let root = pinning_launcher(&dir);
+        let step = |step_id| StepInfo {
+            job_id: 7,
+            step_id,
+            uid: 1100,
+            gid: 1100,
+            groups: Vec::new(),
+            argv: Vec::new(),
+            local_tasks: 1,
+        };
+        let d = "a".repeat(64);
+        let pinned = format!("ok/x@sha256:{d}");
+        // Pinned, local or refused: nothing to pin, and no pin looked up.
+        for image in [pinned.as_str(), "/img/a.sif", "evil/a:1"] {
+            assert_eq!(pin_for_job(&root, &step(0), image), Ok(None), "{image}");
+        }
+        let calls = std::fs::read_to_string(dir.path().join("calls")).unwrap();
+        assert!(!calls.contains("pin-job"), "{calls}");
+        // The controller's pin, on every step.
+        assert_eq!(
+            pin_for_job(&root, &step(0), "ok/pinned:1"),
+            Ok(Some(format!("ok/pinned@sha256:{d}")))
+        );
+        // No pin: the batch step resolves it; any other step is refused, with the
+        // registry's words where the tag cannot be resolved here either.
+        assert_eq!(
+            pin_for_job(&root, &step(BATCH_STEP), "ok/x:1"),
+            Ok(Some(pinned))
+        );
+        let err = pin_for_job(&root, &step(0), "ok/x:1").unwrap_err();
+        assert!(
+            matches!(&err, Error::NotPinned { cause, .. } if cause.is_empty()),
+            "{err}"
+        );
+        let err = pin_for_job(&root, &step(0), "ok/gone:1").unwrap_err();
+        assert!(err.to_string().contains("ok/gone: not found"), "{err}");
+        assert!(err.to_string().contains("PrologSlurmctld"), "{err}");
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //!
 //! What the job receives: `SLURM_SPANK_BERTH_REQUEST`, the merged request in the options' own
 //! syntax ([`ContainerRequest::to_transport`]), with the image replaced by its digest-pinned
-//! form. It is set in the submitting process's environment, which srun and sbatch copy into
+//! form; or, where the registry wants credentials the user lacks and the site's controller
+//! pins tags (`[registry] controller_pin`), with the tag as written, which the job control
+//! variable `BERTH_PIN` names for `berth pin-job` (PrologSlurmctld) to pin once per job. It is set in the submitting process's environment, which srun and sbatch copy into
 //! the step's (srun only after `init_post_opt`, so the value set here is the one sent); the
 //! `SLURM_` prefix is what lets it through `--export=NONE`, under which Slurm passes only
 //! `SLURM_*` variables (seen on 22.05, for sbatch and for an srun inside such a job, which
@@ -31,7 +33,7 @@ use std::sync::Mutex;
 
 use crate::config::Config;
 use crate::error::Error;
-use crate::launcher::{Launcher, Partition, Verdict};
+use crate::launcher::{self, Launcher, Partition, Verdict};
 use crate::options::{
     self, ContainerRequest, Env, Given, ImageChoice, Opt, Origin, Settings, SPECS,
 };
@@ -42,6 +44,9 @@ pub const REQUEST_VAR: &str = "SLURM_SPANK_BERTH_REQUEST";
 
 /// The name given to `spank_job_control_setenv`, which Slurm prefixes into [`REQUEST_VAR`].
 pub const JOB_CONTROL_NAME: &str = "BERTH_REQUEST";
+
+/// The job control variable naming the image whose tag the controller pins.
+pub const PIN_NAME: &str = "BERTH_PIN";
 
 /// Slurm's own `--container` value, as srun/sbatch/salloc export it.
 pub const SLURM_CONTAINER: &str = "SLURM_CONTAINER";
@@ -151,7 +156,26 @@ pub fn init_post_opt(spank: Spank, context: Context) -> Result<(), Error> {
     if context == Context::Allocator {
         spank.job_control_setenv(JOB_CONTROL_NAME, &transport)?;
     }
+    if let Some(image) = left_to_the_controller(&request) {
+        // PrologSlurmctld sees it as SPANK_BERTH_PIN: srun and salloc hand the job control
+        // environment to slurmctld with the allocation they create (an srun inside a job
+        // creates none, and its tag is the job's, pinned already or under this same name).
+        spank.job_control_setenv(PIN_NAME, image)?;
+    }
     Ok(())
+}
+
+/// The image whose tag the controller pins (`berth pin-job`): a registry image the
+/// submission could not pin, because the registry wants credentials the user lacks.
+fn left_to_the_controller(request: &ContainerRequest) -> Option<&str> {
+    match request {
+        ContainerRequest::Container { image, .. }
+            if !image.starts_with('/') && !launcher::is_pinned(image) =>
+        {
+            Some(image)
+        }
+        _ => None,
+    }
 }
 
 /// Where the chosen image came from.
@@ -255,12 +279,17 @@ fn decide(
         Verdict::Allow(vetted) => vetted,
     };
     let pinned = match source {
-        // Pinned when the job was submitted: the whole job runs the same bytes.
+        // Pinned when the job was submitted (or by the controller, under the name written):
+        // the whole job runs the same bytes.
         ImageSource::Job => image,
         // A local image file, by the path it resolves to: there is no digest to pin, and
         // the node checks that path again.
         _ if vetted.starts_with('/') => vetted,
-        ImageSource::Option(_) | ImageSource::SlurmContainer => launcher.resolve(&image)?,
+        // None: the registry wants credentials the user lacks, and the controller pins the
+        // tag once for the whole job (`berth pin-job`); the tag goes as written.
+        ImageSource::Option(_) | ImageSource::SlurmContainer => {
+            launcher.resolve(&image)?.unwrap_or(image)
+        }
     };
     Ok(ContainerRequest::Container {
         image: pinned,
@@ -310,7 +339,7 @@ case "$1 $2" in
       *) echo "deny: $4 is not approved"; exit 1;;
     esac;;
   "policy require-container") [ "$4" = gpu ] && {{ echo "partition gpu requires containers"; exit 0; }}; exit 1;;
-  "resolve --") echo "${{3%%:*}}@sha256:{DIGEST}";;
+  "resolve --") case "$3" in ok/private*) exit 77;; esac; echo "${{3%%:*}}@sha256:{DIGEST}";;
   *) exit 2;;
 esac"#,
                 calls = calls.display()
@@ -440,6 +469,23 @@ esac"#,
         let (result, calls) = run(&[cli(Opt::Image, "ok/a:1")], &[], Context::Allocator);
         assert_eq!(image_of(result), pinned("ok/a"));
         assert_eq!(calls, vec!["policy check -- ok/a:1", "resolve -- ok/a:1"]);
+    }
+
+    #[test]
+    fn a_tag_the_user_cannot_resolve_is_left_to_the_controller() {
+        let (result, calls) = run(&[cli(Opt::Image, "ok/private:1")], &[], Context::Local);
+        let request = result.unwrap();
+        assert_eq!(left_to_the_controller(&request), Some("ok/private:1"));
+        assert_eq!(
+            calls,
+            vec!["policy check -- ok/private:1", "resolve -- ok/private:1"]
+        );
+        // Pinned, local and host requests need nothing of the controller.
+        for given in [cli(Opt::Image, "ok/a:1"), cli(Opt::Image, "/img/a.sif")] {
+            let (result, _) = run(&[given], &[], Context::Local);
+            assert_eq!(left_to_the_controller(&result.unwrap()), None);
+        }
+        assert_eq!(left_to_the_controller(&ContainerRequest::Host), None);
     }
 
     #[test]

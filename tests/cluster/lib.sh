@@ -26,6 +26,11 @@ CLUSTER_DIRS=("$STATE_DIR" "$LIB_DIR" "$BERTH_RUN_DIR" "$BERTH_CACHE_DIR"
 TEST_USER=berthtest
 TEST_UID=1100
 TEST_HOME=/home/$TEST_USER
+# A second user, for what one user must not get through another (a cached private image).
+OTHER_USER=berthother
+OTHER_UID=1101
+# PrologSlurmctld: pins a job's image tag on the controller (docs/REGISTRIES.md).
+PIN_JOB_SCRIPT=/etc/slurm/berth-pin-job
 REGISTRY_TLS_PORT=5000
 REGISTRY_PLAIN_PORT=5001
 # The per-registry CA location of the containers/docker layout; berth and skopeo read it.

@@ -58,11 +58,14 @@ use sha2::Digest as _;
 
 use crate::config::{CacheConfig, Config, StoreConfig};
 use crate::image_config::ImageConfig;
+use crate::policy::FsUser;
 use crate::policy::{ImageRequest, Policy, Verdict};
 use crate::reference::{Digest, Reference};
 use crate::registry::manifest::{parse_image_config, Descriptor};
 use crate::registry::progress::{self, Progress};
-use crate::registry::{mirrors, BlobJob, Client, ClientOptions, Endpoint, ResolvedImage};
+use crate::registry::{
+    self, access, mirrors, BlobJob, Client, ClientOptions, Endpoint, ResolvedImage, UserLogin,
+};
 use crate::unpack::{self, Budget, Compression, Limits};
 use crate::{sif, Error, Result};
 
@@ -75,11 +78,15 @@ pub use size::{format_size, parse_size};
 /// it refuses early what cannot fit, and a build that still runs out fails cleanly.
 const SPACE_FACTOR: u64 = 4;
 
-/// How `fetch_with` reports.
+/// How `fetch_with` reports, and for whom it fetches.
 #[derive(Debug, Clone, Default)]
 pub struct FetchOptions {
     /// No progress lines on stderr.
     pub quiet: bool,
+    /// The job user root fetches for (`--as-user`); None: the caller. Their own login may
+    /// pull what the site has no credentials for, and a cached image another user's login
+    /// pulled is served to them only with the registry's word (`registry::access`).
+    pub user: Option<FsUser>,
 }
 
 /// Fetches `image` (a registry reference the site policy allows) into the node cache and
@@ -93,15 +100,16 @@ pub fn fetch_with(config: &Config, image: &str, options: &FetchOptions) -> Resul
     let policy = Policy::new(&config.policy);
     // The policy decides before anything touches the network or the cache.
     let reference = approved_reference(&policy, image)?;
+    // Read here, as the caller: the cache's service user could not read a job user's login.
+    let login = registry::user_login(&config.registry, options.user.as_ref())?;
+    let fetch = || fetch_approved(config, &policy, &reference, options, login.as_ref());
     let owner = Owner::of(&config.cache)?;
     if owner.is_root() || berth_sys::identity::effective_uid() != 0 {
-        return fetch_approved(config, &policy, &reference, options);
+        return fetch();
     }
     // Root with a service user: the registry and the image's bytes are the owner's to
     // handle (see `owner`).
-    owner::fetch_as(&owner, &config.cache, || {
-        fetch_approved(config, &policy, &reference, options)
-    })
+    owner::fetch_as(&owner, &config.cache, fetch)
 }
 
 /// [`fetch_with`] of a reference the policy approved, as the caller.
@@ -110,21 +118,26 @@ fn fetch_approved(
     policy: &Policy,
     reference: &Reference,
     options: &FetchOptions,
+    login: Option<&UserLogin>,
 ) -> Result<PathBuf> {
     let cache = Cache::open(&config.cache)?.with_store(&config.store);
     let repo = RepoKey::of(reference);
     if let Some(digest) = &reference.digest {
         if let Some(path) = cache.hit(&repo, digest)? {
+            check_access(config, policy, reference, (cache.dir(), &path), options, login)?;
             return Ok(path);
         }
     }
-    let (client, resolved) = connect(config, policy, reference, options.quiet, |client| {
+    // Resolved with the requester's credentials: a hit after it needs no other check.
+    let (client, resolved) = connect(config, policy, reference, options, login, |client| {
         client.resolve(reference)
     })?;
     let path = match cache.hit(&repo, &resolved.manifest_digest)? {
         Some(path) => path,
         None => {
             cache.require_writable(reference)?;
+            let sif = cache.image_path(&repo, &resolved.manifest_digest);
+            access::record(cache.dir(), &sif, client.puller())?;
             cache.build(&client, reference, &repo, &resolved, options)?
         }
     };
@@ -148,20 +161,30 @@ pub fn resolve(config: &Config, image: &str) -> Result<Reference> {
             ..reference
         });
     }
+    let login = registry::user_login(&config.registry, None)?;
     let owner = Owner::of(&config.cache)?;
     if owner.is_root() || berth_sys::identity::effective_uid() != 0 {
-        return resolve_approved(config, &policy, &reference);
+        return resolve_approved(config, &policy, &reference, login.as_ref());
     }
     // Root with a service user: the registry's answers are the owner's to parse.
     let pinned = owner::run_as(&owner, &config.cache, || {
-        resolve_approved(config, &policy, &reference).map(|r| r.to_string())
+        resolve_approved(config, &policy, &reference, login.as_ref()).map(|r| r.to_string())
     })?;
     Reference::parse(&pinned)
 }
 
 /// [`resolve`] of a reference the policy approved that names no digest, as the caller.
-fn resolve_approved(config: &Config, policy: &Policy, reference: &Reference) -> Result<Reference> {
-    let (_, fetched) = connect(config, policy, reference, true, |client| {
+fn resolve_approved(
+    config: &Config,
+    policy: &Policy,
+    reference: &Reference,
+    login: Option<&UserLogin>,
+) -> Result<Reference> {
+    let quiet = FetchOptions {
+        quiet: true,
+        user: None,
+    };
+    let (_, fetched) = connect(config, policy, reference, &quiet, login, |client| {
         client.manifest(&reference.repository, reference)
     })?;
     Ok(Reference {
@@ -177,14 +200,48 @@ fn connect<T>(
     config: &Config,
     policy: &Policy,
     reference: &Reference,
-    quiet: bool,
+    fetch: &FetchOptions,
+    login: Option<&UserLogin>,
     first: impl FnMut(&Client) -> Result<T>,
 ) -> Result<(Client, T)> {
     let options = |endpoint: &Endpoint| ClientOptions {
         plain_http: policy.allows_plain_http(&endpoint.host),
-        quiet,
+        quiet: fetch.quiet,
+        login: login.cloned(),
     };
     mirrors::first_answering(&config.registry, &reference.registry, options, first)
+}
+
+/// Serves the cached `sif` of `reference` (named by digest) to the requester only where the
+/// site's credentials or the requester's own login pulled it, or the registry confirms the
+/// requester's access: the manifest by digest, asked with their credentials.
+fn check_access(
+    config: &Config,
+    policy: &Policy,
+    reference: &Reference,
+    (cache_dir, sif): (&Path, &Path),
+    options: &FetchOptions,
+    login: Option<&UserLogin>,
+) -> Result<()> {
+    let requester = options
+        .user
+        .as_ref()
+        .map_or_else(berth_sys::identity::effective_uid, |u| u.uid);
+    if access::served_without_asking(access::puller(cache_dir, sif)?, requester) {
+        return Ok(());
+    }
+    match connect(config, policy, reference, options, login, |client| {
+        client.manifest(&reference.repository, reference)
+    }) {
+        Ok(_) => Ok(()),
+        Err(e @ (Error::Unauthorized { .. } | Error::ImageNotFound { .. })) => {
+            Err(Error::NoAccess {
+                reference: reference.to_string(),
+                detail: e.to_string(),
+            })
+        }
+        Err(e) => Err(e),
+    }
 }
 
 fn approved_reference(policy: &Policy, image: &str) -> Result<Reference> {
@@ -294,11 +351,13 @@ pub fn digest_of_name(file_name: &str) -> Option<Digest> {
 }
 
 /// The subdirectories of the cache, with the mode berth creates them with.
-const SUBDIRS: [(&str, u32); 4] = [
+const SUBDIRS: [(&str, u32); 5] = [
     ("images", 0o755),
     ("index", 0o755),
     ("locks", 0o700),
     ("tmp", 0o700),
+    // Who may be served an image a user's own login pulled (`registry::access`).
+    ("access", 0o755),
 ];
 
 pub struct Cache {
@@ -1319,7 +1378,11 @@ mod tests {
     }
 
     fn quiet(config: &Config, image: &str) -> Result<PathBuf> {
-        fetch_with(config, image, &FetchOptions { quiet: true })
+        let options = FetchOptions {
+            quiet: true,
+            user: None,
+        };
+        fetch_with(config, image, &options)
     }
 
     #[test]
@@ -1548,6 +1611,40 @@ mod tests {
                 .count(),
             0
         );
+    }
+
+    #[test]
+    fn an_image_another_users_login_pulled_is_served_only_with_the_registrys_word() {
+        let (docs, manifest, _) = image("lab/private", "private", false);
+        let registry = Registry::start(docs);
+        let dir = tempfile::tempdir().unwrap();
+        let config = site(dir.path(), &registry.host, &["lab/*"]);
+        let pinned = format!("{}/lab/private@{manifest}", registry.host);
+        let path = quiet(&config, &pinned).unwrap();
+        // As if user 4242's own login had pulled it.
+        access::record(&dir.path().join("cache"), &path, access::Puller::User(4242)).unwrap();
+        let as_user = |uid| FetchOptions {
+            quiet: true,
+            user: Some(FsUser {
+                uid,
+                gid: uid,
+                groups: Vec::new(),
+            }),
+        };
+        let seen = registry.requests();
+        assert_eq!(fetch_with(&config, &pinned, &as_user(4242)).unwrap(), path);
+        assert_eq!(
+            registry.requests(),
+            seen,
+            "its puller is served without asking"
+        );
+        // Another user: the registry is asked (and here serves anyone).
+        assert_eq!(fetch_with(&config, &pinned, &as_user(4243)).unwrap(), path);
+        assert!(
+            registry.requests() > seen,
+            "another user was served unasked"
+        );
+        // (A registry refusing that user: tests/e2e/registries.rs, with two real users.)
     }
 
     #[test]

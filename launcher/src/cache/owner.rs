@@ -97,7 +97,8 @@ pub fn prepare(dir: &Path, owner: &Owner) -> Result<()> {
 /// Gives the subdirectory `sub` (one of `SUBDIRS`, `name`) to `owner`, then removes what
 /// its previous owner could have planted: unsealed images, every staging tree and index
 /// link (a cache only loses hits). Lock files are handed over, never deleted (see the
-/// module doc of `cache`).
+/// module doc of `cache`), and so are access records: a record only narrows who is served
+/// an image, and one lost would serve a private image to everyone.
 fn adopt(sub: &Path, name: &str, owner: &Owner) -> Result<()> {
     let fail = |e| Error::io(format!("handing {} to {}", sub.display(), owner.name), e);
     let dir = berth_sys::fs::Dir::open(sub).map_err(fail)?;
@@ -107,12 +108,16 @@ fn adopt(sub: &Path, name: &str, owner: &Owner) -> Result<()> {
         let path = sub.join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&entry));
         let keep = match name {
             // Only a plain lock file: a hard link to some other file must not be chowned.
-            "locks" => fs::symlink_metadata(&path).is_ok_and(|m| m.is_file() && m.nlink() == 1),
+            "locks" | "access" => {
+                fs::symlink_metadata(&path).is_ok_and(|m| m.is_file() && m.nlink() == 1)
+            }
             "images" => Sealed::check_path(&path).is_ok(),
             _ => false,
         };
         match (keep, name) {
-            (true, "locks") => dir.lchown(&entry, owner.uid, owner.gid).map_err(fail)?,
+            (true, "locks" | "access") => {
+                dir.lchown(&entry, owner.uid, owner.gid).map_err(fail)?
+            }
             (true, _) => {}
             (false, _) => crate::unpack::remove_tree(&dir, &entry).map_err(fail)?,
         }

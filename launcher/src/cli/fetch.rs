@@ -5,7 +5,7 @@
 use super::Globals;
 use crate::cache::{self, FetchOptions};
 use crate::config::Config;
-use crate::Result;
+use crate::{jobpin, Error, Result};
 
 #[derive(Debug, clap::Args)]
 pub struct FetchArgs {
@@ -26,13 +26,34 @@ pub struct ResolveArgs {
 
 pub fn run_fetch(args: FetchArgs, globals: &Globals) -> Result<i32> {
     let config = Config::load_for_caller(globals.config.as_deref())?;
-    let path = cache::fetch_with(&config, &args.image, &FetchOptions { quiet: args.quiet })?;
+    let path = cache::fetch_with(
+        &config,
+        &args.image,
+        &FetchOptions {
+            quiet: args.quiet,
+            user: None,
+        },
+    )?;
     println!("{}", path.display());
     Ok(0)
 }
 
+/// Where the registry refuses the user and the controller pins tags instead
+/// (`[registry] controller_pin`), exits [`jobpin::DEFERRED_EXIT`] with the reason on stderr:
+/// the plugin then leaves the tag to the controller.
 pub fn run_resolve(args: ResolveArgs, globals: &Globals) -> Result<i32> {
     let config = Config::load_for_caller(globals.config.as_deref())?;
-    println!("{}", cache::resolve(&config, &args.image)?);
-    Ok(0)
+    match cache::resolve(&config, &args.image) {
+        Ok(pinned) => {
+            println!("{pinned}");
+            Ok(0)
+        }
+        Err(e @ Error::Unauthorized { .. })
+            if config.registry.controller_pin && berth_sys::identity::effective_uid() != 0 =>
+        {
+            eprintln!("berth: {e}; the controller pins it when the job starts");
+            Ok(jobpin::DEFERRED_EXIT)
+        }
+        Err(e) => Err(e),
+    }
 }

@@ -14,6 +14,7 @@ mod exec;
 mod fetch;
 mod generate;
 mod images;
+mod pin;
 mod policy;
 mod sif;
 mod stage;
@@ -58,6 +59,8 @@ pub enum Command {
     Fetch(fetch::FetchArgs),
     /// Print the digest-pinned form of an image reference.
     Resolve(fetch::ResolveArgs),
+    /// Pin a job's image tag on the controller (run as PrologSlurmctld), or show the pin.
+    PinJob(pin::Args),
     /// List the images in the node cache.
     Images(images::ListArgs),
     /// Evict images from the node cache.
@@ -88,6 +91,7 @@ impl Cli {
             Command::Policy(c) => policy::run(c, g),
             Command::Fetch(a) => fetch::run_fetch(a, g),
             Command::Resolve(a) => fetch::run_resolve(a, g),
+            Command::PinJob(a) => pin::run(a, g),
             Command::Images(a) => images::run_list(a, g),
             Command::Prune(a) => images::run_prune(a, g),
             Command::Stage(c) => stage::run(c, g),

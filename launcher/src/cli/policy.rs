@@ -24,10 +24,11 @@ use std::ffi::OsString;
 use serde_json::json;
 
 use super::Globals;
+use crate::cache::FetchOptions;
 use crate::config::Config;
 use crate::policy::{FsUser, ImageRequest, Policy, Verdict};
 use crate::registry::{self, Endpoint};
-use crate::{audit, metrics};
+use crate::{audit, metrics, slurm};
 use crate::{Error, Result};
 
 #[derive(Debug, clap::Subcommand)]
@@ -121,41 +122,16 @@ fn require_container(args: RequireArgs, globals: &Globals) -> Result<i32> {
     Ok(0)
 }
 
-/// Where `squeue` is looked for: the system's own directories, never a PATH the caller set.
-const SQUEUE: [&str; 3] = ["/usr/bin/squeue", "/usr/local/bin/squeue", "/bin/squeue"];
-
-/// The partition slurmctld records for `job`, from `squeue --format=%P`: that field alone,
-/// so no text the user chose (a job name, a comment) can pass for it, as it could in
-/// `scontrol show job`'s `KEY=VALUE` line. Run with an empty environment, so nothing of the
-/// caller's (SLURM_CONF, SQUEUE_FORMAT) steers it.
+/// The partition slurmctld records for `job` (`squeue --format=%P`: that field alone, see
+/// [`slurm`]).
 fn job_partition(job: u32) -> std::result::Result<String, String> {
-    let squeue = SQUEUE
-        .iter()
-        .find(|p| std::path::Path::new(p).is_file())
-        .ok_or_else(|| format!("squeue is not installed in {}", SQUEUE.join(", ")))?;
-    let out = std::process::Command::new(squeue)
-        .args(["--noheader", "--states=all", "--format=%P"])
-        .arg(format!("--jobs={job}"))
-        .env_clear()
-        .current_dir("/")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| format!("running {squeue}: {e}"))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let lines: Vec<&str> = text.lines().map(str::trim).collect();
-    match lines.as_slice() {
-        [partition] if out.status.success() && is_partition_list(partition) => {
-            Ok((*partition).to_owned())
-        }
-        _ => Err(format!(
-            "{squeue} --jobs={job} answered {} with {:?}{}",
-            out.status,
-            text.trim(),
-            match String::from_utf8_lossy(&out.stderr).trim() {
-                "" => String::new(),
-                err => format!(" ({err})"),
-            }
-        )),
+    let partition = slurm::job_field(job, "--format=%P")?;
+    if is_partition_list(&partition) {
+        Ok(partition)
+    } else {
+        Err(format!(
+            "squeue named the partition of job {job} {partition:?}"
+        ))
     }
 }
 
@@ -190,7 +166,7 @@ fn parse_user(text: &str) -> std::result::Result<FsUser, String> {
 
 fn check(args: CheckArgs, globals: &Globals) -> Result<i32> {
     let config = Config::load_for_caller(globals.config.as_deref())?;
-    let policy = match args.as_user {
+    let policy = match args.as_user.clone() {
         Some(user) => Policy::new(&config.policy).resolving_as(user),
         None => Policy::new(&config.policy),
     };
@@ -212,7 +188,13 @@ fn check(args: CheckArgs, globals: &Globals) -> Result<i32> {
                 // The canonical form names its registry, so the fetch's own check cannot take
                 // it for a file that root, unlike the --as-user look-up, can see.
                 let canonical = r.to_string();
-                let fetched = metrics::fetch(&config, &canonical, &mut observed);
+                // For the job's user: their own login where the site allows it, and their
+                // access checked on an image another user's login pulled.
+                let options = FetchOptions {
+                    quiet: false,
+                    user: args.as_user.clone(),
+                };
+                let fetched = metrics::fetch(&config, &canonical, &options, &mut observed);
                 if fetched.is_err() && args.step.job.is_some() {
                     publish_metrics(&config, &observed);
                 }

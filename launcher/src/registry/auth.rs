@@ -120,30 +120,63 @@ pub fn user_auth_files(env: impl Fn(&str) -> Option<String>, home: &Path) -> Vec
     files
 }
 
-/// The first entry for `registry` in the caller's own `files` (see [`user_auth_files`]),
-/// with the file it came from. Only files the caller (`uid`) owns count: credentials another
-/// user planted would make berth act as that user.
-pub fn user_credentials_for(
-    files: &[PathBuf],
-    registry: &str,
-    uid: u32,
-) -> Result<Option<(Credentials, PathBuf)>> {
+/// One of a user's login files as read with their rights: its text, or why berth does not
+/// use it (said only where the file would have been used, as when reading it then).
+#[derive(Debug, Clone)]
+pub struct LoginFile {
+    path: PathBuf,
+    text: std::result::Result<String, String>,
+}
+
+/// Reads the caller's own `files` (see [`user_auth_files`]); missing ones are skipped. Only
+/// files the caller (`uid`) owns count: credentials another user planted would make berth
+/// act as that user.
+pub fn read_login_files(files: &[PathBuf], uid: u32) -> Result<Vec<LoginFile>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut read = Vec::new();
     for path in files {
-        let Ok(meta) = std::fs::metadata(path) else {
+        // Judged by the file opened, not the path: a symlink swapped in meanwhile cannot
+        // make berth read another user's file. Non-blocking, so a FIFO cannot hang it.
+        let Ok(mut file) = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+        else {
             continue;
         };
-        if meta.uid() != uid || meta.mode() & 0o022 != 0 {
-            return Err(auth_error(
-                path,
-                format!(
-                    "not owned by you (uid {uid}) or writable by others, so berth does not use                      it (fix: chown and chmod 600 it, or remove it)"
-                ),
-            ));
-        }
-        let text = std::fs::read_to_string(path)
+        let meta = file
+            .metadata()
             .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-        if let Some(credentials) = parse_auth_file(path, &text, registry)? {
-            return Ok(Some((credentials, path.clone())));
+        let text = if !meta.is_file() || meta.uid() != uid || meta.mode() & 0o022 != 0 {
+            Err(format!(
+                "not a regular file owned by you (uid {uid}) and writable by you alone, so \
+                 berth does not use it (fix: chown and chmod 600 it, or remove it)"
+            ))
+        } else {
+            let mut text = String::new();
+            file.read_to_string(&mut text)
+                .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+            Ok(text)
+        };
+        read.push(LoginFile {
+            path: path.clone(),
+            text,
+        });
+    }
+    Ok(read)
+}
+
+/// The first entry for `registry` in the login `files` (see [`read_login_files`]), with the
+/// file it came from.
+pub fn login_for(files: &[LoginFile], registry: &str) -> Result<Option<(Credentials, PathBuf)>> {
+    for file in files {
+        let text = file
+            .text
+            .as_ref()
+            .map_err(|message| auth_error(&file.path, message.clone()))?;
+        if let Some(credentials) = parse_auth_file(&file.path, text, registry)? {
+            return Ok(Some((credentials, file.path.clone())));
         }
     }
     Ok(None)
@@ -354,6 +387,14 @@ mod tests {
         assert!(!format!("{c:?}").contains("s3cr3t"));
     }
 
+    fn user_credentials_for(
+        files: &[PathBuf],
+        registry: &str,
+        uid: u32,
+    ) -> Result<Option<(Credentials, PathBuf)>> {
+        login_for(&read_login_files(files, uid)?, registry)
+    }
+
     #[test]
     fn finds_a_users_own_credentials_where_podman_and_docker_keep_them() {
         let home = Path::new("/home/alice");
@@ -413,9 +454,20 @@ mod tests {
         let err = user_credentials_for(&files, "r:1", me + 1)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("not owned by you"), "{err}");
+        assert!(err.contains("owned by you (uid"), "{err}");
         std::fs::set_permissions(&podman, std::fs::Permissions::from_mode(0o666)).unwrap();
         assert!(user_credentials_for(&files, "r:1", me).is_err());
+        // A FIFO in its place neither hangs the reader nor counts as a login file.
+        std::fs::remove_file(&podman).unwrap();
+        let made = std::process::Command::new("mkfifo")
+            .arg(&podman)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let err = user_credentials_for(&files, "r:1", me)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a regular file"), "{err}");
     }
 
     #[test]

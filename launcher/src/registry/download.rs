@@ -120,7 +120,7 @@ impl Client {
                         self.options.quiet,
                         &format!("resuming {digest} after: {message}"),
                     );
-                    super::backoff(failures);
+                    super::request::backoff(failures);
                 }
                 Err(Transfer::Unreachable(e)) => return Err(e),
                 Err(Transfer::Failed(e)) => {
@@ -287,6 +287,7 @@ mod tests {
         let options = ClientOptions {
             plain_http: true,
             quiet: true,
+            login: None,
         };
         Client::new(&config, &format!("127.0.0.1:{port}"), options).unwrap()
     }

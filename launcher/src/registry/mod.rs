@@ -18,34 +18,43 @@
 //! - text a registry sends (error bodies) reaches messages only summarised: short, and with
 //!   control characters escaped.
 //!
+//! Here: the client, its credentials and CA files, manifests and small blobs. Requests,
+//! retries and redirects are in `request`, logging in (basic, bearer tokens) in `token`,
+//! digest checks in `verify`, layer downloads in `download`, the cache's access records in
+//! `access`.
+//!
 //! TLS trusts the system roots plus the registry's own CA files from the containers layout
 //! (`<certs_dir>/HOST[:PORT]/*.crt`). Proxies come from `HTTPS_PROXY`/`HTTP_PROXY`/
 //! `NO_PROXY`. Transport errors, 429 and 5xx are retried `retries` times with backoff, then
 //! reported as the registry being down.
 
+pub mod access;
 pub mod auth;
 mod download;
 mod hosts;
 pub mod manifest;
 pub mod mirrors;
 pub mod progress;
+mod request;
+mod token;
+mod verify;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use sha2::Digest as _;
-use ureq::http::{HeaderMap, Response};
-use ureq::Body;
-
 use crate::config::RegistryConfig;
-use crate::reference::{self, Digest, DigestAlgorithm, Reference};
+use crate::reference::{Digest, DigestAlgorithm, Reference};
 use crate::{Error, Result};
-use auth::{Challenge, Credentials};
+use access::Puller;
+use auth::Credentials;
+use berth_sys::fsid::FsUser;
 pub use download::BlobJob;
 pub use hosts::HostPattern;
 use manifest::{Descriptor, ImageManifest, Manifest, MANIFEST_ACCEPT};
 pub use mirrors::{Endpoint, MirrorRule};
+use request::{header, read_small};
+pub use verify::Verifier;
 
 /// Manifests, indexes, image configs and token answers are small; a registry that sends more
 /// is broken or hostile.
@@ -67,6 +76,16 @@ pub struct ClientOptions {
     pub plain_http: bool,
     /// No progress lines on stderr.
     pub quiet: bool,
+    /// The user's own login (see [`user_login`]): used where the site has no credentials
+    /// for the registry (see [`access`]).
+    pub login: Option<UserLogin>,
+}
+
+/// A user's own registry login files, read with their rights, and their uid.
+#[derive(Debug, Clone)]
+pub struct UserLogin {
+    uid: u32,
+    files: Vec<auth::LoginFile>,
 }
 
 /// A manifest as the registry served it, with the digest of its exact bytes.
@@ -98,8 +117,10 @@ pub struct Client {
     credentials: Option<Credentials>,
     /// Where credentials would come from, for the message when there are none.
     auth_file: PathBuf,
-    /// The caller's own credentials files are used (`[registry] user_credentials`, not root).
+    /// A user's own credentials files are used (`[registry] user_credentials`).
     own_credentials: bool,
+    /// Whose credentials this client pulls with, for the cache's access record.
+    puller: Puller,
     /// The Authorization header for the registry (basic or a bearer token), shared by the
     /// parallel downloads; replaced when a token expires.
     authorization: Mutex<Option<String>>,
@@ -130,8 +151,17 @@ impl Client {
         options: ClientOptions,
     ) -> Result<Client> {
         let registry = endpoint.host.as_str();
-        // Never as root: a node pulls into the shared cache with the site's credentials only.
-        let own_credentials = config.user_credentials && berth_sys::identity::effective_uid() != 0;
+        let own_credentials = options.login.is_some();
+        let (credentials, puller) = match auth::credentials_for(&config.auth_file, registry)? {
+            Some(site) => (Some(site), Puller::Site),
+            None => match &options.login {
+                Some(login) => match auth::login_for(&login.files, registry)? {
+                    Some((credentials, _)) => (Some(credentials), Puller::User(login.uid)),
+                    None => (None, Puller::Site),
+                },
+                None => (None, Puller::Site),
+            },
+        };
         let tls = ureq::tls::TlsConfig::builder()
             .root_certs(root_certs(&config.certs_dir, registry)?)
             .build();
@@ -160,13 +190,10 @@ impl Client {
             base: format!("{scheme}://{host}"),
             prefix: endpoint.prefix.clone(),
             agent,
-            credentials: match auth::credentials_for(&config.auth_file, registry)? {
-                Some(site) => Some(site),
-                None if own_credentials => caller_credentials(registry)?,
-                None => None,
-            },
+            credentials,
             auth_file: config.auth_file.clone(),
             own_credentials,
+            puller,
             authorization: Mutex::new(None),
             retries: config.retries.max(1),
             max_retry_wait: Duration::from_secs(config.max_retry_wait_secs),
@@ -175,6 +202,11 @@ impl Client {
             token_hosts: config.token_hosts.clone(),
             options,
         })
+    }
+
+    /// Whose credentials this client pulls with.
+    pub fn puller(&self) -> Puller {
+        self.puller
     }
 
     /// Fetches a manifest by tag or digest. A manifest asked for by digest must hash to it.
@@ -261,299 +293,6 @@ impl Client {
         Ok(bytes)
     }
 
-    /// GET with retries, authentication and redirect rules. Returns only 2xx responses.
-    fn get(
-        &self,
-        url: String,
-        accept: Option<&str>,
-        purpose: Purpose,
-        what: &str,
-    ) -> Result<Response<Body>> {
-        self.get_range(url, accept, purpose, what, None)
-    }
-
-    /// `get`, asking for `range` (a `Range` header value, for resumed blobs) on every hop.
-    fn get_range(
-        &self,
-        mut url: String,
-        accept: Option<&str>,
-        purpose: Purpose,
-        what: &str,
-        range: Option<String>,
-    ) -> Result<Response<Body>> {
-        let mut attempt = 0;
-        let mut redirects = 0;
-        let mut authenticated = false;
-        loop {
-            attempt += 1;
-            let mut request = self.agent.get(&url);
-            if let Some(accept) = accept {
-                request = request.header("Accept", accept);
-            }
-            let to_registry = origin(&url) == origin(&self.base);
-            if let (Some(authorization), true, false) = (
-                self.auth_header().clone(),
-                to_registry,
-                purpose == Purpose::Token,
-            ) {
-                request = request.header("Authorization", authorization);
-            }
-            if let Some(range) = &range {
-                request = request.header("Range", range);
-            }
-            let resp = match request.call() {
-                Ok(resp) => resp,
-                Err(_) if attempt < self.retries => {
-                    backoff(attempt);
-                    continue;
-                }
-                Err(e) => {
-                    return Err(Error::RegistryDown {
-                        registry: self.registry.clone(),
-                        attempts: attempt,
-                        message: format!("{what}: {e}"),
-                    })
-                }
-            };
-            let status = resp.status().as_u16();
-            match status {
-                200..=299 => return Ok(resp),
-                301 | 302 | 303 | 307 | 308 => {
-                    redirects += 1;
-                    if redirects > MAX_REDIRECTS {
-                        return Err(self.error(format!("{what}: too many redirects")));
-                    }
-                    let location = header(resp.headers(), "location")
-                        .ok_or_else(|| self.error(format!("{what}: redirect without Location")))?;
-                    url = self.check_redirect(&url, &location, purpose, what)?;
-                    attempt = 0;
-                }
-                401 if !authenticated && purpose != Purpose::Token && to_registry => {
-                    let challenge = header(resp.headers(), "www-authenticate").unwrap_or_default();
-                    self.authenticate(&challenge, &url, what)?;
-                    authenticated = true;
-                    attempt -= 1;
-                }
-                401 | 403 => {
-                    let detail = error_detail(resp);
-                    return Err(Error::Unauthorized {
-                        registry: self.registry.clone(),
-                        repository: repository_of(&url),
-                        message: match (&self.credentials, detail.is_empty()) {
-                            (None, _) => self.no_credentials(status),
-                            (Some(c), true) => {
-                                format!("HTTP {status} with the credentials of {}", c.username)
-                            }
-                            (Some(c), false) => format!(
-                                "HTTP {status} with the credentials of {}: {detail}",
-                                c.username
-                            ),
-                        },
-                    });
-                }
-                404 if purpose == Purpose::Manifest => {
-                    return Err(Error::ImageNotFound {
-                        reference: what.to_string(),
-                    })
-                }
-                429 | 503 if attempt < self.retries => {
-                    // The registry says when to come back; bounded, so a job start does not
-                    // hang on a registry asking for an hour.
-                    let wait = retry_after(resp.headers())
-                        .unwrap_or_else(|| backoff_delay(attempt))
-                        .min(self.max_retry_wait);
-                    progress::note(
-                        self.options.quiet,
-                        &format!(
-                            "{what}: {} answered HTTP {status}, retrying in {} s",
-                            self.registry,
-                            wait.as_secs_f32().ceil()
-                        ),
-                    );
-                    std::thread::sleep(wait);
-                }
-                500..=599 if attempt < self.retries => backoff(attempt),
-                429 | 500..=599 => {
-                    return Err(Error::RegistryDown {
-                        registry: self.registry.clone(),
-                        attempts: attempt,
-                        message: format!("{what}: HTTP {status} {}", error_detail(resp)),
-                    })
-                }
-                _ => {
-                    return Err(self.error(format!("{what}: HTTP {status} {}", error_detail(resp))))
-                }
-            }
-        }
-    }
-
-    /// Why a request without credentials was refused, and where an admin puts them.
-    fn no_credentials(&self, status: u16) -> String {
-        let own = if self.own_credentials {
-            "; or log in yourself (`podman login` or `docker login` writes your own \
-             credentials, which berth uses as you: ~/.docker/config.json or \
-             $XDG_RUNTIME_DIR/containers/auth.json)"
-        } else {
-            ""
-        };
-        format!(
-            "HTTP {status}: it requires credentials and berth has none for {}; they go in {} \
-             (`[registry] auth_file` in berth.toml: docker config.json `auths` format, owned \
-             by root, mode 0600){own}",
-            self.registry,
-            self.auth_file.display()
-        )
-    }
-
-    /// Acts on a 401's challenge: a bearer token from the realm, or basic credentials.
-    fn authenticate(&self, challenge: &str, url: &str, what: &str) -> Result<()> {
-        let unauthorized = |message: String| Error::Unauthorized {
-            registry: self.registry.clone(),
-            repository: repository_of(url),
-            message,
-        };
-        match auth::parse_challenge(challenge) {
-            Some(Challenge::Basic) => {
-                let creds = self
-                    .credentials
-                    .as_ref()
-                    .ok_or_else(|| unauthorized(self.no_credentials(401)))?;
-                *self.auth_header() = Some(creds.basic_header());
-                Ok(())
-            }
-            Some(Challenge::Bearer {
-                realm,
-                service,
-                scope,
-            }) => {
-                let realm_ok = realm.starts_with("https://")
-                    || (self.options.plain_http
-                        && realm.starts_with("http://")
-                        && host_of(&realm) == host_of(&self.base));
-                if !realm_ok {
-                    return Err(self.error(format!(
-                        "{what}: refusing token service {realm}: it must use https"
-                    )));
-                }
-                let scope =
-                    scope.unwrap_or_else(|| format!("repository:{}:pull", repository_of(url)));
-                let mut token_url = format!("{realm}?scope={}", query_escape(&scope));
-                if let Some(service) = service {
-                    token_url.push_str(&format!("&service={}", query_escape(&service)));
-                }
-                let credentials = self.may_send_credentials_to(&realm);
-                let token = self.fetch_token(token_url, credentials, what)?;
-                *self.auth_header() = Some(format!("Bearer {token}"));
-                Ok(())
-            }
-            None => Err(unauthorized(format!(
-                "HTTP 401 with an authentication scheme berth does not speak: {challenge:?}"
-            ))),
-        }
-    }
-
-    /// The site's credentials are for this registry: a token service on another host gets
-    /// them only when the site lists it in `[registry] token_hosts`.
-    fn may_send_credentials_to(&self, realm: &str) -> bool {
-        let realm_host = host_of(realm);
-        realm_host == host_of(&self.base) || hosts::any_matches(&self.token_hosts, &realm_host)
-    }
-
-    fn fetch_token(&self, url: String, credentials: bool, what: &str) -> Result<String> {
-        // Credentials go to the token service only on the first request; `get` does not add
-        // the registry's Authorization header to token requests.
-        let mut request = self.agent.get(&url);
-        if let (Some(creds), true) = (&self.credentials, credentials) {
-            request = request.header("Authorization", creds.basic_header());
-        }
-        let resp = match request.call() {
-            Ok(r) if r.status().is_redirection() => {
-                let location = header(r.headers(), "location").unwrap_or_default();
-                let next = self.check_redirect(&url, &location, Purpose::Token, what)?;
-                self.get(next, None, Purpose::Token, what)?
-            }
-            Ok(r) => r,
-            Err(e) => {
-                return Err(Error::RegistryDown {
-                    registry: self.registry.clone(),
-                    attempts: 1,
-                    message: format!("token service {}: {e}", origin(&url)),
-                })
-            }
-        };
-        let status = resp.status().as_u16();
-        if status == 401 || status == 403 {
-            return Err(Error::Unauthorized {
-                registry: self.registry.clone(),
-                repository: what.to_string(),
-                message: format!("the token service refused the credentials (HTTP {status})"),
-            });
-        }
-        if !(200..300).contains(&status) {
-            return Err(self.error(format!(
-                "token service: HTTP {status} {}",
-                error_detail(resp)
-            )));
-        }
-        #[derive(serde::Deserialize)]
-        struct TokenAnswer {
-            token: Option<String>,
-            access_token: Option<String>,
-        }
-        let bytes = read_small(resp, "token answer")?;
-        let answer: TokenAnswer = serde_json::from_slice(&bytes)
-            .map_err(|e| self.error(format!("token service sent an unreadable answer ({e})")))?;
-        answer
-            .token
-            .or(answer.access_token)
-            .ok_or_else(|| self.error("token service sent no token".into()))
-    }
-
-    fn check_redirect(
-        &self,
-        from: &str,
-        location: &str,
-        purpose: Purpose,
-        what: &str,
-    ) -> Result<String> {
-        let next = if location.starts_with("https://") || location.starts_with("http://") {
-            location.to_string()
-        } else if location.starts_with('/') {
-            format!("{}{location}", origin(from))
-        } else {
-            return Err(self.error(format!("{what}: unsupported redirect to {location:?}")));
-        };
-        let allowed = match purpose {
-            // What runs is decided here: the registry's own answer for this repository.
-            Purpose::Manifest => {
-                origin(&next) == origin(&self.base) && repository_of(&next) == repository_of(from)
-            }
-            Purpose::Token => origin(&next) == origin(from),
-            Purpose::Blob => {
-                origin(&next) == origin(&self.base)
-                    || (next.starts_with("https://")
-                        && hosts::any_matches(&self.blob_hosts, &host_of(&next)))
-            }
-        };
-        if allowed {
-            return Ok(next);
-        }
-        let fix = match purpose {
-            Purpose::Blob => {
-                "if it is the registry's CDN, the site admins can list that host in \
-                 `[registry] blob_hosts` (HTTPS only)"
-            }
-            Purpose::Manifest | Purpose::Token => {
-                "berth follows such redirects only within the registry (or token service) \
-                 itself; use the registry's own address"
-            }
-        };
-        Err(self.error(format!(
-            "{what}: refusing redirect to {}: {fix}",
-            reference::shown(&origin(&next))
-        )))
-    }
-
     /// A repository's path on this endpoint.
     fn path(&self, repository: &str) -> String {
         match self.prefix.as_str() {
@@ -578,79 +317,44 @@ impl Client {
     }
 }
 
-/// Counts and hashes a blob as it streams, so a blob is known good before anything uses it.
-pub struct Verifier {
-    hasher: Hasher,
-    expected: Digest,
-    size: u64,
-    seen: u64,
-    what: String,
-}
-
-enum Hasher {
-    Sha256(sha2::Sha256),
-    Sha512(sha2::Sha512),
-}
-
-impl Verifier {
-    pub fn new(expected: &Digest, size: u64, what: String) -> Verifier {
-        let hasher = match expected.algorithm() {
-            DigestAlgorithm::Sha256 => Hasher::Sha256(sha2::Sha256::new()),
-            DigestAlgorithm::Sha512 => Hasher::Sha512(sha2::Sha512::new()),
-        };
-        Verifier {
-            hasher,
-            expected: expected.clone(),
-            size,
-            seen: 0,
-            what,
-        }
+/// The login files whose credentials a pull may use where the site has none, where
+/// `[registry] user_credentials` allows: a user's own run reads the caller's (found through
+/// its environment); root's own pulls use the site's credentials only; root pulling for a job
+/// `user` reads that user's, from their home and runtime directories only (the job's
+/// environment is not root's to follow), with their rights so root opens nothing they could
+/// not, and the cache records the pull (see [`access`]). Read before the pull starts: root
+/// hands it to the cache's service user, who could not read them.
+pub fn user_login(config: &RegistryConfig, user: Option<&FsUser>) -> Result<Option<UserLogin>> {
+    let euid = berth_sys::identity::effective_uid();
+    if !config.user_credentials {
+        return Ok(None);
     }
-
-    /// Feeds bytes; refuses as soon as the blob grows past its declared size.
-    pub fn update(&mut self, bytes: &[u8]) -> Result<()> {
-        self.seen += bytes.len() as u64;
-        if self.seen > self.size {
-            return Err(self.mismatch(format!("more than {} bytes", self.size)));
+    let files = match (euid, user) {
+        (0, None) => return Ok(None),
+        (0, Some(user)) => {
+            let uid = user.uid;
+            let home = berth_sys::identity::user_info(uid)
+                .map(|u| u.home)
+                .unwrap_or_default();
+            let runtime = format!("/run/user/{uid}");
+            let paths = auth::user_auth_files(
+                |name| (name == "XDG_RUNTIME_DIR").then(|| runtime.clone()),
+                &home,
+            );
+            berth_sys::fsid::as_user(user, || auth::read_login_files(&paths, uid)).map_err(
+                |e| Error::io(format!("reading the registry login of uid {uid} as that user"), e),
+            )??
         }
-        match &mut self.hasher {
-            Hasher::Sha256(h) => h.update(bytes),
-            Hasher::Sha512(h) => h.update(bytes),
+        (uid, _) => {
+            let home = berth_sys::identity::user_info(uid)
+                .map(|u| u.home)
+                .unwrap_or_default();
+            let paths = auth::user_auth_files(|name| std::env::var(name).ok(), &home);
+            auth::read_login_files(&paths, uid)?
         }
-        Ok(())
-    }
-
-    pub fn finish(self) -> Result<()> {
-        if self.seen != self.size {
-            return Err(self.mismatch(format!("{} of {} bytes", self.seen, self.size)));
-        }
-        let hex = match &self.hasher {
-            Hasher::Sha256(h) => hex::encode(h.clone().finalize()),
-            Hasher::Sha512(h) => hex::encode(h.clone().finalize()),
-        };
-        if hex != self.expected.hex() {
-            return Err(self.mismatch(format!("{}:{hex}", self.expected.algorithm().name())));
-        }
-        Ok(())
-    }
-
-    fn mismatch(&self, actual: String) -> Error {
-        Error::DigestMismatch {
-            what: self.what.clone(),
-            expected: format!("{} ({} bytes)", self.expected, self.size),
-            actual,
-        }
-    }
-}
-
-/// The calling user's own credentials for `registry` (see [`auth::user_auth_files`]).
-fn caller_credentials(registry: &str) -> Result<Option<Credentials>> {
-    let uid = berth_sys::identity::effective_uid();
-    let home = berth_sys::identity::user_info(uid)
-        .map(|u| u.home)
-        .unwrap_or_default();
-    let files = auth::user_auth_files(|name| std::env::var(name).ok(), &home);
-    Ok(auth::user_credentials_for(&files, registry, uid)?.map(|(credentials, _)| credentials))
+    };
+    let uid = user.map_or(euid, |u| u.uid);
+    Ok(Some(UserLogin { uid, files }))
 }
 
 /// System roots plus every `*.crt` in `<certs_dir>/<registry>/` (the containers layout).
@@ -695,156 +399,9 @@ fn root_certs(certs_dir: &Path, registry: &str) -> Result<ureq::tls::RootCerts> 
     })
 }
 
-fn read_small(resp: Response<Body>, what: &str) -> Result<Vec<u8>> {
-    resp.into_body()
-        .into_with_config()
-        .limit(SMALL_DOCUMENT_LIMIT)
-        .read_to_vec()
-        .map_err(|e| {
-            Error::io(
-                format!("reading {what}"),
-                std::io::Error::other(e.to_string()),
-            )
-        })
-}
-
-/// The registry's error text (`{"errors":[{"message":...}]}`) for messages: short, control
-/// characters escaped, and nothing of a body in another format (an HTML page, a proxy's
-/// answer) beyond its first line.
-fn error_detail(resp: Response<Body>) -> String {
-    let body = resp
-        .into_body()
-        .into_with_config()
-        .limit(16 << 10)
-        .read_to_vec()
-        .unwrap_or_default();
-    #[derive(serde::Deserialize)]
-    struct Errors {
-        errors: Vec<ErrorItem>,
-    }
-    #[derive(serde::Deserialize)]
-    struct ErrorItem {
-        #[serde(default)]
-        code: String,
-        #[serde(default)]
-        message: String,
-    }
-    let text = match serde_json::from_slice::<Errors>(&body) {
-        Ok(e) => e
-            .errors
-            .iter()
-            .map(|i| format!("{} {}", i.code, i.message))
-            .collect::<Vec<_>>()
-            .join("; "),
-        Err(_) => String::from_utf8_lossy(&body)
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .to_string(),
-    };
-    reference::shown(text.trim())
-}
-
-fn header(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers.get(name)?.to_str().ok().map(String::from)
-}
-
-/// `scheme://host[:port]` of a URL.
-fn origin(url: &str) -> String {
-    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
-    let host = rest.split(['/', '?']).next().unwrap_or("");
-    format!("{scheme}://{host}")
-}
-
-/// `host[:port]`, lowercase.
-fn host_of(url: &str) -> String {
-    origin(url)
-        .split_once("://")
-        .map(|(_, h)| h.to_ascii_lowercase())
-        .unwrap_or_default()
-}
-
-/// The repository in a `/v2/<repo>/(manifests|blobs)/...` URL, for messages.
-fn repository_of(url: &str) -> String {
-    let path = url.split_once("/v2/").map(|(_, p)| p).unwrap_or("");
-    for marker in ["/manifests/", "/blobs/"] {
-        if let Some((repo, _)) = path.split_once(marker) {
-            return repo.to_string();
-        }
-    }
-    path.to_string()
-}
-
-fn query_escape(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
-fn backoff(attempt: u32) {
-    std::thread::sleep(backoff_delay(attempt));
-}
-
-/// 200 ms, doubling per attempt, at most 5 s.
-fn backoff_delay(attempt: u32) -> Duration {
-    let ms = 200u64 << attempt.saturating_sub(1).min(5);
-    Duration::from_millis(ms.min(5000))
-}
-
-/// A `Retry-After` in seconds (the form registries send; an HTTP date counts as absent and
-/// the usual backoff applies).
-fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let value = header(headers, "retry-after")?;
-    value.trim().parse::<u64>().ok().map(Duration::from_secs)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn verifier_checks_size_and_digest() {
-        let d = Digest::compute(DigestAlgorithm::Sha256, b"hello");
-        let mut v = Verifier::new(&d, 5, "blob x".into());
-        v.update(b"hel").unwrap();
-        v.update(b"lo").unwrap();
-        v.finish().unwrap();
-
-        let mut v = Verifier::new(&d, 5, "blob x".into());
-        v.update(b"jello").unwrap();
-        let err = v.finish().unwrap_err().to_string();
-        assert!(
-            err.contains("blob x") && err.contains("corrupt") && err.contains(&d.to_string()),
-            "{err}"
-        );
-
-        let mut v = Verifier::new(&d, 5, "blob x".into());
-        assert!(v.update(b"hello!").is_err());
-        let v = Verifier::new(&d, 5, "blob x".into());
-        assert!(v.finish().unwrap_err().to_string().contains("0 of 5 bytes"));
-    }
-
-    #[test]
-    fn url_helpers() {
-        assert_eq!(
-            origin("https://h:5000/v2/a/b/blobs/x?y=1"),
-            "https://h:5000"
-        );
-        assert_eq!(host_of("https://H:5000/v2/"), "h:5000");
-        assert_eq!(
-            repository_of("https://h/v2/test/busybox/manifests/latest"),
-            "test/busybox"
-        );
-        assert_eq!(
-            query_escape("repository:a/b:pull"),
-            "repository%3Aa%2Fb%3Apull"
-        );
-    }
 
     /// A one-thread HTTP server on loopback that answers `requests` requests, one per
     /// connection, with `respond(request head)`; it returns the request heads it saw.
@@ -945,6 +502,7 @@ mod tests {
             ClientOptions {
                 plain_http: true,
                 quiet: true,
+                login: None,
             },
         )
         .unwrap();
@@ -983,6 +541,7 @@ mod tests {
         let options = ClientOptions {
             plain_http: true,
             quiet: true,
+            login: None,
         };
         Client::new(&config, registry, options).unwrap()
     }
@@ -1063,6 +622,7 @@ mod tests {
         let options = ClientOptions {
             plain_http: false,
             quiet: true,
+            login: None,
         };
         Client::new(&config, registry, options).unwrap()
     }

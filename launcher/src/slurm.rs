@@ -1,0 +1,88 @@
+//! What berth asks of Slurm's own commands about a job: one field of the job as slurmctld
+//! records it (`squeue`), and the job's AdminComment set (`scontrol update`, which slurmctld
+//! accepts from root, SlurmUser and Slurm administrators only).
+//!
+//! The commands come from the system's directories, never a PATH the caller set, and run
+//! with an empty environment, so nothing of the caller's (SLURM_CONF, SQUEUE_FORMAT) steers
+//! them. Each query names exactly one field, so no text a user chose (a job name, a comment)
+//! can pass for another field, as it could in `scontrol show job`'s `KEY=VALUE` line.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+/// The directories Slurm's commands are looked for in.
+const DIRS: [&str; 3] = ["/usr/bin", "/usr/local/bin", "/bin"];
+
+/// The path of Slurm's command `name`.
+fn program(name: &str) -> Result<String, String> {
+    DIRS.iter()
+        .map(|dir| format!("{dir}/{name}"))
+        .find(|p| Path::new(p).is_file())
+        .ok_or_else(|| format!("{name} is not installed in {}", DIRS.join(", ")))
+}
+
+fn run(name: &str, args: &[String]) -> Result<std::process::Output, String> {
+    let path = program(name)?;
+    Command::new(&path)
+        .args(args)
+        .env_clear()
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("running {path}: {e}"))
+}
+
+/// `command args` answered `status` with `out`: for messages.
+fn refused(name: &str, args: &[String], out: &std::process::Output) -> String {
+    format!(
+        "{name} {} answered {} with {:?}{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout).trim(),
+        match String::from_utf8_lossy(&out.stderr).trim() {
+            "" => String::new(),
+            err => format!(" ({err})"),
+        }
+    )
+}
+
+/// One field of `job` as `squeue --noheader --states=all ARG --jobs=JOB` prints it, `arg`
+/// being one `--format=%X` or `--Format=FIELD:0` (width 0: the whole value). The answer must
+/// be one line; an unset string field reads as empty (squeue prints `(null)`).
+pub fn job_field(job: u32, arg: &str) -> Result<String, String> {
+    let args = vec![
+        "--noheader".to_string(),
+        "--states=all".to_string(),
+        arg.to_string(),
+        format!("--jobs={job}"),
+    ];
+    let out = run("squeue", &args)?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    match text
+        .lines()
+        .map(str::trim_end)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        [value] if out.status.success() => Ok(match *value {
+            "(null)" => String::new(),
+            value => value.trim_start().to_string(),
+        }),
+        _ => Err(refused("squeue", &args, &out)),
+    }
+}
+
+/// Sets `job`'s AdminComment (`scontrol update JobId=JOB AdminComment=TEXT`).
+pub fn set_admin_comment(job: u32, text: &str) -> Result<(), String> {
+    let args = vec![
+        "update".to_string(),
+        format!("JobId={job}"),
+        format!("AdminComment={text}"),
+    ];
+    let out = run("scontrol", &args)?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(refused("scontrol", &args, &out))
+    }
+}
