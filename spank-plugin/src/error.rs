@@ -44,13 +44,6 @@ pub enum Error {
     },
 
     #[error(
-        "the mount source '{src}' cannot be used ({reason}): create it, or fix the path in \
-         --container-mounts / BERTH_CONTAINER_MOUNTS (it is checked as you, here and again on \
-         the compute node)"
-    )]
-    MountSourceUnusable { src: String, reason: String },
-
-    #[error(
         "{option}={value} is relative: give the working directory inside the container as an \
          absolute path, e.g. /{value}"
     )]
