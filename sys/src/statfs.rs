@@ -45,10 +45,30 @@ mod tests {
 
     #[test]
     fn mount_flags_are_those_of_the_mount() {
-        // /proc is mounted nosuid,nodev,noexec everywhere.
-        let proc = super::mount_flags(std::path::Path::new("/proc")).unwrap();
-        let want = super::MsFlags::MS_NOSUID | super::MsFlags::MS_NODEV | super::MsFlags::MS_NOEXEC;
-        assert!(proc.contains(want), "{proc:?}");
+        use super::MsFlags;
+        // The per-mount options of / as the kernel lists them (field 6 of mountinfo).
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let options: Vec<String> = info
+            .lines()
+            .map(|l| l.split(' ').collect::<Vec<_>>())
+            .filter(|f| f[4] == "/")
+            .last()
+            .map(|f| f[5].split(',').map(String::from).collect())
+            .unwrap();
+        let flags = super::mount_flags(std::path::Path::new("/")).unwrap();
+        for (name, flag) in [
+            ("ro", MsFlags::MS_RDONLY),
+            ("nosuid", MsFlags::MS_NOSUID),
+            ("nodev", MsFlags::MS_NODEV),
+            ("noexec", MsFlags::MS_NOEXEC),
+            ("relatime", MsFlags::MS_RELATIME),
+        ] {
+            assert_eq!(
+                flags.contains(flag),
+                options.iter().any(|o| o == name),
+                "{name}: {flags:?} {options:?}"
+            );
+        }
         assert!(super::mount_flags(std::path::Path::new("/no/such/path")).is_err());
     }
 }
