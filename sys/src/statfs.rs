@@ -51,8 +51,7 @@ mod tests {
         let options: Vec<String> = info
             .lines()
             .map(|l| l.split(' ').collect::<Vec<_>>())
-            .filter(|f| f[4] == "/")
-            .last()
+            .rfind(|f| f[4] == "/")
             .map(|f| f[5].split(',').map(String::from).collect())
             .unwrap();
         let flags = super::mount_flags(std::path::Path::new("/")).unwrap();
