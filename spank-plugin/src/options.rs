@@ -115,8 +115,10 @@ pub const SPECS: [OptionSpec; 14] = [
     OptionSpec {
         opt: Opt::Mounts,
         name: c"container-mounts",
-        arginfo: Some(c"SRC[:DST[:ro|rw]][,...]"),
-        usage: c"[berth] bind mount host paths into the container",
+        arginfo: Some(c"SRC[:DST[:FLAGS]][,...]"),
+        usage: c"[berth] bind mount node paths into the container; FLAGS joined by '+' \
+                 (ro, rw, rbind, rprivate, unbindable, nosuid, x-create=dir, ...); SRC \
+                 'tmpfs' mounts a tmpfs, 'umount' removes a default mount",
     },
     OptionSpec {
         opt: Opt::Workdir,
