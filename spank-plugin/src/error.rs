@@ -17,9 +17,10 @@ pub enum Error {
     OptionTooLong { option: String, len: usize },
 
     #[error(
-        "{option}: berth does not run an image's entrypoint in Slurm tasks yet (a SPANK plugin \
-         cannot change the task's command); put the entrypoint in front of your command \
-         instead, e.g. `srun --container-image=IMAGE /entrypoint.sh CMD`"
+        "{option}: berth does not run an image's entrypoint in Slurm tasks on this Slurm (a \
+         SPANK plugin can put a command before the task's only from Slurm 23.11, with \
+         spank_prepend_task_argv); put the entrypoint in front of your command instead, e.g. \
+         `srun --container-image=IMAGE /entrypoint.sh CMD`"
     )]
     EntrypointUnsupported { option: String },
 

@@ -75,6 +75,7 @@ pub enum Opt {
     Readonly,
     Entrypoint,
     NoEntrypoint,
+    EntrypointLog,
     StageIn,
     StageOut,
 }
@@ -90,6 +91,7 @@ pub enum Setting {
     RemapRoot,
     Writable,
     Entrypoint,
+    EntrypointLog,
     StageIn,
     StageOut,
 }
@@ -104,7 +106,7 @@ pub struct OptionSpec {
     pub usage: &'static CStr,
 }
 
-pub const SPECS: [OptionSpec; 14] = [
+pub const SPECS: [OptionSpec; 15] = [
     OptionSpec {
         opt: Opt::Image,
         name: c"container-image",
@@ -182,6 +184,13 @@ pub const SPECS: [OptionSpec; 14] = [
         usage: c"[berth] do not run the image's entrypoint",
     },
     OptionSpec {
+        opt: Opt::EntrypointLog,
+        name: c"container-entrypoint-log",
+        arginfo: None,
+        usage: c"[berth] show the entrypoint's output (accepted for pyxis scripts; berth runs \
+                 no entrypoint in Slurm tasks, so there is none)",
+    },
+    OptionSpec {
         opt: Opt::StageIn,
         name: c"container-stage-in",
         arginfo: Some(c"SRC[:DST][,...]"),
@@ -240,6 +249,7 @@ impl Opt {
             Opt::Readonly => (Setting::Writable, Some(false)),
             Opt::Entrypoint => (Setting::Entrypoint, Some(true)),
             Opt::NoEntrypoint => (Setting::Entrypoint, Some(false)),
+            Opt::EntrypointLog => (Setting::EntrypointLog, Some(true)),
             Opt::StageIn => (Setting::StageIn, None),
             Opt::StageOut => (Setting::StageOut, None),
         }
@@ -263,7 +273,7 @@ impl Opt {
 }
 
 impl Setting {
-    pub const ALL: [Setting; 10] = [
+    pub const ALL: [Setting; 11] = [
         Setting::Image,
         Setting::Mounts,
         Setting::Workdir,
@@ -272,6 +282,7 @@ impl Setting {
         Setting::RemapRoot,
         Setting::Writable,
         Setting::Entrypoint,
+        Setting::EntrypointLog,
         Setting::StageIn,
         Setting::StageOut,
     ];
@@ -289,6 +300,7 @@ impl Setting {
             Setting::RemapRoot => "BERTH_CONTAINER_REMAP_ROOT",
             Setting::Writable => "BERTH_CONTAINER_WRITABLE",
             Setting::Entrypoint => "BERTH_CONTAINER_ENTRYPOINT",
+            Setting::EntrypointLog => "BERTH_CONTAINER_ENTRYPOINT_LOG",
             Setting::StageIn => "BERTH_CONTAINER_STAGE_IN",
             Setting::StageOut => "BERTH_CONTAINER_STAGE_OUT",
         }
@@ -564,6 +576,10 @@ fn apply(out: &mut Settings, setting: Setting, source: &Source, value: &[u8]) ->
         Setting::Env => o.env = parse_env_names(&name(), text(&name(), value)?)?,
         Setting::StageIn => o.stage_in = parse_stages(&name(), text(&name(), value)?, false)?,
         Setting::StageOut => o.stage_out = parse_stages(&name(), text(&name(), value)?, true)?,
+        // Checked like any flag, then without effect: no entrypoint runs, so none logs.
+        Setting::EntrypointLog => {
+            source.flag(value)?;
+        }
         Setting::MountHome | Setting::RemapRoot | Setting::Writable | Setting::Entrypoint => {
             let on = source.flag(value)?;
             if setting == Setting::Entrypoint && on {
@@ -1214,6 +1230,24 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn entrypoint_log_is_accepted_and_checked() {
+        assert_eq!(
+            from(&[(Opt::EntrypointLog, ""), (Opt::NoEntrypoint, "")])
+                .unwrap()
+                .options,
+            ContainerOptions {
+                entrypoint: Some(false),
+                ..ContainerOptions::default()
+            }
+        );
+        let env = |var: &str| (var == "PYXIS_CONTAINER_ENTRYPOINT_LOG").then(|| b"x".to_vec());
+        assert!(matches!(
+            settings(&[], Some(&env)),
+            Err(Error::BoolInvalid { .. })
+        ));
     }
 
     #[test]
