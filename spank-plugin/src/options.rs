@@ -18,6 +18,8 @@
 
 use std::ffi::CStr;
 
+use berth_sys::mount_options::{is_tmpfs_option, BIND_FLAGS, TMPFS_OPTIONS};
+
 use crate::error::Error;
 
 /// The longest value accepted for any option. Real values are far shorter (registries cap a
@@ -29,30 +31,6 @@ pub const VALUE_MAX_BYTES: usize = 4096;
 /// job submitted with an image. pyxis has no such value; `none` is not a usable registry
 /// reference on its own (Docker Hub's would be spelled `docker.io/library/none`).
 pub const HOST_IMAGE: &str = "none";
-
-/// pyxis's `--container-mounts` flags (joined by `+`) that berth's launcher implements,
-/// besides `ro` and `rw` (see [`Access`]): the bind's recursion, its propagation, mount
-/// flags, and what to create at a missing destination.
-pub const MOUNT_FLAGS: [&str; 15] = [
-    "bind",
-    "rbind",
-    "private",
-    "rprivate",
-    "slave",
-    "rslave",
-    "shared",
-    "rshared",
-    "unbindable",
-    "runbindable",
-    "nosuid",
-    "nodev",
-    "noexec",
-    "x-create=file",
-    "x-create=dir",
-];
-
-/// The options a `tmpfs` source also takes, each `NAME=VALUE` (`size=1G`, `huge=within_size`).
-pub const TMPFS_OPTIONS: [&str; 4] = ["size", "nr_inodes", "mode", "huge"];
 
 /// The `--container-mounts` source that mounts a new tmpfs at the destination, and the one
 /// that removes a default mount from the container (pyxis's `tmpfs` and `umount`).
@@ -392,7 +370,7 @@ pub struct Mount {
     pub src: String,
     pub dst: String,
     pub access: Access,
-    /// The other flags, in the order given: [`MOUNT_FLAGS`] and, for a tmpfs,
+    /// The other flags, in the order given: [`BIND_FLAGS`] and, for a tmpfs,
     /// [`TMPFS_OPTIONS`].
     pub flags: Vec<String>,
 }
@@ -693,11 +671,11 @@ fn parse_mount(name: &str, entry: &str) -> Result<Mount, Error> {
         let this = match flag {
             "ro" => Access::ReadOnly,
             "rw" => Access::ReadWrite,
-            f if MOUNT_FLAGS.contains(&f) => {
+            f if BIND_FLAGS.contains(&f) => {
                 other.push(f.to_owned());
                 continue;
             }
-            f if src == TMPFS_SOURCE && tmpfs_option(f) => {
+            f if src == TMPFS_SOURCE && is_tmpfs_option(f) => {
                 other.push(f.to_owned());
                 continue;
             }
@@ -705,7 +683,7 @@ fn parse_mount(name: &str, entry: &str) -> Result<Mount, Error> {
                 return Err(bad(format!(
                     "the flag '{other}' is not supported; berth supports ro, rw, {}, and for \
                      a tmpfs {}",
-                    MOUNT_FLAGS.join(", "),
+                    BIND_FLAGS.join(", "),
                     TMPFS_OPTIONS.map(|o| format!("{o}=VALUE")).join(", ")
                 )))
             }
@@ -723,16 +701,6 @@ fn parse_mount(name: &str, entry: &str) -> Result<Mount, Error> {
         dst: dst.to_owned(),
         access: access.unwrap_or(Access::ReadWrite),
         flags: other,
-    })
-}
-
-/// `NAME=VALUE` with NAME one of [`TMPFS_OPTIONS`] and a VALUE of letters, digits and
-/// `_` only (sizes, modes, `within_size`): nothing that could smuggle in another option.
-fn tmpfs_option(flag: &str) -> bool {
-    flag.split_once('=').is_some_and(|(name, value)| {
-        TMPFS_OPTIONS.contains(&name)
-            && !value.is_empty()
-            && value.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
     })
 }
 

@@ -8,6 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
+use berth_sys::mount_options::{is_tmpfs_option, BIND_FLAGS};
 use oci_spec::runtime::Spec;
 use serde_json::{json, Value};
 
@@ -62,32 +63,6 @@ pub const READONLY_PATHS: [&str; 5] = [
     "/proc/sysrq-trigger",
 ];
 
-/// The flags a bind takes besides `ro` and `rw`, joined by `+` as in pyxis's
-/// `--container-mounts` (the SPANK plugin checks the same list at submission): `bind` for a
-/// non-recursive bind (the default is `rbind`), a propagation type, mount flags, and what to
-/// create at a missing destination (`x-create=dir` is the default for a directory, `file`
-/// for anything else).
-pub const BIND_FLAGS: [&str; 15] = [
-    "bind",
-    "rbind",
-    "private",
-    "rprivate",
-    "slave",
-    "rslave",
-    "shared",
-    "rshared",
-    "unbindable",
-    "runbindable",
-    "nosuid",
-    "nodev",
-    "noexec",
-    "x-create=file",
-    "x-create=dir",
-];
-
-/// The options a `tmpfs` source takes besides [`BIND_FLAGS`]' mount flags, as `NAME=VALUE`.
-pub const TMPFS_OPTIONS: [&str; 4] = ["size", "nr_inodes", "mode", "huge"];
-
 /// What a `--bind` entry puts at its destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BindKind {
@@ -108,7 +83,7 @@ pub struct Bind {
     pub readonly: bool,
     pub kind: BindKind,
     /// The flags besides `ro`/`rw`, in the order given: [`BIND_FLAGS`], and a tmpfs's
-    /// [`TMPFS_OPTIONS`].
+    /// options ([`berth_sys::mount_options::TMPFS_OPTIONS`]).
     pub options: Vec<String>,
 }
 
@@ -142,7 +117,7 @@ impl Bind {
             match flag {
                 "ro" => readonly = true,
                 "rw" => readonly = false,
-                f if BIND_FLAGS.contains(&f) || (kind == BindKind::Tmpfs && tmpfs_option(f)) => {
+                f if BIND_FLAGS.contains(&f) || (kind == BindKind::Tmpfs && is_tmpfs_option(f)) => {
                     options.push(f.to_owned())
                 }
                 f => return Err(bad(&format!("unknown flag {f:?}"))),
@@ -166,16 +141,6 @@ impl Bind {
             options,
         })
     }
-}
-
-/// `NAME=VALUE`, NAME one of [`TMPFS_OPTIONS`], VALUE letters, digits and `_` (nothing that
-/// could add another option to the mount's data).
-fn tmpfs_option(flag: &str) -> bool {
-    flag.split_once('=').is_some_and(|(name, value)| {
-        TMPFS_OPTIONS.contains(&name)
-            && !value.is_empty()
-            && value.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-    })
 }
 
 /// What the user asked for.
