@@ -45,12 +45,6 @@ pub enum Error {
     },
 
     #[error(
-        "{option}={value} is relative: give the working directory inside the container as an \
-         absolute path, e.g. /{value}"
-    )]
-    WorkdirRelative { option: String, value: String },
-
-    #[error(
         "{option}: '{var}' is not a variable name: use letters, digits and '_', not starting \
          with a digit, separated by ','"
     )]

@@ -381,8 +381,12 @@ impl Mount {
         self.src != TMPFS_SOURCE && self.src != UMOUNT_SOURCE
     }
 
-    /// `SRC:DST:FLAGS`, the form the launcher's `--bind` and the request's transport read.
+    /// `SRC:DST:FLAGS` (`umount:DST`), the form the launcher's `--bind` and the request's
+    /// transport read.
     pub fn to_spec(&self) -> String {
+        if self.src == UMOUNT_SOURCE {
+            return format!("{}:{}", self.src, self.dst);
+        }
         let access = match self.access {
             Access::ReadOnly => "ro",
             Access::ReadWrite => "rw",
@@ -755,15 +759,24 @@ pub fn parse_stages(name: &str, value: &str, need_dst: bool) -> Result<Vec<Stage
         .collect()
 }
 
+/// An absolute path as given (the launcher resolves it inside the container's root); a
+/// relative one is below the container's `/`, as in pyxis, with `..` stopping at `/`.
 pub fn parse_workdir(name: &str, value: &[u8]) -> Result<String, Error> {
     let path = text(name, value)?;
-    if !path.starts_with('/') {
-        return Err(Error::WorkdirRelative {
-            option: name.to_owned(),
-            value: path.to_owned(),
-        });
+    if path.starts_with('/') {
+        return Ok(path.to_owned());
     }
-    Ok(path.to_owned())
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            p => parts.push(p),
+        }
+    }
+    Ok(format!("/{}", parts.join("/")))
 }
 
 /// `NAME[,...]`, each a shell identifier: anything else cannot be a variable the container's
@@ -1059,8 +1072,11 @@ mod tests {
 
     #[test]
     fn mounts_travel_in_their_own_syntax_and_relative_sources_become_absolute() {
-        let mut mounts =
-            parse_mounts("m", "./d/./e:/in:unbindable,tmpfs:/t:size=1M,../up:/u").unwrap();
+        let mut mounts = parse_mounts(
+            "m",
+            "./d/./e:/in:unbindable,tmpfs:/t:size=1M,../up:/u,umount:/r",
+        )
+        .unwrap();
         absolute_sources(&mut mounts, std::path::Path::new("/job/dir"));
         let specs: Vec<String> = mounts.iter().map(Mount::to_spec).collect();
         assert_eq!(
@@ -1068,7 +1084,8 @@ mod tests {
             [
                 "/job/dir/d/e:/in:rw+unbindable",
                 "tmpfs:/t:rw+size=1M",
-                "/job/dir/../up:/u:rw"
+                "/job/dir/../up:/u:rw",
+                "umount:/r"
             ]
         );
         for spec in &specs {
@@ -1147,13 +1164,9 @@ mod tests {
     #[test]
     fn workdir_and_env_names() {
         assert_eq!(parse_workdir("w", b"/work dir"), Ok("/work dir".into()));
-        assert_eq!(
-            parse_workdir("w", b"work"),
-            Err(Error::WorkdirRelative {
-                option: "w".into(),
-                value: "work".into()
-            })
-        );
+        for (relative, inside) in [("work", "/work"), ("../", "/"), ("a/../../b/./c", "/b/c")] {
+            assert_eq!(parse_workdir("w", relative.as_bytes()), Ok(inside.into()));
+        }
         assert_eq!(
             parse_env_names("e", "PATH,_X,a1"),
             Ok(vec!["PATH".into(), "_X".into(), "a1".into()])
