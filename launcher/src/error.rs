@@ -103,7 +103,10 @@ pub enum Error {
     },
     #[error("bind {bind} refused: {reason} (set by the site in /etc/berth/berth.toml [site])")]
     BindRefused { bind: String, reason: String },
-    #[error("invalid --bind {spec:?}: {reason} (use SRC:DST[:ro|rw] with an absolute DST)")]
+    #[error(
+        "invalid --bind {spec:?}: {reason} (use SRC:DST[:FLAGS] with an absolute DST; \
+         `berth exec --help` lists the flags)"
+    )]
     BindSyntax { spec: String, reason: String },
     #[error("bind source {} is not usable on this node ({source}): fix the path or create it", path.display())]
     BindSource {

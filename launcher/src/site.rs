@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::container::spec::Bind;
+use crate::container::spec::{Bind, BindKind};
 use crate::{Error, Result};
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -100,7 +100,9 @@ pub fn apply(
             bind: format!("{}:{}", bind.source.display(), bind.destination.display()),
             reason,
         };
-        if !site.user_bind_prefixes.is_empty()
+        // A tmpfs or an umount brings no host data in.
+        if bind.kind == BindKind::Host
+            && !site.user_bind_prefixes.is_empty()
             && !site
                 .user_bind_prefixes
                 .iter()

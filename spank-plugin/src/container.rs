@@ -17,7 +17,7 @@
 
 use crate::error::Error;
 use crate::launcher::Holder;
-use crate::options::{Access, ContainerOptions};
+use crate::options::ContainerOptions;
 use crate::spank::Spank;
 
 /// A bind the node adds to the user's own (the batch script's directory, the PMIx server's).
@@ -42,12 +42,7 @@ pub fn start_args(
         args.push(format!("--gpus={gpus}"));
     }
     for mount in &options.mounts {
-        let ro = if mount.access == Access::ReadOnly {
-            ":ro"
-        } else {
-            ""
-        };
-        args.push(format!("--bind={}:{}{ro}", mount.src, mount.dst));
+        args.push(format!("--bind={}", mount.to_spec()));
     }
     for bind in node {
         let ro = if bind.read_only { ":ro" } else { "" };
@@ -149,7 +144,7 @@ impl StepContainer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::options::Mount;
+    use crate::options::{Access, Mount};
 
     fn set(k: &str, v: &str) -> EnvChange {
         EnvChange::Set(k.into(), v.into())
@@ -213,11 +208,13 @@ mod tests {
                     src: "/data".into(),
                     dst: "/in".into(),
                     access: Access::ReadOnly,
+                    flags: Vec::new(),
                 },
                 Mount {
                     src: "/scratch".into(),
                     dst: "/scratch".into(),
                     access: Access::ReadWrite,
+                    flags: Vec::new(),
                 },
             ],
             workdir: Some("/in".into()),
@@ -238,7 +235,7 @@ mod tests {
                 "start",
                 "--private",
                 "--bind=/data:/in:ro",
-                "--bind=/scratch:/scratch",
+                "--bind=/scratch:/scratch:rw",
                 "--bind=/var/spool/slurmd/job7:/var/spool/slurmd/job7:ro",
                 "--workdir=/in",
                 "--writable",

@@ -17,9 +17,10 @@ pub enum Error {
     OptionTooLong { option: String, len: usize },
 
     #[error(
-        "{option}: berth does not run an image's entrypoint in Slurm tasks yet (a SPANK plugin \
-         cannot change the task's command); put the entrypoint in front of your command \
-         instead, e.g. `srun --container-image=IMAGE /entrypoint.sh CMD`"
+        "{option}: berth does not run an image's entrypoint in Slurm tasks on this Slurm (a \
+         SPANK plugin can put a command before the task's only from Slurm 23.11, with \
+         spank_prepend_task_argv); put the entrypoint in front of your command instead, e.g. \
+         `srun --container-image=IMAGE /entrypoint.sh CMD`"
     )]
     EntrypointUnsupported { option: String },
 
@@ -42,19 +43,6 @@ pub enum Error {
         entry: String,
         reason: String,
     },
-
-    #[error(
-        "the mount source '{src}' cannot be used ({reason}): create it, or fix the path in \
-         --container-mounts / BERTH_CONTAINER_MOUNTS (it is checked as you, here and again on \
-         the compute node)"
-    )]
-    MountSourceUnusable { src: String, reason: String },
-
-    #[error(
-        "{option}={value} is relative: give the working directory inside the container as an \
-         absolute path, e.g. /{value}"
-    )]
-    WorkdirRelative { option: String, value: String },
 
     #[error(
         "{option}: '{var}' is not a variable name: use letters, digits and '_', not starting \

@@ -13,9 +13,12 @@
 //! 2. Slurm's replay of the enclosing job's options: inside a job, srun first runs the
 //!    callbacks for every `_SLURM_SPANK_OPTION_berth_*` variable it inherited, then those of
 //!    its own command line;
-//! 3. the user's `BERTH_CONTAINER_*` environment variables, read at submission only.
+//! 3. the user's environment, read at submission only: `BERTH_CONTAINER_*`, else pyxis's
+//!    `PYXIS_CONTAINER_*` of the same name, so a pyxis user's environment carries over.
 
 use std::ffi::CStr;
+
+use berth_sys::mount_options::{is_tmpfs_option, BIND_FLAGS, TMPFS_OPTIONS};
 
 use crate::error::Error;
 
@@ -29,8 +32,10 @@ pub const VALUE_MAX_BYTES: usize = 4096;
 /// reference on its own (Docker Hub's would be spelled `docker.io/library/none`).
 pub const HOST_IMAGE: &str = "none";
 
-/// The mount flags berth's launcher implements; pyxis's others are refused by name.
-pub const MOUNT_FLAGS: &str = "ro, rw";
+/// The `--container-mounts` source that mounts a new tmpfs at the destination, and the one
+/// that removes a default mount from the container (pyxis's `tmpfs` and `umount`).
+pub const TMPFS_SOURCE: &str = "tmpfs";
+pub const UMOUNT_SOURCE: &str = "umount";
 
 /// One of berth's options. The position in [`SPECS`] is the `val` Slurm hands back to the
 /// option callback, so one callback serves them all.
@@ -48,6 +53,7 @@ pub enum Opt {
     Readonly,
     Entrypoint,
     NoEntrypoint,
+    EntrypointLog,
     StageIn,
     StageOut,
 }
@@ -63,6 +69,7 @@ pub enum Setting {
     RemapRoot,
     Writable,
     Entrypoint,
+    EntrypointLog,
     StageIn,
     StageOut,
 }
@@ -77,7 +84,7 @@ pub struct OptionSpec {
     pub usage: &'static CStr,
 }
 
-pub const SPECS: [OptionSpec; 14] = [
+pub const SPECS: [OptionSpec; 15] = [
     OptionSpec {
         opt: Opt::Image,
         name: c"container-image",
@@ -88,8 +95,10 @@ pub const SPECS: [OptionSpec; 14] = [
     OptionSpec {
         opt: Opt::Mounts,
         name: c"container-mounts",
-        arginfo: Some(c"SRC[:DST[:ro|rw]][,...]"),
-        usage: c"[berth] bind mount host paths into the container",
+        arginfo: Some(c"SRC[:DST[:FLAGS]][,...]"),
+        usage: c"[berth] bind mount node paths into the container; FLAGS joined by '+' \
+                 (ro, rw, rbind, rprivate, unbindable, nosuid, x-create=dir, ...); SRC \
+                 'tmpfs' mounts a tmpfs, 'umount' removes a default mount",
     },
     OptionSpec {
         opt: Opt::Workdir,
@@ -153,6 +162,13 @@ pub const SPECS: [OptionSpec; 14] = [
         usage: c"[berth] do not run the image's entrypoint",
     },
     OptionSpec {
+        opt: Opt::EntrypointLog,
+        name: c"container-entrypoint-log",
+        arginfo: None,
+        usage: c"[berth] show the entrypoint's output (accepted for pyxis scripts; berth runs \
+                 no entrypoint in Slurm tasks, so there is none)",
+    },
+    OptionSpec {
         opt: Opt::StageIn,
         name: c"container-stage-in",
         arginfo: Some(c"SRC[:DST][,...]"),
@@ -211,6 +227,7 @@ impl Opt {
             Opt::Readonly => (Setting::Writable, Some(false)),
             Opt::Entrypoint => (Setting::Entrypoint, Some(true)),
             Opt::NoEntrypoint => (Setting::Entrypoint, Some(false)),
+            Opt::EntrypointLog => (Setting::EntrypointLog, Some(true)),
             Opt::StageIn => (Setting::StageIn, None),
             Opt::StageOut => (Setting::StageOut, None),
         }
@@ -234,7 +251,7 @@ impl Opt {
 }
 
 impl Setting {
-    pub const ALL: [Setting; 10] = [
+    pub const ALL: [Setting; 11] = [
         Setting::Image,
         Setting::Mounts,
         Setting::Workdir,
@@ -243,12 +260,14 @@ impl Setting {
         Setting::RemapRoot,
         Setting::Writable,
         Setting::Entrypoint,
+        Setting::EntrypointLog,
         Setting::StageIn,
         Setting::StageOut,
     ];
 
-    /// The user's environment variable for this setting (pyxis has `PYXIS_CONTAINER_*`).
-    /// A flag pair's variable takes 1/true/yes or 0/false/no; for WRITABLE 0 means readonly.
+    /// The user's environment variable for this setting, berth's name; see [`env_vars`]
+    /// (Self::env_vars) for every name read. A flag pair's variable takes 1/true/yes or
+    /// 0/false/no; for WRITABLE 0 means readonly.
     pub fn env_var(self) -> &'static str {
         match self {
             Setting::Image => "BERTH_CONTAINER_IMAGE",
@@ -259,26 +278,44 @@ impl Setting {
             Setting::RemapRoot => "BERTH_CONTAINER_REMAP_ROOT",
             Setting::Writable => "BERTH_CONTAINER_WRITABLE",
             Setting::Entrypoint => "BERTH_CONTAINER_ENTRYPOINT",
+            Setting::EntrypointLog => "BERTH_CONTAINER_ENTRYPOINT_LOG",
             Setting::StageIn => "BERTH_CONTAINER_STAGE_IN",
             Setting::StageOut => "BERTH_CONTAINER_STAGE_OUT",
         }
     }
 
-    /// The option that sets this setting (to true, for a flag pair), for messages.
-    fn option(self) -> Opt {
-        match self {
-            Setting::Image => Opt::Image,
-            Setting::Mounts => Opt::Mounts,
-            Setting::Workdir => Opt::Workdir,
-            Setting::Env => Opt::Env,
-            Setting::MountHome => Opt::MountHome,
-            Setting::RemapRoot => Opt::RemapRoot,
-            Setting::Writable => Opt::Writable,
-            Setting::Entrypoint => Opt::Entrypoint,
-            Setting::StageIn => Opt::StageIn,
-            Setting::StageOut => Opt::StageOut,
+    /// Every variable that sets this setting, in the order they are read (the first one set
+    /// counts): berth's own, then pyxis's (`PYXIS_CONTAINER_` and the same suffix), then for
+    /// WRITABLE the READONLY pair of both, whose true value means read-only.
+    pub fn env_vars(self) -> Vec<EnvVar> {
+        let berth = self.env_var();
+        let suffix = berth
+            .strip_prefix(BERTH_ENV_PREFIX)
+            .expect("every variable starts with BERTH_CONTAINER_");
+        let pair = |suffix: &str, inverted| {
+            [BERTH_ENV_PREFIX, PYXIS_ENV_PREFIX].map(|prefix| EnvVar {
+                name: format!("{prefix}{suffix}"),
+                inverted,
+            })
+        };
+        let mut vars = pair(suffix, false).to_vec();
+        if self == Setting::Writable {
+            vars.extend(pair("READONLY", true));
         }
+        vars
     }
+}
+
+const BERTH_ENV_PREFIX: &str = "BERTH_CONTAINER_";
+const PYXIS_ENV_PREFIX: &str = "PYXIS_CONTAINER_";
+
+/// An environment variable that sets a setting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvVar {
+    pub name: String,
+    /// A flag variable whose true value sets the pair's other side
+    /// (`PYXIS_CONTAINER_READONLY=1` is `--container-readonly`).
+    pub inverted: bool,
 }
 
 /// Where a value came from; see the module comment for the order.
@@ -325,11 +362,56 @@ pub struct Stage {
     pub dst: String,
 }
 
+/// One `--container-mounts` entry. `src` is a host path (absolute once the submitting side
+/// resolved a relative one against its working directory), [`TMPFS_SOURCE`] or
+/// [`UMOUNT_SOURCE`]; whether a host path exists is the node's call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mount {
     pub src: String,
     pub dst: String,
     pub access: Access,
+    /// The other flags, in the order given: [`BIND_FLAGS`] and, for a tmpfs,
+    /// [`TMPFS_OPTIONS`].
+    pub flags: Vec<String>,
+}
+
+impl Mount {
+    /// A bind of a host path, not a tmpfs or an umount.
+    pub fn is_host_path(&self) -> bool {
+        self.src != TMPFS_SOURCE && self.src != UMOUNT_SOURCE
+    }
+
+    /// `SRC:DST:FLAGS` (`umount:DST`), the form the launcher's `--bind` and the request's
+    /// transport read.
+    pub fn to_spec(&self) -> String {
+        if self.src == UMOUNT_SOURCE {
+            return format!("{}:{}", self.src, self.dst);
+        }
+        let access = match self.access {
+            Access::ReadOnly => "ro",
+            Access::ReadWrite => "rw",
+        };
+        let flags: Vec<&str> = std::iter::once(access)
+            .chain(self.flags.iter().map(String::as_str))
+            .collect();
+        format!("{}:{}:{}", self.src, self.dst, flags.join("+"))
+    }
+}
+
+/// Makes every relative host source absolute against `cwd` (the submitting command's
+/// working directory, which is the job's unless `--chdir` says otherwise), lexically: `.`
+/// components go, `..` stays for the node to resolve.
+pub fn absolute_sources(mounts: &mut [Mount], cwd: &std::path::Path) {
+    for m in mounts.iter_mut().filter(|m| m.is_host_path()) {
+        if !m.src.starts_with('/') {
+            let joined = cwd.join(&m.src);
+            let clean: std::path::PathBuf = joined
+                .components()
+                .filter(|c| *c != std::path::Component::CurDir)
+                .collect();
+            m.src = clean.to_string_lossy().into_owned();
+        }
+    }
 }
 
 /// Every setting other than the image, each `None` where nobody set it, so the launcher's
@@ -382,6 +464,16 @@ pub fn source_name(opt: Opt, origin: Origin) -> String {
 /// Looks up a variable of the user's environment as bytes.
 pub type Env<'a> = &'a dyn Fn(&str) -> Option<Vec<u8>>;
 
+/// A setting's value as found in the user's environment: the first of
+/// [`Setting::env_vars`] that is set and not empty (an empty variable is how shells unset
+/// one for a single command), with the variable's name for messages.
+fn from_environment(setting: Setting, env: Env) -> Option<(EnvVar, Vec<u8>)> {
+    setting
+        .env_vars()
+        .into_iter()
+        .find_map(|var| env(&var.name).filter(|v| !v.is_empty()).map(|v| (var, v)))
+}
+
 /// Parses every given value and the user's environment (`env`, None on the node) into
 /// [`Settings`]. A value given later beats one given earlier from the same origin.
 pub fn settings(given: &[Given], env: Option<Env>) -> Result<Settings, Error> {
@@ -400,15 +492,21 @@ pub fn settings(given: &[Given], env: Option<Env>) -> Result<Settings, Error> {
             .enumerate()
             .filter(|(_, g)| g.opt.setting().0 == setting)
             .max_by_key(|(at, g)| (g.origin, *at))
-            .map(|(_, g)| (g.opt, g.value.clone(), g.origin));
+            .map(|(_, g)| {
+                let source = Source::Option {
+                    opt: g.opt,
+                    origin: g.origin,
+                };
+                (source, g.value.clone(), g.origin)
+            });
         let from_env = || {
-            let value = env?(setting.env_var())?;
-            Some((setting.option(), value, Origin::Environment))
+            let (var, value) = from_environment(setting, env?)?;
+            Some((Source::Variable(var), value, Origin::Environment))
         };
-        let Some((opt, value, origin)) = strongest.or_else(from_env) else {
+        let Some((source, value, origin)) = strongest.or_else(from_env) else {
             continue;
         };
-        apply(&mut out, setting, opt, &value, origin)?;
+        apply(&mut out, setting, &source, &value)?;
         if setting != Setting::Image {
             out.options_origin = out.options_origin.max(Some(origin));
         }
@@ -416,28 +514,56 @@ pub fn settings(given: &[Given], env: Option<Env>) -> Result<Settings, Error> {
     Ok(out)
 }
 
-fn apply(
-    out: &mut Settings,
-    setting: Setting,
-    opt: Opt,
-    value: &[u8],
-    origin: Origin,
-) -> Result<(), Error> {
-    let name = || source_name(opt, origin);
+/// Where one setting's value was read.
+enum Source {
+    Option { opt: Opt, origin: Origin },
+    Variable(EnvVar),
+}
+
+impl Source {
+    fn origin(&self) -> Origin {
+        match self {
+            Source::Option { origin, .. } => *origin,
+            Source::Variable(_) => Origin::Environment,
+        }
+    }
+
+    /// How messages name it: `--container-mounts` or `PYXIS_CONTAINER_MOUNTS`.
+    fn name(&self) -> String {
+        match self {
+            Source::Option { opt, origin } => source_name(*opt, *origin),
+            Source::Variable(var) => var.name.clone(),
+        }
+    }
+
+    /// The value a flag pair is set to.
+    fn flag(&self, value: &[u8]) -> Result<bool, Error> {
+        match self {
+            Source::Option { opt, .. } => Ok(opt
+                .setting()
+                .1
+                .expect("flag settings are set by flag options")),
+            Source::Variable(var) => Ok(parse_bool(&var.name, value)? != var.inverted),
+        }
+    }
+}
+
+fn apply(out: &mut Settings, setting: Setting, source: &Source, value: &[u8]) -> Result<(), Error> {
+    let name = || source.name();
     let o = &mut out.options;
     match setting {
-        Setting::Image => out.image = Some((parse_image(&name(), value)?, origin)),
+        Setting::Image => out.image = Some((parse_image(&name(), value)?, source.origin())),
         Setting::Mounts => o.mounts = parse_mounts(&name(), text(&name(), value)?)?,
         Setting::Workdir => o.workdir = Some(parse_workdir(&name(), value)?),
         Setting::Env => o.env = parse_env_names(&name(), text(&name(), value)?)?,
         Setting::StageIn => o.stage_in = parse_stages(&name(), text(&name(), value)?, false)?,
         Setting::StageOut => o.stage_out = parse_stages(&name(), text(&name(), value)?, true)?,
+        // Checked like any flag, then without effect: no entrypoint runs, so none logs.
+        Setting::EntrypointLog => {
+            source.flag(value)?;
+        }
         Setting::MountHome | Setting::RemapRoot | Setting::Writable | Setting::Entrypoint => {
-            let on = match (origin, opt.setting().1) {
-                (Origin::Environment, _) => parse_bool(setting.env_var(), value)?,
-                (_, Some(on)) => on,
-                (_, None) => unreachable!("flag settings are set by flag options"),
-            };
+            let on = source.flag(value)?;
             if setting == Setting::Entrypoint && on {
                 return Err(Error::EntrypointUnsupported { option: name() });
             }
@@ -537,25 +663,32 @@ fn parse_mount(name: &str, entry: &str) -> Result<Mount, Error> {
             "the source is empty (a doubled or trailing ','?)".into()
         ));
     }
-    if src == "tmpfs" || src == "umount" {
+    if (src == TMPFS_SOURCE || src == UMOUNT_SOURCE) && dst == src {
         return Err(bad(format!(
-            "a '{src}' source is not supported by berth yet; mount a host directory instead"
-        )));
-    }
-    if !src.starts_with('/') {
-        return Err(bad(format!(
-            "the source '{src}' is relative; give an absolute host path such as $PWD/{src}"
+            "a '{src}' source needs a destination: {src}:/PATH"
         )));
     }
     check_container_path(dst).map_err(|why| bad(format!("the destination '{dst}' {why}")))?;
     let mut access = None;
+    let mut other = Vec::new();
     for flag in flags.map(|f| f.split('+')).into_iter().flatten() {
         let this = match flag {
             "ro" => Access::ReadOnly,
             "rw" => Access::ReadWrite,
+            f if BIND_FLAGS.contains(&f) => {
+                other.push(f.to_owned());
+                continue;
+            }
+            f if src == TMPFS_SOURCE && is_tmpfs_option(f) => {
+                other.push(f.to_owned());
+                continue;
+            }
             other => {
                 return Err(bad(format!(
-                    "the flag '{other}' is not supported; berth supports {MOUNT_FLAGS}"
+                    "the flag '{other}' is not supported; berth supports ro, rw, {}, and for \
+                     a tmpfs {}",
+                    BIND_FLAGS.join(", "),
+                    TMPFS_OPTIONS.map(|o| format!("{o}=VALUE")).join(", ")
                 )))
             }
         };
@@ -564,10 +697,14 @@ fn parse_mount(name: &str, entry: &str) -> Result<Mount, Error> {
         }
         access = Some(this);
     }
+    if src == UMOUNT_SOURCE && (access.is_some() || !other.is_empty()) {
+        return Err(bad("an 'umount' entry takes no flags: umount:/PATH".into()));
+    }
     Ok(Mount {
         src: src.to_owned(),
         dst: dst.to_owned(),
         access: access.unwrap_or(Access::ReadWrite),
+        flags: other,
     })
 }
 
@@ -622,15 +759,24 @@ pub fn parse_stages(name: &str, value: &str, need_dst: bool) -> Result<Vec<Stage
         .collect()
 }
 
+/// An absolute path as given (the launcher resolves it inside the container's root); a
+/// relative one is below the container's `/`, as in pyxis, with `..` stopping at `/`.
 pub fn parse_workdir(name: &str, value: &[u8]) -> Result<String, Error> {
     let path = text(name, value)?;
-    if !path.starts_with('/') {
-        return Err(Error::WorkdirRelative {
-            option: name.to_owned(),
-            value: path.to_owned(),
-        });
+    if path.starts_with('/') {
+        return Ok(path.to_owned());
     }
-    Ok(path.to_owned())
+    let mut parts: Vec<&str> = Vec::new();
+    for part in path.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            p => parts.push(p),
+        }
+    }
+    Ok(format!("/{}", parts.join("/")))
 }
 
 /// `NAME[,...]`, each a shell identifier: anything else cannot be a variable the container's
@@ -679,17 +825,7 @@ impl ContainerRequest {
         };
         let mut lines = vec![format!("{}={image}", Opt::Image.name())];
         if !options.mounts.is_empty() {
-            let mounts: Vec<String> = options
-                .mounts
-                .iter()
-                .map(|m| {
-                    let flag = match m.access {
-                        Access::ReadOnly => "ro",
-                        Access::ReadWrite => "rw",
-                    };
-                    format!("{}:{}:{flag}", m.src, m.dst)
-                })
-                .collect();
+            let mounts: Vec<String> = options.mounts.iter().map(Mount::to_spec).collect();
             lines.push(format!("{}={}", Opt::Mounts.name(), mounts.join(",")));
         }
         if let Some(workdir) = &options.workdir {
@@ -745,6 +881,18 @@ impl ContainerRequest {
             });
         }
         let settings = settings(&given, None)?;
+        // The submitting side made relative sources absolute; the node has no cwd to
+        // resolve one against.
+        if let Some(m) = settings
+            .options
+            .mounts
+            .iter()
+            .find(|m| m.is_host_path() && !m.src.starts_with('/'))
+        {
+            return Err(Error::TransportInvalid {
+                line: format!("{}={}", Opt::Mounts.name(), m.to_spec()),
+            });
+        }
         Ok(match settings.image {
             None => ContainerRequest::None,
             Some((ImageChoice::Host, _)) => ContainerRequest::Host,
@@ -794,7 +942,7 @@ mod tests {
         assert_eq!(Opt::from_index(SPECS.len()), None);
         // Each setting is reachable from an option, and each has its own variable.
         for setting in Setting::ALL {
-            assert_eq!(setting.option().setting().0, setting);
+            assert!(SPECS.iter().any(|s| s.opt.setting().0 == setting));
             assert!(setting.env_var().starts_with("BERTH_CONTAINER_"));
         }
     }
@@ -867,24 +1015,51 @@ mod tests {
     }
 
     #[test]
-    fn mounts_accepted() {
-        let m = |src: &str, dst: &str, access| Mount {
+    fn mounts_accepted_in_every_pyxis_form() {
+        let m = |src: &str, dst: &str, access, flags: &[&str]| Mount {
             src: src.into(),
             dst: dst.into(),
             access,
+            flags: flags.iter().map(|f| f.to_string()).collect(),
         };
-        let cases: [(&str, Vec<Mount>); 5] = [
-            ("/data", vec![m("/data", "/data", Access::ReadWrite)]),
-            ("/data:/in", vec![m("/data", "/in", Access::ReadWrite)]),
-            ("/data:/in:ro", vec![m("/data", "/in", Access::ReadOnly)]),
-            ("/a b:/c:rw+rw", vec![m("/a b", "/c", Access::ReadWrite)]),
+        let rw = Access::ReadWrite;
+        let cases: [(&str, Vec<Mount>); 10] = [
+            ("/data", vec![m("/data", "/data", rw, &[])]),
+            ("/data:/in", vec![m("/data", "/in", rw, &[])]),
+            (
+                "/data:/in:ro",
+                vec![m("/data", "/in", Access::ReadOnly, &[])],
+            ),
+            ("/a b:/c d:rw+rw", vec![m("/a b", "/c d", rw, &[])]),
             (
                 "/a:/a:ro,/b:/x",
-                vec![
-                    m("/a", "/a", Access::ReadOnly),
-                    m("/b", "/x", Access::ReadWrite),
-                ],
+                vec![m("/a", "/a", Access::ReadOnly, &[]), m("/b", "/x", rw, &[])],
             ),
+            (
+                "/t:/m:unbindable+ro+nosuid+rprivate",
+                vec![m(
+                    "/t",
+                    "/m",
+                    Access::ReadOnly,
+                    &["unbindable", "nosuid", "rprivate"],
+                )],
+            ),
+            (
+                "/f:/g:bind+x-create=file",
+                vec![m("/f", "/g", rw, &["bind", "x-create=file"])],
+            ),
+            // Relative sources: the submitting side makes them absolute.
+            ("./:/test-mnt", vec![m("./", "/test-mnt", rw, &[])]),
+            (
+                "tmpfs:/scratch:huge=within_size+size=1G+ro",
+                vec![m(
+                    "tmpfs",
+                    "/scratch",
+                    Access::ReadOnly,
+                    &["huge=within_size", "size=1G"],
+                )],
+            ),
+            ("umount:/root", vec![m("umount", "/root", rw, &[])]),
         ];
         for (value, want) in cases {
             assert_eq!(
@@ -896,30 +1071,50 @@ mod tests {
     }
 
     #[test]
+    fn mounts_travel_in_their_own_syntax_and_relative_sources_become_absolute() {
+        let mut mounts = parse_mounts(
+            "m",
+            "./d/./e:/in:unbindable,tmpfs:/t:size=1M,../up:/u,umount:/r",
+        )
+        .unwrap();
+        absolute_sources(&mut mounts, std::path::Path::new("/job/dir"));
+        let specs: Vec<String> = mounts.iter().map(Mount::to_spec).collect();
+        assert_eq!(
+            specs,
+            [
+                "/job/dir/d/e:/in:rw+unbindable",
+                "tmpfs:/t:rw+size=1M",
+                "/job/dir/../up:/u:rw",
+                "umount:/r"
+            ]
+        );
+        for spec in &specs {
+            assert_eq!(parse_mounts("m", spec).unwrap().len(), 1, "{spec}");
+        }
+    }
+
+    #[test]
     fn mounts_refused_with_the_reason() {
         let cases = [
             ("/a,", "the source is empty"),
-            (
-                "data:/data",
-                "the source 'data' is relative; give an absolute host path such as $PWD/data",
-            ),
-            (
-                "tmpfs:/scratch",
-                "'tmpfs' source is not supported by berth yet",
-            ),
-            (
-                "umount:/etc/x",
-                "'umount' source is not supported by berth yet",
-            ),
+            ("tmpfs", "needs a destination: tmpfs:/PATH"),
+            ("umount:/etc/x:ro", "takes no flags"),
             ("/a:b", "the destination 'b' is not absolute"),
             ("/a:/x/../etc", "contains '..'"),
             ("/a:/", "is the container's root"),
             ("/a:/./", "is the container's root"),
             (
-                "/a:/b:rbind",
-                "the flag 'rbind' is not supported; berth supports ro, rw",
+                "/a:/b:rbind+suid",
+                "the flag 'suid' is not supported; berth supports ro, rw, bind, rbind",
             ),
             ("/a:/b:ro+bogus", "the flag 'bogus' is not supported"),
+            // tmpfs options only for a tmpfs, and only plain values.
+            ("/a:/b:size=1G", "the flag 'size=1G' is not supported"),
+            (
+                "tmpfs:/b:size=1G,uid=0",
+                "the destination 'uid=0' is not absolute",
+            ),
+            ("tmpfs:/b:mode=1777=x", "the flag 'mode=1777=x'"),
             ("/a:/b:ro+rw", "both ro and rw"),
             ("/a:/b:ro:x", "more than SRC:DST:FLAGS"),
             ("/a::ro", "the destination '' is not absolute"),
@@ -969,13 +1164,9 @@ mod tests {
     #[test]
     fn workdir_and_env_names() {
         assert_eq!(parse_workdir("w", b"/work dir"), Ok("/work dir".into()));
-        assert_eq!(
-            parse_workdir("w", b"work"),
-            Err(Error::WorkdirRelative {
-                option: "w".into(),
-                value: "work".into()
-            })
-        );
+        for (relative, inside) in [("work", "/work"), ("../", "/"), ("a/../../b/./c", "/b/c")] {
+            assert_eq!(parse_workdir("w", relative.as_bytes()), Ok(inside.into()));
+        }
         assert_eq!(
             parse_env_names("e", "PATH,_X,a1"),
             Ok(vec!["PATH".into(), "_X".into(), "a1".into()])
@@ -1020,6 +1211,24 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn entrypoint_log_is_accepted_and_checked() {
+        assert_eq!(
+            from(&[(Opt::EntrypointLog, ""), (Opt::NoEntrypoint, "")])
+                .unwrap()
+                .options,
+            ContainerOptions {
+                entrypoint: Some(false),
+                ..ContainerOptions::default()
+            }
+        );
+        let env = |var: &str| (var == "PYXIS_CONTAINER_ENTRYPOINT_LOG").then(|| b"x".to_vec());
+        assert!(matches!(
+            settings(&[], Some(&env)),
+            Err(Error::BoolInvalid { .. })
+        ));
     }
 
     #[test]
@@ -1068,7 +1277,7 @@ mod tests {
     #[test]
     fn environment_values_are_checked_and_named() {
         let env = |var: &str| match var {
-            "BERTH_CONTAINER_MOUNTS" => Some(b"rel:/x".to_vec()),
+            "BERTH_CONTAINER_MOUNTS" => Some(b"/a:rel".to_vec()),
             _ => None,
         };
         let msg = settings(&[], Some(&env)).unwrap_err().to_string();
@@ -1105,11 +1314,13 @@ mod tests {
                         src: "/d a".into(),
                         dst: "/in".into(),
                         access: Access::ReadOnly,
+                        flags: vec!["rprivate".into(), "noexec".into()],
                     },
                     Mount {
-                        src: "/s".into(),
+                        src: "tmpfs".into(),
                         dst: "/s".into(),
                         access: Access::ReadWrite,
+                        flags: vec!["size=1G".into()],
                     },
                 ],
                 workdir: Some("/w".into()),
@@ -1147,6 +1358,57 @@ mod tests {
     }
 
     #[test]
+    fn pyxis_variables_set_every_setting_and_berth_and_the_command_line_win() {
+        let env = |var: &str| match var {
+            "PYXIS_CONTAINER_IMAGE" => Some(b"pyxis/img".to_vec()),
+            "PYXIS_CONTAINER_WORKDIR" => Some(b"/pyxis".to_vec()),
+            "BERTH_CONTAINER_WORKDIR" => Some(b"/berth".to_vec()),
+            "PYXIS_CONTAINER_MOUNT_HOME" => Some(b"0".to_vec()),
+            "PYXIS_CONTAINER_REMAP_ROOT" => Some(b"1".to_vec()),
+            "PYXIS_CONTAINER_READONLY" => Some(b"1".to_vec()),
+            "PYXIS_CONTAINER_ENV" => Some(b"".to_vec()), // empty: unset for this command
+            _ => None,
+        };
+        let s = settings(&[], Some(&env)).unwrap();
+        assert_eq!(
+            s.image,
+            Some((ImageChoice::Image("pyxis/img".into()), Origin::Environment))
+        );
+        assert_eq!(s.options.workdir.as_deref(), Some("/berth"));
+        assert_eq!(s.options.mount_home, Some(false));
+        assert_eq!(s.options.remap_root, Some(true));
+        assert_eq!(s.options.writable, Some(false));
+        assert!(s.options.env.is_empty());
+        let s = settings(&[given(Opt::Writable, "", CLI)], Some(&env)).unwrap();
+        assert_eq!(s.options.writable, Some(true));
+        // A bad value is named by the variable it came from.
+        let env = |var: &str| (var == "PYXIS_CONTAINER_WRITABLE").then(|| b"perhaps".to_vec());
+        assert_eq!(
+            settings(&[], Some(&env)),
+            Err(Error::BoolInvalid {
+                var: "PYXIS_CONTAINER_WRITABLE".into(),
+                value: "perhaps".into()
+            })
+        );
+        let env = |var: &str| (var == "PYXIS_CONTAINER_MOUNTS").then(|| b"/a:rel".to_vec());
+        let msg = settings(&[], Some(&env)).unwrap_err().to_string();
+        assert!(msg.starts_with("PYXIS_CONTAINER_MOUNTS"), "{msg}");
+    }
+
+    #[test]
+    fn every_setting_reads_its_pyxis_variable() {
+        for setting in Setting::ALL {
+            let names: Vec<String> = setting.env_vars().into_iter().map(|v| v.name).collect();
+            let pyxis = setting.env_var().replacen("BERTH_", "PYXIS_", 1);
+            assert_eq!(names[..2], [setting.env_var().to_owned(), pyxis]);
+        }
+        let inverted: Vec<EnvVar> = Setting::Writable.env_vars().split_off(2);
+        assert!(inverted
+            .iter()
+            .all(|v| v.inverted && v.name.ends_with("_READONLY")));
+    }
+
+    #[test]
     fn transport_is_checked_again() {
         assert_eq!(
             ContainerRequest::from_transport(b"container-image=x\nbogus=1"),
@@ -1154,8 +1416,12 @@ mod tests {
                 line: "bogus=1".into()
             })
         );
-        let err = ContainerRequest::from_transport(b"container-image=x\ncontainer-mounts=rel:/a")
+        let err = ContainerRequest::from_transport(b"container-image=x\ncontainer-mounts=/a:rel")
             .unwrap_err();
         assert!(matches!(err, Error::MountInvalid { .. }), "{err:?}");
+        // The node has no working directory to resolve a relative source against.
+        let err = ContainerRequest::from_transport(b"container-image=x\ncontainer-mounts=rel:/a")
+            .unwrap_err();
+        assert!(matches!(err, Error::TransportInvalid { .. }), "{err:?}");
     }
 }

@@ -295,6 +295,7 @@ fn staged_mounts(out: &str) -> Result<Vec<Mount>, Error> {
                 src: local.to_owned(),
                 dst: dst.to_owned(),
                 access: Access::ReadOnly,
+                flags: Vec::new(),
             }),
             _ => Err(Error::StageFailed {
                 detail: format!("unexpected answer from berth stage in: {line:?}"),
@@ -614,7 +615,8 @@ esac"#,
             vec![Mount {
                 src: "/var/tmp/s/1100/k/data".into(),
                 dst: "/in".into(),
-                access: Access::ReadOnly
+                access: Access::ReadOnly,
+                flags: Vec::new(),
             }]
         );
         assert!(staged_mounts("garbage\n").is_err());
@@ -626,6 +628,7 @@ esac"#,
             src: src.into(),
             dst: dst.into(),
             access: Access::ReadWrite,
+            flags: Vec::new(),
         };
         let mounts = [mount("/tmp/job", "/out"), mount("/tmp/deep", "/out/d")];
         let stage = |src: &str, dst: &str| Stage {

@@ -137,6 +137,11 @@ pub fn init_post_opt(spank: Spank, context: Context) -> Result<(), Error> {
     let launcher = Launcher::new(&config.berth);
     let request = decide(&given, &getenv, context, &launcher)?;
     spank::log_debug(&format!("request: {request:?}"));
+    if let ContainerRequest::Container { options, .. } = &request {
+        for warning in missing_sources(&options.mounts) {
+            spank::log_error(&warning);
+        }
+    }
 
     // The process environment is changed on purpose: srun, sbatch and salloc build the
     // job's environment from their own `environ`, and Slurm offers a plugin no other way to
@@ -221,7 +226,10 @@ fn decide(
     context: Context,
     launcher: &Launcher,
 ) -> Result<ContainerRequest, Error> {
-    let settings = options::settings(given, Some(env))?;
+    let mut settings = options::settings(given, Some(env))?;
+    if let Ok(cwd) = std::env::current_dir() {
+        options::absolute_sources(&mut settings.options.mounts, &cwd);
+    }
     let slurm_container = env(SLURM_CONTAINER)
         .filter(|v| !v.is_empty())
         .map(|v| options::parse_image("--container (SLURM_CONTAINER)", &v))
@@ -266,14 +274,6 @@ fn decide(
         }
     };
 
-    for mount in &settings.options.mounts {
-        if let Err(e) = std::fs::metadata(&mount.src) {
-            return Err(Error::MountSourceUnusable {
-                src: mount.src.clone(),
-                reason: e.to_string(),
-            });
-        }
-    }
     let vetted = match launcher.policy_check(&image)? {
         Verdict::Deny(reason) => return Err(Error::PolicyDenied { image, reason }),
         Verdict::Allow(vetted) => vetted,
@@ -295,6 +295,24 @@ fn decide(
         image: pinned,
         options: settings.options,
     })
+}
+
+/// Warnings for the mount sources this host lacks. Only a warning: the node, where the
+/// job's paths must exist (a node-local `/raid`, say), checks them and refuses the step
+/// there, from the task, with the same cause.
+fn missing_sources(mounts: &[options::Mount]) -> Vec<String> {
+    mounts
+        .iter()
+        .filter(|m| m.is_host_path())
+        .filter_map(|m| {
+            let e = std::fs::metadata(&m.src).err()?;
+            Some(format!(
+                "warning: the mount source path does not exist or is unusable here: '{}' \
+                 ({e}); the compute node checks it again and refuses the step if it lacks it",
+                m.src
+            ))
+        })
+        .collect()
 }
 
 /// The partition the job will run in, where the submitting process can know it. SPANK has no
@@ -559,25 +577,32 @@ esac"#,
     }
 
     #[test]
-    fn mount_sources_must_exist() {
+    fn mount_sources_missing_here_only_warn_and_relative_ones_become_absolute() {
         let dir = tempfile::tempdir().unwrap();
         let there = dir.path().display().to_string();
+        let missing = format!("{there}/missing");
         let given = [
             cli(Opt::Image, "ok/a"),
-            cli(Opt::Mounts, &format!("{there}:/in:ro")),
+            cli(
+                Opt::Mounts,
+                &format!("{there}:/in:ro,{missing}:/m,./rel/./x:/r,tmpfs:/t"),
+            ),
         ];
         let (result, _) = run(&given, &[], Context::Local);
         let Ok(ContainerRequest::Container { options, .. }) = result else {
             panic!("{result:?}")
         };
-        assert_eq!(options.mounts[0].src, there);
-        let missing = format!("{there}/missing");
-        let given = [cli(Opt::Image, "ok/a"), cli(Opt::Mounts, &missing)];
-        let (result, calls) = run(&given, &[], Context::Local);
-        let msg = result.unwrap_err().to_string();
-        assert!(msg.contains(&format!("'{missing}'")), "{msg}");
-        assert!(msg.contains("No such file or directory"), "{msg}");
-        assert!(calls.is_empty(), "refused before asking the launcher");
+        let cwd = std::env::current_dir().unwrap();
+        let sources: Vec<&str> = options.mounts.iter().map(|m| m.src.as_str()).collect();
+        let relative = cwd.join("rel/x").display().to_string();
+        assert_eq!(sources, [there.as_str(), &missing, &relative, "tmpfs"]);
+        let warnings = missing_sources(&options.mounts);
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(
+            warnings[0].contains(&format!("'{missing}'")),
+            "{warnings:?}"
+        );
+        assert!(warnings[0].contains("does not exist"), "{warnings:?}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod fsid;
 pub mod holder;
 pub mod identity;
 pub mod memfd;
+pub mod mount_options;
 pub mod namespaces;
 pub mod process;
 #[cfg(any(test, feature = "recording"))]

@@ -15,8 +15,12 @@ use crate::{Error, Result};
 #[derive(Debug, clap::Args)]
 pub struct ContainerArgs {
     /// Bind a host path into the container (repeatable); DST is resolved inside the image,
-    /// where a symlink cannot lead outside the container.
-    #[arg(long = "bind", short = 'B', value_name = "SRC:DST[:ro]")]
+    /// where a symlink cannot lead outside the container. FLAGS, joined by `+` as in pyxis:
+    /// ro, rw, bind (not recursive; rbind is the default), [r]private, [r]slave, [r]shared,
+    /// [r]unbindable, nosuid, nodev, noexec, x-create=file|dir. SRC `tmpfs` mounts a new
+    /// tmpfs (which also takes size=, nr_inodes=, mode=, huge=); SRC `umount` leaves out the
+    /// default mount at DST (the home directory, /tmp, /etc/hosts, ...).
+    #[arg(long = "bind", short = 'B', value_name = "SRC:DST[:FLAGS]")]
     pub binds: Vec<String>,
     /// Working directory inside the container (default: the image's, else the current
     /// directory when it is visible inside, else /).

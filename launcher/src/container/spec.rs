@@ -8,6 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
+use berth_sys::mount_options::{is_tmpfs_option, BIND_FLAGS};
 use oci_spec::runtime::Spec;
 use serde_json::{json, Value};
 
@@ -62,28 +63,42 @@ pub const READONLY_PATHS: [&str; 5] = [
     "/proc/sysrq-trigger",
 ];
 
-/// `--bind SRC:DST[:ro|rw]`, SRC already canonical on the host.
+/// What a `--bind` entry puts at its destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BindKind {
+    /// The host path `source`.
+    Host,
+    /// A new, empty tmpfs (source `tmpfs`).
+    Tmpfs,
+    /// Nothing: the container's default mount there is left out (source `umount`).
+    Umount,
+}
+
+/// `--bind SRC:DST[:FLAGS]`, FLAGS joined by `+`. SRC is a host path (canonical once
+/// parsed), `tmpfs` or `umount`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bind {
     pub source: PathBuf,
     pub destination: PathBuf,
     pub readonly: bool,
+    pub kind: BindKind,
+    /// The flags besides `ro`/`rw`, in the order given: [`BIND_FLAGS`], and a tmpfs's
+    /// options ([`berth_sys::mount_options::TMPFS_OPTIONS`]).
+    pub options: Vec<String>,
 }
 
 impl Bind {
-    /// Parses `SRC:DST[:ro|rw]`; SRC is canonicalized on the host (it must exist).
+    /// Parses `SRC:DST[:FLAGS]`; a host SRC is canonicalized here (it must exist).
     pub fn parse(spec: &str) -> Result<Bind> {
         let bad = |reason: &str| Error::BindSyntax {
             spec: spec.into(),
             reason: reason.into(),
         };
         let parts: Vec<&str> = spec.split(':').collect();
-        let (src, dst, readonly) = match parts.as_slice() {
-            [s, d] => (*s, *d, false),
-            [s, d, "ro"] => (*s, *d, true),
-            [s, d, "rw"] => (*s, *d, false),
-            [_, _, f] => return Err(bad(&format!("unknown flag {f:?}"))),
-            _ => return Err(bad("expected SRC:DST or SRC:DST:FLAG")),
+        let (src, dst, flags) = match parts.as_slice() {
+            [s, d] => (*s, *d, ""),
+            [s, d, f] => (*s, *d, *f),
+            _ => return Err(bad("expected SRC:DST or SRC:DST:FLAGS")),
         };
         if src.is_empty() {
             return Err(bad("empty source"));
@@ -91,14 +106,39 @@ impl Bind {
         if !Path::new(dst).is_absolute() {
             return Err(bad("the destination must be absolute"));
         }
-        let source = std::fs::canonicalize(src).map_err(|source| Error::BindSource {
-            path: src.into(),
-            source,
-        })?;
+        let kind = match src {
+            "tmpfs" => BindKind::Tmpfs,
+            "umount" => BindKind::Umount,
+            _ => BindKind::Host,
+        };
+        let mut readonly = false;
+        let mut options = Vec::new();
+        for flag in flags.split('+').filter(|f| !f.is_empty()) {
+            match flag {
+                "ro" => readonly = true,
+                "rw" => readonly = false,
+                f if BIND_FLAGS.contains(&f) || (kind == BindKind::Tmpfs && is_tmpfs_option(f)) => {
+                    options.push(f.to_owned())
+                }
+                f => return Err(bad(&format!("unknown flag {f:?}"))),
+            }
+        }
+        if kind == BindKind::Umount && (readonly || !options.is_empty()) {
+            return Err(bad("umount takes no flags"));
+        }
+        let source = match kind {
+            BindKind::Host => std::fs::canonicalize(src).map_err(|source| Error::BindSource {
+                path: src.into(),
+                source,
+            })?,
+            _ => src.into(),
+        };
         Ok(Bind {
             source,
             destination: dst.into(),
             readonly,
+            kind,
+            options,
         })
     }
 }
@@ -187,12 +227,12 @@ pub fn build(image: &ImageRef<'_>, opts: &Options, host: &Host) -> Result<Spec> 
         let all = berth_sys::caps::all_names();
         process["capabilities"] = json!({ "bounding": all, "effective": all, "permitted": all });
     }
-    let home = host.home.as_deref().unwrap_or(Path::new("/"));
+    let home = home_inside(opts, host);
     let spec = json!({
         "ociVersion": "1.0.2",
         "root": { "path": "root", "readonly": !opts.writable },
         "process": process,
-        "mounts": mounts(opts, host),
+        "mounts": mounts(opts, host)?,
         "linux": {
             "namespaces": [{ "type": "user" }, { "type": "mount" }],
             "devices": DEVICES.iter().map(|(path, major, minor)| {
@@ -258,13 +298,15 @@ fn workdir(config: &ImageConfig, opts: &Options, host: &Host) -> Result<PathBuf>
         return Ok("/".into());
     };
     // The last bind wins, as its mount is the one on top.
-    for bind in opts.binds.iter().rev() {
+    for bind in opts.binds.iter().rev().filter(|b| b.kind == BindKind::Host) {
         if let Ok(rel) = cwd.strip_prefix(&bind.source) {
             return Ok(bind.destination.join(rel));
         }
     }
     match (&host.home, opts.no_home) {
-        (Some(home), false) if cwd.starts_with(home) => Ok(cwd.clone()),
+        (Some(home), false) => Ok(cwd
+            .strip_prefix(home)
+            .map_or_else(|_| "/".into(), |rel| home_inside(opts, host).join(rel))),
         _ => Ok("/".into()),
     }
 }
@@ -273,7 +315,7 @@ fn workdir(config: &ImageConfig, opts: &Options, host: &Host) -> Result<PathBuf>
 /// TERM of the host user; then `--env`. Nothing else of the host's environment (LANG/LC_*
 /// notably) comes in unless named with `--env`.
 fn environment(config: &ImageConfig, opts: &Options, host: &Host) -> Vec<String> {
-    let home = host.home.as_deref().unwrap_or(Path::new("/"));
+    let home = home_inside(opts, host);
     let mut vars = vec![
         ("PATH".to_string(), config.path().to_string()),
         ("HOME".to_string(), home.display().to_string()),
@@ -318,7 +360,7 @@ pub(crate) fn bind(source: &Path, destination: &Path, readonly: bool) -> Value {
 }
 
 /// The mounts, in the order they are made (later ones on top of earlier ones).
-fn mounts(opts: &Options, host: &Host) -> Vec<Value> {
+fn mounts(opts: &Options, host: &Host) -> Result<Vec<Value>> {
     let p = Path::new;
     // /proc and /sys are binds of the host's: a new procfs or sysfs needs a PID or network
     // namespace of our own, which would hide the job's processes and network from it.
@@ -363,12 +405,73 @@ fn mounts(opts: &Options, host: &Host) -> Vec<Value> {
     v.push(bind(p(PASSWD), p("/etc/passwd"), true));
     v.push(bind(p(GROUP), p("/etc/group"), true));
     if let (Some(home), false) = (&host.home, opts.no_home) {
-        v.push(bind(home, home, false));
+        v.push(bind(home, &home_inside(opts, host), false));
     }
     for b in &opts.binds {
-        v.push(bind(&b.source, &b.destination, b.readonly));
+        match b.kind {
+            BindKind::Host => {
+                let mut m = bind(&b.source, &b.destination, b.readonly);
+                // `bind` asks for the bind alone, without the mounts below the source.
+                if b.options.iter().any(|o| o == "bind") {
+                    m["options"][0] = json!("bind");
+                }
+                extend_options(
+                    &mut m,
+                    b.options.iter().filter(|o| *o != "bind" && *o != "rbind"),
+                );
+                v.push(m);
+            }
+            BindKind::Tmpfs => {
+                let mut m = mount(&b.destination, "tmpfs", p("tmpfs"), &["nosuid", "nodev"]);
+                let ro = b.readonly.then(|| "ro".to_owned());
+                extend_options(&mut m, b.options.iter().chain(ro.as_ref()));
+                v.push(m);
+            }
+            BindKind::Umount => {
+                if KERNEL_MOUNTS.iter().any(|k| b.destination == Path::new(k)) {
+                    return Err(Error::BindSyntax {
+                        spec: format!("umount:{}", b.destination.display()),
+                        reason: format!(
+                            "{} is a kernel interface every container keeps",
+                            b.destination.display()
+                        ),
+                    });
+                }
+                let before = v.len();
+                v.retain(|m| m["destination"] != json!(b.destination));
+                if v.len() == before {
+                    return Err(Error::BindSyntax {
+                        spec: format!("umount:{}", b.destination.display()),
+                        reason: "nothing is mounted there by default (or by an earlier \
+                                 --container-mounts entry); remove the entry"
+                            .into(),
+                    });
+                }
+            }
+        }
     }
-    v
+    Ok(v)
+}
+
+/// The default mounts `umount:` may not remove: the kernel interfaces, which the masked and
+/// read-only paths of the spec are applied on.
+const KERNEL_MOUNTS: [&str; 4] = ["/proc", "/sys", "/dev", "/dev/pts"];
+
+/// Appends `extra` to a mount's options.
+fn extend_options<'a>(m: &mut Value, extra: impl Iterator<Item = &'a String>) {
+    if let Some(options) = m["options"].as_array_mut() {
+        options.extend(extra.map(|o| json!(o)));
+    }
+}
+
+/// Where the user's home appears: at its own path, or at /root for a remapped root, whose
+/// home that is (as in pyxis).
+fn home_inside(opts: &Options, host: &Host) -> PathBuf {
+    match (&host.home, opts.remap_root) {
+        (_, true) => PathBuf::from("/root"),
+        (Some(home), false) => home.clone(),
+        (None, false) => PathBuf::from("/"),
+    }
 }
 
 #[cfg(test)]
@@ -491,6 +594,8 @@ mod tests {
             source: "/home/ada".into(),
             destination: "/data".into(),
             readonly: false,
+            kind: BindKind::Host,
+            options: vec![],
         }];
         assert_eq!(cwd(&none, &o, &host()), Path::new("/data/proj"));
         o.workdir = Some("/explicit".into());
@@ -595,6 +700,8 @@ mod tests {
             source: "/scratch".into(),
             destination: "/data".into(),
             readonly: true,
+            kind: BindKind::Host,
+            options: vec![],
         }];
         let spec = build_with(&ImageConfig::default(), &o, &host());
         let d = destinations(&spec);
@@ -659,6 +766,99 @@ mod tests {
             Bind::parse("/no/such/dir:/d"),
             Err(Error::BindSource { .. })
         ));
+    }
+
+    #[test]
+    fn bind_flags_tmpfs_and_umount_parse() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().display().to_string();
+        let b = Bind::parse(&format!("{src}:/m:ro+unbindable+nosuid")).unwrap();
+        assert!(b.readonly && b.kind == BindKind::Host);
+        assert_eq!(b.options, ["unbindable", "nosuid"]);
+        let t = Bind::parse("tmpfs:/t:rw+size=1G+huge=within_size").unwrap();
+        assert_eq!(
+            (t.kind, t.source.as_path()),
+            (BindKind::Tmpfs, Path::new("tmpfs"))
+        );
+        assert_eq!(t.options, ["size=1G", "huge=within_size"]);
+        assert_eq!(Bind::parse("umount:/root").unwrap().kind, BindKind::Umount);
+        for bad in [
+            format!("{src}:/m:size=1G"),
+            "tmpfs:/t:uid=0=1".into(),
+            "tmpfs:/t:mode=".into(),
+            "umount:/root:ro".into(),
+        ] {
+            assert!(
+                matches!(Bind::parse(&bad), Err(Error::BindSyntax { .. })),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn tmpfs_binds_and_umount_shape_the_mounts() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().display().to_string();
+        let mut o = opts(&["true"]);
+        o.binds = [
+            format!("{src}:/m:bind+ro+rprivate"),
+            "tmpfs:/t:size=1M".into(),
+            "umount:/home/ada".into(),
+            "umount:/etc/hosts".into(),
+        ]
+        .iter()
+        .map(|b| Bind::parse(b).unwrap())
+        .collect();
+        let spec = build_with(&ImageConfig::default(), &o, &host());
+        let d = destinations(&spec);
+        assert!(!d.contains(&"/home/ada".to_string()) && !d.contains(&"/etc/hosts".to_string()));
+        let mounts = spec.mounts().as_ref().unwrap();
+        let m = mounts
+            .iter()
+            .find(|m| m.destination() == Path::new("/m"))
+            .unwrap();
+        assert_eq!(m.options().clone().unwrap(), ["bind", "ro", "rprivate"]);
+        let t = mounts
+            .iter()
+            .find(|m| m.destination() == Path::new("/t"))
+            .unwrap();
+        assert_eq!(t.typ().as_deref(), Some("tmpfs"));
+        assert_eq!(t.options().clone().unwrap(), ["nosuid", "nodev", "size=1M"]);
+
+        let image = ImageRef {
+            path: Path::new("/i"),
+            offset: 0,
+            config: &ImageConfig::default(),
+        };
+        for (umount, reason) in [
+            ("umount:/proc", "kernel interface"),
+            ("umount:/nothing", "nothing is mounted"),
+        ] {
+            o.binds = vec![Bind::parse(umount).unwrap()];
+            let msg = build(&image, &o, &host()).unwrap_err().to_string();
+            assert!(msg.contains(reason), "{msg}");
+        }
+    }
+
+    #[test]
+    fn a_remapped_root_has_its_home_at_root() {
+        let mut o = opts(&["true"]);
+        o.remap_root = true;
+        let spec = build_with(&ImageConfig::default(), &o, &host());
+        let home = spec
+            .mounts()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.source().as_deref() == Some(Path::new("/home/ada")))
+            .unwrap()
+            .clone();
+        assert_eq!(home.destination(), Path::new("/root"));
+        assert_eq!(get(&env_of(&spec), "HOME"), Some("/root"));
+        assert_eq!(spec.annotations().as_ref().unwrap()[ANN_USER_HOME], "/root");
+        // The job's directory below the home is the same directory below /root.
+        let cwd = spec.process().as_ref().unwrap().cwd().clone();
+        assert_eq!(cwd, Path::new("/root/proj"));
     }
 
     #[test]

@@ -126,13 +126,14 @@ pub fn assemble(
         edit::driver_version(spec).as_deref(),
     )?;
     for m in spec.mounts().iter().flatten() {
-        let mount = mounts::to_sys_mount(m, bundle)?;
-        sys.mount_in_root(&root, &mount)
-            .map_err(|source| Error::Sys {
-                path: m.destination().clone(),
-                source,
-            })?;
-        if mount.target == Path::new("/dev") {
+        for call in mounts::to_sys_mounts(m, bundle)? {
+            sys.mount_in_root(&root, &call)
+                .map_err(|source| Error::Sys {
+                    path: m.destination().clone(),
+                    source,
+                })?;
+        }
+        if m.destination() == Path::new("/dev") {
             devices::bind_devices(sys, &root, spec)?;
             devices::links(sys, &root)?;
         }

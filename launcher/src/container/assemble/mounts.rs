@@ -6,15 +6,19 @@ use berth_sys::{Mount, MountpointKind, MsFlags, Syscall};
 
 use crate::{Error, Result};
 
-/// What an OCI mount option means (crun's `mount_flags` table): a flag to set, `ro`, or
-/// nothing. Options not listed are the file system's own data (`mode=755`, `size=64k`).
+/// What an OCI mount option means (crun's `mount_flags` table): a flag to set, a
+/// propagation type, `ro`, or nothing. Options not listed are the file system's own data
+/// (`mode=755`, `size=64k`).
 enum Opt {
     Flags(MsFlags),
+    Propagation(MsFlags),
     ReadOnly,
+    /// What to create at a missing destination (pyxis's `x-create`).
+    Create(MountpointKind),
     Ignored,
 }
 
-const OPTIONS: [(&str, Opt); 7] = [
+const OPTIONS: [(&str, Opt); 17] = [
     ("rbind", Opt::Flags(MsFlags::MS_BIND.union(MsFlags::MS_REC))),
     ("bind", Opt::Flags(MsFlags::MS_BIND)),
     ("ro", Opt::ReadOnly),
@@ -22,11 +26,42 @@ const OPTIONS: [(&str, Opt); 7] = [
     ("nosuid", Opt::Flags(MsFlags::MS_NOSUID)),
     ("nodev", Opt::Flags(MsFlags::MS_NODEV)),
     ("noexec", Opt::Flags(MsFlags::MS_NOEXEC)),
+    ("private", Opt::Propagation(MsFlags::MS_PRIVATE)),
+    (
+        "rprivate",
+        Opt::Propagation(MsFlags::MS_PRIVATE.union(MsFlags::MS_REC)),
+    ),
+    ("slave", Opt::Propagation(MsFlags::MS_SLAVE)),
+    (
+        "rslave",
+        Opt::Propagation(MsFlags::MS_SLAVE.union(MsFlags::MS_REC)),
+    ),
+    ("shared", Opt::Propagation(MsFlags::MS_SHARED)),
+    (
+        "rshared",
+        Opt::Propagation(MsFlags::MS_SHARED.union(MsFlags::MS_REC)),
+    ),
+    ("unbindable", Opt::Propagation(MsFlags::MS_UNBINDABLE)),
+    (
+        "runbindable",
+        Opt::Propagation(MsFlags::MS_UNBINDABLE.union(MsFlags::MS_REC)),
+    ),
+    ("x-create=file", Opt::Create(MountpointKind::File)),
+    ("x-create=dir", Opt::Create(MountpointKind::Dir)),
 ];
 
-/// Translates one OCI mount. Relative sources are in the bundle; binds of files get a file
-/// mountpoint; flag-like options become mount flags, the rest the file system's data.
-pub fn to_sys_mount(m: &oci_spec::runtime::Mount, bundle: &Path) -> Result<Mount> {
+/// The flags a bind only gets from a remount (mount(2) ignores them with MS_BIND).
+const REMOUNT_FLAGS: MsFlags = MsFlags::MS_NOSUID
+    .union(MsFlags::MS_NODEV)
+    .union(MsFlags::MS_NOEXEC);
+
+/// Translates one OCI mount into the mount(2) calls that make it, in order: the mount; for
+/// a bind with nosuid/nodev/noexec, a remount that adds them (keeping the flags the source's
+/// mount has, which a user namespace may not clear); for a propagation type, the change
+/// of type. Relative sources are in the bundle; binds of files get a file mountpoint unless
+/// `x-create` says otherwise; flag-like options become mount flags, the rest the file
+/// system's data.
+pub fn to_sys_mounts(m: &oci_spec::runtime::Mount, bundle: &Path) -> Result<Vec<Mount>> {
     let source = m.source().clone().unwrap_or_default();
     let source = if source.is_relative() {
         bundle.join(source)
@@ -35,6 +70,8 @@ pub fn to_sys_mount(m: &oci_spec::runtime::Mount, bundle: &Path) -> Result<Mount
     };
     let typ = m.typ().clone().unwrap_or_else(|| "bind".into());
     let mut flags = MsFlags::empty();
+    let mut propagation = MsFlags::empty();
+    let mut create = None;
     let mut data = Vec::new();
     let mut readonly = false;
     for o in m.options().iter().flatten() {
@@ -44,7 +81,9 @@ pub fn to_sys_mount(m: &oci_spec::runtime::Mount, bundle: &Path) -> Result<Mount
             .map(|(_, opt)| opt)
         {
             Some(Opt::Flags(f)) => flags |= *f,
+            Some(Opt::Propagation(f)) => propagation |= *f,
             Some(Opt::ReadOnly) => readonly = true,
+            Some(Opt::Create(kind)) => create = Some(*kind),
             Some(Opt::Ignored) => {}
             None => data.push(o.as_str()),
         }
@@ -53,7 +92,7 @@ pub fn to_sys_mount(m: &oci_spec::runtime::Mount, bundle: &Path) -> Result<Mount
     if is_bind {
         flags |= MsFlags::MS_BIND;
     }
-    let kind = match std::fs::metadata(&source) {
+    let found = match std::fs::metadata(&source) {
         Ok(meta) if is_bind && !meta.is_dir() => MountpointKind::File,
         Ok(_) => MountpointKind::Dir,
         Err(e) if is_bind => {
@@ -64,15 +103,51 @@ pub fn to_sys_mount(m: &oci_spec::runtime::Mount, bundle: &Path) -> Result<Mount
         }
         Err(_) => MountpointKind::Dir,
     };
-    Ok(Mount {
+    let kind = create.unwrap_or(found);
+    let change = |flags: MsFlags| Mount {
+        source: None,
+        target: m.destination().clone(),
+        fstype: None,
+        flags,
+        data: None,
+        readonly: false,
+        kind,
+    };
+    let mut calls = Vec::new();
+    let remount = (is_bind && flags.intersects(REMOUNT_FLAGS)).then(|| {
+        let kept = berth_sys::statfs::mount_flags(&source).map_err(|e| Error::BindSource {
+            path: source.clone(),
+            source: e,
+        })?;
+        let ro = if readonly {
+            MsFlags::MS_RDONLY
+        } else {
+            MsFlags::empty()
+        };
+        Ok::<_, Error>(change(
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | (flags & REMOUNT_FLAGS) | kept | ro,
+        ))
+    });
+    calls.push(Mount {
         source: Some(source),
         target: m.destination().clone(),
         fstype: (!is_bind).then_some(typ),
-        flags,
+        flags: if is_bind {
+            flags - REMOUNT_FLAGS
+        } else {
+            flags
+        },
         data: (!data.is_empty()).then(|| data.join(",")),
         readonly,
         kind,
-    })
+    });
+    if let Some(remount) = remount {
+        calls.push(remount?);
+    }
+    if !propagation.is_empty() {
+        calls.push(change(propagation));
+    }
+    Ok(calls)
 }
 
 /// `linux.maskedPaths` and `linux.readonlyPaths`, as runc realises them: a masked file gets
@@ -138,4 +213,80 @@ pub fn mask_and_protect(
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn oci(
+        destination: &str,
+        typ: &str,
+        source: &Path,
+        options: &[&str],
+    ) -> oci_spec::runtime::Mount {
+        serde_json::from_value(serde_json::json!({
+            "destination": destination, "type": typ, "source": source, "options": options,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn propagation_is_its_own_call_after_the_bind() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = oci("/mnt", "bind", dir.path(), &["rbind", "ro", "unbindable"]);
+        let calls = to_sys_mounts(&m, Path::new("/bundle")).unwrap();
+        assert_eq!(calls.len(), 2, "{calls:?}");
+        assert_eq!(calls[0].flags, MsFlags::MS_BIND | MsFlags::MS_REC);
+        assert!(calls[0].readonly);
+        assert_eq!(calls[1].source, None);
+        assert_eq!(calls[1].target, Path::new("/mnt"));
+        assert_eq!(calls[1].flags, MsFlags::MS_UNBINDABLE);
+    }
+
+    #[test]
+    fn bind_flags_come_from_a_remount_that_keeps_the_source_mount_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = oci(
+            "/mnt",
+            "bind",
+            dir.path(),
+            &["bind", "ro", "noexec", "x-create=dir"],
+        );
+        let calls = to_sys_mounts(&m, Path::new("/bundle")).unwrap();
+        assert_eq!(calls.len(), 2, "{calls:?}");
+        assert_eq!(
+            calls[0].flags,
+            MsFlags::MS_BIND,
+            "mount(2) would ignore noexec here"
+        );
+        let kept = berth_sys::statfs::mount_flags(dir.path()).unwrap();
+        assert_eq!(
+            calls[1].flags,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY | kept
+        );
+        assert_eq!(calls[1].kind, MountpointKind::Dir);
+    }
+
+    #[test]
+    fn tmpfs_options_are_its_data_and_x_create_sets_the_mountpoint() {
+        let m = oci(
+            "/t",
+            "tmpfs",
+            Path::new("tmpfs"),
+            &["nosuid", "nodev", "huge=within_size", "ro"],
+        );
+        let calls = to_sys_mounts(&m, Path::new("/bundle")).unwrap();
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].fstype.as_deref(), Some("tmpfs"));
+        assert_eq!(calls[0].flags, MsFlags::MS_NOSUID | MsFlags::MS_NODEV);
+        assert_eq!(calls[0].data.as_deref(), Some("huge=within_size"));
+        assert!(calls[0].readonly);
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let m = oci("/f", "bind", file.path(), &["rbind"]);
+        assert_eq!(
+            to_sys_mounts(&m, Path::new("/b")).unwrap()[0].kind,
+            MountpointKind::File
+        );
+    }
 }
