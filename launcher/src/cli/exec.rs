@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use super::Globals;
 use crate::cache;
 use crate::config::Config;
+use crate::container::writable::{Changes, NamedId};
 use crate::container::{self, spec};
 use crate::gpu;
 use crate::{Error, Result};
@@ -25,8 +26,9 @@ pub struct ContainerArgs {
     /// Set a variable inside the container (repeatable; wins over the image's).
     #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
     pub env: Vec<String>,
-    /// Let the command change the image's files (in memory, for the container's life; the
-    /// image file never changes).
+    /// Let the command change the image's files (on node-local disk under [runtime]
+    /// writable_dir, up to [runtime] writable_max_size, for the container's life; the image
+    /// file never changes).
     #[arg(long)]
     pub writable: bool,
     /// Do not bind the home directory.
@@ -75,11 +77,12 @@ pub fn run(a: Args, g: &Globals) -> Result<i32> {
             let config = Config::load_for_caller(g.config.as_deref())?;
             // Held until the command ends: a cached image stays locked against eviction.
             let image = cache::runnable(&config, image)?;
-            let spec = build_spec(&a.container, &image.path, command.to_vec(), &config)?;
+            let mut spec = build_spec(&a.container, &image.path, command.to_vec(), &config)?;
             if a.container.print_spec {
                 return print_spec(&spec);
             }
-            container::exec(&spec, &config.runtime)
+            let changes = changes_for(&a.container, None, &config, &mut spec)?;
+            container::exec(&spec, &config.runtime, changes)
         }
     };
     // A missing or non-executable command keeps the shell's exit statuses (127, 126).
@@ -134,6 +137,24 @@ pub fn build_spec(
     let edits = gpu::discover(&config.gpu, selection.as_ref(), &env, &gpu::HostNode)?;
     gpu::edit::apply(&mut spec, &edits)?;
     Ok(spec)
+}
+
+/// Where a container's writes go: a named container's own directory, kept for the job, or
+/// for `--writable` a temporary one; the spec's overlay is pointed at it. None: read-only,
+/// nothing written.
+pub fn changes_for(
+    c: &ContainerArgs,
+    named: Option<&NamedId>,
+    config: &Config,
+    spec: &mut oci_spec::runtime::Spec,
+) -> Result<Option<Changes>> {
+    let changes = match named {
+        Some(id) => Changes::named(&config.runtime, id)?,
+        None if c.writable => Changes::temporary(&config.runtime, &container::tmpdir())?,
+        None => return Ok(None),
+    };
+    changes.annotate(spec);
+    Ok(Some(changes))
 }
 
 pub fn print_spec(spec: &oci_spec::runtime::Spec) -> Result<i32> {

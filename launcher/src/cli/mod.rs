@@ -14,6 +14,7 @@ mod exec;
 mod fetch;
 mod generate;
 mod images;
+mod named;
 mod policy;
 mod sif;
 mod stage;
@@ -62,6 +63,9 @@ pub enum Command {
     Images(images::ListArgs),
     /// Evict images from the node cache.
     Prune(images::PruneArgs),
+    /// Manage the named containers (`--container-name`) of your jobs on this node.
+    #[command(subcommand)]
+    Named(named::Command),
     /// Copy data to node-local storage and results back.
     #[command(subcommand)]
     Stage(stage::Command),
@@ -90,6 +94,7 @@ impl Cli {
             Command::Resolve(a) => fetch::run_resolve(a, g),
             Command::Images(a) => images::run_list(a, g),
             Command::Prune(a) => images::run_prune(a, g),
+            Command::Named(c) => named::run(c, g),
             Command::Stage(c) => stage::run(c, g),
             Command::Audit(a) => audit::run(a, g),
             Command::Config(c) => config::run(c, g),

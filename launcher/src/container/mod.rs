@@ -14,6 +14,7 @@
 pub mod assemble;
 pub mod handle;
 pub mod spec;
+pub mod writable;
 
 use std::ffi::{CString, OsString};
 use std::os::fd::{AsFd, OwnedFd};
@@ -26,6 +27,7 @@ use oci_spec::runtime::Spec;
 
 use crate::config::RuntimeConfig;
 use crate::{Error, Result};
+use writable::Changes;
 
 /// The exit status berth gives an error: 127 and 126 for a command that is missing or not
 /// executable (the shell's convention), 125 for berth's own failures.
@@ -37,11 +39,14 @@ pub fn exit_code(e: &Error) -> i32 {
     }
 }
 
-/// Runs the spec's command in a new container; returns its exit status.
-pub fn exec(spec: &Spec, runtime: &RuntimeConfig) -> Result<i32> {
+/// Runs the spec's command in a new container whose writes go to `changes` (if writable);
+/// returns its exit status.
+pub fn exec(spec: &Spec, runtime: &RuntimeConfig, changes: Option<Changes>) -> Result<i32> {
     let command = command_spec(spec)?;
-    let running = Running::start(spec, runtime)?;
+    let mut running = Running::start(spec, runtime, changes)?;
     let child = process::spawn(&command).map_err(sys_err("starting the command"))?;
+    // Only now: a thread must not exist while berth forks.
+    running.watch_changes();
     let result = match child {
         Ok(pid) => running
             .signals
@@ -56,9 +61,10 @@ pub fn exec(spec: &Spec, runtime: &RuntimeConfig) -> Result<i32> {
 
 /// Starts a container that stays until SIGTERM/SIGINT/SIGHUP/SIGQUIT: prints its handle
 /// (`PID:FD`, see [`handle`]) on stdout, then detaches stdout so a reader sees EOF.
-pub fn start(spec: &Spec, runtime: &RuntimeConfig) -> Result<i32> {
-    let running = Running::start(spec, runtime)?;
+pub fn start(spec: &Spec, runtime: &RuntimeConfig, changes: Option<Changes>) -> Result<i32> {
+    let mut running = Running::start(spec, runtime, changes)?;
     let published = handle::publish(spec)?;
+    running.watch_changes();
     let helper_end = running
         .signals
         .wait_for_stop(running.helper)
@@ -95,17 +101,22 @@ pub fn join_exec(handle: &str, argv: Vec<String>, env: &[(String, String)]) -> R
     Err(spawn_error(process::exec(&command), &command))
 }
 
-/// A container berth holds: its signals, FUSE daemon and bundle.
+/// A container berth holds: its signals, FUSE daemon, bundle and, when it can write, the
+/// directory its changes go to (with that directory's upper layer open for the watcher).
 struct Running {
     signals: process::Signals,
     helper: i32,
     bundle: Bundle,
+    changes: Option<Changes>,
+    /// The upper layer of `changes`, until the watcher takes it.
+    upper: Option<berth_sys::fs::Dir>,
 }
 
 impl Running {
-    fn start(spec: &Spec, runtime: &RuntimeConfig) -> Result<Running> {
+    fn start(spec: &Spec, runtime: &RuntimeConfig, changes: Option<Changes>) -> Result<Running> {
         let squashfuse = assemble::find_squashfuse()?;
         let bundle = Bundle::create(runtime)?;
+        let upper = changes.as_ref().map(Changes::open_upper).transpose()?;
         // Blocked before the first fork, so no signal is lost or kills berth half-way.
         let signals = process::block_signals().map_err(sys_err("blocking signals"))?;
         let assembled = assemble::assemble(&LinuxSyscall, spec, &bundle.path, &squashfuse)?;
@@ -113,18 +124,29 @@ impl Running {
             signals,
             helper: assembled.helper,
             bundle,
+            changes,
+            upper,
         })
     }
 
+    /// Starts measuring what the container writes (see [`Changes::watch`]).
+    fn watch_changes(&mut self) {
+        if let (Some(changes), Some(upper)) = (&self.changes, self.upper.take()) {
+            changes.watch(upper);
+        }
+    }
+
     /// Ends the FUSE daemon (the image is read-only: nothing to flush) and removes the
-    /// bundle directory if berth created it.
+    /// bundle directory if berth created it, and a temporary container's changes.
     fn stop(self) -> Result<()> {
         process::kill_and_reap(self.helper).map_err(sys_err("stopping squashfuse"))?;
         self.remove_bundle()
     }
 
     fn remove_bundle(self) -> Result<()> {
-        self.bundle.remove()
+        let changes = self.changes.map(Changes::finish).transpose();
+        self.bundle.remove()?;
+        changes.map(drop)
     }
 }
 
@@ -145,10 +167,7 @@ impl Bundle {
                 created: None,
             });
         }
-        let tmp = std::env::var_os("TMPDIR")
-            .map(PathBuf::from)
-            .filter(|p| p.is_absolute())
-            .unwrap_or_else(|| "/tmp".into());
+        let tmp = tmpdir();
         let (path, parent) = berth_sys::rootfs::private_dir(&tmp, ".berth-")
             .map_err(|source| Error::Sys { path: tmp, source })?;
         let name = path.file_name().expect("mkdtemp names a child").to_owned();
@@ -168,6 +187,15 @@ impl Bundle {
             None => Ok(()),
         }
     }
+}
+
+/// $TMPDIR, or /tmp: where berth keeps what it would otherwise keep in an area the node
+/// lacks.
+pub fn tmpdir() -> PathBuf {
+    std::env::var_os("TMPDIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .unwrap_or_else(|| "/tmp".into())
 }
 
 /// How to start the spec's process.

@@ -93,15 +93,23 @@ pub fn assemble(
         kind: MountpointKind::Dir,
     })
     .map_err(container("mounting the runtime tmpfs"))?;
-    let [lower, upper, work, root] = ["lower", "upper", "work", "root"].map(|d| bundle.join(d));
-    for d in [&lower, &upper, &work, &root] {
+    // A writable container's changes go to its directory on disk (see `writable`); a
+    // read-only one's upper layer only gets berth's mountpoints, in the tmpfs.
+    let changes = facts.changes.as_deref().unwrap_or(bundle);
+    let [upper, work] = ["upper", "work"].map(|d| changes.join(d));
+    let [lower, root] = ["lower", "root"].map(|d| bundle.join(d));
+    let mut fresh = vec![&lower, &root];
+    if facts.changes.is_none() {
+        fresh.extend([&upper, &work]);
+    }
+    for d in fresh {
         std::fs::create_dir(d).map_err(|e| Error::io(format!("creating {}", d.display()), e))?;
     }
 
     let helper = mount_image(sys, &facts, &lower, squashfuse)?;
 
-    // The image stays read-only; a tmpfs upper layer gives mountpoints the image lacks and,
-    // with --writable, a root that can change for the container's life.
+    // The image stays read-only; the upper layer gives mountpoints the image lacks and, with
+    // --writable, a root that can change for the container's life.
     sys.mount(&Mount {
         source: Some("overlay".into()),
         target: root.clone(),
@@ -228,6 +236,8 @@ pub struct AssemblyInputs {
     pub(crate) gid_inside: u32,
     pub(crate) user: String,
     pub(crate) home: String,
+    /// The directory holding the overlay's upper and work directories on disk, if any.
+    pub(crate) changes: Option<PathBuf>,
 }
 
 impl AssemblyInputs {
@@ -262,6 +272,7 @@ impl AssemblyInputs {
             gid_inside: user.gid(),
             user: get(spec::ANN_USER_NAME)?,
             home: get(spec::ANN_USER_HOME)?,
+            changes: ann.get(super::writable::ANN_CHANGES).map(PathBuf::from),
         })
     }
 }
@@ -439,6 +450,38 @@ mod tests {
         );
         let group = std::fs::read_to_string(bundle.path().join("group")).unwrap();
         assert_eq!(group, "ada:x:0:\n");
+    }
+
+    #[test]
+    fn a_writable_container_writes_to_its_directory_on_disk() {
+        let changes = tempfile::tempdir().unwrap();
+        let mut spec = spec_for(false, true);
+        let mut ann = spec.annotations().clone().unwrap();
+        ann.insert(
+            crate::container::writable::ANN_CHANGES.into(),
+            changes.path().display().to_string(),
+        );
+        spec.set_annotations(Some(ann));
+        let sys = RecordingSyscall::default();
+        let (bundle, r) = run(&sys, &spec);
+        r.unwrap();
+        let overlay = sys
+            .calls()
+            .into_iter()
+            .find_map(|c| match c {
+                Call::Mount(m) if m.fstype.as_deref() == Some("overlay") => m.data,
+                _ => None,
+            })
+            .unwrap();
+        let c = changes.path().display();
+        assert!(
+            overlay.contains(&format!("upperdir={c}/upper,workdir={c}/work")),
+            "{overlay}"
+        );
+        assert!(
+            !bundle.path().join("upper").exists(),
+            "nothing in the tmpfs"
+        );
     }
 
     #[test]
