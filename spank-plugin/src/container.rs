@@ -29,15 +29,21 @@ pub struct NodeBind {
 
 /// `berth start` arguments for `image` with the user's options, the node's binds, each at
 /// the same path inside, and the step's GPUs (Slurm's indexes, which berth maps through
-/// gres.conf). `--container-env` is not among them: it is applied per task.
+/// gres.conf), for a step of job `job`. `--container-env` is not among them: it is applied
+/// per task. A named container keeps its files for the job, and is writable unless
+/// `--container-readonly` says otherwise (pyxis's containers are).
 pub fn start_args(
     image: &str,
     options: &ContainerOptions,
     node: &[NodeBind],
     gpus: Option<&str>,
+    job: u32,
 ) -> Vec<String> {
     // --private: only root may open the holder's descriptors (see Launcher::start).
     let mut args = vec!["start".to_owned(), "--private".to_owned()];
+    if let Some(named) = &options.name {
+        args.push(format!("--named={job}/{}", named.name));
+    }
     if let Some(gpus) = gpus.filter(|g| !g.is_empty()) {
         args.push(format!("--gpus={gpus}"));
     }
@@ -57,7 +63,11 @@ pub fn start_args(
         args.push(format!("--workdir={workdir}"));
     }
     let flags = [
-        (options.writable == Some(true), "--writable"),
+        (
+            options.writable == Some(true)
+                || (options.name.is_some() && options.writable.is_none()),
+            "--writable",
+        ),
         (options.mount_home == Some(false), "--no-home"),
         (options.remap_root == Some(true), "--remap-root"),
     ];
@@ -233,7 +243,7 @@ mod tests {
             read_only: true,
         }];
         assert_eq!(
-            start_args("h/r@sha256:00", &options, &node, None),
+            start_args("h/r@sha256:00", &options, &node, None, 7),
             strings(&[
                 "start",
                 "--private",
@@ -249,16 +259,40 @@ mod tests {
             ])
         );
         assert_eq!(
-            start_args("-x", &ContainerOptions::default(), &[], None),
+            start_args("-x", &ContainerOptions::default(), &[], None, 7),
             strings(&["start", "--private", "--", "-x"])
         );
         assert_eq!(
-            start_args("i", &ContainerOptions::default(), &[], Some("0,2")),
+            start_args("i", &ContainerOptions::default(), &[], Some("0,2"), 7),
             strings(&["start", "--private", "--gpus=0,2", "--", "i"])
         );
         assert_eq!(
-            start_args("i", &ContainerOptions::default(), &[], Some("")),
+            start_args("i", &ContainerOptions::default(), &[], Some(""), 7),
             strings(&["start", "--private", "--", "i"])
+        );
+        // A named container is writable unless read-only was asked for.
+        let named = |writable| ContainerOptions {
+            name: Some(crate::options::Named {
+                name: "env".into(),
+                mode: crate::options::NameMode::Auto,
+            }),
+            writable,
+            ..ContainerOptions::default()
+        };
+        assert_eq!(
+            start_args("i", &named(None), &[], None, 7),
+            strings(&[
+                "start",
+                "--private",
+                "--named=7/env",
+                "--writable",
+                "--",
+                "i"
+            ])
+        );
+        assert_eq!(
+            start_args("i", &named(Some(false)), &[], None, 7),
+            strings(&["start", "--private", "--named=7/env", "--", "i"])
         );
     }
 }

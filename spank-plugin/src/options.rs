@@ -50,6 +50,7 @@ pub enum Opt {
     NoEntrypoint,
     StageIn,
     StageOut,
+    Name,
 }
 
 /// What an option sets. The `--x` / `--no-x` pairs (and writable/readonly) share a setting.
@@ -65,6 +66,7 @@ pub enum Setting {
     Entrypoint,
     StageIn,
     StageOut,
+    Name,
 }
 
 /// One option as Slurm needs it described, C strings because Slurm keeps the pointers.
@@ -77,7 +79,7 @@ pub struct OptionSpec {
     pub usage: &'static CStr,
 }
 
-pub const SPECS: [OptionSpec; 14] = [
+pub const SPECS: [OptionSpec; 15] = [
     OptionSpec {
         opt: Opt::Image,
         name: c"container-image",
@@ -166,6 +168,13 @@ pub const SPECS: [OptionSpec; 14] = [
         usage: c"[berth] copy SRC (a container path in a staged directory) to DST when the \
                  step ends, also when it fails",
     },
+    OptionSpec {
+        opt: Opt::Name,
+        name: c"container-name",
+        arginfo: Some(c"NAME[:auto|create|exec|no_exec]"),
+        usage: c"[berth] keep the container for later steps of the job (on each node, its \
+                 files on local disk; removed when the job ends); a running one is entered",
+    },
 ];
 
 impl Opt {
@@ -213,6 +222,7 @@ impl Opt {
             Opt::NoEntrypoint => (Setting::Entrypoint, Some(false)),
             Opt::StageIn => (Setting::StageIn, None),
             Opt::StageOut => (Setting::StageOut, None),
+            Opt::Name => (Setting::Name, None),
         }
     }
 
@@ -234,7 +244,7 @@ impl Opt {
 }
 
 impl Setting {
-    pub const ALL: [Setting; 10] = [
+    pub const ALL: [Setting; 11] = [
         Setting::Image,
         Setting::Mounts,
         Setting::Workdir,
@@ -245,6 +255,7 @@ impl Setting {
         Setting::Entrypoint,
         Setting::StageIn,
         Setting::StageOut,
+        Setting::Name,
     ];
 
     /// The user's environment variable for this setting (pyxis has `PYXIS_CONTAINER_*`).
@@ -261,6 +272,7 @@ impl Setting {
             Setting::Entrypoint => "BERTH_CONTAINER_ENTRYPOINT",
             Setting::StageIn => "BERTH_CONTAINER_STAGE_IN",
             Setting::StageOut => "BERTH_CONTAINER_STAGE_OUT",
+            Setting::Name => "BERTH_CONTAINER_NAME",
         }
     }
 
@@ -277,6 +289,7 @@ impl Setting {
             Setting::Entrypoint => Opt::Entrypoint,
             Setting::StageIn => Opt::StageIn,
             Setting::StageOut => Opt::StageOut,
+            Setting::Name => Opt::Name,
         }
     }
 }
@@ -345,6 +358,45 @@ pub struct ContainerOptions {
     pub entrypoint: Option<bool>,
     pub stage_in: Vec<Stage>,
     pub stage_out: Vec<Stage>,
+    /// `--container-name`.
+    pub name: Option<Named>,
+}
+
+/// `--container-name=NAME[:MODE]`: a container kept for the job's later steps on each node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Named {
+    pub name: String,
+    pub mode: NameMode,
+}
+
+/// What `--container-name` does with a container of that name, as in pyxis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NameMode {
+    /// Enter it if running, else start it from its files, else create it.
+    Auto,
+    /// Create it; an error if it exists.
+    Create,
+    /// Enter it; an error if it is not running.
+    Exec,
+    /// Start it from its files (or create it), never entering a running one.
+    NoExec,
+}
+
+impl NameMode {
+    const ALL: [(NameMode, &'static str); 4] = [
+        (NameMode::Auto, "auto"),
+        (NameMode::Create, "create"),
+        (NameMode::Exec, "exec"),
+        (NameMode::NoExec, "no_exec"),
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(m, _)| *m == self)
+            .map(|(_, s)| *s)
+            .expect("every mode has a name")
+    }
 }
 
 /// The settings parsed from every source, with where each came from; the image choice is
@@ -369,6 +421,9 @@ pub enum ContainerRequest {
         image: String,
         options: ContainerOptions,
     },
+    /// `--container-name` without an image: the job's container of that name, run from the
+    /// image it was created with (`options.name` is set).
+    Named { options: ContainerOptions },
 }
 
 /// How an offending value is named in a message: the option, or the environment variable.
@@ -432,6 +487,7 @@ fn apply(
         Setting::Env => o.env = parse_env_names(&name(), text(&name(), value)?)?,
         Setting::StageIn => o.stage_in = parse_stages(&name(), text(&name(), value)?, false)?,
         Setting::StageOut => o.stage_out = parse_stages(&name(), text(&name(), value)?, true)?,
+        Setting::Name => o.name = Some(parse_name(&name(), text(&name(), value)?)?),
         Setting::MountHome | Setting::RemapRoot | Setting::Writable | Setting::Entrypoint => {
             let on = match (origin, opt.setting().1) {
                 (Origin::Environment, _) => parse_bool(setting.env_var(), value)?,
@@ -622,6 +678,49 @@ pub fn parse_stages(name: &str, value: &str, need_dst: bool) -> Result<Vec<Stage
         .collect()
 }
 
+/// `NAME[:auto|create|exec|no_exec]`; NAME letters, digits, `.`, `_` and `-` (a directory
+/// name on the node: the launcher checks it the same way).
+pub fn parse_name(option: &str, value: &str) -> Result<Named, Error> {
+    let bad = |reason: String| Error::NameInvalid {
+        option: option.to_owned(),
+        value: value.to_owned(),
+        reason,
+    };
+    let (name, mode) = match value.split_once(':') {
+        Some((name, mode)) => {
+            let mode = NameMode::ALL
+                .iter()
+                .find(|(_, s)| *s == mode)
+                .map(|(m, _)| *m)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "unknown flag '{mode}'; use auto, create, exec or no_exec"
+                    ))
+                })?;
+            (name, mode)
+        }
+        None => (value, NameMode::Auto),
+    };
+    let first_ok = name
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_');
+    let rest_ok = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if !first_ok || !rest_ok || name.len() > 128 {
+        return Err(bad(
+            "a name is up to 128 letters, digits, '.', '_' and '-', starting with a letter, \
+             a digit or '_'"
+                .into(),
+        ));
+    }
+    Ok(Named {
+        name: name.to_owned(),
+        mode,
+    })
+}
+
 pub fn parse_workdir(name: &str, value: &[u8]) -> Result<String, Error> {
     let path = text(name, value)?;
     if !path.starts_with('/') {
@@ -675,9 +774,13 @@ impl ContainerRequest {
         let (image, options) = match self {
             ContainerRequest::None => return String::new(),
             ContainerRequest::Host => return format!("{}={HOST_IMAGE}", Opt::Image.name()),
-            ContainerRequest::Container { image, options } => (image, options),
+            ContainerRequest::Container { image, options } => (Some(image), options),
+            ContainerRequest::Named { options } => (None, options),
         };
-        let mut lines = vec![format!("{}={image}", Opt::Image.name())];
+        let mut lines: Vec<String> = image
+            .iter()
+            .map(|image| format!("{}={image}", Opt::Image.name()))
+            .collect();
         if !options.mounts.is_empty() {
             let mounts: Vec<String> = options
                 .mounts
@@ -697,6 +800,14 @@ impl ContainerRequest {
         }
         if !options.env.is_empty() {
             lines.push(format!("{}={}", Opt::Env.name(), options.env.join(",")));
+        }
+        if let Some(named) = &options.name {
+            lines.push(format!(
+                "{}={}:{}",
+                Opt::Name.name(),
+                named.name,
+                named.mode.as_str()
+            ));
         }
         for (opt, stages) in [
             (Opt::StageIn, &options.stage_in),
@@ -746,6 +857,9 @@ impl ContainerRequest {
         }
         let settings = settings(&given, None)?;
         Ok(match settings.image {
+            None if settings.options.name.is_some() => ContainerRequest::Named {
+                options: settings.options,
+            },
             None => ContainerRequest::None,
             Some((ImageChoice::Host, _)) => ContainerRequest::Host,
             Some((ImageChoice::Image(image), _)) => ContainerRequest::Container {
@@ -1126,12 +1240,25 @@ mod tests {
                     src: "/out/r".into(),
                     dst: "/shared/r".into(),
                 }],
+                name: Some(Named {
+                    name: "env".into(),
+                    mode: NameMode::NoExec,
+                }),
             },
         };
         for request in [
             full,
             ContainerRequest::Host,
             ContainerRequest::None,
+            ContainerRequest::Named {
+                options: ContainerOptions {
+                    name: Some(Named {
+                        name: "env".into(),
+                        mode: NameMode::Auto,
+                    }),
+                    ..ContainerOptions::default()
+                },
+            },
             ContainerRequest::Container {
                 image: "x".into(),
                 options: ContainerOptions::default(),
@@ -1144,6 +1271,31 @@ mod tests {
                 "{text}"
             );
         }
+    }
+
+    #[test]
+    fn container_names_take_pyxis_flags() {
+        let parse = |v: &str| parse_name("--container-name", v);
+        assert_eq!(
+            parse("my-env.1"),
+            Ok(Named {
+                name: "my-env.1".into(),
+                mode: NameMode::Auto
+            })
+        );
+        for (mode, flag) in NameMode::ALL {
+            assert_eq!(parse(&format!("n:{flag}")).unwrap().mode, mode);
+        }
+        let err = parse("n:sometimes").unwrap_err().to_string();
+        assert!(err.contains("auto, create, exec or no_exec"), "{err}");
+        for bad in ["", ":exec", "../x", "a/b", "-a", ".a", "a b"] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+        assert!(parse(&"a".repeat(129)).is_err());
+        // Set from the environment like every other option.
+        let env = |var: &str| (var == "BERTH_CONTAINER_NAME").then(|| b"env:exec".to_vec());
+        let s = settings(&[], Some(&env)).unwrap();
+        assert_eq!(s.options.name.unwrap().mode, NameMode::Exec);
     }
 
     #[test]

@@ -29,7 +29,10 @@ use crate::config::Config;
 use crate::container::{self, NodeBind, StepContainer};
 use crate::error::Error;
 use crate::guard;
-use crate::launcher::{HandedFds, Identity, Launcher, Partition, StepIds, Verdict, IMAGE_FD};
+use crate::launcher::{
+    HandedFds, Holder, Identity, Launcher, Partition, StepIds, Verdict, IMAGE_FD,
+};
+use crate::named;
 use crate::options::{
     self, Access, ContainerRequest, Given, ImageChoice, Mount, Opt, Origin, Stage, SPECS,
 };
@@ -63,6 +66,9 @@ struct Step {
     /// Tasks of the step on this node, and how many have exited.
     local_tasks: u32,
     exited: u32,
+    /// The record of the named container this step started, which other steps may enter
+    /// until it stops.
+    record: Option<named::Record>,
 }
 
 /// Looks up a variable of the job's environment (`spank_getenv`).
@@ -110,7 +116,8 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
     let launcher = Launcher::new(&lock(&CONFIG).clone().unwrap_or_default().berth);
     let root = launcher.run_as(Identity::Root);
     let (image, options) = match request {
-        ContainerRequest::Container { image, options } => (image, options),
+        ContainerRequest::Container { image, options } => (Some(image), options),
+        ContainerRequest::Named { options } => (None, options),
         ContainerRequest::None | ContainerRequest::Host => {
             // The partition as slurmctld records it: the step's SLURM_JOB_PARTITION is what
             // srun sent, which its user can set (SPANK has no item for the partition).
@@ -122,6 +129,35 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
                 }),
                 None => Ok(()),
             };
+        }
+    };
+    let record = options
+        .name
+        .clone()
+        .map(|n| (named::Record::of(info.job_id, &n.name), n));
+    let image = match (record.as_ref(), image) {
+        (None, Some(image)) => image,
+        (None, None) => unreachable!("a request without an image names a container"),
+        (Some((record, n)), requested) => {
+            // Entered only if root recorded it, it still runs, and it is the user's.
+            let running = record
+                .holder()
+                .and_then(|h| match Holder::attach(h, info.uid) {
+                    Ok(holder) if named::runs(&holder, info.job_id, &n.name) => Some(holder),
+                    Ok(_) => None,
+                    Err(why) => {
+                        spank::log_debug(&format!("named container {}: {why}", n.name));
+                        None
+                    }
+                });
+            match named::decide(n, running.is_some(), record.image(), requested)? {
+                named::Decision::Start(image) => image,
+                named::Decision::Enter => {
+                    let holder = running.expect("entered only when running");
+                    enter_running(&n.name, &options, holder, info.local_tasks);
+                    return Ok(());
+                }
+            }
         }
     };
     let step = StepIds {
@@ -174,9 +210,27 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
         "SLURM_STEP_GPUS"
     };
     let gpus = getenv(gpus_var)?.map(|g| String::from_utf8_lossy(&g).into_owned());
-    let (args, local_image) = start_image(&image, &vetted, &options, &binds, gpus.as_deref())?;
+    let (args, local_image) = start_image(
+        &image,
+        &vetted,
+        &options,
+        &binds,
+        gpus.as_deref(),
+        info.job_id,
+    )?;
     let holder = user.start(&args, local_image)?;
     spank::log_debug(&format!("container of {image} held by pid {}", holder.pid));
+    let record = match record {
+        Some((record, _)) => {
+            // Recorded once it runs, so the job's other steps can enter it.
+            if let Err(e) = record.started(&image, holder.handle) {
+                let _ = holder.stop(STOP_GRACE);
+                return Err(e);
+            }
+            Some(record)
+        }
+        None => None,
+    };
     *lock(&STEP) = Some(Step {
         container: StepContainer {
             holder,
@@ -186,8 +240,48 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
         stage_out,
         local_tasks: info.local_tasks,
         exited: 0,
+        record,
     });
     Ok(())
+}
+
+/// This step's tasks enter named container `name`, which another step of the job runs (as
+/// `srun --overlap --container-name=NAME` does in pyxis); that step's container, mounts
+/// and image stay as they are, so this step's own mount options are ignored, saying so.
+fn enter_running(name: &str, options: &options::ContainerOptions, holder: Holder, tasks: u32) {
+    let ignored: Vec<String> = [
+        (!options.mounts.is_empty(), Opt::Mounts),
+        (options.workdir.is_some(), Opt::Workdir),
+        (options.writable.is_some(), Opt::Writable),
+        (options.remap_root.is_some(), Opt::RemapRoot),
+        (options.mount_home.is_some(), Opt::MountHome),
+    ]
+    .iter()
+    .filter(|(given, _)| *given)
+    .map(|(_, opt)| format!("--{}", opt.name()))
+    .collect();
+    if !ignored.is_empty() {
+        eprintln!(
+            "berth: ignoring {} for container '{name}': it is running in another step, which \
+             set it up",
+            ignored.join(", ")
+        );
+    }
+    spank::log_debug(&format!(
+        "entering named container {name} of holder {}",
+        holder.pid
+    ));
+    *lock(&STEP) = Some(Step {
+        container: StepContainer {
+            holder,
+            keep_env: options.env.clone(),
+            workdir_given: false,
+        },
+        stage_out: None,
+        local_tasks: tasks,
+        exited: 0,
+        record: None,
+    });
 }
 
 /// `berth start`'s arguments and, for a local image file, the file itself: root allowed
@@ -201,10 +295,11 @@ fn start_image(
     options: &options::ContainerOptions,
     binds: &[NodeBind],
     gpus: Option<&str>,
+    job: u32,
 ) -> Result<(Vec<String>, HandedFds), Error> {
     if !vetted.starts_with('/') {
         return Ok((
-            container::start_args(image, options, binds, gpus),
+            container::start_args(image, options, binds, gpus, job),
             Vec::new(),
         ));
     }
@@ -219,7 +314,7 @@ fn start_image(
             path: vetted.to_owned(),
             reason: e.to_string(),
         })?;
-    let mut args = container::start_args(vetted, options, binds, gpus);
+    let mut args = container::start_args(vetted, options, binds, gpus, job);
     args.insert(1, format!("--image-fd={IMAGE_FD}"));
     Ok((args, vec![(IMAGE_FD, OwnedFd::from(file))]))
 }
@@ -354,6 +449,12 @@ pub fn exit() -> Result<(), Error> {
 fn stop(step: Option<Step>) -> Result<(), Error> {
     let Some(step) = step else { return Ok(()) };
     let pid = step.container.holder.pid;
+    // First, so no step enters a container that is stopping.
+    if let Some(record) = &step.record {
+        if let Err(e) = record.stopped(step.container.holder.handle) {
+            spank::log_error(&e.to_string());
+        }
+    }
     let killed = step.container.holder.stop(STOP_GRACE);
     // Results go back whatever the step's outcome (a failed step's output is often what
     // the user needs most); a failure is reported, never fails slurmstepd's callback.
@@ -423,6 +524,14 @@ fn requested(
             options::parse_image("--container (SLURM_CONTAINER)", &value)?,
             "--container, SLURM_CONTAINER",
         ),
+        (None, _) if settings.options.name.is_some() => {
+            return Ok((
+                ContainerRequest::Named {
+                    options: settings.options,
+                },
+                "--container-name",
+            ))
+        }
         (None, _) => return Ok((ContainerRequest::None, "no request")),
     };
     let request = match image {
@@ -461,7 +570,7 @@ mod tests {
     #[test]
     fn a_local_image_starts_from_the_vetted_file_itself() {
         let options = options::ContainerOptions::default();
-        let (args, file) = start_image("h/r:1", "h/r:1", &options, &[], None).unwrap();
+        let (args, file) = start_image("h/r:1", "h/r:1", &options, &[], None, 7).unwrap();
         assert_eq!(args, ["start", "--private", "--", "h/r:1"]);
         assert!(file.is_empty());
         let dir = tempfile::tempdir().unwrap();
@@ -469,7 +578,8 @@ mod tests {
         std::fs::write(&vetted, b"x").unwrap();
         let vetted = vetted.display().to_string();
         // The user wrote some other path; what starts is the one root vetted.
-        let (args, file) = start_image("/home/u/link/a.sif", &vetted, &options, &[], None).unwrap();
+        let (args, file) =
+            start_image("/home/u/link/a.sif", &vetted, &options, &[], None, 7).unwrap();
         assert_eq!(
             args,
             ["start", "--image-fd=3", "--private", "--", vetted.as_str()]
@@ -479,7 +589,8 @@ mod tests {
         // A symlink put in its place is not followed.
         let link = dir.path().join("link.sif");
         std::os::unix::fs::symlink(&vetted, &link).unwrap();
-        let err = start_image("x", &link.display().to_string(), &options, &[], None).unwrap_err();
+        let err =
+            start_image("x", &link.display().to_string(), &options, &[], None, 7).unwrap_err();
         assert!(
             matches!(&err, Error::LocalImageUnreadable { reason, .. } if reason.contains("symbolic links")),
             "{err:?}"
