@@ -108,8 +108,8 @@ pub struct Holder {
     pub process: ContainerProcess,
     /// The spec's annotations (what the container is).
     pub annotations: std::collections::BTreeMap<String, String>,
-    /// The holder, where this process started it.
-    child: Option<Child>,
+    /// The holder and its stderr, where this process started it.
+    child: Option<(Child, File)>,
     pidfd: PidFd,
 }
 
@@ -303,7 +303,7 @@ impl Launcher {
         };
         if let Some(Ok(opened)) = opened {
             let Spawned { child, pidfd } = spawned;
-            return Ok(opened.into_holder(Some(child), pidfd));
+            return Ok(opened.into_holder(Some((child, stderr)), pidfd));
         }
         spawned.kill_group();
         let status = spawned
@@ -560,7 +560,7 @@ impl Opened {
             .map_err(|e| format!("opening the container of holder {handle}: {e}"))
     }
 
-    fn into_holder(self, child: Option<Child>, pidfd: PidFd) -> Holder {
+    fn into_holder(self, child: Option<(Child, File)>, pidfd: PidFd) -> Holder {
         Holder {
             pid: self.handle.pid,
             handle: self.handle,
@@ -596,6 +596,15 @@ impl Holder {
         Ok(Opened::of(&pidfd, handle)?.into_holder(None, pidfd))
     }
 
+    /// What the running holder said on its stderr (e.g. that the container went over its
+    /// size limit and turned read-only), for the job's stderr; empty for an entered one.
+    pub fn messages(&mut self) -> String {
+        self.child
+            .as_mut()
+            .map(|(_, stderr)| stderr_tail(stderr))
+            .unwrap_or_default()
+    }
+
     /// Asks the holder to tear the container down (SIGTERM: it unmounts, ends squashfuse and
     /// removes its runtime directory), waits up to `grace`, then kills it; reaps it either way.
     /// Returns whether it had to be killed.
@@ -603,7 +612,7 @@ impl Holder {
     pub fn stop(mut self, grace: Duration) -> Result<bool, Error> {
         use berth_sys::process::Signal;
         let pid = self.pid;
-        let Some(child) = self.child.as_mut() else {
+        let Some((child, _)) = self.child.as_mut() else {
             return Ok(false);
         };
         let failed = |e: berth_sys::Error| Error::StopFailed {

@@ -447,7 +447,12 @@ pub fn exit() -> Result<(), Error> {
 }
 
 fn stop(step: Option<Step>) -> Result<(), Error> {
-    let Some(step) = step else { return Ok(()) };
+    let Some(mut step) = step else { return Ok(()) };
+    // The holder's own messages go to the job's stderr (slurmstepd's), escaped: the holder
+    // is the user's process.
+    for line in step.container.holder.messages().lines() {
+        eprintln!("{}", spank::escape_control(line));
+    }
     let pid = step.container.holder.pid;
     // First, so no step enters a container that is stopping.
     if let Some(record) = &step.record {

@@ -391,8 +391,11 @@ mod tests {
         // What overlayfs leaves: a directory nobody may enter.
         std::fs::create_dir(path.join("work/work")).unwrap();
         std::fs::write(path.join("upper/f"), b"x").unwrap();
-        std::fs::set_permissions(path.join("work/work"), std::fs::Permissions::from_mode(0))
-            .unwrap();
+        std::fs::set_permissions(
+            path.join("work/work"),
+            std::fs::Permissions::from_mode(0o000),
+        )
+        .unwrap();
         let mut spec = Spec::default();
         changes.annotate(&mut spec);
         assert_eq!(

@@ -1,0 +1,259 @@
+//! pyxis's behaviours that its own bats suite cannot see (issue 13), end to end on the real
+//! cluster as the test user: named containers kept across a job's steps, entered while
+//! running, and removed at job end and after scancel; writable containers writing to local
+//! disk, not the job's memory, under the site's size limit.
+//! Needs `tests/cluster/up`; fails (does not skip) without it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use berth_e2e::{as_root, serial, unique_name, wait_until, write_user_file, Cluster, Cmd, Run};
+
+/// Where the test cluster's containers keep their files (`[runtime] writable_dir`).
+const WRITABLE_DIR: &str = "/var/tmp/berth-containers";
+/// Where root records named containers on the node.
+const RECORD_DIR: &str = "/run/berth/named";
+
+fn image(cluster: &Cluster) -> String {
+    cluster.image_tls().reference
+}
+
+/// A batch script in the user's home, its output, and the job it ran as.
+struct Batch {
+    script: PathBuf,
+    output: PathBuf,
+}
+
+impl Batch {
+    fn new(cluster: &Cluster, body: &str) -> Batch {
+        let name = unique_name("e2e-pyxis");
+        let script = cluster.home().join(format!("{name}.sh"));
+        let output = cluster.home().join(format!("{name}.out"));
+        write_user_file(cluster, &script, body, 0o755);
+        Batch { script, output }
+    }
+
+    /// `sbatch` with `options` (`--wait` among them to wait); returns the run and the job id.
+    fn submit(&self, options: &[&str]) -> (Run, String) {
+        let output = format!("--output={}", self.output.display());
+        let mut args = vec!["sbatch", "--parsable", &output];
+        args.extend_from_slice(options);
+        let script = self.script.display().to_string();
+        args.push(&script);
+        let run = Cmd::user(args).run();
+        let job = run.stdout.trim().split(';').next().unwrap_or("").to_owned();
+        (run, job)
+    }
+
+    fn output(&self) -> String {
+        std::fs::read_to_string(&self.output).unwrap_or_default()
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.script);
+        let _ = std::fs::remove_file(&self.output);
+    }
+}
+
+/// The directory of job `job`'s named containers of the test user on the node.
+fn job_dir(cluster: &Cluster, job: &str) -> PathBuf {
+    Path::new(WRITABLE_DIR)
+        .join(cluster.uid().to_string())
+        .join(format!("job-{job}"))
+}
+
+/// Waits for the job epilog to remove job `job`'s named containers and their records.
+fn assert_removed(cluster: &Cluster, job: &str) {
+    let files = job_dir(cluster, job);
+    let record = Path::new(RECORD_DIR).join(job);
+    assert!(
+        wait_until(Duration::from_secs(30), || !files.exists()
+            && !record.exists()),
+        "job {job} ended but {} or {} is still there",
+        files.display(),
+        record.display()
+    );
+}
+
+#[test]
+fn a_named_container_keeps_its_files_across_the_jobs_steps_and_goes_with_the_job() {
+    let _serial = serial();
+    let cluster = Cluster::get();
+    let img = image(&cluster);
+    // The batch script itself runs on the host: it can look at the node's disk.
+    let batch = Batch::new(
+        &cluster,
+        &format!(
+            r#"#!/bin/sh
+set -u
+srun --container-image={img} --container-name=keep sh -c 'echo kept-data > /kept'
+echo "second: $(srun --container-name=keep cat /kept)"
+echo "unnamed: $(srun --container-image={img} cat /kept 2>&1)"
+echo "on-disk: $(cat {WRITABLE_DIR}/$(id -u)/job-$SLURM_JOB_ID/keep/upper/kept)"
+srun --container-name=keep:create true 2>&1 | sed 's/^/create: /'
+srun --container-name=other true 2>&1 | sed 's/^/missing: /'
+srun --container-name=keep:exec true 2>&1 | sed 's/^/exec: /'
+srun --container-image={img} --container-name=keep:no_exec cat /kept | sed 's/^/no_exec: /'
+"#
+        ),
+    );
+    let (run, job) = batch.submit(&["--wait"]);
+    run.assert_success();
+    let out = batch.output();
+    assert!(out.contains("second: kept-data"), "{out}");
+    assert!(
+        out.contains("on-disk: kept-data"),
+        "written to local disk:\n{out}"
+    );
+    assert!(
+        out.contains("unnamed: cat: can't open '/kept'"),
+        "an unnamed container starts afresh:\n{out}"
+    );
+    assert!(
+        out.contains("create: ") && out.contains("already exists"),
+        "{out}"
+    );
+    assert!(
+        out.contains("missing: ") && out.contains("no container named 'other'"),
+        "{out}"
+    );
+    assert!(
+        out.contains("exec: ") && out.contains("is not running"),
+        "{out}"
+    );
+    assert!(out.contains("no_exec: kept-data"), "{out}");
+    assert_removed(&cluster, &job);
+    cluster.assert_node_healthy();
+}
+
+#[test]
+fn a_running_named_container_is_entered_by_an_overlapping_step() {
+    let _serial = serial();
+    let cluster = Cluster::get();
+    let img = image(&cluster);
+    // /tmp is the container's own tmpfs, not part of its kept files: only a step inside the
+    // running container sees what the first step put there.
+    let batch = Batch::new(
+        &cluster,
+        &format!(
+            r#"#!/bin/sh
+set -u
+srun --container-image={img} --container-name=live sh -c 'touch /tmp/first; sleep 20' &
+i=0
+until srun --overlap --container-name=live:exec test -e /tmp/first 2>/dev/null; do
+    i=$((i + 1)); [ $i -lt 60 ] || {{ echo never-running; exit 1; }}; sleep 0.5
+done
+srun --overlap --container-name=live --container-mounts=/tmp:/hostmnt sh -c \
+    'test -e /tmp/first && echo entered; test -e /hostmnt || echo no-new-mounts' 2>&1
+srun --overlap --container-name=live:no_exec true 2>&1 | sed 's/^/no_exec: /'
+kill %1
+wait
+"#
+        ),
+    );
+    let (run, job) = batch.submit(&["--wait"]);
+    run.assert_success();
+    let out = batch.output();
+    assert!(out.contains("entered"), "{out}");
+    assert!(out.contains("no-new-mounts"), "{out}");
+    assert!(
+        out.contains("ignoring --container-mounts"),
+        "the entering step says its mounts are ignored:\n{out}"
+    );
+    assert!(
+        out.contains("no_exec: ") && out.contains("running in another step"),
+        "{out}"
+    );
+    assert_removed(&cluster, &job);
+}
+
+#[test]
+fn scancel_removes_the_jobs_named_containers() {
+    let _serial = serial();
+    let cluster = Cluster::get();
+    let img = image(&cluster);
+    let batch = Batch::new(
+        &cluster,
+        &format!(
+            "#!/bin/sh\nsrun --container-image={img} --container-name=gone sh -c \
+             'echo x > /data; sleep 120'\n"
+        ),
+    );
+    let (run, job) = batch.submit(&[]);
+    run.assert_success();
+    let upper = job_dir(&cluster, &job).join("gone/upper/data");
+    assert!(
+        wait_until(Duration::from_secs(60), || upper.exists()),
+        "job {job}'s named container never wrote {}:\n{}",
+        upper.display(),
+        batch.output()
+    );
+    Cmd::user(["scancel", &job]).run().assert_success();
+    assert_removed(&cluster, &job);
+    cluster.assert_node_healthy();
+}
+
+/// The `shmem` line of a memory cgroup's memory.stat: tmpfs pages charged to it.
+const SHMEM_OF_TASK: &str = r#"cg=$(sed -n 's/^[0-9]*:memory://p' /proc/self/cgroup); sed -n 's/^total_shmem //p' /sys/fs/cgroup/memory$cg/memory.stat"#;
+
+#[test]
+fn what_a_writable_container_writes_is_on_disk_not_in_the_jobs_memory() {
+    let _serial = serial();
+    let cluster = Cluster::get();
+    // 100 MiB into a 64 MiB job: a tmpfs root would be charged for all of it (killed or
+    // out of space); on disk the page cache is written back and reclaimed.
+    let run = Cmd::user([
+        "srun",
+        "--mem=64M",
+        &format!("--container-image={}", image(&cluster)),
+        "--container-writable",
+        "sh",
+        "-c",
+        &format!(
+            "dd if=/dev/zero of=/big bs=1M count=100 2>/dev/null && ls -l /big && \
+             echo shmem=$({SHMEM_OF_TASK})"
+        ),
+    ])
+    .run();
+    run.assert_success();
+    assert!(run.stdout.contains("104857600"), "{run}");
+    let shmem: u64 = run
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("shmem="))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no shmem figure:\n{run}"));
+    assert!(
+        shmem < 16 << 20,
+        "{shmem} bytes of tmpfs charged to the job: the writes are in its memory\n{run}"
+    );
+    // Nothing left behind once the container stopped.
+    let user_dir = Path::new(WRITABLE_DIR).join(cluster.uid().to_string());
+    let left = as_root(["find", &user_dir.display().to_string(), "-name", "tmp-*"]);
+    assert_eq!(left.stdout.trim(), "", "left behind: {left}");
+}
+
+#[test]
+fn a_writable_container_turns_read_only_past_the_size_limit() {
+    let _serial = serial();
+    let cluster = Cluster::get();
+    // The test cluster's [runtime] writable_max_size is 150M.
+    let run = Cmd::user([
+        "srun",
+        &format!("--container-image={}", image(&cluster)),
+        "--container-writable",
+        "sh",
+        "-c",
+        "touch /small && dd if=/dev/zero of=/big bs=1M count=200 2>/dev/null; sleep 3; \
+         touch /after",
+    ])
+    .run();
+    run.assert_failure();
+    assert!(run.stderr.contains("Read-only file system"), "{run}");
+    assert!(
+        run.stderr.contains("writable_max_size"),
+        "the user is told why:\n{run}"
+    );
+}
