@@ -65,8 +65,14 @@ pub fn start_args(
     let flags = [
         (
             options.writable == Some(true)
-                || (options.name.is_some() && options.writable.is_none()),
+                || ((options.name.is_some() || options.save.is_some())
+                    && options.writable.is_none()),
             "--writable",
+        ),
+        // Saved when the step ends (`berth save`), from the changes left on disk.
+        (
+            options.save.is_some() && options.name.is_none() && options.writable != Some(false),
+            "--keep-changes",
         ),
         (options.mount_home == Some(false), "--no-home"),
         (options.remap_root == Some(true), "--remap-root"),
@@ -293,6 +299,22 @@ mod tests {
         assert_eq!(
             start_args("i", &named(Some(false)), &[], None, 7),
             strings(&["start", "--private", "--named=7/env", "--", "i"])
+        );
+        // A container to save leaves its changes for `berth save`.
+        let saved = ContainerOptions {
+            save: Some("/s/a.sif".into()),
+            ..ContainerOptions::default()
+        };
+        assert_eq!(
+            start_args("i", &saved, &[], None, 7),
+            strings(&[
+                "start",
+                "--private",
+                "--writable",
+                "--keep-changes",
+                "--",
+                "i"
+            ])
         );
     }
 }

@@ -23,6 +23,21 @@ pub enum Error {
     )]
     EntrypointUnsupported { option: String },
 
+    #[error(
+        "{option}={value}: the path {reason}; write e.g. --container-save=/scratch/$USER/saved.sif"
+    )]
+    SaveInvalid {
+        option: String,
+        value: String,
+        reason: String,
+    },
+
+    #[error(
+        "could not save the container to {path} ({detail}); check that the directory exists \
+         on the node and that you can write there"
+    )]
+    SaveFailed { path: String, detail: String },
+
     #[error("{option}={value} is invalid: {reason}")]
     NameInvalid {
         option: String,

@@ -11,6 +11,7 @@
 //! | `berth policy check --fetch --job J --step S --uid U --as-user UID:GID:GIDS -- IMAGE` (node, root) | allowed and cached, as `policy check`; progress lines on stderr; the decision recorded in the audit trail | refused, as `policy check` | could not fetch (stderr says why); 78: the node's config is invalid |
 //! | `berth start --private [OPTIONS] [--image-fd=3] -- IMAGE` (node, the user) | `PID:FD` on one line (PID its own, FD its sealed spec memfd), then runs until SIGTERM | - | could not start |
 //! | `berth named remove --job JOB` (node, the user, job epilog) | the job's named containers removed | - | berth failed |
+//! | `berth save [--changes DIR [--keep-changes]] -- IMAGE DEST` (node, the user, step end) | DEST written; progress on stderr | - | berth failed |
 //!
 //! Every image goes after `--`, so none is ever read as an option. A verdict is taken only
 //! from its exact line with its exit status: anything else (help text, a crash, another
@@ -346,6 +347,40 @@ impl Launcher {
             ));
         }
         Opened::of(&spawned.pidfd, handle)
+    }
+
+    /// `berth save` (as the job's user, once the step's container stopped): the container's
+    /// file system to `dest` as a SIF. Its messages go on to the job's stderr.
+    pub fn save(
+        &self,
+        changes: Option<(&str, bool)>,
+        image: &str,
+        dest: &str,
+    ) -> Result<(), Error> {
+        let mut args = vec!["save"];
+        if let Some((dir, keep)) = changes {
+            args.extend(["--changes", dir]);
+            if keep {
+                args.push("--keep-changes");
+            }
+        }
+        args.extend(["--", image, dest]);
+        let launcher = Launcher {
+            timeout: FETCH_TIMEOUT,
+            ..self.clone()
+        };
+        let out = launcher.collect_output(&args, true)?;
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(Error::SaveFailed {
+            path: dest.to_owned(),
+            detail: format!(
+                "{}: {}",
+                describe(out.status),
+                out.stderr.trim().lines().last().unwrap_or_default().trim()
+            ),
+        })
     }
 
     /// `berth named remove --job JOB` (as the job's user): the job's named containers go.

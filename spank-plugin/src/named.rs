@@ -34,7 +34,7 @@ pub const RECORD_DIR: &str = "/run/berth/named";
 
 /// The spec annotation naming the directory of a container's files (the launcher's
 /// `container::writable::ANN_CHANGES`).
-const ANN_CHANGES: &str = "org.berth.changes";
+pub const ANN_CHANGES: &str = "org.berth.changes";
 
 /// Whether `holder` runs named container `name` of job `job`: its files are that
 /// container's (`.../job-JOB/NAME`), so a recorded handle whose holder was replaced by

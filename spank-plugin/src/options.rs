@@ -51,6 +51,7 @@ pub enum Opt {
     StageIn,
     StageOut,
     Name,
+    Save,
 }
 
 /// What an option sets. The `--x` / `--no-x` pairs (and writable/readonly) share a setting.
@@ -67,6 +68,7 @@ pub enum Setting {
     StageIn,
     StageOut,
     Name,
+    Save,
 }
 
 /// One option as Slurm needs it described, C strings because Slurm keeps the pointers.
@@ -79,7 +81,7 @@ pub struct OptionSpec {
     pub usage: &'static CStr,
 }
 
-pub const SPECS: [OptionSpec; 15] = [
+pub const SPECS: [OptionSpec; 16] = [
     OptionSpec {
         opt: Opt::Image,
         name: c"container-image",
@@ -175,6 +177,13 @@ pub const SPECS: [OptionSpec; 15] = [
         usage: c"[berth] keep the container for later steps of the job (on each node, its \
                  files on local disk; removed when the job ends); a running one is entered",
     },
+    OptionSpec {
+        opt: Opt::Save,
+        name: c"container-save",
+        arginfo: Some(c"PATH"),
+        usage: c"[berth] save the container's file system as a SIF file at PATH (on the \
+                 node) when the step ends; running it later is up to the site's policy",
+    },
 ];
 
 impl Opt {
@@ -223,6 +232,7 @@ impl Opt {
             Opt::StageIn => (Setting::StageIn, None),
             Opt::StageOut => (Setting::StageOut, None),
             Opt::Name => (Setting::Name, None),
+            Opt::Save => (Setting::Save, None),
         }
     }
 
@@ -244,7 +254,7 @@ impl Opt {
 }
 
 impl Setting {
-    pub const ALL: [Setting; 11] = [
+    pub const ALL: [Setting; 12] = [
         Setting::Image,
         Setting::Mounts,
         Setting::Workdir,
@@ -256,6 +266,7 @@ impl Setting {
         Setting::StageIn,
         Setting::StageOut,
         Setting::Name,
+        Setting::Save,
     ];
 
     /// The user's environment variable for this setting (pyxis has `PYXIS_CONTAINER_*`).
@@ -273,6 +284,7 @@ impl Setting {
             Setting::StageIn => "BERTH_CONTAINER_STAGE_IN",
             Setting::StageOut => "BERTH_CONTAINER_STAGE_OUT",
             Setting::Name => "BERTH_CONTAINER_NAME",
+            Setting::Save => "BERTH_CONTAINER_SAVE",
         }
     }
 
@@ -290,6 +302,7 @@ impl Setting {
             Setting::StageIn => Opt::StageIn,
             Setting::StageOut => Opt::StageOut,
             Setting::Name => Opt::Name,
+            Setting::Save => Opt::Save,
         }
     }
 }
@@ -360,6 +373,8 @@ pub struct ContainerOptions {
     pub stage_out: Vec<Stage>,
     /// `--container-name`.
     pub name: Option<Named>,
+    /// `--container-save`: where the container's file system goes when the step ends.
+    pub save: Option<String>,
 }
 
 /// `--container-name=NAME[:MODE]`: a container kept for the job's later steps on each node.
@@ -488,6 +503,7 @@ fn apply(
         Setting::StageIn => o.stage_in = parse_stages(&name(), text(&name(), value)?, false)?,
         Setting::StageOut => o.stage_out = parse_stages(&name(), text(&name(), value)?, true)?,
         Setting::Name => o.name = Some(parse_name(&name(), text(&name(), value)?)?),
+        Setting::Save => o.save = Some(parse_save(&name(), value)?),
         Setting::MountHome | Setting::RemapRoot | Setting::Writable | Setting::Entrypoint => {
             let on = match (origin, opt.setting().1) {
                 (Origin::Environment, _) => parse_bool(setting.env_var(), value)?,
@@ -721,6 +737,26 @@ pub fn parse_name(option: &str, value: &str) -> Result<Named, Error> {
     })
 }
 
+/// `--container-save=PATH`: an absolute path on the node (relative to what would be unclear
+/// there), no `..`.
+pub fn parse_save(option: &str, value: &[u8]) -> Result<String, Error> {
+    let path = text(option, value)?;
+    let reason = if !path.starts_with('/') {
+        "is not absolute"
+    } else if path.split('/').any(|c| c == "..") {
+        "contains '..'"
+    } else if path.ends_with('/') {
+        "names a directory, not a file"
+    } else {
+        return Ok(path.to_owned());
+    };
+    Err(Error::SaveInvalid {
+        option: option.to_owned(),
+        value: path.to_owned(),
+        reason: reason.to_owned(),
+    })
+}
+
 pub fn parse_workdir(name: &str, value: &[u8]) -> Result<String, Error> {
     let path = text(name, value)?;
     if !path.starts_with('/') {
@@ -800,6 +836,9 @@ impl ContainerRequest {
         }
         if !options.env.is_empty() {
             lines.push(format!("{}={}", Opt::Env.name(), options.env.join(",")));
+        }
+        if let Some(save) = &options.save {
+            lines.push(format!("{}={save}", Opt::Save.name()));
         }
         if let Some(named) = &options.name {
             lines.push(format!(
@@ -1244,6 +1283,7 @@ mod tests {
                     name: "env".into(),
                     mode: NameMode::NoExec,
                 }),
+                save: Some("/scratch/u/saved.sif".into()),
             },
         };
         for request in [
@@ -1296,6 +1336,18 @@ mod tests {
         let env = |var: &str| (var == "BERTH_CONTAINER_NAME").then(|| b"env:exec".to_vec());
         let s = settings(&[], Some(&env)).unwrap();
         assert_eq!(s.options.name.unwrap().mode, NameMode::Exec);
+    }
+
+    #[test]
+    fn a_save_path_is_absolute() {
+        assert_eq!(
+            parse_save("--container-save", b"/scratch/a.sif"),
+            Ok("/scratch/a.sif".into())
+        );
+        for bad in ["a.sif", "/x/../y", "/"] {
+            let err = parse_save("--container-save", bad.as_bytes()).unwrap_err();
+            assert!(matches!(err, Error::SaveInvalid { .. }), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -69,6 +69,18 @@ struct Step {
     /// The record of the named container this step started, which other steps may enter
     /// until it stops.
     record: Option<named::Record>,
+    /// `--container-save`: done once the container stopped.
+    save: Option<SaveAfter>,
+}
+
+/// A `berth save` to run as the user when the step's container has stopped.
+#[derive(Debug)]
+struct SaveAfter {
+    user: Launcher,
+    /// The container's changes directory, and whether it stays (a named container's).
+    changes: Option<(String, bool)>,
+    image: String,
+    dest: String,
 }
 
 /// Looks up a variable of the job's environment (`spank_getenv`).
@@ -220,6 +232,20 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
     )?;
     let holder = user.start(&args, local_image)?;
     spank::log_debug(&format!("container of {image} held by pid {}", holder.pid));
+    let save = options.save.clone().map(|dest| SaveAfter {
+        user: user.clone(),
+        changes: holder
+            .annotations
+            .get(named::ANN_CHANGES)
+            .map(|dir| (dir.clone(), record.is_some())),
+        // What the holder ran: the vetted file for a local image.
+        image: if vetted.starts_with('/') {
+            vetted.clone()
+        } else {
+            image.clone()
+        },
+        dest,
+    });
     let record = match record {
         Some((record, _)) => {
             // Recorded once it runs, so the job's other steps can enter it.
@@ -241,6 +267,7 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
         local_tasks: info.local_tasks,
         exited: 0,
         record,
+        save,
     });
     Ok(())
 }
@@ -281,6 +308,7 @@ fn enter_running(name: &str, options: &options::ContainerOptions, holder: Holder
         local_tasks: tasks,
         exited: 0,
         record: None,
+        save: None,
     });
 }
 
@@ -461,6 +489,16 @@ fn stop(step: Option<Step>) -> Result<(), Error> {
         }
     }
     let killed = step.container.holder.stop(STOP_GRACE);
+    if let Some(save) = step.save {
+        let changes = save
+            .changes
+            .as_ref()
+            .map(|(dir, keep)| (dir.as_str(), *keep));
+        if let Err(e) = save.user.save(changes, &save.image, &save.dest) {
+            spank::log_error(&e.to_string());
+            eprintln!("berth: {e}");
+        }
+    }
     // Results go back whatever the step's outcome (a failed step's output is often what
     // the user needs most); a failure is reported, never fails slurmstepd's callback.
     if let Some((list, user)) = step.stage_out {

@@ -257,3 +257,97 @@ fn a_writable_container_turns_read_only_past_the_size_limit() {
         "the user is told why:\n{run}"
     );
 }
+
+/// The node's configuration with local image files allowed from `dir` (root's, listed in
+/// `local_image_dirs`); put back on drop.
+struct AllowLocalImages {
+    config: PathBuf,
+    original: String,
+}
+
+impl AllowLocalImages {
+    fn from(cluster: &Cluster, dir: &Path) -> AllowLocalImages {
+        let config = cluster.berth_config();
+        let original = std::fs::read_to_string(&config).expect("read berth.toml");
+        let text = original
+            .replace("local_images = false", "local_images = true")
+            .replace(
+                "local_image_dirs = []",
+                &format!("local_image_dirs = [{:?}]", dir.display().to_string()),
+            );
+        assert_ne!(
+            text, original,
+            "nothing to switch in berth.toml:\n{original}"
+        );
+        let guard = AllowLocalImages { config, original };
+        guard.install(&text);
+        guard
+    }
+
+    /// In one rename, so no launcher call reads half a file.
+    fn install(&self, text: &str) {
+        let temporary = self.config.with_extension("toml.pyxis");
+        std::fs::write(&temporary, text).unwrap();
+        std::fs::rename(&temporary, &self.config).unwrap();
+    }
+}
+
+impl Drop for AllowLocalImages {
+    fn drop(&mut self) {
+        self.install(&self.original.clone());
+    }
+}
+
+#[test]
+fn a_saved_container_runs_only_where_the_site_allows_local_images() {
+    let _serial = serial();
+    let cluster = Cluster::get();
+    let saved = cluster
+        .home()
+        .join(format!("{}.sif", unique_name("e2e-saved")));
+    let run = Cmd::user([
+        "srun",
+        &format!("--container-image={}", image(&cluster)),
+        &format!("--container-save={}", saved.display()),
+        "sh",
+        "-c",
+        "echo saved-data > /marker",
+    ])
+    .run();
+    run.assert_success();
+    assert!(saved.is_file(), "no {}:\n{run}", saved.display());
+    let mut magic = [0u8; 10];
+    std::io::Read::read_exact(&mut std::fs::File::open(&saved).unwrap(), &mut magic).unwrap();
+    assert_eq!(&magic, b"#!/usr/bin", "a SIF starts with its launch script");
+
+    // By default the site runs no local image files, and says which setting would.
+    let run = Cmd::user([
+        "srun",
+        &format!("--container-image={}", saved.display()),
+        "cat",
+        "/marker",
+    ])
+    .run();
+    run.assert_failure();
+    assert!(run.stderr.contains("local_images"), "{run}");
+
+    // Where the admin allows local images from a directory of theirs, it runs.
+    let dir = PathBuf::from("/var/lib").join(unique_name("berth-e2e-saved"));
+    std::fs::create_dir(&dir).unwrap();
+    let installed = dir.join("saved.sif");
+    std::fs::copy(&saved, &installed).unwrap();
+    let outcome = {
+        let _allowed = AllowLocalImages::from(&cluster, &dir);
+        Cmd::user([
+            "srun",
+            &format!("--container-image={}", installed.display()),
+            "cat",
+            "/marker",
+        ])
+        .run()
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&saved);
+    outcome.assert_success();
+    assert!(outcome.stdout.contains("saved-data"), "{outcome}");
+}

@@ -42,6 +42,10 @@ pub struct StartArgs {
     /// `berth named remove --job JOB`. One container at a time may use them.
     #[arg(long, value_name = "JOB/NAME", value_parser = NamedId::parse)]
     pub named: Option<NamedId>,
+    /// Leave a writable container's changes on disk when it stops, for `berth save
+    /// --changes` (the spec's org.berth.changes annotation names them).
+    #[arg(long)]
+    pub keep_changes: bool,
     /// The image: a registry reference, or a .sif or squashfs file.
     pub image: String,
 }
@@ -81,7 +85,10 @@ pub fn run_start(a: StartArgs, g: &Globals) -> Result<i32> {
     if a.container.print_spec {
         return print_spec(&spec);
     }
-    let changes = changes_for(&a.container, a.named.as_ref(), &config, &mut spec)?;
+    let mut changes = changes_for(&a.container, a.named.as_ref(), &config, &mut spec)?;
+    if a.keep_changes {
+        changes.iter_mut().for_each(|c| c.keep());
+    }
     container::start(&spec, &config.runtime, changes)
 }
 

@@ -13,6 +13,7 @@
 
 pub mod assemble;
 pub mod handle;
+pub mod save;
 pub mod spec;
 pub mod writable;
 

@@ -192,9 +192,13 @@ impl Changes {
 
     /// Points the spec's overlay at this directory.
     pub fn annotate(&self, spec: &mut Spec) {
-        let mut annotations = spec.annotations().clone().unwrap_or_default();
-        annotations.insert(ANN_CHANGES.into(), self.path.display().to_string());
-        spec.set_annotations(Some(annotations));
+        annotate(spec, &self.path);
+    }
+
+    /// Leaves a temporary container's changes in place when it stops (for `berth save`,
+    /// which removes them).
+    pub fn keep(&mut self) {
+        self.remove = None;
     }
 
     /// Opens the upper layer for [`Watch`], before pivot_root hides its path.
@@ -242,6 +246,23 @@ impl Changes {
             None => Ok(()),
         }
     }
+}
+
+/// Points the spec's overlay at the changes directory `dir` (holding `upper/` and `work/`).
+pub fn annotate(spec: &mut Spec, dir: &Path) {
+    let mut annotations = spec.annotations().clone().unwrap_or_default();
+    annotations.insert(ANN_CHANGES.into(), dir.display().to_string());
+    spec.set_annotations(Some(annotations));
+}
+
+/// Removes a changes directory that `berth save` has used.
+pub fn remove(dir: &Path) -> Result<()> {
+    let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
+        return Ok(());
+    };
+    let parent_dir = Dir::open(parent).map_err(|e| Error::io(parent.display().to_string(), e))?;
+    remove_tree(&parent_dir, name.as_bytes())
+        .map_err(|e| Error::io(format!("removing {}", dir.display()), e))
 }
 
 /// Removes the named containers of job `job` of the calling user (`berth named remove`); a

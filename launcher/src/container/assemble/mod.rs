@@ -66,66 +66,8 @@ pub fn assemble(
     squashfuse: &Path,
 ) -> Result<Assembled> {
     let facts = AssemblyInputs::of(spec)?;
-    sys.unshare_user_mount()
-        .map_err(|source| match source.raw_os_error() {
-            Some(libc::EPERM | libc::ENOSPC | libc::EINVAL | libc::EUSERS) => {
-                Error::UserNamespaces { source }
-            }
-            _ => Error::Container {
-                what: "unshare",
-                source,
-            },
-        })?;
+    let (root, helper) = mount_root(sys, &facts, bundle, squashfuse)?;
     let container = |what| move |source| Error::Container { what, source };
-    sys.write_id_maps(&format!("0 {} 1", facts.uid), &format!("0 {} 1", facts.gid))
-        .map_err(container("writing the outer id maps"))?;
-    sys.make_mounts_private()
-        .map_err(container("making mounts private"))?;
-
-    // The bundle: a tmpfs only this mount namespace sees; nothing is written on the host.
-    sys.mount(&Mount {
-        source: Some("tmpfs".into()),
-        target: bundle.into(),
-        fstype: Some("tmpfs".into()),
-        flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        data: Some("mode=700".into()),
-        readonly: false,
-        kind: MountpointKind::Dir,
-    })
-    .map_err(container("mounting the runtime tmpfs"))?;
-    // A writable container's changes go to its directory on disk (see `writable`); a
-    // read-only one's upper layer only gets berth's mountpoints, in the tmpfs.
-    let changes = facts.changes.as_deref().unwrap_or(bundle);
-    let [upper, work] = ["upper", "work"].map(|d| changes.join(d));
-    let [lower, root] = ["lower", "root"].map(|d| bundle.join(d));
-    let mut fresh = vec![&lower, &root];
-    if facts.changes.is_none() {
-        fresh.extend([&upper, &work]);
-    }
-    for d in fresh {
-        std::fs::create_dir(d).map_err(|e| Error::io(format!("creating {}", d.display()), e))?;
-    }
-
-    let helper = mount_image(sys, &facts, &lower, squashfuse)?;
-
-    // The image stays read-only; the upper layer gives mountpoints the image lacks and, with
-    // --writable, a root that can change for the container's life.
-    sys.mount(&Mount {
-        source: Some("overlay".into()),
-        target: root.clone(),
-        fstype: Some("overlay".into()),
-        flags: MsFlags::empty(),
-        data: Some(format!(
-            "lowerdir={},upperdir={},workdir={},userxattr",
-            lower.display(),
-            upper.display(),
-            work.display()
-        )),
-        readonly: false,
-        kind: MountpointKind::Dir,
-    })
-    .map_err(container("mounting the overlay root"))?;
-
     userdb::write_user_db(&root, bundle, &facts)?;
     userdb::write_ld_cache(
         &root,
@@ -176,6 +118,78 @@ pub fn assemble(
         .map_err(container("writing the inner id maps"))?;
     }
     Ok(Assembled { helper })
+}
+
+/// The first half of assembly, shared with `save`: new user and mount namespaces (the
+/// image's root mapped to the user), the runtime tmpfs on `bundle`, the image mounted at
+/// `bundle/lower` and the overlay root at `bundle/root` (returned with the squashfuse
+/// daemon's pid). Nothing is pivoted yet: host paths stay reachable.
+pub fn mount_root(
+    sys: &impl Syscall,
+    facts: &AssemblyInputs,
+    bundle: &Path,
+    squashfuse: &Path,
+) -> Result<(PathBuf, i32)> {
+    sys.unshare_user_mount()
+        .map_err(|source| match source.raw_os_error() {
+            Some(libc::EPERM | libc::ENOSPC | libc::EINVAL | libc::EUSERS) => {
+                Error::UserNamespaces { source }
+            }
+            _ => Error::Container {
+                what: "unshare",
+                source,
+            },
+        })?;
+    let container = |what| move |source| Error::Container { what, source };
+    sys.write_id_maps(&format!("0 {} 1", facts.uid), &format!("0 {} 1", facts.gid))
+        .map_err(container("writing the outer id maps"))?;
+    sys.make_mounts_private()
+        .map_err(container("making mounts private"))?;
+
+    // The bundle: a tmpfs only this mount namespace sees; nothing is written on the host.
+    sys.mount(&Mount {
+        source: Some("tmpfs".into()),
+        target: bundle.into(),
+        fstype: Some("tmpfs".into()),
+        flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        data: Some("mode=700".into()),
+        readonly: false,
+        kind: MountpointKind::Dir,
+    })
+    .map_err(container("mounting the runtime tmpfs"))?;
+    // A writable container's changes go to its directory on disk (see `writable`); a
+    // read-only one's upper layer only gets berth's mountpoints, in the tmpfs.
+    let changes = facts.changes.as_deref().unwrap_or(bundle);
+    let [upper, work] = ["upper", "work"].map(|d| changes.join(d));
+    let [lower, root] = ["lower", "root"].map(|d| bundle.join(d));
+    let mut fresh = vec![&lower, &root];
+    if facts.changes.is_none() {
+        fresh.extend([&upper, &work]);
+    }
+    for d in fresh {
+        std::fs::create_dir(d).map_err(|e| Error::io(format!("creating {}", d.display()), e))?;
+    }
+
+    let helper = mount_image(sys, facts, &lower, squashfuse)?;
+
+    // The image stays read-only; the upper layer gives mountpoints the image lacks and, with
+    // --writable, a root that can change for the container's life.
+    sys.mount(&Mount {
+        source: Some("overlay".into()),
+        target: root.clone(),
+        fstype: Some("overlay".into()),
+        flags: MsFlags::empty(),
+        data: Some(format!(
+            "lowerdir={},upperdir={},workdir={},userxattr",
+            lower.display(),
+            upper.display(),
+            work.display()
+        )),
+        readonly: false,
+        kind: MountpointKind::Dir,
+    })
+    .map_err(container("mounting the overlay root"))?;
+    Ok((root, helper))
 }
 
 /// Mounts the image at `lower`: berth mounts the FUSE file system itself (it holds the
@@ -241,7 +255,7 @@ pub struct AssemblyInputs {
 }
 
 impl AssemblyInputs {
-    fn of(spec: &Spec) -> Result<AssemblyInputs> {
+    pub fn of(spec: &Spec) -> Result<AssemblyInputs> {
         let missing =
             |what: &str| Error::Spec(serde::de::Error::custom(format!("the spec has no {what}")));
         let ann = spec.annotations().clone().unwrap_or_default();
