@@ -62,6 +62,9 @@ pub fn start_args(
     if let Some(workdir) = &options.workdir {
         args.push(format!("--workdir={workdir}"));
     }
+    if !options.unshare.is_empty() {
+        args.push(format!("--unshare={}", options.unshare.join(",")));
+    }
     let flags = [
         (
             options.writable == Some(true)

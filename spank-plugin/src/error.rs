@@ -24,6 +24,23 @@ pub enum Error {
     EntrypointUnsupported { option: String },
 
     #[error(
+        "{option}: unknown namespace '{kind}': give any of net, ipc, uts (e.g. \
+         --container-unshare=net,ipc)"
+    )]
+    UnshareInvalid { option: String, kind: String },
+
+    #[error(
+        "container '{name}' is running without a namespace of its own for {kind}, so \
+         --container-unshare={kind} cannot hold in it (it is not in a separate {what} \
+         namespace): drop the option, or start another container"
+    )]
+    UnshareMismatch {
+        name: String,
+        kind: String,
+        what: &'static str,
+    },
+
+    #[error(
         "{option}={value}: the path {reason}; write e.g. --container-save=/scratch/$USER/saved.sif"
     )]
     SaveInvalid {

@@ -46,6 +46,28 @@ pub fn runs(holder: &Holder, job: u32, name: &str) -> bool {
         .is_some_and(|dir| dir.ends_with(&format!("/job-{job}/{name}")))
 }
 
+/// Refuses to enter a running container that lacks a namespace `unshare` asks for (pyxis
+/// does the same: the step would otherwise share the node's).
+pub fn check_unshare(holder: &Holder, name: &str, unshare: &[String]) -> Result<(), Error> {
+    let ns = &holder.namespaces;
+    let kinds = [
+        ("net", ns.net.is_some(), "network"),
+        ("ipc", ns.ipc.is_some(), "IPC"),
+        ("uts", ns.uts.is_some(), "UTS"),
+    ];
+    match kinds
+        .iter()
+        .find(|(kind, has, _)| !has && unshare.iter().any(|u| u == kind))
+    {
+        Some((kind, _, what)) => Err(Error::UnshareMismatch {
+            name: name.to_owned(),
+            kind: (*kind).to_owned(),
+            what,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// What a step naming a container does.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decision {

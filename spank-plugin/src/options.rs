@@ -52,6 +52,7 @@ pub enum Opt {
     StageOut,
     Name,
     Save,
+    Unshare,
 }
 
 /// What an option sets. The `--x` / `--no-x` pairs (and writable/readonly) share a setting.
@@ -69,6 +70,7 @@ pub enum Setting {
     StageOut,
     Name,
     Save,
+    Unshare,
 }
 
 /// One option as Slurm needs it described, C strings because Slurm keeps the pointers.
@@ -81,7 +83,7 @@ pub struct OptionSpec {
     pub usage: &'static CStr,
 }
 
-pub const SPECS: [OptionSpec; 16] = [
+pub const SPECS: [OptionSpec; 17] = [
     OptionSpec {
         opt: Opt::Image,
         name: c"container-image",
@@ -184,6 +186,13 @@ pub const SPECS: [OptionSpec; 16] = [
         usage: c"[berth] save the container's file system as a SIF file at PATH (on the \
                  node) when the step ends; running it later is up to the site's policy",
     },
+    OptionSpec {
+        opt: Opt::Unshare,
+        name: c"container-unshare",
+        arginfo: Some(c"net,ipc,uts"),
+        usage: c"[berth] give the container its own network (loopback only), IPC or UTS \
+                 namespace instead of the node's",
+    },
 ];
 
 impl Opt {
@@ -233,6 +242,7 @@ impl Opt {
             Opt::StageOut => (Setting::StageOut, None),
             Opt::Name => (Setting::Name, None),
             Opt::Save => (Setting::Save, None),
+            Opt::Unshare => (Setting::Unshare, None),
         }
     }
 
@@ -254,7 +264,7 @@ impl Opt {
 }
 
 impl Setting {
-    pub const ALL: [Setting; 12] = [
+    pub const ALL: [Setting; 13] = [
         Setting::Image,
         Setting::Mounts,
         Setting::Workdir,
@@ -267,6 +277,7 @@ impl Setting {
         Setting::StageOut,
         Setting::Name,
         Setting::Save,
+        Setting::Unshare,
     ];
 
     /// The user's environment variable for this setting (pyxis has `PYXIS_CONTAINER_*`).
@@ -285,6 +296,7 @@ impl Setting {
             Setting::StageOut => "BERTH_CONTAINER_STAGE_OUT",
             Setting::Name => "BERTH_CONTAINER_NAME",
             Setting::Save => "BERTH_CONTAINER_SAVE",
+            Setting::Unshare => "BERTH_CONTAINER_UNSHARE",
         }
     }
 
@@ -303,6 +315,7 @@ impl Setting {
             Setting::StageOut => Opt::StageOut,
             Setting::Name => Opt::Name,
             Setting::Save => Opt::Save,
+            Setting::Unshare => Opt::Unshare,
         }
     }
 }
@@ -375,7 +388,12 @@ pub struct ContainerOptions {
     pub name: Option<Named>,
     /// `--container-save`: where the container's file system goes when the step ends.
     pub save: Option<String>,
+    /// `--container-unshare`: the namespaces of its own, in [`UNSHARE_KINDS`] order.
+    pub unshare: Vec<String>,
 }
+
+/// What `--container-unshare` takes, as pyxis names them.
+pub const UNSHARE_KINDS: [&str; 3] = ["net", "ipc", "uts"];
 
 /// `--container-name=NAME[:MODE]`: a container kept for the job's later steps on each node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -504,6 +522,7 @@ fn apply(
         Setting::StageOut => o.stage_out = parse_stages(&name(), text(&name(), value)?, true)?,
         Setting::Name => o.name = Some(parse_name(&name(), text(&name(), value)?)?),
         Setting::Save => o.save = Some(parse_save(&name(), value)?),
+        Setting::Unshare => o.unshare = parse_unshare(&name(), text(&name(), value)?)?,
         Setting::MountHome | Setting::RemapRoot | Setting::Writable | Setting::Entrypoint => {
             let on = match (origin, opt.setting().1) {
                 (Origin::Environment, _) => parse_bool(setting.env_var(), value)?,
@@ -737,6 +756,21 @@ pub fn parse_name(option: &str, value: &str) -> Result<Named, Error> {
     })
 }
 
+/// `net,ipc,uts` (any of them, any order).
+pub fn parse_unshare(option: &str, value: &str) -> Result<Vec<String>, Error> {
+    if let Some(unknown) = value.split(',').find(|k| !UNSHARE_KINDS.contains(k)) {
+        return Err(Error::UnshareInvalid {
+            option: option.to_owned(),
+            kind: unknown.to_owned(),
+        });
+    }
+    Ok(UNSHARE_KINDS
+        .iter()
+        .filter(|k| value.split(',').any(|v| v == **k))
+        .map(|k| (*k).to_owned())
+        .collect())
+}
+
 /// `--container-save=PATH`: an absolute path on the node (relative to what would be unclear
 /// there), no `..`.
 pub fn parse_save(option: &str, value: &[u8]) -> Result<String, Error> {
@@ -836,6 +870,13 @@ impl ContainerRequest {
         }
         if !options.env.is_empty() {
             lines.push(format!("{}={}", Opt::Env.name(), options.env.join(",")));
+        }
+        if !options.unshare.is_empty() {
+            lines.push(format!(
+                "{}={}",
+                Opt::Unshare.name(),
+                options.unshare.join(",")
+            ));
         }
         if let Some(save) = &options.save {
             lines.push(format!("{}={save}", Opt::Save.name()));
@@ -1284,6 +1325,7 @@ mod tests {
                     mode: NameMode::NoExec,
                 }),
                 save: Some("/scratch/u/saved.sif".into()),
+                unshare: vec!["net".into(), "uts".into()],
             },
         };
         for request in [
@@ -1336,6 +1378,23 @@ mod tests {
         let env = |var: &str| (var == "BERTH_CONTAINER_NAME").then(|| b"env:exec".to_vec());
         let s = settings(&[], Some(&env)).unwrap();
         assert_eq!(s.options.name.unwrap().mode, NameMode::Exec);
+    }
+
+    #[test]
+    fn unshare_takes_pyxis_namespace_names() {
+        assert_eq!(
+            parse_unshare("--container-unshare", "uts,net"),
+            Ok(vec!["net".into(), "uts".into()])
+        );
+        let err = parse_unshare("--container-unshare", "net,foo").unwrap_err();
+        assert!(err.to_string().contains("unknown namespace 'foo'"), "{err}");
+        let env = |var: &str| (var == "PYXIS_CONTAINER_UNSHARE").then(|| b"net".to_vec());
+        // BERTH_ only here; the PYXIS_ names are the env-var mechanism's.
+        assert!(settings(&[], Some(&env))
+            .unwrap()
+            .options
+            .unshare
+            .is_empty());
     }
 
     #[test]

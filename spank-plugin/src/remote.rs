@@ -166,6 +166,7 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
                 named::Decision::Start(image) => image,
                 named::Decision::Enter => {
                     let holder = running.expect("entered only when running");
+                    named::check_unshare(&holder, &n.name, &options.unshare)?;
                     enter_running(&n.name, &options, holder, info.local_tasks);
                     return Ok(());
                 }

@@ -351,3 +351,94 @@ fn a_saved_container_runs_only_where_the_site_allows_local_images() {
     outcome.assert_success();
     assert!(outcome.stdout.contains("saved-data"), "{outcome}");
 }
+
+/// This process's namespace of `kind` (the node's: the tests run on the host).
+fn host_ns(kind: &str) -> String {
+    std::fs::read_link(format!("/proc/self/ns/{kind}"))
+        .unwrap()
+        .display()
+        .to_string()
+}
+
+#[test]
+fn unshare_gives_the_step_its_own_namespaces_shared_by_its_tasks() {
+    let _serial = serial();
+    let cluster = Cluster::get();
+    let img = format!("--container-image={}", image(&cluster));
+    let show = "readlink /proc/self/ns/net /proc/self/ns/ipc /proc/self/ns/uts; \
+                ip link show lo | head -1";
+    let run = Cmd::user([
+        "srun",
+        "-n2",
+        "--overcommit",
+        "--container-unshare=net,ipc,uts",
+        &img,
+        "sh",
+        "-c",
+        show,
+    ])
+    .run();
+    run.assert_success();
+    for kind in ["net", "ipc", "uts"] {
+        let seen: std::collections::BTreeSet<&str> = run
+            .stdout
+            .lines()
+            .filter(|l| l.starts_with(&format!("{kind}:")))
+            .collect();
+        assert_eq!(
+            seen.len(),
+            1,
+            "both tasks share one {kind} namespace:\n{run}"
+        );
+        assert!(
+            !seen.contains(host_ns(kind).as_str()),
+            "{kind} is the node's:\n{run}"
+        );
+    }
+    assert!(run.stdout.contains("LOOPBACK,UP"), "loopback is up:\n{run}");
+
+    // By default the node's, as in pyxis.
+    let run = Cmd::user(["srun", &img, "readlink", "/proc/self/ns/net"]).run();
+    run.assert_success();
+    assert_eq!(run.stdout.trim(), host_ns("net"), "{run}");
+
+    let run = Cmd::user(["srun", "--container-unshare=net,foo", &img, "true"]).run();
+    run.assert_failure();
+    assert!(run.stderr.contains("unknown namespace 'foo'"), "{run}");
+}
+
+#[test]
+fn a_step_entering_a_named_container_shares_its_namespaces() {
+    let _serial = serial();
+    let cluster = Cluster::get();
+    let img = image(&cluster);
+    let batch = Batch::new(
+        &cluster,
+        &format!(
+            r#"#!/bin/sh
+srun --container-image={img} --container-name=isolated --container-unshare=net \
+    sh -c 'readlink /proc/self/ns/net > /tmp/first-net; sleep 20' &
+srun --overlap --container-image={img} --container-name=plain sleep 20 &
+i=0
+until srun --overlap --container-name=isolated:exec test -e /tmp/first-net 2>/dev/null &&
+      srun --overlap --container-name=plain:exec true 2>/dev/null; do
+    i=$((i + 1)); [ $i -lt 60 ] || {{ echo never-running; exit 1; }}; sleep 0.5
+done
+srun --overlap --container-name=isolated sh -c \
+    '[ "$(readlink /proc/self/ns/net)" = "$(cat /tmp/first-net)" ] && echo same-net'
+srun --overlap --container-name=plain --container-unshare=net true 2>&1 | sed 's/^/plain: /'
+kill %1 %2
+wait
+"#
+        ),
+    );
+    let (run, job) = batch.submit(&["--wait"]);
+    run.assert_success();
+    let out = batch.output();
+    assert!(out.contains("same-net"), "{out}");
+    assert!(
+        out.contains("plain: ") && out.contains("not in a separate network namespace"),
+        "{out}"
+    );
+    assert_removed(&cluster, &job);
+}

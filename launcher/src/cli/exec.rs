@@ -43,6 +43,10 @@ pub struct ContainerArgs {
     /// Print the container's OCI runtime spec (JSON) and exit without running anything.
     #[arg(long)]
     pub print_spec: bool,
+    /// Namespaces of the container's own instead of the host's: any of net, ipc, uts,
+    /// comma-separated (a new network namespace has only the loopback interface).
+    #[arg(long, value_name = "net,ipc,uts", value_parser = parse_isolation)]
+    pub unshare: Option<berth_sys::Isolation>,
     /// GPUs to bind: `all` (those you may open) or Slurm GPU indexes (gres.conf `File=`
     /// order) like `0,2`; the plugin passes the step's allocation.
     #[arg(long, value_name = "all|LIST")]
@@ -121,6 +125,7 @@ pub fn build_spec(
         remap_root: c.remap_root,
         entrypoint: c.entrypoint,
         command,
+        isolation: c.unshare.unwrap_or_default(),
     };
     let image = spec::ImageRef {
         path: &source.path,
@@ -163,6 +168,25 @@ pub fn print_spec(spec: &oci_spec::runtime::Spec) -> Result<i32> {
         serde_json::to_string_pretty(spec).map_err(Error::Spec)?
     );
     Ok(0)
+}
+
+/// `net,ipc,uts` (any of them) as berth_sys::Isolation.
+fn parse_isolation(list: &str) -> std::result::Result<berth_sys::Isolation, String> {
+    let mut iso = berth_sys::Isolation::default();
+    for kind in list.split(',') {
+        let slot = match kind {
+            "net" => &mut iso.net,
+            "ipc" => &mut iso.ipc,
+            "uts" => &mut iso.uts,
+            other => {
+                return Err(format!(
+                    "unknown namespace '{other}'; give any of net, ipc, uts"
+                ))
+            }
+        };
+        *slot = true;
+    }
+    Ok(iso)
 }
 
 fn parse_env(vars: &[String]) -> Result<Vec<(String, String)>> {

@@ -143,6 +143,9 @@ pub fn mount_root(
     let container = |what| move |source| Error::Container { what, source };
     sys.write_id_maps(&format!("0 {} 1", facts.uid), &format!("0 {} 1", facts.gid))
         .map_err(container("writing the outer id maps"))?;
+    // Owned by the outer user namespace, like the mount namespace: joiners enter them there.
+    sys.isolate(facts.isolation)
+        .map_err(container("unshare (network, IPC or UTS namespace)"))?;
     sys.make_mounts_private()
         .map_err(container("making mounts private"))?;
 
@@ -252,6 +255,7 @@ pub struct AssemblyInputs {
     pub(crate) home: String,
     /// The directory holding the overlay's upper and work directories on disk, if any.
     pub(crate) changes: Option<PathBuf>,
+    pub(crate) isolation: berth_sys::Isolation,
 }
 
 impl AssemblyInputs {
@@ -287,6 +291,7 @@ impl AssemblyInputs {
             user: get(spec::ANN_USER_NAME)?,
             home: get(spec::ANN_USER_HOME)?,
             changes: ann.get(super::writable::ANN_CHANGES).map(PathBuf::from),
+            isolation: spec::isolation(spec),
         })
     }
 }
@@ -496,6 +501,37 @@ mod tests {
             !bundle.path().join("upper").exists(),
             "nothing in the tmpfs"
         );
+    }
+
+    #[test]
+    fn unshared_namespaces_come_right_after_the_outer_id_maps() {
+        let mut spec = spec_for(false, false);
+        let iso = berth_sys::Isolation {
+            net: true,
+            ipc: false,
+            uts: true,
+        };
+        let mut linux = spec.linux().clone().unwrap();
+        let mut namespaces = linux.namespaces().clone().unwrap();
+        for kind in [
+            oci_spec::runtime::LinuxNamespaceType::Network,
+            oci_spec::runtime::LinuxNamespaceType::Uts,
+        ] {
+            let mut ns = oci_spec::runtime::LinuxNamespace::default();
+            ns.set_typ(kind);
+            namespaces.push(ns);
+        }
+        linux.set_namespaces(Some(namespaces));
+        spec.set_linux(Some(linux));
+        let sys = RecordingSyscall::default();
+        let (_b, r) = run(&sys, &spec);
+        r.unwrap();
+        assert_eq!(sys.calls()[2], Call::Isolate(iso));
+        // None asked for: no call at all.
+        let sys = RecordingSyscall::default();
+        let (_b, r) = run(&sys, &spec_for(false, false));
+        r.unwrap();
+        assert!(!sys.calls().iter().any(|c| matches!(c, Call::Isolate(_))));
     }
 
     #[test]
