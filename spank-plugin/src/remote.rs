@@ -223,7 +223,7 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
         "SLURM_STEP_GPUS"
     };
     let gpus = getenv(gpus_var)?.map(|g| String::from_utf8_lossy(&g).into_owned());
-    let (args, local_image) = start_image(
+    let (mut args, local_image) = start_image(
         &image,
         &vetted,
         &options,
@@ -231,6 +231,11 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
         gpus.as_deref(),
         info.job_id,
     )?;
+    // A batch script in the image calls srun, sbatch, squeue...: the node's client, run
+    // with the node's libraries, reaches into its container.
+    if info.step_id == BATCH_STEP {
+        args.insert(1, "--slurm-client".to_owned());
+    }
     let holder = user.start(&args, local_image)?;
     spank::log_debug(&format!("container of {image} held by pid {}", holder.pid));
     let save = options.save.clone().map(|dest| SaveAfter {

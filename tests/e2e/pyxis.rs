@@ -442,3 +442,41 @@ wait
     );
     assert_removed(&cluster, &job);
 }
+
+#[test]
+fn a_batch_script_in_the_image_calls_the_nodes_slurm_client() {
+    let _serial = serial();
+    let cluster = Cluster::get();
+    let other = cluster.image_tls_v2s2().reference;
+    let batch = Batch::new(
+        &cluster,
+        &format!(
+            r#"#!/bin/sh
+grep -q {mark} /etc/os-release && echo script-in-image
+echo "squeue: $(squeue -h -j $SLURM_JOB_ID -o %i)"
+scontrol show job $SLURM_JOB_ID | grep -o 'JobState=RUNNING'
+srun sh -c 'grep -q {mark} /etc/os-release && echo nested-in-image'
+srun --container-image={other} sh -c 'grep -q {mark} /etc/os-release && echo nested-other'
+srun --container-image=none sh -c 'grep -q {mark} /etc/os-release || echo nested-host'
+"#,
+            mark = "localhost:5000",
+        ),
+    );
+    let (run, job) = batch.submit(&["--wait", &format!("--container-image={}", image(&cluster))]);
+    run.assert_success();
+    let out = batch.output();
+    for line in [
+        "script-in-image",
+        &format!("squeue: {job}"),
+        "JobState=RUNNING",
+        "nested-in-image",
+        "nested-other",
+        "nested-host",
+    ] {
+        assert!(
+            out.contains(line),
+            "no {line:?} in the job's output:\n{out}"
+        );
+    }
+    cluster.assert_node_healthy();
+}

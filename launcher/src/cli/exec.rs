@@ -47,6 +47,10 @@ pub struct ContainerArgs {
     /// comma-separated (a new network namespace has only the loopback interface).
     #[arg(long, value_name = "net,ipc,uts", value_parser = parse_isolation)]
     pub unshare: Option<berth_sys::Isolation>,
+    /// Give the container the node's Slurm client (srun, sbatch, scontrol, squeue, ...),
+    /// run with the node's own libraries: how a batch script in an image calls srun.
+    #[arg(long)]
+    pub slurm_client: bool,
     /// GPUs to bind: `all` (those you may open) or Slurm GPU indexes (gres.conf `File=`
     /// order) like `0,2`; the plugin passes the step's allocation.
     #[arg(long, value_name = "all|LIST")]
@@ -141,6 +145,9 @@ pub fn build_spec(
         .unwrap_or_default();
     let edits = gpu::discover(&config.gpu, selection.as_ref(), &env, &gpu::HostNode)?;
     gpu::edit::apply(&mut spec, &edits)?;
+    if c.slurm_client {
+        container::slurm::HostSlurm::find()?.apply(&mut spec)?;
+    }
     Ok(spec)
 }
 

@@ -14,6 +14,7 @@
 pub mod assemble;
 pub mod handle;
 pub mod save;
+pub mod slurm;
 pub mod spec;
 pub mod writable;
 

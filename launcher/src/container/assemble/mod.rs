@@ -69,6 +69,13 @@ pub fn assemble(
     let (root, helper) = mount_root(sys, &facts, bundle, squashfuse)?;
     let container = |what| move |source| Error::Container { what, source };
     userdb::write_user_db(&root, bundle, &facts)?;
+    for (name, text) in super::slurm::scripts(spec)? {
+        use std::os::unix::fs::PermissionsExt;
+        let path = bundle.join(&name);
+        std::fs::write(&path, text)
+            .and_then(|()| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)))
+            .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+    }
     userdb::write_ld_cache(
         &root,
         bundle,
