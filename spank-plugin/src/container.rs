@@ -138,6 +138,9 @@ pub struct StepContainer {
     pub keep_env: Vec<String>,
     /// `--container-workdir` was given (and is the spec's cwd).
     pub workdir_given: bool,
+    /// The site's TaskProlog, run on the node before entering (a no-op stands at its path
+    /// inside).
+    pub task_prolog: Option<std::path::PathBuf>,
 }
 
 impl StepContainer {
@@ -145,6 +148,10 @@ impl StepContainer {
     /// process, single-threaded, running as the user.
     pub fn enter(&self, spank: Spank) -> Result<(), Error> {
         let job_cwd = std::env::current_dir().ok();
+        // On the node, before the task leaves it (see `task_prolog`).
+        if let Some(path) = &self.task_prolog {
+            crate::task_prolog::run_on_node(spank, path)?;
+        }
         for change in task_env(&self.holder.process.env, &spank.job_env()?, &self.keep_env) {
             match change {
                 EnvChange::Set(name, value) => spank.setenv(&name, &value)?,

@@ -24,6 +24,12 @@ pub enum Error {
     EntrypointUnsupported { option: String },
 
     #[error(
+        "the site's TaskProlog {path} failed on the node ({detail}); ask your admins (it runs \
+         for every task)"
+    )]
+    TaskPrologFailed { path: String, detail: String },
+
+    #[error(
         "{option}: unknown namespace '{kind}': give any of net, ipc, uts (e.g. \
          --container-unshare=net,ipc)"
     )]

@@ -32,6 +32,7 @@ mod remote;
 mod slurmd;
 mod spank;
 mod submit;
+mod task_prolog;
 
 use std::ffi::{c_char, c_int, c_uint};
 

@@ -236,6 +236,10 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
     if info.step_id == BATCH_STEP {
         args.insert(1, "--slurm-client".to_owned());
     }
+    let task_prolog = crate::task_prolog::path();
+    if let Some(path) = &task_prolog {
+        args.insert(1, format!("--stand-in={}", path.display()));
+    }
     let holder = user.start(&args, local_image)?;
     spank::log_debug(&format!("container of {image} held by pid {}", holder.pid));
     let save = options.save.clone().map(|dest| SaveAfter {
@@ -268,6 +272,7 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
             holder,
             keep_env: options.env,
             workdir_given: options.workdir.is_some(),
+            task_prolog,
         },
         stage_out,
         local_tasks: info.local_tasks,
@@ -309,6 +314,8 @@ fn enter_running(name: &str, options: &options::ContainerOptions, holder: Holder
             holder,
             keep_env: options.env.clone(),
             workdir_given: false,
+            // The running container was started with the stand-in in place.
+            task_prolog: crate::task_prolog::path(),
         },
         stage_out: None,
         local_tasks: tasks,

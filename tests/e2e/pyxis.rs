@@ -480,3 +480,24 @@ srun --container-image=none sh -c 'grep -q {mark} /etc/os-release || echo nested
     }
     cluster.assert_node_healthy();
 }
+
+#[test]
+fn the_sites_task_prolog_runs_on_the_node_not_in_the_image() {
+    let _serial = serial();
+    let cluster = Cluster::get();
+    // tests/cluster/up's TaskProlog exists on the node only and exports this variable.
+    let prolog = "/usr/local/lib/berth-e2e/task-prolog";
+    assert!(Path::new(prolog).is_file(), "the cluster has no {prolog}");
+    let run = Cmd::user([
+        "srun",
+        &format!("--container-image={}", image(&cluster)),
+        "sh",
+        "-c",
+        &format!("echo \"prolog=$BERTH_E2E_TASK_PROLOG\"; grep -c node {prolog}"),
+    ])
+    .run();
+    run.assert_success();
+    assert!(run.stdout.contains("prolog=ran-on-the-node"), "{run}");
+    // Inside, only the stand-in (no "node" in it): the site's script stayed on the node.
+    assert!(run.stdout.lines().any(|l| l.trim() == "0"), "{run}");
+}

@@ -51,6 +51,10 @@ pub struct ContainerArgs {
     /// run with the node's own libraries: how a batch script in an image calls srun.
     #[arg(long)]
     pub slurm_client: bool,
+    /// Put a no-op script at PATH inside (repeatable): for the node's TaskProlog, which
+    /// the SPANK plugin runs on the node itself.
+    #[arg(long, value_name = "PATH")]
+    pub stand_in: Vec<PathBuf>,
     /// GPUs to bind: `all` (those you may open) or Slurm GPU indexes (gres.conf `File=`
     /// order) like `0,2`; the plugin passes the step's allocation.
     #[arg(long, value_name = "all|LIST")]
@@ -147,6 +151,9 @@ pub fn build_spec(
     gpu::edit::apply(&mut spec, &edits)?;
     if c.slurm_client {
         container::slurm::HostSlurm::find()?.apply(&mut spec)?;
+    }
+    for path in &c.stand_in {
+        container::slurm::stand_in(&mut spec, path)?;
     }
     Ok(spec)
 }

@@ -27,7 +27,8 @@ pub const HOST_BIN: &str = "/.berth/host/bin";
 /// Where the scripts that run them are, early in every image's PATH.
 const SCRIPT_DIR: &str = "/usr/local/bin";
 
-/// The annotation carrying the scripts to write into the bundle (JSON: name -> text).
+/// The annotation carrying the scripts to write into the bundle (JSON: name -> text):
+/// the client's and the TaskProlog's stand-in ([`stand_in`]).
 pub const ANN_SCRIPTS: &str = "org.berth.scripts";
 
 /// The Slurm client commands a job script may call.
@@ -116,20 +117,7 @@ impl HostSlurm {
             add(command, &Path::new(SCRIPT_DIR).join(name));
         }
         add(&self.launcher, &self.launcher);
-        let mut all: Vec<Value> = spec
-            .mounts()
-            .iter()
-            .flatten()
-            .map(|m| serde_json::to_value(m).map_err(Error::Spec))
-            .collect::<Result<_>>()?;
-        all.extend(mounts);
-        spec.set_mounts(Some(
-            serde_json::from_value(Value::Array(all)).map_err(Error::Spec)?,
-        ));
-        let mut annotations = spec.annotations().clone().unwrap_or_default();
-        annotations.insert(ANN_SCRIPTS.into(), Value::Object(scripts).to_string());
-        spec.set_annotations(Some(annotations));
-        Ok(())
+        add_scripts(spec, mounts, scripts)
     }
 
     /// The script that runs the host's `command` (its path inside) with the host's loader
@@ -150,6 +138,48 @@ impl HostSlurm {
             command = command.display(),
         )
     }
+}
+
+/// Puts a no-op script at `path` inside (read-only): the node's TaskProlog, which the
+/// SPANK plugin runs on the node before the task enters, so Slurm's own run of it inside
+/// the container neither fails for want of the script nor runs it twice.
+pub fn stand_in(spec: &mut Spec, path: &Path) -> Result<()> {
+    let name = format!("stand-in-{}", scripts(spec)?.len());
+    let mut new = serde_json::Map::new();
+    new.insert(
+        name.clone(),
+        Value::String(
+            "#!/bin/sh\n# berth: the node ran this script before the task entered\n".into(),
+        ),
+    );
+    add_scripts(spec, vec![spec::bind(Path::new(&name), path, true)], new)
+}
+
+/// Adds `mounts` to the spec's and `new` to the scripts written into its bundle.
+fn add_scripts(
+    spec: &mut Spec,
+    mounts: Vec<Value>,
+    new: serde_json::Map<String, Value>,
+) -> Result<()> {
+    let mut all: Vec<Value> = spec
+        .mounts()
+        .iter()
+        .flatten()
+        .map(|m| serde_json::to_value(m).map_err(Error::Spec))
+        .collect::<Result<_>>()?;
+    all.extend(mounts);
+    spec.set_mounts(Some(
+        serde_json::from_value(Value::Array(all)).map_err(Error::Spec)?,
+    ));
+    let mut annotations = spec.annotations().clone().unwrap_or_default();
+    let mut scripts: serde_json::Map<String, Value> = match annotations.get(ANN_SCRIPTS) {
+        Some(text) => serde_json::from_str(text).map_err(Error::Spec)?,
+        None => serde_json::Map::new(),
+    };
+    scripts.extend(new);
+    annotations.insert(ANN_SCRIPTS.into(), Value::Object(scripts).to_string());
+    spec.set_annotations(Some(annotations));
+    Ok(())
 }
 
 /// The scripts of `spec` to write into the bundle, by file name.
@@ -235,7 +265,13 @@ mod tests {
                 "{src} -> {dst} missing: {binds:?}"
             );
         }
+        stand_in(&mut spec, Path::new("/etc/slurm/task-prolog")).unwrap();
+        let last = spec.mounts().as_ref().unwrap().last().unwrap().clone();
+        assert_eq!(last.destination(), Path::new("/etc/slurm/task-prolog"));
         let scripts = scripts(&spec).unwrap();
+        let name = last.source().clone().unwrap().display().to_string();
+        let (_, noop) = scripts.iter().find(|(n, _)| *n == name).unwrap();
+        assert!(noop.starts_with("#!/bin/sh\n"), "{noop}");
         let (_, srun) = scripts.iter().find(|(n, _)| n == "slurm-srun").unwrap();
         assert!(
             srun.contains(
