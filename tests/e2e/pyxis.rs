@@ -134,20 +134,21 @@ fn a_running_named_container_is_entered_by_an_overlapping_step() {
     let cluster = Cluster::get();
     let img = image(&cluster);
     // /tmp is the container's own tmpfs, not part of its kept files: only a step inside the
-    // running container sees what the first step put there.
+    // running container sees what the first step put there. Each step asks for a little
+    // memory: by default a step takes all of the job's, and an overlapping one would wait.
     let batch = Batch::new(
         &cluster,
         &format!(
             r#"#!/bin/sh
 set -u
-srun --container-image={img} --container-name=live sh -c 'touch /tmp/first; sleep 20' &
+srun --mem=100M --container-image={img} --container-name=live sh -c 'touch /tmp/first; sleep 20' &
 i=0
-until srun --overlap --container-name=live:exec test -e /tmp/first 2>/dev/null; do
+until srun --overlap --mem=100M --container-name=live:exec test -e /tmp/first 2>/dev/null; do
     i=$((i + 1)); [ $i -lt 60 ] || {{ echo never-running; exit 1; }}; sleep 0.5
 done
-srun --overlap --container-name=live --container-mounts=/tmp:/hostmnt sh -c \
+srun --overlap --mem=100M --container-name=live --container-mounts=/tmp:/hostmnt sh -c \
     'test -e /tmp/first && echo entered; test -e /hostmnt || echo no-new-mounts' 2>&1
-srun --overlap --container-name=live:no_exec true 2>&1 | sed 's/^/no_exec: /'
+srun --overlap --mem=100M --container-name=live:no_exec true 2>&1 | sed 's/^/no_exec: /'
 kill %1
 wait
 "#
@@ -365,7 +366,7 @@ fn unshare_gives_the_step_its_own_namespaces_shared_by_its_tasks() {
     let _serial = serial();
     let cluster = Cluster::get();
     let img = format!("--container-image={}", image(&cluster));
-    let show = "readlink /proc/self/ns/net /proc/self/ns/ipc /proc/self/ns/uts; \
+    let show = "for n in net ipc uts; do readlink /proc/self/ns/$n; done; \
                 ip link show lo | head -1";
     let run = Cmd::user([
         "srun",
@@ -416,17 +417,17 @@ fn a_step_entering_a_named_container_shares_its_namespaces() {
         &cluster,
         &format!(
             r#"#!/bin/sh
-srun --container-image={img} --container-name=isolated --container-unshare=net \
+srun --mem=100M --container-image={img} --container-name=isolated --container-unshare=net \
     sh -c 'readlink /proc/self/ns/net > /tmp/first-net; sleep 20' &
-srun --overlap --container-image={img} --container-name=plain sleep 20 &
+srun --overlap --mem=100M --container-image={img} --container-name=plain sleep 20 &
 i=0
-until srun --overlap --container-name=isolated:exec test -e /tmp/first-net 2>/dev/null &&
-      srun --overlap --container-name=plain:exec true 2>/dev/null; do
+until srun --overlap --mem=100M --container-name=isolated:exec test -e /tmp/first-net 2>/dev/null &&
+      srun --overlap --mem=100M --container-name=plain:exec true 2>/dev/null; do
     i=$((i + 1)); [ $i -lt 60 ] || {{ echo never-running; exit 1; }}; sleep 0.5
 done
-srun --overlap --container-name=isolated sh -c \
+srun --overlap --mem=100M --container-name=isolated sh -c \
     '[ "$(readlink /proc/self/ns/net)" = "$(cat /tmp/first-net)" ] && echo same-net'
-srun --overlap --container-name=plain --container-unshare=net true 2>&1 | sed 's/^/plain: /'
+srun --overlap --mem=100M --container-name=plain --container-unshare=net true 2>&1 | sed 's/^/plain: /'
 kill %1 %2
 wait
 "#

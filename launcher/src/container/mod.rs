@@ -45,10 +45,8 @@ pub fn exit_code(e: &Error) -> i32 {
 /// returns its exit status.
 pub fn exec(spec: &Spec, runtime: &RuntimeConfig, changes: Option<Changes>) -> Result<i32> {
     let command = command_spec(spec)?;
-    let mut running = Running::start(spec, runtime, changes)?;
+    let running = Running::start(spec, runtime, changes)?;
     let child = process::spawn(&command).map_err(sys_err("starting the command"))?;
-    // Only now: a thread must not exist while berth forks.
-    running.watch_changes();
     let result = match child {
         Ok(pid) => running
             .signals
@@ -64,9 +62,8 @@ pub fn exec(spec: &Spec, runtime: &RuntimeConfig, changes: Option<Changes>) -> R
 /// Starts a container that stays until SIGTERM/SIGINT/SIGHUP/SIGQUIT: prints its handle
 /// (`PID:FD`, see [`handle`]) on stdout, then detaches stdout so a reader sees EOF.
 pub fn start(spec: &Spec, runtime: &RuntimeConfig, changes: Option<Changes>) -> Result<i32> {
-    let mut running = Running::start(spec, runtime, changes)?;
+    let running = Running::start(spec, runtime, changes)?;
     let published = handle::publish(spec)?;
-    running.watch_changes();
     let helper_end = running
         .signals
         .wait_for_stop(running.helper)
@@ -104,38 +101,35 @@ pub fn join_exec(handle: &str, argv: Vec<String>, env: &[(String, String)]) -> R
 }
 
 /// A container berth holds: its signals, FUSE daemon, bundle and, when it can write, the
-/// directory its changes go to (with that directory's upper layer open for the watcher).
+/// directory its changes go to and the process watching their size.
 struct Running {
     signals: process::Signals,
     helper: i32,
     bundle: Bundle,
     changes: Option<Changes>,
-    /// The upper layer of `changes`, until the watcher takes it.
-    upper: Option<berth_sys::fs::Dir>,
+    watcher: Option<i32>,
 }
 
 impl Running {
     fn start(spec: &Spec, runtime: &RuntimeConfig, changes: Option<Changes>) -> Result<Running> {
         let squashfuse = assemble::find_squashfuse()?;
         let bundle = Bundle::create(runtime)?;
+        // Opened while its path is reachable, for the watcher started after pivot_root.
         let upper = changes.as_ref().map(Changes::open_upper).transpose()?;
         // Blocked before the first fork, so no signal is lost or kills berth half-way.
         let signals = process::block_signals().map_err(sys_err("blocking signals"))?;
-        let assembled = assemble::assemble(&LinuxSyscall, spec, &bundle.path, &squashfuse)?;
+        let watch = || match (&changes, upper) {
+            (Some(changes), Some(upper)) => changes.start_watcher(upper).map(Some),
+            _ => Ok(None),
+        };
+        let assembled = assemble::assemble(&LinuxSyscall, spec, &bundle.path, &squashfuse, watch)?;
         Ok(Running {
             signals,
             helper: assembled.helper,
             bundle,
             changes,
-            upper,
+            watcher: assembled.watcher,
         })
-    }
-
-    /// Starts measuring what the container writes (see [`Changes::watch`]).
-    fn watch_changes(&mut self) {
-        if let (Some(changes), Some(upper)) = (&self.changes, self.upper.take()) {
-            changes.watch(upper);
-        }
     }
 
     /// Ends the FUSE daemon (the image is read-only: nothing to flush) and removes the
@@ -146,6 +140,9 @@ impl Running {
     }
 
     fn remove_bundle(self) -> Result<()> {
+        if let Some(watcher) = self.watcher {
+            process::kill_and_reap(watcher).map_err(sys_err("stopping the size watcher"))?;
+        }
         let changes = self.changes.map(Changes::finish).transpose();
         self.bundle.remove()?;
         changes.map(drop)

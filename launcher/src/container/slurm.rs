@@ -149,7 +149,8 @@ pub fn stand_in(spec: &mut Spec, path: &Path) -> Result<()> {
     new.insert(
         name.clone(),
         Value::String(
-            "#!/bin/sh\n# berth: the node ran this script before the task entered\n".into(),
+            "#!/bin/sh\n# berth: already run outside the container, before the task entered\n"
+                .into(),
         ),
     );
     add_scripts(spec, vec![spec::bind(Path::new(&name), path, true)], new)

@@ -207,35 +207,54 @@ impl Changes {
         Dir::open(&upper).map_err(|e| Error::io(upper.display().to_string(), e))
     }
 
-    /// Measures, every second in a thread of its own, what the container wrote; past the
-    /// limit, turns the container's root (this process's `/`, after pivot_root) read-only.
-    /// Call once the container is assembled and no more processes will be forked.
-    pub fn watch(&self, upper: Dir) {
+    /// Starts the process that measures, every second, what the container wrote to
+    /// `upper`; past the limit it turns the container's root (its `/`: call after
+    /// pivot_root, as root of the container's outer user namespace, which owns the mount)
+    /// read-only and ends. The kernel refuses that while a file is open for writing there
+    /// (EBUSY), so it tries again every second until the writer has closed it. Returns its
+    /// pid.
+    pub fn start_watcher(&self, upper: Dir) -> Result<i32> {
         let limit = self.limit;
-        std::thread::spawn(move || {
+        berth_sys::process::fork_child(move || {
             // The path reaches the upper layer through the descriptor's magic link: the
             // container's /proc is the host's.
             let path = PathBuf::from(format!("/proc/self/fd/{}", upper.as_fd().as_raw_fd()));
+            let mut told = false;
             loop {
                 std::thread::sleep(WATCH_INTERVAL);
                 let used = usage(&path);
-                if used > limit {
-                    let done = LinuxSyscall.set_readonly(Path::new("/"));
+                if used <= limit {
+                    continue;
+                }
+                let done = LinuxSyscall.set_readonly(Path::new("/"));
+                let busy = matches!(&done, Err(e) if e.raw_os_error() == Some(libc::EBUSY));
+                if !told || !busy {
                     eprintln!(
                         "berth: the container wrote {} to its root file system, more than \
-                         [runtime] writable_max_size ({}): it is read-only from now on{}; \
-                         write large data to a bound directory (--container-mounts)",
+                         [runtime] writable_max_size ({}): {}; write large data to a bound \
+                         directory (--container-mounts)",
                         format_size(used),
                         format_size(limit),
-                        match done {
-                            Ok(()) => String::new(),
-                            Err(e) => format!(" (failed: {e})"),
+                        match &done {
+                            Ok(()) => "it is read-only from now on".to_owned(),
+                            Err(_) if busy => {
+                                "it turns read-only once the file being written is closed"
+                                    .to_owned()
+                            }
+                            Err(e) => format!("making it read-only failed: {e}"),
                         }
                     );
-                    return;
+                    told = true;
+                }
+                if !busy {
+                    return 0;
                 }
             }
-        });
+        })
+        .map_err(|source| Error::Container {
+            what: "starting the size watcher",
+            source,
+        })
     }
 
     /// Removes a temporary container's changes; a named container's stay.

@@ -43,6 +43,8 @@ const BIN_DIRS: [&str; 3] = ["/usr/bin", "/usr/local/bin", "/bin"];
 pub struct Assembled {
     /// The squashfuse daemon; the caller kills and reaps it when the container ends.
     pub helper: i32,
+    /// What `after_pivot` started (the size watcher), killed and reaped with the helper.
+    pub watcher: Option<i32>,
 }
 
 /// Finds squashfuse in the system's own directories (not the user's PATH: the daemon runs
@@ -58,12 +60,14 @@ pub fn find_squashfuse() -> Result<PathBuf> {
 /// Builds the container described by `spec` with `bundle` as its private runtime directory
 /// and pivots into it. Must be called single-threaded, before anything else touched
 /// namespaces. On error, the FUSE daemon (if started) dies with berth (it has
-/// PR_SET_PDEATHSIG).
+/// PR_SET_PDEATHSIG). `after_pivot` runs right after pivot_root, while berth is still root
+/// of the outer user namespace (whose mounts a process started there may change later).
 pub fn assemble(
     sys: &impl Syscall,
     spec: &Spec,
     bundle: &Path,
     squashfuse: &Path,
+    after_pivot: impl FnOnce() -> Result<Option<i32>>,
 ) -> Result<Assembled> {
     let facts = AssemblyInputs::of(spec)?;
     let (root, helper) = mount_root(sys, &facts, bundle, squashfuse)?;
@@ -115,6 +119,8 @@ pub fn assemble(
             .map_err(container("making the root read-only"))?;
     }
     sys.pivot_root(&root).map_err(container("pivot_root"))?;
+    // Still root of the outer user namespace, which owns the container's mounts.
+    let watcher = after_pivot()?;
     if facts.uid_inside != 0 {
         sys.unshare_user()
             .map_err(container("unshare (inner user namespace)"))?;
@@ -124,7 +130,7 @@ pub fn assemble(
         )
         .map_err(container("writing the inner id maps"))?;
     }
-    Ok(Assembled { helper })
+    Ok(Assembled { helper, watcher })
 }
 
 /// The first half of assembly, shared with `save`: new user and mount namespaces (the
@@ -341,6 +347,7 @@ mod tests {
             spec,
             bundle.path(),
             Path::new("/usr/bin/squashfuse_ll"),
+            || Ok(None),
         );
         (bundle, r)
     }
