@@ -142,6 +142,7 @@ fn a_running_named_container_is_entered_by_an_overlapping_step() {
             r#"#!/bin/sh
 set -u
 srun --mem=100M --container-image={img} --container-name=live sh -c 'touch /tmp/first; sleep 20' &
+first=$!
 i=0
 until srun --overlap --mem=100M --container-name=live:exec test -e /tmp/first 2>/dev/null; do
     i=$((i + 1)); [ $i -lt 60 ] || {{ echo never-running; exit 1; }}; sleep 0.5
@@ -149,7 +150,7 @@ done
 srun --overlap --mem=100M --container-name=live --container-mounts=/tmp:/hostmnt sh -c \
     'test -e /tmp/first && echo entered; test -e /hostmnt || echo no-new-mounts' 2>&1
 srun --overlap --mem=100M --container-name=live:no_exec true 2>&1 | sed 's/^/no_exec: /'
-kill %1
+kill $first
 wait
 "#
         ),
@@ -419,7 +420,9 @@ fn a_step_entering_a_named_container_shares_its_namespaces() {
             r#"#!/bin/sh
 srun --mem=100M --container-image={img} --container-name=isolated --container-unshare=net \
     sh -c 'readlink /proc/self/ns/net > /tmp/first-net; sleep 20' &
+first=$!
 srun --overlap --mem=100M --container-image={img} --container-name=plain sleep 20 &
+second=$!
 i=0
 until srun --overlap --mem=100M --container-name=isolated:exec test -e /tmp/first-net 2>/dev/null &&
       srun --overlap --mem=100M --container-name=plain:exec true 2>/dev/null; do
@@ -428,7 +431,7 @@ done
 srun --overlap --mem=100M --container-name=isolated sh -c \
     '[ "$(readlink /proc/self/ns/net)" = "$(cat /tmp/first-net)" ] && echo same-net'
 srun --overlap --mem=100M --container-name=plain --container-unshare=net true 2>&1 | sed 's/^/plain: /'
-kill %1 %2
+kill $first $second
 wait
 "#
         ),
