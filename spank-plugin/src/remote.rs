@@ -71,6 +71,8 @@ struct Step {
     record: Option<named::Record>,
     /// `--container-save`: done once the container stopped.
     save: Option<SaveAfter>,
+    /// What each task tells the user before it starts (options an entering step ignores).
+    notice: Option<String>,
 }
 
 /// A `berth save` to run as the user when the step's container has stopped.
@@ -279,6 +281,7 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
         exited: 0,
         record,
         save,
+        notice: None,
     });
     Ok(())
 }
@@ -298,13 +301,13 @@ fn enter_running(name: &str, options: &options::ContainerOptions, holder: Holder
     .filter(|(given, _)| *given)
     .map(|(_, opt)| format!("--{}", opt.name()))
     .collect();
-    if !ignored.is_empty() {
-        eprintln!(
-            "berth: ignoring {} for container '{name}': it is running in another step, which \
-             set it up",
+    let notice = (!ignored.is_empty()).then(|| {
+        format!(
+            "ignoring {} for container '{name}': it is running in another step, which set it \
+             up",
             ignored.join(", ")
-        );
-    }
+        )
+    });
     spank::log_debug(&format!(
         "entering named container {name} of holder {}",
         holder.pid
@@ -322,6 +325,7 @@ fn enter_running(name: &str, options: &options::ContainerOptions, holder: Holder
         exited: 0,
         record: None,
         save: None,
+        notice,
     });
 }
 
@@ -460,7 +464,13 @@ pub fn task_init(spank: Spank) -> Result<(), Error> {
         return Err(Error::EarlierFailure { earlier });
     }
     match lock(&STEP).as_ref() {
-        Some(step) => step.container.enter(spank),
+        Some(step) => {
+            // On the task's stderr, which is the user's (srun's, or the batch output).
+            if let Some(notice) = &step.notice {
+                eprintln!("berth: {notice}");
+            }
+            step.container.enter(spank)
+        }
         None => Ok(()),
     }
 }
