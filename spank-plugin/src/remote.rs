@@ -296,6 +296,7 @@ fn enter_running(name: &str, options: &options::ContainerOptions, holder: Holder
         (options.writable.is_some(), Opt::Writable),
         (options.remap_root.is_some(), Opt::RemapRoot),
         (options.mount_home.is_some(), Opt::MountHome),
+        (options.save.is_some(), Opt::Save),
     ]
     .iter()
     .filter(|(given, _)| *given)
