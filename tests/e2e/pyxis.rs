@@ -64,6 +64,17 @@ fn job_dir(cluster: &Cluster, job: &str) -> PathBuf {
         .join(format!("job-{job}"))
 }
 
+/// Shell lines of a batch script that wait (up to about 30 s) until a step entering named
+/// container `name` finds `check` true in it: the step started in the background runs.
+/// Each step asks for a little memory: by default a step takes all of the job's, and an
+/// overlapping one would wait for it.
+fn until_running(name: &str, check: &str) -> String {
+    format!(
+        "i=0\nuntil srun --overlap --mem=100M --container-name={name}:exec {check} 2>/dev/null; do\n    \
+         i=$((i + 1)); [ $i -lt 60 ] || {{ echo never-running; exit 1; }}; sleep 0.5\ndone"
+    )
+}
+
 /// Waits for the job epilog to remove job `job`'s named containers and their records.
 fn assert_removed(cluster: &Cluster, job: &str) {
     let files = job_dir(cluster, job);
@@ -134,8 +145,7 @@ fn a_running_named_container_is_entered_by_an_overlapping_step() {
     let cluster = Cluster::get();
     let img = image(&cluster);
     // /tmp is the container's own tmpfs, not part of its kept files: only a step inside the
-    // running container sees what the first step put there. Each step asks for a little
-    // memory: by default a step takes all of the job's, and an overlapping one would wait.
+    // running container sees what the first step put there.
     let batch = Batch::new(
         &cluster,
         &format!(
@@ -143,16 +153,14 @@ fn a_running_named_container_is_entered_by_an_overlapping_step() {
 set -u
 srun --mem=100M --container-image={img} --container-name=live sh -c 'touch /tmp/first; sleep 20' &
 first=$!
-i=0
-until srun --overlap --mem=100M --container-name=live:exec test -e /tmp/first 2>/dev/null; do
-    i=$((i + 1)); [ $i -lt 60 ] || {{ echo never-running; exit 1; }}; sleep 0.5
-done
+{wait_live}
 srun --overlap --mem=100M --container-name=live --container-mounts=/tmp:/hostmnt sh -c \
     'test -e /tmp/first && echo entered; test -e /hostmnt || echo no-new-mounts' 2>&1
 srun --overlap --mem=100M --container-name=live:no_exec true 2>&1 | sed 's/^/no_exec: /'
 kill $first
 wait
-"#
+"#,
+            wait_live = until_running("live", "test -e /tmp/first"),
         ),
     );
     let (run, job) = batch.submit(&["--wait"]);
@@ -423,17 +431,16 @@ srun --mem=100M --container-image={img} --container-name=isolated --container-un
 first=$!
 srun --overlap --mem=100M --container-image={img} --container-name=plain sleep 20 &
 second=$!
-i=0
-until srun --overlap --mem=100M --container-name=isolated:exec test -e /tmp/first-net 2>/dev/null &&
-      srun --overlap --mem=100M --container-name=plain:exec true 2>/dev/null; do
-    i=$((i + 1)); [ $i -lt 60 ] || {{ echo never-running; exit 1; }}; sleep 0.5
-done
+{wait_isolated}
+{wait_plain}
 srun --overlap --mem=100M --container-name=isolated sh -c \
     '[ "$(readlink /proc/self/ns/net)" = "$(cat /tmp/first-net)" ] && echo same-net'
 srun --overlap --mem=100M --container-name=plain --container-unshare=net true 2>&1 | sed 's/^/plain: /'
 kill $first $second
 wait
-"#
+"#,
+            wait_isolated = until_running("isolated", "test -e /tmp/first-net"),
+            wait_plain = until_running("plain", "true"),
         ),
     );
     let (run, job) = batch.submit(&["--wait"]);
