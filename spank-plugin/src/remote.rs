@@ -151,7 +151,12 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
         .map(|n| (named::Record::of(info.job_id, &n.name), n));
     let image = match (record.as_ref(), image) {
         (None, Some(image)) => image,
-        (None, None) => unreachable!("a request without an image names a container"),
+        // Cannot be built from the options (a request without an image has a name).
+        (None, None) => {
+            return Err(Error::TransportInvalid {
+                line: "a container request with neither an image nor a name".into(),
+            })
+        }
         (Some((record, n)), requested) => {
             // Entered only if root recorded it, it still runs, and it is the user's.
             let running = record
