@@ -240,12 +240,6 @@ pub enum Error {
     NamedNotRunning { name: String },
 
     #[error(
-        "step {name}'s container is not running on this node: a step's unnamed container can \
-         be entered (--container-name={name}) only while that step runs"
-    )]
-    StepNotRunning { name: String },
-
-    #[error(
         "container '{name}' is running in another step, and --container-name={name}:no_exec \
          would start a second copy of its files, which one container uses at a time: drop \
          ':no_exec' to enter it, or wait for that step to end"

@@ -107,7 +107,7 @@ pub fn decide(
     if is_step_name(&named.name) {
         return match (named.mode, running) {
             (NameMode::Auto | NameMode::Exec, true) => Ok(Decision::Enter),
-            _ => Err(Error::StepNotRunning { name: name() }),
+            _ => Err(Error::NamedNotRunning { name: name() }),
         };
     }
     match (named.mode, running, recorded) {
@@ -332,7 +332,7 @@ mod tests {
         for (mode, running) in [(NameMode::Auto, false), (NameMode::NoExec, true)] {
             assert!(matches!(
                 decide(&step(mode), running, None, Some("img".into())),
-                Err(Error::StepNotRunning { .. })
+                Err(Error::NamedNotRunning { .. })
             ));
         }
         assert!(!is_step_name("12.") && !is_step_name("a.3") && !is_step_name("env"));
