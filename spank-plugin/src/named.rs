@@ -36,30 +36,14 @@ pub const RECORD_DIR: &str = "/run/berth/named";
 /// `container::writable::ANN_CHANGES`).
 pub const ANN_CHANGES: &str = "org.berth.changes";
 
-/// The name by which other steps enter step `step`'s unnamed container while it runs, as in
-/// pyxis: `JOBID.STEPID`.
-pub fn step_name(job: u32, step: u32) -> String {
-    format!("{job}.{step}")
-}
-
-/// Whether `name` is a [`step_name`] (only this job's steps are recorded, so another job's
-/// is never found).
-fn is_step_name(name: &str) -> bool {
-    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    name.split_once('.')
-        .is_some_and(|(job, step)| digits(job) && digits(step))
-}
-
 /// Whether `holder` runs named container `name` of job `job`: its files are that
 /// container's (`.../job-JOB/NAME`), so a recorded handle whose holder was replaced by
 /// another container of the user is not entered.
 pub fn runs(holder: &Holder, job: u32, name: &str) -> bool {
-    // A step's unnamed container keeps no files; its record goes before it stops.
-    is_step_name(name)
-        || holder
-            .annotations
-            .get(ANN_CHANGES)
-            .is_some_and(|dir| dir.ends_with(&format!("/job-{job}/{name}")))
+    holder
+        .annotations
+        .get(ANN_CHANGES)
+        .is_some_and(|dir| dir.ends_with(&format!("/job-{job}/{name}")))
 }
 
 /// Refuses to enter a running container that lacks a namespace `unshare` asks for (pyxis
@@ -103,13 +87,6 @@ pub fn decide(
     requested: Option<String>,
 ) -> Result<Decision, Error> {
     let name = || named.name.clone();
-    // Another step's unnamed container can only be entered while it runs.
-    if is_step_name(&named.name) {
-        return match (named.mode, running) {
-            (NameMode::Auto | NameMode::Exec, true) => Ok(Decision::Enter),
-            _ => Err(Error::NamedNotRunning { name: name() }),
-        };
-    }
     match (named.mode, running, recorded) {
         (NameMode::Create, _, Some(_)) => Err(Error::NamedExists { name: name() }),
         (NameMode::Exec, false, _) => Err(Error::NamedNotRunning { name: name() }),
@@ -145,15 +122,14 @@ impl Record {
         SpecHandle::parse(self.read("holder")?.trim())
     }
 
-    /// Records the container as run by `holder` and, for a named one, created from
-    /// `image` (if new); a step's unnamed container has no image to start again from.
-    pub fn started(&self, image: Option<&str>, holder: SpecHandle) -> Result<(), Error> {
+    /// Records the container as created from `image` (if new) and run by `holder`.
+    pub fn started(&self, image: &str, holder: SpecHandle) -> Result<(), Error> {
         as_root(|| {
             fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
                 .create(&self.dir)?;
-            if let (Some(image), None) = (image, self.image()) {
+            if self.image().is_none() {
                 write(&self.dir.join("image"), image)?;
             }
             write(&self.dir.join("holder"), &holder.to_string())
@@ -312,30 +288,6 @@ mod tests {
             decide(&named(NoExec), true, img("a"), None),
             Err(Error::NamedInUse { .. })
         ));
-    }
-
-    #[test]
-    fn a_steps_unnamed_container_is_only_entered() {
-        let step = |mode| Named {
-            name: step_name(12, 3),
-            mode,
-        };
-        assert_eq!(step(NameMode::Auto).name, "12.3");
-        assert_eq!(
-            decide(&step(NameMode::Auto), true, None, None),
-            Ok(Decision::Enter)
-        );
-        assert_eq!(
-            decide(&step(NameMode::Exec), true, None, None),
-            Ok(Decision::Enter)
-        );
-        for (mode, running) in [(NameMode::Auto, false), (NameMode::NoExec, true)] {
-            assert!(matches!(
-                decide(&step(mode), running, None, Some("img".into())),
-                Err(Error::NamedNotRunning { .. })
-            ));
-        }
-        assert!(!is_step_name("12.") && !is_step_name("a.3") && !is_step_name("env"));
     }
 
     #[test]

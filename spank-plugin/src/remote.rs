@@ -66,8 +66,8 @@ struct Step {
     /// Tasks of the step on this node, and how many have exited.
     local_tasks: u32,
     exited: u32,
-    /// The record of the container this step started (by its name, or `JOBID.STEPID`),
-    /// by which other steps may enter it until it stops.
+    /// The record of the named container this step started, which other steps may enter
+    /// until it stops.
     record: Option<named::Record>,
     /// `--container-save`: done once the container stopped.
     save: Option<SaveAfter>,
@@ -263,19 +263,10 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
         },
         dest,
     });
-    // Recorded once it runs, so the job's other steps can enter it: a named container by
-    // its name, any other step's by `JOBID.STEPID` (the batch step's by neither).
-    let record = match (record, info.step_id) {
-        (Some((record, _)), _) => Some((record, Some(image.as_str()))),
-        (None, BATCH_STEP) => None,
-        (None, step) => Some((
-            named::Record::of(info.job_id, &named::step_name(info.job_id, step)),
-            None,
-        )),
-    };
     let record = match record {
-        Some((record, image)) => {
-            if let Err(e) = record.started(image, holder.handle) {
+        Some((record, _)) => {
+            // Recorded once it runs, so the job's other steps can enter it.
+            if let Err(e) = record.started(&image, holder.handle) {
                 let _ = holder.stop(STOP_GRACE);
                 return Err(e);
             }

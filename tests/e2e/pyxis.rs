@@ -512,34 +512,3 @@ fn the_sites_task_prolog_runs_on_the_node_not_in_the_image() {
     // Inside, only the stand-in (no "node" in it): the site's script stayed on the node.
     assert!(run.stdout.lines().any(|l| l.trim() == "0"), "{run}");
 }
-
-#[test]
-fn a_running_unnamed_container_is_entered_by_its_step_name() {
-    let _serial = serial();
-    let cluster = Cluster::get();
-    let img = image(&cluster);
-    // The batch script's first step is step 0: its container is "JOBID.0" while it runs.
-    let batch = Batch::new(
-        &cluster,
-        &format!(
-            r#"#!/bin/sh
-srun --mem=100M --container-image={img} sh -c 'touch /tmp/unnamed; sleep 20' &
-first=$!
-{wait_step}
-srun --overlap --mem=100M --container-name=$SLURM_JOB_ID.0 sh -c 'test -e /tmp/unnamed && echo entered-unnamed'
-kill $first
-wait
-srun --container-name=$SLURM_JOB_ID.0 true 2>&1 | sed 's/^/stopped: /'
-"#,
-            wait_step = until_running("$SLURM_JOB_ID.0", "test -e /tmp/unnamed"),
-        ),
-    );
-    let (run, _) = batch.submit(&["--wait"]);
-    run.assert_success();
-    let out = batch.output();
-    assert!(out.contains("entered-unnamed"), "{out}");
-    assert!(
-        out.contains("stopped: ") && out.contains("is not running"),
-        "a stopped step's container cannot be entered:\n{out}"
-    );
-}
