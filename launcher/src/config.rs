@@ -261,6 +261,12 @@ pub struct RuntimeConfig {
     /// Root-owned directory (tmpfs) under which containers mount their private scratch
     /// space; berth falls back to a private directory under $TMPDIR when it is missing.
     pub dir: PathBuf,
+    /// Sticky, world-writable directory on node-local disk where writable and named
+    /// containers keep their changes (one private 0700 directory per user below it), so
+    /// what a container writes is not held in memory. Owned by `container/writable.rs`.
+    pub writable_dir: PathBuf,
+    /// The most one container may write, e.g. "20G"; past it its root turns read-only.
+    pub writable_max_size: String,
 }
 
 /// `[store]`: converted images shared by every node through a shared file system.
@@ -314,6 +320,8 @@ impl Default for RuntimeConfig {
     fn default() -> Self {
         RuntimeConfig {
             dir: PathBuf::from("/run/berth"),
+            writable_dir: PathBuf::from("/var/tmp/berth-containers"),
+            writable_max_size: "20G".into(),
         }
     }
 }

@@ -156,6 +156,12 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("the writable area {path} ([runtime] writable_dir) cannot be used: {reason}")]
+    WritableArea { path: PathBuf, reason: String },
+    #[error("invalid named container {value:?}: {reason}")]
+    NamedInvalid { value: String, reason: String },
+    #[error("container '{name}' is in use by another step of this job; attach to it with `srun --overlap --container-name={name}`, or wait for that step to end")]
+    NamedBusy { name: String },
     #[error("container {handle} did not stop within {secs} s of SIGTERM")]
     StopTimeout { handle: String, secs: u64 },
     #[error("the image's FUSE daemon (squashfuse) ended ({0}), so the container's files are gone; see its message above")]

@@ -29,15 +29,21 @@ pub struct NodeBind {
 
 /// `berth start` arguments for `image` with the user's options, the node's binds, each at
 /// the same path inside, and the step's GPUs (Slurm's indexes, which berth maps through
-/// gres.conf). `--container-env` is not among them: it is applied per task.
+/// gres.conf), for a step of job `job`. `--container-env` is not among them: it is applied
+/// per task. A named container keeps its files for the job, and is writable unless
+/// `--container-readonly` says otherwise (pyxis's containers are).
 pub fn start_args(
     image: &str,
     options: &ContainerOptions,
     node: &[NodeBind],
     gpus: Option<&str>,
+    job: u32,
 ) -> Vec<String> {
     // --private: only root may open the holder's descriptors (see Launcher::start).
     let mut args = vec!["start".to_owned(), "--private".to_owned()];
+    if let Some(named) = &options.name {
+        args.push(format!("--named={job}/{}", named.name));
+    }
     if let Some(gpus) = gpus.filter(|g| !g.is_empty()) {
         args.push(format!("--gpus={gpus}"));
     }
@@ -51,8 +57,21 @@ pub fn start_args(
     if let Some(workdir) = &options.workdir {
         args.push(format!("--workdir={workdir}"));
     }
+    if !options.unshare.is_empty() {
+        args.push(format!("--unshare={}", options.unshare.join(",")));
+    }
     let flags = [
-        (options.writable == Some(true), "--writable"),
+        (
+            options.writable == Some(true)
+                || ((options.name.is_some() || options.save.is_some())
+                    && options.writable.is_none()),
+            "--writable",
+        ),
+        // Saved when the step ends (`berth save`), from the changes left on disk.
+        (
+            options.save.is_some() && options.name.is_none() && options.writable != Some(false),
+            "--keep-changes",
+        ),
         (options.mount_home == Some(false), "--no-home"),
         (options.remap_root == Some(true), "--remap-root"),
     ];
@@ -114,6 +133,9 @@ pub struct StepContainer {
     pub keep_env: Vec<String>,
     /// `--container-workdir` was given (and is the spec's cwd).
     pub workdir_given: bool,
+    /// The site's TaskProlog, run on the node before entering (a no-op stands at its path
+    /// inside).
+    pub task_prolog: Option<std::path::PathBuf>,
 }
 
 impl StepContainer {
@@ -121,6 +143,10 @@ impl StepContainer {
     /// process, single-threaded, running as the user.
     pub fn enter(&self, spank: Spank) -> Result<(), Error> {
         let job_cwd = std::env::current_dir().ok();
+        // On the node, before the task leaves it (see `task_prolog`).
+        if let Some(path) = &self.task_prolog {
+            crate::task_prolog::run_on_node(spank, path)?;
+        }
         for change in task_env(&self.holder.process.env, &spank.job_env()?, &self.keep_env) {
             match change {
                 EnvChange::Set(name, value) => spank.setenv(&name, &value)?,
@@ -230,7 +256,7 @@ mod tests {
             read_only: true,
         }];
         assert_eq!(
-            start_args("h/r@sha256:00", &options, &node, None),
+            start_args("h/r@sha256:00", &options, &node, None, 7),
             strings(&[
                 "start",
                 "--private",
@@ -246,16 +272,56 @@ mod tests {
             ])
         );
         assert_eq!(
-            start_args("-x", &ContainerOptions::default(), &[], None),
+            start_args("-x", &ContainerOptions::default(), &[], None, 7),
             strings(&["start", "--private", "--", "-x"])
         );
         assert_eq!(
-            start_args("i", &ContainerOptions::default(), &[], Some("0,2")),
+            start_args("i", &ContainerOptions::default(), &[], Some("0,2"), 7),
             strings(&["start", "--private", "--gpus=0,2", "--", "i"])
         );
         assert_eq!(
-            start_args("i", &ContainerOptions::default(), &[], Some("")),
+            start_args("i", &ContainerOptions::default(), &[], Some(""), 7),
             strings(&["start", "--private", "--", "i"])
+        );
+        // A named container is writable unless read-only was asked for.
+        let named = |writable| ContainerOptions {
+            name: Some(crate::options::Named {
+                name: "env".into(),
+                mode: crate::options::NameMode::Auto,
+            }),
+            writable,
+            ..ContainerOptions::default()
+        };
+        assert_eq!(
+            start_args("i", &named(None), &[], None, 7),
+            strings(&[
+                "start",
+                "--private",
+                "--named=7/env",
+                "--writable",
+                "--",
+                "i"
+            ])
+        );
+        assert_eq!(
+            start_args("i", &named(Some(false)), &[], None, 7),
+            strings(&["start", "--private", "--named=7/env", "--", "i"])
+        );
+        // A container to save leaves its changes for `berth save`.
+        let saved = ContainerOptions {
+            save: Some("/s/a.sif".into()),
+            ..ContainerOptions::default()
+        };
+        assert_eq!(
+            start_args("i", &saved, &[], None, 7),
+            strings(&[
+                "start",
+                "--private",
+                "--writable",
+                "--keep-changes",
+                "--",
+                "i"
+            ])
         );
     }
 }

@@ -24,6 +24,51 @@ pub enum Error {
     )]
     EntrypointUnsupported { option: String },
 
+    #[error(
+        "the site's TaskProlog {path} failed on the node ({detail}); ask your admins (it runs \
+         for every task)"
+    )]
+    TaskPrologFailed { path: String, detail: String },
+
+    #[error(
+        "{option}: unknown namespace '{kind}': give any of net, ipc, uts (e.g. \
+         --container-unshare=net,ipc)"
+    )]
+    UnshareInvalid { option: String, kind: String },
+
+    #[error(
+        "container '{name}' is running without a namespace of its own for {kind}, so \
+         --container-unshare={kind} cannot hold in it (it is not in a separate {what} \
+         namespace): drop the option, or start another container"
+    )]
+    UnshareMismatch {
+        name: String,
+        kind: String,
+        what: &'static str,
+    },
+
+    #[error(
+        "{option}={value}: the path {reason}; write e.g. --container-save=/scratch/$USER/saved.sif"
+    )]
+    SaveInvalid {
+        option: String,
+        value: String,
+        reason: String,
+    },
+
+    #[error(
+        "could not save the container to {path} ({detail}); check that the directory exists \
+         on the node and that you can write there"
+    )]
+    SaveFailed { path: String, detail: String },
+
+    #[error("{option}={value} is invalid: {reason}")]
+    NameInvalid {
+        option: String,
+        value: String,
+        reason: String,
+    },
+
     #[error("{option} is not valid UTF-8: type the value again as plain text")]
     OptionNotUtf8 { option: String },
 
@@ -184,6 +229,37 @@ pub enum Error {
          persists"
     )]
     JoinFailed { detail: String },
+
+    #[error(
+        "container '{name}' already exists in this job (--container-name={name}:create makes \
+         a new one only): drop ':create' to use it, or pick another name"
+    )]
+    NamedExists { name: String },
+
+    #[error(
+        "container '{name}' is not running in this job on this node, so \
+         --container-name={name}:exec cannot enter it: drop ':exec' to start it"
+    )]
+    NamedNotRunning { name: String },
+
+    #[error(
+        "container '{name}' is running in another step, and --container-name={name}:no_exec \
+         would start a second copy of its files, which one container uses at a time: drop \
+         ':no_exec' to enter it, or wait for that step to end"
+    )]
+    NamedInUse { name: String },
+
+    #[error(
+        "there is no container named '{name}' in this job on this node: create it with \
+         --container-image=IMAGE --container-name={name}"
+    )]
+    NamedMissing { name: String },
+
+    #[error(
+        "could not record the named container in {path} ({detail}); ask your admins to check \
+         the node's /run"
+    )]
+    NamedRecord { path: String, detail: String },
 
     #[error(
         "could not stop the step's container holder (pid {pid}): {detail}; slurmstepd's \

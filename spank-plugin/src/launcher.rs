@@ -11,6 +11,8 @@
 //! | `berth policy require-container --job JOBID` (node, root) | required (for the partition slurmctld records, or by the strictest rule where it cannot tell), the reason on stdout | not required | berth failed |
 //! | `berth policy check --fetch --job J --step S --uid U --as-user UID:GID:GIDS -- IMAGE` (node, root) | allowed and cached, as `policy check`; progress lines on stderr; the decision recorded in the audit trail | refused, as `policy check` | could not fetch (stderr says why); 78: the node's config is invalid |
 //! | `berth start --private [OPTIONS] [--image-fd=3] -- IMAGE` (node, the user) | `PID:FD` on one line (PID its own, FD its sealed spec memfd), then runs until SIGTERM | - | could not start |
+//! | `berth named remove --job JOB` (node, the user, job epilog) | the job's named containers removed | - | berth failed |
+//! | `berth save [--changes DIR [--keep-changes]] -- IMAGE DEST` (node, the user, step end) | DEST written; progress on stderr | - | berth failed |
 //!
 //! Every image goes after `--`, so none is ever read as an option. A verdict is taken only
 //! from its exact line with its exit status: anything else (help text, a crash, another
@@ -26,6 +28,7 @@
 //! are multi-threaded C programs that fork later, so output is read with poll(2) in the
 //! calling thread.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, OwnedFd, RawFd};
@@ -101,13 +104,18 @@ pub enum Identity {
 /// by the pidfd opened right after spawning it (so it is signalled, and only it, even if its
 /// pid were reused), and the container's namespaces and spec, taken from that child by
 /// descriptor. Nothing here comes from what the holder printed but the spec fd's number,
-/// checked against the child itself.
+/// checked against the child itself. Or the holder of another step's named container,
+/// entered by this step but not its to stop ([`Holder::attach`]).
 pub struct Holder {
     pub pid: i32,
+    pub handle: SpecHandle,
     pub namespaces: Namespaces,
     /// The environment and confinement of the container's spec.
     pub process: ContainerProcess,
-    child: Child,
+    /// The spec's annotations (what the container is).
+    pub annotations: std::collections::BTreeMap<String, String>,
+    /// The holder and its stderr, where this process started it.
+    child: Option<(Child, File)>,
     pidfd: PidFd,
 }
 
@@ -299,17 +307,9 @@ impl Launcher {
             (Ok(()), Some(handle)) => Some(self.open_holder(&spawned, handle)),
             _ => None,
         };
-        if let Some(Ok((namespaces, process))) = opened {
-            // The handle's pid, checked to be the child's.
-            let pid = spawned.pid();
+        if let Some(Ok(opened)) = opened {
             let Spawned { child, pidfd } = spawned;
-            return Ok(Holder {
-                pid,
-                namespaces,
-                process,
-                child,
-                pidfd,
-            });
+            return Ok(opened.into_holder(Some((child, stderr)), pidfd));
         }
         spawned.kill_group();
         let status = spawned
@@ -343,11 +343,7 @@ impl Launcher {
     /// process may take root back (slurmstepd's `user_init`): the holder is non-dumpable, so
     /// neither the user nor any other of their processes could. Refuses a handle that names
     /// any process but the child itself.
-    fn open_holder(
-        &self,
-        spawned: &Spawned,
-        handle: SpecHandle,
-    ) -> Result<(Namespaces, ContainerProcess), String> {
+    fn open_holder(&self, spawned: &Spawned, handle: SpecHandle) -> Result<Opened, String> {
         if handle.pid != spawned.pid() {
             return Err(format!(
                 "it printed the handle {handle}, but it is process {}: something else wrote \
@@ -355,12 +351,52 @@ impl Launcher {
                 spawned.pid()
             ));
         }
-        berth_sys::identity::with_effective_root(|| berth_sys::holder::open(&spawned.pidfd, handle))
-            .and_then(|opened| opened)
-            .and_then(|Held { namespaces, spec }| {
-                Ok((namespaces, ContainerProcess::from_spec(&spec)?))
-            })
-            .map_err(|e| format!("opening the container of holder {handle}: {e}"))
+        Opened::of(&spawned.pidfd, handle)
+    }
+
+    /// `berth save` (as the job's user, once the step's container stopped): the container's
+    /// file system to `dest` as a SIF. Its messages go on to the job's stderr.
+    pub fn save(
+        &self,
+        changes: Option<(&str, bool)>,
+        image: &str,
+        dest: &str,
+    ) -> Result<(), Error> {
+        let mut args = vec!["save"];
+        if let Some((dir, keep)) = changes {
+            args.extend(["--changes", dir]);
+            if keep {
+                args.push("--keep-changes");
+            }
+        }
+        args.extend(["--", image, dest]);
+        let launcher = Launcher {
+            timeout: FETCH_TIMEOUT,
+            ..self.clone()
+        };
+        let out = launcher.collect_output(&args, true)?;
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(Error::SaveFailed {
+            path: dest.to_owned(),
+            detail: format!(
+                "{}: {}",
+                describe(out.status),
+                out.stderr.trim().lines().last().unwrap_or_default().trim()
+            ),
+        })
+    }
+
+    /// `berth named remove --job JOB` (as the job's user): the job's named containers go.
+    pub fn remove_named(&self, job: u32) -> Result<(), Error> {
+        let job = job.to_string();
+        let args = ["named", "remove", "--job", &job];
+        let out = self.run(&args)?;
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(self.failed(&args, &out))
     }
 
     /// `berth policy check -- IMAGE`.
@@ -547,13 +583,97 @@ fn misconfigured(out: &Outcome) -> Option<Error> {
     })
 }
 
+/// A holder's container as root opened it.
+struct Opened {
+    handle: SpecHandle,
+    namespaces: Namespaces,
+    process: ContainerProcess,
+    annotations: BTreeMap<String, String>,
+}
+
+#[derive(serde::Deserialize)]
+struct Annotations {
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+
+impl Opened {
+    /// Takes the namespaces and spec of the holder `handle` names, whose pidfd is `pidfd`,
+    /// as root where this process may take root back (slurmstepd's `user_init`): a holder
+    /// is non-dumpable, so neither the user nor any other of their processes could.
+    fn of(pidfd: &PidFd, handle: SpecHandle) -> Result<Opened, String> {
+        berth_sys::identity::with_effective_root(|| berth_sys::holder::open(pidfd, handle))
+            .and_then(|opened| opened)
+            .and_then(|Held { namespaces, spec }| {
+                let process = ContainerProcess::from_spec(&spec)?;
+                let annotations = serde_json::from_slice::<Annotations>(&spec)
+                    .map(|a| a.annotations)
+                    .unwrap_or_default();
+                Ok(Opened {
+                    handle,
+                    namespaces,
+                    process,
+                    annotations,
+                })
+            })
+            .map_err(|e| format!("opening the container of holder {handle}: {e}"))
+    }
+
+    fn into_holder(self, child: Option<(Child, File)>, pidfd: PidFd) -> Holder {
+        Holder {
+            pid: self.handle.pid,
+            handle: self.handle,
+            namespaces: self.namespaces,
+            process: self.process,
+            annotations: self.annotations,
+            child,
+            pidfd,
+        }
+    }
+}
+
 impl Holder {
+    /// The running holder `handle` names, started by another step (a named container's):
+    /// entered, never stopped, by this one. It must be a berth holder (a sealed spec memfd
+    /// at the handle's descriptor) running as `uid`, the job's user: a pid reused since the
+    /// handle was recorded is refused.
+    pub fn attach(handle: SpecHandle, uid: u32) -> Result<Holder, String> {
+        let pidfd = PidFd::open(handle.pid).map_err(|e| format!("holder {handle} is gone: {e}"))?;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", handle.pid))
+            .map_err(|e| format!("holder {handle} is gone: {e}"))?;
+        let owner = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|ids| ids.split_whitespace().next())
+            .and_then(|id| id.parse::<u32>().ok());
+        if owner != Some(uid) {
+            return Err(format!(
+                "process {} is not a container of uid {uid} (it runs as {owner:?})",
+                handle.pid
+            ));
+        }
+        Ok(Opened::of(&pidfd, handle)?.into_holder(None, pidfd))
+    }
+
+    /// What the running holder said on its stderr (e.g. that the container went over its
+    /// size limit and turned read-only), for the job's stderr; empty for an entered one.
+    pub fn messages(&mut self) -> String {
+        self.child
+            .as_mut()
+            .map(|(_, stderr)| stderr_tail(stderr))
+            .unwrap_or_default()
+    }
+
     /// Asks the holder to tear the container down (SIGTERM: it unmounts, ends squashfuse and
     /// removes its runtime directory), waits up to `grace`, then kills it; reaps it either way.
     /// Returns whether it had to be killed.
+    /// A holder this process did not start (an entered named container) is left running.
     pub fn stop(mut self, grace: Duration) -> Result<bool, Error> {
         use berth_sys::process::Signal;
         let pid = self.pid;
+        let Some((child, _)) = self.child.as_mut() else {
+            return Ok(false);
+        };
         let failed = |e: berth_sys::Error| Error::StopFailed {
             pid,
             detail: e.to_string(),
@@ -569,7 +689,7 @@ impl Holder {
                 .map_err(failed)?;
         }
         // Our child, so ours to reap; slurmstepd may have reaped it already (ECHILD).
-        let _ = self.child.try_wait();
+        let _ = child.try_wait();
         Ok(!ended)
     }
 }

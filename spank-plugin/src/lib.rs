@@ -25,12 +25,14 @@ mod container;
 mod error;
 mod guard;
 mod launcher;
+mod named;
 mod options;
 mod prolog;
 mod remote;
 mod slurmd;
 mod spank;
 mod submit;
+mod task_prolog;
 
 use std::ffi::{c_char, c_int, c_uint};
 
@@ -187,6 +189,27 @@ pub unsafe extern "C" fn slurm_spank_job_prolog(
         let args = unsafe { spank::plugin_args(ac, av.cast_const().cast()) };
         match context {
             Context::JobScript => prolog::job_prolog(&args, &|name| std::env::var_os(name)),
+            _ => Ok(()),
+        }
+    })
+}
+
+/// Called by slurmd's job epilog on each node of the job when it ends (also after scancel),
+/// as root.
+///
+/// # Safety
+/// Called by Slurm with `ac` valid strings in `av`.
+#[no_mangle]
+pub unsafe extern "C" fn slurm_spank_job_epilog(
+    _sp: spank::ffi::spank_t,
+    ac: c_int,
+    av: *mut *mut c_char,
+) -> c_int {
+    guard::run(Callback::JobEpilog, |context| {
+        // SAFETY: Slurm passes `ac` valid strings in `av`.
+        let args = unsafe { spank::plugin_args(ac, av.cast_const().cast()) };
+        match context {
+            Context::JobScript => named::job_epilog(&args, &|name| std::env::var_os(name)),
             _ => Ok(()),
         }
     })

@@ -56,6 +56,9 @@ pub enum Opt {
     EntrypointLog,
     StageIn,
     StageOut,
+    Name,
+    Save,
+    Unshare,
 }
 
 /// What an option sets. The `--x` / `--no-x` pairs (and writable/readonly) share a setting.
@@ -72,6 +75,9 @@ pub enum Setting {
     EntrypointLog,
     StageIn,
     StageOut,
+    Name,
+    Save,
+    Unshare,
 }
 
 /// One option as Slurm needs it described, C strings because Slurm keeps the pointers.
@@ -84,7 +90,7 @@ pub struct OptionSpec {
     pub usage: &'static CStr,
 }
 
-pub const SPECS: [OptionSpec; 15] = [
+pub const SPECS: [OptionSpec; 18] = [
     OptionSpec {
         opt: Opt::Image,
         name: c"container-image",
@@ -182,6 +188,27 @@ pub const SPECS: [OptionSpec; 15] = [
         usage: c"[berth] copy SRC (a container path in a staged directory) to DST when the \
                  step ends, also when it fails",
     },
+    OptionSpec {
+        opt: Opt::Name,
+        name: c"container-name",
+        arginfo: Some(c"NAME[:auto|create|exec|no_exec]"),
+        usage: c"[berth] keep the container for later steps of the job (on each node, its \
+                 files on local disk; removed when the job ends); a running one is entered",
+    },
+    OptionSpec {
+        opt: Opt::Save,
+        name: c"container-save",
+        arginfo: Some(c"PATH"),
+        usage: c"[berth] save the container's file system as a SIF file at PATH (on the \
+                 node) when the step ends; running it later is up to the site's policy",
+    },
+    OptionSpec {
+        opt: Opt::Unshare,
+        name: c"container-unshare",
+        arginfo: Some(c"net,ipc,uts"),
+        usage: c"[berth] give the container its own network (loopback only), IPC or UTS \
+                 namespace instead of the node's",
+    },
 ];
 
 impl Opt {
@@ -230,6 +257,9 @@ impl Opt {
             Opt::EntrypointLog => (Setting::EntrypointLog, Some(true)),
             Opt::StageIn => (Setting::StageIn, None),
             Opt::StageOut => (Setting::StageOut, None),
+            Opt::Name => (Setting::Name, None),
+            Opt::Save => (Setting::Save, None),
+            Opt::Unshare => (Setting::Unshare, None),
         }
     }
 
@@ -251,7 +281,7 @@ impl Opt {
 }
 
 impl Setting {
-    pub const ALL: [Setting; 11] = [
+    pub const ALL: [Setting; 14] = [
         Setting::Image,
         Setting::Mounts,
         Setting::Workdir,
@@ -263,6 +293,9 @@ impl Setting {
         Setting::EntrypointLog,
         Setting::StageIn,
         Setting::StageOut,
+        Setting::Name,
+        Setting::Save,
+        Setting::Unshare,
     ];
 
     /// The user's environment variable for this setting, berth's name; see [`env_vars`]
@@ -281,6 +314,9 @@ impl Setting {
             Setting::EntrypointLog => "BERTH_CONTAINER_ENTRYPOINT_LOG",
             Setting::StageIn => "BERTH_CONTAINER_STAGE_IN",
             Setting::StageOut => "BERTH_CONTAINER_STAGE_OUT",
+            Setting::Name => "BERTH_CONTAINER_NAME",
+            Setting::Save => "BERTH_CONTAINER_SAVE",
+            Setting::Unshare => "BERTH_CONTAINER_UNSHARE",
         }
     }
 
@@ -427,6 +463,52 @@ pub struct ContainerOptions {
     pub entrypoint: Option<bool>,
     pub stage_in: Vec<Stage>,
     pub stage_out: Vec<Stage>,
+    /// `--container-name`.
+    pub name: Option<Named>,
+    /// `--container-save`: where the container's file system goes when the step ends.
+    pub save: Option<String>,
+    /// `--container-unshare`: the namespaces of its own, in [`UNSHARE_KINDS`] order.
+    pub unshare: Vec<String>,
+}
+
+/// What `--container-unshare` takes, as pyxis names them.
+pub const UNSHARE_KINDS: [&str; 3] = ["net", "ipc", "uts"];
+
+/// `--container-name=NAME[:MODE]`: a container kept for the job's later steps on each node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Named {
+    pub name: String,
+    pub mode: NameMode,
+}
+
+/// What `--container-name` does with a container of that name, as in pyxis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NameMode {
+    /// Enter it if running, else start it from its files, else create it.
+    Auto,
+    /// Create it; an error if it exists.
+    Create,
+    /// Enter it; an error if it is not running.
+    Exec,
+    /// Start it from its files (or create it), never entering a running one.
+    NoExec,
+}
+
+impl NameMode {
+    const ALL: [(NameMode, &'static str); 4] = [
+        (NameMode::Auto, "auto"),
+        (NameMode::Create, "create"),
+        (NameMode::Exec, "exec"),
+        (NameMode::NoExec, "no_exec"),
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(m, _)| *m == self)
+            .map(|(_, s)| *s)
+            .expect("every mode has a name")
+    }
 }
 
 /// The settings parsed from every source, with where each came from; the image choice is
@@ -451,6 +533,9 @@ pub enum ContainerRequest {
         image: String,
         options: ContainerOptions,
     },
+    /// `--container-name` without an image: the job's container of that name, run from the
+    /// image it was created with (`options.name` is set).
+    Named { options: ContainerOptions },
 }
 
 /// How an offending value is named in a message: the option, or the environment variable.
@@ -562,6 +647,9 @@ fn apply(out: &mut Settings, setting: Setting, source: &Source, value: &[u8]) ->
         Setting::EntrypointLog => {
             source.flag(value)?;
         }
+        Setting::Name => o.name = Some(parse_name(&name(), text(&name(), value)?)?),
+        Setting::Save => o.save = Some(parse_save(&name(), value)?),
+        Setting::Unshare => o.unshare = parse_unshare(&name(), text(&name(), value)?)?,
         Setting::MountHome | Setting::RemapRoot | Setting::Writable | Setting::Entrypoint => {
             let on = source.flag(value)?;
             if setting == Setting::Entrypoint && on {
@@ -759,6 +847,84 @@ pub fn parse_stages(name: &str, value: &str, need_dst: bool) -> Result<Vec<Stage
         .collect()
 }
 
+/// `NAME[:auto|create|exec|no_exec]`; NAME letters, digits, `.`, `_` and `-` (a directory
+/// name on the node: the launcher checks it the same way).
+pub fn parse_name(option: &str, value: &str) -> Result<Named, Error> {
+    let bad = |reason: String| Error::NameInvalid {
+        option: option.to_owned(),
+        value: value.to_owned(),
+        reason,
+    };
+    let (name, mode) = match value.split_once(':') {
+        Some((name, mode)) => {
+            let mode = NameMode::ALL
+                .iter()
+                .find(|(_, s)| *s == mode)
+                .map(|(m, _)| *m)
+                .ok_or_else(|| {
+                    bad(format!(
+                        "unknown flag '{mode}'; use auto, create, exec or no_exec"
+                    ))
+                })?;
+            (name, mode)
+        }
+        None => (value, NameMode::Auto),
+    };
+    let first_ok = name
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_');
+    let rest_ok = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if !first_ok || !rest_ok || name.len() > 128 {
+        return Err(bad(
+            "a name is up to 128 letters, digits, '.', '_' and '-', starting with a letter, \
+             a digit or '_'"
+                .into(),
+        ));
+    }
+    Ok(Named {
+        name: name.to_owned(),
+        mode,
+    })
+}
+
+/// `net,ipc,uts` (any of them, any order).
+pub fn parse_unshare(option: &str, value: &str) -> Result<Vec<String>, Error> {
+    if let Some(unknown) = value.split(',').find(|k| !UNSHARE_KINDS.contains(k)) {
+        return Err(Error::UnshareInvalid {
+            option: option.to_owned(),
+            kind: unknown.to_owned(),
+        });
+    }
+    Ok(UNSHARE_KINDS
+        .iter()
+        .filter(|k| value.split(',').any(|v| v == **k))
+        .map(|k| (*k).to_owned())
+        .collect())
+}
+
+/// `--container-save=PATH`: an absolute path on the node (relative to what would be unclear
+/// there), no `..`.
+pub fn parse_save(option: &str, value: &[u8]) -> Result<String, Error> {
+    let path = text(option, value)?;
+    let reason = if !path.starts_with('/') {
+        "is not absolute"
+    } else if path.split('/').any(|c| c == "..") {
+        "contains '..'"
+    } else if path.ends_with('/') {
+        "names a directory, not a file"
+    } else {
+        return Ok(path.to_owned());
+    };
+    Err(Error::SaveInvalid {
+        option: option.to_owned(),
+        value: path.to_owned(),
+        reason: reason.to_owned(),
+    })
+}
+
 /// An absolute path as given (the launcher resolves it inside the container's root); a
 /// relative one is below the container's `/`, as in pyxis, with `..` stopping at `/`.
 pub fn parse_workdir(name: &str, value: &[u8]) -> Result<String, Error> {
@@ -821,9 +987,13 @@ impl ContainerRequest {
         let (image, options) = match self {
             ContainerRequest::None => return String::new(),
             ContainerRequest::Host => return format!("{}={HOST_IMAGE}", Opt::Image.name()),
-            ContainerRequest::Container { image, options } => (image, options),
+            ContainerRequest::Container { image, options } => (Some(image), options),
+            ContainerRequest::Named { options } => (None, options),
         };
-        let mut lines = vec![format!("{}={image}", Opt::Image.name())];
+        let mut lines: Vec<String> = image
+            .iter()
+            .map(|image| format!("{}={image}", Opt::Image.name()))
+            .collect();
         if !options.mounts.is_empty() {
             let mounts: Vec<String> = options.mounts.iter().map(Mount::to_spec).collect();
             lines.push(format!("{}={}", Opt::Mounts.name(), mounts.join(",")));
@@ -833,6 +1003,24 @@ impl ContainerRequest {
         }
         if !options.env.is_empty() {
             lines.push(format!("{}={}", Opt::Env.name(), options.env.join(",")));
+        }
+        if !options.unshare.is_empty() {
+            lines.push(format!(
+                "{}={}",
+                Opt::Unshare.name(),
+                options.unshare.join(",")
+            ));
+        }
+        if let Some(save) = &options.save {
+            lines.push(format!("{}={save}", Opt::Save.name()));
+        }
+        if let Some(named) = &options.name {
+            lines.push(format!(
+                "{}={}:{}",
+                Opt::Name.name(),
+                named.name,
+                named.mode.as_str()
+            ));
         }
         for (opt, stages) in [
             (Opt::StageIn, &options.stage_in),
@@ -894,6 +1082,9 @@ impl ContainerRequest {
             });
         }
         Ok(match settings.image {
+            None if settings.options.name.is_some() => ContainerRequest::Named {
+                options: settings.options,
+            },
             None => ContainerRequest::None,
             Some((ImageChoice::Host, _)) => ContainerRequest::Host,
             Some((ImageChoice::Image(image), _)) => ContainerRequest::Container {
@@ -1337,12 +1528,27 @@ mod tests {
                     src: "/out/r".into(),
                     dst: "/shared/r".into(),
                 }],
+                name: Some(Named {
+                    name: "env".into(),
+                    mode: NameMode::NoExec,
+                }),
+                save: Some("/scratch/u/saved.sif".into()),
+                unshare: vec!["net".into(), "uts".into()],
             },
         };
         for request in [
             full,
             ContainerRequest::Host,
             ContainerRequest::None,
+            ContainerRequest::Named {
+                options: ContainerOptions {
+                    name: Some(Named {
+                        name: "env".into(),
+                        mode: NameMode::Auto,
+                    }),
+                    ..ContainerOptions::default()
+                },
+            },
             ContainerRequest::Container {
                 image: "x".into(),
                 options: ContainerOptions::default(),
@@ -1406,6 +1612,58 @@ mod tests {
         assert!(inverted
             .iter()
             .all(|v| v.inverted && v.name.ends_with("_READONLY")));
+    }
+
+    #[test]
+    fn container_names_take_pyxis_flags() {
+        let parse = |v: &str| parse_name("--container-name", v);
+        assert_eq!(
+            parse("my-env.1"),
+            Ok(Named {
+                name: "my-env.1".into(),
+                mode: NameMode::Auto
+            })
+        );
+        for (mode, flag) in NameMode::ALL {
+            assert_eq!(parse(&format!("n:{flag}")).unwrap().mode, mode);
+        }
+        let err = parse("n:sometimes").unwrap_err().to_string();
+        assert!(err.contains("auto, create, exec or no_exec"), "{err}");
+        for bad in ["", ":exec", "../x", "a/b", "-a", ".a", "a b"] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+        assert!(parse(&"a".repeat(129)).is_err());
+        // Set from the environment like every other option.
+        let env = |var: &str| (var == "BERTH_CONTAINER_NAME").then(|| b"env:exec".to_vec());
+        let s = settings(&[], Some(&env)).unwrap();
+        assert_eq!(s.options.name.unwrap().mode, NameMode::Exec);
+    }
+
+    #[test]
+    fn unshare_takes_pyxis_namespace_names() {
+        assert_eq!(
+            parse_unshare("--container-unshare", "uts,net"),
+            Ok(vec!["net".into(), "uts".into()])
+        );
+        let err = parse_unshare("--container-unshare", "net,foo").unwrap_err();
+        assert!(err.to_string().contains("unknown namespace 'foo'"), "{err}");
+        let env = |var: &str| (var == "PYXIS_CONTAINER_UNSHARE").then(|| b"net".to_vec());
+        assert_eq!(
+            settings(&[], Some(&env)).unwrap().options.unshare,
+            ["net".to_owned()]
+        );
+    }
+
+    #[test]
+    fn a_save_path_is_absolute() {
+        assert_eq!(
+            parse_save("--container-save", b"/scratch/a.sif"),
+            Ok("/scratch/a.sif".into())
+        );
+        for bad in ["a.sif", "/x/../y", "/"] {
+            let err = parse_save("--container-save", bad.as_bytes()).unwrap_err();
+            assert!(matches!(err, Error::SaveInvalid { .. }), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -29,7 +29,10 @@ use crate::config::Config;
 use crate::container::{self, NodeBind, StepContainer};
 use crate::error::Error;
 use crate::guard;
-use crate::launcher::{self, HandedFds, Identity, Launcher, Partition, StepIds, Verdict, IMAGE_FD};
+use crate::launcher::{
+    self, HandedFds, Holder, Identity, Launcher, Partition, StepIds, Verdict, IMAGE_FD,
+};
+use crate::named;
 use crate::options::{
     self, Access, ContainerRequest, Given, ImageChoice, Mount, Opt, Origin, Stage, SPECS,
 };
@@ -63,6 +66,23 @@ struct Step {
     /// Tasks of the step on this node, and how many have exited.
     local_tasks: u32,
     exited: u32,
+    /// The record of the named container this step started, which other steps may enter
+    /// until it stops.
+    record: Option<named::Record>,
+    /// `--container-save`: done once the container stopped.
+    save: Option<SaveAfter>,
+    /// What each task tells the user before it starts (options an entering step ignores).
+    notice: Option<String>,
+}
+
+/// A `berth save` to run as the user when the step's container has stopped.
+#[derive(Debug)]
+struct SaveAfter {
+    user: Launcher,
+    /// The container's changes directory, and whether it stays (a named container's).
+    changes: Option<(String, bool)>,
+    image: String,
+    dest: String,
 }
 
 /// Looks up a variable of the job's environment (`spank_getenv`).
@@ -110,7 +130,8 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
     let launcher = Launcher::new(&lock(&CONFIG).clone().unwrap_or_default().berth);
     let root = launcher.run_as(Identity::Root);
     let (image, options) = match request {
-        ContainerRequest::Container { image, options } => (image, options),
+        ContainerRequest::Container { image, options } => (Some(image), options),
+        ContainerRequest::Named { options } => (None, options),
         ContainerRequest::None | ContainerRequest::Host => {
             // The partition as slurmctld records it: the step's SLURM_JOB_PARTITION is what
             // srun sent, which its user can set (SPANK has no item for the partition).
@@ -122,6 +143,41 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
                 }),
                 None => Ok(()),
             };
+        }
+    };
+    let record = options
+        .name
+        .clone()
+        .map(|n| (named::Record::of(info.job_id, &n.name), n));
+    let image = match (record.as_ref(), image) {
+        (None, Some(image)) => image,
+        // Cannot be built from the options (a request without an image has a name).
+        (None, None) => {
+            return Err(Error::TransportInvalid {
+                line: "a container request with neither an image nor a name".into(),
+            })
+        }
+        (Some((record, n)), requested) => {
+            // Entered only if root recorded it, it still runs, and it is the user's.
+            let running = record
+                .holder()
+                .and_then(|h| match Holder::attach(h, info.uid) {
+                    Ok(holder) if named::runs(&holder, info.job_id, &n.name) => Some(holder),
+                    Ok(_) => None,
+                    Err(why) => {
+                        spank::log_debug(&format!("named container {}: {why}", n.name));
+                        None
+                    }
+                });
+            match named::decide(n, running.is_some(), record.image(), requested)? {
+                named::Decision::Start(image) => image,
+                named::Decision::Enter => {
+                    let holder = running.expect("entered only when running");
+                    named::check_unshare(&holder, &n.name, &options.unshare)?;
+                    enter_running(&n.name, &options, holder, info.local_tasks);
+                    return Ok(());
+                }
+            }
         }
     };
     let step = StepIds {
@@ -188,18 +244,63 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
         "SLURM_STEP_GPUS"
     };
     let gpus = getenv(gpus_var)?.map(|g| String::from_utf8_lossy(&g).into_owned());
-    let (args, local_image) = start_image(&image, &vetted, &options, &binds, gpus.as_deref())?;
+    let (mut args, local_image) = start_image(
+        &image,
+        &vetted,
+        &options,
+        &binds,
+        gpus.as_deref(),
+        info.job_id,
+    )?;
+    // A batch script in the image calls srun, sbatch, squeue...: the node's client, run
+    // with the node's libraries, reaches into its container.
+    if info.step_id == BATCH_STEP {
+        args.insert(1, "--slurm-client".to_owned());
+    }
+    let task_prolog = crate::task_prolog::path();
+    if let Some(path) = &task_prolog {
+        args.insert(1, format!("--stand-in={}", path.display()));
+    }
     let holder = user.start(&args, local_image)?;
     spank::log_debug(&format!("container of {image} held by pid {}", holder.pid));
+    let save = options.save.clone().map(|dest| SaveAfter {
+        user: user.clone(),
+        changes: holder
+            .annotations
+            .get(named::ANN_CHANGES)
+            .map(|dir| (dir.clone(), record.is_some())),
+        // What the holder ran: the vetted file for a local image.
+        image: if vetted.starts_with('/') {
+            vetted.clone()
+        } else {
+            image.clone()
+        },
+        dest,
+    });
+    let record = match record {
+        Some((record, _)) => {
+            // Recorded once it runs, so the job's other steps can enter it.
+            if let Err(e) = record.started(&image, holder.handle) {
+                let _ = holder.stop(STOP_GRACE);
+                return Err(e);
+            }
+            Some(record)
+        }
+        None => None,
+    };
     *lock(&STEP) = Some(Step {
         container: StepContainer {
             holder,
             keep_env: options.env,
             workdir_given: options.workdir.is_some(),
+            task_prolog,
         },
         stage_out,
         local_tasks: info.local_tasks,
         exited: 0,
+        record,
+        save,
+        notice: None,
     });
     Ok(())
 }
@@ -242,6 +343,50 @@ fn pin_for_job(root: &Launcher, info: &StepInfo, image: &str) -> Result<Option<S
     }
 }
 
+/// This step's tasks enter named container `name`, which another step of the job runs (as
+/// `srun --overlap --container-name=NAME` does in pyxis); that step's container, mounts
+/// and image stay as they are, so this step's own mount options are ignored, saying so.
+fn enter_running(name: &str, options: &options::ContainerOptions, holder: Holder, tasks: u32) {
+    let ignored: Vec<String> = [
+        (!options.mounts.is_empty(), Opt::Mounts),
+        (options.workdir.is_some(), Opt::Workdir),
+        (options.writable.is_some(), Opt::Writable),
+        (options.remap_root.is_some(), Opt::RemapRoot),
+        (options.mount_home.is_some(), Opt::MountHome),
+        (options.save.is_some(), Opt::Save),
+    ]
+    .iter()
+    .filter(|(given, _)| *given)
+    .map(|(_, opt)| format!("--{}", opt.name()))
+    .collect();
+    let notice = (!ignored.is_empty()).then(|| {
+        format!(
+            "ignoring {} for container '{name}': it is running in another step, which set it \
+             up",
+            ignored.join(", ")
+        )
+    });
+    spank::log_debug(&format!(
+        "entering named container {name} of holder {}",
+        holder.pid
+    ));
+    *lock(&STEP) = Some(Step {
+        container: StepContainer {
+            holder,
+            keep_env: options.env.clone(),
+            workdir_given: false,
+            // The running container was started with the stand-in in place.
+            task_prolog: crate::task_prolog::path(),
+        },
+        stage_out: None,
+        local_tasks: tasks,
+        exited: 0,
+        record: None,
+        save: None,
+        notice,
+    });
+}
+
 /// `berth start`'s arguments and, for a local image file, the file itself: root allowed
 /// `vetted` (its resolved path, every component root-owned and writable by root alone, so
 /// it still names the file root checked), and the holder gets that open file, not a path
@@ -253,10 +398,11 @@ fn start_image(
     options: &options::ContainerOptions,
     binds: &[NodeBind],
     gpus: Option<&str>,
+    job: u32,
 ) -> Result<(Vec<String>, HandedFds), Error> {
     if !vetted.starts_with('/') {
         return Ok((
-            container::start_args(image, options, binds, gpus),
+            container::start_args(image, options, binds, gpus, job),
             Vec::new(),
         ));
     }
@@ -271,7 +417,7 @@ fn start_image(
             path: vetted.to_owned(),
             reason: e.to_string(),
         })?;
-    let mut args = container::start_args(vetted, options, binds, gpus);
+    let mut args = container::start_args(vetted, options, binds, gpus, job);
     args.insert(1, format!("--image-fd={IMAGE_FD}"));
     Ok((args, vec![(IMAGE_FD, OwnedFd::from(file))]))
 }
@@ -377,7 +523,13 @@ pub fn task_init(spank: Spank) -> Result<(), Error> {
         return Err(Error::EarlierFailure { earlier });
     }
     match lock(&STEP).as_ref() {
-        Some(step) => step.container.enter(spank),
+        Some(step) => {
+            // On the task's stderr, which is the user's (srun's, or the batch output).
+            if let Some(notice) = &step.notice {
+                eprintln!("berth: {notice}");
+            }
+            step.container.enter(spank)
+        }
         None => Ok(()),
     }
 }
@@ -405,9 +557,30 @@ pub fn exit() -> Result<(), Error> {
 }
 
 fn stop(step: Option<Step>) -> Result<(), Error> {
-    let Some(step) = step else { return Ok(()) };
+    let Some(mut step) = step else { return Ok(()) };
+    // The holder's own messages go to the job's stderr (slurmstepd's), escaped: the holder
+    // is the user's process.
+    for line in step.container.holder.messages().lines() {
+        eprintln!("{}", spank::escape_control(line));
+    }
     let pid = step.container.holder.pid;
+    // First, so no step enters a container that is stopping.
+    if let Some(record) = &step.record {
+        if let Err(e) = record.stopped(step.container.holder.handle) {
+            spank::log_error(&e.to_string());
+        }
+    }
     let killed = step.container.holder.stop(STOP_GRACE);
+    if let Some(save) = step.save {
+        let changes = save
+            .changes
+            .as_ref()
+            .map(|(dir, keep)| (dir.as_str(), *keep));
+        if let Err(e) = save.user.save(changes, &save.image, &save.dest) {
+            spank::log_error(&e.to_string());
+            eprintln!("berth: {e}");
+        }
+    }
     // Results go back whatever the step's outcome (a failed step's output is often what
     // the user needs most); a failure is reported, never fails slurmstepd's callback.
     if let Some((list, user)) = step.stage_out {
@@ -476,6 +649,14 @@ fn requested(
             options::parse_image("--container (SLURM_CONTAINER)", &value)?,
             "--container, SLURM_CONTAINER",
         ),
+        (None, _) if settings.options.name.is_some() => {
+            return Ok((
+                ContainerRequest::Named {
+                    options: settings.options,
+                },
+                "--container-name",
+            ))
+        }
         (None, _) => return Ok((ContainerRequest::None, "no request")),
     };
     let request = match image {
@@ -514,7 +695,7 @@ mod tests {
     #[test]
     fn a_local_image_starts_from_the_vetted_file_itself() {
         let options = options::ContainerOptions::default();
-        let (args, file) = start_image("h/r:1", "h/r:1", &options, &[], None).unwrap();
+        let (args, file) = start_image("h/r:1", "h/r:1", &options, &[], None, 7).unwrap();
         assert_eq!(args, ["start", "--private", "--", "h/r:1"]);
         assert!(file.is_empty());
         let dir = tempfile::tempdir().unwrap();
@@ -522,7 +703,8 @@ mod tests {
         std::fs::write(&vetted, b"x").unwrap();
         let vetted = vetted.display().to_string();
         // The user wrote some other path; what starts is the one root vetted.
-        let (args, file) = start_image("/home/u/link/a.sif", &vetted, &options, &[], None).unwrap();
+        let (args, file) =
+            start_image("/home/u/link/a.sif", &vetted, &options, &[], None, 7).unwrap();
         assert_eq!(
             args,
             ["start", "--image-fd=3", "--private", "--", vetted.as_str()]
@@ -532,7 +714,8 @@ mod tests {
         // A symlink put in its place is not followed.
         let link = dir.path().join("link.sif");
         std::os::unix::fs::symlink(&vetted, &link).unwrap();
-        let err = start_image("x", &link.display().to_string(), &options, &[], None).unwrap_err();
+        let err =
+            start_image("x", &link.display().to_string(), &options, &[], None, 7).unwrap_err();
         assert!(
             matches!(&err, Error::LocalImageUnreadable { reason, .. } if reason.contains("symbolic links")),
             "{err:?}"

@@ -238,13 +238,19 @@ fn decide(
         .map(|text| ContainerRequest::from_transport(&text))
         .transpose()?
         .and_then(|request| match request {
-            ContainerRequest::None => None,
+            ContainerRequest::None | ContainerRequest::Named { .. } => None,
             ContainerRequest::Host => Some(ImageChoice::Host),
             ContainerRequest::Container { image, .. } => Some(ImageChoice::Image(image)),
         });
 
     let (image, source) = match select_image(&settings, slurm_container, job) {
         Some((ImageChoice::Image(image), source)) => (image, source),
+        // The job's container of that name: the node knows its image.
+        None if settings.options.name.is_some() => {
+            return Ok(ContainerRequest::Named {
+                options: settings.options,
+            })
+        }
         choice => {
             if choice.is_none() && settings.options_origin == Some(Origin::CommandLine) {
                 let option = given

@@ -5,6 +5,7 @@
 //! pid number again.
 
 use std::fs::File;
+use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 
 use crate::memfd::SpecHandle;
@@ -35,9 +36,25 @@ pub fn open(pidfd: &PidFd, handle: SpecHandle) -> Result<Held> {
             .map_err(Error::io_path("open", &path))?
             .into())
     };
+    // The holder's own where it has one (`--unshare`), none where it shares this process's.
+    let own = |name: &str| -> Result<Option<std::os::fd::OwnedFd>> {
+        let theirs = ns(name)?;
+        let mine = PathBuf::from(format!("/proc/self/ns/{name}"));
+        let same = std::fs::metadata(&mine)
+            .map_err(Error::io_path("stat", &mine))?
+            .ino()
+            == File::from(theirs.try_clone().map_err(Error::io_path("dup", &mine))?)
+                .metadata()
+                .map_err(Error::io_path("fstat", &mine))?
+                .ino();
+        Ok((!same).then_some(theirs))
+    };
     let namespaces = Namespaces {
         user: ns("user")?,
         mnt: ns("mnt")?,
+        net: own("net")?,
+        ipc: own("ipc")?,
+        uts: own("uts")?,
     };
     let spec = handle.read().map_err(|source| Error::Os {
         call: "reading the holder's spec",

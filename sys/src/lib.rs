@@ -19,7 +19,7 @@ pub mod statfs;
 pub mod syscall;
 
 pub use error::{Error, Result};
-pub use namespaces::{join, Namespaces};
+pub use namespaces::{join, Isolation, Namespaces};
 pub use nix::mount::MsFlags;
 pub use process::Confinement;
 pub use rootfs::MountpointKind;

@@ -39,6 +39,84 @@ const NS_GET_PARENT: libc::c_ulong = 0xb702;
 pub struct Namespaces {
     pub user: OwnedFd,
     pub mnt: OwnedFd,
+    /// The container's own network, IPC and UTS namespaces, where it has them (`--unshare`);
+    /// None where it shares the host's.
+    pub net: Option<OwnedFd>,
+    pub ipc: Option<OwnedFd>,
+    pub uts: Option<OwnedFd>,
+}
+
+/// The namespaces a container may have of its own besides user and mount (pyxis's
+/// `--container-unshare`); by default it shares the host's network, IPC and hostname, as a
+/// job's processes do.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Isolation {
+    pub net: bool,
+    pub ipc: bool,
+    pub uts: bool,
+}
+
+impl Isolation {
+    fn flags(self) -> CloneFlags {
+        [
+            (self.net, CloneFlags::CLONE_NEWNET),
+            (self.ipc, CloneFlags::CLONE_NEWIPC),
+            (self.uts, CloneFlags::CLONE_NEWUTS),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .fold(CloneFlags::empty(), |all, (_, flag)| all | *flag)
+    }
+}
+
+/// Enters new namespaces of the kinds `iso` names, owned by the current user namespace; a
+/// new network namespace gets its loopback interface up (as a container runtime's does), so
+/// 127.0.0.1 answers inside.
+pub(crate) fn isolate(iso: Isolation) -> Result<()> {
+    if iso == Isolation::default() {
+        return Ok(());
+    }
+    unshare(iso.flags())?;
+    if iso.net {
+        loopback_up()?;
+    }
+    Ok(())
+}
+
+fn loopback_up() -> Result<()> {
+    // SAFETY: socket(2) takes no pointers; a new fd (owned below) or -1.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(Error::Os {
+            call: "socket",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: the fd was just created and nothing else owns it.
+    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: ifreq is plain data; zeroed is a valid value (empty name, no flags).
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (slot, byte) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *slot = *byte as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write the ifreq passed, which lives across
+    // both calls; the socket is open.
+    unsafe {
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
+            return Err(Error::Os {
+                call: "ioctl(SIOCGIFFLAGS, lo)",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) < 0 {
+            return Err(Error::Os {
+                call: "ioctl(SIOCSIFFLAGS, lo)",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Joins the namespaces `ns`, then confines the process as `confinement` says ([`confine`]:
@@ -77,6 +155,11 @@ pub fn join(ns: &Namespaces, confinement: &Confinement) -> Result<()> {
         if ino(user)? == mnt_owner {
             nix::sched::setns(ns.mnt.as_fd(), CloneFlags::CLONE_NEWNS)
                 .map_err(Error::os("setns(mount namespace)"))?;
+            // Made with the mount namespace, owned by the same user namespace.
+            for other in [&ns.net, &ns.ipc, &ns.uts].into_iter().flatten() {
+                nix::sched::setns(other.as_fd(), CloneFlags::empty())
+                    .map_err(Error::os("setns(network, IPC or UTS namespace)"))?;
+            }
         }
     }
     // setns(CLONE_NEWNS) put root and cwd at the namespace's root, the container's `/`, so

@@ -319,6 +319,34 @@ pub fn reap(pid: i32) -> Result<Exit> {
 }
 
 /// SIGKILLs `pid` and reaps it.
+/// Runs `f` in a child process (which exits with its return value) and returns the
+/// child's pid. The child dies with this process (PR_SET_PDEATHSIG) and has its signals
+/// unblocked. For work that must stay in this process's namespaces and privileges while
+/// this process moves on (berth's size watcher stays in the container's outer user
+/// namespace, whose mounts it may change, when berth enters the inner one). Call only
+/// while single-threaded: the child runs Rust code after fork.
+pub fn fork_child(f: impl FnOnce() -> i32) -> Result<i32> {
+    let parent = nix::unistd::getpid();
+    // SAFETY: the caller is single-threaded, so the child's copy of the address space is
+    // consistent (no lock held by another thread) and it may run ordinary code.
+    match unsafe { nix::unistd::fork() }.map_err(Error::os("fork"))? {
+        nix::unistd::ForkResult::Parent { child } => Ok(child.as_raw()),
+        nix::unistd::ForkResult::Child => {
+            let ready = nix::sys::signal::sigprocmask(
+                SigmaskHow::SIG_SETMASK,
+                Some(&SigSet::empty()),
+                None,
+            )
+            .and_then(|()| nix::sys::prctl::set_pdeathsig(Signal::SIGKILL))
+            .is_ok()
+                && nix::unistd::getppid() == parent;
+            let code = if ready { f() } else { 125 };
+            // SAFETY: _exit ends the child at once, running no parent-owned destructors.
+            unsafe { libc::_exit(code) }
+        }
+    }
+}
+
 pub fn kill_and_reap(pid: i32) -> Result<Exit> {
     // ESRCH cannot happen for an unreaped child (a zombie still has its pid); any error is
     // reported by the reap that follows.

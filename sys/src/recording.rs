@@ -7,13 +7,14 @@ use std::ffi::CString;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 
-use crate::{Error, Mount, Result, Syscall};
+use crate::{Error, Isolation, Mount, Result, Syscall};
 
 /// One recorded call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Call {
     UnshareUserMount,
     UnshareUser,
+    Isolate(Isolation),
     WriteIdMaps {
         uid_map: String,
         gid_map: String,
@@ -85,6 +86,12 @@ impl Syscall for RecordingSyscall {
     }
     fn unshare_user(&self) -> Result<()> {
         self.record(Call::UnshareUser)
+    }
+    fn isolate(&self, iso: Isolation) -> Result<()> {
+        if iso == Isolation::default() {
+            return Ok(());
+        }
+        self.record(Call::Isolate(iso))
     }
     fn write_id_maps(&self, uid_map: &str, gid_map: &str) -> Result<()> {
         self.record(Call::WriteIdMaps {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use nix::mount::MsFlags;
 
 use crate::rootfs::{self, MountpointKind};
-use crate::{namespaces, process, Error, Result};
+use crate::{namespaces, process, Error, Isolation, Result};
 
 /// One mount(2). `target` is a host path for [`Syscall::mount`] and a path inside the
 /// container root for [`Syscall::mount_in_root`].
@@ -32,6 +32,8 @@ pub trait Syscall {
     fn unshare_user_mount(&self) -> Result<()>;
     /// Enters a new user namespace only (nested in the current one).
     fn unshare_user(&self) -> Result<()>;
+    /// Enters new network, IPC and UTS namespaces as `iso` asks (none: nothing).
+    fn isolate(&self, iso: Isolation) -> Result<()>;
     /// Writes this process's `setgroups` ("deny"), `uid_map` and `gid_map`.
     fn write_id_maps(&self, uid_map: &str, gid_map: &str) -> Result<()>;
     /// Stops mount events propagating between this mount namespace and the host's.
@@ -77,6 +79,10 @@ impl Syscall for LinuxSyscall {
 
     fn unshare_user(&self) -> Result<()> {
         namespaces::unshare(nix::sched::CloneFlags::CLONE_NEWUSER)
+    }
+
+    fn isolate(&self, iso: Isolation) -> Result<()> {
+        namespaces::isolate(iso)
     }
 
     fn write_id_maps(&self, uid_map: &str, gid_map: &str) -> Result<()> {

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use super::Globals;
 use crate::cache;
 use crate::config::Config;
+use crate::container::writable::{Changes, NamedId};
 use crate::container::{self, spec};
 use crate::gpu;
 use crate::{Error, Result};
@@ -29,8 +30,9 @@ pub struct ContainerArgs {
     /// Set a variable inside the container (repeatable; wins over the image's).
     #[arg(long = "env", short = 'e', value_name = "KEY=VALUE")]
     pub env: Vec<String>,
-    /// Let the command change the image's files (in memory, for the container's life; the
-    /// image file never changes).
+    /// Let the command change the image's files (on node-local disk under [runtime]
+    /// writable_dir, up to [runtime] writable_max_size, for the container's life; the image
+    /// file never changes).
     #[arg(long)]
     pub writable: bool,
     /// Do not bind the home directory.
@@ -45,6 +47,18 @@ pub struct ContainerArgs {
     /// Print the container's OCI runtime spec (JSON) and exit without running anything.
     #[arg(long)]
     pub print_spec: bool,
+    /// Namespaces of the container's own instead of the host's: any of net, ipc, uts,
+    /// comma-separated (a new network namespace has only the loopback interface).
+    #[arg(long, value_name = "net,ipc,uts", value_parser = parse_isolation)]
+    pub unshare: Option<berth_sys::Isolation>,
+    /// Give the container the node's Slurm client (srun, sbatch, scontrol, squeue, ...),
+    /// run with the node's own libraries: how a batch script in an image calls srun.
+    #[arg(long)]
+    pub slurm_client: bool,
+    /// Put a no-op script at PATH inside (repeatable): for the node's TaskProlog, which
+    /// the SPANK plugin runs on the node itself.
+    #[arg(long, value_name = "PATH")]
+    pub stand_in: Vec<PathBuf>,
     /// GPUs to bind: `all` (those you may open) or Slurm GPU indexes (gres.conf `File=`
     /// order) like `0,2`; the plugin passes the step's allocation.
     #[arg(long, value_name = "all|LIST")]
@@ -79,11 +93,12 @@ pub fn run(a: Args, g: &Globals) -> Result<i32> {
             let config = Config::load_for_caller(g.config.as_deref())?;
             // Held until the command ends: a cached image stays locked against eviction.
             let image = cache::runnable(&config, image)?;
-            let spec = build_spec(&a.container, &image.path, command.to_vec(), &config)?;
+            let mut spec = build_spec(&a.container, &image.path, command.to_vec(), &config)?;
             if a.container.print_spec {
                 return print_spec(&spec);
             }
-            container::exec(&spec, &config.runtime)
+            let changes = changes_for(&a.container, None, &config, &mut spec)?;
+            container::exec(&spec, &config.runtime, changes)
         }
     };
     // A missing or non-executable command keeps the shell's exit statuses (127, 126).
@@ -122,6 +137,7 @@ pub fn build_spec(
         remap_root: c.remap_root,
         entrypoint: c.entrypoint,
         command,
+        isolation: c.unshare.unwrap_or_default(),
     };
     let image = spec::ImageRef {
         path: &source.path,
@@ -137,7 +153,31 @@ pub fn build_spec(
         .unwrap_or_default();
     let edits = gpu::discover(&config.gpu, selection.as_ref(), &env, &gpu::HostNode)?;
     gpu::edit::apply(&mut spec, &edits)?;
+    if c.slurm_client {
+        container::slurm::HostSlurm::find()?.apply(&mut spec)?;
+    }
+    for path in &c.stand_in {
+        container::slurm::stand_in(&mut spec, path)?;
+    }
     Ok(spec)
+}
+
+/// Where a container's writes go: a named container's own directory, kept for the job, or
+/// for `--writable` a temporary one; the spec's overlay is pointed at it. None: read-only,
+/// nothing written.
+pub fn changes_for(
+    c: &ContainerArgs,
+    named: Option<&NamedId>,
+    config: &Config,
+    spec: &mut oci_spec::runtime::Spec,
+) -> Result<Option<Changes>> {
+    let changes = match named {
+        Some(id) => Changes::named(&config.runtime, id)?,
+        None if c.writable => Changes::temporary(&config.runtime, &container::tmpdir())?,
+        None => return Ok(None),
+    };
+    changes.annotate(spec);
+    Ok(Some(changes))
 }
 
 pub fn print_spec(spec: &oci_spec::runtime::Spec) -> Result<i32> {
@@ -146,6 +186,25 @@ pub fn print_spec(spec: &oci_spec::runtime::Spec) -> Result<i32> {
         serde_json::to_string_pretty(spec).map_err(Error::Spec)?
     );
     Ok(0)
+}
+
+/// `net,ipc,uts` (any of them) as berth_sys::Isolation.
+fn parse_isolation(list: &str) -> std::result::Result<berth_sys::Isolation, String> {
+    let mut iso = berth_sys::Isolation::default();
+    for kind in list.split(',') {
+        let slot = match kind {
+            "net" => &mut iso.net,
+            "ipc" => &mut iso.ipc,
+            "uts" => &mut iso.uts,
+            other => {
+                return Err(format!(
+                    "unknown namespace '{other}'; give any of net, ipc, uts"
+                ))
+            }
+        };
+        *slot = true;
+    }
+    Ok(iso)
 }
 
 fn parse_env(vars: &[String]) -> Result<Vec<(String, String)>> {

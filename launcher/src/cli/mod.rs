@@ -14,8 +14,10 @@ mod exec;
 mod fetch;
 mod generate;
 mod images;
+mod named;
 mod pin;
 mod policy;
+mod save;
 mod sif;
 mod stage;
 mod start;
@@ -65,6 +67,11 @@ pub enum Command {
     Images(images::ListArgs),
     /// Evict images from the node cache.
     Prune(images::PruneArgs),
+    /// Save a stopped container's file system (its image and changes) as a SIF file.
+    Save(save::Args),
+    /// Manage the named containers (`--container-name`) of your jobs on this node.
+    #[command(subcommand)]
+    Named(named::Command),
     /// Copy data to node-local storage and results back.
     #[command(subcommand)]
     Stage(stage::Command),
@@ -94,6 +101,8 @@ impl Cli {
             Command::PinJob(a) => pin::run(a, g),
             Command::Images(a) => images::run_list(a, g),
             Command::Prune(a) => images::run_prune(a, g),
+            Command::Named(c) => named::run(c, g),
+            Command::Save(a) => save::run(a, g),
             Command::Stage(c) => stage::run(c, g),
             Command::Audit(a) => audit::run(a, g),
             Command::Config(c) => config::run(c, g),

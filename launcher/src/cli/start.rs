@@ -14,10 +14,11 @@ use std::fs::File;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::exec::{build_spec, print_spec, ContainerArgs};
+use super::exec::{build_spec, changes_for, print_spec, ContainerArgs};
 use super::Globals;
 use crate::cache;
 use crate::config::Config;
+use crate::container::writable::NamedId;
 use crate::container::{self, handle};
 use crate::policy::{ImageRequest, Policy, Verdict};
 use crate::{Error, Result};
@@ -36,6 +37,15 @@ pub struct StartArgs {
     /// IMAGE must name by its resolved path. The site policy on local images applies to it.
     #[arg(long, value_name = "FD")]
     pub image_fd: Option<u32>,
+    /// Keep the container's changes as container NAME of job JOB (`--container-name`):
+    /// a later `berth start --named` of the same JOB/NAME continues from them, until
+    /// `berth named remove --job JOB`. One container at a time may use them.
+    #[arg(long, value_name = "JOB/NAME", value_parser = NamedId::parse)]
+    pub named: Option<NamedId>,
+    /// Leave a writable container's changes on disk when it stops, for `berth save
+    /// --changes` (the spec's org.berth.changes annotation names them).
+    #[arg(long)]
+    pub keep_changes: bool,
     /// The image: a registry reference, or a .sif or squashfs file.
     pub image: String,
 }
@@ -66,7 +76,7 @@ pub fn run_start(a: StartArgs, g: &Globals) -> Result<i32> {
     } else {
         ImageToRun::cached(cache::runnable(&config, &a.image)?)
     };
-    let spec = match build_spec(&a.container, &image.path, Vec::new(), &config) {
+    let mut spec = match build_spec(&a.container, &image.path, Vec::new(), &config) {
         Err(Error::NoCommand) => {
             build_spec(&a.container, &image.path, vec!["/bin/sh".into()], &config)?
         }
@@ -75,7 +85,11 @@ pub fn run_start(a: StartArgs, g: &Globals) -> Result<i32> {
     if a.container.print_spec {
         return print_spec(&spec);
     }
-    container::start(&spec, &config.runtime)
+    let mut changes = changes_for(&a.container, a.named.as_ref(), &config, &mut spec)?;
+    if a.keep_changes {
+        changes.iter_mut().for_each(|c| c.keep());
+    }
+    container::start(&spec, &config.runtime, changes)
 }
 
 /// The image file a container runs, and what keeps it usable while it runs.

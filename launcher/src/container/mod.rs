@@ -13,7 +13,10 @@
 
 pub mod assemble;
 pub mod handle;
+pub mod save;
+pub mod slurm;
 pub mod spec;
+pub mod writable;
 
 use std::ffi::{CString, OsString};
 use std::os::fd::{AsFd, OwnedFd};
@@ -26,6 +29,7 @@ use oci_spec::runtime::Spec;
 
 use crate::config::RuntimeConfig;
 use crate::{Error, Result};
+use writable::Changes;
 
 /// The exit status berth gives an error: 127 and 126 for a command that is missing or not
 /// executable (the shell's convention), 125 for berth's own failures.
@@ -37,10 +41,11 @@ pub fn exit_code(e: &Error) -> i32 {
     }
 }
 
-/// Runs the spec's command in a new container; returns its exit status.
-pub fn exec(spec: &Spec, runtime: &RuntimeConfig) -> Result<i32> {
+/// Runs the spec's command in a new container whose writes go to `changes` (if writable);
+/// returns its exit status.
+pub fn exec(spec: &Spec, runtime: &RuntimeConfig, changes: Option<Changes>) -> Result<i32> {
     let command = command_spec(spec)?;
-    let running = Running::start(spec, runtime)?;
+    let running = Running::start(spec, runtime, changes)?;
     let child = process::spawn(&command).map_err(sys_err("starting the command"))?;
     let result = match child {
         Ok(pid) => running
@@ -56,8 +61,8 @@ pub fn exec(spec: &Spec, runtime: &RuntimeConfig) -> Result<i32> {
 
 /// Starts a container that stays until SIGTERM/SIGINT/SIGHUP/SIGQUIT: prints its handle
 /// (`PID:FD`, see [`handle`]) on stdout, then detaches stdout so a reader sees EOF.
-pub fn start(spec: &Spec, runtime: &RuntimeConfig) -> Result<i32> {
-    let running = Running::start(spec, runtime)?;
+pub fn start(spec: &Spec, runtime: &RuntimeConfig, changes: Option<Changes>) -> Result<i32> {
+    let running = Running::start(spec, runtime, changes)?;
     let published = handle::publish(spec)?;
     let helper_end = running
         .signals
@@ -95,36 +100,52 @@ pub fn join_exec(handle: &str, argv: Vec<String>, env: &[(String, String)]) -> R
     Err(spawn_error(process::exec(&command), &command))
 }
 
-/// A container berth holds: its signals, FUSE daemon and bundle.
+/// A container berth holds: its signals, FUSE daemon, bundle and, when it can write, the
+/// directory its changes go to and the process watching their size.
 struct Running {
     signals: process::Signals,
     helper: i32,
     bundle: Bundle,
+    changes: Option<Changes>,
+    watcher: Option<i32>,
 }
 
 impl Running {
-    fn start(spec: &Spec, runtime: &RuntimeConfig) -> Result<Running> {
+    fn start(spec: &Spec, runtime: &RuntimeConfig, changes: Option<Changes>) -> Result<Running> {
         let squashfuse = assemble::find_squashfuse()?;
         let bundle = Bundle::create(runtime)?;
+        // Opened while its path is reachable, for the watcher started after pivot_root.
+        let upper = changes.as_ref().map(Changes::open_upper).transpose()?;
         // Blocked before the first fork, so no signal is lost or kills berth half-way.
         let signals = process::block_signals().map_err(sys_err("blocking signals"))?;
-        let assembled = assemble::assemble(&LinuxSyscall, spec, &bundle.path, &squashfuse)?;
+        let watch = || match (&changes, upper) {
+            (Some(changes), Some(upper)) => changes.start_watcher(upper).map(Some),
+            _ => Ok(None),
+        };
+        let assembled = assemble::assemble(&LinuxSyscall, spec, &bundle.path, &squashfuse, watch)?;
         Ok(Running {
             signals,
             helper: assembled.helper,
             bundle,
+            changes,
+            watcher: assembled.watcher,
         })
     }
 
     /// Ends the FUSE daemon (the image is read-only: nothing to flush) and removes the
-    /// bundle directory if berth created it.
+    /// bundle directory if berth created it, and a temporary container's changes.
     fn stop(self) -> Result<()> {
         process::kill_and_reap(self.helper).map_err(sys_err("stopping squashfuse"))?;
         self.remove_bundle()
     }
 
     fn remove_bundle(self) -> Result<()> {
-        self.bundle.remove()
+        if let Some(watcher) = self.watcher {
+            process::kill_and_reap(watcher).map_err(sys_err("stopping the size watcher"))?;
+        }
+        let changes = self.changes.map(Changes::finish).transpose();
+        self.bundle.remove()?;
+        changes.map(drop)
     }
 }
 
@@ -145,10 +166,7 @@ impl Bundle {
                 created: None,
             });
         }
-        let tmp = std::env::var_os("TMPDIR")
-            .map(PathBuf::from)
-            .filter(|p| p.is_absolute())
-            .unwrap_or_else(|| "/tmp".into());
+        let tmp = tmpdir();
         let (path, parent) = berth_sys::rootfs::private_dir(&tmp, ".berth-")
             .map_err(|source| Error::Sys { path: tmp, source })?;
         let name = path.file_name().expect("mkdtemp names a child").to_owned();
@@ -168,6 +186,15 @@ impl Bundle {
             None => Ok(()),
         }
     }
+}
+
+/// $TMPDIR, or /tmp: where berth keeps what it would otherwise keep in an area the node
+/// lacks.
+pub fn tmpdir() -> PathBuf {
+    std::env::var_os("TMPDIR")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .unwrap_or_else(|| "/tmp".into())
 }
 
 /// How to start the spec's process.

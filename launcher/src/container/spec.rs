@@ -157,6 +157,8 @@ pub struct Options {
     pub entrypoint: bool,
     /// The command; empty means the image's entrypoint + cmd.
     pub command: Vec<String>,
+    /// Network, IPC and UTS namespaces of the container's own (`--unshare`).
+    pub isolation: berth_sys::Isolation,
 }
 
 /// Facts about the host and the user berth runs for.
@@ -234,7 +236,7 @@ pub fn build(image: &ImageRef<'_>, opts: &Options, host: &Host) -> Result<Spec> 
         "process": process,
         "mounts": mounts(opts, host)?,
         "linux": {
-            "namespaces": [{ "type": "user" }, { "type": "mount" }],
+            "namespaces": namespaces(opts.isolation),
             "devices": DEVICES.iter().map(|(path, major, minor)| {
                 json!({ "path": path, "type": "c", "major": major, "minor": minor })
             }).collect::<Vec<_>>(),
@@ -251,6 +253,48 @@ pub fn build(image: &ImageRef<'_>, opts: &Options, host: &Host) -> Result<Spec> 
         },
     });
     serde_json::from_value(spec).map_err(Error::Spec)
+}
+
+/// OCI's names of the namespace kinds `--unshare` takes, as berth_sys::Isolation has them.
+pub const ISOLATION_KINDS: [&str; 3] = ["network", "ipc", "uts"];
+
+/// The container's namespaces: always user and mount; network, IPC and UTS where asked.
+fn namespaces(iso: berth_sys::Isolation) -> Vec<Value> {
+    let wanted = [iso.net, iso.ipc, iso.uts];
+    ["user", "mount"]
+        .into_iter()
+        .chain(
+            ISOLATION_KINDS
+                .into_iter()
+                .zip(wanted)
+                .filter(|(_, on)| *on)
+                .map(|(kind, _)| kind),
+        )
+        .map(|kind| json!({ "type": kind }))
+        .collect()
+}
+
+/// The isolation a spec's namespaces ask for (the inverse of [`namespaces`]).
+pub fn isolation(spec: &Spec) -> berth_sys::Isolation {
+    let kinds: Vec<String> = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().clone())
+        .unwrap_or_default()
+        .iter()
+        .map(|n| {
+            serde_json::to_value(n.typ())
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default()
+        })
+        .collect();
+    let has = |kind: &str| kinds.iter().any(|k| k == kind);
+    berth_sys::Isolation {
+        net: has("network"),
+        ipc: has("ipc"),
+        uts: has("uts"),
+    }
 }
 
 /// The command line: an explicit command runs as given (pyxis: the entrypoint only with
@@ -399,6 +443,15 @@ fn mounts(opts: &Options, host: &Host) -> Result<Vec<Value>> {
         p("tmpfs"),
         &["nosuid", "nodev", "mode=1777"],
     ));
+    // POSIX message queues of the container's own IPC namespace.
+    if opts.isolation.ipc {
+        v.push(mount(
+            p("/dev/mqueue"),
+            "mqueue",
+            p("mqueue"),
+            &["nosuid", "nodev", "noexec"],
+        ));
+    }
     for f in &host.files {
         v.push(bind(f, f, true));
     }
@@ -681,6 +734,27 @@ mod tests {
             .as_ref()
             .unwrap()[0];
         assert_eq!((map.container_id(), map.host_id()), (0, 1200));
+    }
+
+    #[test]
+    fn unshared_namespaces_are_in_the_spec_and_read_back() {
+        let c = ImageConfig::default();
+        let plain = build_with(&c, &opts(&["true"]), &host());
+        assert_eq!(isolation(&plain), berth_sys::Isolation::default());
+        assert!(!destinations(&plain).contains(&"/dev/mqueue".to_string()));
+        let iso = berth_sys::Isolation {
+            net: true,
+            ipc: true,
+            uts: false,
+        };
+        let o = Options {
+            isolation: iso,
+            ..opts(&["true"])
+        };
+        let spec = build_with(&c, &o, &host());
+        assert_eq!(isolation(&spec), iso);
+        // IPC of its own brings its own message queues.
+        assert!(destinations(&spec).contains(&"/dev/mqueue".to_string()));
     }
 
     #[test]

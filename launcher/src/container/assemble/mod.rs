@@ -43,6 +43,8 @@ const BIN_DIRS: [&str; 3] = ["/usr/bin", "/usr/local/bin", "/bin"];
 pub struct Assembled {
     /// The squashfuse daemon; the caller kills and reaps it when the container ends.
     pub helper: i32,
+    /// What `after_pivot` started (the size watcher), killed and reaped with the helper.
+    pub watcher: Option<i32>,
 }
 
 /// Finds squashfuse in the system's own directories (not the user's PATH: the daemon runs
@@ -58,67 +60,26 @@ pub fn find_squashfuse() -> Result<PathBuf> {
 /// Builds the container described by `spec` with `bundle` as its private runtime directory
 /// and pivots into it. Must be called single-threaded, before anything else touched
 /// namespaces. On error, the FUSE daemon (if started) dies with berth (it has
-/// PR_SET_PDEATHSIG).
+/// PR_SET_PDEATHSIG). `after_pivot` runs right after pivot_root, while berth is still root
+/// of the outer user namespace (whose mounts a process started there may change later).
 pub fn assemble(
     sys: &impl Syscall,
     spec: &Spec,
     bundle: &Path,
     squashfuse: &Path,
+    after_pivot: impl FnOnce() -> Result<Option<i32>>,
 ) -> Result<Assembled> {
     let facts = AssemblyInputs::of(spec)?;
-    sys.unshare_user_mount()
-        .map_err(|source| match source.raw_os_error() {
-            Some(libc::EPERM | libc::ENOSPC | libc::EINVAL | libc::EUSERS) => {
-                Error::UserNamespaces { source }
-            }
-            _ => Error::Container {
-                what: "unshare",
-                source,
-            },
-        })?;
+    let (root, helper) = mount_root(sys, &facts, bundle, squashfuse)?;
     let container = |what| move |source| Error::Container { what, source };
-    sys.write_id_maps(&format!("0 {} 1", facts.uid), &format!("0 {} 1", facts.gid))
-        .map_err(container("writing the outer id maps"))?;
-    sys.make_mounts_private()
-        .map_err(container("making mounts private"))?;
-
-    // The bundle: a tmpfs only this mount namespace sees; nothing is written on the host.
-    sys.mount(&Mount {
-        source: Some("tmpfs".into()),
-        target: bundle.into(),
-        fstype: Some("tmpfs".into()),
-        flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        data: Some("mode=700".into()),
-        readonly: false,
-        kind: MountpointKind::Dir,
-    })
-    .map_err(container("mounting the runtime tmpfs"))?;
-    let [lower, upper, work, root] = ["lower", "upper", "work", "root"].map(|d| bundle.join(d));
-    for d in [&lower, &upper, &work, &root] {
-        std::fs::create_dir(d).map_err(|e| Error::io(format!("creating {}", d.display()), e))?;
-    }
-
-    let helper = mount_image(sys, &facts, &lower, squashfuse)?;
-
-    // The image stays read-only; a tmpfs upper layer gives mountpoints the image lacks and,
-    // with --writable, a root that can change for the container's life.
-    sys.mount(&Mount {
-        source: Some("overlay".into()),
-        target: root.clone(),
-        fstype: Some("overlay".into()),
-        flags: MsFlags::empty(),
-        data: Some(format!(
-            "lowerdir={},upperdir={},workdir={},userxattr",
-            lower.display(),
-            upper.display(),
-            work.display()
-        )),
-        readonly: false,
-        kind: MountpointKind::Dir,
-    })
-    .map_err(container("mounting the overlay root"))?;
-
     userdb::write_user_db(&root, bundle, &facts)?;
+    for (name, text) in super::slurm::scripts(spec)? {
+        use std::os::unix::fs::PermissionsExt;
+        let path = bundle.join(&name);
+        std::fs::write(&path, text)
+            .and_then(|()| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)))
+            .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+    }
     userdb::write_ld_cache(
         &root,
         bundle,
@@ -159,6 +120,8 @@ pub fn assemble(
             .map_err(container("making the root read-only"))?;
     }
     sys.pivot_root(&root).map_err(container("pivot_root"))?;
+    // Still root of the outer user namespace, which owns the container's mounts.
+    let watcher = after_pivot()?;
     if facts.uid_inside != 0 {
         sys.unshare_user()
             .map_err(container("unshare (inner user namespace)"))?;
@@ -168,7 +131,82 @@ pub fn assemble(
         )
         .map_err(container("writing the inner id maps"))?;
     }
-    Ok(Assembled { helper })
+    Ok(Assembled { helper, watcher })
+}
+
+/// The first half of assembly, shared with `save`: new user and mount namespaces (the
+/// image's root mapped to the user), the runtime tmpfs on `bundle`, the image mounted at
+/// `bundle/lower` and the overlay root at `bundle/root` (returned with the squashfuse
+/// daemon's pid). Nothing is pivoted yet: host paths stay reachable.
+pub fn mount_root(
+    sys: &impl Syscall,
+    facts: &AssemblyInputs,
+    bundle: &Path,
+    squashfuse: &Path,
+) -> Result<(PathBuf, i32)> {
+    sys.unshare_user_mount()
+        .map_err(|source| match source.raw_os_error() {
+            Some(libc::EPERM | libc::ENOSPC | libc::EINVAL | libc::EUSERS) => {
+                Error::UserNamespaces { source }
+            }
+            _ => Error::Container {
+                what: "unshare",
+                source,
+            },
+        })?;
+    let container = |what| move |source| Error::Container { what, source };
+    sys.write_id_maps(&format!("0 {} 1", facts.uid), &format!("0 {} 1", facts.gid))
+        .map_err(container("writing the outer id maps"))?;
+    // Owned by the outer user namespace, like the mount namespace: joiners enter them there.
+    sys.isolate(facts.isolation)
+        .map_err(container("unshare (network, IPC or UTS namespace)"))?;
+    sys.make_mounts_private()
+        .map_err(container("making mounts private"))?;
+
+    // The bundle: a tmpfs only this mount namespace sees; nothing is written on the host.
+    sys.mount(&Mount {
+        source: Some("tmpfs".into()),
+        target: bundle.into(),
+        fstype: Some("tmpfs".into()),
+        flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        data: Some("mode=700".into()),
+        readonly: false,
+        kind: MountpointKind::Dir,
+    })
+    .map_err(container("mounting the runtime tmpfs"))?;
+    // A writable container's changes go to its directory on disk (see `writable`); a
+    // read-only one's upper layer only gets berth's mountpoints, in the tmpfs.
+    let changes = facts.changes.as_deref().unwrap_or(bundle);
+    let [upper, work] = ["upper", "work"].map(|d| changes.join(d));
+    let [lower, root] = ["lower", "root"].map(|d| bundle.join(d));
+    let mut fresh = vec![&lower, &root];
+    if facts.changes.is_none() {
+        fresh.extend([&upper, &work]);
+    }
+    for d in fresh {
+        std::fs::create_dir(d).map_err(|e| Error::io(format!("creating {}", d.display()), e))?;
+    }
+
+    let helper = mount_image(sys, facts, &lower, squashfuse)?;
+
+    // The image stays read-only; the upper layer gives mountpoints the image lacks and, with
+    // --writable, a root that can change for the container's life.
+    sys.mount(&Mount {
+        source: Some("overlay".into()),
+        target: root.clone(),
+        fstype: Some("overlay".into()),
+        flags: MsFlags::empty(),
+        data: Some(format!(
+            "lowerdir={},upperdir={},workdir={},userxattr",
+            lower.display(),
+            upper.display(),
+            work.display()
+        )),
+        readonly: false,
+        kind: MountpointKind::Dir,
+    })
+    .map_err(container("mounting the overlay root"))?;
+    Ok((root, helper))
 }
 
 /// Mounts the image at `lower`: berth mounts the FUSE file system itself (it holds the
@@ -229,10 +267,13 @@ pub struct AssemblyInputs {
     pub(crate) gid_inside: u32,
     pub(crate) user: String,
     pub(crate) home: String,
+    /// The directory holding the overlay's upper and work directories on disk, if any.
+    pub(crate) changes: Option<PathBuf>,
+    pub(crate) isolation: berth_sys::Isolation,
 }
 
 impl AssemblyInputs {
-    fn of(spec: &Spec) -> Result<AssemblyInputs> {
+    pub fn of(spec: &Spec) -> Result<AssemblyInputs> {
         let missing =
             |what: &str| Error::Spec(serde::de::Error::custom(format!("the spec has no {what}")));
         let ann = spec.annotations().clone().unwrap_or_default();
@@ -263,6 +304,8 @@ impl AssemblyInputs {
             gid_inside: user.gid(),
             user: get(spec::ANN_USER_NAME)?,
             home: get(spec::ANN_USER_HOME)?,
+            changes: ann.get(super::writable::ANN_CHANGES).map(PathBuf::from),
+            isolation: spec::isolation(spec),
         })
     }
 }
@@ -305,6 +348,7 @@ mod tests {
             spec,
             bundle.path(),
             Path::new("/usr/bin/squashfuse_ll"),
+            || Ok(None),
         );
         (bundle, r)
     }
@@ -440,6 +484,69 @@ mod tests {
         );
         let group = std::fs::read_to_string(bundle.path().join("group")).unwrap();
         assert_eq!(group, "ada:x:0:\n");
+    }
+
+    #[test]
+    fn a_writable_container_writes_to_its_directory_on_disk() {
+        let changes = tempfile::tempdir().unwrap();
+        let mut spec = spec_for(false, true);
+        let mut ann = spec.annotations().clone().unwrap();
+        ann.insert(
+            crate::container::writable::ANN_CHANGES.into(),
+            changes.path().display().to_string(),
+        );
+        spec.set_annotations(Some(ann));
+        let sys = RecordingSyscall::default();
+        let (bundle, r) = run(&sys, &spec);
+        r.unwrap();
+        let overlay = sys
+            .calls()
+            .into_iter()
+            .find_map(|c| match c {
+                Call::Mount(m) if m.fstype.as_deref() == Some("overlay") => m.data,
+                _ => None,
+            })
+            .unwrap();
+        let c = changes.path().display();
+        assert!(
+            overlay.contains(&format!("upperdir={c}/upper,workdir={c}/work")),
+            "{overlay}"
+        );
+        assert!(
+            !bundle.path().join("upper").exists(),
+            "nothing in the tmpfs"
+        );
+    }
+
+    #[test]
+    fn unshared_namespaces_come_right_after_the_outer_id_maps() {
+        let mut spec = spec_for(false, false);
+        let iso = berth_sys::Isolation {
+            net: true,
+            ipc: false,
+            uts: true,
+        };
+        let mut linux = spec.linux().clone().unwrap();
+        let mut namespaces = linux.namespaces().clone().unwrap();
+        for kind in [
+            oci_spec::runtime::LinuxNamespaceType::Network,
+            oci_spec::runtime::LinuxNamespaceType::Uts,
+        ] {
+            let mut ns = oci_spec::runtime::LinuxNamespace::default();
+            ns.set_typ(kind);
+            namespaces.push(ns);
+        }
+        linux.set_namespaces(Some(namespaces));
+        spec.set_linux(Some(linux));
+        let sys = RecordingSyscall::default();
+        let (_b, r) = run(&sys, &spec);
+        r.unwrap();
+        assert_eq!(sys.calls()[2], Call::Isolate(iso));
+        // None asked for: no call at all.
+        let sys = RecordingSyscall::default();
+        let (_b, r) = run(&sys, &spec_for(false, false));
+        r.unwrap();
+        assert!(!sys.calls().iter().any(|c| matches!(c, Call::Isolate(_))));
     }
 
     #[test]

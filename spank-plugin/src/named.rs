@@ -1,0 +1,303 @@
+//! Named containers (`--container-name=NAME[:MODE]`) on the compute node: a container a
+//! job keeps across its steps on each node, as in pyxis.
+//!
+//! - Its files: the launcher keeps what it writes in the user's part of `[runtime]
+//!   writable_dir` on node-local disk (`berth start --named JOB/NAME`), so a later step
+//!   continues from them; only one container uses them at a time (the launcher locks them).
+//! - Its record, kept by root in [`RECORD_DIR`]`/JOB/NAME/` where no user can write: the
+//!   image it was created from (`image`), and while a step runs it the handle of that step's
+//!   holder (`holder`). A step naming a running container enters that holder's namespaces
+//!   instead of starting a container (`srun --overlap --container-name=NAME`); one naming a
+//!   stopped container starts it again from its files and its recorded image (judged by the
+//!   policy again, as every start is).
+//! - Its end: the job epilog ([`job_epilog`], root, when the job ends or is cancelled)
+//!   removes the records and, as the job's user, the files (`berth named remove --job`).
+
+use std::ffi::OsString;
+use std::fs;
+use std::io::Write;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use berth_sys::memfd::SpecHandle;
+
+use crate::config::Config;
+use crate::error::Error;
+use crate::launcher::{Holder, Identity, Launcher};
+use crate::options::{NameMode, Named};
+use crate::spank;
+
+/// Where root records the job's named containers on this node (a tmpfs: nothing outlives a
+/// reboot, when the containers are gone too).
+pub const RECORD_DIR: &str = "/run/berth/named";
+
+/// The spec annotation naming the directory of a container's files (the launcher's
+/// `container::writable::ANN_CHANGES`).
+pub const ANN_CHANGES: &str = "org.berth.changes";
+
+/// Whether `holder` runs named container `name` of job `job`: its files are that
+/// container's (`.../job-JOB/NAME`), so a recorded handle whose holder was replaced by
+/// another container of the user is not entered.
+pub fn runs(holder: &Holder, job: u32, name: &str) -> bool {
+    holder
+        .annotations
+        .get(ANN_CHANGES)
+        .is_some_and(|dir| dir.ends_with(&format!("/job-{job}/{name}")))
+}
+
+/// Refuses to enter a running container that lacks a namespace `unshare` asks for (pyxis
+/// does the same: the step would otherwise share the node's).
+pub fn check_unshare(holder: &Holder, name: &str, unshare: &[String]) -> Result<(), Error> {
+    let ns = &holder.namespaces;
+    let kinds = [
+        ("net", ns.net.is_some(), "network"),
+        ("ipc", ns.ipc.is_some(), "IPC"),
+        ("uts", ns.uts.is_some(), "UTS"),
+    ];
+    match kinds
+        .iter()
+        .find(|(kind, has, _)| !has && unshare.iter().any(|u| u == kind))
+    {
+        Some((kind, _, what)) => Err(Error::UnshareMismatch {
+            name: name.to_owned(),
+            kind: (*kind).to_owned(),
+            what,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// What a step naming a container does.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Enter the running container.
+    Enter,
+    /// Start the container from this image (its recorded one, or for a new container the
+    /// step's).
+    Start(String),
+}
+
+/// Decides, as pyxis does, from the mode, whether the container runs now, the image it was
+/// created from (None: it does not exist) and the image the step asked for.
+pub fn decide(
+    named: &Named,
+    running: bool,
+    recorded: Option<String>,
+    requested: Option<String>,
+) -> Result<Decision, Error> {
+    let name = || named.name.clone();
+    match (named.mode, running, recorded) {
+        (NameMode::Create, _, Some(_)) => Err(Error::NamedExists { name: name() }),
+        (NameMode::Exec, false, _) => Err(Error::NamedNotRunning { name: name() }),
+        (NameMode::Auto | NameMode::Exec, true, _) => Ok(Decision::Enter),
+        (NameMode::NoExec, true, _) => Err(Error::NamedInUse { name: name() }),
+        (_, _, Some(image)) => Ok(Decision::Start(image)),
+        (_, _, None) => requested
+            .map(Decision::Start)
+            .ok_or_else(|| Error::NamedMissing { name: name() }),
+    }
+}
+
+/// Root's record of one named container of a job on this node.
+#[derive(Debug, Clone)]
+pub struct Record {
+    dir: PathBuf,
+}
+
+impl Record {
+    pub fn of(job: u32, name: &str) -> Record {
+        Record {
+            dir: Path::new(RECORD_DIR).join(job.to_string()).join(name),
+        }
+    }
+
+    /// The image the container was created from; None if it was not.
+    pub fn image(&self) -> Option<String> {
+        self.read("image")
+    }
+
+    /// The holder running it now, as recorded (checked by [`crate::launcher::Holder::attach`]).
+    pub fn holder(&self) -> Option<SpecHandle> {
+        SpecHandle::parse(self.read("holder")?.trim())
+    }
+
+    /// Records the container as created from `image` (if new) and run by `holder`.
+    pub fn started(&self, image: &str, holder: SpecHandle) -> Result<(), Error> {
+        as_root(|| {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&self.dir)?;
+            if self.image().is_none() {
+                write(&self.dir.join("image"), image)?;
+            }
+            write(&self.dir.join("holder"), &holder.to_string())
+        })
+        .map_err(|e| self.failed(e))
+    }
+
+    /// The container stopped: it can no longer be entered, only started again.
+    pub fn stopped(&self, holder: SpecHandle) -> Result<(), Error> {
+        if self.holder() != Some(holder) {
+            return Ok(());
+        }
+        as_root(|| match fs::remove_file(self.dir.join("holder")) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        })
+        .map_err(|e| self.failed(e))
+    }
+
+    fn read(&self, file: &str) -> Option<String> {
+        as_root(|| fs::read_to_string(self.dir.join(file))).ok()
+    }
+
+    fn failed(&self, e: std::io::Error) -> Error {
+        Error::NamedRecord {
+            path: self.dir.display().to_string(),
+            detail: e.to_string(),
+        }
+    }
+}
+
+/// Root-only files, written whole (a reader never sees half a line).
+fn write(path: &Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?
+        .write_all(text.as_bytes())?;
+    fs::rename(tmp, path)
+}
+
+/// `f` with root's rights (slurmstepd's `user_init` runs with the user's effective uid).
+fn as_root<T>(f: impl FnOnce() -> std::io::Result<T>) -> std::io::Result<T> {
+    berth_sys::identity::with_effective_root(f).map_err(|e| std::io::Error::other(e.to_string()))?
+}
+
+/// Looks up a variable of the epilog's environment.
+pub type EpilogEnv<'a> = &'a dyn Fn(&str) -> Option<OsString>;
+
+/// The job ended (slurmd's job epilog, root, on each node of the job; also after scancel):
+/// its named containers go. Never fails: a problem is logged, and `[runtime]
+/// writable_dir`'s ageing removes what is left.
+pub fn job_epilog(args: &[String], env: EpilogEnv) -> Result<(), Error> {
+    let Some((job, uid, gid)) = ending_job(env) else {
+        return Ok(());
+    };
+    let records = Path::new(RECORD_DIR).join(job.to_string());
+    if !records.is_dir() {
+        return Ok(());
+    }
+    // Root's own tree in a root-only directory: nothing in it is the user's to redirect.
+    if let Err(e) = fs::remove_dir_all(&records) {
+        spank::log_error(&format!("job {job}: removing {}: {e}", records.display()));
+    }
+    let (config, _) = Config::from_plugin_args(args);
+    // As the user, whose files they are: root never walks a tree the user can change.
+    let user = Launcher::new(&config.berth).run_as(Identity::User {
+        uid,
+        gid,
+        groups: Vec::new(),
+    });
+    if let Err(e) = user.remove_named(job) {
+        spank::log_error(&format!("job {job}: removing its named containers: {e}"));
+    }
+    Ok(())
+}
+
+/// The ending job's id, uid and gid (the uid where slurmd sets no SLURM_JOB_GID: only the
+/// uid matters to remove the user's own files).
+fn ending_job(env: EpilogEnv) -> Option<(u32, u32, u32)> {
+    let number = |name: &str| -> Option<u32> {
+        std::str::from_utf8(env(name)?.as_bytes())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    };
+    let uid = number("SLURM_JOB_UID")?;
+    Some((
+        number("SLURM_JOB_ID")?,
+        uid,
+        number("SLURM_JOB_GID").unwrap_or(uid),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn named(mode: NameMode) -> Named {
+        Named {
+            name: "n".into(),
+            mode,
+        }
+    }
+
+    fn img(s: &str) -> Option<String> {
+        Some(s.into())
+    }
+
+    #[test]
+    fn decisions_follow_pyxis() {
+        use NameMode::*;
+        // auto: enter a running one, else start the recorded image, else create.
+        assert_eq!(
+            decide(&named(Auto), true, img("a"), None),
+            Ok(Decision::Enter)
+        );
+        assert_eq!(
+            decide(&named(Auto), false, img("a"), img("b")),
+            Ok(Decision::Start("a".into()))
+        );
+        assert_eq!(
+            decide(&named(Auto), false, None, img("b")),
+            Ok(Decision::Start("b".into()))
+        );
+        let err = decide(&named(Auto), false, None, None).unwrap_err();
+        assert!(err.to_string().contains("--container-image"), "{err}");
+        // create: only a new one.
+        assert!(matches!(
+            decide(&named(Create), false, img("a"), img("a")),
+            Err(Error::NamedExists { .. })
+        ));
+        assert_eq!(
+            decide(&named(Create), false, None, img("b")),
+            Ok(Decision::Start("b".into()))
+        );
+        // exec: only a running one.
+        assert_eq!(
+            decide(&named(Exec), true, img("a"), None),
+            Ok(Decision::Enter)
+        );
+        assert!(matches!(
+            decide(&named(Exec), false, img("a"), None),
+            Err(Error::NamedNotRunning { .. })
+        ));
+        // no_exec: never enter.
+        assert_eq!(
+            decide(&named(NoExec), false, img("a"), None),
+            Ok(Decision::Start("a".into()))
+        );
+        assert!(matches!(
+            decide(&named(NoExec), true, img("a"), None),
+            Err(Error::NamedInUse { .. })
+        ));
+    }
+
+    #[test]
+    fn the_epilog_reads_the_job_from_its_environment() {
+        let env = |name: &str| match name {
+            "SLURM_JOB_ID" => Some(OsString::from("77")),
+            "SLURM_JOB_UID" => Some(OsString::from("1100")),
+            _ => None,
+        };
+        assert_eq!(ending_job(&env), Some((77, 1100, 1100)));
+        assert_eq!(ending_job(&|_| None), None);
+    }
+}
