@@ -67,6 +67,16 @@ pub struct ContainerProcess {
 #[derive(serde::Deserialize)]
 struct SpecDoc {
     process: ProcessDoc,
+    #[serde(default)]
+    linux: LinuxDoc,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct LinuxDoc {
+    /// Absent only in specs berth did not write (it always writes one, see
+    /// [`crate::seccomp::Profile::for_container`]): then no filter is installed.
+    #[serde(default)]
+    seccomp: Option<crate::seccomp::Profile>,
 }
 
 #[derive(serde::Deserialize)]
@@ -81,7 +91,8 @@ struct ProcessDoc {
 }
 
 impl ContainerProcess {
-    /// From an OCI runtime spec (JSON); a spec without `process` or `process.cwd` is refused.
+    /// From an OCI runtime spec (JSON); a spec without `process` or `process.cwd` is refused,
+    /// and so is a seccomp profile berth cannot enforce as written.
     pub fn from_spec(json: &[u8]) -> Result<ContainerProcess> {
         let doc: SpecDoc = serde_json::from_slice(json).map_err(|e| Error::Invalid {
             what: "reading the container's OCI spec",
@@ -92,6 +103,12 @@ impl ContainerProcess {
             confinement: Confinement {
                 cwd: Some(doc.process.cwd),
                 keep_caps: doc.process.capabilities.is_some(),
+                seccomp: doc
+                    .linux
+                    .seccomp
+                    .as_ref()
+                    .map(crate::seccomp::Filter::compile)
+                    .transpose()?,
             },
         })
     }
@@ -112,10 +129,24 @@ mod tests {
                 env: vec!["PATH=/bin".into()],
                 confinement: Confinement {
                     cwd: Some("/w".into()),
-                    keep_caps: false
+                    keep_caps: false,
+                    seccomp: None,
                 },
             }
         );
+        let profile = crate::seccomp::Profile::for_container(true, &[]);
+        let filtered = serde_json::json!({
+            "process": { "cwd": "/" },
+            "linux": { "seccomp": profile, "maskedPaths": ["/proc/kcore"] },
+        });
+        let p = ContainerProcess::from_spec(filtered.to_string().as_bytes()).unwrap();
+        assert_eq!(
+            p.confinement.seccomp,
+            Some(crate::seccomp::Filter::compile(&profile).unwrap())
+        );
+        let unenforceable =
+            br#"{"process":{"cwd":"/"},"linux":{"seccomp":{"defaultAction":"SCMP_ACT_ERRNO"}}}"#;
+        assert!(ContainerProcess::from_spec(unenforceable).is_err());
         let root = br#"{"process":{"cwd":"/","capabilities":{"bounding":["CAP_CHOWN"]}}}"#;
         let p = ContainerProcess::from_spec(root).unwrap();
         assert!(p.confinement.keep_caps);

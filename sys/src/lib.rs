@@ -14,6 +14,7 @@ pub mod process;
 #[cfg(any(test, feature = "recording"))]
 pub mod recording;
 pub mod rootfs;
+pub mod seccomp;
 pub mod statfs;
 pub mod syscall;
 

@@ -18,7 +18,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{ForkResult, Pid};
 
-use crate::{caps, namespaces, Error, Result};
+use crate::{caps, namespaces, seccomp, Error, Result};
 
 /// Signals berth passes on to the container command.
 pub const FORWARDED: [Signal; 6] = [
@@ -66,11 +66,14 @@ pub struct Confinement {
     /// Keep the capabilities the user namespace grants (a `--remap-root` container's root,
     /// whose spec lists `process.capabilities`); otherwise every capability is dropped.
     pub keep_caps: bool,
+    /// The spec's `linux.seccomp`, compiled; `None` only for berth's own helpers (the FUSE
+    /// daemon), which run outside any container.
+    pub seccomp: Option<seccomp::Filter>,
 }
 
 /// Applies `c` to the calling process, in youki's order: the working directory inside the
-/// root, no_new_privs, then capabilities (seccomp will come last). The error says which
-/// stage failed.
+/// root, no_new_privs, capabilities, then seccomp last, so nothing berth still does is
+/// filtered and everything the command does is. The error says which stage failed.
 pub fn confine(c: &Confinement) -> std::result::Result<(), (Stage, Error)> {
     if let Some(cwd) = &c.cwd {
         namespaces::enter_workdir(cwd).map_err(|e| (Stage::Workdir, e))?;
@@ -78,6 +81,9 @@ pub fn confine(c: &Confinement) -> std::result::Result<(), (Stage, Error)> {
     caps::set_no_new_privs().map_err(|e| (Stage::Setup, e))?;
     if !c.keep_caps {
         caps::drop_all().map_err(|e| (Stage::Setup, e))?;
+    }
+    if let Some(filter) = &c.seccomp {
+        filter.install().map_err(|e| (Stage::Setup, e))?;
     }
     Ok(())
 }
@@ -676,6 +682,7 @@ mod tests {
             confinement: Confinement {
                 cwd: None,
                 keep_caps: true,
+                seccomp: None,
             },
             ..Default::default()
         }

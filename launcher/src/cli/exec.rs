@@ -125,6 +125,7 @@ pub fn build_spec(
         config: &source.config,
     };
     let mut spec = spec::build(&image, &opts, &spec::Host::current())?;
+    spec::with_seccomp(&mut spec, opts.remap_root, &config.security.seccomp_deny())?;
     let selection = c.gpus.as_deref().map(gpu::Selection::parse).transpose()?;
     let env = spec
         .process()

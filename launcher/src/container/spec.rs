@@ -213,6 +213,20 @@ pub fn build(image: &ImageRef<'_>, opts: &Options, host: &Host) -> Result<Spec> 
     serde_json::from_value(spec).map_err(Error::Spec)
 }
 
+/// Adds the container's seccomp profile (`linux.seccomp`): berth's default denials, the
+/// site's `[security] seccomp_deny`, and for a `--remap-root` container the fake chown
+/// family. Every way into the container reads it back from the published spec, so `berth
+/// exec`, `berth exec --join` and Slurm's tasks run under the same filter.
+pub fn with_seccomp(spec: &mut Spec, remap_root: bool, site_deny: &[String]) -> Result<()> {
+    let profile = berth_sys::seccomp::Profile::for_container(remap_root, site_deny);
+    let linux = spec.linux().clone().unwrap_or_default();
+    let value = serde_json::to_value(profile).map_err(Error::Spec)?;
+    let mut linux = linux;
+    linux.set_seccomp(Some(serde_json::from_value(value).map_err(Error::Spec)?));
+    spec.set_linux(Some(linux));
+    Ok(())
+}
+
 /// The command line: an explicit command runs as given (pyxis: the entrypoint only with
 /// `--entrypoint`); no command runs entrypoint + cmd, like `docker run`.
 fn command(config: &ImageConfig, opts: &Options) -> Result<Vec<String>> {
@@ -635,6 +649,32 @@ mod tests {
         let ro = linux.readonly_paths().as_ref().unwrap();
         assert!(ro.contains(&"/proc/sys".to_string()));
         assert!(ro.contains(&"/proc/sysrq-trigger".to_string()));
+    }
+
+    #[test]
+    fn the_seccomp_profile_reads_back_as_berth_wrote_it() {
+        let mut spec = build_with(&ImageConfig::default(), &opts(&["true"]), &host());
+        with_seccomp(&mut spec, true, &["perf_event_open".into()]).unwrap();
+        let json = serde_json::to_vec(&spec).unwrap();
+        let process = berth_sys::holder::ContainerProcess::from_spec(&json).unwrap();
+        let expected =
+            berth_sys::seccomp::Profile::for_container(true, &["perf_event_open".into()]);
+        assert_eq!(
+            process.confinement.seccomp,
+            Some(berth_sys::seccomp::Filter::compile(&expected).unwrap())
+        );
+        let seccomp = spec.linux().as_ref().unwrap().seccomp().as_ref().unwrap();
+        let names: Vec<&String> = seccomp
+            .syscalls()
+            .iter()
+            .flatten()
+            .flat_map(|r| r.names())
+            .collect();
+        assert!(names.iter().any(|n| *n == "keyctl"));
+        assert!(
+            names.iter().any(|n| *n == "fchownat"),
+            "remapped: fake chown"
+        );
     }
 
     #[test]
