@@ -73,10 +73,18 @@ struct SpecDoc {
 
 #[derive(serde::Deserialize, Default)]
 struct LinuxDoc {
+    #[serde(default)]
+    namespaces: Vec<NamespaceDoc>,
     /// Absent only in specs berth did not write (it always writes one, see
     /// [`crate::seccomp::Profile::for_container`]): then no filter is installed.
     #[serde(default)]
     seccomp: Option<crate::seccomp::Profile>,
+}
+
+#[derive(serde::Deserialize)]
+struct NamespaceDoc {
+    #[serde(rename = "type")]
+    typ: String,
 }
 
 #[derive(serde::Deserialize)]
@@ -103,6 +111,8 @@ impl ContainerProcess {
             confinement: Confinement {
                 cwd: Some(doc.process.cwd),
                 keep_caps: doc.process.capabilities.is_some(),
+                // Each process makes its own on entering: see `crate::cgroup`.
+                cgroup_ns: doc.linux.namespaces.iter().any(|n| n.typ == "cgroup"),
                 seccomp: doc
                     .linux
                     .seccomp
@@ -130,6 +140,7 @@ mod tests {
                 confinement: Confinement {
                     cwd: Some("/w".into()),
                     keep_caps: false,
+                    cgroup_ns: false,
                     seccomp: None,
                 },
             }
@@ -137,9 +148,14 @@ mod tests {
         let profile = crate::seccomp::Profile::for_container(true, &[]);
         let filtered = serde_json::json!({
             "process": { "cwd": "/" },
-            "linux": { "seccomp": profile, "maskedPaths": ["/proc/kcore"] },
+            "linux": {
+                "seccomp": profile,
+                "maskedPaths": ["/proc/kcore"],
+                "namespaces": [{ "type": "user" }, { "type": "cgroup" }],
+            },
         });
         let p = ContainerProcess::from_spec(filtered.to_string().as_bytes()).unwrap();
+        assert!(p.confinement.cgroup_ns);
         assert_eq!(
             p.confinement.seccomp,
             Some(crate::seccomp::Filter::compile(&profile).unwrap())

@@ -3,6 +3,7 @@
 //! assembly above it can be unit-tested without root.
 
 pub mod caps;
+pub mod cgroup;
 pub mod error;
 pub mod fs;
 pub mod fsid;

@@ -66,19 +66,27 @@ pub struct Confinement {
     /// Keep the capabilities the user namespace grants (a `--remap-root` container's root,
     /// whose spec lists `process.capabilities`); otherwise every capability is dropped.
     pub keep_caps: bool,
+    /// Enter a cgroup namespace of its own (the spec lists a `cgroup` namespace), so the
+    /// process sees its cgroup as `/` (see [`crate::cgroup`]).
+    pub cgroup_ns: bool,
     /// The spec's `linux.seccomp`, compiled; `None` only for berth's own helpers (the FUSE
     /// daemon), which run outside any container.
     pub seccomp: Option<seccomp::Filter>,
 }
 
 /// Applies `c` to the calling process, in youki's order: the working directory inside the
-/// root, no_new_privs, capabilities, then seccomp last, so nothing berth still does is
-/// filtered and everything the command does is. The error says which stage failed.
+/// root, no_new_privs, the cgroup namespace (while the capabilities it needs are still
+/// held), capabilities, then seccomp last, so nothing berth still does is filtered and
+/// everything the command does is. The error says which stage failed.
 pub fn confine(c: &Confinement) -> std::result::Result<(), (Stage, Error)> {
     if let Some(cwd) = &c.cwd {
         namespaces::enter_workdir(cwd).map_err(|e| (Stage::Workdir, e))?;
     }
     caps::set_no_new_privs().map_err(|e| (Stage::Setup, e))?;
+    if c.cgroup_ns {
+        namespaces::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP)
+            .map_err(|e| (Stage::Setup, e))?;
+    }
     if !c.keep_caps {
         caps::drop_all().map_err(|e| (Stage::Setup, e))?;
     }
@@ -682,6 +690,7 @@ mod tests {
             confinement: Confinement {
                 cwd: None,
                 keep_caps: true,
+                cgroup_ns: false,
                 seccomp: None,
             },
             ..Default::default()

@@ -194,7 +194,9 @@ pub fn build(image: &ImageRef<'_>, opts: &Options, host: &Host) -> Result<Spec> 
         "process": process,
         "mounts": mounts(opts, host),
         "linux": {
-            "namespaces": [{ "type": "user" }, { "type": "mount" }],
+            // The cgroup namespace is each process's own, made as it enters
+            // (`berth_sys::cgroup`); listed here so every way in reads it from the spec.
+            "namespaces": [{ "type": "user" }, { "type": "mount" }, { "type": "cgroup" }],
             "devices": DEVICES.iter().map(|(path, major, minor)| {
                 json!({ "path": path, "type": "c", "major": major, "minor": minor })
             }).collect::<Vec<_>>(),
@@ -224,6 +226,33 @@ pub fn with_seccomp(spec: &mut Spec, remap_root: bool, site_deny: &[String]) -> 
     let mut linux = linux;
     linux.set_seccomp(Some(serde_json::from_value(value).map_err(Error::Spec)?));
     spec.set_linux(Some(linux));
+    Ok(())
+}
+
+/// Narrows /sys/fs/cgroup to `view` (`berth_sys::cgroup::view`: the job's cgroup, or the
+/// launching process's own outside Slurm): its mounts go right after the /sys bind they
+/// cover, read-only like it.
+pub fn with_cgroup_view(spec: &mut Spec, view: &[berth_sys::cgroup::CgroupMount]) -> Result<()> {
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    let after_sys = mounts
+        .iter()
+        .position(|m| m.destination() == Path::new("/sys"))
+        .map_or(mounts.len(), |i| i + 1);
+    let added = view.iter().map(|m| match &m.source {
+        Some(source) => bind(source, &m.target, true),
+        None => mount(
+            &m.target,
+            "tmpfs",
+            Path::new("tmpfs"),
+            &["ro", "nosuid", "nodev", "noexec", "mode=555", "size=4k"],
+        ),
+    });
+    let added: Vec<oci_spec::runtime::Mount> = added
+        .map(serde_json::from_value)
+        .collect::<std::result::Result<_, _>>()
+        .map_err(Error::Spec)?;
+    mounts.splice(after_sys..after_sys, added);
+    spec.set_mounts(Some(mounts));
     Ok(())
 }
 
@@ -675,6 +704,42 @@ mod tests {
             names.iter().any(|n| *n == "fchownat"),
             "remapped: fake chown"
         );
+    }
+
+    #[test]
+    fn the_cgroup_view_covers_sys_and_every_process_gets_a_cgroup_namespace() {
+        use berth_sys::cgroup::CgroupMount;
+        let mut spec = build_with(&ImageConfig::default(), &opts(&["true"]), &host());
+        let view = [
+            CgroupMount {
+                target: "/sys/fs/cgroup/memory".into(),
+                source: Some("/sys/fs/cgroup/memory/slurm/job_1".into()),
+            },
+            CgroupMount {
+                target: "/sys/fs/cgroup/pids".into(),
+                source: None,
+            },
+        ];
+        with_cgroup_view(&mut spec, &view).unwrap();
+        let all = destinations(&spec);
+        let sys = all.iter().position(|d| d == "/sys").unwrap();
+        assert_eq!(all[sys + 1], "/sys/fs/cgroup/memory");
+        assert_eq!(all[sys + 2], "/sys/fs/cgroup/pids");
+        let mounts = spec.mounts().as_ref().unwrap();
+        let memory = &mounts[sys + 1];
+        assert_eq!(
+            memory.source().as_deref(),
+            Some(Path::new("/sys/fs/cgroup/memory/slurm/job_1"))
+        );
+        assert!(memory
+            .options()
+            .as_ref()
+            .unwrap()
+            .contains(&"ro".to_string()));
+        assert_eq!(mounts[sys + 2].typ().as_deref(), Some("tmpfs"));
+        let json = serde_json::to_vec(&spec).unwrap();
+        let process = berth_sys::holder::ContainerProcess::from_spec(&json).unwrap();
+        assert!(process.confinement.cgroup_ns);
     }
 
     #[test]
