@@ -752,6 +752,27 @@ mod tests {
     }
 
     #[test]
+    fn the_confinement_gives_a_cgroup_namespace_and_seccomp() {
+        // Needs CAP_SYS_ADMIN for the cgroup namespace (root, as CI runs; a container's
+        // processes hold it in its user namespace).
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: the cgroup namespace needs root here");
+            return;
+        }
+        let mut spec = sh("grep -q '^Seccomp:.2' /proc/self/status && \
+             ! grep -qv ':/$' /proc/self/cgroup && \
+             [ \"$(readlink /proc/self/ns/cgroup)\" != \"$0\" ]");
+        let own = std::fs::read_link("/proc/self/ns/cgroup").unwrap();
+        spec.argv
+            .push(CString::new(own.as_os_str().as_encoded_bytes()).unwrap());
+        spec.confinement.cgroup_ns = true;
+        let profile = crate::seccomp::Profile::for_container(false, &[]);
+        spec.confinement.seccomp = Some(crate::seccomp::Filter::compile(&profile).unwrap());
+        let pid = spawn(&spec).unwrap().unwrap();
+        assert_eq!(reap(pid).unwrap(), Exit::Code(0));
+    }
+
+    #[test]
     fn spawn_places_given_fds_and_closes_the_rest() {
         let leak = std::fs::File::open("/dev/null").unwrap();
         nix::fcntl::fcntl(
