@@ -8,8 +8,11 @@
 use crate::config::Config;
 use crate::options::{settings, Given, Opt, Origin};
 
-/// Every target of the plugin: (name, body).
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+/// A target: its name (the cargo-fuzz binary and corpus directory) and body.
+pub type Target = (&'static str, fn(&[u8]));
+
+/// Every target of the plugin.
+pub const TARGETS: &[Target] = &[
     ("plugstack_args", plugstack_args),
     ("option_values", option_values),
 ];
