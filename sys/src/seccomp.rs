@@ -318,45 +318,35 @@ const NR: u32 = 0;
 const ARCH: u32 = 4;
 const ARGS: u32 = 16;
 
-fn load(offset: u32) -> Insn {
-    let code = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+fn insn(code: u32, jf: u8, k: u32) -> Insn {
     Insn {
-        code,
+        code: code as u16,
         jt: 0,
-        jf: 0,
-        k: offset,
+        jf,
+        k,
     }
+}
+
+fn load(offset: u32) -> Insn {
+    insn(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0, offset)
 }
 
 /// If the accumulator equals `k`, go on; else skip `skip` instructions.
 fn jeq(k: u32, skip: u8) -> Insn {
-    let code = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
-    Insn {
-        code,
-        jt: 0,
-        jf: skip,
-        k,
-    }
+    insn(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, skip, k)
+}
+
+/// If the accumulator is at least `k`, go on; else skip `skip` instructions.
+fn jge(k: u32, skip: u8) -> Insn {
+    insn(libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K, skip, k)
 }
 
 fn jump(k: u32) -> Insn {
-    let code = (libc::BPF_JMP | libc::BPF_JA) as u16;
-    Insn {
-        code,
-        jt: 0,
-        jf: 0,
-        k,
-    }
+    insn(libc::BPF_JMP | libc::BPF_JA, 0, k)
 }
 
 fn ret(k: u32) -> Insn {
-    let code = (libc::BPF_RET | libc::BPF_K) as u16;
-    Insn {
-        code,
-        jt: 0,
-        jf: 0,
-        k,
-    }
+    insn(libc::BPF_RET | libc::BPF_K, 0, k)
 }
 
 fn errno(e: u32) -> u32 {
@@ -482,13 +472,7 @@ impl Filter {
     fn section(abi: &Abi, rules: &[Rule]) -> Result<Vec<Insn>> {
         let mut out = vec![load(NR)];
         if abi.x32 {
-            let code = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16;
-            out.push(Insn {
-                code,
-                jt: 0,
-                jf: 1,
-                k: X32_SYSCALL_BIT,
-            });
+            out.push(jge(X32_SYSCALL_BIT, 1));
             out.push(ret(errno(libc::ENOSYS as u32)));
         }
         let mut by_number: std::collections::BTreeMap<u32, Vec<&Rule>> = Default::default();
