@@ -177,7 +177,7 @@ mod tests {
         let python = format!(
             "import os, fcntl, time\n\
              fd = os.memfd_create('{spec_name}', os.MFD_ALLOW_SEALING)\n\
-             os.write(fd, b'{{\"process\":{{\"cwd\":\"/mnt\"}}}}')\n\
+             os.write(fd, b'{{\"process\":{{\"cwd\":\"/mnt\"}},\"linux\":{{\"namespaces\":[{{\"type\":\"cgroup\"}}]}}}}')\n\
              fcntl.fcntl(fd, 1033, 15)  # F_ADD_SEALS: seal, shrink, grow, write\n\
              os.dup2(fd, 3)\n\
              print('ready', flush=True)\n\
@@ -215,21 +215,37 @@ mod tests {
         let pid = child.id() as i32;
         let pidfd = PidFd::open(pid).unwrap();
         let held = open(&pidfd, SpecHandle { pid, fd: 3 }).unwrap();
-        assert_eq!(held.spec, br#"{"process":{"cwd":"/mnt"}}"#);
+        assert_eq!(
+            held.spec,
+            br#"{"process":{"cwd":"/mnt"},"linux":{"namespaces":[{"type":"cgroup"}]}}"#
+        );
         let process = ContainerProcess::from_spec(&held.spec).unwrap();
+        assert!(process.confinement.cgroup_ns);
         // Join from a fresh single-threaded process (setns of a user namespace needs one):
         // the marker exists only in the holder's mount namespace.
         let ns = &held.namespaces;
-        // SAFETY: the forked child only joins, reads a file and exits.
+        // Then exec there, as `berth exec --join` does: confined once, by join (a second
+        // cgroup namespace would need the capabilities join dropped).
+        let command = crate::process::CommandSpec {
+            argv: ["/bin/sh", "-c", "[ \"$(cat marker)\" = inside ] && exit 7"]
+                .map(|a| std::ffi::CString::new(a).unwrap())
+                .to_vec(),
+            confinement: process.confinement.clone(),
+            ..Default::default()
+        };
+        // SAFETY: the forked child only joins, reads a file and execs or exits.
         match unsafe { nix::unistd::fork() }.unwrap() {
             nix::unistd::ForkResult::Child => {
                 let ok = crate::namespaces::join(ns, &process.confinement).is_ok()
                     && std::fs::read_to_string("marker").is_ok_and(|m| m == "inside\n");
-                unsafe { libc::_exit(if ok { 0 } else { 1 }) }
+                if ok {
+                    crate::process::exec(&command);
+                }
+                unsafe { libc::_exit(1) }
             }
             nix::unistd::ForkResult::Parent { child: joiner } => {
                 let exit = crate::process::reap(joiner.as_raw()).unwrap();
-                assert_eq!(exit, crate::process::Exit::Code(0));
+                assert_eq!(exit, crate::process::Exit::Code(7));
             }
         }
         child.kill().unwrap();

@@ -150,7 +150,7 @@ pub fn spawn(spec: &CommandSpec) -> Result<std::result::Result<i32, SpawnFailure
     match unsafe { nix::unistd::fork() }.map_err(Error::os("fork"))? {
         ForkResult::Child => {
             drop(read);
-            let failure = child(spec, &candidates, &envp, Some(parent));
+            let failure = child(spec, &candidates, &envp, Start::Forked { parent });
             let mut msg = [0u8; 8];
             msg[..4].copy_from_slice(&(failure.stage as u32).to_ne_bytes());
             msg[4..].copy_from_slice(&failure.errno.to_ne_bytes());
@@ -223,21 +223,26 @@ fn candidates(spec: &CommandSpec) -> Vec<CString> {
         .collect()
 }
 
-/// Replaces this process with `spec` (`berth exec --join`: berth has nothing left to do once
-/// the command runs); returns only on failure.
+/// Replaces this process, already in the container and confined by
+/// [`crate::namespaces::join`], with `spec` (`berth exec --join`: berth has nothing left to
+/// do once the command runs); returns only on failure. `spec.confinement` is not applied a
+/// second time: join dropped the capabilities a second cgroup namespace would need, and the
+/// filter is in place.
 pub fn exec(spec: &CommandSpec) -> SpawnFailure {
     let envp: Vec<&CStr> = spec.env.iter().map(|c| c.as_c_str()).collect();
-    child(spec, &candidates(spec), &envp, None)
+    child(spec, &candidates(spec), &envp, Start::Joined)
 }
 
-/// The child side of [`spawn`] (with the `parent` it must die with) and of [`exec`];
-/// returns only on failure.
-fn child(
-    spec: &CommandSpec,
-    candidates: &[CString],
-    envp: &[&CStr],
-    parent: Option<Pid>,
-) -> SpawnFailure {
+/// How a [`child`] came to be.
+enum Start {
+    /// Forked by [`spawn`], to die with `parent`; confined here.
+    Forked { parent: Pid },
+    /// Confined when it joined the container ([`exec`]).
+    Joined,
+}
+
+/// The child side of [`spawn`] and of [`exec`]; returns only on failure.
+fn child(spec: &CommandSpec, candidates: &[CString], envp: &[&CStr], start: Start) -> SpawnFailure {
     let setup = |e: Errno| SpawnFailure {
         stage: Stage::Setup,
         errno: e as i32,
@@ -251,19 +256,19 @@ fn child(
             .map_err(setup)?;
         // If berth dies (even by SIGKILL), its children go too, so no container process or
         // FUSE daemon outlives the process responsible for cleaning up.
-        if let Some(parent) = parent {
+        if let Start::Forked { parent } = start {
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(setup)?;
             if nix::unistd::getppid() != parent {
                 return Err(setup(Errno::ESRCH));
             }
+            confine(&spec.confinement).map_err(|(stage, e)| SpawnFailure {
+                stage,
+                errno: e.raw_os_error().unwrap_or(match stage {
+                    Stage::Workdir => libc::ENOENT,
+                    _ => libc::EPERM,
+                }),
+            })?;
         }
-        confine(&spec.confinement).map_err(|(stage, e)| SpawnFailure {
-            stage,
-            errno: e.raw_os_error().unwrap_or(match stage {
-                Stage::Workdir => libc::ENOENT,
-                _ => libc::EPERM,
-            }),
-        })?;
         if spec.stdout_to_stderr {
             nix::unistd::dup2(2, 1).map_err(setup)?;
         }
