@@ -48,6 +48,9 @@ pub struct Config {
     /// `[store]`: the shared image store (see `cache::store`).
     #[serde(default)]
     pub store: StoreConfig,
+    /// `[security]`: what containers run under besides berth's own defaults.
+    #[serde(default)]
+    pub security: SecurityConfig,
 }
 
 /// `[policy]`: which images may run. Owned by `policy.rs`. Entries are validated while the
@@ -374,6 +377,42 @@ impl Default for GpuConfig {
     }
 }
 
+/// `[security]`: additions to the confinement every container gets (see
+/// `berth_sys::seccomp`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecurityConfig {
+    /// Syscalls denied (EPERM) in every container on top of berth's default list, e.g.
+    /// `perf_event_open`.
+    pub seccomp_deny: Vec<SyscallName>,
+}
+
+impl SecurityConfig {
+    pub fn seccomp_deny(&self) -> Vec<String> {
+        self.seccomp_deny.iter().map(|n| n.0.clone()).collect()
+    }
+}
+
+/// A `seccomp_deny` entry: the name of a syscall of x86_64 (or its i386 ABI) or aarch64, so
+/// a typo is a configuration error instead of a denial that never applies.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub struct SyscallName(String);
+
+impl TryFrom<String> for SyscallName {
+    type Error = String;
+    fn try_from(name: String) -> std::result::Result<SyscallName, String> {
+        if berth_sys::seccomp::is_known(&name) {
+            Ok(SyscallName(name))
+        } else {
+            Err(format!(
+                "seccomp_deny entry `{name}` is not a syscall of x86_64 or aarch64; \
+                 write its name as syscalls(2) lists it (e.g. `perf_event_open`)"
+            ))
+        }
+    }
+}
+
 impl Config {
     /// Parses a configuration file.
     pub fn from_file(path: &Path) -> Result<Config> {
@@ -513,6 +552,22 @@ mod tests {
         assert!(err.contains("http://HOST:PORT"), "{err}");
         let err = error_of("[registry]\nno_proxy = [\"http://x/\"]\n");
         assert!(err.contains("no_proxy entry `http://x/`"), "{err}");
+    }
+
+    #[test]
+    fn seccomp_denials_are_syscall_names_and_a_typo_names_its_line() {
+        let config = Config::from_toml(
+            Path::new("b.toml"),
+            "[security]\nseccomp_deny = [\"perf_event_open\", \"open\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            config.security.seccomp_deny(),
+            ["perf_event_open".to_string(), "open".to_string()]
+        );
+        let err = error_of("[security]\nseccomp_deny = [\n  \"acct\",\n  \"perf_event_opn\",\n]\n");
+        assert!(err.contains("berth.toml:4:3:"), "{err}");
+        assert!(err.contains("`perf_event_opn` is not a syscall"), "{err}");
     }
 
     #[test]

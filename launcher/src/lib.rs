@@ -12,6 +12,8 @@ pub mod config;
 pub mod container;
 pub mod doctor;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod gpu;
 pub mod image_config;
 pub mod jobpin;

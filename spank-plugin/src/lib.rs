@@ -23,6 +23,8 @@ compile_error!(
 mod config;
 mod container;
 mod error;
+#[doc(hidden)]
+pub mod fuzz;
 mod guard;
 mod launcher;
 mod named;

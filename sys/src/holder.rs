@@ -84,6 +84,24 @@ pub struct ContainerProcess {
 #[derive(serde::Deserialize)]
 struct SpecDoc {
     process: ProcessDoc,
+    #[serde(default)]
+    linux: LinuxDoc,
+}
+
+#[derive(serde::Deserialize, Default)]
+struct LinuxDoc {
+    #[serde(default)]
+    namespaces: Vec<NamespaceDoc>,
+    /// Absent only in specs berth did not write (it always writes one, see
+    /// [`crate::seccomp::Profile::for_container`]): then no filter is installed.
+    #[serde(default)]
+    seccomp: Option<crate::seccomp::Profile>,
+}
+
+#[derive(serde::Deserialize)]
+struct NamespaceDoc {
+    #[serde(rename = "type")]
+    typ: String,
 }
 
 #[derive(serde::Deserialize)]
@@ -98,7 +116,8 @@ struct ProcessDoc {
 }
 
 impl ContainerProcess {
-    /// From an OCI runtime spec (JSON); a spec without `process` or `process.cwd` is refused.
+    /// From an OCI runtime spec (JSON); a spec without `process` or `process.cwd` is refused,
+    /// and so is a seccomp profile berth cannot enforce as written.
     pub fn from_spec(json: &[u8]) -> Result<ContainerProcess> {
         let doc: SpecDoc = serde_json::from_slice(json).map_err(|e| Error::Invalid {
             what: "reading the container's OCI spec",
@@ -109,6 +128,14 @@ impl ContainerProcess {
             confinement: Confinement {
                 cwd: Some(doc.process.cwd),
                 keep_caps: doc.process.capabilities.is_some(),
+                // Each process makes its own on entering: see `crate::cgroup`.
+                cgroup_ns: doc.linux.namespaces.iter().any(|n| n.typ == "cgroup"),
+                seccomp: doc
+                    .linux
+                    .seccomp
+                    .as_ref()
+                    .map(crate::seccomp::Filter::compile)
+                    .transpose()?,
             },
         })
     }
@@ -129,10 +156,30 @@ mod tests {
                 env: vec!["PATH=/bin".into()],
                 confinement: Confinement {
                     cwd: Some("/w".into()),
-                    keep_caps: false
+                    keep_caps: false,
+                    cgroup_ns: false,
+                    seccomp: None,
                 },
             }
         );
+        let profile = crate::seccomp::Profile::for_container(true, &[]);
+        let filtered = serde_json::json!({
+            "process": { "cwd": "/" },
+            "linux": {
+                "seccomp": profile,
+                "maskedPaths": ["/proc/kcore"],
+                "namespaces": [{ "type": "user" }, { "type": "cgroup" }],
+            },
+        });
+        let p = ContainerProcess::from_spec(filtered.to_string().as_bytes()).unwrap();
+        assert!(p.confinement.cgroup_ns);
+        assert_eq!(
+            p.confinement.seccomp,
+            Some(crate::seccomp::Filter::compile(&profile).unwrap())
+        );
+        let unenforceable =
+            br#"{"process":{"cwd":"/"},"linux":{"seccomp":{"defaultAction":"SCMP_ACT_ERRNO"}}}"#;
+        assert!(ContainerProcess::from_spec(unenforceable).is_err());
         let root = br#"{"process":{"cwd":"/","capabilities":{"bounding":["CAP_CHOWN"]}}}"#;
         let p = ContainerProcess::from_spec(root).unwrap();
         assert!(p.confinement.keep_caps);
@@ -147,7 +194,7 @@ mod tests {
         let python = format!(
             "import os, fcntl, time\n\
              fd = os.memfd_create('{spec_name}', os.MFD_ALLOW_SEALING)\n\
-             os.write(fd, b'{{\"process\":{{\"cwd\":\"/mnt\"}}}}')\n\
+             os.write(fd, b'{{\"process\":{{\"cwd\":\"/mnt\"}},\"linux\":{{\"namespaces\":[{{\"type\":\"cgroup\"}}]}}}}')\n\
              fcntl.fcntl(fd, 1033, 15)  # F_ADD_SEALS: seal, shrink, grow, write\n\
              os.dup2(fd, 3)\n\
              print('ready', flush=True)\n\
@@ -185,21 +232,37 @@ mod tests {
         let pid = child.id() as i32;
         let pidfd = PidFd::open(pid).unwrap();
         let held = open(&pidfd, SpecHandle { pid, fd: 3 }).unwrap();
-        assert_eq!(held.spec, br#"{"process":{"cwd":"/mnt"}}"#);
+        assert_eq!(
+            held.spec,
+            br#"{"process":{"cwd":"/mnt"},"linux":{"namespaces":[{"type":"cgroup"}]}}"#
+        );
         let process = ContainerProcess::from_spec(&held.spec).unwrap();
+        assert!(process.confinement.cgroup_ns);
         // Join from a fresh single-threaded process (setns of a user namespace needs one):
         // the marker exists only in the holder's mount namespace.
         let ns = &held.namespaces;
-        // SAFETY: the forked child only joins, reads a file and exits.
+        // Then exec there, as `berth exec --join` does: confined once, by join (a second
+        // cgroup namespace would need the capabilities join dropped).
+        let command = crate::process::CommandSpec {
+            argv: ["/bin/sh", "-c", "[ \"$(cat marker)\" = inside ] && exit 7"]
+                .map(|a| std::ffi::CString::new(a).unwrap())
+                .to_vec(),
+            confinement: process.confinement.clone(),
+            ..Default::default()
+        };
+        // SAFETY: the forked child only joins, reads a file and execs or exits.
         match unsafe { nix::unistd::fork() }.unwrap() {
             nix::unistd::ForkResult::Child => {
                 let ok = crate::namespaces::join(ns, &process.confinement).is_ok()
                     && std::fs::read_to_string("marker").is_ok_and(|m| m == "inside\n");
-                unsafe { libc::_exit(if ok { 0 } else { 1 }) }
+                if ok {
+                    crate::process::exec(&command);
+                }
+                unsafe { libc::_exit(1) }
             }
             nix::unistd::ForkResult::Parent { child: joiner } => {
                 let exit = crate::process::reap(joiner.as_raw()).unwrap();
-                assert_eq!(exit, crate::process::Exit::Code(0));
+                assert_eq!(exit, crate::process::Exit::Code(7));
             }
         }
         child.kill().unwrap();

@@ -3,6 +3,7 @@
 //! assembly above it can be unit-tested without root.
 
 pub mod caps;
+pub mod cgroup;
 pub mod error;
 pub mod fs;
 pub mod fsid;
@@ -15,6 +16,7 @@ pub mod process;
 #[cfg(any(test, feature = "recording"))]
 pub mod recording;
 pub mod rootfs;
+pub mod seccomp;
 pub mod statfs;
 pub mod syscall;
 

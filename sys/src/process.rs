@@ -18,7 +18,7 @@ use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{ForkResult, Pid};
 
-use crate::{caps, namespaces, Error, Result};
+use crate::{caps, namespaces, seccomp, Error, Result};
 
 /// Signals berth passes on to the container command.
 pub const FORWARDED: [Signal; 6] = [
@@ -66,18 +66,32 @@ pub struct Confinement {
     /// Keep the capabilities the user namespace grants (a `--remap-root` container's root,
     /// whose spec lists `process.capabilities`); otherwise every capability is dropped.
     pub keep_caps: bool,
+    /// Enter a cgroup namespace of its own (the spec lists a `cgroup` namespace), so the
+    /// process sees its cgroup as `/` (see [`crate::cgroup`]).
+    pub cgroup_ns: bool,
+    /// The spec's `linux.seccomp`, compiled; `None` only for berth's own helpers (the FUSE
+    /// daemon), which run outside any container.
+    pub seccomp: Option<seccomp::Filter>,
 }
 
 /// Applies `c` to the calling process, in youki's order: the working directory inside the
-/// root, no_new_privs, then capabilities (seccomp will come last). The error says which
-/// stage failed.
+/// root, no_new_privs, the cgroup namespace (while the capabilities it needs are still
+/// held), capabilities, then seccomp last, so nothing berth still does is filtered and
+/// everything the command does is. The error says which stage failed.
 pub fn confine(c: &Confinement) -> std::result::Result<(), (Stage, Error)> {
     if let Some(cwd) = &c.cwd {
         namespaces::enter_workdir(cwd).map_err(|e| (Stage::Workdir, e))?;
     }
     caps::set_no_new_privs().map_err(|e| (Stage::Setup, e))?;
+    if c.cgroup_ns {
+        namespaces::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP)
+            .map_err(|e| (Stage::Setup, e))?;
+    }
     if !c.keep_caps {
         caps::drop_all().map_err(|e| (Stage::Setup, e))?;
+    }
+    if let Some(filter) = &c.seccomp {
+        filter.install().map_err(|e| (Stage::Setup, e))?;
     }
     Ok(())
 }
@@ -136,7 +150,7 @@ pub fn spawn(spec: &CommandSpec) -> Result<std::result::Result<i32, SpawnFailure
     match unsafe { nix::unistd::fork() }.map_err(Error::os("fork"))? {
         ForkResult::Child => {
             drop(read);
-            let failure = child(spec, &candidates, &envp, Some(parent));
+            let failure = child(spec, &candidates, &envp, Start::Forked { parent });
             let mut msg = [0u8; 8];
             msg[..4].copy_from_slice(&(failure.stage as u32).to_ne_bytes());
             msg[4..].copy_from_slice(&failure.errno.to_ne_bytes());
@@ -209,21 +223,26 @@ fn candidates(spec: &CommandSpec) -> Vec<CString> {
         .collect()
 }
 
-/// Replaces this process with `spec` (`berth exec --join`: berth has nothing left to do once
-/// the command runs); returns only on failure.
+/// Replaces this process, already in the container and confined by
+/// [`crate::namespaces::join`], with `spec` (`berth exec --join`: berth has nothing left to
+/// do once the command runs); returns only on failure. `spec.confinement` is not applied a
+/// second time: join dropped the capabilities a second cgroup namespace would need, and the
+/// filter is in place.
 pub fn exec(spec: &CommandSpec) -> SpawnFailure {
     let envp: Vec<&CStr> = spec.env.iter().map(|c| c.as_c_str()).collect();
-    child(spec, &candidates(spec), &envp, None)
+    child(spec, &candidates(spec), &envp, Start::Joined)
 }
 
-/// The child side of [`spawn`] (with the `parent` it must die with) and of [`exec`];
-/// returns only on failure.
-fn child(
-    spec: &CommandSpec,
-    candidates: &[CString],
-    envp: &[&CStr],
-    parent: Option<Pid>,
-) -> SpawnFailure {
+/// How a [`child`] came to be.
+enum Start {
+    /// Forked by [`spawn`], to die with `parent`; confined here.
+    Forked { parent: Pid },
+    /// Confined when it joined the container ([`exec`]).
+    Joined,
+}
+
+/// The child side of [`spawn`] and of [`exec`]; returns only on failure.
+fn child(spec: &CommandSpec, candidates: &[CString], envp: &[&CStr], start: Start) -> SpawnFailure {
     let setup = |e: Errno| SpawnFailure {
         stage: Stage::Setup,
         errno: e as i32,
@@ -237,19 +256,19 @@ fn child(
             .map_err(setup)?;
         // If berth dies (even by SIGKILL), its children go too, so no container process or
         // FUSE daemon outlives the process responsible for cleaning up.
-        if let Some(parent) = parent {
+        if let Start::Forked { parent } = start {
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(setup)?;
             if nix::unistd::getppid() != parent {
                 return Err(setup(Errno::ESRCH));
             }
+            confine(&spec.confinement).map_err(|(stage, e)| SpawnFailure {
+                stage,
+                errno: e.raw_os_error().unwrap_or(match stage {
+                    Stage::Workdir => libc::ENOENT,
+                    _ => libc::EPERM,
+                }),
+            })?;
         }
-        confine(&spec.confinement).map_err(|(stage, e)| SpawnFailure {
-            stage,
-            errno: e.raw_os_error().unwrap_or(match stage {
-                Stage::Workdir => libc::ENOENT,
-                _ => libc::EPERM,
-            }),
-        })?;
         if spec.stdout_to_stderr {
             nix::unistd::dup2(2, 1).map_err(setup)?;
         }
@@ -704,6 +723,8 @@ mod tests {
             confinement: Confinement {
                 cwd: None,
                 keep_caps: true,
+                cgroup_ns: false,
+                seccomp: None,
             },
             ..Default::default()
         }
@@ -761,6 +782,27 @@ mod tests {
         assert_eq!(reap(pid).unwrap(), Exit::Code(0));
         spec.confinement.cwd = Some("/no/such/dir".into());
         assert_eq!(spawn(&spec).unwrap().unwrap_err().stage, Stage::Workdir);
+    }
+
+    #[test]
+    fn the_confinement_gives_a_cgroup_namespace_and_seccomp() {
+        // Needs CAP_SYS_ADMIN for the cgroup namespace (root, as CI runs; a container's
+        // processes hold it in its user namespace).
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: the cgroup namespace needs root here");
+            return;
+        }
+        let mut spec = sh("grep -q '^Seccomp:.2' /proc/self/status && \
+             ! grep -qv ':/$' /proc/self/cgroup && \
+             [ \"$(readlink /proc/self/ns/cgroup)\" != \"$0\" ]");
+        let own = std::fs::read_link("/proc/self/ns/cgroup").unwrap();
+        spec.argv
+            .push(CString::new(own.as_os_str().as_encoded_bytes()).unwrap());
+        spec.confinement.cgroup_ns = true;
+        let profile = crate::seccomp::Profile::for_container(false, &[]);
+        spec.confinement.seccomp = Some(crate::seccomp::Filter::compile(&profile).unwrap());
+        let pid = spawn(&spec).unwrap().unwrap();
+        assert_eq!(reap(pid).unwrap(), Exit::Code(0));
     }
 
     #[test]

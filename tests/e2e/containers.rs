@@ -260,7 +260,7 @@ fn two_tasks_share_one_container_with_their_own_cgroups() {
     let script = format!(
         "touch /tmp/{mark}.$SLURM_PROCID; sleep 2; \
          echo task$SLURM_PROCID sees $(ls /tmp | grep -c {mark}); \
-         grep memory /proc/self/cgroup | sed s/^/task$SLURM_PROCID:/"
+         echo task$SLURM_PROCID:$(grep -lx $$ /sys/fs/cgroup/memory/step_*/task_*/cgroup.procs)"
     );
     let run = srun(&["-n", "2", &approved(&cluster), "sh", "-c", &script]);
     run.assert_success();

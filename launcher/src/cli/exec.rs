@@ -145,6 +145,12 @@ pub fn build_spec(
         config: &source.config,
     };
     let mut spec = spec::build(&image, &opts, &spec::Host::current())?;
+    spec::with_seccomp(&mut spec, opts.remap_root, &config.security.seccomp_deny())?;
+    let cgroups = berth_sys::cgroup::view().map_err(|source| Error::Sys {
+        path: "/proc/self/cgroup".into(),
+        source,
+    })?;
+    spec::with_cgroup_view(&mut spec, &cgroups)?;
     let selection = c.gpus.as_deref().map(gpu::Selection::parse).transpose()?;
     let env = spec
         .process()

@@ -93,8 +93,8 @@ pub fn join_exec(handle: &str, argv: Vec<String>, env: &[(String, String)]) -> R
         p.set_args(Some(argv));
     }
     let command = command_spec(&spec)?;
-    // join confines as exec will again (the same Confinement): the working directory is
-    // then resolved inside the container, and nothing runs there with more than it keeps.
+    // join applies the Confinement (exec does not again): the working directory is then
+    // resolved inside the container, and nothing runs there with more than it keeps.
     berth_sys::join(&held.namespaces, &command.confinement)
         .map_err(sys_err("joining the container"))?;
     Err(spawn_error(process::exec(&command), &command))

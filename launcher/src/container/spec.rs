@@ -258,10 +258,12 @@ pub fn build(image: &ImageRef<'_>, opts: &Options, host: &Host) -> Result<Spec> 
 /// OCI's names of the namespace kinds `--unshare` takes, as berth_sys::Isolation has them.
 pub const ISOLATION_KINDS: [&str; 3] = ["network", "ipc", "uts"];
 
-/// The container's namespaces: always user and mount; network, IPC and UTS where asked.
+/// The container's namespaces: always user, mount and cgroup; network, IPC and UTS where
+/// asked. The cgroup namespace is each process's own, made as it enters
+/// (`berth_sys::cgroup`); listed so every way in reads it from the spec.
 fn namespaces(iso: berth_sys::Isolation) -> Vec<Value> {
     let wanted = [iso.net, iso.ipc, iso.uts];
-    ["user", "mount"]
+    ["user", "mount", "cgroup"]
         .into_iter()
         .chain(
             ISOLATION_KINDS
@@ -295,6 +297,47 @@ pub fn isolation(spec: &Spec) -> berth_sys::Isolation {
         ipc: has("ipc"),
         uts: has("uts"),
     }
+}
+
+/// Adds the container's seccomp profile (`linux.seccomp`): berth's default denials, the
+/// site's `[security] seccomp_deny`, and for a `--remap-root` container the fake chown
+/// family. Every way into the container reads it back from the published spec, so `berth
+/// exec`, `berth exec --join` and Slurm's tasks run under the same filter.
+pub fn with_seccomp(spec: &mut Spec, remap_root: bool, site_deny: &[String]) -> Result<()> {
+    let profile = berth_sys::seccomp::Profile::for_container(remap_root, site_deny);
+    let linux = spec.linux().clone().unwrap_or_default();
+    let value = serde_json::to_value(profile).map_err(Error::Spec)?;
+    let mut linux = linux;
+    linux.set_seccomp(Some(serde_json::from_value(value).map_err(Error::Spec)?));
+    spec.set_linux(Some(linux));
+    Ok(())
+}
+
+/// Narrows /sys/fs/cgroup to `view` (`berth_sys::cgroup::view`: the job's cgroup, or the
+/// launching process's own outside Slurm): its mounts go right after the /sys bind they
+/// cover, read-only like it.
+pub fn with_cgroup_view(spec: &mut Spec, view: &[berth_sys::cgroup::CgroupMount]) -> Result<()> {
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    let after_sys = mounts
+        .iter()
+        .position(|m| m.destination() == Path::new("/sys"))
+        .map_or(mounts.len(), |i| i + 1);
+    let added = view.iter().map(|m| match &m.source {
+        Some(source) => bind(source, &m.target, true),
+        None => mount(
+            &m.target,
+            "tmpfs",
+            Path::new("tmpfs"),
+            &["ro", "nosuid", "nodev", "noexec", "mode=555", "size=4k"],
+        ),
+    });
+    let added: Vec<oci_spec::runtime::Mount> = added
+        .map(serde_json::from_value)
+        .collect::<std::result::Result<_, _>>()
+        .map_err(Error::Spec)?;
+    mounts.splice(after_sys..after_sys, added);
+    spec.set_mounts(Some(mounts));
+    Ok(())
 }
 
 /// The command line: an explicit command runs as given (pyxis: the entrypoint only with
@@ -816,6 +859,68 @@ mod tests {
         let ro = linux.readonly_paths().as_ref().unwrap();
         assert!(ro.contains(&"/proc/sys".to_string()));
         assert!(ro.contains(&"/proc/sysrq-trigger".to_string()));
+    }
+
+    #[test]
+    fn the_seccomp_profile_reads_back_as_berth_wrote_it() {
+        let mut spec = build_with(&ImageConfig::default(), &opts(&["true"]), &host());
+        with_seccomp(&mut spec, true, &["perf_event_open".into()]).unwrap();
+        let json = serde_json::to_vec(&spec).unwrap();
+        let process = berth_sys::holder::ContainerProcess::from_spec(&json).unwrap();
+        let expected =
+            berth_sys::seccomp::Profile::for_container(true, &["perf_event_open".into()]);
+        assert_eq!(
+            process.confinement.seccomp,
+            Some(berth_sys::seccomp::Filter::compile(&expected).unwrap())
+        );
+        let seccomp = spec.linux().as_ref().unwrap().seccomp().as_ref().unwrap();
+        let names: Vec<&String> = seccomp
+            .syscalls()
+            .iter()
+            .flatten()
+            .flat_map(|r| r.names())
+            .collect();
+        assert!(names.iter().any(|n| *n == "keyctl"));
+        assert!(
+            names.iter().any(|n| *n == "fchownat"),
+            "remapped: fake chown"
+        );
+    }
+
+    #[test]
+    fn the_cgroup_view_covers_sys_and_every_process_gets_a_cgroup_namespace() {
+        use berth_sys::cgroup::CgroupMount;
+        let mut spec = build_with(&ImageConfig::default(), &opts(&["true"]), &host());
+        let view = [
+            CgroupMount {
+                target: "/sys/fs/cgroup/memory".into(),
+                source: Some("/sys/fs/cgroup/memory/slurm/job_1".into()),
+            },
+            CgroupMount {
+                target: "/sys/fs/cgroup/pids".into(),
+                source: None,
+            },
+        ];
+        with_cgroup_view(&mut spec, &view).unwrap();
+        let all = destinations(&spec);
+        let sys = all.iter().position(|d| d == "/sys").unwrap();
+        assert_eq!(all[sys + 1], "/sys/fs/cgroup/memory");
+        assert_eq!(all[sys + 2], "/sys/fs/cgroup/pids");
+        let mounts = spec.mounts().as_ref().unwrap();
+        let memory = &mounts[sys + 1];
+        assert_eq!(
+            memory.source().as_deref(),
+            Some(Path::new("/sys/fs/cgroup/memory/slurm/job_1"))
+        );
+        assert!(memory
+            .options()
+            .as_ref()
+            .unwrap()
+            .contains(&"ro".to_string()));
+        assert_eq!(mounts[sys + 2].typ().as_deref(), Some("tmpfs"));
+        let json = serde_json::to_vec(&spec).unwrap();
+        let process = berth_sys::holder::ContainerProcess::from_spec(&json).unwrap();
+        assert!(process.confinement.cgroup_ns);
     }
 
     #[test]

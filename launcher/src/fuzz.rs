@@ -1,0 +1,177 @@
+//! Fuzz target bodies: every parser of input from outside berth, each a `fn(&[u8])` that
+//! must return (any `Err` is fine) without panicking, hanging or exhausting memory.
+//!
+//! The same bodies run two ways: under libFuzzer with nightly (`fuzz/`, `cargo fuzz run
+//! NAME`, for long runs whose results docs/SECURITY.md records), and on stable in CI for a
+//! bounded time (`launcher/tests/fuzz.rs`: the seed corpus in `fuzz/corpus/NAME` plus
+//! mutated inputs). A crash found either way becomes a seed of that corpus, so it is
+//! replayed on every test run.
+//!
+//! Not part of berth's interface; public only so those two drivers can reach it.
+
+use std::io::Write;
+use std::path::Path;
+
+use crate::config::{CacheConfig, Config};
+use crate::policy::Pattern;
+use crate::reference::{Digest, Reference};
+use crate::registry::{auth, manifest};
+use crate::sif::Sif;
+use crate::unpack::{self, Budget, Compression, Limits};
+
+/// A target: its name (the `fuzz/` binary and corpus directory) and body.
+pub type Target = (&'static str, fn(&[u8]));
+
+/// Every target of the launcher.
+pub const TARGETS: &[Target] = &[
+    ("reference", reference),
+    ("policy_pattern", policy_pattern),
+    ("sif", sif),
+    ("layer", layer),
+    ("manifest", manifest),
+    ("image_config", image_config),
+    ("auth_challenge", auth_challenge),
+    ("config_toml", config_toml),
+];
+
+/// The input as text; parsers of text never see anything else (headers, arguments and files
+/// are checked for UTF-8 before them).
+fn text(data: &[u8]) -> Option<&str> {
+    std::str::from_utf8(data).ok()
+}
+
+/// An image reference as a user writes it, and a digest as a registry sends it.
+pub fn reference(data: &[u8]) {
+    let Some(s) = text(data) else { return };
+    if let Ok(r) = Reference::parse(s) {
+        let _ = (r.name(), r.tag_or_latest(), r.to_string());
+        // What the parser accepted prints back to something it accepts as the same.
+        let again = Reference::parse(&r.to_string()).expect("a printed reference parses");
+        assert_eq!(again.to_string(), r.to_string());
+    }
+    let _ = crate::reference::shown(s);
+    let _ = Digest::parse(s);
+}
+
+/// A `[policy] allowed` pattern from the site config, matched against a reference: the
+/// input is `PATTERN\nREFERENCE`.
+pub fn policy_pattern(data: &[u8]) {
+    let Some(s) = text(data) else { return };
+    let (pattern, image) = s.split_once('\n').unwrap_or((s, "localhost:5000/a/b"));
+    if let (Ok(p), Ok(r)) = (Pattern::parse(pattern), Reference::parse(image)) {
+        let _ = p.matches(&r);
+    }
+}
+
+/// A SIF file (a user's local image, or an image in the shared store): header,
+/// descriptors, the partition berth would mount and the config it would read.
+pub fn sif(data: &[u8]) {
+    let Ok(mut file) = berth_sys::memfd::anonymous(c"berth-fuzz-sif") else {
+        return;
+    };
+    if file.write_all(data).is_err() {
+        return;
+    }
+    let Ok(sif) = Sif::from_file(file, Path::new("fuzz.sif")) else {
+        return;
+    };
+    let _ = sif.header().uuid();
+    for d in sif.descriptors() {
+        let _ = (d.name(), d.partition(), sif.squashfs_super(d));
+        let _ = sif.read_data(d, 4096);
+    }
+    let _ = sif.primary_partition();
+    let _ = sif.config();
+}
+
+/// A layer blob (tar, gzip or zstd as its first byte says) applied onto an empty directory
+/// with the default limits: paths, links, whiteouts, sizes, bombs.
+pub fn layer(data: &[u8]) {
+    let Some((&kind, blob)) = data.split_first() else {
+        return;
+    };
+    let compression = match kind % 3 {
+        0 => Compression::None,
+        1 => Compression::Gzip,
+        _ => Compression::Zstd,
+    };
+    let Ok(limits) = Limits::from_config(&CacheConfig::default()) else {
+        return;
+    };
+    let root = scratch_dir();
+    let mut budget = Budget::new(limits);
+    // The ownership records are what an unprivileged unpack (the cache's service user) keeps.
+    let mut ownership = unpack::Ownership::default();
+    let _ = unpack::apply_layer(&root, blob, compression, "fuzz", &mut budget, &mut ownership);
+    remove_scratch(&root);
+}
+
+/// A manifest or index as a registry sends it, with the Content-Type chosen by the first
+/// byte, then the platform berth would choose from an index.
+pub fn manifest(data: &[u8]) {
+    let Some((&kind, body)) = data.split_first() else {
+        return;
+    };
+    const TYPES: [&str; 5] = [
+        "application/vnd.oci.image.manifest.v1+json",
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.docker.distribution.manifest.v2+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/json; charset=utf-8",
+    ];
+    let content_type = TYPES[kind as usize % TYPES.len()];
+    match manifest::Manifest::parse("fuzz", content_type, body) {
+        Ok(manifest::Manifest::Index(index)) => {
+            let _ = manifest::choose_platform("fuzz", &index, &manifest::host_platform());
+        }
+        Ok(manifest::Manifest::Image(_)) | Err(_) => {}
+    }
+}
+
+/// An image config blob.
+pub fn image_config(data: &[u8]) {
+    let _ = manifest::parse_image_config("fuzz", data);
+}
+
+/// A registry's `WWW-Authenticate` header.
+pub fn auth_challenge(data: &[u8]) {
+    if let Some(s) = text(data) {
+        let _ = auth::parse_challenge(s);
+    }
+}
+
+/// The site configuration, `berth.toml`, as `berth config check` reads it.
+pub fn config_toml(data: &[u8]) {
+    if let Some(s) = text(data) {
+        let _ = Config::from_toml(Path::new("berth.toml"), s);
+    }
+}
+
+/// A fresh empty directory for one input, in this process's own place under the temporary
+/// directory.
+fn scratch_dir() -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "berth-fuzz-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).expect("creating a scratch directory under $TMPDIR");
+    dir
+}
+
+/// Removes what a layer made, read-only directories included.
+fn remove_scratch(dir: &Path) {
+    fn writable(dir: &Path) {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                writable(&entry.path());
+            }
+        }
+    }
+    writable(dir);
+    std::fs::remove_dir_all(dir).expect("removing a scratch directory");
+}
