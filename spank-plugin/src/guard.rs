@@ -33,6 +33,8 @@ pub enum Callback {
     Exit,
     /// slurmd's job prolog (`slurm_spank_job_prolog`).
     JobProlog,
+    /// slurmd's job epilog (`slurm_spank_job_epilog`).
+    JobEpilog,
     /// An option's value callback, run while srun/sbatch or slurmstepd parse options.
     Option,
 }
@@ -47,6 +49,7 @@ impl Callback {
             Callback::TaskExit => "slurm_spank_task_exit",
             Callback::Exit => "slurm_spank_exit",
             Callback::JobProlog => "slurm_spank_job_prolog",
+            Callback::JobEpilog => "slurm_spank_job_epilog",
             Callback::Option => "option",
         }
     }
