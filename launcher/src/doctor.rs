@@ -515,7 +515,7 @@ pub fn store(dir: &Path, meta: std::io::Result<std::fs::Metadata>, mountinfo: &s
         Ok(_) => {
             return fail(
                 format!("{d} is not a directory"),
-                format!("point [store] dir at a directory on the shared file system"),
+                "point [store] dir at a directory on the shared file system",
             )
         }
         Err(e) => {
@@ -541,7 +541,7 @@ pub fn store(dir: &Path, meta: std::io::Result<std::fs::Metadata>, mountinfo: &s
     if read_only {
         return fail(
             format!("{d} is on a read-only mount: no node can publish"),
-            format!("mount it read-write on every node"),
+            "mount it read-write on every node",
         );
     }
     if !is_remote(&fs) {

@@ -498,18 +498,22 @@ fn a_stage_that_fills_the_disk_fails_the_job_cleanly_and_the_node_stays_idle() {
     let cluster = Cluster::get();
     stage_area();
     assert!(stage(&["clean"]).success());
-    // A small file system of the user's own as their part of the area: 70 MiB, of which
-    // 64 MiB is the cluster's reserve. 3,000 one-byte files pass the check before copying
-    // (3,000 bytes) but take a 4 KiB page each (12 MiB): the copy fills it.
+    // A small file system of the user's own as their part of the area: 4 MiB, nothing
+    // kept free ([stage] reserve = 0). 2,000 one-byte files pass the check before copying
+    // (2,000 bytes) but take a 4 KiB page each (8 MiB): the copy fills it.
+    let _no_reserve = SiteEdit::replace(
+        "after_job = \"keep\"",
+        "after_job = \"keep\"\nreserve = \"0\"",
+    );
     let part = user_area(&cluster);
     sh(&format!(
-        "mount -t tmpfs -o size=70M,mode=0700,uid={uid},gid={uid} berth-e2e-full {p}",
+        "mount -t tmpfs -o size=4M,mode=0700,uid={uid},gid={uid} berth-e2e-full {p}",
         p = part.display(),
         uid = cluster.uid()
     ));
     let src = cluster.home().join(unique_name("stage-tiny"));
     sh(&format!(
-        "mkdir -p {s} && for i in $(seq 1 3000); do printf x > {s}/f$i; done && chown -R {uid} {s}",
+        "mkdir -p {s} && for i in $(seq 1 2000); do printf x > {s}/f$i; done && chown -R {uid} {s}",
         s = src.display(),
         uid = cluster.uid()
     ));
