@@ -46,21 +46,20 @@ pub enum Kind {
 
 /// The entries of `src` (a file or a directory), parents before their children, in name
 /// order. Refuses what berth does not stage (devices, FIFOs, sockets) and names that are not
-/// UTF-8, naming the path.
+/// UTF-8, naming the path. A child is looked at through its directory's listing (`fstatat`
+/// on the open directory), not by resolving its whole path again.
 pub fn walk(src: &Path) -> Result<Vec<Entry>> {
+    let root = fs::symlink_metadata(src)
+        .map_err(|e| Error::io(format!("reading {}", src.display()), e))?;
     let mut entries = Vec::new();
-    let mut pending = vec![String::new()];
-    while let Some(rel) = pending.pop() {
+    let mut pending = vec![(String::new(), root)];
+    while let Some((rel, meta)) = pending.pop() {
         let path = join(src, &rel);
-        let meta = fs::symlink_metadata(&path)
-            .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
         let kind = if meta.is_dir() {
-            let mut names = Vec::new();
-            for child in fs::read_dir(&path)
-                .map_err(|e| Error::io(format!("reading directory {}", path.display()), e))?
-            {
-                let child = child
-                    .map_err(|e| Error::io(format!("reading directory {}", path.display()), e))?;
+            let listing = |e| Error::io(format!("reading directory {}", path.display()), e);
+            let mut children = Vec::new();
+            for child in fs::read_dir(&path).map_err(listing)? {
+                let child = child.map_err(listing)?;
                 let name = child.file_name().into_string().map_err(|name| {
                     stage_error(format!(
                         "{}: the name {name:?} is not UTF-8; berth stages UTF-8 names only \
@@ -68,15 +67,19 @@ pub fn walk(src: &Path) -> Result<Vec<Entry>> {
                         path.display()
                     ))
                 })?;
-                names.push(if rel.is_empty() {
+                let meta = child
+                    .metadata()
+                    .map_err(|e| Error::io(format!("reading {}", child.path().display()), e))?;
+                let rel = if rel.is_empty() {
                     name
                 } else {
                     format!("{rel}/{name}")
-                });
+                };
+                children.push((rel, meta));
             }
             // Reversed onto the stack, so they come off in name order.
-            names.sort_unstable_by(|a, b| b.cmp(a));
-            pending.extend(names);
+            children.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+            pending.extend(children);
             Kind::Dir
         } else if meta.is_file() {
             Kind::File

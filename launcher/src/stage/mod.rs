@@ -158,12 +158,18 @@ impl Area {
         let key =
             hex::encode(sha2::Sha256::digest(src.as_os_str().as_encoded_bytes()))[..32].to_owned();
         let entry = self.entry_path(&key);
+        let data = entry.join("data");
+        // The earlier copy (its manifest and what it lists now) is read while the source is
+        // walked: on shared storage the source's walk is the slow part.
+        let (walked, earlier) = std::thread::scope(|scope| {
+            let earlier = scope.spawn(|| (read_manifest(&entry), copy::walk(&data)));
+            (copy::walk(src), earlier.join())
+        });
         let manifest = Manifest {
             source: src.to_path_buf(),
-            entries: copy::walk(src)?,
+            entries: walked?,
         };
         let bytes = copy::data_size(&manifest.entries);
-        let data = entry.join("data");
         let scratch = match self.job_dir() {
             Some(job_dir) => {
                 make_private_dir(&job_dir)?;
@@ -171,7 +177,11 @@ impl Area {
             }
             None => self.dir.clone(),
         };
-        if read_manifest(&entry).as_ref() == Some(&manifest) && copy_intact(&data, &manifest) {
+        let unchanged = match earlier {
+            Ok((Some(earlier), Ok(found))) => earlier == manifest && copy_intact(&found, &manifest),
+            _ => false,
+        };
+        if unchanged {
             self.mark_in_use(&key)?;
             // Marks it used, for least-recently-used eviction.
             let _ = fs::File::open(&entry).and_then(|d| d.set_modified(SystemTime::now()));
@@ -537,12 +547,10 @@ fn publish(tmp: &Path, dst: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The copy still lists as the manifest says (links' own times aside, which copies do not
-/// keep): a copy changed on the node since is copied again, not reused.
-fn copy_intact(data: &Path, manifest: &Manifest) -> bool {
-    let Ok(found) = copy::walk(data) else {
-        return false;
-    };
+/// The copy (`found`, its listing now) still lists as the manifest says (links' own times
+/// aside, which copies do not keep): a copy changed on the node since is copied again, not
+/// reused.
+fn copy_intact(found: &[Entry], manifest: &Manifest) -> bool {
     found.len() == manifest.entries.len()
         && found.iter().zip(&manifest.entries).all(|(a, b)| {
             a.path == b.path
