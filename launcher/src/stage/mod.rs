@@ -36,8 +36,8 @@
 mod copy;
 
 use std::fs;
-use std::io::ErrorKind;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
@@ -300,46 +300,67 @@ impl Area {
         Ok(held)
     }
 
-    /// Bytes the other users have staged on this node, from their `.usage-<uid>` records
-    /// (each believed only from a file its uid owns).
+    /// Bytes the other users have staged on this node, from their `.usage-<uid>` records:
+    /// each believed only from a regular file its uid owns, opened without following a link
+    /// and without blocking (another user's FIFO must not hang the stage), read up to 32
+    /// bytes.
     fn others_usage(&self) -> u64 {
+        let record = |e: fs::DirEntry| -> Option<u64> {
+            let name = e.file_name();
+            let uid: u32 = name.to_str()?.strip_prefix(".usage-")?.parse().ok()?;
+            if uid == self.uid {
+                return None;
+            }
+            let file = fs::File::options()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(e.path())
+                .ok()?;
+            let meta = file.metadata().ok()?;
+            if meta.uid() != uid || !meta.is_file() {
+                return None;
+            }
+            let mut text = String::new();
+            file.take(32).read_to_string(&mut text).ok()?;
+            text.trim().parse().ok()
+        };
         fs::read_dir(&self.base)
             .into_iter()
             .flatten()
             .flatten()
-            .filter_map(|e| {
-                let uid: u32 = e
-                    .file_name()
-                    .to_str()?
-                    .strip_prefix(".usage-")?
-                    .parse()
-                    .ok()?;
-                let meta = e.metadata().ok()?;
-                if uid == self.uid || meta.uid() != uid || !meta.is_file() {
-                    return None;
-                }
-                fs::read_to_string(e.path())
-                    .ok()?
-                    .trim()
-                    .parse::<u64>()
-                    .ok()
-            })
+            .filter_map(record)
             .sum()
     }
 
-    /// Writes the user's `.usage-<uid>` record (complete, by rename).
+    /// Writes the user's `.usage-<uid>` record (complete, by rename). Where it cannot (say,
+    /// another user took the name first) the stage goes on, saying so: the record only
+    /// informs other users' total check.
     fn record_usage(&self) -> Result<()> {
         let used: u64 = self.holdings()?.iter().map(|h| h.bytes).sum();
         let record = self.base.join(format!(".usage-{}", self.uid));
         let tmp = self
             .base
             .join(format!(".usage-{}.{}", self.uid, std::process::id()));
-        let io = |e| Error::io(format!("writing {}", record.display()), e);
-        fs::write(&tmp, used.to_string()).map_err(io)?;
-        fs::rename(&tmp, &record).map_err(|e| {
+        // A new file (O_EXCL), so a link another user planted under the name is not followed.
+        let written = fs::File::options()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&tmp)
+            .and_then(|mut f| f.write_all(used.to_string().as_bytes()))
+            .and_then(|()| fs::rename(&tmp, &record));
+        if let Err(e) = written {
             let _ = fs::remove_file(&tmp);
-            io(e)
-        })
+            progress_note(
+                self.quiet,
+                &format!(
+                    "warning: could not record your staged total in {}: {e}; ask the admin \
+                     to remove it if another user made it",
+                    record.display()
+                ),
+            );
+        }
+        Ok(())
     }
 
     /// Makes room for a stage of `bytes` (the source `src`, key `key`): refuses one that
@@ -726,9 +747,17 @@ mod tests {
         // Another user's record, believed only from a file that user owns.
         let other = dir.path().join(".usage-4242");
         fs::write(&other, "80000").unwrap();
+        // A FIFO under a record's name is skipped, not waited on.
+        let fifo = dir.path().join(".usage-4243");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
         let area = Area::open(&conf, None, true).unwrap();
         if area.uid == 0 {
             std::os::unix::fs::chown(&other, Some(4242), None).unwrap();
+            std::os::unix::fs::chown(&fifo, Some(4243), None).unwrap();
             let msg = area.stage_in(&src).unwrap_err().to_string();
             assert!(msg.contains("[stage] max_total"), "{msg}");
             assert_eq!(fs::read_dir(&area.dir).unwrap().count(), 0);
