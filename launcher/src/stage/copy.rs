@@ -139,7 +139,7 @@ pub fn copy(
             Kind::File => {}
         }
     }
-    let files: Vec<&Entry> = entries.iter().filter(|e| e.kind == Kind::File).collect();
+    let files = spread_over_directories(entries);
     let next = AtomicUsize::new(0);
     let failure: Mutex<Option<Error>> = Mutex::new(None);
     std::thread::scope(|scope| {
@@ -175,6 +175,27 @@ pub fn copy(
         finish(&dir, &to, entry)?;
     }
     Ok(())
+}
+
+/// The files of `entries` in the order workers take them: round-robin over their
+/// directories. Creating a file takes its directory's lock, so workers in one directory
+/// wait for each other (perf shows them spinning on it), while workers in different ones
+/// do not.
+fn spread_over_directories(entries: &[Entry]) -> Vec<&Entry> {
+    let mut groups: Vec<Vec<&Entry>> = Vec::new();
+    let mut group_of: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for entry in entries.iter().filter(|e| e.kind == Kind::File) {
+        let dir = entry.path.rsplit_once('/').map_or("", |(dir, _)| dir);
+        let at = *group_of.entry(dir).or_insert_with(|| {
+            groups.push(Vec::new());
+            groups.len() - 1
+        });
+        groups[at].push(entry);
+    }
+    let longest = groups.iter().map(Vec::len).max().unwrap_or(0);
+    (0..longest)
+        .flat_map(|i| groups.iter().filter_map(move |g| g.get(i).copied()))
+        .collect()
 }
 
 fn copy_file(src: &Path, dst: &Path, entry: &Entry) -> Result<()> {
@@ -303,6 +324,30 @@ mod tests {
         let dst = dir.path().join("copy");
         copy(&src, &dst, &entries, 8, &progress()).unwrap();
         assert_eq!(walk(&dst).unwrap(), entries);
+    }
+
+    #[test]
+    fn workers_take_files_from_each_directory_in_turn() {
+        let file = |path: &str| Entry {
+            path: path.into(),
+            kind: Kind::File,
+            mode: 0o644,
+            size: 1,
+            mtime: 0,
+            mtime_nsec: 0,
+        };
+        let entries = [
+            file("top"),
+            file("a/1"),
+            file("a/2"),
+            file("a/3"),
+            file("b/1"),
+        ];
+        let order: Vec<&str> = spread_over_directories(&entries)
+            .iter()
+            .map(|e| e.path.as_str())
+            .collect();
+        assert_eq!(order, ["top", "a/1", "b/1", "a/2", "a/3"]);
     }
 
     #[test]
