@@ -13,7 +13,7 @@
 //!   directories last, deepest first, so a directory's time is not changed by its content.
 
 use std::fs::{self, File, FileTimes};
-use std::io;
+use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -142,25 +142,34 @@ pub fn copy(
     let files = spread_over_directories(entries);
     let next = AtomicUsize::new(0);
     let failure: Mutex<Option<Error>> = Mutex::new(None);
+    let device = |path: &Path| fs::metadata(path).map(|m| m.dev()).ok();
+    let same_fs = device(src) == device(dst.parent().unwrap_or(dst));
     std::thread::scope(|scope| {
         for _ in 0..threads.clamp(1, files.len().max(1)) {
-            scope.spawn(|| loop {
-                let at = next.fetch_add(1, Ordering::Relaxed);
-                let Some(entry) = files.get(at) else { break };
-                if failure.lock().is_ok_and(|f| f.is_some()) {
-                    break;
-                }
-                match copy_file(src, dst, entry) {
-                    Ok(()) => progress
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .add(entry.size),
-                    Err(e) => {
-                        failure
+            scope.spawn(|| {
+                let mut buffer = if same_fs {
+                    Vec::new()
+                } else {
+                    vec![0; BUFFER_BYTES]
+                };
+                loop {
+                    let at = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(entry) = files.get(at) else { break };
+                    if failure.lock().is_ok_and(|f| f.is_some()) {
+                        break;
+                    }
+                    match copy_file(src, dst, entry, &mut buffer) {
+                        Ok(()) => progress
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
-                            .get_or_insert(e);
-                        break;
+                            .add(entry.size),
+                        Err(e) => {
+                            failure
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .get_or_insert(e);
+                            break;
+                        }
                     }
                 }
             });
@@ -198,7 +207,15 @@ fn spread_over_directories(entries: &[Entry]) -> Vec<&Entry> {
         .collect()
 }
 
-fn copy_file(src: &Path, dst: &Path, entry: &Entry) -> Result<()> {
+/// The buffer of each worker copying between two file systems.
+const BUFFER_BYTES: usize = 256 << 10;
+
+/// Copies one file: within one file system with `io::copy` (`copy_file_range`: in the
+/// kernel, a reflink where the file system can), between two through `buffer` (empty for
+/// the former). Between file systems `copy_file_range` fails (EXDEV) and `io::copy` falls
+/// back to `sendfile`, which measured about 2x slower than `read`/`write` with a 256 KiB
+/// buffer for a 1 GiB file here (docs/BENCHMARKS.md), and costs two more calls per file.
+fn copy_file(src: &Path, dst: &Path, entry: &Entry, buffer: &mut [u8]) -> Result<()> {
     let (from, to) = (join(src, &entry.path), join(dst, &entry.path));
     let mut input = File::options()
         .read(true)
@@ -211,8 +228,12 @@ fn copy_file(src: &Path, dst: &Path, entry: &Entry) -> Result<()> {
         .mode(0o600)
         .open(&to)
         .map_err(|e| Error::io(format!("creating {}", to.display()), e))?;
-    let copied = io::copy(&mut input, &mut output)
-        .map_err(|e| Error::io(format!("copying {} to {}", from.display(), to.display()), e))?;
+    let copied = if buffer.is_empty() {
+        io::copy(&mut input, &mut output)
+    } else {
+        copy_through(&mut input, &mut output, buffer)
+    }
+    .map_err(|e| Error::io(format!("copying {} to {}", from.display(), to.display()), e))?;
     if copied != entry.size {
         return Err(stage_error(format!(
             "{} changed while it was copied ({} bytes when listed, {copied} copied); stage it \
@@ -222,6 +243,21 @@ fn copy_file(src: &Path, dst: &Path, entry: &Entry) -> Result<()> {
         )));
     }
     finish(&output, &to, entry)
+}
+
+/// Copies `input` to its end into `output` through `buffer`; the bytes copied.
+fn copy_through(input: &mut File, output: &mut File, buffer: &mut [u8]) -> io::Result<u64> {
+    let mut copied = 0;
+    loop {
+        let n = match input.read(buffer) {
+            Ok(0) => return Ok(copied),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        output.write_all(&buffer[..n])?;
+        copied += n as u64;
+    }
 }
 
 /// Gives a complete file or directory its mode and modification time.
@@ -324,6 +360,33 @@ mod tests {
         let dst = dir.path().join("copy");
         copy(&src, &dst, &entries, 8, &progress()).unwrap();
         assert_eq!(walk(&dst).unwrap(), entries);
+    }
+
+    #[test]
+    fn between_file_systems_a_file_goes_through_the_buffer_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
+        fs::write(dir.path().join("in"), &data).unwrap();
+        let mut input = File::open(dir.path().join("in")).unwrap();
+        let mut output = File::create(dir.path().join("out")).unwrap();
+        let mut buffer = vec![0; BUFFER_BYTES];
+        let copied = copy_through(&mut input, &mut output, &mut buffer).unwrap();
+        assert_eq!(copied, 600_000);
+        assert_eq!(fs::read(dir.path().join("out")).unwrap(), data);
+        // The same through copy(), from another file system where there is one.
+        let shm = Path::new("/dev/shm");
+        if fs::metadata(shm).map(|m| m.dev()).ok() != Some(fs::metadata(dir.path()).unwrap().dev())
+        {
+            let src = tempfile::tempdir_in(shm).unwrap();
+            tree(src.path());
+            let entries = walk(src.path()).unwrap();
+            let dst = dir.path().join("dst");
+            copy(src.path(), &dst, &entries, 3, &progress()).unwrap();
+            assert_eq!(
+                fs::read(dst.join("a/b/f9")).unwrap(),
+                fs::read(src.path().join("a/b/f9")).unwrap()
+            );
+        }
     }
 
     #[test]
