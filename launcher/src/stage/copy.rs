@@ -207,13 +207,15 @@ fn spread_over_directories(entries: &[Entry]) -> Vec<&Entry> {
         .collect()
 }
 
-/// The buffer of each worker copying between two file systems.
-const BUFFER_BYTES: usize = 256 << 10;
+/// The buffer of each worker copying between two file systems: 128 KiB, as cp's. With
+/// 256 KiB a 512 MiB copy took twice the kernel time here (perf: in the copy to the buffer;
+/// a buffer that no longer stays in the CPU's cache between the read and the write).
+const BUFFER_BYTES: usize = 128 << 10;
 
 /// Copies one file: within one file system with `io::copy` (`copy_file_range`: in the
 /// kernel, a reflink where the file system can), between two through `buffer` (empty for
 /// the former). Between file systems `copy_file_range` fails (EXDEV) and `io::copy` falls
-/// back to `sendfile`, which measured about 2x slower than `read`/`write` with a 256 KiB
+/// back to `sendfile`, which measured about 2x slower than `read`/`write` through the
 /// buffer for a 1 GiB file here (docs/BENCHMARKS.md), and costs two more calls per file.
 fn copy_file(src: &Path, dst: &Path, entry: &Entry, buffer: &mut [u8]) -> Result<()> {
     let (from, to) = (join(src, &entry.path), join(dst, &entry.path));
