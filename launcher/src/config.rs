@@ -302,10 +302,26 @@ pub struct StageConfig {
     pub dir: PathBuf,
     /// The most one user may have staged on a node, e.g. "100G".
     pub max_user: String,
+    /// The most all users together may have staged on a node, e.g. "500G"; "" for no
+    /// limit but `reserve`.
+    pub max_total: String,
     /// Free space every stage leaves on the stage area's file system, e.g. "10G".
     pub reserve: String,
     /// Files copied at once.
     pub threads: usize,
+    /// What becomes of a job's staged data when the job ends.
+    pub after_job: AfterJob,
+}
+
+/// `[stage] after_job`: what the job epilog does with a job's staged data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AfterJob {
+    /// Kept for the user's next jobs on the node, under the quotas, least recently used
+    /// evicted first when a new stage needs the room.
+    Keep,
+    /// Removed: nothing of a user's data outlives the job on the node.
+    Remove,
 }
 
 impl Default for StageConfig {
@@ -313,8 +329,10 @@ impl Default for StageConfig {
         StageConfig {
             dir: PathBuf::from("/var/tmp/berth-stage"),
             max_user: "100G".into(),
+            max_total: String::new(),
             reserve: "10G".into(),
             threads: 8,
+            after_job: AfterJob::Keep,
         }
     }
 }

@@ -80,6 +80,24 @@ pub fn run_all(config: &Config) -> Vec<Check> {
         status: crate::cache::doctor_owner(config),
     });
     checks.push(Check {
+        name: "stage area",
+        status: stage_area(
+            &config.stage.dir,
+            std::fs::metadata(&config.stage.dir),
+            &mountinfo,
+            berth_sys::statfs::available_bytes(&config.stage.dir),
+            crate::cache::parse_size(&config.stage.reserve).unwrap_or(0),
+        ),
+    });
+    checks.push(Check {
+        name: "shared image store",
+        status: store(
+            &config.store.dir,
+            std::fs::metadata(&config.store.dir),
+            &mountinfo,
+        ),
+    });
+    checks.push(Check {
         name: "GPUs",
         status: gpus(
             config.gpu.enabled,
@@ -385,15 +403,8 @@ pub fn directory(dir: &Path, meta: std::io::Result<std::fs::Metadata>, mountinfo
             format!("chown root:root {0} && chmod 0755 {0}", dir.display()),
         );
     }
-    // The longest mount point that contains dir decides its file system.
-    let fs = mountinfo
-        .lines()
-        .filter_map(parse_mountinfo)
-        .filter(|(point, _)| dir.starts_with(point))
-        .max_by_key(|(point, _)| point.len())
-        .map(|(_, fs)| fs)
-        .unwrap_or_default();
-    if REMOTE_FS.contains(&fs.as_str()) || fs.starts_with("fuse.") {
+    let (fs, _) = mount_of(dir, mountinfo);
+    if is_remote(&fs) {
         return fail(
             format!(
                 "{} is on {fs}, a shared or network file system",
@@ -405,6 +416,146 @@ pub fn directory(dir: &Path, meta: std::io::Result<std::fs::Metadata>, mountinfo
     Status::Ok(format!(
         "{}: root-owned, mode {:04o}, on {fs}",
         dir.display(),
+        meta.mode() & 0o7777
+    ))
+}
+
+/// The file system type of the mount holding `dir` (the longest mount point that contains
+/// it), and whether it is mounted read-only.
+fn mount_of(dir: &Path, mountinfo: &str) -> (String, bool) {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (point, fs) = parse_mountinfo(line)?;
+            let options = line.split(' ').nth(5)?;
+            Some((point, fs, options.split(',').any(|o| o == "ro")))
+        })
+        .filter(|(point, ..)| dir.starts_with(point))
+        .max_by_key(|(point, ..)| point.len())
+        .map(|(_, fs, read_only)| (fs, read_only))
+        .unwrap_or_default()
+}
+
+fn is_remote(fs: &str) -> bool {
+    REMOTE_FS.contains(&fs) || fs.starts_with("fuse.")
+}
+
+/// `[stage] dir`: root's, mode 1777 (every user makes a private directory in it, and no one
+/// may remove another's), writable, on node-local storage, with more than `reserve` free.
+pub fn stage_area(
+    dir: &Path,
+    meta: std::io::Result<std::fs::Metadata>,
+    mountinfo: &str,
+    free: std::io::Result<u64>,
+    reserve: u64,
+) -> Status {
+    let d = dir.display();
+    let meta = match meta {
+        Ok(meta) if meta.is_dir() => meta,
+        Ok(_) => {
+            return fail(
+                format!("{d} is not a directory"),
+                format!("rm {d} && install -d -m 1777 -o root -g root {d}"),
+            )
+        }
+        Err(e) => {
+            return fail(
+                format!("{d}: {e}"),
+                format!("install -d -m 1777 -o root -g root {d} (the package's tmpfiles.d does)"),
+            )
+        }
+    };
+    if meta.uid() != 0 || meta.mode() & 0o7777 != 0o1777 {
+        return fail(
+            format!(
+                "{d} is owned by uid {} with mode {:04o}: users cannot stage there, or could \
+                 remove each other's data",
+                meta.uid(),
+                meta.mode() & 0o7777
+            ),
+            format!("chown root:root {d} && chmod 1777 {d}"),
+        );
+    }
+    let (fs, read_only) = mount_of(dir, mountinfo);
+    if read_only {
+        return fail(
+            format!("{d} is on a read-only mount"),
+            format!("mount a writable node-local file system at {d}, or set [stage] dir"),
+        );
+    }
+    if is_remote(&fs) {
+        return fail(
+            format!("{d} is on {fs}, a shared or network file system: staging there gains nothing"),
+            "point [stage] dir at node-local storage (local disk, NVMe or tmpfs) in /etc/berth/berth.toml",
+        );
+    }
+    match free {
+        Ok(free) if free <= reserve => Status::Warn(format!(
+            "{d} on {fs}: {} free, not more than the {} [stage] reserve keeps free: every stage \
+             will be refused; free space or lower reserve",
+            crate::cache::format_size(free),
+            crate::cache::format_size(reserve)
+        )),
+        Ok(free) => Status::Ok(format!(
+            "{d}: root-owned, mode 1777, on {fs}, {} free",
+            crate::cache::format_size(free)
+        )),
+        Err(e) => fail(
+            format!("{d}: free space unknown: {e}"),
+            "check the file system (df)",
+        ),
+    }
+}
+
+/// `[store] dir`, when set: root's and writable by root alone (nodes run what they find
+/// there), writable, and best on a file system every node mounts.
+pub fn store(dir: &Path, meta: std::io::Result<std::fs::Metadata>, mountinfo: &str) -> Status {
+    let d = dir.display();
+    if dir.as_os_str().is_empty() {
+        return Status::Ok("no shared image store ([store] dir is empty)".into());
+    }
+    let meta = match meta {
+        Ok(meta) if meta.is_dir() => meta,
+        Ok(_) => {
+            return fail(
+                format!("{d} is not a directory"),
+                "point [store] dir at a directory on the shared file system",
+            )
+        }
+        Err(e) => {
+            return fail(
+                format!("{d}: {e}"),
+                format!(
+                    "mount the shared file system, then install -d -m 0755 -o root -g root {d}"
+                ),
+            )
+        }
+    };
+    if meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+        return fail(
+            format!(
+                "{d} is owned by uid {} with mode {:04o}: others could publish images every node runs",
+                meta.uid(),
+                meta.mode() & 0o7777
+            ),
+            format!("chown root:root {d} && chmod 0755 {d} (export it with no_root_squash)"),
+        );
+    }
+    let (fs, read_only) = mount_of(dir, mountinfo);
+    if read_only {
+        return fail(
+            format!("{d} is on a read-only mount: no node can publish"),
+            "mount it read-write on every node",
+        );
+    }
+    if !is_remote(&fs) {
+        return Status::Warn(format!(
+            "{d} is on {fs}, a node-local file system: only this node shares it; point [store] \
+             dir at the file system every node mounts"
+        ));
+    }
+    Status::Ok(format!(
+        "{d}: root-owned, mode {:04o}, on {fs}",
         meta.mode() & 0o7777
     ))
 }
@@ -556,6 +707,96 @@ mod tests {
             };
             assert!(problem.contains("nfs"), "{problem}");
         }
+    }
+
+    #[test]
+    fn the_stage_area_must_be_1777_local_and_writable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path();
+        let stat = || std::fs::metadata(path);
+        let mounts = |fs: &str, opts: &str| {
+            format!(
+                "{MOUNTINFO}60 22 0:60 / {} {opts} - {fs} x rw\n",
+                path.display()
+            )
+        };
+        let set_mode = |mode| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        let missing = stage_area(
+            &path.join("no"),
+            std::fs::metadata(path.join("no")),
+            MOUNTINFO,
+            Ok(0),
+            0,
+        );
+        assert!(matches!(missing, Status::Fail { fix, .. } if fix.contains("install -d -m 1777")));
+        set_mode(0o755);
+        assert!(
+            matches!(stage_area(path, stat(), MOUNTINFO, Ok(1 << 40), 0),
+            Status::Fail { fix, .. } if fix.contains("chmod 1777"))
+        );
+        if berth_sys::identity::real_uid() != 0 {
+            return;
+        }
+        set_mode(0o1777);
+        assert!(matches!(
+            stage_area(path, stat(), &mounts("ext4", "rw"), Ok(1 << 40), 1 << 30),
+            Status::Ok(_)
+        ));
+        assert!(
+            matches!(stage_area(path, stat(), &mounts("ext4", "ro,relatime"), Ok(1 << 40), 0),
+            Status::Fail { problem, .. } if problem.contains("read-only"))
+        );
+        assert!(
+            matches!(stage_area(path, stat(), &mounts("lustre", "rw"), Ok(1 << 40), 0),
+            Status::Fail { problem, .. } if problem.contains("lustre"))
+        );
+        assert!(matches!(
+            stage_area(path, stat(), &mounts("ext4", "rw"), Ok(1 << 20), 1 << 30),
+            Status::Warn(_)
+        ));
+    }
+
+    #[test]
+    fn the_store_is_roots_alone_and_best_shared() {
+        assert!(matches!(
+            store(
+                Path::new(""),
+                Err(std::io::ErrorKind::NotFound.into()),
+                MOUNTINFO
+            ),
+            Status::Ok(_)
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path();
+        let missing = store(
+            &path.join("no"),
+            std::fs::metadata(path.join("no")),
+            MOUNTINFO,
+        );
+        assert!(matches!(missing, Status::Fail { .. }));
+        if berth_sys::identity::real_uid() != 0 {
+            return;
+        }
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(matches!(store(path, std::fs::metadata(path), MOUNTINFO),
+            Status::Fail { fix, .. } if fix.contains("chmod 0755")));
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let nfs = format!(
+            "{MOUNTINFO}60 22 0:60 / {} rw - nfs4 srv:/s rw\n",
+            path.display()
+        );
+        assert!(matches!(
+            store(path, std::fs::metadata(path), &nfs),
+            Status::Ok(_)
+        ));
+        assert!(matches!(
+            store(path, std::fs::metadata(path), MOUNTINFO),
+            Status::Warn(_)
+        ));
     }
 
     #[test]

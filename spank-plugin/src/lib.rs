@@ -10,6 +10,7 @@
 //! | `remote`      | slurmstepd, compute node         | root; the user in task_init |
 //! | `slurmd`      | slurmd, compute node             | root          |
 //! | `prolog`      | slurmd's job prolog (job script) | root, outside the job's cgroups |
+//! | `epilog`      | slurmd's job epilog (job script) | root; berth as the job's user |
 //!
 //! Callbacks not exported here are simply not called by Slurm.
 
@@ -22,6 +23,7 @@ compile_error!(
 
 mod config;
 mod container;
+mod epilog;
 mod error;
 #[doc(hidden)]
 pub mod fuzz;
@@ -196,7 +198,7 @@ pub unsafe extern "C" fn slurm_spank_job_prolog(
     })
 }
 
-/// Called by slurmd's job epilog on each node of the job when it ends (also after scancel),
+/// Called by slurmd's job epilog on each node once the job ended there (also after scancel),
 /// as root.
 ///
 /// # Safety
@@ -211,7 +213,7 @@ pub unsafe extern "C" fn slurm_spank_job_epilog(
         // SAFETY: Slurm passes `ac` valid strings in `av`.
         let args = unsafe { spank::plugin_args(ac, av.cast_const().cast()) };
         match context {
-            Context::JobScript => named::job_epilog(&args, &|name| std::env::var_os(name)),
+            Context::JobScript => epilog::job_epilog(&args, &|name| std::env::var_os(name)),
             _ => Ok(()),
         }
     })

@@ -10,21 +10,18 @@
 //!   instead of starting a container (`srun --overlap --container-name=NAME`); one naming a
 //!   stopped container starts it again from its files and its recorded image (judged by the
 //!   policy again, as every start is).
-//! - Its end: the job epilog ([`job_epilog`], root, when the job ends or is cancelled)
+//! - Its end: the job epilog ([`remove_job`], from `epilog`, when the job ends or is cancelled)
 //!   removes the records and, as the job's user, the files (`berth named remove --job`).
 
-use std::ffi::OsString;
 use std::fs;
 use std::io::Write;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use berth_sys::memfd::SpecHandle;
 
-use crate::config::Config;
 use crate::error::Error;
-use crate::launcher::{Holder, Identity, Launcher};
+use crate::launcher::{Holder, Launcher};
 use crate::options::{NameMode, Named};
 use crate::spank;
 
@@ -179,53 +176,23 @@ fn as_root<T>(f: impl FnOnce() -> std::io::Result<T>) -> std::io::Result<T> {
     berth_sys::identity::with_effective_root(f).map_err(|e| std::io::Error::other(e.to_string()))?
 }
 
-/// Looks up a variable of the epilog's environment.
-pub type EpilogEnv<'a> = &'a dyn Fn(&str) -> Option<OsString>;
 
-/// The job ended (slurmd's job epilog, root, on each node of the job; also after scancel):
-/// its named containers go. Never fails: a problem is logged, and `[runtime]
-/// writable_dir`'s ageing removes what is left.
-pub fn job_epilog(args: &[String], env: EpilogEnv) -> Result<(), Error> {
-    let Some((job, uid, gid)) = ending_job(env) else {
-        return Ok(());
-    };
+/// The job ended (slurmd's job epilog on each node of the job, also after scancel, see
+/// `epilog`): root's records of its named containers go, then their files, removed by
+/// `user` (the job's user, whose files they are: root never walks a tree the user can
+/// change). Never fails: a problem is logged, and `[runtime] writable_dir`'s ageing removes
+/// what is left.
+pub fn remove_job(job: u32, user: &Launcher) {
     let records = Path::new(RECORD_DIR).join(job.to_string());
-    if !records.is_dir() {
-        return Ok(());
+    if records.is_dir() {
+        // Root's own tree in a root-only directory: nothing in it is the user's to redirect.
+        if let Err(e) = fs::remove_dir_all(&records) {
+            spank::log_error(&format!("job {job}: removing {}: {e}", records.display()));
+        }
     }
-    // Root's own tree in a root-only directory: nothing in it is the user's to redirect.
-    if let Err(e) = fs::remove_dir_all(&records) {
-        spank::log_error(&format!("job {job}: removing {}: {e}", records.display()));
-    }
-    let (config, _) = Config::from_plugin_args(args);
-    // As the user, whose files they are: root never walks a tree the user can change.
-    let user = Launcher::new(&config.berth).run_as(Identity::User {
-        uid,
-        gid,
-        groups: Vec::new(),
-    });
     if let Err(e) = user.remove_named(job) {
         spank::log_error(&format!("job {job}: removing its named containers: {e}"));
     }
-    Ok(())
-}
-
-/// The ending job's id, uid and gid (the uid where slurmd sets no SLURM_JOB_GID: only the
-/// uid matters to remove the user's own files).
-fn ending_job(env: EpilogEnv) -> Option<(u32, u32, u32)> {
-    let number = |name: &str| -> Option<u32> {
-        std::str::from_utf8(env(name)?.as_bytes())
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-    };
-    let uid = number("SLURM_JOB_UID")?;
-    Some((
-        number("SLURM_JOB_ID")?,
-        uid,
-        number("SLURM_JOB_GID").unwrap_or(uid),
-    ))
 }
 
 #[cfg(test)]
@@ -288,16 +255,5 @@ mod tests {
             decide(&named(NoExec), true, img("a"), None),
             Err(Error::NamedInUse { .. })
         ));
-    }
-
-    #[test]
-    fn the_epilog_reads_the_job_from_its_environment() {
-        let env = |name: &str| match name {
-            "SLURM_JOB_ID" => Some(OsString::from("77")),
-            "SLURM_JOB_UID" => Some(OsString::from("1100")),
-            _ => None,
-        };
-        assert_eq!(ending_job(&env), Some((77, 1100, 1100)));
-        assert_eq!(ending_job(&|_| None), None);
     }
 }

@@ -75,8 +75,7 @@ fn prefetch_request(env: PrologEnv) -> Result<Option<(String, StepIds)>, Error> 
     if image.starts_with('/') {
         return Ok(None);
     }
-    let number =
-        |name: &str| -> Option<u32> { String::from_utf8(text(name)?).ok()?.trim().parse().ok() };
+    let number = |name| job_number(env, name);
     let (Some(job), Some(uid)) = (number("SLURM_JOB_ID"), number("SLURM_JOB_UID")) else {
         return Ok(None);
     };
@@ -88,6 +87,12 @@ fn prefetch_request(env: PrologEnv) -> Result<Option<(String, StepIds)>, Error> 
             uid,
         },
     )))
+}
+
+/// A number slurmd puts in the job prolog's and epilog's environment (SLURM_JOB_ID,
+/// SLURM_JOB_UID, SLURM_JOB_GID).
+pub fn job_number(env: PrologEnv, name: &str) -> Option<u32> {
+    env(name)?.to_str()?.trim().parse().ok()
 }
 
 #[cfg(test)]

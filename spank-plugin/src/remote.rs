@@ -229,7 +229,8 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
     // Staged as the user, so only what the user can read is copied; bound read-only, so
     // the copy stays what the manifest says and the next job can reuse it.
     if !options.stage_in.is_empty() {
-        let out = user.stage(&["in", &stage_list(&options.stage_in)])?;
+        let job = info.job_id.to_string();
+        let out = user.stage(&["in", "--job", &job, &stage_list(&options.stage_in)])?;
         options.mounts.extend(staged_mounts(&out)?);
     }
     let stage_out = match options.stage_out.as_slice() {

@@ -1,5 +1,9 @@
 //! Issue 12, staging at job start: a large image is fetched and converted outside the job's
-//! memory cgroup, so a small `--mem` job whose image is not cached yet completes.
+//! memory cgroup, so a small `--mem` job whose image is not cached yet completes; data is
+//! staged in (20,000 files and 1 GiB, compared inside the container, reused by the next
+//! job), results staged out after a failure; the limits (per user, total, a file system
+//! that fills mid-copy) refuse or fail cleanly; the job epilog removes a job's data at its
+//! end and after scancel; the shared image store converts once and outlives a killed holder.
 //! Needs `tests/cluster/up`; fails (does not skip) without it.
 
 use std::os::unix::process::CommandExt;
@@ -8,18 +12,9 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use berth_e2e::{serial, sh, unique_name, wait_until, write_user_file, Cluster, Cmd};
-
-/// Waits for the node to be idle again and panics if it is drained, down or still busy.
-#[track_caller]
-fn assert_node_idle(cluster: &Cluster) {
-    cluster.assert_node_healthy();
-    assert!(
-        wait_until(Duration::from_secs(20), || cluster.node_state() == "idle"),
-        "node is {} after the test",
-        cluster.node_state()
-    );
-}
+use berth_e2e::{
+    assert_node_idle, serial, sh, unique_name, wait_until, write_user_file, Cluster, Cmd,
+};
 
 /// The cluster's busybox image with one more layer: `/payload`, `mib` MiB of random bytes
 /// (incompressible, so the SIF is as big), and `/marker`. Built with GNU tar and `umoci raw
@@ -205,14 +200,19 @@ fn stage(args: &[&str]) -> berth_e2e::Run {
 }
 
 /// A tree of `files` small files (4 to 64 KiB, random) and one `big_mib` MiB file, with a
-/// symlink, in the user's home.
+/// symlink inside the tree and one pointing out of it, in the user's home.
 fn user_tree(cluster: &Cluster, files: usize, big_mib: usize) -> PathBuf {
     let dir = cluster.home().join(unique_name("stage-src"));
+    // One process writes the small files: a shell loop forks per file.
     sh(&format!(
         "d={d}; mkdir -p $d/small
-         for i in $(seq 1 {files}); do
-           head -c $(( (RANDOM % 61 + 4) * 1024 )) /dev/urandom > $d/small/f$i
-         done
+         /usr/bin/python3 -c '
+import os, random, sys
+d = sys.argv[1]
+for i in range(1, int(sys.argv[2]) + 1):
+    with open(f\"{{d}}/f{{i}}\", \"wb\") as f:
+        f.write(os.urandom(random.randint(4, 64) * 1024))
+' $d/small {files}
          head -c {big_mib}M /dev/urandom > $d/big
          ln -s small/f1 $d/link
          ln -s /etc/shadow $d/outside
@@ -221,6 +221,72 @@ fn user_tree(cluster: &Cluster, files: usize, big_mib: usize) -> PathBuf {
         uid = cluster.uid()
     ));
     dir
+}
+
+/// The user's part of the stage area, and the directory of a kept copy of `src` in it
+/// (`KEY`: the first 32 hex digits of the SHA-256 of the source path).
+fn user_area(cluster: &Cluster) -> PathBuf {
+    stage_area().join(cluster.uid().to_string())
+}
+
+fn kept_copy(cluster: &Cluster, src: &Path) -> PathBuf {
+    let key = sh(&format!(
+        "printf %s {} | sha256sum | cut -c1-32",
+        src.display()
+    ));
+    user_area(cluster).join(key.trim())
+}
+
+/// Job `job`'s part of the user's stage area, which the job epilog removes.
+fn job_part(cluster: &Cluster, job: &str) -> PathBuf {
+    user_area(cluster).join(format!("job-{job}"))
+}
+
+/// Waits (the epilog runs a moment after the job leaves squeue) for `path` to be gone.
+#[track_caller]
+fn assert_removed(path: &Path, what: &str) {
+    assert!(
+        wait_until(Duration::from_secs(30), || !path.exists()),
+        "{what} {} is still there",
+        path.display()
+    );
+}
+
+/// `sbatch --parsable ARGS...` as the test user, waiting for the job with `--wait` where
+/// `wait`; the job id is the run's stdout.
+fn sbatch(args: &[String], wait: bool) -> berth_e2e::Run {
+    let mut all = vec!["sbatch".to_owned(), "--parsable".into()];
+    if wait {
+        all.push("--wait".into());
+    }
+    all.extend(args.iter().cloned());
+    Cmd::user(all).timeout(Duration::from_secs(600)).run()
+}
+
+/// The cluster's berth.toml with one line replaced, for one test's duration (the e2e lock
+/// keeps other suites out meanwhile); put back when dropped.
+struct SiteEdit {
+    path: PathBuf,
+    original: String,
+}
+
+impl SiteEdit {
+    fn replace(from: &str, to: &str) -> SiteEdit {
+        let path = Cluster::get().berth_config();
+        let original = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            original.contains(from),
+            "the cluster's berth.toml has no {from:?}"
+        );
+        std::fs::write(&path, original.replace(from, to)).unwrap();
+        SiteEdit { path, original }
+    }
+}
+
+impl Drop for SiteEdit {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.path, &self.original);
+    }
 }
 
 #[test]
@@ -313,12 +379,12 @@ fn a_stage_over_the_user_limit_is_refused_before_copying() {
 }
 
 #[test]
-fn sbatch_stages_in_before_the_task_reuses_and_stages_out_after_a_failure() {
+fn sbatch_stages_20000_files_and_1gib_reuses_them_and_stages_out_after_a_failure() {
     let _serial = serial();
     let cluster = Cluster::get();
     stage_area();
     assert!(stage(&["clean"]).success());
-    let src = user_tree(&cluster, 300, 8);
+    let src = user_tree(&cluster, 20_000, 1024);
     let scratch = PathBuf::from("/tmp").join(unique_name("stage-scratch"));
     let results = cluster.home().join(unique_name("stage-results"));
     sh(&format!(
@@ -329,38 +395,44 @@ fn sbatch_stages_in_before_the_task_reuses_and_stages_out_after_a_failure() {
     let name = unique_name("e2e-stage-job");
     let script = cluster.home().join(format!("{name}.sh"));
     let output = cluster.home().join(format!("{name}.out"));
-    // Checksums of the staged copy as the container sees it, written as a result; then a
+    // Inside the container: the staged copy (/in) against the source itself (/src, bound
+    // read-only), file by file, and the big file's inode and mtime, as results; then a
     // failing exit: the results must still come back.
     write_user_file(
         &cluster,
         &script,
-        "#!/bin/sh\nmkdir -p /out/res\n(cd /in && find . -type f | sort | xargs md5sum) > \
-         /out/res/sums\nexit 3\n",
+        "#!/bin/sh\nmkdir -p /out/res\n\
+         (cd /in && find . -type f | sort | xargs md5sum) > /out/res/in.sums\n\
+         (cd /src && find . -type f | sort | xargs md5sum) > /out/res/src.sums\n\
+         if cmp /out/res/in.sums /out/res/src.sums && cmp /in/big /src/big; then \
+         echo same > /out/res/verdict; else echo DIFFERENT > /out/res/verdict; fi\n\
+         find /in -type f | wc -l > /out/res/count\n\
+         stat -c '%i %Y' /in/big > /out/res/big\nexit 3\n",
         0o755,
     );
-    let run_job = || {
-        Cmd::user([
-            "sbatch".to_owned(),
-            "--wait".into(),
-            format!("--output={}", output.display()),
-            format!("--container-image={}", cluster.image_tls().reference),
-            format!("--container-stage-in={}:/in", src.display()),
-            format!("--container-mounts={}:/out", scratch.display()),
-            format!("--container-stage-out=/out/res:{}", results.display()),
-            script.display().to_string(),
-        ])
-        .timeout(Duration::from_secs(300))
-        .run()
-    };
-    let first = run_job();
+    let args = vec![
+        format!("--output={}", output.display()),
+        format!("--container-image={}", cluster.image_tls().reference),
+        format!("--container-stage-in={}:/in", src.display()),
+        format!(
+            "--container-mounts={}:/out,{}:/src:ro",
+            scratch.display(),
+            src.display()
+        ),
+        format!("--container-stage-out=/out/res:{}", results.display()),
+        script.display().to_string(),
+    ];
+    let result = |name: &str| std::fs::read_to_string(results.join(name)).unwrap_or_default();
+    let first = sbatch(&args, true);
     let first_text = std::fs::read_to_string(&output).unwrap_or_default();
-    let second = run_job();
+    let (first_verdict, first_count, first_big) =
+        (result("verdict"), result("count"), result("big"));
+    let kept = kept_copy(&cluster, &src).join("data/big");
+    let host_big = sh(&format!("stat -c '%i %Y' {}", kept.display()));
+    let second = sbatch(&args, true);
     let second_text = std::fs::read_to_string(&output).unwrap_or_default();
-    let expected = sh(&format!(
-        "cd {} && find . -type f | sort | xargs md5sum",
-        src.display()
-    ));
-    let got = std::fs::read_to_string(results.join("sums")).unwrap_or_default();
+    let second_big = result("big");
+    let parts = [first.stdout.trim(), second.stdout.trim()].map(|job| job_part(&cluster, job));
     sh(&format!(
         "rm -rf {} {} {} {} {}",
         src.display(),
@@ -369,15 +441,189 @@ fn sbatch_stages_in_before_the_task_reuses_and_stages_out_after_a_failure() {
         script.display(),
         output.display()
     ));
-    assert!(!stage(&["clean"]).stdout.contains("error"));
 
     assert_eq!(first.code(), Some(3), "{first}\n{first_text}");
-    assert_eq!(got, expected, "the staged copy differs\n{first_text}");
+    assert_eq!(
+        first_verdict.trim(),
+        "same",
+        "the staged copy differs\n{first_text}"
+    );
+    assert_eq!(first_count.trim(), "20001", "{first_text}");
     assert_eq!(second.code(), Some(3), "{second}\n{second_text}");
     assert!(
         second_text.contains("unchanged, reused"),
         "the second job copied again:\n{second_text}"
     );
+    // Not copied again: the very same file, untouched, in both containers.
+    assert_eq!(first_big, second_big, "the second job has another copy");
+    assert_eq!(first_big.trim(), host_big.trim());
+    // Each job's own part (its claim on the kept copy) went with it.
+    for part in &parts {
+        assert_removed(part, "the job's part");
+    }
+    assert!(stage(&["clean"]).success());
+    assert_node_idle(&cluster);
+}
+
+#[test]
+fn a_stage_over_the_total_limit_is_refused_before_copying() {
+    let _serial = serial();
+    let cluster = Cluster::get();
+    let area = stage_area();
+    assert!(stage(&["clean"]).success());
+    // Another user (root) holds 120G; the cluster's max_total is 150G, its max_user 100G:
+    // 40G more fits the user's limit but not the total.
+    let other = area.join(".usage-0");
+    std::fs::write(&other, (120u64 << 30).to_string()).unwrap();
+    let src = cluster.home().join(unique_name("stage-40g"));
+    sh(&format!(
+        "truncate -s 40G {s} && chown {uid} {s}",
+        s = src.display(),
+        uid = cluster.uid()
+    ));
+    let run = stage(&["in", &src.display().to_string()]);
+    let _ = std::fs::remove_file(&other);
+    let _ = std::fs::remove_file(&src);
+    assert!(!run.success(), "{run}");
+    assert!(run.stderr.contains("[stage] max_total"), "{run}");
+    assert!(run.stderr.contains("other users'"), "{run}");
+    assert!(run.elapsed < Duration::from_secs(5), "{run}");
+    let left = sh(&format!("ls -A {}", user_area(&cluster).display()));
+    assert!(left.trim().is_empty(), "left in the stage area: {left}");
+}
+
+#[test]
+fn a_stage_that_fills_the_disk_fails_the_job_cleanly_and_the_node_stays_idle() {
+    let _serial = serial();
+    let cluster = Cluster::get();
+    stage_area();
+    assert!(stage(&["clean"]).success());
+    // A small file system of the user's own as their part of the area: 4 MiB, nothing
+    // kept free ([stage] reserve = 0). 2,000 one-byte files pass the check before copying
+    // (2,000 bytes) but take a 4 KiB page each (8 MiB): the copy fills it.
+    let _no_reserve = SiteEdit::replace(
+        "after_job = \"keep\"",
+        "after_job = \"keep\"\nreserve = \"0\"",
+    );
+    let part = user_area(&cluster);
+    sh(&format!(
+        "mount -t tmpfs -o size=4M,mode=0700,uid={uid},gid={uid} berth-e2e-full {p}",
+        p = part.display(),
+        uid = cluster.uid()
+    ));
+    let src = cluster.home().join(unique_name("stage-tiny"));
+    sh(&format!(
+        "mkdir -p {s} && for i in $(seq 1 2000); do printf x > {s}/f$i; done && chown -R {uid} {s}",
+        s = src.display(),
+        uid = cluster.uid()
+    ));
+    let name = unique_name("e2e-stage-full");
+    let output = cluster.home().join(format!("{name}.out"));
+    let run = sbatch(
+        &[
+            format!("--output={}", output.display()),
+            format!("--container-image={}", cluster.image_tls().reference),
+            format!("--container-stage-in={}:/in", src.display()),
+            "--wrap=ls /in | wc -l".into(),
+        ],
+        true,
+    );
+    let text = std::fs::read_to_string(&output).unwrap_or_default();
+    let job_gone = wait_until(Duration::from_secs(30), || {
+        !job_part(&cluster, run.stdout.trim()).exists()
+    });
+    let left = sh(&format!("ls -A {}", part.display()));
+    let used = sh(&format!(
+        "df --output=used -B1 {} | tail -1",
+        part.display()
+    ));
+    sh(&format!(
+        "umount {}; rm -rf {} {}",
+        part.display(),
+        src.display(),
+        output.display()
+    ));
+
+    assert!(!run.success(), "{run}\n{text}");
+    assert!(
+        text.contains("filled up") && text.contains("nothing was kept"),
+        "{text}"
+    );
+    assert!(
+        job_gone && left.trim().is_empty(),
+        "left in the full area: {left}"
+    );
+    assert!(
+        used.trim().parse::<u64>().unwrap_or(u64::MAX) < 1 << 20,
+        "still used: {used}"
+    );
+    assert_node_idle(&cluster);
+}
+
+#[test]
+fn with_after_job_remove_staged_data_goes_at_job_end_and_after_scancel() {
+    let _serial = serial();
+    let cluster = Cluster::get();
+    stage_area();
+    assert!(stage(&["clean"]).success());
+    let _remove = SiteEdit::replace("after_job = \"keep\"", "after_job = \"remove\"");
+    let src = user_tree(&cluster, 20_000, 16);
+    let name = unique_name("e2e-stage-end");
+    let output = cluster.home().join(format!("{name}.out"));
+    let job_args = |command: &str| {
+        vec![
+            format!("--output={}", output.display()),
+            format!("--container-image={}", cluster.image_tls().reference),
+            format!("--container-stage-in={}:/in", src.display()),
+            format!("--wrap={command}"),
+        ]
+    };
+
+    // A job that ends by itself: its copy is there while it runs, gone after.
+    let ended = sbatch(&job_args("test -f /in/big && ls /in/small | wc -l"), true);
+    let ended_text = std::fs::read_to_string(&output).unwrap_or_default();
+    let ended_part = job_part(&cluster, ended.stdout.trim());
+
+    // A job cancelled while it runs.
+    let running = sbatch(&job_args("sleep 300"), false);
+    let running_part = job_part(&cluster, running.stdout.trim());
+    let running_copy = running_part.join(kept_copy(&cluster, &src).file_name().unwrap());
+    let was_there = wait_until(Duration::from_secs(120), || {
+        running_copy.join("data/big").exists()
+    });
+    Cmd::user(["scancel", running.stdout.trim()])
+        .run()
+        .assert_success();
+
+    // A job cancelled while its data is being copied (the copy is in progress under the
+    // job's part): the half copy goes too.
+    let copying = sbatch(&job_args("true"), false);
+    let copying_part = job_part(&cluster, copying.stdout.trim());
+    let in_progress = || {
+        std::fs::read_dir(&copying_part).is_ok_and(|d| {
+            d.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with(".tmp-"))
+        })
+    };
+    let caught = wait_until(Duration::from_secs(120), in_progress);
+    Cmd::user(["scancel", copying.stdout.trim()])
+        .run()
+        .assert_success();
+
+    for part in [&ended_part, &running_part, &copying_part] {
+        assert_removed(part, "the job's staged data");
+    }
+    let left = sh(&format!("ls -A {}", user_area(&cluster).display()));
+    sh(&format!("rm -rf {} {}", src.display(), output.display()));
+    assert!(ended.success(), "{ended}\n{ended_text}");
+    assert!(ended_text.contains("20000"), "{ended_text}");
+    assert!(
+        was_there,
+        "the running job's copy never appeared at {}",
+        running_copy.display()
+    );
+    assert!(caught, "never saw the third job's copy in progress");
+    assert!(left.trim().is_empty(), "left in the stage area: {left}");
     assert_node_idle(&cluster);
 }
 

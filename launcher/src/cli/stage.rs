@@ -1,4 +1,5 @@
-//! `berth stage in SRC[:DST][,...]`, `berth stage out SRC:DST[,...]`, `berth stage clean`:
+//! `berth stage in [--job N] SRC[:DST][,...]`, `berth stage out SRC:DST[,...]`,
+//! `berth stage clean [--job N]`:
 //! node-local copies of the caller's data (see `stage`). Runs as the calling user: what is
 //! copied is what that user can read. `stage in` prints one line per source, `SRC LOCAL
 //! DST` (tab-separated), for binding LOCAL at DST; progress goes to stderr.
@@ -25,6 +26,11 @@ pub struct InArgs {
     /// No progress lines on stderr.
     #[arg(long, short)]
     pub quiet: bool,
+    /// The Slurm job the data is for: its copies in progress (and, with `[stage] after_job
+    /// = "remove"`, its copies) are removed by `berth stage clean --job` at its end, and
+    /// kept copies it binds are not evicted meanwhile.
+    #[arg(long, value_name = "JOBID")]
+    pub job: Option<u32>,
     /// `SRC[:DST][,SRC[:DST]...]`: absolute source paths, each with where a container sees
     /// it (default: the same path).
     #[arg(value_name = "SRC[:DST],...")]
@@ -42,13 +48,17 @@ pub struct OutArgs {
 }
 
 #[derive(Debug, clap::Args)]
-pub struct CleanArgs {}
+pub struct CleanArgs {
+    /// Remove only what job JOBID staged for itself (the job epilog runs this at job end).
+    #[arg(long, value_name = "JOBID")]
+    pub job: Option<u32>,
+}
 
 pub fn run(command: Command, globals: &Globals) -> Result<i32> {
     let config = Config::load_for_caller(globals.config.as_deref())?;
     match command {
         Command::In(args) => {
-            let area = Area::open(&config.stage, args.quiet)?;
+            let area = Area::open(&config.stage, args.job, args.quiet)?;
             for (src, dst) in parse(&args.specs, false)? {
                 let staged = area.stage_in(&src)?;
                 println!(
@@ -64,7 +74,10 @@ pub fn run(command: Command, globals: &Globals) -> Result<i32> {
                 stage::stage_out(&src, &dst, config.stage.threads, args.quiet)?;
             }
         }
-        Command::Clean(CleanArgs {}) => Area::open(&config.stage, true)?.clean()?,
+        Command::Clean(CleanArgs { job: Some(job) }) => stage::clean_job(&config.stage, job)?,
+        Command::Clean(CleanArgs { job: None }) => {
+            Area::open(&config.stage, None, true)?.clean()?
+        }
     }
     Ok(0)
 }

@@ -5,28 +5,39 @@
 //!
 //! ```text
 //! <uid>/                      one per user, 0700, owned by the user (refused otherwise)
-//! <uid>/<KEY>/data            the staged copy of one source (a file or a tree)
+//! <uid>/<KEY>/data            a kept copy of one source (a file or a tree)
 //! <uid>/<KEY>/manifest.json   the source path and its entries (paths, kinds, modes, sizes,
 //!                             mtimes) when it was copied
-//! <uid>/.tmp-<KEY>-<pid>/     a copy in progress (private; removed on any failure)
+//! <uid>/job-<N>/              job N's own part, removed when the job ends (job epilog):
+//!   .tmp-<KEY>-<pid>/         a copy in progress (private; removed on any failure)
+//!   <KEY>/                    with `after_job = "remove"`: the job's copies
+//!   uses/<KEY>                with `after_job = "keep"`: the kept copies job N binds, which
+//!                             no other stage may evict while the job runs
+//! <uid>/.tmp-<KEY>-<pid>/     a copy in progress outside a job
+//! .usage-<uid>                (in the area itself) the bytes the user has staged, for the
+//!                             total limit: one user cannot read another's directory
 //! ```
 //!
 //! `KEY` is the first 32 hex digits of the SHA-256 of the source's absolute path.
 //!
 //! - berth stages as the user who asks, never as root: what is copied is what the user can
-//!   read, and a source they cannot read fails before anything is visible.
+//!   read, and a source they cannot read fails before anything is visible. The job epilog
+//!   removes a job's part as the job's user too, so no link a user planted can make root
+//!   remove anything.
 //! - Unchanged data is reused: the source is walked (metadata only) and its entries compared
 //!   with the manifest; equal means no copy.
 //! - A copy appears by `rename` of the complete temporary directory, so a failed copy (disk
 //!   full, an unreadable file, a file changing underneath) leaves nothing partial visible.
-//! - Limits are checked before copying: the user's staged data (`[stage] max_user`) and the
-//!   free space of the file system less `[stage] reserve` (the total every user shares; give
-//!   the stage area a file system of its own to bound it exactly).
+//! - Limits are checked before copying: the user's staged data (`[stage] max_user`), all
+//!   users' (`[stage] max_total`, from the users' `.usage-<uid>` records) and the free space
+//!   of the file system less `[stage] reserve`. Kept copies no running job binds make room,
+//!   least recently used first; a stage that still does not fit is refused, evicting nothing.
 
 mod copy;
 
 use std::fs;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::SystemTime;
@@ -35,7 +46,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest as _;
 
 use crate::cache::{format_size, parse_size};
-use crate::config::StageConfig;
+use crate::config::{AfterJob, StageConfig};
 use crate::registry::progress::Progress;
 use crate::{Error, Result};
 
@@ -57,50 +68,41 @@ struct Manifest {
     entries: Vec<Entry>,
 }
 
+/// One copy in the user's part of the area, as the limits see it.
+#[derive(Debug)]
+struct Held {
+    path: PathBuf,
+    key: String,
+    bytes: u64,
+    last_used: SystemTime,
+    /// A kept copy no running job binds: it may be evicted to make room.
+    evictable: bool,
+}
+
 /// One user's part of the stage area.
 pub struct Area {
+    base: PathBuf,
     dir: PathBuf,
+    uid: u32,
+    job: Option<u32>,
+    after_job: AfterJob,
     max_user: u64,
+    max_total: Option<u64>,
     reserve: u64,
     threads: usize,
     quiet: bool,
 }
 
 impl Area {
-    /// Opens (creating if needed) the calling user's area. Refuses an area owned by anyone
-    /// else or open to others: staged data is private to its user.
-    pub fn open(config: &StageConfig, quiet: bool) -> Result<Area> {
+    /// Opens (creating if needed) the calling user's area; `job`: the Slurm job the stage is
+    /// for, whose part the job epilog removes. Refuses an area owned by anyone else or open
+    /// to others: staged data is private to its user.
+    pub fn open(config: &StageConfig, job: Option<u32>, quiet: bool) -> Result<Area> {
         let uid = berth_sys::identity::effective_uid();
         let base = &config.dir;
-        if !base.is_dir() {
-            return Err(stage_error(format!(
-                "the stage area {} does not exist; ask the admin to create it (mode 1777, like \
-                 /var/tmp) or set [stage] dir",
-                base.display()
-            )));
-        }
-        // Whoever owns the area's directory can remove everything in it, sticky bit or not:
-        // only root (or the caller, for a private area) may.
-        let base_meta =
-            fs::metadata(base).map_err(|e| Error::io(format!("reading {}", base.display()), e))?;
-        let open_to_others = base_meta.mode() & 0o022 != 0;
-        if (base_meta.uid() != 0 && base_meta.uid() != uid)
-            || (open_to_others && base_meta.mode() & 0o1000 == 0)
-        {
-            return Err(stage_error(format!(
-                "the stage area {} is owned by uid {} with mode {:o}; it must be root's, and \
-                 sticky if others can write it (fix: chown root:root, chmod 1777)",
-                base.display(),
-                base_meta.uid(),
-                base_meta.mode() & 0o7777
-            )));
-        }
+        check_base(base, uid)?;
         let dir = base.join(uid.to_string());
-        match fs::DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(Error::io(format!("creating {}", dir.display()), e)),
-        }
+        make_private_dir(&dir)?;
         let meta = fs::symlink_metadata(&dir)
             .map_err(|e| Error::io(format!("reading {}", dir.display()), e))?;
         if !meta.is_dir() || meta.uid() != uid || meta.mode() & 0o077 != 0 {
@@ -112,13 +114,36 @@ impl Area {
                 meta.mode() & 0o7777
             )));
         }
+        let max_total = match config.max_total.trim() {
+            "" => None,
+            text => Some(parse_size(text)?),
+        };
         Ok(Area {
+            base: base.clone(),
             dir,
+            uid,
+            job,
+            after_job: config.after_job,
             max_user: parse_size(&config.max_user)?,
+            max_total,
             reserve: parse_size(&config.reserve)?,
             threads: config.threads.max(1),
             quiet,
         })
+    }
+
+    /// Job N's part of the user's directory.
+    fn job_dir(&self) -> Option<PathBuf> {
+        self.job.map(|job| self.dir.join(format!("job-{job}")))
+    }
+
+    /// Where the copy of the source `key` lives: the job's part when the job's data is
+    /// removed at its end, else the user's directory, kept for later jobs.
+    fn entry_path(&self, key: &str) -> PathBuf {
+        match (self.after_job, self.job_dir()) {
+            (AfterJob::Remove, Some(job_dir)) => job_dir.join(key),
+            _ => self.dir.join(key),
+        }
     }
 
     /// Stages `src` (absolute) on this node, or reuses an unchanged earlier copy.
@@ -132,15 +157,33 @@ impl Area {
         }
         let key =
             hex::encode(sha2::Sha256::digest(src.as_os_str().as_encoded_bytes()))[..32].to_owned();
-        let entry = self.dir.join(&key);
+        let entry = self.entry_path(&key);
+        let data = entry.join("data");
+        // The earlier copy (its manifest and what it lists now) is read while the source is
+        // walked: on shared storage the source's walk is the slow part.
+        let (walked, earlier) = std::thread::scope(|scope| {
+            let earlier = scope.spawn(|| (read_manifest(&entry), copy::walk(&data)));
+            (copy::walk(src), earlier.join())
+        });
         let manifest = Manifest {
             source: src.to_path_buf(),
-            entries: copy::walk(src)?,
+            entries: walked?,
         };
         let bytes = copy::data_size(&manifest.entries);
-        let data = entry.join("data");
-        if read_manifest(&entry).as_ref() == Some(&manifest) && copy_intact(&data, &manifest) {
-            // Marks it used, for least-recently-used clean-up.
+        let scratch = match self.job_dir() {
+            Some(job_dir) => {
+                make_private_dir(&job_dir)?;
+                job_dir
+            }
+            None => self.dir.clone(),
+        };
+        let unchanged = match earlier {
+            Ok((Some(earlier), Ok(found))) => earlier == manifest && copy_intact(&found, &manifest),
+            _ => false,
+        };
+        if unchanged {
+            self.mark_in_use(&key)?;
+            // Marks it used, for least-recently-used eviction.
             let _ = fs::File::open(&entry).and_then(|d| d.set_modified(SystemTime::now()));
             progress_note(self.quiet, &format!("{}: unchanged, reused", src.display()));
             return Ok(Staged {
@@ -149,8 +192,8 @@ impl Area {
                 bytes,
             });
         }
-        self.check_room(bytes, &key, src)?;
-        let tmp = self.dir.join(format!(".tmp-{key}-{}", std::process::id()));
+        self.make_room(bytes, &key, src)?;
+        let tmp = scratch.join(format!(".tmp-{key}-{}", std::process::id()));
         fs::DirBuilder::new()
             .mode(0o700)
             .create(&tmp)
@@ -158,16 +201,31 @@ impl Area {
         let done = self
             .copy_into(src, &tmp.join("data"), &manifest.entries)
             .and_then(|()| write_manifest(&tmp, &manifest))
+            .and_then(|()| self.mark_in_use(&key))
             .and_then(|()| publish(&tmp, &entry));
         if done.is_err() {
             let _ = remove(&tmp);
         }
+        let recorded = self.record_usage();
         done?;
+        recorded?;
         Ok(Staged {
             path: data,
             reused: false,
             bytes,
         })
+    }
+
+    /// Records that the job binds the kept copy `key`, so no other stage evicts it while
+    /// the job runs (the job epilog removes the record with the job's part).
+    fn mark_in_use(&self, key: &str) -> Result<()> {
+        let (AfterJob::Keep, Some(job_dir)) = (self.after_job, self.job_dir()) else {
+            return Ok(());
+        };
+        let uses = job_dir.join("uses");
+        make_private_dir(&uses)?;
+        let mark = uses.join(key);
+        fs::write(&mark, b"").map_err(|e| Error::io(format!("writing {}", mark.display()), e))
     }
 
     fn copy_into(&self, src: &Path, dst: &Path, entries: &[Entry]) -> Result<()> {
@@ -176,7 +234,18 @@ impl Area {
             copy::data_size(entries),
             self.quiet,
         ));
-        copy::copy(src, dst, entries, self.threads, &progress)?;
+        copy::copy(src, dst, entries, self.threads, &progress).map_err(|e| match e {
+            Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => {
+                stage_error(format!(
+                    "the stage area {} filled up while {} was copied (other stages, or more \
+                     files or inodes than the sizes showed); nothing was kept. Stage again \
+                     later or stage less, or ask the admin for room ([stage] reserve)",
+                    self.base.display(),
+                    src.display()
+                ))
+            }
+            e => e,
+        })?;
         progress
             .into_inner()
             .unwrap_or_else(|p| p.into_inner())
@@ -184,38 +253,186 @@ impl Area {
         Ok(())
     }
 
-    /// Refuses a stage of `bytes` that would take the user over `[stage] max_user`, or the
-    /// file system below `[stage] reserve`, before anything is copied.
-    fn check_room(&self, bytes: u64, key: &str, src: &Path) -> Result<()> {
-        let used: u64 = fs::read_dir(&self.dir)
+    /// The copies the user holds on this node (kept and the running jobs' own).
+    fn holdings(&self) -> Result<Vec<Held>> {
+        let mut in_use = std::collections::HashSet::new();
+        let mut held = Vec::new();
+        let scan = |dir: &Path, kept: bool, held: &mut Vec<Held>| {
+            for e in fs::read_dir(dir).into_iter().flatten().flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                // Copies in progress are not held yet.
+                if name.starts_with('.') {
+                    continue;
+                }
+                if let Some(manifest) = read_manifest(&e.path()) {
+                    held.push(Held {
+                        path: e.path(),
+                        bytes: copy::data_size(&manifest.entries),
+                        last_used: e
+                            .metadata()
+                            .and_then(|m| m.modified())
+                            .unwrap_or(SystemTime::UNIX_EPOCH),
+                        evictable: kept,
+                        key: name,
+                    });
+                }
+            }
+        };
+        scan(&self.dir, true, &mut held);
+        for e in fs::read_dir(&self.dir)
             .map_err(|e| Error::io(format!("reading {}", self.dir.display()), e))?
             .flatten()
-            .filter(|e| e.file_name().to_str() != Some(key))
-            .filter_map(|e| read_manifest(&e.path()))
-            .map(|m| copy::data_size(&m.entries))
-            .sum();
-        if used.saturating_add(bytes) > self.max_user {
-            return Err(stage_error(format!(
-                "staging {} ({}) would take your staged data on this node to {}, over the \
-                 limit of {} ([stage] max_user); remove what you no longer need with \
-                 `berth stage clean`, or stage less",
-                src.display(),
-                format_size(bytes),
-                format_size(used.saturating_add(bytes)),
-                format_size(self.max_user)
-            )));
+        {
+            if e.file_name().to_string_lossy().starts_with("job-") {
+                scan(&e.path(), false, &mut held);
+                for mark in fs::read_dir(e.path().join("uses"))
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
+                    in_use.insert(mark.file_name().to_string_lossy().into_owned());
+                }
+            }
         }
+        for h in &mut held {
+            h.evictable &= !in_use.contains(&h.key);
+        }
+        Ok(held)
+    }
+
+    /// Bytes the other users have staged on this node, from their `.usage-<uid>` records:
+    /// each believed only from a regular file its uid owns, opened without following a link
+    /// and without blocking (another user's FIFO must not hang the stage), read up to 32
+    /// bytes.
+    fn others_usage(&self) -> u64 {
+        let record = |e: fs::DirEntry| -> Option<u64> {
+            let name = e.file_name();
+            let uid: u32 = name.to_str()?.strip_prefix(".usage-")?.parse().ok()?;
+            if uid == self.uid {
+                return None;
+            }
+            let file = fs::File::options()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(e.path())
+                .ok()?;
+            let meta = file.metadata().ok()?;
+            if meta.uid() != uid || !meta.is_file() {
+                return None;
+            }
+            let mut text = String::new();
+            file.take(32).read_to_string(&mut text).ok()?;
+            text.trim().parse().ok()
+        };
+        fs::read_dir(&self.base)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(record)
+            .sum()
+    }
+
+    /// Writes the user's `.usage-<uid>` record (complete, by rename). Where it cannot (say,
+    /// another user took the name first) the stage goes on, saying so: the record only
+    /// informs other users' total check.
+    fn record_usage(&self) -> Result<()> {
+        let used: u64 = self.holdings()?.iter().map(|h| h.bytes).sum();
+        let record = self.base.join(format!(".usage-{}", self.uid));
+        let tmp = self
+            .base
+            .join(format!(".usage-{}.{}", self.uid, std::process::id()));
+        // A new file (O_EXCL), so a link another user planted under the name is not followed.
+        let written = fs::File::options()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&tmp)
+            .and_then(|mut f| f.write_all(used.to_string().as_bytes()))
+            .and_then(|()| fs::rename(&tmp, &record));
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            progress_note(
+                self.quiet,
+                &format!(
+                    "warning: could not record your staged total in {}: {e}; ask the admin \
+                     to remove it if another user made it",
+                    record.display()
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// Makes room for a stage of `bytes` (the source `src`, key `key`): refuses one that
+    /// does not fit under `[stage] max_user`, `max_total` and the free space less `reserve`
+    /// even with every evictable copy gone, before anything is copied or evicted; else
+    /// evicts the least recently used kept copies until it fits.
+    fn make_room(&self, bytes: u64, key: &str, src: &Path) -> Result<()> {
+        let target = self.entry_path(key);
+        // The earlier copy of the same source is replaced: it does not count.
+        let mut held: Vec<Held> = self
+            .holdings()?
+            .into_iter()
+            .filter(|h| h.path != target)
+            .collect();
+        let used: u64 = held.iter().map(|h| h.bytes).sum();
+        let evictable: u64 = held.iter().filter(|h| h.evictable).map(|h| h.bytes).sum();
+        let others = self.max_total.map(|_| self.others_usage()).unwrap_or(0);
         let free = berth_sys::statfs::available_bytes(&self.dir)
             .map_err(|e| Error::io(format!("checking free space in {}", self.dir.display()), e))?;
-        if bytes.saturating_add(self.reserve) > free {
+        let what = format!("staging {} ({})", src.display(), format_size(bytes));
+        let over_user = (used + bytes).saturating_sub(self.max_user);
+        if over_user > evictable {
             return Err(stage_error(format!(
-                "staging {} ({}) does not fit in the stage area: {} free, of which {} is kept \
-                 free ([stage] reserve); stage less, or ask the admin for room",
-                src.display(),
-                format_size(bytes),
-                format_size(free),
-                format_size(self.reserve)
+                "{what} would take your staged data on this node to {}, over the limit of {} \
+                 ([stage] max_user){}; remove what you no longer need with `berth stage \
+                 clean`, or stage less",
+                format_size(used + bytes),
+                format_size(self.max_user),
+                in_use_note(used, evictable),
             )));
+        }
+        let over_total = self
+            .max_total
+            .map_or(0, |max| (others + used + bytes).saturating_sub(max));
+        if over_total > evictable {
+            return Err(stage_error(format!(
+                "{what} would take all users' staged data on this node to {} ({} of it other \
+                 users'), over the limit of {} ([stage] max_total){}; stage less, wait for \
+                 other jobs to end, or ask the admin for room",
+                format_size(others + used + bytes),
+                format_size(others),
+                format_size(self.max_total.unwrap_or_default()),
+                in_use_note(used, evictable),
+            )));
+        }
+        let short = (bytes + self.reserve).saturating_sub(free);
+        if short > evictable {
+            return Err(stage_error(format!(
+                "{what} does not fit in the stage area: {} free, of which {} is kept free \
+                 ([stage] reserve){}; stage less, or ask the admin for room",
+                format_size(free),
+                format_size(self.reserve),
+                in_use_note(used, evictable),
+            )));
+        }
+        let mut need = over_user.max(over_total).max(short);
+        held.retain(|h| h.evictable);
+        held.sort_by_key(|h| h.last_used);
+        for h in held {
+            if need == 0 {
+                break;
+            }
+            progress_note(
+                self.quiet,
+                &format!(
+                    "evicting {} ({}), least recently used, to make room",
+                    h.path.display(),
+                    format_size(h.bytes)
+                ),
+            );
+            remove(&h.path)?;
+            need = need.saturating_sub(h.bytes);
         }
         Ok(())
     }
@@ -228,7 +445,69 @@ impl Area {
         {
             remove(&entry.path())?;
         }
-        Ok(())
+        self.record_usage()
+    }
+}
+
+/// Removes job `job`'s part of the calling user's stage area (the job epilog, as the job's
+/// user): copies in progress, its copies with `after_job = "remove"`, its in-use records.
+/// Nothing to do where the user never staged.
+pub fn clean_job(config: &StageConfig, job: u32) -> Result<()> {
+    let uid = berth_sys::identity::effective_uid();
+    let job_dir = config.dir.join(uid.to_string()).join(format!("job-{job}"));
+    if fs::symlink_metadata(&job_dir).is_err() {
+        return Ok(());
+    }
+    let area = Area::open(config, Some(job), true)?;
+    remove(&job_dir)?;
+    area.record_usage()
+}
+
+/// The area itself: root's, and sticky where others can write it.
+fn check_base(base: &Path, uid: u32) -> Result<()> {
+    if !base.is_dir() {
+        return Err(stage_error(format!(
+            "the stage area {} does not exist; ask the admin to create it (mode 1777, like \
+             /var/tmp) or set [stage] dir",
+            base.display()
+        )));
+    }
+    // Whoever owns the area's directory can remove everything in it, sticky bit or not:
+    // only root (or the caller, for a private area) may.
+    let meta =
+        fs::metadata(base).map_err(|e| Error::io(format!("reading {}", base.display()), e))?;
+    let open_to_others = meta.mode() & 0o022 != 0;
+    if (meta.uid() != 0 && meta.uid() != uid) || (open_to_others && meta.mode() & 0o1000 == 0) {
+        return Err(stage_error(format!(
+            "the stage area {} is owned by uid {} with mode {:o}; it must be root's, and \
+             sticky if others can write it (fix: chown root:root, chmod 1777)",
+            base.display(),
+            meta.uid(),
+            meta.mode() & 0o7777
+        )));
+    }
+    Ok(())
+}
+
+/// Creates `dir` (0700) unless it is there.
+fn make_private_dir(dir: &Path) -> Result<()> {
+    match fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(e) if e.kind() != ErrorKind::AlreadyExists => {
+            Err(Error::io(format!("creating {}", dir.display()), e))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The part of a refusal that says how much of the user's data running jobs hold.
+fn in_use_note(used: u64, evictable: u64) -> String {
+    if used > evictable {
+        format!(
+            " ({} of yours is bound by running jobs and cannot be evicted)",
+            format_size(used - evictable)
+        )
+    } else {
+        String::new()
     }
 }
 
@@ -279,7 +558,7 @@ fn publish(tmp: &Path, dst: &Path) -> Result<()> {
     ));
     let had_old = match fs::rename(dst, &old) {
         Ok(()) => true,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) if e.kind() == ErrorKind::NotFound => false,
         Err(e) => return Err(Error::io(format!("replacing {}", dst.display()), e)),
     };
     fs::rename(tmp, dst).map_err(|e| Error::io(format!("publishing {}", dst.display()), e))?;
@@ -289,12 +568,10 @@ fn publish(tmp: &Path, dst: &Path) -> Result<()> {
     Ok(())
 }
 
-/// The copy still lists as the manifest says (links' own times aside, which copies do not
-/// keep): a copy changed on the node since is copied again, not reused.
-fn copy_intact(data: &Path, manifest: &Manifest) -> bool {
-    let Ok(found) = copy::walk(data) else {
-        return false;
-    };
+/// The copy (`found`, its listing now) still lists as the manifest says (links' own times
+/// aside, which copies do not keep): a copy changed on the node since is copied again, not
+/// reused.
+fn copy_intact(found: &[Entry], manifest: &Manifest) -> bool {
     found.len() == manifest.entries.len()
         && found.iter().zip(&manifest.entries).all(|(a, b)| {
             a.path == b.path
@@ -321,7 +598,7 @@ fn remove(path: &Path) -> Result<()> {
     let io = |e| Error::io(format!("removing {}", path.display()), e);
     let meta = match fs::symlink_metadata(path) {
         Ok(meta) => meta,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(io(e)),
     };
     if !meta.is_dir() {
@@ -346,13 +623,20 @@ mod tests {
         StageConfig {
             dir: dir.to_path_buf(),
             max_user: max_user.into(),
+            max_total: String::new(),
             reserve: "0".into(),
             threads: 4,
+            after_job: AfterJob::Keep,
         }
     }
 
     fn source(root: &Path) -> PathBuf {
-        let src = root.join("src");
+        source_named(root, "src")
+    }
+
+    /// A tree of 50 files of 1000 bytes (50,000 bytes of data).
+    fn source_named(root: &Path, name: &str) -> PathBuf {
+        let src = root.join(name);
         fs::create_dir_all(src.join("d")).unwrap();
         for i in 0..50 {
             fs::write(src.join(format!("d/{i}")), vec![i as u8; 1000]).unwrap();
@@ -366,7 +650,7 @@ mod tests {
         let area_dir = dir.path().join("area");
         fs::create_dir(&area_dir).unwrap();
         let src = source(dir.path());
-        let area = Area::open(&config(&area_dir, "1M"), true).unwrap();
+        let area = Area::open(&config(&area_dir, "1M"), None, true).unwrap();
         let first = area.stage_in(&src).unwrap();
         assert!(!first.reused);
         assert_eq!(first.bytes, 50_000);
@@ -394,10 +678,100 @@ mod tests {
     }
 
     #[test]
+    fn the_least_recently_used_kept_copy_makes_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b, c) = (
+            source_named(dir.path(), "a"),
+            source_named(dir.path(), "b"),
+            source_named(dir.path(), "c"),
+        );
+        let area_dir = dir.path().join("area");
+        fs::create_dir(&area_dir).unwrap();
+        let area = Area::open(&config(&area_dir, "120K"), None, true).unwrap();
+        let a_copy = area.stage_in(&a).unwrap().path;
+        let b_copy = area.stage_in(&b).unwrap().path;
+        // a is used again, so b is now the least recently used.
+        assert!(area.stage_in(&a).unwrap().reused);
+        assert!(!area.stage_in(&c).unwrap().reused);
+        assert!(a_copy.exists());
+        assert!(!b_copy.exists());
+        let usage = area_dir.join(format!(".usage-{}", area.uid));
+        assert_eq!(fs::read_to_string(usage).unwrap(), "100000");
+    }
+
+    #[test]
+    fn a_copy_a_running_job_binds_is_never_evicted() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (source_named(dir.path(), "a"), source_named(dir.path(), "b"));
+        let conf = config(dir.path(), "80K");
+        let job1 = Area::open(&conf, Some(1), true).unwrap();
+        let a_copy = job1.stage_in(&a).unwrap().path;
+        let job2 = Area::open(&conf, Some(2), true).unwrap();
+        let msg = job2.stage_in(&b).unwrap_err().to_string();
+        assert!(msg.contains("bound by running jobs"), "{msg}");
+        assert!(a_copy.exists());
+        // Job 1 ends: its copy stays for reuse, but may now make room.
+        clean_job(&conf, 1).unwrap();
+        assert!(a_copy.exists());
+        assert!(!job2.stage_in(&b).unwrap().reused);
+        assert!(!a_copy.exists());
+    }
+
+    #[test]
+    fn with_after_job_remove_a_jobs_copies_go_at_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = source(dir.path());
+        let conf = StageConfig {
+            after_job: AfterJob::Remove,
+            ..config(dir.path(), "1M")
+        };
+        let area = Area::open(&conf, Some(7), true).unwrap();
+        let staged = area.stage_in(&src).unwrap();
+        assert!(staged.path.starts_with(area.dir.join("job-7")));
+        // Another step of the same job reuses it.
+        assert!(area.stage_in(&src).unwrap().reused);
+        clean_job(&conf, 7).unwrap();
+        assert_eq!(fs::read_dir(&area.dir).unwrap().count(), 0);
+        // A job that never staged: nothing to do.
+        clean_job(&conf, 8).unwrap();
+    }
+
+    #[test]
+    fn over_the_total_limit_is_refused_before_copying() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = source(dir.path());
+        let conf = StageConfig {
+            max_total: "100K".into(),
+            ..config(dir.path(), "1M")
+        };
+        // Another user's record, believed only from a file that user owns.
+        let other = dir.path().join(".usage-4242");
+        fs::write(&other, "80000").unwrap();
+        // A FIFO under a record's name is skipped, not waited on.
+        let fifo = dir.path().join(".usage-4243");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let area = Area::open(&conf, None, true).unwrap();
+        if area.uid == 0 {
+            std::os::unix::fs::chown(&other, Some(4242), None).unwrap();
+            std::os::unix::fs::chown(&fifo, Some(4243), None).unwrap();
+            let msg = area.stage_in(&src).unwrap_err().to_string();
+            assert!(msg.contains("[stage] max_total"), "{msg}");
+            assert_eq!(fs::read_dir(&area.dir).unwrap().count(), 0);
+        }
+        // A record its uid does not own counts for nothing.
+        std::os::unix::fs::chown(&other, Some(area.uid), None).unwrap();
+        assert!(area.stage_in(&src).is_ok());
+    }
+
+    #[test]
     fn over_the_user_limit_is_refused_before_copying() {
         let dir = tempfile::tempdir().unwrap();
         let src = source(dir.path());
-        let area = Area::open(&config(dir.path(), "10K"), true).unwrap();
+        let area = Area::open(&config(dir.path(), "10K"), None, true).unwrap();
         let msg = area.stage_in(&src).unwrap_err().to_string();
         assert!(msg.contains("[stage] max_user"), "{msg}");
         let user_dir = dir
@@ -410,7 +784,7 @@ mod tests {
     fn a_failed_copy_leaves_nothing_visible() {
         let dir = tempfile::tempdir().unwrap();
         let src = source(dir.path());
-        let area = Area::open(&config(dir.path(), "1M"), true).unwrap();
+        let area = Area::open(&config(dir.path(), "1M"), None, true).unwrap();
         // A FIFO cannot be staged: refused while listing, before any copy.
         let status = std::process::Command::new("mkfifo")
             .arg(src.join("d/pipe"))
@@ -427,7 +801,7 @@ mod tests {
     #[test]
     fn a_relative_source_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let area = Area::open(&config(dir.path(), "1M"), true).unwrap();
+        let area = Area::open(&config(dir.path(), "1M"), None, true).unwrap();
         let msg = area.stage_in(Path::new("data")).unwrap_err().to_string();
         assert!(msg.contains("$PWD/data"), "{msg}");
     }
@@ -436,13 +810,13 @@ mod tests {
     fn a_world_writable_area_without_the_sticky_bit_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
-        let msg = Area::open(&config(dir.path(), "1M"), true)
+        let msg = Area::open(&config(dir.path(), "1M"), None, true)
             .err()
             .unwrap()
             .to_string();
         assert!(msg.contains("chmod 1777"), "{msg}");
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o1777)).unwrap();
-        assert!(Area::open(&config(dir.path(), "1M"), true).is_ok());
+        assert!(Area::open(&config(dir.path(), "1M"), None, true).is_ok());
     }
 
     #[test]
@@ -453,7 +827,7 @@ mod tests {
             .join(berth_sys::identity::effective_uid().to_string());
         fs::create_dir(&mine).unwrap();
         fs::set_permissions(&mine, fs::Permissions::from_mode(0o755)).unwrap();
-        let msg = Area::open(&config(dir.path(), "1M"), true)
+        let msg = Area::open(&config(dir.path(), "1M"), None, true)
             .err()
             .unwrap()
             .to_string();
