@@ -102,7 +102,14 @@ pub fn layer(data: &[u8]) {
     let mut budget = Budget::new(limits);
     // The ownership records are what an unprivileged unpack (the cache's service user) keeps.
     let mut ownership = unpack::Ownership::default();
-    let _ = unpack::apply_layer(&root, blob, compression, "fuzz", &mut budget, &mut ownership);
+    let _ = unpack::apply_layer(
+        &root,
+        blob,
+        compression,
+        "fuzz",
+        &mut budget,
+        &mut ownership,
+    );
     remove_scratch(&root);
 }
 

@@ -176,7 +176,6 @@ fn as_root<T>(f: impl FnOnce() -> std::io::Result<T>) -> std::io::Result<T> {
     berth_sys::identity::with_effective_root(f).map_err(|e| std::io::Error::other(e.to_string()))?
 }
 
-
 /// The job ended (slurmd's job epilog on each node of the job, also after scancel, see
 /// `epilog`): root's records of its named containers go, then their files, removed by
 /// `user` (the job's user, whose files they are: root never walks a tree the user can

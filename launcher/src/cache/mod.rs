@@ -124,7 +124,14 @@ fn fetch_approved(
     let repo = RepoKey::of(reference);
     if let Some(digest) = &reference.digest {
         if let Some(path) = cache.hit(&repo, digest)? {
-            check_access(config, policy, reference, (cache.dir(), &path), options, login)?;
+            check_access(
+                config,
+                policy,
+                reference,
+                (cache.dir(), &path),
+                options,
+                login,
+            )?;
             return Ok(path);
         }
     }

@@ -115,9 +115,7 @@ fn adopt(sub: &Path, name: &str, owner: &Owner) -> Result<()> {
             _ => false,
         };
         match (keep, name) {
-            (true, "locks" | "access") => {
-                dir.lchown(&entry, owner.uid, owner.gid).map_err(fail)?
-            }
+            (true, "locks" | "access") => dir.lchown(&entry, owner.uid, owner.gid).map_err(fail)?,
             (true, _) => {}
             (false, _) => crate::unpack::remove_tree(&dir, &entry).map_err(fail)?,
         }

@@ -342,7 +342,12 @@ pub fn user_login(config: &RegistryConfig, user: Option<&FsUser>) -> Result<Opti
                 &home,
             );
             berth_sys::fsid::as_user(user, || auth::read_login_files(&paths, uid)).map_err(
-                |e| Error::io(format!("reading the registry login of uid {uid} as that user"), e),
+                |e| {
+                    Error::io(
+                        format!("reading the registry login of uid {uid} as that user"),
+                        e,
+                    )
+                },
             )??
         }
         (uid, _) => {
