@@ -6,9 +6,24 @@
 //!
 //! `SLURM_INCLUDE_DIR` points at another header tree (the directory holding `slurm/`), e.g. to
 //! build for a Slurm installed under /opt; the default is Debian's libslurm-dev in /usr/include.
+//!
+//! One code base serves every release: what a release adds to the SPANK API becomes a `cfg`
+//! named after the feature, set here from the headers' `SLURM_VERSION_NUMBER`, so the plugin
+//! only calls a function the Slurm it is built for (and loaded into) has:
+//! - `slurm_prepend_task_argv`: `spank_prepend_task_argv` (Slurm 23.11+), which lets
+//!   `task_init` put the image's entrypoint in front of the task's command.
 
 use std::env;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+/// Functions of the SPANK API newer than the oldest release berth supports: the cfg set when
+/// the headers have it, the function, and the release that brought it
+/// (`SLURM_VERSION_NUM(a,b,0)`).
+const FEATURES: [(&str, &str, u32); 1] = [(
+    "slurm_prepend_task_argv",
+    "spank_prepend_task_argv",
+    0x17_0b_00,
+)];
 
 fn main() {
     println!("cargo:rerun-if-env-changed=SLURM_INCLUDE_DIR");
@@ -27,7 +42,16 @@ fn main() {
         println!("cargo:rerun-if-changed={}", path.display());
     }
 
-    let bindings = bindgen::Builder::default()
+    let version = slurm_version_number(&include.join("slurm").join("slurm_version.h"));
+    let mut builder = bindgen::Builder::default();
+    for (feature, function, since) in FEATURES {
+        println!("cargo::rustc-check-cfg=cfg({feature})");
+        if version >= since {
+            println!("cargo::rustc-cfg={feature}");
+            builder = builder.allowlist_function(function);
+        }
+    }
+    let bindings = builder
         .header_contents(
             "berth_spank.h",
             "#include <slurm/spank.h>\n#include <slurm/slurm_version.h>\n",
@@ -65,4 +89,15 @@ fn main() {
     bindings
         .write_to_file(out.join("spank_bindings.rs"))
         .expect("writing the generated SPANK bindings into OUT_DIR");
+}
+
+/// `SLURM_VERSION_NUMBER` (0xMMmmpp) from slurm_version.h, as packaging/build reads it.
+fn slurm_version_number(header: &Path) -> u32 {
+    let text = std::fs::read_to_string(header)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", header.display()));
+    text.lines()
+        .filter_map(|line| line.trim().strip_prefix("#define SLURM_VERSION_NUMBER"))
+        .filter_map(|value| value.trim().strip_prefix("0x"))
+        .find_map(|hex| u32::from_str_radix(hex.trim(), 16).ok())
+        .unwrap_or_else(|| panic!("no SLURM_VERSION_NUMBER 0x... in {}", header.display()))
 }

@@ -119,6 +119,9 @@ pub struct StepContainer {
     pub keep_env: Vec<String>,
     /// `--container-workdir` was given (and is the spec's cwd).
     pub workdir_given: bool,
+    /// `--container-entrypoint`: the image's entrypoint goes in front of the task's command
+    /// (Slurm 23.11+; refused when the options are judged on older releases).
+    pub run_entrypoint: bool,
 }
 
 impl StepContainer {
@@ -141,6 +144,12 @@ impl StepContainer {
             // Resolved inside the container now; where it has no such path, the image's
             // directory entered above stays.
             let _ = std::env::set_current_dir(dir);
+        }
+        // As in pyxis: the entrypoint runs first, in the task's environment set above, with
+        // the user's command as its arguments; Slurm finds it on the image's PATH.
+        let entrypoint = &self.holder.process.entrypoint;
+        if self.run_entrypoint && !entrypoint.is_empty() {
+            spank.prepend_task_argv(entrypoint)?;
         }
         Ok(())
     }

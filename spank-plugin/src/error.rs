@@ -17,9 +17,10 @@ pub enum Error {
     OptionTooLong { option: String, len: usize },
 
     #[error(
-        "{option}: berth does not run an image's entrypoint in Slurm tasks yet (a SPANK plugin \
-         cannot change the task's command); put the entrypoint in front of your command \
-         instead, e.g. `srun --container-image=IMAGE /entrypoint.sh CMD`"
+        "{option}: berth runs an image's entrypoint in Slurm tasks only on Slurm 23.11 and \
+         later (this node's Slurm cannot let a SPANK plugin change the task's command); put \
+         the entrypoint in front of your command instead, e.g. \
+         `srun --container-image=IMAGE /entrypoint.sh CMD`"
     )]
     EntrypointUnsupported { option: String },
 

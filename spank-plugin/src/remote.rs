@@ -182,6 +182,7 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
             holder,
             keep_env: options.env,
             workdir_given: options.workdir.is_some(),
+            run_entrypoint: options.entrypoint == Some(true),
         },
         stage_out,
         local_tasks: info.local_tasks,

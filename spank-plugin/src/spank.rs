@@ -262,6 +262,44 @@ impl Spank {
         check(rc, "spank_setenv")
     }
 
+    /// Puts `argv` in front of the task's command line (task_init, remote context): Slurm
+    /// then executes `argv[0]` with the rest and the user's command as arguments, after its
+    /// own PATH lookup in the task's environment. Only Slurm 23.11 and later have
+    /// `spank_prepend_task_argv`; a build for an older release reports that instead, though
+    /// `--container-entrypoint` is refused long before this on such a build
+    /// ([`CAN_PREPEND_TASK_ARGV`]).
+    pub fn prepend_task_argv(self, argv: &[String]) -> Result<(), Error> {
+        #[cfg(slurm_prepend_task_argv)]
+        {
+            let args = argv
+                .iter()
+                .map(|a| c_bytes(a.as_bytes()))
+                .collect::<Result<Vec<CString>, Error>>()?;
+            let mut pointers: Vec<*const c_char> = args.iter().map(|a| a.as_ptr()).collect();
+            let count = c_int::try_from(pointers.len()).map_err(|_| Error::Spank {
+                call: "spank_prepend_task_argv",
+                reason: format!("{} arguments are more than Slurm takes", pointers.len()),
+            })?;
+            // Slurm reads the array up to `count` or a NULL, whichever comes first.
+            pointers.push(std::ptr::null());
+            // SAFETY: the handle is the live one of this callback; `pointers` holds `count`
+            // NUL-terminated strings and a NULL, which Slurm copies (xstrdup) before returning.
+            let rc = unsafe { ffi::spank_prepend_task_argv(self.0, count, pointers.as_mut_ptr()) };
+            check(rc, "spank_prepend_task_argv")
+        }
+        #[cfg(not(slurm_prepend_task_argv))]
+        {
+            Err(Error::Spank {
+                call: "spank_prepend_task_argv",
+                reason: format!(
+                    "this build is for Slurm {}, which cannot change a task's command (23.11 \
+                     and later can); not running {argv:?}",
+                    release()
+                ),
+            })
+        }
+    }
+
     /// Removes a variable from the task's environment (remote context).
     pub fn unsetenv(self, name: &[u8]) -> Result<(), Error> {
         let name = c_bytes(name)?;
@@ -269,6 +307,16 @@ impl Spank {
         let rc = unsafe { ffi::spank_unsetenv(self.0, name.as_ptr()) };
         check(rc, "spank_unsetenv")
     }
+}
+
+/// Whether this build can change a task's command line ([`Spank::prepend_task_argv`]): true
+/// when built against Slurm 23.11 or later.
+pub const CAN_PREPEND_TASK_ARGV: bool = cfg!(slurm_prepend_task_argv);
+
+/// The Slurm major.minor this build is for ("24.11"), from the headers' version number.
+pub fn release() -> String {
+    let number = ffi::SLURM_VERSION_NUMBER;
+    format!("{}.{:02}", number >> 16, (number >> 8) & 0xff)
 }
 
 /// Copies a C array of C strings: `count` entries, or up to its NULL terminator.
@@ -419,6 +467,23 @@ mod tests {
         let v = CString::new("img:1").unwrap();
         // SAFETY: a valid C string.
         assert_eq!(unsafe { option_value(v.as_ptr()) }, b"img:1");
+    }
+
+    #[test]
+    fn release_is_the_headers_major_minor() {
+        let release = release();
+        let (major, minor) = release.split_once('.').expect("major.minor");
+        assert_eq!(
+            major.parse::<u32>().unwrap(),
+            ffi::SLURM_VERSION_NUMBER >> 16
+        );
+        assert_eq!(minor.len(), 2, "{release}");
+        // 23.11 brought spank_prepend_task_argv: the cfg follows the headers' version.
+        assert_eq!(
+            CAN_PREPEND_TASK_ARGV,
+            ffi::SLURM_VERSION_NUMBER >= 0x17_0b_00,
+            "{release}"
+        );
     }
 
     #[test]

@@ -62,11 +62,20 @@ pub fn open(pidfd: &PidFd, handle: SpecHandle) -> Result<Held> {
 pub struct ContainerProcess {
     pub env: Vec<String>,
     pub confinement: Confinement,
+    /// The image's entrypoint ([`ANN_ENTRYPOINT`]; empty when the image has none), which the
+    /// SPANK plugin puts in front of a task's command on `--container-entrypoint`.
+    pub entrypoint: Vec<String>,
 }
+
+/// The spec annotation that carries the image's entrypoint, a JSON array of strings: the
+/// spec's own `process.args` is entrypoint and cmd run together, which a joiner cannot split.
+pub const ANN_ENTRYPOINT: &str = "org.berth.image.entrypoint";
 
 #[derive(serde::Deserialize)]
 struct SpecDoc {
     process: ProcessDoc,
+    #[serde(default)]
+    annotations: std::collections::HashMap<String, String>,
 }
 
 #[derive(serde::Deserialize)]
@@ -87,7 +96,15 @@ impl ContainerProcess {
             what: "reading the container's OCI spec",
             message: e.to_string(),
         })?;
+        let entrypoint = match doc.annotations.get(ANN_ENTRYPOINT) {
+            Some(json) => serde_json::from_str(json).map_err(|e| Error::Invalid {
+                what: "reading the image's entrypoint from the container's OCI spec",
+                message: e.to_string(),
+            })?,
+            None => Vec::new(),
+        };
         Ok(ContainerProcess {
+            entrypoint,
             env: doc.process.env,
             confinement: Confinement {
                 cwd: Some(doc.process.cwd),
@@ -114,8 +131,17 @@ mod tests {
                     cwd: Some("/w".into()),
                     keep_caps: false
                 },
+                entrypoint: Vec::new(),
             }
         );
+        let with_entry = br#"{"process":{"cwd":"/"},
+            "annotations":{"org.berth.image.entrypoint":"[\"/entry.sh\",\"-x\"]"}}"#;
+        assert_eq!(
+            ContainerProcess::from_spec(with_entry).unwrap().entrypoint,
+            ["/entry.sh", "-x"]
+        );
+        let bad = br#"{"process":{"cwd":"/"},"annotations":{"org.berth.image.entrypoint":"x"}}"#;
+        assert!(ContainerProcess::from_spec(bad).is_err());
         let root = br#"{"process":{"cwd":"/","capabilities":{"bounding":["CAP_CHOWN"]}}}"#;
         let p = ContainerProcess::from_spec(root).unwrap();
         assert!(p.confinement.keep_caps);

@@ -726,7 +726,11 @@ impl PluginlessConf {
         let name = unique_name("e2e-noplugin");
         let plugstack = cluster.home().join(format!("{name}.plugstack.conf"));
         let conf = cluster.home().join(format!("{name}.slurm.conf"));
-        let site = std::fs::read_to_string("/etc/slurm/slurm.conf").expect("read slurm.conf");
+        // The running release's (up --slurm RELEASE keeps it in /etc/slurm-RELEASE).
+        let site_conf = cluster
+            .try_var("SLURM_CONF")
+            .unwrap_or("/etc/slurm/slurm.conf");
+        let site = std::fs::read_to_string(site_conf).expect("read slurm.conf");
         let mut text: String = site
             .lines()
             .filter(|l| {
