@@ -29,8 +29,8 @@ fn main() {
     println!("cargo:rerun-if-env-changed=SLURM_INCLUDE_DIR");
     let include =
         PathBuf::from(env::var_os("SLURM_INCLUDE_DIR").unwrap_or_else(|| "/usr/include".into()));
-    // spank.h includes the other two; a changed header (a Slurm upgrade) must rebuild.
-    for header in ["spank.h", "slurm_version.h", "slurm_errno.h"] {
+    // spank.h includes the errno header; a changed header (a Slurm upgrade) must rebuild.
+    for header in ["spank.h", "slurm_version.h", "slurm_errno.h", "slurm.h"] {
         let path = include.join("slurm").join(header);
         if !path.is_file() {
             panic!(
@@ -54,7 +54,7 @@ fn main() {
     let bindings = builder
         .header_contents(
             "berth_spank.h",
-            "#include <slurm/spank.h>\n#include <slurm/slurm_version.h>\n",
+            "#include <slurm/spank.h>\n#include <slurm/slurm_version.h>\n#include <slurm/slurm.h>\n",
         )
         .clang_arg(format!("-I{}", include.display()))
         // Only what the plugin calls or exports; everything else in Slurm's headers stays out.
@@ -74,6 +74,9 @@ fn main() {
         .allowlist_type("spank_err_t")
         .allowlist_type("spank_context_t")
         .allowlist_type("spank_item_t")
+        // The layout of Slurm's parsed slurm.conf (the global `slurm_conf`), which differs
+        // between releases: the plugin reads the site's TaskProlog path from it.
+        .allowlist_type("slurm_conf_t")
         .allowlist_var("SLURM_VERSION_NUMBER")
         .allowlist_var("ESPANK_SUCCESS")
         // Constants in a module, not Rust enums: a value Slurm adds in a later release must

@@ -24,6 +24,13 @@ pub enum Error {
     )]
     EntrypointUnsupported { option: String },
 
+    #[error(
+        "--container={bundle} and berth's --container-image both ask for a container, but on \
+         this cluster --container is Slurm's own OCI support ({oci_conf} is configured): use \
+         --container-image=IMAGE for berth's containers, or --container alone for Slurm's"
+    )]
+    TwoContainerKinds { bundle: String, oci_conf: String },
+
     #[error("{option} is not valid UTF-8: type the value again as plain text")]
     OptionNotUtf8 { option: String },
 

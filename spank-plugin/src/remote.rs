@@ -34,7 +34,7 @@ use crate::options::{
     self, Access, ContainerRequest, Given, ImageChoice, Mount, Opt, Origin, Stage, SPECS,
 };
 use crate::spank::{self, Spank, StepInfo};
-use crate::submit::{REQUEST_VAR, SLURM_CONTAINER};
+use crate::submit::{self, REQUEST_VAR, SLURM_CONTAINER};
 
 /// Slurm's step id of the batch script (SLURM_BATCH_SCRIPT in slurm.h).
 const BATCH_STEP: u32 = 0xffff_fffb;
@@ -149,7 +149,7 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
         Verdict::Deny(reason) => return Err(Error::PolicyDenied { image, reason }),
         Verdict::Allow(vetted) => vetted,
     };
-    let binds = node_binds(&info, getenv("PMIX_SERVER_TMPDIR")?);
+    let binds = node_binds(&info, getenv("PMIX_SERVER_TMPDIR")?, spank::task_prolog());
     let user = launcher.run_as(Identity::User {
         uid: info.uid,
         gid: info.gid,
@@ -291,10 +291,22 @@ fn stage_out_list(stages: &[Stage], mounts: &[Mount]) -> Result<String, Error> {
 }
 
 /// What the node itself must make visible in the container, at the same path: the batch
-/// script's directory in slurmd's spool (the batch step execs the script there), and the
-/// PMIx server's directory, whose sockets MPI libraries inside connect to.
-fn node_binds(info: &StepInfo, pmix_dir: Option<Vec<u8>>) -> Vec<NodeBind> {
+/// script's directory in slurmd's spool (the batch step execs the script there), the
+/// PMIx server's directory, whose sockets MPI libraries inside connect to, and the site's
+/// TaskProlog file, which slurmstepd executes by its host path after the task entered the
+/// container (it runs with the image's interpreter: see docs/COMPATIBILITY.md).
+fn node_binds(
+    info: &StepInfo,
+    pmix_dir: Option<Vec<u8>>,
+    task_prolog: Option<Vec<u8>>,
+) -> Vec<NodeBind> {
     let mut binds = Vec::new();
+    if let Some(script) = task_prolog.filter(|p| p.starts_with(b"/")) {
+        binds.push(NodeBind {
+            path: String::from_utf8_lossy(&script).into_owned(),
+            read_only: true,
+        });
+    }
     if info.step_id == BATCH_STEP {
         let script = info
             .argv
@@ -384,7 +396,13 @@ fn step_request(getenv: JobEnv) -> Result<(ContainerRequest, &'static str), Erro
             exported.push((spec.opt, value));
         }
     }
-    requested(transport, given, getenv(SLURM_CONTAINER)?, exported)
+    let slurm_container = getenv(SLURM_CONTAINER)?;
+    let oci_conf = spank::slurm_oci_conf();
+    // Slurm's own where oci.conf is configured (submit::slurm_container_for_berth).
+    let ours = slurm_container.clone().filter(|_| oci_conf.is_none());
+    let (request, origin) = requested(transport, given, ours, exported)?;
+    submit::slurm_container_for_berth(oci_conf.as_deref(), slurm_container, &request)?;
+    Ok((request, origin))
 }
 
 /// What the step asked for, and from where, in order of precedence:
@@ -457,6 +475,38 @@ mod tests {
             value: value.as_bytes().to_vec(),
             origin: Origin::CommandLine,
         }
+    }
+
+    #[test]
+    fn the_site_task_prolog_is_bound_read_only_at_its_path() {
+        let info = StepInfo {
+            job_id: 7,
+            step_id: BATCH_STEP,
+            uid: 1100,
+            gid: 1100,
+            groups: vec![],
+            argv: vec![b"/var/spool/slurmd/job00007/slurm_script".to_vec()],
+            local_tasks: 1,
+        };
+        let ro = |path: &str| NodeBind {
+            path: path.into(),
+            read_only: true,
+        };
+        assert_eq!(
+            node_binds(&info, v("/tmp/pmix"), v("/etc/slurm/task_prolog")),
+            vec![
+                ro("/etc/slurm/task_prolog"),
+                ro("/var/spool/slurmd/job00007"),
+                NodeBind {
+                    path: "/tmp/pmix".into(),
+                    read_only: false
+                },
+            ]
+        );
+        // No TaskProlog, or a relative one Slurm would look up itself: nothing to bind.
+        let step = StepInfo { step_id: 0, ..info };
+        assert_eq!(node_binds(&step, None, None), vec![]);
+        assert_eq!(node_binds(&step, None, v("prolog.sh")), vec![]);
     }
 
     #[test]

@@ -309,6 +309,47 @@ impl Spank {
     }
 }
 
+extern "C" {
+    /// Slurm's parsed slurm.conf: a global of libslurmfull, which every Slurm program that
+    /// loads the plugin (srun, sbatch, salloc, slurmd, slurmstepd) links; its layout is the
+    /// release's own (bindgen over the same headers as the rest).
+    static slurm_conf: ffi::slurm_conf_t;
+}
+
+/// The site's TaskProlog (slurm.conf `TaskProlog=`), or `None` when there is none.
+/// slurmstepd executes it in each task after `task_init` (22.05 and 24.11 alike), so once the
+/// task has entered the container it resolves that path inside the container.
+pub fn task_prolog() -> Option<Vec<u8>> {
+    // SAFETY: slurmstepd filled slurm_conf from its configuration before loading any plugin
+    // and does not change it while the step runs; task_prolog is NULL or a C string of it.
+    let path = unsafe { slurm_conf.task_prolog };
+    if path.is_null() {
+        return None;
+    }
+    // SAFETY: as above, a valid C string.
+    let path = unsafe { CStr::from_ptr(path) }.to_bytes();
+    (!path.is_empty()).then(|| path.to_vec())
+}
+
+/// The oci.conf of Slurm's own OCI container support when the site configured it: Slurm reads
+/// it from the directory of the slurm.conf the process loaded (configless nodes included),
+/// and its presence is what makes `--container` Slurm's.
+pub fn slurm_oci_conf() -> Option<std::path::PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: as in task_prolog: set from the configuration before any plugin callback;
+    // slurm_conf.slurm_conf is NULL or the C string of the slurm.conf path.
+    let conf = unsafe { slurm_conf.slurm_conf };
+    if conf.is_null() {
+        return None;
+    }
+    // SAFETY: as above, a valid C string.
+    let conf = std::path::Path::new(std::ffi::OsStr::from_bytes(
+        unsafe { CStr::from_ptr(conf) }.to_bytes(),
+    ));
+    let oci = conf.parent()?.join("oci.conf");
+    oci.exists().then_some(oci)
+}
+
 /// Whether this build can change a task's command line ([`Spank::prepend_task_argv`]): true
 /// when built against Slurm 23.11 or later.
 pub const CAN_PREPEND_TASK_ARGV: bool = cfg!(slurm_prepend_task_argv);
