@@ -292,9 +292,8 @@ impl Spank {
             Err(Error::Spank {
                 call: "spank_prepend_task_argv",
                 reason: format!(
-                    "this build is for Slurm {}, which cannot change a task's command (23.11 \
-                     and later can); not running {argv:?}",
-                    release()
+                    "this build is for a Slurm before 23.11, which cannot change a task's \
+                     command; not running {argv:?}"
                 ),
             })
         }
@@ -353,12 +352,6 @@ pub fn slurm_oci_conf() -> Option<std::path::PathBuf> {
 /// Whether this build can change a task's command line ([`Spank::prepend_task_argv`]): true
 /// when built against Slurm 23.11 or later.
 pub const CAN_PREPEND_TASK_ARGV: bool = cfg!(slurm_prepend_task_argv);
-
-/// The Slurm major.minor this build is for ("24.11"), from the headers' version number.
-pub fn release() -> String {
-    let number = ffi::SLURM_VERSION_NUMBER;
-    format!("{}.{:02}", number >> 16, (number >> 8) & 0xff)
-}
 
 /// Copies a C array of C strings: `count` entries, or up to its NULL terminator.
 ///
@@ -511,19 +504,13 @@ mod tests {
     }
 
     #[test]
-    fn release_is_the_headers_major_minor() {
-        let release = release();
-        let (major, minor) = release.split_once('.').expect("major.minor");
-        assert_eq!(
-            major.parse::<u32>().unwrap(),
-            ffi::SLURM_VERSION_NUMBER >> 16
-        );
-        assert_eq!(minor.len(), 2, "{release}");
-        // 23.11 brought spank_prepend_task_argv: the cfg follows the headers' version.
+    fn the_api_cfgs_follow_the_headers_release() {
+        // 23.11 (SLURM_VERSION_NUM(23,11,0)) brought spank_prepend_task_argv.
         assert_eq!(
             CAN_PREPEND_TASK_ARGV,
             ffi::SLURM_VERSION_NUMBER >= 0x17_0b_00,
-            "{release}"
+            "{:#x}",
+            ffi::SLURM_VERSION_NUMBER
         );
     }
 
