@@ -17,13 +17,10 @@ use std::env;
 use std::path::{Path, PathBuf};
 
 /// Functions of the SPANK API newer than the oldest release berth supports: the cfg set when
-/// the headers have it, the function, and the release that brought it
-/// (`SLURM_VERSION_NUM(a,b,0)`).
-const FEATURES: [(&str, &str, u32); 1] = [(
-    "slurm_prepend_task_argv",
-    "spank_prepend_task_argv",
-    0x17_0b_00,
-)];
+/// the headers' release has it, and that release (`SLURM_VERSION_NUM(a,b,0)`). The plugin
+/// looks such a function up when it calls it rather than linking it, so that loaded into an
+/// older Slurm it still reaches Slurm's own version check ("Incompatible Slurm plugin").
+const FEATURES: [(&str, u32); 1] = [("slurm_prepend_task_argv", 0x17_0b_00)];
 
 fn main() {
     println!("cargo:rerun-if-env-changed=SLURM_INCLUDE_DIR");
@@ -43,15 +40,13 @@ fn main() {
     }
 
     let version = slurm_version_number(&include.join("slurm").join("slurm_version.h"));
-    let mut builder = bindgen::Builder::default();
-    for (feature, function, since) in FEATURES {
+    for (feature, since) in FEATURES {
         println!("cargo::rustc-check-cfg=cfg({feature})");
         if version >= since {
             println!("cargo::rustc-cfg={feature}");
-            builder = builder.allowlist_function(function);
         }
     }
-    let bindings = builder
+    let bindings = bindgen::Builder::default()
         .header_contents(
             "berth_spank.h",
             "#include <slurm/spank.h>\n#include <slurm/slurm_version.h>\n#include <slurm/slurm.h>\n",

@@ -271,6 +271,25 @@ impl Spank {
     pub fn prepend_task_argv(self, argv: &[String]) -> Result<(), Error> {
         #[cfg(slurm_prepend_task_argv)]
         {
+            // Looked up when called, not linked: a hard reference would make dlopen fail
+            // with "undefined symbol" in an older Slurm before Slurm's own version check
+            // could say which release the plugin is for. spank.h 23.11+:
+            // spank_err_t spank_prepend_task_argv(spank_t, int argc, const char *argv[]).
+            type PrependTaskArgv =
+                unsafe extern "C" fn(ffi::spank_t, c_int, *mut *const c_char) -> ffi::spank_err_t;
+            // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only looks it up.
+            let symbol =
+                unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"spank_prepend_task_argv".as_ptr()) };
+            if symbol.is_null() {
+                return Err(Error::Spank {
+                    call: "spank_prepend_task_argv",
+                    reason: "this Slurm does not have it (a plugin built for 23.11 or later \
+                             loaded into an older Slurm)"
+                        .to_owned(),
+                });
+            }
+            // SAFETY: the symbol is Slurm's function with the signature above.
+            let prepend: PrependTaskArgv = unsafe { std::mem::transmute(symbol) };
             let args = argv
                 .iter()
                 .map(|a| c_bytes(a.as_bytes()))
@@ -284,7 +303,7 @@ impl Spank {
             pointers.push(std::ptr::null());
             // SAFETY: the handle is the live one of this callback; `pointers` holds `count`
             // NUL-terminated strings and a NULL, which Slurm copies (xstrdup) before returning.
-            let rc = unsafe { ffi::spank_prepend_task_argv(self.0, count, pointers.as_mut_ptr()) };
+            let rc = unsafe { prepend(self.0, count, pointers.as_mut_ptr()) };
             check(rc, "spank_prepend_task_argv")
         }
         #[cfg(not(slurm_prepend_task_argv))]
