@@ -202,9 +202,9 @@ fn the_package_guards_its_release() {
     // The same package on a node whose prefix holds another release: a tmpfs over its bin
     // and sbin in a private mount namespace stands in for that node.
     let fake = format!(
-        "set -e; for d in {prefix}/sbin {prefix}/bin; do mount -t tmpfs tmpfs $d; \
-         printf '#!/bin/sh\\necho slurm 23.02.7\\n' >$d/slurmd; cp $d/slurmd $d/srun; \
-         chmod 0755 $d/slurmd $d/srun; done; exec sh {preinst} install"
+        "set -e; mount -t tmpfs tmpfs {prefix}/sbin; \
+         printf '#!/bin/sh\\necho slurm 23.02.7\\n' >{prefix}/sbin/slurmd; \
+         chmod 0755 {prefix}/sbin/slurmd; exec sh {preinst} install"
     );
     let run = Cmd::root([
         "unshare",
