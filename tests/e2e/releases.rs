@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use berth_e2e::{unique_name, write_user_file, Cluster, Cmd};
+use berth_e2e::{unique_name, Cluster, Cmd, PluginlessConf};
 
 /// The release the cluster runs, as (major, minor); 22.05 for a state file from before
 /// releases were recorded.
@@ -117,37 +117,16 @@ fn a_plugin_built_for_another_release_is_refused_by_slurm() {
     };
     // The user's own copy of the site's configuration, whose plugin stack loads that
     // plugin: what srun (as the node's slurmstepd would) does with it.
-    let name = unique_name("e2e-release");
-    let home = cluster.home();
-    let plugin = home.join(format!("{name}.so"));
+    let plugin = cluster
+        .home()
+        .join(format!("{}.so", unique_name("e2e-release")));
     std::fs::copy(&other, &plugin).expect("copy the plugin");
-    let plugstack = home.join(format!("{name}.plugstack.conf"));
-    let conf = home.join(format!("{name}.slurm.conf"));
-    let site = std::fs::read_to_string(
-        cluster
-            .try_var("SLURM_CONF")
-            .unwrap_or("/etc/slurm/slurm.conf"),
-    )
-    .expect("read slurm.conf");
-    let text: String = site
-        .lines()
-        .filter(|l| !l.to_ascii_lowercase().starts_with("plugstackconfig"))
-        .map(|l| format!("{l}\n"))
-        .chain([format!("PlugStackConfig={}\n", plugstack.display())])
-        .collect();
-    write_user_file(
+    let conf = PluginlessConf::with_plugstack(
         &cluster,
-        &plugstack,
         &format!("required {} berth=/usr/bin/berth\n", plugin.display()),
-        0o644,
     );
-    write_user_file(&cluster, &conf, &text, 0o644);
-    let run = Cmd::user(["srun", "-N1", "true"])
-        .env("SLURM_CONF", &conf)
-        .run();
-    for path in [&plugin, &plugstack, &conf] {
-        let _ = std::fs::remove_file(path);
-    }
+    let run = conf.srun("", &["-N1", "true"]);
+    let _ = std::fs::remove_file(&plugin);
     run.assert_failure();
     // Slurm names the plugin's release ("Incompatible Slurm plugin ... version (24.11.7)"),
     // then refuses the whole stack because the plugin is `required`.
