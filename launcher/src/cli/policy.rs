@@ -124,15 +124,33 @@ fn require_container(args: RequireArgs, globals: &Globals) -> Result<i32> {
 /// Where `squeue` is looked for: the system's own directories, never a PATH the caller set.
 const SQUEUE: [&str; 3] = ["/usr/bin/squeue", "/usr/local/bin/squeue", "/bin/squeue"];
 
+/// The squeue of the Slurm that started this call, first: the caller is slurmstepd
+/// (`PREFIX/sbin/slurmstepd`, root, on the node) or srun/sbatch (`PREFIX/bin`), and a Slurm
+/// installed from source under /opt has its squeue in `PREFIX/bin`, where another release's
+/// in /usr/bin would not be understood by its slurmctld. `caller_exe` is
+/// `/proc/<parent>/exe`, a path the kernel gives, not one the caller chose.
+fn squeue_candidates(caller_exe: Option<&std::path::Path>) -> Vec<std::path::PathBuf> {
+    let own = caller_exe
+        .and_then(|exe| exe.parent()?.parent())
+        .map(|prefix| prefix.join("bin/squeue"));
+    own.into_iter()
+        .chain(SQUEUE.iter().map(std::path::PathBuf::from))
+        .collect()
+}
+
 /// The partition slurmctld records for `job`, from `squeue --format=%P`: that field alone,
 /// so no text the user chose (a job name, a comment) can pass for it, as it could in
 /// `scontrol show job`'s `KEY=VALUE` line. Run with an empty environment, so nothing of the
 /// caller's (SLURM_CONF, SQUEUE_FORMAT) steers it.
 fn job_partition(job: u32) -> std::result::Result<String, String> {
-    let squeue = SQUEUE
+    let caller = std::fs::read_link(format!("/proc/{}/exe", std::os::unix::process::parent_id()));
+    let candidates = squeue_candidates(caller.ok().as_deref());
+    let squeue = candidates
         .iter()
-        .find(|p| std::path::Path::new(p).is_file())
+        .find(|p| p.is_file())
+        .map(|p| p.display().to_string())
         .ok_or_else(|| format!("squeue is not installed in {}", SQUEUE.join(", ")))?;
+    let squeue = squeue.as_str();
     let out = std::process::Command::new(squeue)
         .args(["--noheader", "--states=all", "--format=%P"])
         .arg(format!("--jobs={job}"))
@@ -305,6 +323,20 @@ fn report(as_json: bool, image: &str, outcome: Outcome, pull_from: &[Endpoint]) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn squeue_of_the_calling_slurm_comes_first() {
+        use std::path::{Path, PathBuf};
+        let from = |exe: &str| squeue_candidates(Some(Path::new(exe)));
+        assert_eq!(
+            from("/opt/slurm-24.11/sbin/slurmstepd")[0],
+            PathBuf::from("/opt/slurm-24.11/bin/squeue")
+        );
+        assert_eq!(from("/usr/bin/srun")[0], PathBuf::from("/usr/bin/squeue"));
+        let fixed: Vec<PathBuf> = SQUEUE.iter().map(PathBuf::from).collect();
+        assert_eq!(squeue_candidates(None), fixed);
+        assert_eq!(from("/opt/slurm-24.11/sbin/slurmstepd")[1..], fixed[..]);
+    }
 
     #[test]
     fn users_are_numeric_with_optional_groups() {
