@@ -7,18 +7,35 @@
 //! them. Each query names exactly one field, so no text a user chose (a job name, a comment)
 //! can pass for another field, as it could in `scontrol show job`'s `KEY=VALUE` line.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-/// The directories Slurm's commands are looked for in.
+/// The directories Slurm's commands are looked for in, after the calling Slurm's own.
 const DIRS: [&str; 3] = ["/usr/bin", "/usr/local/bin", "/bin"];
 
-/// The path of Slurm's command `name`.
+/// The path of Slurm's command `name`: that of the Slurm that started this call first. The
+/// caller is slurmstepd or slurmctld (`PREFIX/sbin`, root) or srun/sbatch (`PREFIX/bin`), and
+/// a Slurm installed from source under /opt has its commands in `PREFIX/bin`, where another
+/// release's in /usr/bin would not be understood by its slurmctld (seen on 24.11: every
+/// partition lookup failed). `/proc/<parent>/exe` is a path the kernel gives, not one the
+/// caller chose.
 fn program(name: &str) -> Result<String, String> {
-    DIRS.iter()
-        .map(|dir| format!("{dir}/{name}"))
-        .find(|p| Path::new(p).is_file())
+    let caller = std::fs::read_link(format!("/proc/{}/exe", std::os::unix::process::parent_id()));
+    candidates(name, caller.ok().as_deref())
+        .into_iter()
+        .find(|p| p.is_file())
+        .map(|p| p.display().to_string())
         .ok_or_else(|| format!("{name} is not installed in {}", DIRS.join(", ")))
+}
+
+/// Where `name` is looked for, in order, for a caller running `caller_exe`.
+fn candidates(name: &str, caller_exe: Option<&Path>) -> Vec<PathBuf> {
+    let own = caller_exe
+        .and_then(|exe| exe.parent()?.parent())
+        .map(|prefix| prefix.join("bin").join(name));
+    own.into_iter()
+        .chain(DIRS.iter().map(|dir| Path::new(dir).join(name)))
+        .collect()
 }
 
 fn run(name: &str, args: &[String]) -> Result<std::process::Output, String> {
@@ -84,5 +101,23 @@ pub fn set_admin_comment(job: u32, text: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(refused("scontrol", &args, &out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_calling_slurms_commands_come_first() {
+        let from = |exe: &str| candidates("squeue", Some(Path::new(exe)));
+        assert_eq!(
+            from("/opt/slurm-24.11/sbin/slurmstepd")[0],
+            PathBuf::from("/opt/slurm-24.11/bin/squeue")
+        );
+        assert_eq!(from("/usr/bin/srun")[0], PathBuf::from("/usr/bin/squeue"));
+        let fixed: Vec<PathBuf> = DIRS.iter().map(|d| Path::new(d).join("squeue")).collect();
+        assert_eq!(candidates("squeue", None), fixed);
+        assert_eq!(from("/opt/slurm-24.11/sbin/slurmctld")[1..], fixed[..]);
     }
 }

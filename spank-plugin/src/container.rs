@@ -136,6 +136,9 @@ pub struct StepContainer {
     /// The site's TaskProlog, run on the node before entering (a no-op stands at its path
     /// inside).
     pub task_prolog: Option<std::path::PathBuf>,
+    /// `--container-entrypoint`: the image's entrypoint goes in front of the task's command
+    /// (Slurm 23.11+; refused when the options are judged on older releases).
+    pub run_entrypoint: bool,
 }
 
 impl StepContainer {
@@ -162,6 +165,12 @@ impl StepContainer {
             // Resolved inside the container now; where it has no such path, the image's
             // directory entered above stays.
             let _ = std::env::set_current_dir(dir);
+        }
+        // As in pyxis: the entrypoint runs first, in the task's environment set above, with
+        // the user's command as its arguments; Slurm finds it on the image's PATH.
+        let entrypoint = &self.holder.process.entrypoint;
+        if self.run_entrypoint && !entrypoint.is_empty() {
+            spank.prepend_task_argv(entrypoint)?;
         }
         Ok(())
     }

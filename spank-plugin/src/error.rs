@@ -17,9 +17,9 @@ pub enum Error {
     OptionTooLong { option: String, len: usize },
 
     #[error(
-        "{option}: berth does not run an image's entrypoint in Slurm tasks on this Slurm (a \
-         SPANK plugin can put a command before the task's only from Slurm 23.11, with \
-         spank_prepend_task_argv); put the entrypoint in front of your command instead, e.g. \
+        "{option}: berth runs an image's entrypoint in Slurm tasks only on Slurm 23.11 and \
+         later (this node's Slurm cannot let a SPANK plugin change the task's command); put \
+         the entrypoint in front of your command instead, e.g. \
          `srun --container-image=IMAGE /entrypoint.sh CMD`"
     )]
     EntrypointUnsupported { option: String },
@@ -68,6 +68,13 @@ pub enum Error {
         value: String,
         reason: String,
     },
+
+    #[error(
+        "--container={bundle} and berth's --container-image both ask for a container, but on \
+         this cluster --container is Slurm's own OCI support ({oci_conf} is configured): use \
+         --container-image=IMAGE for berth's containers, or --container alone for Slurm's"
+    )]
+    TwoContainerKinds { bundle: String, oci_conf: String },
 
     #[error("{option} is not valid UTF-8: type the value again as plain text")]
     OptionNotUtf8 { option: String },

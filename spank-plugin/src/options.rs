@@ -21,6 +21,7 @@ use std::ffi::CStr;
 use berth_sys::mount_options::{is_tmpfs_option, BIND_FLAGS, TMPFS_OPTIONS};
 
 use crate::error::Error;
+use crate::spank;
 
 /// The longest value accepted for any option. Real values are far shorter (registries cap a
 /// repository name at 255 bytes, Linux a path at 4096); the cap keeps a runaway value out of
@@ -158,8 +159,11 @@ pub const SPECS: [OptionSpec; 18] = [
         opt: Opt::Entrypoint,
         name: c"container-entrypoint",
         arginfo: None,
-        usage:
-            c"[berth] run the image's entrypoint first (not supported in Slurm tasks yet: refused)",
+        usage: if spank::CAN_PREPEND_TASK_ARGV {
+            c"[berth] run the image's entrypoint first, with the task's command as its arguments"
+        } else {
+            c"[berth] run the image's entrypoint first (needs Slurm 23.11 or later: refused)"
+        },
     },
     OptionSpec {
         opt: Opt::NoEntrypoint,
@@ -652,7 +656,8 @@ fn apply(out: &mut Settings, setting: Setting, source: &Source, value: &[u8]) ->
         Setting::Unshare => o.unshare = parse_unshare(&name(), text(&name(), value)?)?,
         Setting::MountHome | Setting::RemapRoot | Setting::Writable | Setting::Entrypoint => {
             let on = source.flag(value)?;
-            if setting == Setting::Entrypoint && on {
+            // Slurm 23.11+ lets task_init change the task's command; older releases cannot.
+            if setting == Setting::Entrypoint && on && !spank::CAN_PREPEND_TASK_ARGV {
                 return Err(Error::EntrypointUnsupported { option: name() });
             }
             let slot = match setting {
@@ -1388,6 +1393,12 @@ mod tests {
 
     #[test]
     fn running_the_entrypoint_is_refused_with_the_way_around() {
+        if spank::CAN_PREPEND_TASK_ARGV {
+            // Built for Slurm 23.11+: task_init prepends the entrypoint (container.rs).
+            let s = from(&[(Opt::NoEntrypoint, ""), (Opt::Entrypoint, "")]).unwrap();
+            assert_eq!(s.options.entrypoint, Some(true));
+            return;
+        }
         for given in [
             from(&[(Opt::Entrypoint, "")]),
             from(&[(Opt::NoEntrypoint, ""), (Opt::Entrypoint, "")]),

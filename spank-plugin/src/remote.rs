@@ -37,7 +37,7 @@ use crate::options::{
     self, Access, ContainerRequest, Given, ImageChoice, Mount, Opt, Origin, Stage, SPECS,
 };
 use crate::spank::{self, Spank, StepInfo};
-use crate::submit::{REQUEST_VAR, SLURM_CONTAINER};
+use crate::submit::{self, REQUEST_VAR, SLURM_CONTAINER};
 
 /// Slurm's step id of the batch script (SLURM_BATCH_SCRIPT in slurm.h).
 const BATCH_STEP: u32 = 0xffff_fffb;
@@ -295,6 +295,7 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
             keep_env: options.env,
             workdir_given: options.workdir.is_some(),
             task_prolog,
+            run_entrypoint: options.entrypoint == Some(true),
         },
         stage_out,
         local_tasks: info.local_tasks,
@@ -378,6 +379,7 @@ fn enter_running(name: &str, options: &options::ContainerOptions, holder: Holder
             workdir_given: false,
             // The running container was started with the stand-in in place.
             task_prolog: crate::task_prolog::path(),
+            run_entrypoint: options.entrypoint == Some(true),
         },
         stage_out: None,
         local_tasks: tasks,
@@ -491,7 +493,8 @@ fn stage_out_list(stages: &[Stage], mounts: &[Mount]) -> Result<String, Error> {
 
 /// What the node itself must make visible in the container, at the same path: the batch
 /// script's directory in slurmd's spool (the batch step execs the script there), and the
-/// PMIx server's directory, whose sockets MPI libraries inside connect to.
+/// PMIx server's directory, whose sockets MPI libraries inside connect to. (The site's
+/// TaskProlog is not among them: berth runs it on the node, see `task_prolog`.)
 fn node_binds(info: &StepInfo, pmix_dir: Option<Vec<u8>>) -> Vec<NodeBind> {
     let mut binds = Vec::new();
     if info.step_id == BATCH_STEP {
@@ -610,7 +613,13 @@ fn step_request(getenv: JobEnv) -> Result<(ContainerRequest, &'static str), Erro
             exported.push((spec.opt, value));
         }
     }
-    requested(transport, given, getenv(SLURM_CONTAINER)?, exported)
+    let slurm_container = getenv(SLURM_CONTAINER)?;
+    let oci_conf = spank::slurm_oci_conf();
+    // Slurm's own where oci.conf is configured (submit::slurm_container_for_berth).
+    let ours = slurm_container.clone().filter(|_| oci_conf.is_none());
+    let (request, origin) = requested(transport, given, ours, exported)?;
+    submit::slurm_container_for_berth(oci_conf.as_deref(), slurm_container, &request)?;
+    Ok((request, origin))
 }
 
 /// What the step asked for, and from where, in order of precedence:
@@ -691,6 +700,35 @@ mod tests {
             value: value.as_bytes().to_vec(),
             origin: Origin::CommandLine,
         }
+    }
+
+    #[test]
+    fn the_batch_scripts_directory_and_pmixs_are_bound_at_their_paths() {
+        let info = StepInfo {
+            job_id: 7,
+            step_id: BATCH_STEP,
+            uid: 1100,
+            gid: 1100,
+            groups: vec![],
+            argv: vec![b"/var/spool/slurmd/job00007/slurm_script".to_vec()],
+            local_tasks: 1,
+        };
+        assert_eq!(
+            node_binds(&info, v("/tmp/pmix")),
+            vec![
+                NodeBind {
+                    path: "/var/spool/slurmd/job00007".into(),
+                    read_only: true
+                },
+                NodeBind {
+                    path: "/tmp/pmix".into(),
+                    read_only: false
+                },
+            ]
+        );
+        // Another step has no script; a relative PMIx directory is not a path to bind.
+        let step = StepInfo { step_id: 0, ..info };
+        assert_eq!(node_binds(&step, v("pmix")), vec![]);
     }
 
     #[test]

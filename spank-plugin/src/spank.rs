@@ -262,6 +262,62 @@ impl Spank {
         check(rc, "spank_setenv")
     }
 
+    /// Puts `argv` in front of the task's command line (task_init, remote context): Slurm
+    /// then executes `argv[0]` with the rest and the user's command as arguments, after its
+    /// own PATH lookup in the task's environment. Only Slurm 23.11 and later have
+    /// `spank_prepend_task_argv`; a build for an older release reports that instead, though
+    /// `--container-entrypoint` is refused long before this on such a build
+    /// ([`CAN_PREPEND_TASK_ARGV`]).
+    pub fn prepend_task_argv(self, argv: &[String]) -> Result<(), Error> {
+        #[cfg(slurm_prepend_task_argv)]
+        {
+            // Looked up when called, not linked: a hard reference would make dlopen fail
+            // with "undefined symbol" in an older Slurm before Slurm's own version check
+            // could say which release the plugin is for. spank.h 23.11+:
+            // spank_err_t spank_prepend_task_argv(spank_t, int argc, const char *argv[]).
+            type PrependTaskArgv =
+                unsafe extern "C" fn(ffi::spank_t, c_int, *mut *const c_char) -> ffi::spank_err_t;
+            // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only looks it up.
+            let symbol =
+                unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"spank_prepend_task_argv".as_ptr()) };
+            if symbol.is_null() {
+                return Err(Error::Spank {
+                    call: "spank_prepend_task_argv",
+                    reason: "this Slurm does not have it (a plugin built for 23.11 or later \
+                             loaded into an older Slurm)"
+                        .to_owned(),
+                });
+            }
+            // SAFETY: the symbol is Slurm's function with the signature above.
+            let prepend: PrependTaskArgv = unsafe { std::mem::transmute(symbol) };
+            let args = argv
+                .iter()
+                .map(|a| c_bytes(a.as_bytes()))
+                .collect::<Result<Vec<CString>, Error>>()?;
+            let mut pointers: Vec<*const c_char> = args.iter().map(|a| a.as_ptr()).collect();
+            let count = c_int::try_from(pointers.len()).map_err(|_| Error::Spank {
+                call: "spank_prepend_task_argv",
+                reason: format!("{} arguments are more than Slurm takes", pointers.len()),
+            })?;
+            // Slurm reads the array up to `count` or a NULL, whichever comes first.
+            pointers.push(std::ptr::null());
+            // SAFETY: the handle is the live one of this callback; `pointers` holds `count`
+            // NUL-terminated strings and a NULL, which Slurm copies (xstrdup) before returning.
+            let rc = unsafe { prepend(self.0, count, pointers.as_mut_ptr()) };
+            check(rc, "spank_prepend_task_argv")
+        }
+        #[cfg(not(slurm_prepend_task_argv))]
+        {
+            Err(Error::Spank {
+                call: "spank_prepend_task_argv",
+                reason: format!(
+                    "this build is for a Slurm before 23.11, which cannot change a task's \
+                     command; not running {argv:?}"
+                ),
+            })
+        }
+    }
+
     /// Removes a variable from the task's environment (remote context).
     pub fn unsetenv(self, name: &[u8]) -> Result<(), Error> {
         let name = c_bytes(name)?;
@@ -270,6 +326,51 @@ impl Spank {
         check(rc, "spank_unsetenv")
     }
 }
+
+extern "C" {
+    /// Slurm's parsed slurm.conf: a global of libslurmfull, which every Slurm program that
+    /// loads the plugin (srun, sbatch, salloc, slurmd, slurmstepd) links; its layout is the
+    /// release's own (bindgen over the same headers as the rest).
+    static slurm_conf: ffi::slurm_conf_t;
+}
+
+/// The site's TaskProlog (slurm.conf `TaskProlog=`), or `None` when there is none.
+/// slurmstepd executes it in each task after `task_init` (22.05 and 24.11 alike), so once the
+/// task has entered the container it resolves that path inside the container.
+pub fn task_prolog() -> Option<Vec<u8>> {
+    // SAFETY: slurmstepd filled slurm_conf from its configuration before loading any plugin
+    // and does not change it while the step runs; task_prolog is NULL or a C string of it.
+    let path = unsafe { slurm_conf.task_prolog };
+    if path.is_null() {
+        return None;
+    }
+    // SAFETY: as above, a valid C string.
+    let path = unsafe { CStr::from_ptr(path) }.to_bytes();
+    (!path.is_empty()).then(|| path.to_vec())
+}
+
+/// The oci.conf of Slurm's own OCI container support when the site configured it: Slurm reads
+/// it from the directory of the slurm.conf the process loaded (configless nodes included),
+/// and its presence is what makes `--container` Slurm's.
+pub fn slurm_oci_conf() -> Option<std::path::PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: as in task_prolog: set from the configuration before any plugin callback;
+    // slurm_conf.slurm_conf is NULL or the C string of the slurm.conf path.
+    let conf = unsafe { slurm_conf.slurm_conf };
+    if conf.is_null() {
+        return None;
+    }
+    // SAFETY: as above, a valid C string.
+    let conf = std::path::Path::new(std::ffi::OsStr::from_bytes(
+        unsafe { CStr::from_ptr(conf) }.to_bytes(),
+    ));
+    let oci = conf.parent()?.join("oci.conf");
+    oci.exists().then_some(oci)
+}
+
+/// Whether this build can change a task's command line ([`Spank::prepend_task_argv`]): true
+/// when built against Slurm 23.11 or later.
+pub const CAN_PREPEND_TASK_ARGV: bool = cfg!(slurm_prepend_task_argv);
 
 /// Copies a C array of C strings: `count` entries, or up to its NULL terminator.
 ///
@@ -419,6 +520,17 @@ mod tests {
         let v = CString::new("img:1").unwrap();
         // SAFETY: a valid C string.
         assert_eq!(unsafe { option_value(v.as_ptr()) }, b"img:1");
+    }
+
+    #[test]
+    fn the_api_cfgs_follow_the_headers_release() {
+        // 23.11 (SLURM_VERSION_NUM(23,11,0)) brought spank_prepend_task_argv.
+        assert_eq!(
+            CAN_PREPEND_TASK_ARGV,
+            ffi::SLURM_VERSION_NUMBER >= 0x17_0b_00,
+            "{:#x}",
+            ffi::SLURM_VERSION_NUMBER
+        );
     }
 
     #[test]

@@ -127,6 +127,27 @@ fn not_initialised() -> Error {
     }
 }
 
+/// Slurm's `--container` where the site runs Slurm's own OCI containers (`oci_conf`, see
+/// [`spank::slurm_oci_conf`]) is Slurm's: berth does not read it as an image (elsewhere it
+/// does, as pyxis users expect), and a step that asks for both kinds is refused rather than
+/// run in a berth container inside Slurm's. Returns the value berth may read.
+pub fn slurm_container_for_berth(
+    oci_conf: Option<&std::path::Path>,
+    slurm_container: Option<Vec<u8>>,
+    request: &ContainerRequest,
+) -> Result<Option<Vec<u8>>, Error> {
+    let Some(oci_conf) = oci_conf else {
+        return Ok(slurm_container);
+    };
+    match (slurm_container.filter(|v| !v.is_empty()), request) {
+        (Some(bundle), ContainerRequest::Container { .. }) => Err(Error::TwoContainerKinds {
+            bundle: String::from_utf8_lossy(&bundle).into_owned(),
+            oci_conf: oci_conf.display().to_string(),
+        }),
+        _ => Ok(None),
+    }
+}
+
 /// `slurm_spank_init_post_opt`: every option is known; decide, check, pin and export.
 pub fn init_post_opt(spank: Spank, context: Context) -> Result<(), Error> {
     let (config, given) = {
@@ -135,7 +156,13 @@ pub fn init_post_opt(spank: Spank, context: Context) -> Result<(), Error> {
         (state.config.clone(), state.given.clone())
     };
     let launcher = Launcher::new(&config.berth);
-    let request = decide(&given, &getenv, context, &launcher)?;
+    let oci_conf = spank::slurm_oci_conf();
+    let env = |name: &str| match oci_conf {
+        Some(_) if name == SLURM_CONTAINER => None,
+        _ => getenv(name),
+    };
+    let request = decide(&given, &env, context, &launcher)?;
+    slurm_container_for_berth(oci_conf.as_deref(), getenv(SLURM_CONTAINER), &request)?;
     spank::log_debug(&format!("request: {request:?}"));
     if let ContainerRequest::Container { options, .. } = &request {
         for warning in missing_sources(&options.mounts) {
@@ -148,8 +175,10 @@ pub fn init_post_opt(spank: Spank, context: Context) -> Result<(), Error> {
     // reach it here (spank_setenv/unsetenv answer ESPANK_NOT_REMOTE outside slurmstepd; the
     // job control environment reaches neither an srun step nor salloc's shell). Slurm's own
     // option handling sets variables the same way in this callback.
-    // See the module comment: read once, then out of the job's way.
-    std::env::remove_var(SLURM_CONTAINER);
+    // See the module comment: read once, then out of the job's way (unless it is Slurm's).
+    if oci_conf.is_none() {
+        std::env::remove_var(SLURM_CONTAINER);
+    }
     let transport = request.to_transport();
     if transport.is_empty() {
         // A request inherited from an enclosing job and overridden to nothing cannot happen
@@ -343,6 +372,41 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
+
+    #[test]
+    fn slurm_container_is_slurms_where_oci_conf_is_configured() {
+        let image = ContainerRequest::Container {
+            image: "img".into(),
+            options: options::ContainerOptions::default(),
+        };
+        let bundle = Some(b"/scratch/bundle".to_vec());
+        let oci = std::path::Path::new("/etc/slurm/oci.conf");
+        // No oci.conf: berth's to read, as an image.
+        assert_eq!(
+            slurm_container_for_berth(None, bundle.clone(), &ContainerRequest::None).unwrap(),
+            bundle
+        );
+        // oci.conf: Slurm's; berth reads nothing and runs no container of its own...
+        for request in [ContainerRequest::None, ContainerRequest::Host] {
+            assert_eq!(
+                slurm_container_for_berth(Some(oci), bundle.clone(), &request).unwrap(),
+                None
+            );
+        }
+        // ...and --container-image alone is still berth's.
+        assert_eq!(
+            slurm_container_for_berth(Some(oci), None, &image).unwrap(),
+            None
+        );
+        // Both kinds at once: refused, naming both and the way out.
+        let err = slurm_container_for_berth(Some(oci), bundle, &image).unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, Error::TwoContainerKinds { .. }), "{err:?}");
+        assert!(
+            text.contains("/scratch/bundle") && text.contains("/etc/slurm/oci.conf"),
+            "{text}"
+        );
+    }
 
     const DIGEST: &str = "564738b94caf6e650d2958faba160d41ffd14562c384717105d50bd4e59b20cc";
 

@@ -15,30 +15,13 @@ use std::process::{Command, Stdio};
 use crate::error::Error;
 use crate::spank::Spank;
 
-/// Where slurmstepd reads its configuration unless SLURM_CONF says otherwise.
-const SLURM_CONF: &str = "/etc/slurm/slurm.conf";
-
-/// The TaskProlog slurm.conf names, if any (the last `TaskProlog=` line wins, keys are
-/// case-insensitive as in Slurm; `Include`d files are not read).
+/// The TaskProlog of the running Slurm's configuration (its own slurm.conf, whichever
+/// release and sysconfdir), if any; a relative one Slurm looks up itself, so berth leaves it.
 pub fn path() -> Option<PathBuf> {
-    let conf = std::env::var_os("SLURM_CONF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| SLURM_CONF.into());
-    from_conf(&std::fs::read_to_string(conf).ok()?)
-}
-
-fn from_conf(text: &str) -> Option<PathBuf> {
-    text.lines()
-        .filter_map(|line| {
-            let line = line.split('#').next()?.trim();
-            let (key, value) = line.split_once('=')?;
-            key.trim()
-                .eq_ignore_ascii_case("TaskProlog")
-                .then(|| value.trim().to_owned())
-        })
-        .next_back()
-        .filter(|v| v.starts_with('/'))
-        .map(PathBuf::from)
+    use std::os::unix::ffi::OsStringExt;
+    let path = crate::spank::task_prolog()?;
+    path.starts_with(b"/")
+        .then(|| PathBuf::from(std::ffi::OsString::from_vec(path)))
 }
 
 /// What one line of a TaskProlog's output asks for (Slurm's `_proc_stdout`).
@@ -110,14 +93,6 @@ pub fn run_on_node(spank: Spank, path: &PathBuf) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_task_prolog_is_read_from_slurm_conf() {
-        let conf = "ClusterName=x\n#TaskProlog=/old\ntaskprolog = /etc/slurm/tp.sh # site\n";
-        assert_eq!(from_conf(conf), Some("/etc/slurm/tp.sh".into()));
-        assert_eq!(from_conf("ClusterName=x\n"), None);
-        assert_eq!(from_conf("TaskProlog=relative.sh\n"), None);
-    }
 
     #[test]
     fn output_lines_become_slurms_actions() {

@@ -79,13 +79,22 @@ pub fn open(pidfd: &PidFd, handle: SpecHandle) -> Result<Held> {
 pub struct ContainerProcess {
     pub env: Vec<String>,
     pub confinement: Confinement,
+    /// The image's entrypoint ([`ANN_ENTRYPOINT`]; empty when the image has none), which the
+    /// SPANK plugin puts in front of a task's command on `--container-entrypoint`.
+    pub entrypoint: Vec<String>,
 }
+
+/// The spec annotation that carries the image's entrypoint, a JSON array of strings: the
+/// spec's own `process.args` is entrypoint and cmd run together, which a joiner cannot split.
+pub const ANN_ENTRYPOINT: &str = "org.berth.image.entrypoint";
 
 #[derive(serde::Deserialize)]
 struct SpecDoc {
     process: ProcessDoc,
     #[serde(default)]
     linux: LinuxDoc,
+    #[serde(default)]
+    annotations: std::collections::HashMap<String, String>,
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -123,7 +132,15 @@ impl ContainerProcess {
             what: "reading the container's OCI spec",
             message: e.to_string(),
         })?;
+        let entrypoint = match doc.annotations.get(ANN_ENTRYPOINT) {
+            Some(json) => serde_json::from_str(json).map_err(|e| Error::Invalid {
+                what: "reading the image's entrypoint from the container's OCI spec",
+                message: e.to_string(),
+            })?,
+            None => Vec::new(),
+        };
         Ok(ContainerProcess {
+            entrypoint,
             env: doc.process.env,
             confinement: Confinement {
                 cwd: Some(doc.process.cwd),
@@ -160,6 +177,7 @@ mod tests {
                     cgroup_ns: false,
                     seccomp: None,
                 },
+                entrypoint: Vec::new(),
             }
         );
         let profile = crate::seccomp::Profile::for_container(true, &[]);
@@ -180,6 +198,14 @@ mod tests {
         let unenforceable =
             br#"{"process":{"cwd":"/"},"linux":{"seccomp":{"defaultAction":"SCMP_ACT_ERRNO"}}}"#;
         assert!(ContainerProcess::from_spec(unenforceable).is_err());
+        let with_entry = br#"{"process":{"cwd":"/"},
+            "annotations":{"org.berth.image.entrypoint":"[\"/entry.sh\",\"-x\"]"}}"#;
+        assert_eq!(
+            ContainerProcess::from_spec(with_entry).unwrap().entrypoint,
+            ["/entry.sh", "-x"]
+        );
+        let bad = br#"{"process":{"cwd":"/"},"annotations":{"org.berth.image.entrypoint":"x"}}"#;
+        assert!(ContainerProcess::from_spec(bad).is_err());
         let root = br#"{"process":{"cwd":"/","capabilities":{"bounding":["CAP_CHOWN"]}}}"#;
         let p = ContainerProcess::from_spec(root).unwrap();
         assert!(p.confinement.keep_caps);

@@ -37,8 +37,50 @@ REGISTRY_PLAIN_PORT=5001
 CERTS_D=/etc/containers/certs.d
 CA_INSTALLED=$CERTS_D/localhost:$REGISTRY_TLS_PORT/ca.crt
 
-SLURM_PLUGIN_DIR=/usr/lib/x86_64-linux-gnu/slurm-wlm
-SPANK_PLUGIN=$SLURM_PLUGIN_DIR/spank_berth.so
+# Which Slurm the cluster runs: Debian's packaged 22.05 (the default), or a release that
+# tests/cluster/slurm-release installed from the shared sources (up --slurm RELEASE).
+# select_slurm_release [RELEASE] sets where that release's daemons, configs and plugin are;
+# called here for Debian's, and again by up for another.
+select_slurm_release() {
+    SLURM_RELEASE=${1:-}
+    if [[ -z $SLURM_RELEASE ]]; then
+        SLURM_PREFIX=/usr
+        SLURM_CONF_DIR=/etc/slurm
+        SLURM_PLUGIN_DIR=/usr/lib/x86_64-linux-gnu/slurm-wlm
+    else
+        SLURM_PREFIX=/opt/slurm-$SLURM_RELEASE
+        SLURM_CONF_DIR=/etc/slurm-$SLURM_RELEASE
+        SLURM_PLUGIN_DIR=$SLURM_PREFIX/lib/slurm
+    fi
+    SPANK_PLUGIN=$SLURM_PLUGIN_DIR/spank_berth.so
+}
+select_slurm_release ''
+
+# The user commands of a release cluster (srun, sbatch, scontrol, ...) are linked into
+# /usr/local/bin, which comes before Debian's /usr/bin on every PATH (this file's, the e2e
+# harness's, runuser's), so tests and admins reach the cluster's release without knowing
+# which it is. A release's commands default to its own sysconfdir's slurm.conf.
+link_slurm_commands() {
+    local program
+    unlink_slurm_commands
+    for program in "$SLURM_PREFIX"/bin/*; do
+        [[ -x $program ]] || continue
+        [[ ! -e /usr/local/bin/${program##*/} ]] \
+            || die "/usr/local/bin/${program##*/} exists and is not a Slurm release's link"
+        ln -s "$program" "/usr/local/bin/${program##*/}"
+    done
+}
+
+# unlink_slurm_commands: remove the links link_slurm_commands made (links into /opt/slurm-*
+# only), so Debian's commands are found again.
+unlink_slurm_commands() {
+    local link
+    for link in /usr/local/bin/*; do
+        if [[ -L $link && $(readlink "$link") == /opt/slurm-*/bin/* ]]; then
+            rm -f "$link"
+        fi
+    done
+}
 # Where the berth package installs the launcher (up installs the package).
 BERTH_BIN=/usr/bin/berth
 BERTH_CONFIG=/etc/berth/berth.toml
@@ -157,4 +199,5 @@ stop_cluster() {
     fi
     unmount_cluster_dirs
     rm -f "$STATE_FILE"
+    unlink_slurm_commands
 }

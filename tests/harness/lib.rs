@@ -723,10 +723,20 @@ pub struct PluginlessConf {
 
 impl PluginlessConf {
     pub fn new(cluster: &Cluster) -> PluginlessConf {
+        PluginlessConf::with_plugstack(cluster, "")
+    }
+
+    /// The same, with `plugstack` as the plugin stack (e.g. a plugin built for another
+    /// Slurm release).
+    pub fn with_plugstack(cluster: &Cluster, plugstack_text: &str) -> PluginlessConf {
         let name = unique_name("e2e-noplugin");
         let plugstack = cluster.home().join(format!("{name}.plugstack.conf"));
         let conf = cluster.home().join(format!("{name}.slurm.conf"));
-        let site = std::fs::read_to_string("/etc/slurm/slurm.conf").expect("read slurm.conf");
+        // The running release's (up --slurm RELEASE keeps it in /etc/slurm-RELEASE).
+        let site_conf = cluster
+            .try_var("SLURM_CONF")
+            .unwrap_or("/etc/slurm/slurm.conf");
+        let site = std::fs::read_to_string(site_conf).expect("read slurm.conf");
         let mut text: String = site
             .lines()
             .filter(|l| {
@@ -737,7 +747,7 @@ impl PluginlessConf {
             .map(|l| format!("{l}\n"))
             .collect();
         text.push_str(&format!("PlugStackConfig={}\n", plugstack.display()));
-        write_user_file(cluster, &plugstack, "", 0o644);
+        write_user_file(cluster, &plugstack, plugstack_text, 0o644);
         write_user_file(cluster, &conf, &text, 0o644);
         PluginlessConf { conf, plugstack }
     }

@@ -60,14 +60,38 @@ fn layout(proc_cgroup: &str) -> Layout {
     }
 }
 
-/// The directory of cgroup `name` for `layout` under the mount root `root`, or None when
-/// there is nothing to leave.
-fn target(root: &Path, layout: &Layout, name: &str) -> Option<PathBuf> {
+/// Where the v2 (unified) hierarchy is mounted, relative to [`CGROUP_ROOT`], as
+/// `/proc/self/mountinfo` shows it: `""` on a unified host (`/sys/fs/cgroup` itself),
+/// `"unified"` on systemd's hybrid layout (v1 controllers beside `/sys/fs/cgroup/unified`).
+/// None when no cgroup2 file system is mounted there.
+fn v2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        // "ID PARENT MAJ:MIN ROOT MOUNTPOINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER"
+        let (mount, fs) = line.split_once(" - ")?;
+        if fs.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        let point = Path::new(mount.split_whitespace().nth(4)?);
+        point.strip_prefix(CGROUP_ROOT).ok().map(Path::to_path_buf)
+    })
+}
+
+/// The directory of cgroup `name` for `layout` under the mount root `root` (v2: in the
+/// hierarchy mounted at `v2` below it), or None when there is nothing to leave: no memory
+/// controller in either hierarchy, or a v2 hierarchy that is not mounted where berth looks.
+fn target(root: &Path, v2: Option<&Path>, layout: &Layout, name: &str) -> Option<PathBuf> {
     match layout {
         Layout::V1Memory { .. } => Some(root.join("memory").join(name)),
-        Layout::V2 { .. } => Some(root.join(name)),
+        Layout::V2 { .. } => Some(root.join(v2?).join(name)),
         Layout::None => None,
     }
+}
+
+/// Whether the v2 hierarchy at `dir` has the memory controller (its `cgroup.controllers`):
+/// without it, v2 limits no job's memory (a hybrid host keeps memory in v1) and there is
+/// nothing to leave.
+fn v2_has_memory(controllers: &str) -> bool {
+    controllers.split_whitespace().any(|c| c == "memory")
 }
 
 /// `[cache] build_cgroup`: empty (builds stay where they were started) or a relative path of
@@ -117,9 +141,16 @@ pub fn leave_job_memory_cgroup(root: &Path, name: &BuildCgroup) -> Result<Option
         }
         _ => {}
     }
-    let Some(dir) = target(root, &layout, name) else {
+    let v2 = v2_mount(&read("/proc/self/mountinfo")?);
+    let Some(dir) = target(root, v2.as_deref(), &layout, name) else {
         return Ok(None);
     };
+    if let (Layout::V2 { .. }, Some(v2)) = (&layout, &v2) {
+        let controllers = fs::read_to_string(root.join(v2).join("cgroup.controllers"));
+        if !controllers.is_ok_and(|c| v2_has_memory(&c)) {
+            return Ok(None);
+        }
+    }
     let io = |what: &str, e| Error::io(format!("{what} {}", dir.display()), e);
     fs::create_dir_all(&dir).map_err(|e| io("creating the build cgroup", e))?;
     // Writing a pid moves that process (only this thread group: berth starts its threads
@@ -173,18 +204,87 @@ mod tests {
         assert_eq!(layout("1:name=systemd:/x\n"), Layout::None);
     }
 
+    /// Recorded `/proc/self/mountinfo` lines: a unified (v2-only) host as Debian 12, Ubuntu
+    /// 22.04+ and RHEL 9 boot by default, systemd's hybrid layout, and this test cluster's
+    /// v1-only one (controllers under a tmpfs, no cgroup2 at all).
+    const MOUNTS_V2: &str = "25 30 0:22 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw\n\
+        26 25 0:23 / /sys/fs/cgroup rw,nosuid,nodev,noexec,relatime shared:9 - cgroup2 cgroup2 rw,nsdelegate,memory_recursiveprot\n";
+    const MOUNTS_HYBRID: &str = "31 23 0:28 / /sys/fs/cgroup ro,nosuid,nodev,noexec shared:9 - tmpfs tmpfs ro,mode=755\n\
+        32 31 0:29 / /sys/fs/cgroup/unified rw,nosuid,nodev,noexec,relatime shared:10 - cgroup2 cgroup2 rw,nsdelegate\n\
+        35 31 0:32 / /sys/fs/cgroup/memory rw,nosuid,nodev,noexec,relatime shared:14 - cgroup cgroup rw,memory\n";
+    const MOUNTS_V1: &str = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n\
+        35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory\n";
+    /// A task of Slurm 24.11's cgroup/v2 plugin, and systemd's hybrid view of one.
+    const V2_SLURM_TASK: &str = "0::/system.slice/slurmstepd.scope/job_7/step_0/user/task_0\n";
+    const HYBRID_TASK: &str = "11:memory:/slurm/uid_1100/job_7/step_0/task_0\n\
+                               1:name=systemd:/system.slice/slurmd.service\n\
+                               0::/system.slice/slurmd.service\n";
+
+    #[test]
+    fn the_v2_hierarchy_is_found_where_it_is_mounted() {
+        assert_eq!(v2_mount(MOUNTS_V2), Some(PathBuf::new()));
+        assert_eq!(v2_mount(MOUNTS_HYBRID), Some(PathBuf::from("unified")));
+        assert_eq!(v2_mount(MOUNTS_V1), None);
+        // A cgroup2 mounted elsewhere (a container's own) is not the host's hierarchy.
+        assert_eq!(
+            v2_mount("40 30 0:40 / /srv/cg rw - cgroup2 cgroup2 rw\n"),
+            None
+        );
+        assert!(v2_has_memory(
+            "cpuset cpu io memory hugetlb pids rdma misc\n"
+        ));
+        assert!(!v2_has_memory("cpuset cpu io pids\n"));
+    }
+
     #[test]
     fn targets_per_layout() {
         let root = Path::new("/sys/fs/cgroup");
         assert_eq!(
-            target(root, &layout(V1), "berth/fetch"),
+            target(
+                root,
+                v2_mount(MOUNTS_V1).as_deref(),
+                &layout(V1),
+                "berth/fetch"
+            ),
             Some(PathBuf::from("/sys/fs/cgroup/memory/berth/fetch"))
         );
+        // Hybrid: the memory controller is v1's, so the build moves there, not to unified.
         assert_eq!(
-            target(root, &layout(V2), "berth/fetch"),
-            Some(PathBuf::from("/sys/fs/cgroup/berth/fetch"))
+            target(
+                root,
+                v2_mount(MOUNTS_HYBRID).as_deref(),
+                &layout(HYBRID_TASK),
+                "berth/fetch"
+            ),
+            Some(PathBuf::from("/sys/fs/cgroup/memory/berth/fetch"))
         );
-        assert_eq!(target(root, &Layout::None, "berth/fetch"), None);
+        for task in [V2, V2_SLURM_TASK] {
+            assert_eq!(
+                target(
+                    root,
+                    v2_mount(MOUNTS_V2).as_deref(),
+                    &layout(task),
+                    "berth/fetch"
+                ),
+                Some(PathBuf::from("/sys/fs/cgroup/berth/fetch"))
+            );
+        }
+        // A v2 path in /proc/self/cgroup with no cgroup2 under /sys/fs/cgroup: nowhere to go.
+        assert_eq!(target(root, None, &layout(V2), "berth/fetch"), None);
+        assert_eq!(target(root, None, &Layout::None, "berth/fetch"), None);
+    }
+
+    #[test]
+    fn a_v2_move_goes_to_the_unified_root_and_needs_its_memory_controller() {
+        // A recorded v2 root (cgroup.controllers) under a plain directory: the target is
+        // computed, and without the memory controller there is nothing to leave.
+        let dir = tempfile::tempdir().unwrap();
+        let v2 = v2_mount(MOUNTS_V2).unwrap();
+        let dest = target(dir.path(), Some(&v2), &layout(V2_SLURM_TASK), "berth/fetch");
+        assert_eq!(dest, Some(dir.path().join("berth/fetch")));
+        std::fs::write(dir.path().join("cgroup.controllers"), "cpu io pids\n").unwrap();
+        let controllers = std::fs::read_to_string(dir.path().join("cgroup.controllers")).unwrap();
+        assert!(!v2_has_memory(&controllers));
     }
 
     #[test]

@@ -250,6 +250,8 @@ pub fn build(image: &ImageRef<'_>, opts: &Options, host: &Host) -> Result<Spec> 
             ANN_IMAGE_OFFSET: image.offset.to_string(),
             ANN_USER_NAME: host.user,
             ANN_USER_HOME: home,
+            // The SPANK plugin's joiners read it (--container-entrypoint).
+            (berth_sys::holder::ANN_ENTRYPOINT): json!(config.entrypoint).to_string(),
         },
     });
     serde_json::from_value(spec).map_err(Error::Spec)
@@ -1048,5 +1050,13 @@ mod tests {
         assert_eq!(a[ANN_IMAGE_OFFSET], "4096");
         assert_eq!(a[ANN_USER_NAME], "ada");
         assert_eq!(a[ANN_USER_HOME], "/home/ada");
+        assert_eq!(a[berth_sys::holder::ANN_ENTRYPOINT], "[]");
+        let config = ImageConfig {
+            entrypoint: vec!["/entry".into(), "a b".into()],
+            ..ImageConfig::default()
+        };
+        let spec = build_with(&config, &opts(&["true"]), &host());
+        let a = spec.annotations().as_ref().unwrap();
+        assert_eq!(a[berth_sys::holder::ANN_ENTRYPOINT], r#"["/entry","a b"]"#);
     }
 }
