@@ -64,7 +64,7 @@ use crate::reference::{Digest, Reference};
 use crate::registry::manifest::{parse_image_config, Descriptor};
 use crate::registry::progress::{self, Progress};
 use crate::registry::{
-    self, access, mirrors, BlobJob, Client, ClientOptions, Endpoint, ResolvedImage, UserLogin,
+    access, mirrors, BlobJob, Client, ClientOptions, Endpoint, Logins, ResolvedImage,
 };
 use crate::unpack::{self, Budget, Compression, Limits};
 use crate::{sif, Error, Result};
@@ -100,16 +100,27 @@ pub fn fetch_with(config: &Config, image: &str, options: &FetchOptions) -> Resul
     let policy = Policy::new(&config.policy);
     // The policy decides before anything touches the network or the cache.
     let reference = approved_reference(&policy, image)?;
-    // Read here, as the caller: the cache's service user could not read a job user's login.
-    let login = registry::user_login(&config.registry, options.user.as_ref())?;
-    let fetch = || fetch_approved(config, &policy, &reference, options, login.as_ref());
-    let owner = Owner::of(&config.cache)?;
-    if owner.is_root() || berth_sys::identity::effective_uid() != 0 {
-        return fetch();
+    // Read here, as the caller: the cache's service user could read neither the site's
+    // credentials nor a job user's login.
+    let logins = Logins::read(&config.registry, options.user.as_ref())?;
+    let fetch = || fetch_approved(config, &policy, &reference, options, &logins);
+    match service_owner(config)? {
+        // Root with a service user: the registry and the image's bytes are the owner's to
+        // handle (see `owner`).
+        Some(owner) => owner::fetch_as(&owner, &config.cache, fetch),
+        None => fetch(),
     }
-    // Root with a service user: the registry and the image's bytes are the owner's to
-    // handle (see `owner`).
-    owner::fetch_as(&owner, &config.cache, fetch)
+}
+
+/// The cache's service user where root hands it the registry and the image's bytes; `None`
+/// where the caller does that itself (root owning the cache, or an ordinary user, whose node
+/// or container need not know the service user).
+fn service_owner(config: &Config) -> Result<Option<Owner>> {
+    if berth_sys::identity::effective_uid() != 0 {
+        return Ok(None);
+    }
+    let owner = Owner::of(&config.cache)?;
+    Ok(Some(owner).filter(|o| !o.is_root()))
 }
 
 /// [`fetch_with`] of a reference the policy approved, as the caller.
@@ -118,7 +129,7 @@ fn fetch_approved(
     policy: &Policy,
     reference: &Reference,
     options: &FetchOptions,
-    login: Option<&UserLogin>,
+    logins: &Logins,
 ) -> Result<PathBuf> {
     let cache = Cache::open(&config.cache)?.with_store(&config.store);
     let repo = RepoKey::of(reference);
@@ -130,13 +141,13 @@ fn fetch_approved(
                 reference,
                 (cache.dir(), &path),
                 options,
-                login,
+                logins,
             )?;
             return Ok(path);
         }
     }
     // Resolved with the requester's credentials: a hit after it needs no other check.
-    let (client, resolved) = connect(config, policy, reference, options, login, |client| {
+    let (client, resolved) = connect(config, policy, reference, options, logins, |client| {
         client.resolve(reference)
     })?;
     let path = match cache.hit(&repo, &resolved.manifest_digest)? {
@@ -168,14 +179,13 @@ pub fn resolve(config: &Config, image: &str) -> Result<Reference> {
             ..reference
         });
     }
-    let login = registry::user_login(&config.registry, None)?;
-    let owner = Owner::of(&config.cache)?;
-    if owner.is_root() || berth_sys::identity::effective_uid() != 0 {
-        return resolve_approved(config, &policy, &reference, login.as_ref());
-    }
+    let logins = Logins::read(&config.registry, None)?;
+    let Some(owner) = service_owner(config)? else {
+        return resolve_approved(config, &policy, &reference, &logins);
+    };
     // Root with a service user: the registry's answers are the owner's to parse.
     let pinned = owner::run_as(&owner, &config.cache, || {
-        resolve_approved(config, &policy, &reference, login.as_ref()).map(|r| r.to_string())
+        resolve_approved(config, &policy, &reference, &logins).map(|r| r.to_string())
     })?;
     Reference::parse(&pinned)
 }
@@ -185,13 +195,13 @@ fn resolve_approved(
     config: &Config,
     policy: &Policy,
     reference: &Reference,
-    login: Option<&UserLogin>,
+    logins: &Logins,
 ) -> Result<Reference> {
     let quiet = FetchOptions {
         quiet: true,
         user: None,
     };
-    let (_, fetched) = connect(config, policy, reference, &quiet, login, |client| {
+    let (_, fetched) = connect(config, policy, reference, &quiet, logins, |client| {
         client.manifest(&reference.repository, reference)
     })?;
     Ok(Reference {
@@ -208,13 +218,13 @@ fn connect<T>(
     policy: &Policy,
     reference: &Reference,
     fetch: &FetchOptions,
-    login: Option<&UserLogin>,
+    logins: &Logins,
     first: impl FnMut(&Client) -> Result<T>,
 ) -> Result<(Client, T)> {
     let options = |endpoint: &Endpoint| ClientOptions {
         plain_http: policy.allows_plain_http(&endpoint.host),
         quiet: fetch.quiet,
-        login: login.cloned(),
+        logins: logins.clone(),
     };
     mirrors::first_answering(&config.registry, &reference.registry, options, first)
 }
@@ -228,7 +238,7 @@ fn check_access(
     reference: &Reference,
     (cache_dir, sif): (&Path, &Path),
     options: &FetchOptions,
-    login: Option<&UserLogin>,
+    logins: &Logins,
 ) -> Result<()> {
     let requester = options
         .user
@@ -237,7 +247,7 @@ fn check_access(
     if access::served_without_asking(access::puller(cache_dir, sif)?, requester) {
         return Ok(());
     }
-    match connect(config, policy, reference, options, login, |client| {
+    match connect(config, policy, reference, options, logins, |client| {
         client.manifest(&reference.repository, reference)
     }) {
         Ok(_) => Ok(()),

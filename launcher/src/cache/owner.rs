@@ -366,9 +366,6 @@ pub fn doctor(config: &Config) -> Status {
                 .into(),
         );
     }
-    if let Some(warning) = auth_file_unreadable(config, &owner) {
-        return Status::Warn(warning);
-    }
     Status::Ok(format!(
         "{} (uid {}) writes the cache; root seals what it builds{}",
         owner.name,
@@ -379,22 +376,6 @@ pub fn doctor(config: &Config) -> Status {
             ""
         }
     ))
-}
-
-/// The registry credentials file is read by the fetch running as the cache's owner: say so
-/// when that user cannot read it.
-fn auth_file_unreadable(config: &Config, owner: &Owner) -> Option<String> {
-    let file = &config.registry.auth_file;
-    let meta = fs::metadata(file).ok()?;
-    let readable = meta.uid() == owner.uid || (meta.gid() == owner.gid && meta.mode() & 0o040 != 0);
-    (!readable).then(|| {
-        format!(
-            "{0} is not readable by {1}, who pulls for the node: images needing its \
-             credentials will fail (fix: chown root:{1} {0} && chmod 640 {0})",
-            file.display(),
-            owner.name
-        )
-    })
 }
 
 #[cfg(test)]
@@ -412,24 +393,11 @@ mod tests {
         let mut config = Config::default();
         config.cache.dir = dir.path().join("cache");
         config.cache.owner = "nobody".into();
-        config.registry.auth_file = dir.path().join("auth.json");
         let owner = Owner::of(&config.cache).unwrap();
         prepare(&config.cache.dir, &owner).unwrap();
         let status = doctor(&config);
         assert!(
             matches!(&status, Status::Ok(m) if m.contains("nobody (uid 65534)")),
-            "{status:?}"
-        );
-
-        fs::write(&config.registry.auth_file, "{}").unwrap();
-        fs::set_permissions(
-            &config.registry.auth_file,
-            fs::Permissions::from_mode(0o600),
-        )
-        .unwrap();
-        let status = doctor(&config);
-        assert!(
-            matches!(&status, Status::Warn(m) if m.contains("chmod 640")),
             "{status:?}"
         );
 
@@ -449,6 +417,4 @@ mod tests {
         config.cache.owner = "no such user".into();
         assert!(matches!(doctor(&config), Status::Fail { fix, .. } if fix.contains("adduser")));
     }
-
-    use std::os::unix::fs::PermissionsExt;
 }

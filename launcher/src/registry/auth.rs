@@ -60,11 +60,12 @@ struct AuthEntry {
     password: Option<String>,
 }
 
-/// The credentials for `registry` (canonical `host[:port]`) from the auth file at `path`.
-/// A missing file means no credentials. An unreadable file (berth running as an ordinary
-/// user, who cannot read the admin-only file) also means none: such a caller can still use
-/// public repositories.
-pub fn credentials_for(path: &Path, registry: &str) -> Result<Option<Credentials>> {
+/// The site's auth file at `path` (`[registry] auth_file`), read by whoever reads the
+/// site's credentials for a pull: root on the node, before it hands the pull to the cache's
+/// service user (who cannot read the admin-only file). A missing file means no credentials.
+/// An unreadable file (berth running as an ordinary user) also means none: such a caller can
+/// still use public repositories.
+pub fn read_site_file(path: &Path) -> Result<Option<LoginFile>> {
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -90,12 +91,14 @@ pub fn credentials_for(path: &Path, registry: &str) -> Result<Option<Credentials
             ),
         ));
     }
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => return Ok(None),
-        Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
-    };
-    parse_auth_file(path, &text, registry)
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(Some(LoginFile {
+            path: path.to_path_buf(),
+            text: Ok(text),
+        })),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Ok(None),
+        Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
+    }
 }
 
 /// The caller's own registry credentials files, in the order podman and skopeo read them:
@@ -385,6 +388,11 @@ mod tests {
         );
         assert!(parse_auth_file(p, r#"{"auths": 5}"#, "x").is_err());
         assert!(!format!("{c:?}").contains("s3cr3t"));
+    }
+
+    fn credentials_for(path: &Path, registry: &str) -> Result<Option<Credentials>> {
+        let file = read_site_file(path)?;
+        Ok(login_for(file.as_slice(), registry)?.map(|(credentials, _)| credentials))
     }
 
     fn user_credentials_for(

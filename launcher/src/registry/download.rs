@@ -273,7 +273,7 @@ mod tests {
     use crate::config::RegistryConfig;
     use crate::reference::DigestAlgorithm;
     use crate::registry::tests::{bearer_challenge, http, serve};
-    use crate::registry::ClientOptions;
+    use crate::registry::{ClientOptions, Logins};
 
     fn client(dir: &Path, port: u16, tune: impl FnOnce(&mut RegistryConfig)) -> Client {
         let mut config = RegistryConfig {
@@ -287,7 +287,7 @@ mod tests {
         let options = ClientOptions {
             plain_http: true,
             quiet: true,
-            login: None,
+            logins: Logins::read(&config, None).unwrap(),
         };
         Client::new(&config, &format!("127.0.0.1:{port}"), options).unwrap()
     }

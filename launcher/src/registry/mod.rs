@@ -76,16 +76,42 @@ pub struct ClientOptions {
     pub plain_http: bool,
     /// No progress lines on stderr.
     pub quiet: bool,
-    /// The user's own login (see [`user_login`]): used where the site has no credentials
-    /// for the registry (see [`access`]).
-    pub login: Option<UserLogin>,
+    /// The logins the client may pull with (see [`Logins::read`]).
+    pub logins: Logins,
+}
+
+/// The registry logins a pull may use, read before it starts: root hands a node's pull to
+/// the cache's service user, who can read neither the site's file nor a user's.
+#[derive(Debug, Clone, Default)]
+pub struct Logins {
+    /// The site's `[registry] auth_file`.
+    site: Option<auth::LoginFile>,
+    /// A user's own login, used where the site has no credentials for the registry (see
+    /// [`access`]).
+    user: Option<UserLogin>,
 }
 
 /// A user's own registry login files, read with their rights, and their uid.
 #[derive(Debug, Clone)]
-pub struct UserLogin {
+struct UserLogin {
     uid: u32,
     files: Vec<auth::LoginFile>,
+}
+
+impl Logins {
+    /// The site's credentials file, and the login files whose credentials a pull may use
+    /// where the site has none, where `[registry] user_credentials` allows: a user's own run
+    /// reads the caller's (found through its environment); root's own pulls use the site's
+    /// credentials only; root pulling for a job `user` reads that user's, from their home and
+    /// runtime directories only (the job's environment is not root's to follow), with their
+    /// rights so root opens nothing they could not, and the cache records the pull (see
+    /// [`access`]).
+    pub fn read(config: &RegistryConfig, user: Option<&FsUser>) -> Result<Logins> {
+        Ok(Logins {
+            site: auth::read_site_file(&config.auth_file)?,
+            user: user_login(config, user)?,
+        })
+    }
 }
 
 /// A manifest as the registry served it, with the digest of its exact bytes.
@@ -151,10 +177,11 @@ impl Client {
         options: ClientOptions,
     ) -> Result<Client> {
         let registry = endpoint.host.as_str();
-        let own_credentials = options.login.is_some();
-        let (credentials, puller) = match auth::credentials_for(&config.auth_file, registry)? {
-            Some(site) => (Some(site), Puller::Site),
-            None => match &options.login {
+        let logins = &options.logins;
+        let own_credentials = logins.user.is_some();
+        let (credentials, puller) = match auth::login_for(logins.site.as_slice(), registry)? {
+            Some((site, _)) => (Some(site), Puller::Site),
+            None => match &logins.user {
                 Some(login) => match auth::login_for(&login.files, registry)? {
                     Some((credentials, _)) => (Some(credentials), Puller::User(login.uid)),
                     None => (None, Puller::Site),
@@ -317,14 +344,8 @@ impl Client {
     }
 }
 
-/// The login files whose credentials a pull may use where the site has none, where
-/// `[registry] user_credentials` allows: a user's own run reads the caller's (found through
-/// its environment); root's own pulls use the site's credentials only; root pulling for a job
-/// `user` reads that user's, from their home and runtime directories only (the job's
-/// environment is not root's to follow), with their rights so root opens nothing they could
-/// not, and the cache records the pull (see [`access`]). Read before the pull starts: root
-/// hands it to the cache's service user, who could not read them.
-pub fn user_login(config: &RegistryConfig, user: Option<&FsUser>) -> Result<Option<UserLogin>> {
+/// A user's own login for [`Logins::read`].
+fn user_login(config: &RegistryConfig, user: Option<&FsUser>) -> Result<Option<UserLogin>> {
     let euid = berth_sys::identity::effective_uid();
     if !config.user_credentials {
         return Ok(None);
@@ -507,7 +528,7 @@ mod tests {
             ClientOptions {
                 plain_http: true,
                 quiet: true,
-                login: None,
+                logins: Logins::read(&config, None).unwrap(),
             },
         )
         .unwrap();
@@ -546,7 +567,7 @@ mod tests {
         let options = ClientOptions {
             plain_http: true,
             quiet: true,
-            login: None,
+            logins: Logins::read(&config, None).unwrap(),
         };
         Client::new(&config, registry, options).unwrap()
     }
@@ -627,7 +648,7 @@ mod tests {
         let options = ClientOptions {
             plain_http: false,
             quiet: true,
-            login: None,
+            logins: Logins::read(&config, None).unwrap(),
         };
         Client::new(&config, registry, options).unwrap()
     }
