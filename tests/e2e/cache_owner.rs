@@ -7,53 +7,20 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use berth_e2e::{sh, unique_name, Cluster, Cmd, Run};
+use berth_e2e::{sh, Cluster, Cmd, ScratchBerth};
 
 /// A private cache owned by `berth`, so the fetch is cold and no other test's cache moves.
-struct Env {
-    dir: PathBuf,
-    config: PathBuf,
-    berth: PathBuf,
-}
-
-impl Env {
-    fn new() -> Env {
-        let cluster = Cluster::get();
-        let dir = Path::new("/var/tmp").join(unique_name("berth-e2e-owner"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let config = dir.join("berth.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[policy]\nallowed = [\"{}/*\"]\n[cache]\ndir = \"{}\"\nowner = \"berth\"\n\
-                 [registry]\ncerts_dir = \"{}\"\n",
-                cluster.tls_registry().host,
-                dir.join("cache").display(),
-                cluster.certs_dir().display()
-            ),
+fn owner_env() -> ScratchBerth {
+    let cluster = Cluster::get();
+    ScratchBerth::new("berth-e2e-owner", |dir| {
+        format!(
+            "[policy]\nallowed = [\"{}/*\"]\n[cache]\ndir = \"{}\"\nowner = \"berth\"\n\
+             [registry]\ncerts_dir = \"{}\"\n",
+            cluster.tls_registry().host,
+            dir.join("cache").display(),
+            cluster.certs_dir().display()
         )
-        .unwrap();
-        let berth = std::env::var_os("BERTH_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| cluster.berth_bin());
-        Env { dir, config, berth }
-    }
-
-    fn berth(&self, args: &[&str]) -> Run {
-        let mut all = vec![
-            self.berth.display().to_string(),
-            "--config".into(),
-            self.config.display().to_string(),
-        ];
-        all.extend(args.iter().map(|a| a.to_string()));
-        Cmd::root(all).run()
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+    })
 }
 
 fn berth_uid() -> u32 {
@@ -74,7 +41,7 @@ fn owner_and_mode(path: &Path) -> (u32, u32) {
 #[test]
 fn a_cold_fetch_is_built_by_the_service_user_and_sealed_by_root() {
     let cluster = Cluster::get();
-    let env = Env::new();
+    let env = owner_env();
     let uid = berth_uid();
     let run = env.berth(&["fetch", &cluster.image_tls().reference]);
     assert!(run.success(), "{run:?}");

@@ -11,14 +11,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use berth_e2e::{access_lines, sh, unique_name, Cluster, Cmd, PrivateRegistry, Run};
+use berth_e2e::{access_lines, sh, unique_name, Cluster, Cmd, PrivateRegistry, Run, ScratchBerth};
 
 /// A private cache and configuration for one test.
 struct Env {
     cluster: Cluster,
-    dir: PathBuf,
-    config: PathBuf,
-    berth: PathBuf,
+    scratch: ScratchBerth,
 }
 
 impl Env {
@@ -30,48 +28,25 @@ impl Env {
     /// credentials from `auth_file`.
     fn with_registry(extra_allowed: &[&str], certs_dir: &Path, auth_file: Option<&Path>) -> Env {
         let cluster = Cluster::get();
-        let dir = Path::new("/var/tmp").join(unique_name("berth-e2e-fetch"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let config = dir.join("berth.toml");
         let mut allowed = vec![format!("\"{}/*\"", cluster.tls_registry().host)];
         allowed.extend(extra_allowed.iter().map(|a| format!("\"{a}\"")));
         let auth = auth_file
             .map(|p| format!("auth_file = \"{}\"\n", p.display()))
             .unwrap_or_default();
-        std::fs::write(
-            &config,
+        let scratch = ScratchBerth::new("berth-e2e-fetch", |dir| {
             format!(
                 "[policy]\nallowed = [{}]\n[cache]\ndir = \"{}\"\nmax_size = \"10G\"\n\
                  [registry]\ncerts_dir = \"{}\"\n{auth}retries = 3\ntimeout_secs = 5\n",
                 allowed.join(", "),
                 dir.join("cache").display(),
                 certs_dir.display()
-            ),
-        )
-        .unwrap();
-        let berth = std::env::var_os("BERTH_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| cluster.berth_bin());
-        Env {
-            cluster,
-            dir,
-            config,
-            berth,
-        }
-    }
-
-    fn cmd(&self, args: &[&str]) -> Cmd {
-        let mut all: Vec<String> = vec![
-            self.berth.display().to_string(),
-            "--config".into(),
-            self.config.display().to_string(),
-        ];
-        all.extend(args.iter().map(|a| a.to_string()));
-        Cmd::root(all)
+            )
+        });
+        Env { cluster, scratch }
     }
 
     fn berth(&self, args: &[&str]) -> Run {
-        self.cmd(args).run()
+        self.scratch.berth(args)
     }
 
     fn fetch_ok(&self, image: &str) -> PathBuf {
@@ -83,7 +58,7 @@ impl Env {
     }
 
     fn images(&self) -> Vec<String> {
-        match std::fs::read_dir(self.dir.join("cache/images")) {
+        match std::fs::read_dir(self.scratch.dir.join("cache/images")) {
             Ok(entries) => entries
                 .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
                 .collect(),
@@ -92,19 +67,13 @@ impl Env {
     }
 
     fn staging(&self) -> Vec<String> {
-        std::fs::read_dir(self.dir.join("cache/tmp"))
+        std::fs::read_dir(self.scratch.dir.join("cache/tmp"))
             .map(|entries| {
                 entries
                     .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
                     .collect()
             })
             .unwrap_or_default()
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -347,7 +316,7 @@ fn concurrent_fetches_download_each_blob_once() {
     let log = env.cluster.tls_registry().log_cursor();
     let children: Vec<_> = (0..8)
         .map(|_| {
-            let cmd = env.cmd(&["fetch", "--quiet", &image.reference]);
+            let cmd = env.scratch.cmd(&["fetch", "--quiet", &image.reference]);
             std::thread::spawn(move || cmd.run())
         })
         .collect();
@@ -376,10 +345,10 @@ fn concurrent_fetches_download_each_blob_once() {
 fn kill_during_fetch_leaves_nothing_usable_and_a_new_fetch_succeeds() {
     let env = Env::new(&[]);
     let image = push_image(&unique_name("killed"), "v", 64 << 20, "k");
-    let mut child = Command::new(&env.berth)
+    let mut child = Command::new(&env.scratch.berth)
         .args([
             "--config",
-            &env.config.display().to_string(),
+            &env.scratch.config.display().to_string(),
             "fetch",
             &image.reference,
         ])
@@ -477,7 +446,7 @@ fn a_user_cannot_fill_the_node_cache() {
     let env = Env::new(&[]);
     let image = push_image(&unique_name("user"), "v", 100, "u");
     let run = Cmd::user([
-        env.berth.display().to_string(),
+        env.scratch.berth.display().to_string(),
         "fetch".into(),
         image.reference,
     ])
@@ -558,7 +527,7 @@ fn python_layer(dir: &Path, script: &str) -> PathBuf {
 fn hostile_layers_are_refused_quickly_and_the_next_pull_still_works() {
     let env = Env::new(&[]);
     let host = env.cluster.tls_registry().host.clone();
-    let work = env.dir.join("layers");
+    let work = env.scratch.dir.join("layers");
     std::fs::create_dir_all(&work).unwrap();
     let cases = [
         // A path deeper than PATH_MAX, then an entry berth refuses: the staging is left
@@ -638,7 +607,7 @@ fn a_users_lock_on_a_cached_image_does_not_stop_prune() {
 fn a_cache_directory_others_can_write_is_refused() {
     let env = Env::new(&[]);
     env.fetch_ok(&env.cluster.image_tls().reference);
-    let images = env.dir.join("cache/images");
+    let images = env.scratch.dir.join("cache/images");
     std::fs::set_permissions(&images, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
     let run = env.berth(&["fetch", &env.cluster.image_tls().by_digest()]);
     assert!(!run.success(), "{run:?}");

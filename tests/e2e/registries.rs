@@ -15,52 +15,21 @@ use std::process::{Command, Stdio};
 
 use std::time::Duration;
 
-use berth_e2e::{unique_name, wait_until, write_user_file, Cluster, Cmd, PrivateRegistry, Run};
+use berth_e2e::{
+    unique_name, wait_until, write_user_file, Cluster, Cmd, PrivateRegistry, ScratchBerth,
+};
 
 /// A private cache and a configuration made of `extra` after the cache and CA settings.
-struct Site {
-    dir: PathBuf,
-    config: PathBuf,
-    berth: PathBuf,
-}
-
-impl Site {
-    fn new(extra: &str) -> Site {
-        let cluster = Cluster::get();
-        let dir = Path::new("/var/tmp").join(unique_name("berth-e2e-registries"));
-        std::fs::create_dir_all(&dir).unwrap();
-        let config = dir.join("berth.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[cache]\ndir = \"{}\"\n[registry]\ncerts_dir = \"{}\"\nretries = 2\n\
-                 timeout_secs = 5\n{extra}",
-                dir.join("cache").display(),
-                cluster.certs_dir().display()
-            ),
+fn site(extra: &str) -> ScratchBerth {
+    let cluster = Cluster::get();
+    ScratchBerth::new("berth-e2e-registries", |dir| {
+        format!(
+            "[cache]\ndir = \"{}\"\n[registry]\ncerts_dir = \"{}\"\nretries = 2\n\
+             timeout_secs = 5\n{extra}",
+            dir.join("cache").display(),
+            cluster.certs_dir().display()
         )
-        .unwrap();
-        let berth = std::env::var_os("BERTH_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| cluster.berth_bin());
-        Site { dir, config, berth }
-    }
-
-    fn berth(&self, args: &[&str]) -> Run {
-        let mut all = vec![
-            self.berth.display().to_string(),
-            "--config".into(),
-            self.config.display().to_string(),
-        ];
-        all.extend(args.iter().map(|a| a.to_string()));
-        Cmd::root(all).run()
-    }
-}
-
-impl Drop for Site {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+    })
 }
 
 #[test]
@@ -69,7 +38,7 @@ fn a_mirror_serves_another_registrys_name_with_the_upstream_unreachable() {
     let registry = cluster.tls_registry();
     // `mirrored.invalid` cannot resolve: every byte must come from the mirror, which keeps
     // the registry's repositories under its project `test`.
-    let site = Site::new(&format!(
+    let site = site(&format!(
         "[[registry.mirrors]]\nregistry = \"mirrored.invalid\"\nmirrors = [\"{}/test\"]\n\
          [policy]\nallowed = [\"mirrored.invalid/*\"]\n",
         registry.host
@@ -123,7 +92,7 @@ fn a_mirror_serves_another_registrys_name_with_the_upstream_unreachable() {
 fn a_pull_with_parallel_downloads_reports_totals_and_rates() {
     let cluster = Cluster::get();
     let registry = cluster.tls_registry();
-    let site = Site::new(&format!(
+    let site = site(&format!(
         "parallel_downloads = 2\n[policy]\nallowed = [\"{}/*\"]\n",
         registry.host
     ));
@@ -766,7 +735,7 @@ fn sha256_hex(text: &str) -> String {
 fn an_interrupted_layer_resumes_from_its_staged_bytes_with_a_range_request() {
     let cluster = Cluster::get();
     let registry = cluster.tls_registry();
-    let site = Site::new(&format!("[policy]\nallowed = [\"{}/*\"]\n", registry.host));
+    let site = site(&format!("[policy]\nallowed = [\"{}/*\"]\n", registry.host));
     let image = cluster.image_tls();
     let stored = |digest: &str| {
         let hex = digest.trim_start_matches("sha256:");

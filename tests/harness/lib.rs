@@ -650,6 +650,55 @@ pub fn access_lines<'a>(log_text: &'a str, needle: &str) -> Vec<&'a str> {
         .collect()
 }
 
+/// The cluster's berth run by root with a configuration of the test's own (`--config`), in
+/// a scratch directory under /var/tmp that holds it and, as the configuration says, a private
+/// cache, so no other test's cache moves; removed on drop.
+pub struct ScratchBerth {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    /// The berth binary: `$BERTH_BIN`, else the cluster's.
+    pub berth: PathBuf,
+}
+
+impl ScratchBerth {
+    /// A scratch directory named after `prefix`, with the berth.toml `config` writes for it.
+    pub fn new(prefix: &str, config: impl FnOnce(&Path) -> String) -> ScratchBerth {
+        let dir = Path::new("/var/tmp").join(unique_name(prefix));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("berth.toml");
+        std::fs::write(&path, config(&dir)).unwrap();
+        let berth = std::env::var_os("BERTH_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Cluster::get().berth_bin());
+        ScratchBerth {
+            dir,
+            config: path,
+            berth,
+        }
+    }
+
+    /// `berth --config CONFIG ARGS...` as root.
+    pub fn cmd(&self, args: &[&str]) -> Cmd {
+        let mut all: Vec<String> = vec![
+            self.berth.display().to_string(),
+            "--config".into(),
+            self.config.display().to_string(),
+        ];
+        all.extend(args.iter().map(|a| a.to_string()));
+        Cmd::root(all)
+    }
+
+    pub fn berth(&self, args: &[&str]) -> Run {
+        self.cmd(args).run()
+    }
+}
+
+impl Drop for ScratchBerth {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// A name no other test (in this or a concurrent run) uses: for files, jobs, images.
 pub fn unique_name(prefix: &str) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
