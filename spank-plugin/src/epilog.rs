@@ -67,32 +67,20 @@ mod tests {
                 .find(|(n, _)| *n == name)
                 .map(|(_, v)| OsString::from(v))
         };
-        assert_eq!(
-            job_user(&env),
-            Some((
-                42,
-                Identity::User {
-                    uid: 1100,
-                    gid: 1100,
-                    groups: Vec::new()
-                }
-            ))
-        );
+        let job_of_1100 = Some((
+            42,
+            Identity::User {
+                uid: 1100,
+                gid: 1100,
+                groups: Vec::new(),
+            },
+        ));
+        assert_eq!(job_user(&env), job_of_1100);
         // Without the user there is no one to run as: nothing is removed.
         let no_uid = |name: &str| env(name).filter(|_| name != "SLURM_JOB_UID");
         assert_eq!(job_user(&no_uid), None);
         // slurmd may leave out the gid: the uid is what removing one's own files needs.
         let no_gid = |name: &str| env(name).filter(|_| name != "SLURM_JOB_GID");
-        assert_eq!(
-            job_user(&no_gid),
-            Some((
-                42,
-                Identity::User {
-                    uid: 1100,
-                    gid: 1100,
-                    groups: Vec::new()
-                }
-            ))
-        );
+        assert_eq!(job_user(&no_gid), job_of_1100);
     }
 }

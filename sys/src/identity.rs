@@ -289,6 +289,15 @@ mod tests {
         assert_eq!(real_gid(), real);
     }
 
+    /// A file only root can read, in `dir`.
+    fn root_only_file(dir: &std::path::Path) -> std::path::PathBuf {
+        let secret = dir.join("secret");
+        std::fs::write(&secret, "root only").unwrap();
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        secret
+    }
+
     /// slurmstepd's `user_init`: real uid 0, effective uid the user. Root-only files open
     /// inside [`with_effective_root`] only, and the user's euid comes back after it.
     #[test]
@@ -298,10 +307,7 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        let secret = dir.path().join("secret");
-        std::fs::write(&secret, "root only").unwrap();
-        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .unwrap();
+        let secret = root_only_file(dir.path());
         // SAFETY: the forked child only changes its euid, opens a file and exits.
         match unsafe { nix::unistd::fork() }.unwrap() {
             nix::unistd::ForkResult::Child => {
@@ -332,10 +338,7 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        let secret = dir.path().join("secret");
-        std::fs::write(&secret, "root only").unwrap();
-        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .unwrap();
+        let secret = root_only_file(dir.path());
         let answer = run_in_child_as(&crate::LinuxSyscall, 65534, 65534, || {
             let status = std::fs::read_to_string("/proc/self/status").unwrap();
             let line = |key: &str| {
