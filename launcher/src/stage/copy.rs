@@ -14,10 +14,10 @@
 
 use std::fs::{self, File, FileTimes};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -139,30 +139,56 @@ pub fn copy(
             Kind::File => {}
         }
     }
-    let files = spread_over_directories(entries);
-    let next = AtomicUsize::new(0);
-    let failure: Mutex<Option<Error>> = Mutex::new(None);
     let device = |path: &Path| fs::metadata(path).map(|m| m.dev()).ok();
     let same_fs = device(src) == device(dst.parent().unwrap_or(dst));
+    let piece_bytes = (!same_fs && threads > 1).then_some(PIECE_BYTES);
+    let work = plan(&spread_over_directories(entries), piece_bytes);
+    copy_files(src, dst, &work, threads, same_fs, progress)?;
+    for entry in entries.iter().rev().filter(|e| e.kind == Kind::Dir) {
+        let to = join(dst, &entry.path);
+        let dir = File::open(&to).map_err(|e| Error::io(format!("opening {}", to.display()), e))?;
+        finish(&dir, &to, entry)?;
+    }
+    Ok(())
+}
+
+/// Runs `work` with `threads` workers; the first error stops them all. Whole files go
+/// through the kernel (`copy_file_range`) when `src` and `dst` share a file system
+/// (`same_fs`), and everything else through each worker's buffer.
+fn copy_files(
+    src: &Path,
+    dst: &Path,
+    work: &[Work],
+    threads: usize,
+    same_fs: bool,
+    progress: &Mutex<Progress>,
+) -> Result<()> {
+    let next = AtomicUsize::new(0);
+    let failure: Mutex<Option<Error>> = Mutex::new(None);
     std::thread::scope(|scope| {
-        for _ in 0..threads.clamp(1, files.len().max(1)) {
+        for _ in 0..threads.clamp(1, work.len().max(1)) {
             scope.spawn(|| {
-                let mut buffer = if same_fs {
-                    Vec::new()
-                } else {
-                    vec![0; BUFFER_BYTES]
-                };
+                let mut buffer = Vec::new();
                 loop {
                     let at = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(entry) = files.get(at) else { break };
+                    let Some(item) = work.get(at) else { break };
                     if failure.lock().is_ok_and(|f| f.is_some()) {
                         break;
                     }
-                    match copy_file(src, dst, entry, &mut buffer) {
-                        Ok(()) => progress
+                    if buffer.is_empty() && (!same_fs || item.piece.is_some()) {
+                        buffer = vec![0; BUFFER_BYTES];
+                    }
+                    let done = match &item.piece {
+                        None => {
+                            copy_file(src, dst, item.entry, &mut buffer).map(|()| item.entry.size)
+                        }
+                        Some(piece) => copy_piece(src, dst, item.entry, piece, &mut buffer),
+                    };
+                    match done {
+                        Ok(bytes) => progress
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
-                            .add(entry.size),
+                            .add(bytes),
                         Err(e) => {
                             failure
                                 .lock()
@@ -175,15 +201,133 @@ pub fn copy(
             });
         }
     });
-    if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        return Err(e);
+    match failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
     }
-    for entry in entries.iter().rev().filter(|e| e.kind == Kind::Dir) {
-        let to = join(dst, &entry.path);
-        let dir = File::open(&to).map_err(|e| Error::io(format!("opening {}", to.display()), e))?;
-        finish(&dir, &to, entry)?;
+}
+
+/// Between file systems, files above this size are copied in pieces of it by several
+/// workers at once: one stream of reads from shared storage (NFS, Lustre) is bound by its
+/// round trips and one core's copying, several in flight are not. Within one file system a
+/// file is copied whole by the kernel (`copy_file_range`, a reflink where it can).
+const PIECE_BYTES: u64 = 64 << 20;
+
+/// One unit of a worker's work: a whole file, or one piece of a large one.
+struct Work<'e> {
+    entry: &'e Entry,
+    piece: Option<Piece>,
+}
+
+/// A piece of a large file: where it is, and the state its file's pieces share.
+struct Piece {
+    offset: u64,
+    len: u64,
+    shared: Arc<Pieces>,
+}
+
+/// What the pieces of one file share: the two files, open while pieces are in flight, and
+/// how many pieces are left, so that the last one checks the size and gives the copy its
+/// mode and time.
+#[derive(Default)]
+struct Pieces {
+    files: Mutex<Option<Arc<(File, File)>>>,
+    left: AtomicUsize,
+}
+
+/// The work for `files` (in the order workers take them): large files' pieces first, so
+/// that they spread over the workers, then the rest; without `piece_bytes` every file whole.
+fn plan<'e>(files: &[&'e Entry], piece_bytes: Option<u64>) -> Vec<Work<'e>> {
+    let piece_bytes = piece_bytes.unwrap_or(u64::MAX);
+    let (large, small): (Vec<&Entry>, Vec<&Entry>) =
+        files.iter().partition(|e| e.size > piece_bytes);
+    let mut work = Vec::new();
+    for entry in large {
+        let count = entry.size.div_ceil(piece_bytes);
+        let shared = Arc::new(Pieces {
+            left: AtomicUsize::new(count as usize),
+            ..Pieces::default()
+        });
+        for i in 0..count {
+            let offset = i * piece_bytes;
+            let len = piece_bytes.min(entry.size - offset);
+            let shared = Arc::clone(&shared);
+            work.push(Work {
+                entry,
+                piece: Some(Piece {
+                    offset,
+                    len,
+                    shared,
+                }),
+            });
+        }
     }
-    Ok(())
+    work.extend(small.into_iter().map(|entry| Work { entry, piece: None }));
+    work
+}
+
+/// Copies one piece of a large file at its offset (`pread`/`pwrite` through `buffer`); the
+/// bytes copied. The first piece to run opens both files, the last one closes them after
+/// checking that the source did not grow and finishing the copy.
+fn copy_piece(
+    src: &Path,
+    dst: &Path,
+    entry: &Entry,
+    piece: &Piece,
+    buffer: &mut [u8],
+) -> Result<u64> {
+    let Piece {
+        offset,
+        len,
+        shared: pieces,
+    } = piece;
+    let (from, to) = (join(src, &entry.path), join(dst, &entry.path));
+    let files = {
+        let mut open = pieces.files.lock().unwrap_or_else(|p| p.into_inner());
+        match &*open {
+            Some(files) => Arc::clone(files),
+            None => {
+                let (input, output) = open_pair(&from, &to)?;
+                Arc::clone(open.insert(Arc::new((input, output))))
+            }
+        }
+    };
+    let (input, output) = (&files.0, &files.1);
+    let changed = |copied: u64| {
+        stage_error(format!(
+            "{} changed while it was copied ({} bytes when listed, {copied} at offset {offset}); \
+             stage it again once it is no longer being written",
+            from.display(),
+            entry.size
+        ))
+    };
+    let io = |e| Error::io(format!("copying {} to {}", from.display(), to.display()), e);
+    let mut copied = 0;
+    while copied < *len {
+        let want = buffer.len().min((*len - copied) as usize);
+        let n = match input.read_at(&mut buffer[..want], offset + copied) {
+            Ok(0) => return Err(changed(offset + copied)),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io(e)),
+        };
+        output
+            .write_all_at(&buffer[..n], offset + copied)
+            .map_err(io)?;
+        copied += n as u64;
+    }
+    if pieces.left.fetch_sub(1, Ordering::AcqRel) == 1 {
+        pieces
+            .files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if input.read_at(&mut buffer[..1], entry.size).map_err(io)? != 0 {
+            return Err(changed(entry.size + 1));
+        }
+        finish(output, &to, entry)?;
+    }
+    Ok(copied)
 }
 
 /// The files of `entries` in the order workers take them: round-robin over their
@@ -219,17 +363,7 @@ const BUFFER_BYTES: usize = 128 << 10;
 /// buffer for a 1 GiB file here (docs/BENCHMARKS.md), and costs two more calls per file.
 fn copy_file(src: &Path, dst: &Path, entry: &Entry, buffer: &mut [u8]) -> Result<()> {
     let (from, to) = (join(src, &entry.path), join(dst, &entry.path));
-    let mut input = File::options()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&from)
-        .map_err(|e| Error::io(format!("reading {}", from.display()), e))?;
-    let mut output = File::options()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&to)
-        .map_err(|e| Error::io(format!("creating {}", to.display()), e))?;
+    let (mut input, mut output) = open_pair(&from, &to)?;
     let copied = if buffer.is_empty() {
         io::copy(&mut input, &mut output)
     } else {
@@ -245,6 +379,22 @@ fn copy_file(src: &Path, dst: &Path, entry: &Entry, buffer: &mut [u8]) -> Result
         )));
     }
     finish(&output, &to, entry)
+}
+
+/// Opens `from` to read, never through a symlink, and creates `to`, private until finished.
+fn open_pair(from: &Path, to: &Path) -> Result<(File, File)> {
+    let input = File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(from)
+        .map_err(|e| Error::io(format!("reading {}", from.display()), e))?;
+    let output = File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(to)
+        .map_err(|e| Error::io(format!("creating {}", to.display()), e))?;
+    Ok((input, output))
 }
 
 /// Copies `input` to its end into `output` through `buffer`; the bytes copied.
@@ -388,6 +538,65 @@ mod tests {
                 fs::read(dst.join("a/b/f9")).unwrap(),
                 fs::read(src.path().join("a/b/f9")).unwrap()
             );
+        }
+    }
+
+    /// Copies the files of `src` into a new `dst` in pieces of `piece` bytes, 3 workers.
+    fn copy_in_pieces(src: &Path, dst: &Path, piece: u64) -> Result<()> {
+        let entries = walk(src)?;
+        fs::create_dir(dst).unwrap();
+        let files: Vec<&Entry> = entries.iter().filter(|e| e.kind == Kind::File).collect();
+        let work = plan(&files, Some(piece));
+        copy_files(src, dst, &work, 3, false, &progress())
+    }
+
+    #[test]
+    fn a_large_file_is_copied_in_pieces_by_several_workers() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        fs::create_dir(&src).unwrap();
+        let data: Vec<u8> = (0..1_000_003u32).map(|i| (i % 253) as u8).collect();
+        fs::write(src.join("big"), &data).unwrap();
+        fs::write(src.join("small"), b"s").unwrap();
+        fs::set_permissions(src.join("big"), fs::Permissions::from_mode(0o640)).unwrap();
+        let files = walk(&src).unwrap();
+        let refs: Vec<&Entry> = files.iter().filter(|e| e.kind == Kind::File).collect();
+        let work = plan(&refs, Some(100_000));
+        // 11 pieces of the big file first (the last one 3 bytes), then the small file whole.
+        assert_eq!(work.len(), 12);
+        let last = work[10].piece.as_ref().unwrap();
+        assert_eq!((last.offset, last.len), (1_000_000, 3));
+        assert!(work[11].piece.is_none());
+        let dst = dir.path().join("dst");
+        copy_in_pieces(&src, &dst, 100_000).unwrap();
+        assert_eq!(fs::read(dst.join("big")).unwrap(), data);
+        let (a, b) = (walk(&src).unwrap(), walk(&dst).unwrap());
+        assert_eq!(a[1..], b[1..], "sizes, modes and times kept");
+    }
+
+    #[test]
+    fn a_large_file_that_shrank_or_grew_is_refused() {
+        for (listed, now) in [(500_000, 400_000), (500_000, 600_000)] {
+            let dir = tempfile::tempdir().unwrap();
+            let src = dir.path().join("src");
+            fs::create_dir(&src).unwrap();
+            fs::write(src.join("f"), vec![1u8; listed]).unwrap();
+            let entries = walk(&src).unwrap();
+            fs::write(src.join("f"), vec![2u8; now]).unwrap();
+            let files: Vec<&Entry> = entries.iter().filter(|e| e.kind == Kind::File).collect();
+            let dst = dir.path().join("dst");
+            fs::create_dir(&dst).unwrap();
+            let err = copy_files(
+                &src,
+                &dst,
+                &plan(&files, Some(64 << 10)),
+                2,
+                false,
+                &progress(),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("changed while it was copied"), "{err}");
         }
     }
 
