@@ -159,6 +159,20 @@ pub fn create_from_dir(
     finish(tmp, part_len, config)
 }
 
+/// Builds a SIF whose root file system `build` writes: it gets the (temporary) file and the
+/// partition's offset, and returns the partition's length. Used to stream a squashfs built
+/// from layers straight into place (`squash::build`), with no file in between.
+pub fn create_with(
+    out: &Path,
+    config: &ImageConfig,
+    build: impl FnOnce(&File, u64) -> Result<u64>,
+) -> Result<()> {
+    let tmp = TempOut::create(out)?;
+    let part_len = build(&tmp.file, PARTITION_OFFSET)?;
+    check_squashfs(&tmp.file, &tmp.path, PARTITION_OFFSET, part_len)?;
+    finish(tmp, part_len, config)
+}
+
 /// Completes a SIF whose squashfs already lies at PARTITION_OFFSET: appends the config,
 /// writes the header and descriptor table, then syncs and renames it into place.
 fn finish(tmp: TempOut, part_len: u64, config: &ImageConfig) -> Result<()> {
