@@ -226,7 +226,7 @@ fn unsquashfs_and_squashfuse_read_what_it_writes() {
     let find = |path: &str| {
         entries
             .iter()
-            .find(|e| e.last().map(String::as_str) == Some(path))
+            .find(|e| e.get(5).map(String::as_str) == Some(path))
             .unwrap_or_else(|| panic!("{path} not listed"))
             .clone()
     };
@@ -249,14 +249,14 @@ fn unsquashfs_and_squashfuse_read_what_it_writes() {
     assert!(mounted.success());
     let seen = (|| {
         use std::os::unix::fs::MetadataExt;
-        let big_meta = std::fs::metadata(mnt.join("usr/lib/big.so"))?;
+        // (squashfuse's high-level mode numbers inodes itself: the link count tells.)
         let again = std::fs::metadata(mnt.join("usr/lib/again.so"))?;
         Ok::<_, std::io::Error>((
             std::fs::read(mnt.join("usr/lib/big.so"))?,
             std::fs::read(mnt.join("sparse"))?,
             std::fs::read_link(mnt.join("lib"))?,
             std::fs::read_dir(mnt.join("many"))?.count(),
-            (big_meta.ino() == again.ino(), big_meta.nlink()),
+            again.nlink(),
             std::fs::metadata(mnt.join("empty"))?.mode() & 0o7777,
         ))
     })();
@@ -266,7 +266,7 @@ fn unsquashfs_and_squashfuse_read_what_it_writes() {
     assert_eq!(s, sparse);
     assert_eq!(l, Path::new("usr/lib"));
     assert_eq!(n, 700);
-    assert_eq!(links, (true, 2));
+    assert_eq!(links, 2);
     assert_eq!(mode, 0o4755);
 }
 
