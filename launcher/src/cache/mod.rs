@@ -727,8 +727,12 @@ impl Cache {
         let mut budget = Budget::new(self.limits.clone());
         let building = Progress::new(format!("building {pinned}"), total, options.quiet);
         let mut built = squash::Stats::default();
+        let squash_options = squash::Options {
+            block_memory: self.limits.build_memory,
+            ..Default::default()
+        };
         sif::create_with(&staging.join("image.sif"), image_config, |file, offset| {
-            built = squash::build(file, offset, &squash::Options::default(), |data| {
+            built = squash::build(file, offset, &squash_options, |data| {
                 let mut tree = squash::Tree::new();
                 for (_, layer_digest, compression) in layers {
                     let path = blobs.join(layer_digest.hex());
