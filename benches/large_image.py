@@ -112,17 +112,20 @@ class Chunks:
     """A reader of `size` bytes made of 8 KiB chunks picked at random from `pool`."""
 
     def __init__(self, pool, size, rng):
-        self.pool, self.left, self.rng, self.buf = pool, size, rng, b""
+        self.pool, self.left, self.rng = pool, size, rng
+        self.buf, self.pos = b"", 0
 
     def read(self, n=-1):
+        if self.pos == len(self.buf):
+            if self.left == 0:
+                return b""
+            self.buf = b"".join(self.rng.choices(self.pool, k=128))[: self.left]
+            self.left -= len(self.buf)
+            self.pos = 0
         if n < 0:
-            n = self.left + len(self.buf)
-        while len(self.buf) < n and self.left > 0:
-            parts = [self.rng.choice(self.pool) for _ in range(128)]
-            data = b"".join(parts)[: self.left]
-            self.left -= len(data)
-            self.buf += data
-        out, self.buf = self.buf[:n], self.buf[n:]
+            n = len(self.buf)
+        out = self.buf[self.pos:self.pos + n]
+        self.pos += len(out)
         return out
 
 

@@ -52,6 +52,7 @@ use std::fs::{self, File};
 use std::io::{BufReader, Read};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 
 use sha2::Digest as _;
@@ -663,12 +664,29 @@ impl Cache {
                 missing.push(BlobJob { desc: layer, dest });
             }
         }
-        client.download_blobs(&reference.repository, &missing, &pull)?;
+        // The build starts on each layer as soon as its blob is verified, while the later
+        // layers download. A refused or failed image leaves nothing but the verified blobs
+        // (for a retry): the SIF being written is removed with its error.
+        let downloading = AtomicBool::new(true);
+        let (downloaded, converted) = std::thread::scope(|scope| {
+            let download = scope.spawn(|| {
+                let done = client.download_blobs(&reference.repository, &missing, &pull);
+                downloading.store(false, Ordering::Release);
+                done
+            });
+            let converted = self.convert(
+                &layers,
+                &staging,
+                &image_config,
+                &pinned,
+                &downloading,
+                options,
+            );
+            (download.join().expect("downloads do not panic"), converted)
+        });
+        downloaded?;
         pull.finish();
-
-        // A refused or failed image leaves nothing but the verified blobs (for a retry):
-        // the SIF being written is removed with its error.
-        self.convert(&layers, &staging, &image_config, &pinned, total, options)?;
+        converted?;
         if let Some(lease) = lease {
             // The node has its image either way; the others will convert it themselves.
             if let Err(e) = lease.publish(&staging.join("image.sif")) {
@@ -714,15 +732,18 @@ impl Cache {
 
     /// Streams the layers staged in `staging/blobs` into the squashfs of
     /// `staging/image.sif`, within the image limits: no unpacked tree on disk (see `squash`).
+    /// Each blob is read once it is there (`downloading` is set while downloads may still
+    /// bring it).
     fn convert(
         &self,
         layers: &[(&Descriptor, Digest, Compression)],
         staging: &Path,
         image_config: &ImageConfig,
         pinned: &Reference,
-        total: u64,
+        downloading: &AtomicBool,
         options: &FetchOptions,
     ) -> Result<()> {
+        let total = layers.iter().map(|(l, _, _)| l.size).sum();
         let blobs = staging.join("blobs");
         let mut budget = Budget::new(self.limits.clone());
         let building = Progress::new(format!("building {pinned}"), total, options.quiet);
@@ -736,6 +757,7 @@ impl Cache {
                 let mut tree = squash::Tree::new();
                 for (_, layer_digest, compression) in layers {
                     let path = blobs.join(layer_digest.hex());
+                    wait_for_blob(&path, downloading)?;
                     let file = File::open(&path)
                         .map_err(|e| Error::io(format!("opening blob {}", path.display()), e))?;
                     let counted = Counted {
@@ -991,6 +1013,22 @@ fn leave_job_memory_cgroup(build_cgroup: &BuildCgroup) -> Option<String> {
             None
         }
     }
+}
+
+/// Waits until the blob `path` is staged. The downloader renames a blob into place only
+/// once its digest is verified, so nothing is read before that; when the downloads have
+/// ended without it, they failed (and their error is the one reported).
+fn wait_for_blob(path: &Path, downloading: &AtomicBool) -> Result<()> {
+    while !path.exists() {
+        if !downloading.load(Ordering::Acquire) && !path.exists() {
+            return Err(Error::io(
+                format!("reading blob {}", path.display()),
+                std::io::Error::other("its download failed"),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Ok(())
 }
 
 /// Counts the compressed bytes a layer reader consumes, for the build's progress line.
