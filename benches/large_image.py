@@ -310,9 +310,30 @@ def fetch_phases(berth, label):
         row["build"] = built - pulled
         row["fsync+publish"] = r.secs - built
     row["sif"] = cached_sif_size()
+    row["listing"] = listing(cached_sif(), 32768)
     log(f"{label}: {r.secs:.1f} s, peak {r.peak_mib:.0f} MiB")
     log("\n".join(f"  {t:7.2f} {l}" for t, l in r.lines[-12:]))
     return row
+
+
+def listing(image, offset=0):
+    """Entries of a squashfs as {path: (mode, owner, size of a regular file)}, from
+    `unsquashfs -lln` (directory sizes and times differ between writers by design)."""
+    out = subprocess.run(["unsquashfs", "-lln", "-o", str(offset), "-d", "", image],
+                         check=True, capture_output=True).stdout.decode(errors="replace")
+    entries = {}
+    for line in out.splitlines():
+        f = line.split(None, 5)
+        if len(f) < 6 or f[0][0] not in "-dl":
+            continue
+        path = f[5].split(" -> ")[0]
+        entries[path] = (f[0], f[1], f[2] if f[0][0] == "-" else "")
+    return entries
+
+
+def cached_sif():
+    return max((os.path.join(dp, f) for dp, _, fs in os.walk("/var/cache/berth")
+                for f in fs if f.endswith(".sif")), key=os.path.getsize, default=None)
 
 
 def cached_sif_size():
@@ -336,7 +357,7 @@ def pipeline(work):
         sh("sync")
         rows["sync"] = (time.perf_counter() - t, 0)
         size = os.path.getsize(out)
-        return rows, size
+        return rows, size, listing(out)
     finally:
         subprocess.run(["rm", "-rf", d])
 
@@ -391,16 +412,23 @@ def main():
     print("|---|---|---:|---:|---:|")
     for r in rows:
         phases = ", ".join(f"{k} {v:.1f}" for k, v in r.items()
-                           if k not in ("label", "total", "peak", "sif"))
+                           if k not in ("label", "total", "peak", "sif", "listing"))
         print(f"| {r['label']} | {phases} | {r['total']:.1f} | {r['peak']:.0f} "
               f"| {r['sif'] / MB:.0f} |")
     if pipe:
-        stages, size = pipe
+        stages, size, reference = pipe
         total = sum(s for s, _ in stages.values())
         phases = ", ".join(f"{k} {s:.1f}" for k, (s, _) in stages.items())
         peak = max(p for _, p in stages.values())
         print(f"| skopeo + umoci + mksquashfs | {phases} | {total:.1f} | {peak:.0f} "
               f"| {size / MB:.0f} |")
+        print()
+        for r in rows:
+            differ = sorted(p for p in set(reference) | set(r["listing"])
+                            if reference.get(p) != r["listing"].get(p))
+            print(f"{r['label']}: {len(r['listing'])} entries, {len(differ)} differ from "
+                  f"mksquashfs's {len(reference)} (mode, owner, file size){': ' if differ else ''}"
+                  f"{', '.join(differ[:5])}")
 
 
 if __name__ == "__main__":
