@@ -48,6 +48,9 @@ import threading
 import time
 
 IMAGE = "localhost:5000/bench/large:latest"
+# Where the image and the cache are: the test cluster's, or (--own-registry) a private
+# docker-registry and berth.toml (benches/fetch.py's) when the cluster cannot be had.
+SITE = {"image": IMAGE, "config": [], "cache": "/var/cache/berth", "skopeo_tls": []}
 CPUS = len(os.sched_getaffinity(0))
 MKSQUASHFS_FLAGS = ["-comp", "lz4", "-noappend", "-no-xattrs", "-quiet", "-no-progress",
                     "-processors", str(CPUS)]
@@ -281,24 +284,27 @@ def build_layout(layout):
 
 def push(layout):
     sh("skopeo", "--policy", POLICY, "copy", "-q", "--format", "oci",
-       f"oci:{layout}:latest", f"docker://{IMAGE}")
+       *[f"--dest{t}" for t in SITE["skopeo_tls"]],
+       f"oci:{layout}:latest", f"docker://{SITE['image']}")
 
 
 def in_registry():
-    return subprocess.run(["skopeo", "inspect", "--raw", f"docker://{IMAGE}"],
+    return subprocess.run(["skopeo", "inspect", "--raw",
+                           *[f"-{t}" for t in SITE["skopeo_tls"]],
+                           f"docker://{SITE['image']}"],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
 
 
 # --- the measurements ---------------------------------------------------------------------
 
 def cold(berth):
-    sh(berth, "prune", "--all", stdout=subprocess.DEVNULL)
+    sh(berth, *SITE["config"], "prune", "--all", stdout=subprocess.DEVNULL)
     drop_caches()
 
 
 def fetch_phases(berth, label):
     cold(berth)
-    r = Run([berth, "fetch", IMAGE])
+    r = Run([berth, *SITE["config"], "fetch", SITE["image"]])
     pulled = r.last("pulling")
     built = r.last("built") or r.last("building squashfs")
     unpacked = r.last("unpacking")
@@ -332,12 +338,12 @@ def listing(image, offset=0):
 
 
 def cached_sif():
-    return max((os.path.join(dp, f) for dp, _, fs in os.walk("/var/cache/berth")
+    return max((os.path.join(dp, f) for dp, _, fs in os.walk(SITE["cache"])
                 for f in fs if f.endswith(".sif")), key=os.path.getsize, default=None)
 
 
 def cached_sif_size():
-    return max((os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk("/var/cache/berth")
+    return max((os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(SITE["cache"])
                 for f in fs if f.endswith(".sif")), default=0)
 
 
@@ -347,7 +353,9 @@ def pipeline(work):
         drop_caches()
         oci, bundle, out = os.path.join(d, "oci"), os.path.join(d, "bundle"), os.path.join(d, "out.sqfs")
         rows = {}
-        r = Run(["skopeo", "--policy", POLICY, "copy", "-q", f"docker://{IMAGE}", f"oci:{oci}:latest"])
+        r = Run(["skopeo", "--policy", POLICY, "copy", "-q",
+                 *[f"--src{t}" for t in SITE["skopeo_tls"]],
+                 f"docker://{SITE['image']}", f"oci:{oci}:latest"])
         rows["skopeo copy"] = (r.secs, r.peak_mib)
         r = Run(["umoci", "unpack", "--rootless", "--image", f"{oci}:latest", bundle])
         rows["umoci unpack"] = (r.secs, r.peak_mib)
@@ -384,11 +392,39 @@ def main():
                     help="only build the layout (no cluster needed: run it outside the lock)")
     ap.add_argument("--remove-layout", action="store_true",
                     help="remove the layout once the image is in the registry")
+    ap.add_argument("--srun-only", action="store_true",
+                    help="only the srun cold/warm times (short, under the cluster lock)")
+    ap.add_argument("--own-registry", action="store_true",
+                    help="no cluster: a private docker-registry and berth.toml, no srun")
     a = ap.parse_args()
     if a.prepare:
         build_layout(a.layout)
         return
     berth = os.environ.get("BERTH_BIN", "/usr/bin/berth")
+    registry = None
+    if a.own_registry:
+        import importlib.util
+        spec = importlib.util.spec_from_file_location(
+            "fetch_bench", os.path.join(os.path.dirname(os.path.abspath(__file__)), "fetch.py"))
+        fetch_bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(fetch_bench)
+        tmp = tempfile.mkdtemp(prefix="berth-large-site-", dir=a.work_dir)
+        registry, port = fetch_bench.start_registry(tmp)
+        cache = os.path.join(tmp, "cache")
+        SITE.update(image=f"127.0.0.1:{port}/bench/large:latest", cache=cache,
+                    config=["--config", fetch_bench.write_berth_config(tmp, port, cache)],
+                    skopeo_tls=["-tls-verify=false"])
+        berth = os.environ.get("BERTH_NEW", "target/release/berth")
+    try:
+        run(a, berth)
+    finally:
+        if registry:
+            registry.kill()
+            registry.wait()
+            subprocess.run(["rm", "-rf", tmp])
+
+
+def run(a, berth):
     log(f"load before: {loadavg()}")
     if a.rebuild or not in_registry():
         if a.rebuild:
@@ -397,17 +433,25 @@ def main():
         push(a.layout)
     if a.remove_layout:
         subprocess.run(["rm", "-rf", os.path.dirname(a.layout)])
-    srun_cold, srun_warm = srun_times(a.warm_runs)
+    srun_cold = srun_warm = None
+    if not a.own_registry:
+        srun_cold, srun_warm = srun_times(a.warm_runs)
+    if a.srun_only:
+        sh(berth, *SITE["config"], "prune", "--all", stdout=subprocess.DEVNULL)
+        print(f"srun --container-image cold: {srun_cold:.1f} s; warm (median of "
+              f"{a.warm_runs}): {srun_warm * 1000:.0f} ms; load after: {loadavg()}")
+        return
     rows = [fetch_phases(berth, "berth (streamed squashfs)")]
     if a.old_berth:
         rows.append(fetch_phases(a.old_berth, "berth today (unpack + mksquashfs)"))
     pipe = None if a.skip_pipeline else pipeline(a.work_dir)
-    sh(berth, "prune", "--all", stdout=subprocess.DEVNULL)
+    sh(berth, *SITE["config"], "prune", "--all", stdout=subprocess.DEVNULL)
     log(f"load after: {loadavg()}")
 
     print(f"\nload average before/after: see stderr; CPUs: {CPUS}\n")
-    print(f"srun --container-image cold: {srun_cold:.1f} s; warm (median of {a.warm_runs}): "
-          f"{srun_warm * 1000:.0f} ms\n")
+    if srun_cold is not None:
+        print(f"srun --container-image cold: {srun_cold:.1f} s; warm (median of "
+              f"{a.warm_runs}): {srun_warm * 1000:.0f} ms\n")
     print("| path | phases (s) | total s | peak RSS MiB | squashfs MB |")
     print("|---|---|---:|---:|---:|")
     for r in rows:
