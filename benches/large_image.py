@@ -95,9 +95,20 @@ class Run:
         p.returncode = os.waitstatus_to_exitcode(status)
         self.secs = time.perf_counter() - start
         self.peak_mib = usage.ru_maxrss / 1024
+        self.cpu = usage.ru_utime + usage.ru_stime
         if p.returncode != 0:
             tail = "\n".join(l for _, l in self.lines[-15:])
             raise SystemExit(f"{' '.join(self.args)} failed ({p.returncode}):\n{tail}")
+
+    def complete(self, needle):
+        """When a progress line containing needle first showed all its bytes done
+        (`... DONE/TOTAL MB ...`)."""
+        for t, line in self.lines:
+            if needle in line and " MB " in line:
+                done, total = line.rsplit(" MB ", 1)[0].split()[-1].split("/")
+                if done == total:
+                    return t
+        return None
 
     def last(self, needle):
         """When the last stderr line containing needle arrived (None if none did)."""
@@ -363,10 +374,10 @@ def cold(berth):
 def fetch_phases(berth, label):
     cold(berth)
     r = Run([berth, *SITE["config"], "fetch", SITE["image"]])
-    pulled = r.last("pulling")
+    pulled = r.complete("pulling")
     built = r.last("built") or r.last("building squashfs")
     unpacked = r.last("unpacking")
-    row = {"label": label, "total": r.secs, "peak": r.peak_mib, "download": pulled}
+    row = {"label": label, "total": r.secs, "peak": r.peak_mib, "cpu": r.cpu, "download": pulled}
     if unpacked is not None:  # today's path: unpack, then mksquashfs, then publish
         row["unpack"] = unpacked - pulled
         row["squash+fsync+publish"] = r.secs - unpacked
@@ -414,14 +425,14 @@ def pipeline(work):
         r = Run(["skopeo", "--policy", POLICY, "copy", "-q",
                  *[f"--src{t}" for t in SITE["skopeo_tls"]],
                  f"docker://{SITE['image']}", f"oci:{oci}:latest"])
-        rows["skopeo copy"] = (r.secs, r.peak_mib)
+        rows["skopeo copy"] = (r.secs, r.peak_mib, r.cpu)
         r = Run(["umoci", "unpack", "--rootless", "--image", f"{oci}:latest", bundle])
-        rows["umoci unpack"] = (r.secs, r.peak_mib)
+        rows["umoci unpack"] = (r.secs, r.peak_mib, r.cpu)
         r = Run(["mksquashfs", os.path.join(bundle, "rootfs"), out] + MKSQUASHFS_FLAGS)
-        rows["mksquashfs"] = (r.secs, r.peak_mib)
+        rows["mksquashfs"] = (r.secs, r.peak_mib, r.cpu)
         t = time.perf_counter()
         sh("sync")
-        rows["sync"] = (time.perf_counter() - t, 0)
+        rows["sync"] = (time.perf_counter() - t, 0, 0)
         size = os.path.getsize(out)
         return rows, size, listing(out)
     finally:
@@ -443,6 +454,7 @@ def main():
     ap.add_argument("--warm-runs", type=int, default=5)
     ap.add_argument("--rebuild", action="store_true")
     ap.add_argument("--skip-pipeline", action="store_true")
+    ap.add_argument("--skip-old", action="store_true", help="without --old-berth's run")
     ap.add_argument("--work-dir", default="/var/tmp")
     ap.add_argument("--layout", default="/var/tmp/berth-large-image/oci",
                     help="where the image's OCI layout is built (once) and pushed from")
@@ -500,7 +512,7 @@ def run(a, berth):
               f"{a.warm_runs}): {srun_warm * 1000:.0f} ms; load after: {loadavg()}")
         return
     rows = [fetch_phases(berth, "berth (streamed squashfs)")]
-    if a.old_berth:
+    if a.old_berth and not a.skip_old:
         rows.append(fetch_phases(a.old_berth, "berth today (unpack + mksquashfs)"))
     pipe = None if a.skip_pipeline else pipeline(a.work_dir)
     sh(berth, *SITE["config"], "prune", "--all", stdout=subprocess.DEVNULL)
@@ -510,19 +522,20 @@ def run(a, berth):
     if srun_cold is not None:
         print(f"srun --container-image cold: {srun_cold:.1f} s; warm (median of "
               f"{a.warm_runs}): {srun_warm * 1000:.0f} ms\n")
-    print("| path | phases (s) | total s | peak RSS MiB | squashfs MB |")
-    print("|---|---|---:|---:|---:|")
+    print("| path | phases (s) | total s | CPU s | peak RSS MiB | squashfs MB |")
+    print("|---|---|---:|---:|---:|---:|")
     for r in rows:
         phases = ", ".join(f"{k} {v:.1f}" for k, v in r.items()
-                           if k not in ("label", "total", "peak", "sif", "listing"))
-        print(f"| {r['label']} | {phases} | {r['total']:.1f} | {r['peak']:.0f} "
+                           if k not in ("label", "total", "peak", "sif", "listing", "cpu"))
+        print(f"| {r['label']} | {phases} | {r['total']:.1f} | {r['cpu']:.1f} | {r['peak']:.0f} "
               f"| {r['sif'] / MB:.0f} |")
     if pipe:
         stages, size, reference = pipe
-        total = sum(s for s, _ in stages.values())
-        phases = ", ".join(f"{k} {s:.1f}" for k, (s, _) in stages.items())
-        peak = max(p for _, p in stages.values())
-        print(f"| skopeo + umoci + mksquashfs | {phases} | {total:.1f} | {peak:.0f} "
+        total = sum(s for s, _, _ in stages.values())
+        cpu = sum(c for _, _, c in stages.values())
+        phases = ", ".join(f"{k} {s:.1f}" for k, (s, _, _) in stages.items())
+        peak = max(p for _, p, _ in stages.values())
+        print(f"| skopeo + umoci + mksquashfs | {phases} | {total:.1f} | {cpu:.1f} | {peak:.0f} "
               f"| {size / MB:.0f} |")
         print()
         for r in rows:

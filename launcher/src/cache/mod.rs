@@ -672,6 +672,10 @@ impl Cache {
             let download = scope.spawn(|| {
                 let done = client.download_blobs(&reference.repository, &missing, &pull);
                 downloading.store(false, Ordering::Release);
+                if done.is_ok() {
+                    // The pull's last line when it ends, not when the build does.
+                    pull.finish();
+                }
                 done
             });
             let converted = self.convert(
@@ -685,7 +689,6 @@ impl Cache {
             (download.join().expect("downloads do not panic"), converted)
         });
         downloaded?;
-        pull.finish();
         converted?;
         if let Some(lease) = lease {
             // The node has its image either way; the others will convert it themselves.
