@@ -387,7 +387,7 @@ def fetch_phases(berth, label):
     row["sif"] = cached_sif_size()
     row["listing"] = listing(cached_sif(), 32768)
     log(f"{label}: {r.secs:.1f} s, peak {r.peak_mib:.0f} MiB")
-    log("\n".join(f"  {t:7.2f} {l}" for t, l in r.lines[-12:]))
+    log("\n".join(f"  {t:7.2f} {l}" for t, l in r.lines))
     return row
 
 

@@ -800,6 +800,30 @@ mod tests {
         );
     }
 
+    /// A hard link is a second name for the same inode: it keeps the contents when a later
+    /// layer removes or replaces the first name, and a later layer can replace it alone.
+    #[test]
+    fn hard_links_outlive_their_first_name() {
+        let mut root = Img::new();
+        root.apply(
+            Layer::new()
+                .file("a", "shared")
+                .hardlink("b", "a")
+                .hardlink("c", "a")
+                .bytes(),
+        )
+        .unwrap();
+        root.apply(Layer::new().file(".wh.a", "").file("c", "new").bytes())
+            .unwrap();
+        let r = root.path();
+        assert!(!r.join("a").exists());
+        assert_eq!(std::fs::read_to_string(r.join("b")).unwrap(), "shared");
+        assert_eq!(std::fs::read_to_string(r.join("c")).unwrap(), "new");
+        use std::os::unix::fs::MetadataExt;
+        // Only `b` is left of the three names: unsquashfs links what squashfs says is one.
+        assert_eq!(std::fs::metadata(r.join("b")).unwrap().nlink(), 1);
+    }
+
     #[test]
     fn applies_whiteouts() {
         let mut root = Img::new();
