@@ -129,15 +129,20 @@ pub struct Data {
 impl Data {
     /// Streams up to `size` bytes of `reader` into the image as one file's contents.
     /// Returns the file's data and how many bytes `reader` had (less than `size` when it
-    /// ended early: the caller decides whether a short file is an error).
-    pub fn file(&mut self, reader: &mut impl Read, size: u64) -> Result<(FileData, u64)> {
+    /// ended early: the caller decides whether a short file is an error). A read error
+    /// becomes the error `read_error` makes of it (the caller knows which layer it was).
+    pub fn file(
+        &mut self,
+        reader: &mut impl Read,
+        size: u64,
+        read_error: impl Fn(io::Error) -> Error,
+    ) -> Result<(FileData, u64)> {
         let first = self.next;
         let mut copied = 0u64;
         while copied < size {
             let want = (size - copied).min(BLOCK_SIZE as u64) as usize;
             let mut block = vec![0u8; want];
-            let n = read_full(reader, &mut block)
-                .map_err(|e| Error::io("reading a layer's file contents", e))?;
+            let n = read_full(reader, &mut block).map_err(&read_error)?;
             if n == 0 {
                 break;
             }

@@ -335,7 +335,9 @@ fn a_large_file_streams_through_a_small_window_at_an_offset() {
     };
     let stats = build(&out, 4096, &options, |data| {
         let mut tree = Tree::new();
-        let (contents, copied) = data.file(&mut Counting(size), size)?;
+        let (contents, copied) = data.file(&mut Counting(size), size, |e| {
+            crate::Error::io("reading the test file", e)
+        })?;
         assert_eq!(copied, size);
         let meta = tree.node(Tree::ROOT).meta;
         let id = tree.add(Node {

@@ -251,7 +251,12 @@ impl Applier<'_> {
             }
             EntryType::Regular | EntryType::Continuous => {
                 let expected = entry.size();
-                let (contents, copied) = self.data.file(&mut entry, expected)?;
+                let layer = self.layer;
+                let (contents, copied) =
+                    self.data.file(&mut entry, expected, |e| Error::BadLayer {
+                        layer: layer.to_string(),
+                        reason: format!("reading {}: {e}", show(&path)),
+                    })?;
                 if copied != expected {
                     return Err(self.bad(format!(
                         "{} is truncated: {copied} of {expected} bytes",
@@ -864,6 +869,33 @@ mod tests {
         bytes.truncate(512 + 1000);
         let err = root.apply(bytes).unwrap_err();
         assert!(matches!(err, Error::BadLayer { .. }), "{err}");
+    }
+
+    /// A blob whose compressed bytes are damaged inside a file's contents: the layer is
+    /// named as bad (the registry's copy is broken), not reported as a local I/O error.
+    #[test]
+    fn a_corrupt_stream_inside_a_file_is_a_bad_layer() {
+        use std::io::Write;
+        let contents: String = (0..400_000u32)
+            .map(|i| char::from(b'a' + (i.wrapping_mul(2_654_435_761) >> 27) as u8))
+            .collect();
+        let plain = Layer::new().file("f", &contents).bytes();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&plain).unwrap();
+        let mut gz = gz.finish().unwrap();
+        let middle = gz.len() / 2;
+        gz[middle..middle + 64].fill(0xff);
+        let err = apply_one(
+            gz.as_slice(),
+            Compression::Gzip,
+            "sha256:bad",
+            &mut budget(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, Error::BadLayer { layer, .. } if layer == "sha256:bad"),
+            "{err:?}"
+        );
     }
 
     #[test]
