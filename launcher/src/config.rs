@@ -104,6 +104,9 @@ pub struct CacheConfig {
     pub max_path_length: usize,
     /// Most path components a layer entry or hard-link target may have.
     pub max_path_depth: usize,
+    /// Most file data one image build holds in memory (blocks being compressed or waiting
+    /// to be written), e.g. "64M"; the directory tree comes on top (bounded by max_entries).
+    pub build_memory: String,
     /// The cgroup (relative to the hierarchy's root) root's image builds move into before
     /// downloading, so a build never counts against a job's memory limit; "" keeps them in
     /// the job's cgroups.
@@ -120,6 +123,7 @@ impl Default for CacheConfig {
             max_entries: 1_000_000,
             max_path_length: 4096,
             max_path_depth: 256,
+            build_memory: "64M".into(),
             build_cgroup: crate::cache::BuildCgroup::default(),
         }
     }

@@ -17,6 +17,7 @@ use crate::policy::Pattern;
 use crate::reference::{Digest, Reference};
 use crate::registry::{auth, manifest};
 use crate::sif::Sif;
+use crate::squash;
 use crate::unpack::{self, Budget, Compression, Limits};
 
 /// A target: its name (the `fuzz/` binary and corpus directory) and body.
@@ -98,19 +99,15 @@ pub fn layer(data: &[u8]) {
     let Ok(limits) = Limits::from_config(&CacheConfig::default()) else {
         return;
     };
-    let root = scratch_dir();
+    // The whole path a cache build takes: the layer's entries into the tree, its files'
+    // contents into a squashfs in a scratch file.
+    let Ok(out) = tempfile_in_tmp() else { return };
     let mut budget = Budget::new(limits);
-    // The ownership records are what an unprivileged unpack (the cache's service user) keeps.
-    let mut ownership = unpack::Ownership::default();
-    let _ = unpack::apply_layer(
-        &root,
-        blob,
-        compression,
-        "fuzz",
-        &mut budget,
-        &mut ownership,
-    );
-    remove_scratch(&root);
+    let _ = squash::build(&out, 0, &squash::Options::default(), |data| {
+        let mut tree = squash::Tree::new();
+        unpack::apply_layer(&mut tree, data, blob, compression, "fuzz", &mut budget)?;
+        Ok(tree)
+    });
 }
 
 /// A manifest or index as a registry sends it, with the Content-Type chosen by the first
@@ -154,31 +151,21 @@ pub fn config_toml(data: &[u8]) {
     }
 }
 
-/// A fresh empty directory for one input, in this process's own place under the temporary
-/// directory.
-fn scratch_dir() -> std::path::PathBuf {
+/// A scratch file for one input's image, already unlinked (nothing to clean up), in this
+/// process's own place under the temporary directory.
+fn tempfile_in_tmp() -> std::io::Result<std::fs::File> {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    let dir = std::env::temp_dir().join(format!(
+    let path = std::env::temp_dir().join(format!(
         "berth-fuzz-{}-{}",
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)
     ));
-    std::fs::create_dir_all(&dir).expect("creating a scratch directory under $TMPDIR");
-    dir
-}
-
-/// Removes what a layer made, read-only directories included.
-fn remove_scratch(dir: &Path) {
-    fn writable(dir: &Path) {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700));
-        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                writable(&entry.path());
-            }
-        }
-    }
-    writable(dir);
-    std::fs::remove_dir_all(dir).expect("removing a scratch directory");
+    let file = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)?;
+    std::fs::remove_file(&path)?;
+    Ok(file)
 }

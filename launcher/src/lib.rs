@@ -24,6 +24,7 @@ pub mod registry;
 pub mod sif;
 pub mod site;
 pub mod slurm;
+pub mod squash;
 pub mod stage;
 pub mod unpack;
 

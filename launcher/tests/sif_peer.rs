@@ -183,7 +183,7 @@ fn created_sif_mounts_with_squashfuse_and_gives_back_the_files() {
         ..Default::default()
     };
     let out = t.path().join("out.sif");
-    create_from_dir(&out, &root, &config, &[]).unwrap();
+    create_from_dir(&out, &root, &config).unwrap();
     let src = open_image(&out).unwrap();
     assert_eq!(src.offset, PARTITION_OFFSET);
     assert_eq!(src.offset % 4096, 0);

@@ -52,6 +52,7 @@ use std::fs::{self, File};
 use std::io::{BufReader, Read};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 
 use sha2::Digest as _;
@@ -67,16 +68,17 @@ use crate::registry::{
     access, mirrors, BlobJob, Client, ClientOptions, Endpoint, Logins, ResolvedImage,
 };
 use crate::unpack::{self, Budget, Compression, Limits};
-use crate::{sif, Error, Result};
+use crate::{sif, squash, Error, Result};
 
 pub use cgroup::BuildCgroup;
 pub use owner::{doctor as doctor_owner, Owner, Sealed};
 pub use size::{format_size, parse_size};
 
 /// Free space a build needs, as a multiple of the image's compressed size: the staged
-/// layers, the unpacked tree (typically 2-3 times the gzip size) and the SIF. An estimate:
-/// it refuses early what cannot fit, and a build that still runs out fails cleanly.
-const SPACE_FACTOR: u64 = 4;
+/// layers and the SIF (lz4 squashfs, typically 1-2 times the gzip size; nothing is unpacked
+/// on disk). An estimate: it refuses early what cannot fit, and a build that still runs out
+/// fails cleanly.
+const SPACE_FACTOR: u64 = 3;
 
 /// How `fetch_with` reports, and for whom it fetches.
 #[derive(Debug, Clone, Default)]
@@ -623,11 +625,8 @@ impl Cache {
 
         let staging = self.dir.join("tmp").join(&key);
         let blobs = staging.join("blobs");
-        let rootfs = staging.join("rootfs");
         make_dir(&staging, 0o700)?;
         make_dir(&blobs, 0o700)?;
-        remove_tree(&rootfs)?;
-        make_dir(&rootfs, 0o755)?;
 
         // A node that finds the image in the shared store copies it instead of pulling; the
         // first to need it converts and publishes it, holding the store's lease meanwhile.
@@ -665,17 +664,31 @@ impl Cache {
                 missing.push(BlobJob { desc: layer, dest });
             }
         }
-        client.download_blobs(&reference.repository, &missing, &pull)?;
-        pull.finish();
-
-        let converted = self.convert(&layers, &staging, &image_config, &pinned, total, options);
-        if converted.is_err() {
-            // A refused or failed image must not keep its unpacked files (up to the image
-            // limit) on the node until the next build; the verified blobs stay for a retry.
-            if let Err(e) = remove_tree(&rootfs) {
-                warn(&format!("could not remove {}: {e}", rootfs.display()));
-            }
-        }
+        // The build starts on each layer as soon as its blob is verified, while the later
+        // layers download. A refused or failed image leaves nothing but the verified blobs
+        // (for a retry): the SIF being written is removed with its error.
+        let downloading = AtomicBool::new(true);
+        let (downloaded, converted) = std::thread::scope(|scope| {
+            let download = scope.spawn(|| {
+                let done = client.download_blobs(&reference.repository, &missing, &pull);
+                downloading.store(false, Ordering::Release);
+                if done.is_ok() {
+                    // The pull's last line when it ends, not when the build does.
+                    pull.finish();
+                }
+                done
+            });
+            let converted = self.convert(
+                &layers,
+                &staging,
+                &image_config,
+                &pinned,
+                &downloading,
+                options,
+            );
+            (download.join().expect("downloads do not panic"), converted)
+        });
+        downloaded?;
         converted?;
         if let Some(lease) = lease {
             // The node has its image either way; the others will convert it themselves.
@@ -720,45 +733,64 @@ impl Cache {
         .map(Some)
     }
 
-    /// Unpacks the layers staged in `staging/blobs` into `staging/rootfs` within the image
-    /// limits and builds `staging/image.sif`.
+    /// Streams the layers staged in `staging/blobs` into the squashfs of
+    /// `staging/image.sif`, within the image limits: no unpacked tree on disk (see `squash`).
+    /// Each blob is read once it is there (`downloading` is set while downloads may still
+    /// bring it).
     fn convert(
         &self,
         layers: &[(&Descriptor, Digest, Compression)],
         staging: &Path,
         image_config: &ImageConfig,
         pinned: &Reference,
-        total: u64,
+        downloading: &AtomicBool,
         options: &FetchOptions,
     ) -> Result<()> {
-        let (blobs, rootfs) = (staging.join("blobs"), staging.join("rootfs"));
+        let total = layers.iter().map(|(l, _, _)| l.size).sum();
+        let blobs = staging.join("blobs");
         let mut budget = Budget::new(self.limits.clone());
-        let mut ownership = unpack::Ownership::default();
-        let unpacking = Progress::new(format!("unpacking {pinned}"), total, options.quiet);
-        for (_, layer_digest, compression) in layers {
-            let path = blobs.join(layer_digest.hex());
-            let file = File::open(&path)
-                .map_err(|e| Error::io(format!("opening blob {}", path.display()), e))?;
-            let counted = Counted {
-                inner: BufReader::with_capacity(256 << 10, file),
-                progress: &unpacking,
-            };
-            unpack::apply_layer(
-                &rootfs,
-                counted,
-                *compression,
-                &layer_digest.to_string(),
-                &mut budget,
-                &mut ownership,
-            )?;
-        }
-        unpacking.finish();
-        progress::note(options.quiet, &format!("building squashfs for {pinned}"));
-        let extra = match ownership.is_empty() {
-            true => Vec::new(),
-            false => ownership.mksquashfs_args(&staging.join("pseudo"))?,
+        let building = Progress::new(format!("building {pinned}"), total, options.quiet);
+        let mut built = squash::Stats::default();
+        let squash_options = squash::Options {
+            block_memory: self.limits.build_memory,
+            ..Default::default()
         };
-        sif::create_from_dir(&staging.join("image.sif"), &rootfs, image_config, &extra)
+        sif::create_with(&staging.join("image.sif"), image_config, |file, offset| {
+            built = squash::build(file, offset, &squash_options, |data| {
+                let mut tree = squash::Tree::new();
+                for (_, layer_digest, compression) in layers {
+                    let path = blobs.join(layer_digest.hex());
+                    wait_for_blob(&path, downloading)?;
+                    let file = File::open(&path)
+                        .map_err(|e| Error::io(format!("opening blob {}", path.display()), e))?;
+                    let counted = Counted {
+                        inner: BufReader::with_capacity(256 << 10, file),
+                        progress: &building,
+                    };
+                    unpack::apply_layer(
+                        &mut tree,
+                        data,
+                        counted,
+                        *compression,
+                        &layer_digest.to_string(),
+                        &mut budget,
+                    )?;
+                }
+                Ok(tree)
+            })?;
+            Ok(built.bytes)
+        })?;
+        building.finish();
+        progress::note(
+            options.quiet,
+            &format!(
+                "built {pinned}: {} squashfs, {} inodes, {} data blocks",
+                format_size(built.bytes),
+                built.inodes,
+                built.blocks
+            ),
+        );
+        Ok(())
     }
 
     /// Makes sure the cache's file system has `needed` bytes free for a build, evicting
@@ -783,7 +815,7 @@ impl Cache {
             &self.dir,
             format!(
                 "not enough free space to build {image}: it needs about {} ({SPACE_FACTOR} × its \
-                 {} of compressed layers: the layers, the unpacked files and the SIF) and {} is \
+                 {} of compressed layers: the layers and the SIF) and {} is \
                  free after evicting unused images; free space on this file system, or move \
                  [cache] dir to a bigger one",
                 format_size(needed),
@@ -986,7 +1018,23 @@ fn leave_job_memory_cgroup(build_cgroup: &BuildCgroup) -> Option<String> {
     }
 }
 
-/// Counts the compressed bytes a layer reader consumes, for the unpack progress line.
+/// Waits until the blob `path` is staged. The downloader renames a blob into place only
+/// once its digest is verified, so nothing is read before that; when the downloads have
+/// ended without it, they failed (and their error is the one reported).
+fn wait_for_blob(path: &Path, downloading: &AtomicBool) -> Result<()> {
+    while !path.exists() {
+        if !downloading.load(Ordering::Acquire) && !path.exists() {
+            return Err(Error::io(
+                format!("reading blob {}", path.display()),
+                std::io::Error::other("its download failed"),
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Counts the compressed bytes a layer reader consumes, for the build's progress line.
 struct Counted<'a, R> {
     inner: R,
     progress: &'a Progress,
@@ -1441,36 +1489,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let config = site(dir.path(), &registry.host, &["lab/*"]);
         let cache = Cache::open(&config.cache).unwrap();
-        // The review's demo: a layer with a path deeper than PATH_MAX, then a refused entry,
-        // leaves its staging behind.
+        // The review's demo: a build of an older berth (which unpacked layers on disk) that
+        // was refused after a path deeper than PATH_MAX left its staging behind.
         let rootfs = dir.path().join("cache/tmp/aaaa/rootfs");
         fs::create_dir_all(&rootfs).unwrap();
-        let mut b = tar::Builder::new(Vec::new());
-        let deep = vec!["d".repeat(250); 40].join("/") + "/f";
-        let mut h = tar::Header::new_gnu();
-        h.set_size(1);
-        h.set_mode(0o644);
-        b.append_data(&mut h, &deep, &b"x"[..]).unwrap();
-        let mut h = tar::Header::new_gnu();
-        h.set_size(0);
-        h.as_gnu_mut().unwrap().name[..4].copy_from_slice(b"../x");
-        h.set_cksum();
-        b.append(&h, &b""[..]).unwrap();
-        let layer = b.into_inner().unwrap();
-        let limits = Limits {
-            max_path_length: 1 << 20,
-            max_path_depth: 1 << 10,
-            ..cache.limits.clone()
-        };
-        unpack::apply_layer(
-            &rootfs,
-            layer.as_slice(),
-            Compression::None,
-            "sha256:evil",
-            &mut Budget::new(limits),
-            &mut unpack::Ownership::default(),
-        )
-        .unwrap_err();
+        let mut parent = berth_sys::fs::Dir::open(&rootfs).unwrap();
+        let name = "d".repeat(250);
+        for _ in 0..40 {
+            parent.mkdir(name.as_bytes(), 0o755).unwrap();
+            parent = parent.open_child(name.as_bytes()).unwrap();
+        }
+        parent.create_file(b"f", 0o644).unwrap();
         drop(cache);
 
         let path = quiet(&config, &format!("{}/lab/good:latest", registry.host)).unwrap();

@@ -48,7 +48,7 @@ pub fn run(c: Command, _g: &Globals) -> Result<i32> {
         Command::Create(a) => {
             let config = build_config(&a)?;
             if a.source.is_dir() {
-                sif::create_from_dir(&a.out, &a.source, &config, &[])?;
+                sif::create_from_dir(&a.out, &a.source, &config)?;
             } else {
                 sif::write_image(&a.out, &a.source, &config)?;
             }

@@ -31,7 +31,7 @@ pub fn save(spec: &Spec, runtime: &RuntimeConfig, config: &ImageConfig, dest: &P
     let squashfuse = assemble::find_squashfuse()?;
     let bundle = Bundle::create(runtime)?;
     let (root, helper) = assemble::mount_root(&LinuxSyscall, &facts, &bundle.path, &squashfuse)?;
-    let written = crate::sif::create_from_dir(dest, &root, config, &[]);
+    let written = crate::sif::create_from_dir(dest, &root, config);
     process::kill_and_reap(helper).map_err(sys_err("stopping squashfuse"))?;
     bundle.remove()?;
     written

@@ -7,7 +7,7 @@
 //!
 //! - `format`: constants and the header/descriptor encodings.
 //! - `reader`: `Sif` and `open_image`, with every offset checked against the file.
-//! - `writer`: `write_image`, `create_from_dir`.
+//! - `writer`: `write_image`, `create_from_dir`, `create_with`.
 //! - `inspect`: the report `berth sif inspect` prints.
 
 pub mod format;
@@ -17,7 +17,9 @@ mod writer;
 
 pub use inspect::inspect;
 pub use reader::{open_image, ImageSource, Sif};
-pub use writer::{create_from_dir, write_image, MKSQUASHFS_COMPRESSION, PARTITION_OFFSET};
+pub use writer::{
+    create_from_dir, create_with, write_image, MKSQUASHFS_COMPRESSION, PARTITION_OFFSET,
+};
 
 /// The name of the JSON.Generic object holding berth's `ImageConfig`. A generic JSON object
 /// is a type Apptainer lists and otherwise leaves alone, so our files stay valid for its tools.

@@ -97,15 +97,10 @@ pub fn write_image(out: &Path, squashfs: &Path, config: &ImageConfig) -> Result<
 /// Builds a squashfs from a directory with mksquashfs using berth's chosen compression, then write_image.
 ///
 /// mksquashfs writes straight into the SIF at PARTITION_OFFSET (`-o`), so a large root file
-/// system is written once instead of being built in a temp file and copied. `extra` goes to
-/// mksquashfs as well (the owners and modes an unprivileged unpack recorded, see
-/// `unpack::pseudo`).
-pub fn create_from_dir(
-    out: &Path,
-    dir: &Path,
-    config: &ImageConfig,
-    extra: &[std::ffi::OsString],
-) -> Result<()> {
+/// system is written once instead of being built in a temp file and copied. Images from
+/// registries do not come this way (see `squash`): this is for directories on disk
+/// (`berth sif create DIR`, a saved container).
+pub fn create_from_dir(out: &Path, dir: &Path, config: &ImageConfig) -> Result<()> {
     let meta = std::fs::metadata(dir)
         .map_err(|e| Error::io(format!("reading source directory {}", dir.display()), e))?;
     if !meta.is_dir() {
@@ -133,7 +128,6 @@ pub fn create_from_dir(
         ])
         .arg(cpus.to_string())
         .args(MKSQUASHFS_COMPRESSION)
-        .args(extra)
         .output()
         .map_err(|e| Error::io("running mksquashfs", e))?;
     if !result.status.success() {
@@ -155,6 +149,20 @@ pub fn create_from_dir(
             status: result.status.to_string(),
             stderr: format!("it wrote only {len} bytes"),
         })?;
+    check_squashfs(&tmp.file, &tmp.path, PARTITION_OFFSET, part_len)?;
+    finish(tmp, part_len, config)
+}
+
+/// Builds a SIF whose root file system `build` writes: it gets the (temporary) file and the
+/// partition's offset, and returns the partition's length. Used to stream a squashfs built
+/// from layers straight into place (`squash::build`), with no file in between.
+pub fn create_with(
+    out: &Path,
+    config: &ImageConfig,
+    build: impl FnOnce(&File, u64) -> Result<u64>,
+) -> Result<()> {
+    let tmp = TempOut::create(out)?;
+    let part_len = build(&tmp.file, PARTITION_OFFSET)?;
     check_squashfs(&tmp.file, &tmp.path, PARTITION_OFFSET, part_len)?;
     finish(tmp, part_len, config)
 }
@@ -396,10 +404,10 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let out = t.path().join("img.sif");
         let missing = t.path().join("missing");
-        assert!(create_from_dir(&out, &missing, &config(), &[]).is_err());
+        assert!(create_from_dir(&out, &missing, &config()).is_err());
         let file = t.path().join("file");
         std::fs::write(&file, b"x").unwrap();
-        assert!(create_from_dir(&out, &file, &config(), &[]).is_err());
+        assert!(create_from_dir(&out, &file, &config()).is_err());
         assert!(!out.exists());
         assert_eq!(std::fs::read_dir(t.path()).unwrap().count(), 1);
     }
@@ -412,7 +420,7 @@ mod tests {
         std::fs::write(root.join("f"), b"1").unwrap();
         let out = t.path().join("img.sif");
         std::fs::write(&out, b"old").unwrap();
-        create_from_dir(&out, &root, &config(), &[]).unwrap();
+        create_from_dir(&out, &root, &config()).unwrap();
         let src = open_image(&out).unwrap();
         assert_eq!(src.offset, PARTITION_OFFSET);
         assert_eq!(src.config, config());

@@ -37,6 +37,8 @@ pub struct Limits {
     pub max_entries: u64,
     pub max_path_length: usize,
     pub max_path_depth: usize,
+    /// `build_memory`: file data in flight in the squashfs writer.
+    pub build_memory: usize,
 }
 
 impl Limits {
@@ -46,6 +48,7 @@ impl Limits {
             max_entries: config.max_entries,
             max_path_length: config.max_path_length,
             max_path_depth: config.max_path_depth,
+            build_memory: usize::try_from(parse_size(&config.build_memory)?).unwrap_or(usize::MAX),
         })
     }
 
