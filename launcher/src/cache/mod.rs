@@ -670,10 +670,11 @@ impl Cache {
 
         let converted = self.convert(&layers, &staging, &image_config, &pinned, total, options);
         if converted.is_err() {
-            // A refused or failed image must not keep its unpacked files (up to the image
-            // limit) on the node until the next build; the verified blobs stay for a retry.
-            if let Err(e) = remove_tree(&rootfs) {
-                warn(&format!("could not remove {}: {e}", rootfs.display()));
+            // A refused or failed image leaves nothing on the node, not its unpacked files
+            // (up to the image limit) nor its blobs: a hostile image would be refused again,
+            // and a full disk needs the room now. A retry downloads again.
+            if let Err(e) = remove_tree(&staging) {
+                warn(&format!("could not remove {}: {e}", staging.display()));
             }
         }
         converted?;
@@ -1400,6 +1401,25 @@ mod tests {
             user: None,
         };
         fetch_with(config, image, &options)
+    }
+
+    #[test]
+    fn a_refused_image_leaves_no_staging() {
+        let (docs, _, _) = image("lab/refused", "refused", false);
+        let registry = Registry::start(docs);
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = site(dir.path(), &registry.host, &["lab/*"]);
+        // The layer's one entry is over the limit: refused while it is unpacked.
+        config.cache.max_entries = 0;
+        let image = format!("{}/lab/refused:latest", registry.host);
+        let err = quiet(&config, &image).unwrap_err().to_string();
+        assert!(err.contains("max_entries"), "{err}");
+        for sub in ["tmp", "images"] {
+            let left: Vec<_> = fs::read_dir(dir.path().join("cache").join(sub))
+                .unwrap()
+                .collect();
+            assert!(left.is_empty(), "{sub}: {left:?}");
+        }
     }
 
     #[test]
