@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use berth_e2e::images::{busybox_layer, push_layers, put_manifest, python_layer, Pushed};
 use berth_e2e::{
-    access_lines, as_root, assert_node_idle, serial, sh, unique_name, wait_until,
-    write_user_file, Cluster, Cmd, PluginlessConf, Run, ScratchBerth,
+    access_lines, as_root, assert_node_idle, serial, sh, unique_name, wait_until, write_user_file,
+    Cluster, Cmd, PluginlessConf, Run, ScratchBerth,
 };
 
 /// The node cache of the cluster's berth.toml (`tests/cluster/templates/berth.toml`).
@@ -81,7 +81,10 @@ fn srun(options: &[&str], image: &str, script: &str) -> Run {
 fn assert_refused(run: &Run, causes: &[&str]) {
     run.assert_failure();
     for cause in causes {
-        assert!(run.stderr.contains(cause), "no {cause:?} in the refusal:\n{run}");
+        assert!(
+            run.stderr.contains(cause),
+            "no {cause:?} in the refusal:\n{run}"
+        );
     }
     assert!(!run.stdout.contains(RAN), "the command ran:\n{run}");
 }
@@ -256,7 +259,9 @@ fn cve_2019_5736_proc_exe_of_the_task_holder_and_helpers_cannot_be_written() {
     );
     for who in ["self", "shell", "berth", "squashfuse", "slurmstepd"] {
         assert!(
-            run.stdout.lines().any(|l| l.starts_with("refused") && l.contains(who)),
+            run.stdout
+                .lines()
+                .any(|l| l.starts_with("refused") && l.contains(who)),
             "no {who} process was tried:\n{run}"
         );
     }
@@ -315,6 +320,74 @@ fn cve_2021_30465_mount_destinations_symlinked_out_of_the_root_land_inside_it() 
     before.assert_none(&cluster, &[]);
 }
 
+/// The race of the CVE: a named, writable container keeps its changes in the user's own
+/// directory on the node, so the batch script (on the host, as the user) flips a directory
+/// of the container between a directory and a symlink to `/` while its steps mount onto
+/// paths below it. Steps may fail in the race; none mounts outside the container's root.
+#[test]
+fn cve_2021_30465_a_symlink_swapped_in_while_steps_mount_stays_inside() {
+    let _serial = serial();
+    let cluster = Cluster::get();
+    let work = Work::new("berth-e2e-cve-30465-race");
+    let source = work.0.join("source");
+    std::fs::create_dir(&source).unwrap();
+    write_user_file(&cluster, &source.join("file"), "from the host\n", 0o644);
+    let mark = unique_name("cve-race");
+    let script = format!(
+        "#!/bin/sh\n\
+         srun --container-image={image} --container-name=cve sh -c 'mkdir /t' || exit 3\n\
+         t=/var/tmp/berth-containers/$(id -u)/job-$SLURM_JOB_ID/cve/upper/t\n\
+         [ -d $t ] || {{ echo no upper directory $t; exit 4; }}\n\
+         (end=$(($(date +%s) + 8)); while [ $(date +%s) -lt $end ]; do\n\
+         \x20 if [ -L $t ]; then rm -f $t; mkdir $t; else rm -rf $t; ln -s / $t; fi; done) &\n\
+         for i in 1 2 3 4 5 6; do\n\
+         \x20 srun --container-name=cve --container-mounts={src}:/t/{mark}-$i:x-create=dir \\\n\
+         \x20   sh -c \"cat /t/{mark}-$i/file && echo mounted-$i\"\n\
+         done\n\
+         wait\n\
+         rm -rf $t; ln -s / $t\n\
+         srun --container-name=cve --container-mounts={src}:/t/tmp/{mark}:x-create=dir \\\n\
+         \x20 sh -c 'cat /tmp/{mark}/file && echo {RAN}'\n",
+        image = cluster.image_tls().reference,
+        src = source.display(),
+    );
+    let script_path = cluster.home().join(format!("{mark}.sh"));
+    let output = cluster.home().join(format!("{mark}.out"));
+    write_user_file(&cluster, &script_path, &script, 0o755);
+    let before = Leftovers::now();
+    let run = Cmd::user([
+        "sbatch".to_owned(),
+        "--wait".into(),
+        format!("--output={}", output.display()),
+        script_path.display().to_string(),
+    ])
+    .timeout(Duration::from_secs(300))
+    .run();
+    let text = std::fs::read_to_string(&output).unwrap_or_default();
+    let _ = std::fs::remove_file(&script_path);
+    let _ = std::fs::remove_file(&output);
+    assert!(run.success(), "{run}\n{text}");
+    assert!(
+        text.contains(RAN),
+        "the last step did not mount inside:\n{text}"
+    );
+    for i in 1..=6 {
+        let outside = Path::new("/").join(format!("{mark}-{i}"));
+        assert!(
+            !outside.exists(),
+            "{} made on the host:\n{text}",
+            outside.display()
+        );
+    }
+    let outside = Path::new("/tmp").join(&mark);
+    assert!(
+        !outside.exists(),
+        "{} made on the host:\n{text}",
+        outside.display()
+    );
+    before.assert_none(&cluster, &[]);
+}
+
 // ---- CVE-2024-21626: a leaked descriptor or working directory -----------------------------
 
 /// runc leaked a descriptor of the host's /sys/fs/cgroup into the container, and a
@@ -347,7 +420,10 @@ fn cve_2024_21626_no_descriptor_or_working_directory_from_outside_reaches_a_task
             } else {
                 "fds: 0 1 2".to_owned()
             };
-            assert_eq!(line, allowed, "a descriptor leaked into a task ({mpi}):\n{run}");
+            assert_eq!(
+                line, allowed,
+                "a descriptor leaked into a task ({mpi}):\n{run}"
+            );
         }
         let cwd = run.stdout.lines().filter(|l| l.starts_with("cwd=")).count();
         assert_eq!(cwd, 2, "{run}");
@@ -436,7 +512,10 @@ fn cve_2025_31133_52565_52881_dev_and_proc_symlinks_in_the_image_unmask_nothing(
                 .find(|l| l.contains(&format!("proc/{path} ")))
                 .unwrap_or_else(|| panic!("/proc/{path} is not covered ({options:?}):\n{run}"));
             if path != "kcore" {
-                assert!(line.contains(" ro"), "/proc/{path} is writable: {line}\n{run}");
+                assert!(
+                    line.contains(" ro"),
+                    "/proc/{path} is writable: {line}\n{run}"
+                );
             }
         }
     }
@@ -571,7 +650,10 @@ fn hostile_sifs(cluster: &Cluster, work: &Work) -> Sifs {
         std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o644)).unwrap();
     };
     let eof = work.0.join("eof.sif");
-    patch(&eof, "struct.pack_into('<q', b, part + 25, len(b) - off + 4096)");
+    patch(
+        &eof,
+        "struct.pack_into('<q', b, part + 25, len(b) - off + 4096)",
+    );
     let overlap = work.0.join("overlap.sif");
     patch(
         &overlap,
@@ -760,7 +842,11 @@ fn device_nodes_and_setid_files_in_layers_give_nothing() {
         }
         assert!(run.stdout.contains("mode 4755 /opt/suid"), "{run}");
         assert!(run.stdout.contains("mode 2755 /opt/sgid"), "{run}");
-        let lines: Vec<&str> = run.stdout.lines().filter(|l| l.starts_with("ids ")).collect();
+        let lines: Vec<&str> = run
+            .stdout
+            .lines()
+            .filter(|l| l.starts_with("ids "))
+            .collect();
         assert_eq!(lines.len(), 2, "{run}");
         for line in lines {
             let ids: Vec<&str> = line.split(' ').skip(1).collect();
@@ -921,7 +1007,10 @@ fn an_image_larger_than_the_disk_is_refused_before_writing_or_stopped_cleanly() 
         let left: Vec<_> = std::fs::read_dir(disk.0.join(sub))
             .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
             .unwrap_or_default();
-        assert!(left.is_empty(), "{sub} holds {left:?} after the failed builds");
+        assert!(
+            left.is_empty(),
+            "{sub} holds {left:?} after the failed builds"
+        );
     }
     assert!(disk.used_kib() < 1024, "{} KiB left", disk.used_kib());
 }
@@ -1044,11 +1133,7 @@ fn a_manifest_or_blob_redirected_to_an_unapproved_host_is_refused_unvisited() {
     let redirector = Redirector::start(&cluster, &work);
     let host = redirector.host.clone();
     let _config = NodeConfig::edit(&cluster, |text| {
-        let text = text.replacen(
-            "allowed = [",
-            &format!("allowed = [\"{host}/*\", "),
-            1,
-        );
+        let text = text.replacen("allowed = [", &format!("allowed = [\"{host}/*\", "), 1);
         text.replacen("plain_http = [", &format!("plain_http = [\"{host}\""), 1)
     });
     let elsewhere = cluster.plain_registry().log_cursor();
