@@ -280,8 +280,11 @@ impl Applier<'_> {
                 }
                 .map_err(|e| self.io(&path, "creating file", e))?;
                 let expected = entry.size();
-                let copied = io::copy(&mut entry, &mut out)
-                    .map_err(|e| self.bad(format!("reading {}: {e}", show(&path))))?;
+                let copied = copy_data(&mut entry, &mut out).map_err(|e| match e {
+                    CopyError::Read(e) => self.bad(format!("reading {}: {e}", show(&path))),
+                    // A full or failing disk, not a bad layer (ENOSPC names itself).
+                    CopyError::Write(e) => self.io(&path, "writing", e),
+                })?;
                 if copied != expected {
                     return Err(self.bad(format!(
                         "{} is truncated: {copied} of {expected} bytes",
@@ -537,6 +540,29 @@ impl Applier<'_> {
 
     fn io(&self, path: &[u8], what: &str, e: io::Error) -> Error {
         Error::io(format!("layer {}: {what} {}", self.layer, show(path)), e)
+    }
+}
+
+/// Why copying an entry's data stopped: the layer (reading) or the disk (writing).
+#[derive(Debug)]
+enum CopyError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+/// Copies an entry's data into its file, telling a bad layer from a full or failing disk.
+fn copy_data(from: &mut impl Read, to: &mut impl io::Write) -> Result<u64, CopyError> {
+    let mut buf = [0u8; 32 << 10];
+    let mut copied = 0;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(copied),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(CopyError::Read(e)),
+        };
+        to.write_all(&buf[..n]).map_err(CopyError::Write)?;
+        copied += n as u64;
     }
 }
 
@@ -968,6 +994,46 @@ mod tests {
             Layer::new().file("a/.wh...", "").bytes(),
             "malformed whiteout",
         );
+    }
+
+    #[test]
+    fn a_full_disk_is_not_a_corrupt_layer() {
+        let full = io::Error::from_raw_os_error(libc::ENOSPC);
+        let mut disk = FailingWriter(Some(full));
+        match copy_data(&mut &b"data"[..], &mut disk) {
+            Err(CopyError::Write(e)) => assert_eq!(e.raw_os_error(), Some(libc::ENOSPC)),
+            other => panic!("expected a write error, got {other:?}"),
+        }
+        let mut bad = FailingReader;
+        assert!(matches!(
+            copy_data(&mut bad, &mut Vec::new()),
+            Err(CopyError::Read(_))
+        ));
+        assert_eq!(copy_data(&mut &b"data"[..], &mut Vec::new()).unwrap(), 4);
+    }
+
+    /// A writer that fails once with the error it holds.
+    struct FailingWriter(Option<io::Error>);
+
+    impl io::Write for FailingWriter {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(self.0.take().unwrap_or_else(|| io::Error::other("again")))
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    struct FailingReader;
+
+    impl Read for FailingReader {
+        fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+            Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "corrupt deflate stream",
+            ))
+        }
     }
 
     #[test]
