@@ -103,37 +103,33 @@ fn cache_entries(sub: &str) -> BTreeSet<String> {
 /// What a step could leave on the node, taken before a case; [`Leftovers::assert_none`]
 /// compares after it.
 struct Leftovers {
+    processes: BTreeSet<String>,
     mounts: Vec<String>,
     staging: BTreeSet<String>,
     runtime: BTreeSet<String>,
 }
 
 impl Leftovers {
-    fn now() -> Leftovers {
+    fn now(cluster: &Cluster) -> Leftovers {
         Leftovers {
+            processes: launcher_processes(cluster),
             mounts: container_mounts(),
             staging: cache_entries("tmp"),
             runtime: runtime_dirs(),
         }
     }
 
-    /// No process of the user's or the cache's service user's containers or fetches, no new
-    /// mount, runtime directory or cache staging, no cached image for `refused` digests, and
-    /// the node idle.
+    /// No new process of the cluster's berth or of squashfuse, no new mount, runtime
+    /// directory or cache staging, no cached image for `refused` digests, and the node idle.
+    /// (Only what is new counts: other work on the machine may have its own.)
     #[track_caller]
     fn assert_none(&self, cluster: &Cluster, refused: &[&str]) {
+        let mut left = BTreeSet::new();
         let gone = wait_until(Duration::from_secs(15), || {
-            ["berth", "squashfuse", "squashfuse_ll"].iter().all(|name| {
-                [cluster.user(), "berth"]
-                    .iter()
-                    .all(|user| as_root(["pgrep", "-u", user, "-x", name]).stdout.is_empty())
-            })
+            left = &launcher_processes(cluster) - &self.processes;
+            left.is_empty()
         });
-        assert!(
-            gone,
-            "processes left: {}",
-            as_root(["ps", "-u", cluster.user(), "-u", "berth", "-o", "pid,args"]).stdout
-        );
+        assert!(gone, "processes left: {left:?}");
         assert_eq!(container_mounts(), self.mounts, "mounts left behind");
         let staging: Vec<String> = cache_entries("tmp")
             .difference(&self.staging)
@@ -153,12 +149,30 @@ impl Leftovers {
     }
 }
 
-/// Mounts in the host's mount table that a container or a fetch could have left.
+/// `PID ARGS` of the running processes of the cluster's berth and of squashfuse.
+fn launcher_processes(cluster: &Cluster) -> BTreeSet<String> {
+    let berth = cluster.berth_bin().display().to_string();
+    as_root(["ps", "-e", "-o", "pid=,args="])
+        .stdout
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            let program = l.split_whitespace().nth(1).unwrap_or("");
+            program == berth || program.starts_with("squashfuse")
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Mounts in the host's mount table that a container, a writable container's files or a
+/// fetch could have left.
 fn container_mounts() -> Vec<String> {
     std::fs::read_to_string("/proc/self/mounts")
         .unwrap_or_default()
         .lines()
-        .filter(|l| l.contains("fuse") || l.contains("/run/berth") || l.contains(NODE_CACHE))
+        .filter(|l| {
+            l.contains("/run/berth") || l.contains("berth-containers") || l.contains(NODE_CACHE)
+        })
         .map(str::to_owned)
         .collect()
 }
@@ -231,7 +245,7 @@ fn with_line(text: &str, section: &str, line: &str) -> String {
 fn cve_2019_5736_proc_exe_of_the_task_holder_and_helpers_cannot_be_written() {
     let _serial = serial();
     let cluster = Cluster::get();
-    let before = Leftovers::now();
+    let before = Leftovers::now(&cluster);
     let binaries: Vec<PathBuf> = [
         cluster.berth_bin(),
         PathBuf::from("/usr/sbin/slurmstepd"),
@@ -302,7 +316,7 @@ fn cve_2021_30465_mount_destinations_symlinked_out_of_the_root_land_inside_it() 
         "--container-mounts={src}:/escape/{a}:x-create=dir,{src}:/up/{b}:x-create=dir,\
          {src}:/host/tmp/{c}:x-create=dir"
     );
-    let before = Leftovers::now();
+    let before = Leftovers::now(&cluster);
     let run = srun(
         &[&mounts],
         &image.reference,
@@ -354,7 +368,7 @@ fn cve_2021_30465_a_symlink_swapped_in_while_steps_mount_stays_inside() {
     let script_path = cluster.home().join(format!("{mark}.sh"));
     let output = cluster.home().join(format!("{mark}.out"));
     write_user_file(&cluster, &script_path, &script, 0o755);
-    let before = Leftovers::now();
+    let before = Leftovers::now(&cluster);
     let run = Cmd::user([
         "sbatch".to_owned(),
         "--wait".into(),
@@ -398,12 +412,13 @@ fn cve_2021_30465_a_symlink_swapped_in_while_steps_mount_stays_inside() {
 fn cve_2024_21626_no_descriptor_or_working_directory_from_outside_reaches_a_task() {
     let _serial = serial();
     let cluster = Cluster::get();
-    let before = Leftovers::now();
+    let before = Leftovers::now(&cluster);
     let image = cluster.image_tls().reference;
-    // `ls` of the shell's own descriptors (ls's directory handle is not among them).
+    // The shell's own descriptors, listed by a child (`ls`) writing to a file: a command
+    // substitution would add its pipe to the shell's descriptors.
     let script = format!(
-        "echo fds: $(ls /proc/$$/fd | sort -n); echo pmi=${{PMI_FD:-none}}; \
-         for f in /proc/$$/fd/*; do echo \"$f -> $(readlink $f)\"; done; \
+        "f=/tmp/fds.$SLURM_PROCID; ls /proc/$$/fd > $f; ls -l /proc/$$/fd > $f.long; \
+         echo fds: $(sort -n $f); echo pmi=${{PMI_FD:-none}}; cat $f.long; \
          echo cwd=$(readlink /proc/$$/cwd); echo pwd=$(pwd -P); echo {RAN}"
     );
     for mpi in ["--mpi=none", "--mpi=pmi2"] {
@@ -475,23 +490,23 @@ fn cve_2025_31133_52565_52881_dev_and_proc_symlinks_in_the_image_unmask_nothing(
          \x20   i = t.TarInfo(name); i.type = t.SYMTYPE; i.linkname = target; tf.addfile(i)\n\
          link('dev/null', '/proc/sys/kernel/core_pattern')\n\
          link('dev/console', '/proc/sysrq-trigger')\n\
-         link('dev/ptmx', '/proc/sys/kernel/modprobe')\n\
+         link('dev/ptmx', '/proc/sys/kernel/hostname')\n\
          i = t.TarInfo('xproc'); i.type = t.DIRTYPE; i.mode = 0o555; tf.addfile(i)\n\
          link('proc', '/xproc')\n\
          tf.close()",
     );
     let core_pattern = std::fs::read_to_string("/proc/sys/kernel/core_pattern").unwrap();
-    let modprobe = std::fs::read_to_string("/proc/sys/kernel/modprobe").unwrap();
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
     let script = format!(
         "echo probe > /dev/null && echo null=written; [ -c /dev/null ] && echo null=device; \
          echo kcore=$(head -c 16 /proc/kcore | wc -c); \
          (echo h > /proc/sysrq-trigger) 2>/dev/null && echo sysrq=written || echo sysrq=refused; \
          (echo '|/tmp/x' > /proc/sys/kernel/core_pattern) 2>/dev/null && echo cp=written || echo cp=refused; \
-         (echo /tmp/x > /dev/ptmx) 2>/dev/null; (echo h > /dev/console) 2>/dev/null; \
+         (echo cve > /dev/ptmx) 2>/dev/null; (echo h > /dev/console) 2>/dev/null; \
          grep Seccomp: /proc/self/status; \
          grep -E ' /(x?proc)/(kcore|sys|sysrq-trigger) ' /proc/self/mountinfo; echo {RAN}"
     );
-    let before = Leftovers::now();
+    let before = Leftovers::now(&cluster);
     for options in [&[][..], &["--container-remap-root"][..]] {
         let run = srun(options, &image.reference, &script);
         run.assert_success();
@@ -524,8 +539,8 @@ fn cve_2025_31133_52565_52881_dev_and_proc_symlinks_in_the_image_unmask_nothing(
         core_pattern
     );
     assert_eq!(
-        std::fs::read_to_string("/proc/sys/kernel/modprobe").unwrap(),
-        modprobe
+        std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap(),
+        hostname
     );
     before.assert_none(&cluster, &[]);
 }
@@ -590,7 +605,7 @@ fn cve_2021_29136_tar_entries_that_leave_the_root_are_refused() {
     ];
     for (name, script, cause) in cases {
         let image = image_with_layer(&work, name, &format!("{script}tf.close()"));
-        let before = Leftovers::now();
+        let before = Leftovers::now(&cluster);
         let run = srun(&[], &image.reference, &format!("echo {RAN}"));
         assert_refused(&run, &["refusing entry", cause, &image.layers[1]]);
         assert!(!outside.exists(), "{name}: {} written", outside.display());
@@ -699,7 +714,7 @@ fn cve_2022_39237_sifs_with_bad_offsets_or_only_weak_hashes_are_refused() {
         Cmd::user(all).run()
     };
     for sif in [&sifs.good, &sifs.signed] {
-        user_run(&["exec", sif.to_str().unwrap(), "true"]).assert_success();
+        user_run(&["exec", sif.to_str().unwrap(), "sh", "-c", "true"]).assert_success();
     }
     for (sif, cause) in [
         (&sifs.eof, "but the file has only"),
@@ -743,7 +758,7 @@ fn cve_2022_39237_sifs_with_bad_offsets_or_only_weak_hashes_are_refused() {
         // Root's and sound, but not the image its name says.
         (&sifs.good, 0, "not what its name says"),
     ];
-    let before = Leftovers::now();
+    let before = Leftovers::now(&cluster);
     for (sif, owner, cause) in cases {
         planted.put(sif, owner);
         let run = srun(&[], &pinned, &format!("echo {RAN}"));
@@ -833,7 +848,7 @@ fn device_nodes_and_setid_files_in_layers_give_nothing() {
          stat -c 'mode %a %n' /opt/suid /opt/sgid; /opt/suid; /opt/sgid; \
          grep NoNewPrivs: /proc/self/status; echo {RAN}"
     );
-    let before = Leftovers::now();
+    let before = Leftovers::now(&cluster);
     for options in [&[][..], &["--container-remap-root"][..]] {
         let run = srun(options, &image.reference, &script);
         run.assert_success();
@@ -887,7 +902,7 @@ fn a_decompression_bomb_stops_at_the_image_size_limit() {
     let _config = NodeConfig::edit(&cluster, |text| {
         with_line(text, "cache", "max_image_size = \"64M\"")
     });
-    let before = Leftovers::now();
+    let before = Leftovers::now(&cluster);
     let run = srun(&[], &image.reference, &format!("echo {RAN}"));
     assert_refused(&run, &["max_image_size = 64.0M"]);
     before.assert_none(&cluster, &[&image.digest]);
@@ -976,7 +991,7 @@ fn an_image_larger_than_the_disk_is_refused_before_writing_or_stopped_cleanly() 
 
     // Through Slurm: over the node's max_image_size (10G) before anything is downloaded.
     let log = registry.log_cursor();
-    let before = Leftovers::now();
+    let before = Leftovers::now(&cluster);
     let run = srun(&[], &claims, &format!("echo {RAN}"));
     assert_refused(&run, &["compressed", "max_image_size"]);
     std::thread::sleep(Duration::from_millis(300));
@@ -1003,7 +1018,10 @@ fn an_image_larger_than_the_disk_is_refused_before_writing_or_stopped_cleanly() 
     // The real image inflates to 96 MiB: the disk fills while it is unpacked.
     let run = scratch.berth(&["fetch", &real.reference]);
     assert_refused(&run, &["No space left on device"]);
-    assert!(!run.stderr.contains("corrupt"), "a full disk is not a bad layer:\n{run}");
+    assert!(
+        !run.stderr.contains("corrupt"),
+        "a full disk is not a bad layer:\n{run}"
+    );
     for sub in ["images", "tmp"] {
         let left: Vec<_> = std::fs::read_dir(disk.0.join(sub))
             .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
@@ -1138,7 +1156,7 @@ fn a_manifest_or_blob_redirected_to_an_unapproved_host_is_refused_unvisited() {
         text.replacen("plain_http = [", &format!("plain_http = [\"{host}\""), 1)
     });
     let elsewhere = cluster.plain_registry().log_cursor();
-    let before = Leftovers::now();
+    let before = Leftovers::now(&cluster);
     let run = srun(&[], &format!("{host}/test/busybox"), &format!("echo {RAN}"));
     run.assert_success();
     assert!(run.stdout.contains(RAN), "{run}");
