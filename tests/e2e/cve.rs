@@ -674,7 +674,7 @@ fn hostile_sifs(cluster: &Cluster, work: &Work) -> Sifs {
         &overlap,
         "_, joff, jsize = objs[0x4006]\n\
          assert joff > off, 'the config follows the partition'\n\
-         struct.pack_into('<q', b, part + 25, joff - off + 8)",
+         struct.pack_into('<q', b, part + 25, joff - off + 1)",
     );
     // A signature object (type 0x4005) in a free descriptor slot, over the partition, its
     // PGP armour naming SHA-1: what the vulnerable sif library accepted as a signature.
