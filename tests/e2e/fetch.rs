@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use berth_e2e::images::{push_layers, python_layer, Pushed};
 use berth_e2e::{access_lines, sh, unique_name, Cluster, Cmd, PrivateRegistry, Run, ScratchBerth};
 
 /// A private cache and configuration for one test.
@@ -84,13 +85,6 @@ fn sif_config(env: &Env, sif: &Path) -> String {
     run.stdout
 }
 
-/// An image pushed by a test: its reference, manifest digest and layer digest.
-struct Pushed {
-    reference: String,
-    digest: String,
-    layer: String,
-}
-
 /// Builds a one-layer image holding `/payload` (`size` random bytes) and `/marker`
 /// (`marker`), and pushes it to the TLS registry as `test/NAME:TAG`.
 fn push_image(name: &str, tag: &str, size: usize, marker: &str) -> Pushed {
@@ -128,81 +122,9 @@ fn push_image_to(
         rootfs.display(),
         layer_path.display()
     ));
-    let pushed = push_layer_to(host, skopeo_options, name, tag, &layer_path, marker);
+    let pushed = push_layers(host, skopeo_options, name, tag, &[&layer_path], marker);
     std::fs::remove_dir_all(&work).unwrap();
     pushed
-}
-
-/// Pushes a one-layer image whose layer is the gzip file `layer_path` (any bytes: hostile
-/// layers too) as `test/NAME:TAG` to the registry `host`.
-fn push_layer_to(
-    host: &str,
-    skopeo_options: &[String],
-    name: &str,
-    tag: &str,
-    layer_path: &Path,
-    marker: &str,
-) -> Pushed {
-    let work = Path::new("/var/tmp").join(unique_name("berth-e2e-layout"));
-    let layout = work.join("oci");
-    let blobs = layout.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).unwrap();
-    let layer_bytes = std::fs::read(layer_path).unwrap();
-    let diff_id = sh(&format!("gzip -dc {} | sha256sum", layer_path.display()));
-    let layer = add_blob(&blobs, &layer_bytes);
-    let config = serde_json::json!({
-        "architecture": "amd64", "os": "linux",
-        "config": {"Env": ["PATH=/bin", format!("MARKER={marker}")], "Cmd": ["/bin/sh"], "WorkingDir": "/"},
-        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{}", diff_id.split_whitespace().next().unwrap())]},
-    })
-    .to_string();
-    let config_digest = add_blob(&blobs, config.as_bytes());
-    let manifest = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer, "size": layer_bytes.len()}],
-    })
-    .to_string();
-    let digest = add_blob(&blobs, manifest.as_bytes());
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest, "size": manifest.len(),
-                       "annotations": {"org.opencontainers.image.ref.name": tag}}],
-    });
-    std::fs::write(layout.join("index.json"), index.to_string()).unwrap();
-    std::fs::write(
-        layout.join("oci-layout"),
-        r#"{"imageLayoutVersion":"1.0.0"}"#,
-    )
-    .unwrap();
-    let reference = format!("{host}/test/{name}:{tag}");
-    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/templates/skopeo-policy.json");
-    let digest_file = work.join("digest");
-    sh(&format!(
-        "skopeo --policy {} copy -q {} --preserve-digests --digestfile {} oci:{}:{tag} docker://{reference} </dev/null",
-        policy.display(),
-        skopeo_options.join(" "),
-        digest_file.display(),
-        layout.display()
-    ));
-    let pushed_digest = std::fs::read_to_string(&digest_file).unwrap();
-    assert_eq!(pushed_digest.trim(), digest, "skopeo changed the manifest");
-    std::fs::remove_dir_all(&work).unwrap();
-    Pushed {
-        reference,
-        digest,
-        layer,
-    }
-}
-
-fn add_blob(blobs: &Path, bytes: &[u8]) -> String {
-    let tmp = blobs.join("incoming");
-    std::fs::write(&tmp, bytes).unwrap();
-    let out = sh(&format!("sha256sum {}", tmp.display()));
-    let hex = out.split_whitespace().next().unwrap().to_string();
-    std::fs::rename(&tmp, blobs.join(&hex)).unwrap();
-    format!("sha256:{hex}")
 }
 
 fn without_tag(reference: &str) -> &str {
@@ -332,7 +254,7 @@ fn concurrent_fetches_download_each_blob_once() {
         !access_lines(&text, "GET /v2/").is_empty(),
         "no requests logged: {text}"
     );
-    let layer_gets = access_lines(&text, &format!("blobs/{}", image.layer));
+    let layer_gets = access_lines(&text, &format!("blobs/{}", image.layers[0]));
     assert_eq!(
         layer_gets.len(),
         1,
@@ -389,7 +311,7 @@ fn kill_during_fetch_leaves_nothing_usable_and_a_new_fetch_succeeds() {
 fn a_blob_that_does_not_match_its_digest_is_refused() {
     let env = Env::new(&[]);
     let image = push_image(&unique_name("corrupt"), "v", 4096, "x");
-    let hex = image.layer.strip_prefix("sha256:").unwrap();
+    let hex = image.layers[0].strip_prefix("sha256:").unwrap();
     let data = env.cluster.tls_registry().storage.join(format!(
         "docker/registry/v2/blobs/sha256/{}/{hex}/data",
         &hex[..2]
@@ -402,7 +324,7 @@ fn a_blob_that_does_not_match_its_digest_is_refused() {
     let run = env.berth(&["fetch", &image.reference]);
     assert!(!run.success(), "{run:?}");
     assert!(
-        run.stderr.contains("corrupt data") && run.stderr.contains(&image.layer),
+        run.stderr.contains("corrupt data") && run.stderr.contains(&image.layers[0]),
         "{run:?}"
     );
     assert!(env.images().is_empty(), "{:?}", env.images());
@@ -507,22 +429,6 @@ fn a_private_repository_needs_the_site_credentials_and_says_where_they_go() {
     assert!(sif_config(&env, &sif).contains(&image.digest));
 }
 
-/// A gzip layer written by Python's tarfile from `script`, which gets `tf` (a GNU-format
-/// TarFile writing to the layer) and `t` (tarfile) and may write raw bytes to `out`.
-fn python_layer(dir: &Path, script: &str) -> PathBuf {
-    let tar = dir.join("layer.tar");
-    let program = format!(
-        "import tarfile as t, io, sys\nout = open({:?}, 'wb')\ntf = t.open(fileobj=out, mode='w', format=t.GNU_FORMAT)\n{script}\n",
-        tar.display().to_string()
-    );
-    std::fs::write(dir.join("layer.py"), program).unwrap();
-    sh(&format!(
-        "python3 {0}/layer.py && gzip -1 -c {0}/layer.tar > {0}/layer.tar.gz",
-        dir.display()
-    ));
-    dir.join("layer.tar.gz")
-}
-
 #[test]
 fn hostile_layers_are_refused_quickly_and_the_next_pull_still_works() {
     let env = Env::new(&[]);
@@ -558,7 +464,7 @@ fn hostile_layers_are_refused_quickly_and_the_next_pull_still_works() {
         let dir = work.join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let layer = python_layer(&dir, script);
-        let image = push_layer_to(&host, &[], &unique_name(name), "v", &layer, name);
+        let image = push_layers(&host, &[], &unique_name(name), "v", &[&layer], name);
         let start = Instant::now();
         let run = env.berth(&["fetch", &image.reference]);
         assert!(!run.success(), "{run:?}");

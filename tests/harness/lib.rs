@@ -8,6 +8,8 @@
 //! time limit, and come back as a [`Run`] that prints everything when an assertion fails.
 //! Daemon logs are read from a [`LogCursor`], so a test looks only at the lines it caused.
 
+pub mod images;
+
 use std::collections::BTreeMap;
 use std::ffi::{OsStr, OsString};
 use std::fmt;

@@ -665,8 +665,10 @@ impl Cache {
             }
         }
         // The build starts on each layer as soon as its blob is verified, while the later
-        // layers download. A refused or failed image leaves nothing but the verified blobs
-        // (for a retry): the SIF being written is removed with its error.
+        // layers download. An image refused or failed while it was built leaves nothing on
+        // the node, not its SIF being written nor its blobs: a hostile image would be
+        // refused again, and a full disk needs the room now. A failed download keeps the
+        // blobs already verified, for a retry.
         let downloading = AtomicBool::new(true);
         let (downloaded, converted) = std::thread::scope(|scope| {
             let download = scope.spawn(|| {
@@ -688,6 +690,11 @@ impl Cache {
             );
             (download.join().expect("downloads do not panic"), converted)
         });
+        if converted.is_err() {
+            if let Err(e) = remove_tree(&staging) {
+                warn(&format!("could not remove {}: {e}", staging.display()));
+            }
+        }
         downloaded?;
         converted?;
         if let Some(lease) = lease {
@@ -1448,6 +1455,25 @@ mod tests {
             user: None,
         };
         fetch_with(config, image, &options)
+    }
+
+    #[test]
+    fn a_refused_image_leaves_no_staging() {
+        let (docs, _, _) = image("lab/refused", "refused", false);
+        let registry = Registry::start(docs);
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = site(dir.path(), &registry.host, &["lab/*"]);
+        // The layer's one entry is over the limit: refused while it is unpacked.
+        config.cache.max_entries = 0;
+        let image = format!("{}/lab/refused:latest", registry.host);
+        let err = quiet(&config, &image).unwrap_err().to_string();
+        assert!(err.contains("max_entries"), "{err}");
+        for sub in ["tmp", "images"] {
+            let left: Vec<_> = fs::read_dir(dir.path().join("cache").join(sub))
+                .unwrap()
+                .collect();
+            assert!(left.is_empty(), "{sub}: {left:?}");
+        }
     }
 
     #[test]

@@ -185,6 +185,30 @@ impl Sif {
             }
             descriptors.push(d);
         }
+        // Objects share no bytes: Apptainer never writes two over the same bytes, and where
+        // they did, what one object (a signature, the config) says about its bytes would
+        // also be about another's (the sif library's CVE-2022-39237 class of confusion).
+        let mut extents: Vec<&Descriptor> = descriptors.iter().filter(|d| d.size > 0).collect();
+        extents.sort_by_key(|d| d.offset);
+        if let Some(pair) = extents
+            .windows(2)
+            .find(|pair| pair[0].offset + pair[0].size > pair[1].offset)
+        {
+            let show = |d: &Descriptor| {
+                format!(
+                    "object {} ({}, bytes {}..{})",
+                    d.id,
+                    d.data_type.name(),
+                    d.offset,
+                    d.offset + d.size
+                )
+            };
+            return Err(corrupt(format!(
+                "{} and {} overlap",
+                show(pair[0]),
+                show(pair[1])
+            )));
+        }
         Ok(Sif {
             path: path.to_owned(),
             file,
@@ -539,6 +563,26 @@ mod tests {
             &[(DATA_AT, sq)],
         );
         assert!(corrupt_message(&f).contains("overlaps the header or descriptor table"));
+    }
+
+    #[test]
+    fn overlapping_objects_are_refused() {
+        let mut f = valid();
+        // The partition grows into the config that follows it.
+        let mut p = partition(1, FsType::Squash, PartType::PrimSys, DATA_AT, 8192 + 4);
+        let at = DESCRIPTORS_OFFSET as usize;
+        f[at..at + DESCRIPTOR_LEN].copy_from_slice(&p.to_bytes());
+        let message = corrupt_message(&f);
+        assert!(
+            message.contains("object 1 (FS, bytes 32768..40964)")
+                && message.contains("object 2 (JSON.Generic, bytes 40960..")
+                && message.ends_with("overlap"),
+            "{message}"
+        );
+        // Objects that only touch are fine.
+        p.size = 8192;
+        f[at..at + DESCRIPTOR_LEN].copy_from_slice(&p.to_bytes());
+        assert!(open_bytes(&f).1.is_ok());
     }
 
     #[test]
