@@ -890,6 +890,27 @@ impl Cache {
         Ok(images)
     }
 
+    /// Checks every complete image: a service user's cache seals them (see `owner`), and
+    /// each root partition must match the hash recorded when it was written
+    /// (`sif::Sif::verify`). One result per image, least recently used first.
+    pub fn verify(&self) -> Result<Vec<(CachedImage, Result<sif::Verified>)>> {
+        let check = |image: &CachedImage| {
+            let file = owner::open_nofollow(&image.path)?;
+            if self.sealed {
+                Sealed::check(&file, &image.path)?;
+            }
+            sif::Sif::from_file(file, &image.path)?.verify()
+        };
+        Ok(self
+            .list()?
+            .into_iter()
+            .map(|image| {
+                let verdict = check(&image);
+                (image, verdict)
+            })
+            .collect())
+    }
+
     /// Evicts least recently used images until the total is at most `max`, never `keep`.
     /// Idle images go first, then images in use (see the module doc). Returns what was
     /// evicted.
@@ -1108,6 +1129,45 @@ mod tests {
         let when = SystemTime::now() - std::time::Duration::from_secs(age_secs);
         File::open(&path).unwrap().set_modified(when).unwrap();
         path
+    }
+
+    /// `berth images --verify`: a whole image passes; one cut short (a build killed while
+    /// it wrote, had it been published) and one with a changed byte are named.
+    #[test]
+    fn verify_names_each_damaged_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(&config(&dir.path().join("cache"), "10G")).unwrap();
+        let root = dir.path().join("root");
+        fs::create_dir(&root).unwrap();
+        fs::write(root.join("f"), vec![3u8; 300_000]).unwrap();
+        let image = |n| {
+            let path = cache.image_path(&repo(), &digest(n));
+            sif::create_from_dir(&path, &root, &ImageConfig::default(), &[]).unwrap();
+            path
+        };
+        let (whole, cut, changed) = (image(1), image(2), image(3));
+        let len = fs::metadata(&cut).unwrap().len();
+        File::options()
+            .write(true)
+            .open(&cut)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
+        let file = File::options().write(true).open(&changed).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, b"!", sif::PARTITION_OFFSET + 100).unwrap();
+
+        let verdicts: HashMap<PathBuf, Result<sif::Verified>> = cache
+            .verify()
+            .unwrap()
+            .into_iter()
+            .map(|(image, verdict)| (image.path, verdict))
+            .collect();
+        assert_eq!(verdicts.len(), 3);
+        assert!(matches!(verdicts[&whole], Ok(sif::Verified::Hash)));
+        let cut_err = verdicts[&cut].as_ref().unwrap_err().to_string();
+        assert!(cut_err.contains(&cut.display().to_string()), "{cut_err}");
+        let changed_err = verdicts[&changed].as_ref().unwrap_err().to_string();
+        assert!(changed_err.contains("does not match"), "{changed_err}");
     }
 
     #[test]

@@ -16,7 +16,7 @@ mod reader;
 mod writer;
 
 pub use inspect::inspect;
-pub use reader::{open_image, ImageSource, Sif};
+pub use reader::{open_image, ImageSource, Sif, Verified};
 pub use writer::{create_from_dir, write_image, MKSQUASHFS_COMPRESSION, PARTITION_OFFSET};
 
 /// The name of the JSON.Generic object holding berth's `ImageConfig`. A generic JSON object
