@@ -518,8 +518,7 @@ impl Cache {
                 // A sealed image is root's: root marks it used (the owner's fetch hands a hit
                 // back to root, which does).
                 if self.writable && (!self.sealed || berth_sys::identity::effective_uid() == 0) {
-                    file.set_modified(SystemTime::now())
-                        .map_err(|e| Error::io(format!("marking {} used", path.display()), e))?;
+                    mark_used(&file, path)?;
                 }
                 Ok(Some(path.to_path_buf()))
             }
@@ -989,6 +988,16 @@ impl Cache {
     }
 }
 
+/// Marks a cached image used now (its mtime orders eviction). On a cache the site made
+/// read-only (a pre-filled cache, or a file system remounted read-only after an error) the
+/// order cannot change and nothing is evicted, so the image still serves.
+fn mark_used(file: &File, path: &Path) -> Result<()> {
+    match file.set_modified(SystemTime::now()) {
+        Err(e) if e.raw_os_error() == Some(libc::EROFS) => Ok(()),
+        marked => marked.map_err(|e| Error::io(format!("marking {} used", path.display()), e)),
+    }
+}
+
 /// Moves root's process out of the job's memory cgroup (see `cgroup`) and returns the cgroup
 /// it is in now, if it moved. A move that fails costs only the protection: the build goes on
 /// where it was, with a warning naming the cause.
@@ -1168,6 +1177,35 @@ mod tests {
         assert!(cut_err.contains(&cut.display().to_string()), "{cut_err}");
         let changed_err = verdicts[&changed].as_ref().unwrap_err().to_string();
         assert!(changed_err.contains("does not match"), "{changed_err}");
+    }
+
+    /// A cached image on a file system remounted read-only still serves: marking it used
+    /// is skipped, not an error.
+    #[test]
+    fn a_hit_on_a_read_only_cache_is_served() {
+        if berth_sys::identity::effective_uid() != 0 {
+            eprintln!("skipped: needs root (mounts a read-only tmpfs)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mount = |args: &[&str]| {
+            let ok = std::process::Command::new("mount")
+                .args(args)
+                .arg(dir.path())
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "mount {args:?}");
+        };
+        mount(&["-t", "tmpfs", "-o", "size=1M,mode=0755", "berth-unit-ro"]);
+        let cache = Cache::open(&config(dir.path(), "10G")).unwrap();
+        let path = put(&cache, 1, 100, 60);
+        mount(&["-o", "remount,ro"]);
+        let hit = cache.hit(&repo(), &digest(1));
+        let _ = std::process::Command::new("umount")
+            .arg(dir.path())
+            .status();
+        assert_eq!(hit.unwrap(), Some(path));
     }
 
     #[test]

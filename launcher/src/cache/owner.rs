@@ -219,8 +219,7 @@ impl Sealed {
                 .map_err(|e| Error::io(format!("sealing {}", path.display()), e))?;
         }
         Sealed::check(&file, path)?;
-        file.set_modified(std::time::SystemTime::now())
-            .map_err(|e| Error::io(format!("marking {} used", path.display()), e))
+        super::mark_used(&file, path)
     }
 
     /// [`Sealed::check`] of the file at `path`.

@@ -1,0 +1,260 @@
+//! What a fault or a load run must not leave on the node, shared by `faults.rs` and
+//! `load.rs` (each includes this file as a module): mounts in the host's and slurmd's mount
+//! tables, berth's runtime directories, processes (squashfuse, mksquashfs, holders, the
+//! cache's service user), slurmd's descriptors, held cache locks, staging trees and images
+//! that do not verify. A [`NodeSnapshot`] is taken before the test and compared after it.
+
+// Each suite uses its own part of what is here.
+#![allow(dead_code)]
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use berth_e2e::{assert_node_idle, sh, wait_until, Cluster, Cmd};
+
+/// The cluster's node cache (`[cache] dir` of tests/cluster/templates/berth.toml).
+pub const CACHE: &str = "/var/cache/berth";
+/// The cluster's runtime directory (`[runtime] dir`).
+pub const RUNTIME: &str = "/run/berth";
+/// The cache's service user (`[cache] owner`).
+pub const SERVICE_USER: &str = "berth";
+
+/// One process, as /proc shows it.
+#[derive(Debug, Clone)]
+pub struct Proc {
+    pub pid: u32,
+    pub ppid: u32,
+    pub uid: u32,
+    pub comm: String,
+    /// R, S, D, T (stopped), Z (zombie), ...
+    pub state: char,
+    pub args: Vec<String>,
+}
+
+impl Proc {
+    pub fn read(pid: u32) -> Option<Proc> {
+        let dir = PathBuf::from(format!("/proc/{pid}"));
+        let status = std::fs::read_to_string(dir.join("status")).ok()?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_owned())
+                .unwrap_or_default()
+        };
+        let args = std::fs::read(dir.join("cmdline"))
+            .unwrap_or_default()
+            .split(|&b| b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        Some(Proc {
+            pid,
+            ppid: field("PPid:").parse().ok()?,
+            uid: field("Uid:").split_whitespace().next()?.parse().ok()?,
+            comm: field("Name:"),
+            state: field("State:").chars().next()?,
+            args,
+        })
+    }
+
+    /// Every process of the machine.
+    pub fn all() -> Vec<Proc> {
+        std::fs::read_dir("/proc")
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                    .filter_map(Proc::read)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn gone_or_zombie(pid: u32) -> bool {
+        Proc::read(pid).is_none_or(|p| p.state == 'Z')
+    }
+}
+
+/// The uid of a user of this machine.
+pub fn uid_of(user: &str) -> u32 {
+    sh(&format!("id -u {user}")).trim().parse().unwrap()
+}
+
+/// Processes a container step, a fetch or a stage runs, that must be gone when nothing
+/// runs: squashfuse, mksquashfs, anything of the cache's service user, and berth or
+/// slurmstepd processes (the holder runs as the test user; slurmstepd as root).
+pub fn berth_processes(cluster: &Cluster) -> Vec<Proc> {
+    let service = uid_of(SERVICE_USER);
+    let user = cluster.uid();
+    Proc::all()
+        .into_iter()
+        .filter(|p| p.state != 'Z' || p.comm.starts_with("squashfuse"))
+        .filter(|p| {
+            p.comm.starts_with("squashfuse")
+                || p.comm == "mksquashfs"
+                || p.comm == "slurmstepd"
+                || p.uid == service
+                || (p.comm == "berth" && (p.uid == user || p.args.iter().any(|a| a == "--fetch")))
+        })
+        .collect()
+}
+
+/// Mount points (with their type and source) of a mount table, without the ids that change
+/// between reads.
+fn mounts(mountinfo: &Path) -> BTreeSet<String> {
+    std::fs::read_to_string(mountinfo)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let fields: Vec<&str> = l.split(' ').collect();
+            let dash = fields.iter().position(|f| *f == "-")?;
+            Some(format!(
+                "{} {} {}",
+                fields.get(4)?,
+                fields.get(dash + 1)?,
+                fields.get(dash + 2)?
+            ))
+        })
+        .collect()
+}
+
+/// What the node holds when nothing runs, to compare against after a test.
+#[derive(Debug, Clone)]
+pub struct NodeSnapshot {
+    host_mounts: BTreeSet<String>,
+    slurmd_mounts: BTreeSet<String>,
+    runtime: BTreeSet<String>,
+    pub slurmd_fds: usize,
+    pub slurmd_rss_kib: u64,
+}
+
+pub fn slurmd_pid(cluster: &Cluster) -> u32 {
+    cluster.var("SLURMD_PID").parse().unwrap()
+}
+
+fn slurmd_fds(cluster: &Cluster) -> usize {
+    std::fs::read_dir(format!("/proc/{}/fd", slurmd_pid(cluster)))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// slurmd's resident memory (VmRSS) in KiB.
+pub fn slurmd_rss_kib(cluster: &Cluster) -> u64 {
+    std::fs::read_to_string(format!("/proc/{}/status", slurmd_pid(cluster)))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn runtime_entries() -> BTreeSet<String> {
+    std::fs::read_dir(RUNTIME)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl NodeSnapshot {
+    /// Waits for the node to be quiet (no container processes, node idle), then records it.
+    pub fn take(cluster: &Cluster) -> NodeSnapshot {
+        assert_node_idle(cluster);
+        wait_until(Duration::from_secs(20), || {
+            berth_processes(cluster).is_empty()
+        });
+        NodeSnapshot {
+            host_mounts: mounts(Path::new("/proc/self/mountinfo")),
+            slurmd_mounts: mounts(&PathBuf::from(format!(
+                "/proc/{}/mountinfo",
+                slurmd_pid(cluster)
+            ))),
+            runtime: runtime_entries(),
+            slurmd_fds: slurmd_fds(cluster),
+            slurmd_rss_kib: slurmd_rss_kib(cluster),
+        }
+    }
+
+    /// Panics naming whatever is left: processes (after up to 30 s for steps to end),
+    /// mounts new in the host's or slurmd's table, runtime directories, descriptors slurmd
+    /// holds beyond those it had; then waits for the node to be idle (not drained).
+    #[track_caller]
+    pub fn assert_nothing_left(&self, cluster: &Cluster) {
+        let quiet = wait_until(Duration::from_secs(30), || {
+            berth_processes(cluster).is_empty()
+        });
+        assert!(
+            quiet,
+            "processes left: {:#?}",
+            berth_processes(cluster)
+                .iter()
+                .map(|p| format!("{} {} uid {} {}", p.pid, p.state, p.uid, p.args.join(" ")))
+                .collect::<Vec<_>>()
+        );
+        let now = NodeSnapshot::take(cluster);
+        let new = |a: &BTreeSet<String>, b: &BTreeSet<String>| -> Vec<String> {
+            b.difference(a).cloned().collect()
+        };
+        assert!(
+            new(&self.host_mounts, &now.host_mounts).is_empty(),
+            "mounts left in the host's table: {:#?}",
+            new(&self.host_mounts, &now.host_mounts)
+        );
+        assert!(
+            new(&self.slurmd_mounts, &now.slurmd_mounts).is_empty(),
+            "mounts left in slurmd's table: {:#?}",
+            new(&self.slurmd_mounts, &now.slurmd_mounts)
+        );
+        assert!(
+            new(&self.runtime, &now.runtime).is_empty(),
+            "runtime directories left in {RUNTIME}: {:#?}",
+            new(&self.runtime, &now.runtime)
+        );
+        // slurmd closes a finished step's connections a moment after the step ends.
+        let fds_back = wait_until(Duration::from_secs(10), || {
+            slurmd_fds(cluster) <= self.slurmd_fds
+        });
+        assert!(
+            fds_back,
+            "slurmd holds {} descriptors, {} before: {}",
+            slurmd_fds(cluster),
+            self.slurmd_fds,
+            sh(&format!("ls -l /proc/{}/fd", slurmd_pid(cluster)))
+        );
+        assert_node_idle(cluster);
+    }
+}
+
+/// The node cache holds only whole images: `berth images --verify` (each image sealed by
+/// root and matching the SHA-256 recorded when it was built) passes, no build lock is held,
+/// and no staging tree is left (`tmp/` empty).
+#[track_caller]
+pub fn assert_cache_whole(cluster: &Cluster) {
+    let verify = Cmd::root([
+        cluster.berth_bin().display().to_string(),
+        "images".into(),
+        "--verify".into(),
+    ])
+    .run();
+    assert!(
+        verify.success(),
+        "the cache holds a damaged image:\n{verify}"
+    );
+    assert!(
+        !verify.stdout.contains("DAMAGED"),
+        "the cache holds a damaged image:\n{verify}"
+    );
+    let held = sh(&format!(
+        "for l in {CACHE}/locks/*.lock; do [ -e \"$l\" ] || continue; \
+         flock -n -E 99 \"$l\" true || echo \"$l\"; done"
+    ));
+    assert!(held.trim().is_empty(), "build locks still held: {held}");
+    let staging = sh(&format!("ls -A {CACHE}/tmp"));
+    assert!(
+        staging.trim().is_empty(),
+        "staging left in {CACHE}/tmp: {staging}"
+    );
+}
