@@ -192,7 +192,7 @@ fn created_sif_mounts_with_squashfuse_and_gives_back_the_files() {
         src.config,
         ImageConfig {
             rootfs_sha256: src.config.rootfs_sha256.clone(),
-            ..config
+            ..config.clone()
         }
     );
 
