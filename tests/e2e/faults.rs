@@ -16,8 +16,8 @@
 //! fault injection: SIGKILL at the second `rename`.
 //! Needs `tests/cluster/up`; fails (does not skip) without it.
 
-#[path = "leaks.rs"]
-mod leaks;
+#[path = "node.rs"]
+mod node;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -27,78 +27,7 @@ use std::time::{Duration, Instant};
 use berth_e2e::{
     assert_node_idle, serial, sh, unique_name, wait_until, Cluster, Cmd, Run, ScratchBerth,
 };
-use leaks::{assert_cache_whole, NodeSnapshot, Proc, CACHE};
-
-/// An image pushed for one test, new to every cache.
-struct Image {
-    reference: String,
-    digest: String,
-    /// What `/marker` in the image holds.
-    marker: String,
-    /// Its name in the node cache: `<manifest hex>-<repository key>`.
-    key: String,
-}
-
-impl Image {
-    fn staging(&self, cache: &Path) -> PathBuf {
-        cache.join("tmp").join(&self.key)
-    }
-
-    fn cached(&self, cache: &Path) -> PathBuf {
-        cache.join("images").join(format!("{}.sif", self.key))
-    }
-}
-
-/// Pushes the cluster's busybox with one more layer to `host` (the cluster's approved
-/// registry by default): `/marker`, `random_mib` MiB of random bytes (incompressible, so
-/// download, unpack and mksquashfs each take a moment), `files` small files, and
-/// `zero_mib` MiB of zeros (which compress to almost nothing: a layer that unpacks to much
-/// more than it downloads).
-fn push_image(host: &str, random_mib: usize, files: usize, zero_mib: usize) -> Image {
-    let cluster = Cluster::get();
-    let work = Path::new("/var/tmp").join(unique_name("berth-e2e-faults"));
-    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/templates/skopeo-policy.json");
-    let name = unique_name("faults");
-    let marker = unique_name("marker");
-    let repository = format!("{host}/test/{name}");
-    let reference = format!("{repository}:v1");
-    let certs = work.join("certs");
-    sh(&format!(
-        "w={w}; mkdir -p $w/root/files $w/certs/{host}; cp {ca} $w/certs/{host}/ca.crt
-         skopeo --policy {policy} copy -q docker://{base} oci:$w/oci:img
-         head -c {random_mib}M /dev/urandom > $w/root/random
-         head -c {zero_mib}M /dev/zero > $w/root/zeros
-         printf %s {marker} > $w/root/marker
-         python3 -c 'import sys
-for i in range(int(sys.argv[2])): open(f\"{{sys.argv[1]}}/f{{i}}\", \"w\").write(str(i) * 50)' $w/root/files {files}
-         tar --sort=name --owner=0 --group=0 --numeric-owner -C $w/root -cf $w/layer.tar .
-         umoci raw add-layer --image $w/oci:img $w/layer.tar
-         skopeo --policy {policy} copy -q --dest-cert-dir {certs}/{host} --digestfile $w/digest \
-             oci:$w/oci:img docker://{reference}",
-        w = work.display(),
-        ca = cluster.ca_cert().display(),
-        policy = policy.display(),
-        base = cluster.image_tls().reference,
-        certs = certs.display(),
-    ));
-    let digest = std::fs::read_to_string(work.join("digest"))
-        .unwrap()
-        .trim()
-        .to_owned();
-    sh(&format!("rm -rf {}", work.display()));
-    let repo_key = sh(&format!("printf %s {repository} | sha256sum | cut -c1-32"));
-    let key = format!(
-        "{}-{}",
-        digest.strip_prefix("sha256:").unwrap(),
-        repo_key.trim()
-    );
-    Image {
-        reference,
-        digest,
-        marker,
-        key,
-    }
-}
+use node::{assert_cache_whole, push_image, Image, NodeSnapshot, Proc, CACHE};
 
 /// Removes the image from the cluster's cache, so runs do not pile up images.
 fn drop_cached(image: &Image) {
@@ -468,9 +397,10 @@ fn sigkill_of_a_stage_while_copying() {
         assert!(Instant::now() < deadline, "no copy within 60 s");
         std::thread::sleep(Duration::from_millis(2));
     };
+    // runuser's child, or runuser itself where it execs without forking.
     let berth = Proc::all()
         .into_iter()
-        .find(|p| p.ppid == stage.id() && p.comm == "berth")
+        .find(|p| (p.ppid == stage.id() || p.pid == stage.id()) && p.comm == "berth")
         .expect("runuser's berth");
     signal("KILL", berth.pid);
     stage.wait().unwrap();
@@ -539,21 +469,17 @@ fn sigkill_of_a_stage_while_publishing() {
     assert_node_idle(&cluster);
 }
 
-/// A step whose tasks read the image in a loop; `kill` ends one of the step's helpers
-/// (squashfuse, the holder) once they are reading. The step ends in bounded time (its
-/// tasks see their file system go, or the step is torn down), and nothing is left.
+/// A step whose two tasks read the image in a loop; `helper` finds one of the step's
+/// helpers (squashfuse, the holder), which is killed once the tasks have read for a while.
+/// The step ends in bounded time (its tasks see their file system go, or the step is torn
+/// down), nothing is left, and the next job runs.
 fn kill_a_step_helper(helper: impl Fn(&Cluster) -> Option<Proc>) -> Run {
     let _serial = serial();
     let cluster = Cluster::get();
     let before = NodeSnapshot::take(&cluster);
     let image = cluster.image_tls().reference;
-    let started = unique_name("faults-reading");
-    let flag = cluster.home().join(&started);
-    let script = format!(
-        "touch {flag}; i=0; while [ $i -lt 300 ]; do cat /bin/busybox >/dev/null || exit 3; \
-         i=$((i+1)); sleep 0.1; done",
-        flag = flag.display()
-    );
+    let script = "i=0; while [ $i -lt 300 ]; do cat /bin/busybox >/dev/null || exit 3; \
+                  i=$((i+1)); sleep 0.1; done";
     let step = {
         let image = image.clone();
         std::thread::spawn(move || {
@@ -563,20 +489,25 @@ fn kill_a_step_helper(helper: impl Fn(&Cluster) -> Option<Proc>) -> Run {
                 "-n2".into(),
                 "sh".into(),
                 "-c".into(),
-                script,
+                script.into(),
             ])
             .timeout(Duration::from_secs(120))
             .run()
         })
     };
+    let mut victim = None;
     assert!(
-        wait_until(Duration::from_secs(60), || flag.exists()),
-        "the tasks did not start"
+        wait_until(Duration::from_secs(60), || {
+            victim = helper(&cluster);
+            victim.is_some() || step.is_finished()
+        }),
+        "the step's helper never appeared"
     );
-    let victim = helper(&cluster).expect("the step's helper process");
+    let victim = victim.expect("the step ended before its helper was seen");
+    // The tasks have started reading by then.
+    std::thread::sleep(Duration::from_secs(2));
     signal("KILL", victim.pid);
     let run = step.join().unwrap();
-    let _ = std::fs::remove_file(&flag);
     assert!(!run.timed_out(), "the step did not end:\n{run}");
     assert!(
         run.elapsed < Duration::from_secs(60),
@@ -585,7 +516,6 @@ fn kill_a_step_helper(helper: impl Fn(&Cluster) -> Option<Proc>) -> Run {
     );
     assert_node_idle(&cluster);
     before.assert_nothing_left(&cluster);
-    // The next job runs.
     let next = Cmd::user([
         "srun".to_owned(),
         format!("--container-image={image}"),
@@ -710,7 +640,9 @@ fn a_cache_file_system_that_fills_mid_build() {
         "the unpacked files stayed: {:?}",
         entries(&image.staging(&cache))
     );
-    assert!(leaks::berth_processes(&cluster).is_empty());
+    assert!(wait_until(Duration::from_secs(10), || {
+        node::berth_processes(&cluster).is_empty()
+    }));
 
     let next = scratch.berth(&["fetch", &cluster.image_tls().reference]);
     next.assert_success();
@@ -745,7 +677,9 @@ fn a_read_only_cache_file_system() {
     hit.assert_success();
     assert_eq!(hit.stdout, cached.stdout);
     scratch.berth(&["images", "--verify"]).assert_success();
-    assert!(leaks::berth_processes(&cluster).is_empty());
+    assert!(wait_until(Duration::from_secs(10), || {
+        node::berth_processes(&cluster).is_empty()
+    }));
     assert_node_idle(&cluster);
 }
 
@@ -885,7 +819,7 @@ fn a_registry_that_disappears_mid_pull() {
         "something was published"
     );
     assert!(wait_until(Duration::from_secs(10), || {
-        leaks::berth_processes(&cluster).is_empty()
+        node::berth_processes(&cluster).is_empty()
     }));
 
     let _back = ThrottledProxy::start(proxy.port, 64 << 20);

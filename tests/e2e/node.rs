@@ -1,5 +1,6 @@
-//! What a fault or a load run must not leave on the node, shared by `faults.rs` and
-//! `load.rs` (each includes this file as a module): mounts in the host's and slurmd's mount
+//! What the fault and load suites share (`faults.rs` and `load.rs` each include this file
+//! as a module): images pushed for a test, new to every cache; and what a fault or a load
+//! run must not leave on the node: mounts in the host's and slurmd's mount
 //! tables, berth's runtime directories, processes (squashfuse, mksquashfs, holders, the
 //! cache's service user), slurmd's descriptors, held cache locks, staging trees and images
 //! that do not verify. A [`NodeSnapshot`] is taken before the test and compared after it.
@@ -11,7 +12,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use berth_e2e::{assert_node_idle, sh, wait_until, Cluster, Cmd};
+use berth_e2e::{assert_node_idle, sh, unique_name, wait_until, Cluster, Cmd};
 
 /// The cluster's node cache (`[cache] dir` of tests/cluster/templates/berth.toml).
 pub const CACHE: &str = "/var/cache/berth";
@@ -162,6 +163,7 @@ fn runtime_entries() -> BTreeSet<String> {
 impl NodeSnapshot {
     /// Waits for the node to be quiet (no container processes, node idle), then records it.
     pub fn take(cluster: &Cluster) -> NodeSnapshot {
+        damaged_before(cluster);
         assert_node_idle(cluster);
         wait_until(Duration::from_secs(20), || {
             berth_processes(cluster).is_empty()
@@ -231,22 +233,14 @@ impl NodeSnapshot {
 /// The node cache holds only whole images: `berth images --verify` (each image sealed by
 /// root and matching the SHA-256 recorded when it was built) passes, no build lock is held,
 /// and no staging tree is left (`tmp/` empty).
+/// Images another suite damaged or planted before this one's first snapshot are reported,
+/// not blamed on this suite: only images damaged since fail it.
 #[track_caller]
 pub fn assert_cache_whole(cluster: &Cluster) {
-    let verify = Cmd::root([
-        cluster.berth_bin().display().to_string(),
-        "images".into(),
-        "--verify".into(),
-    ])
-    .run();
-    assert!(
-        verify.success(),
-        "the cache holds a damaged image:\n{verify}"
-    );
-    assert!(
-        !verify.stdout.contains("DAMAGED"),
-        "the cache holds a damaged image:\n{verify}"
-    );
+    let earlier = damaged_before(cluster);
+    let damaged = damaged_images(cluster);
+    let new: Vec<&String> = damaged.difference(earlier).collect();
+    assert!(new.is_empty(), "the cache holds damaged images: {new:#?}");
     let held = sh(&format!(
         "for l in {CACHE}/locks/*.lock; do [ -e \"$l\" ] || continue; \
          flock -n -E 99 \"$l\" true || echo \"$l\"; done"
@@ -257,4 +251,106 @@ pub fn assert_cache_whole(cluster: &Cluster) {
         staging.trim().is_empty(),
         "staging left in {CACHE}/tmp: {staging}"
     );
+}
+
+/// An image pushed for one test, new to every cache.
+pub struct Image {
+    pub reference: String,
+    pub digest: String,
+    /// What `/marker` in the image holds.
+    pub marker: String,
+    /// Its name in the node cache: `<manifest hex>-<repository key>`.
+    pub key: String,
+}
+
+impl Image {
+    pub fn staging(&self, cache: &Path) -> PathBuf {
+        cache.join("tmp").join(&self.key)
+    }
+
+    pub fn cached(&self, cache: &Path) -> PathBuf {
+        cache.join("images").join(format!("{}.sif", self.key))
+    }
+}
+
+/// Pushes the cluster's busybox with one more layer to `host` (the cluster's approved
+/// registry by default): `/marker`, `random_mib` MiB of random bytes (incompressible, so
+/// download, unpack and mksquashfs each take a moment), `files` small files, and
+/// `zero_mib` MiB of zeros (which compress to almost nothing: a layer that unpacks to much
+/// more than it downloads).
+pub fn push_image(host: &str, random_mib: usize, files: usize, zero_mib: usize) -> Image {
+    let cluster = Cluster::get();
+    let work = Path::new("/var/tmp").join(unique_name("berth-e2e-faults"));
+    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/templates/skopeo-policy.json");
+    let name = unique_name("faults");
+    let marker = unique_name("marker");
+    let repository = format!("{host}/test/{name}");
+    let reference = format!("{repository}:v1");
+    let certs = work.join("certs");
+    sh(&format!(
+        "w={w}; mkdir -p $w/root/files $w/certs/{host}; cp {ca} $w/certs/{host}/ca.crt
+         skopeo --policy {policy} copy -q docker://{base} oci:$w/oci:img
+         head -c {random_mib}M /dev/urandom > $w/root/random
+         head -c {zero_mib}M /dev/zero > $w/root/zeros
+         printf %s {marker} > $w/root/marker
+         python3 -c 'import sys
+for i in range(int(sys.argv[2])): open(f\"{{sys.argv[1]}}/f{{i}}\", \"w\").write(str(i) * 50)' $w/root/files {files}
+         tar --sort=name --owner=0 --group=0 --numeric-owner -C $w/root -cf $w/layer.tar .
+         umoci raw add-layer --image $w/oci:img $w/layer.tar
+         skopeo --policy {policy} copy -q --dest-cert-dir {certs}/{host} --digestfile $w/digest \
+             oci:$w/oci:img docker://{reference}",
+        w = work.display(),
+        ca = cluster.ca_cert().display(),
+        policy = policy.display(),
+        base = cluster.image_tls().reference,
+        certs = certs.display(),
+    ));
+    let digest = std::fs::read_to_string(work.join("digest"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    sh(&format!("rm -rf {}", work.display()));
+    let repo_key = sh(&format!("printf %s {repository} | sha256sum | cut -c1-32"));
+    let key = format!(
+        "{}-{}",
+        digest.strip_prefix("sha256:").unwrap(),
+        repo_key.trim()
+    );
+    Image {
+        reference,
+        digest,
+        marker,
+        key,
+    }
+}
+
+/// `berth images --verify`'s DAMAGED lines for the cluster's cache.
+fn damaged_images(cluster: &Cluster) -> BTreeSet<String> {
+    let verify = Cmd::root([
+        cluster.berth_bin().display().to_string(),
+        "images".into(),
+        "--verify".into(),
+    ])
+    .timeout(Duration::from_secs(600))
+    .run();
+    assert!(!verify.timed_out() && verify.code().is_some(), "{verify}");
+    verify
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("DAMAGED"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The damaged images the cache held when this suite first looked (at its first
+/// [`NodeSnapshot::take`]).
+fn damaged_before(cluster: &Cluster) -> &'static BTreeSet<String> {
+    static EARLIER: std::sync::OnceLock<BTreeSet<String>> = std::sync::OnceLock::new();
+    EARLIER.get_or_init(|| {
+        let damaged = damaged_images(cluster);
+        if !damaged.is_empty() {
+            println!("damaged before this suite ran (not its doing): {damaged:#?}");
+        }
+        damaged
+    })
 }
