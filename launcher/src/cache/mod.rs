@@ -1640,6 +1640,13 @@ mod tests {
         std::os::unix::fs::chown(&a, Some(nobody.uid), None).unwrap();
         let err = Sealed::check_path(&a).unwrap_err().to_string();
         assert!(err.contains("not sealed by root"), "{err}");
+        // As a fetch killed before root sealed leaves it: the next fetch seals it.
+        assert!(
+            err.contains("the next fetch of the image checks and seals it"),
+            "{err}"
+        );
+        assert_eq!(quiet(&config, &pinned_a).unwrap(), a);
+        assert_eq!(fs::metadata(&a).unwrap().uid(), 0);
     }
 
     /// A cache root wrote before the site named a service user is handed over: the
