@@ -667,7 +667,9 @@ impl Cache {
         client.download_blobs(&reference.repository, &missing, &pull)?;
         pull.finish();
 
-        let converted = self.convert(&layers, &staging, &image_config, &pinned, total, options);
+        let converted = self
+            .convert(&layers, &staging, &image_config, &pinned, total, options)
+            .map_err(|e| self.out_of_space(e, &pinned));
         if converted.is_err() {
             // A refused or failed image must not keep its unpacked files (up to the image
             // limit) on the node until the next build; the verified blobs stay for a retry.
@@ -758,6 +760,28 @@ impl Cache {
             false => ownership.mksquashfs_args(&staging.join("pseudo"))?,
         };
         sif::create_from_dir(&staging.join("image.sif"), &rootfs, image_config, &extra)
+    }
+
+    /// `e`, or, where it is the cache's file system filling up during the build (the
+    /// estimate before it was not enough, or other builds took the room), the cache error
+    /// that says so and how to make room.
+    fn out_of_space(&self, e: Error, image: &Reference) -> Error {
+        let full = match &e {
+            Error::Io { source, .. } => source.raw_os_error() == Some(libc::ENOSPC),
+            Error::Mksquashfs { stderr, .. } => stderr.contains("No space left"),
+            _ => false,
+        };
+        if !full {
+            return e;
+        }
+        cache_error(
+            &self.dir,
+            format!(
+                "the file system filled up while {image} was unpacked and converted ({e}); \
+                 nothing was kept but its downloaded layers. Free space there (`berth prune`), \
+                 or move [cache] dir to a bigger file system"
+            ),
+        )
     }
 
     /// Makes sure the cache's file system has `needed` bytes free for a build, evicting
@@ -1177,6 +1201,33 @@ mod tests {
         assert!(cut_err.contains(&cut.display().to_string()), "{cut_err}");
         let changed_err = verdicts[&changed].as_ref().unwrap_err().to_string();
         assert!(changed_err.contains("does not match"), "{changed_err}");
+    }
+
+    /// A build that fills the cache's file system says so and how to make room; other
+    /// failures pass through as they are.
+    #[test]
+    fn a_build_that_fills_the_disk_names_the_cache_and_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(&config(dir.path(), "10G")).unwrap();
+        let image = Reference::parse("localhost:5000/x/y:1").unwrap();
+        let full = Error::io(
+            "layer sha256:ab: writing file zeros",
+            std::io::Error::from_raw_os_error(libc::ENOSPC),
+        );
+        let msg = cache.out_of_space(full, &image).to_string();
+        for needle in [
+            "filled up",
+            "localhost:5000/x/y:1",
+            "writing file zeros",
+            "[cache] dir",
+        ] {
+            assert!(msg.contains(needle), "{needle}: {msg}");
+        }
+        let other = Error::io("x", std::io::Error::from_raw_os_error(libc::EIO));
+        assert!(matches!(
+            cache.out_of_space(other, &image),
+            Error::Io { .. }
+        ));
     }
 
     /// A cached image on a file system remounted read-only still serves: marking it used

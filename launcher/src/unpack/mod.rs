@@ -280,8 +280,17 @@ impl Applier<'_> {
                 }
                 .map_err(|e| self.io(&path, "creating file", e))?;
                 let expected = entry.size();
-                let copied = io::copy(&mut entry, &mut out)
-                    .map_err(|e| self.bad(format!("reading {}: {e}", show(&path))))?;
+                // A failed write is the node's disk (full, read-only, failing), not a
+                // corrupt layer: it must not tell the user to push the image again.
+                let mut write_failed = false;
+                let mut sink = WriteSide {
+                    inner: &mut out,
+                    failed: &mut write_failed,
+                };
+                let copied = io::copy(&mut entry, &mut sink).map_err(|e| match write_failed {
+                    true => self.io(&path, "writing file", e),
+                    false => self.bad(format!("reading {}: {e}", show(&path))),
+                })?;
                 if copied != expected {
                     return Err(self.bad(format!(
                         "{} is truncated: {copied} of {expected} bytes",
@@ -537,6 +546,23 @@ impl Applier<'_> {
 
     fn io(&self, path: &[u8], what: &str, e: io::Error) -> Error {
         Error::io(format!("layer {}: {what} {}", self.layer, show(path)), e)
+    }
+}
+
+/// A writer that notes whether a write failed, so a copy's error can be told apart from
+/// the reader's.
+struct WriteSide<'a, W> {
+    inner: W,
+    failed: &'a mut bool,
+}
+
+impl<W: io::Write> io::Write for WriteSide<'_, W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.inner.write(buf).inspect_err(|_| *self.failed = true)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush().inspect_err(|_| *self.failed = true)
     }
 }
 
@@ -968,6 +994,39 @@ mod tests {
             Layer::new().file("a/.wh...", "").bytes(),
             "malformed whiteout",
         );
+    }
+
+    /// A disk that fills while a file is written is the node's problem, reported as an I/O
+    /// error naming the file (which the cache turns into its out-of-space message), never as
+    /// a corrupt layer to push again.
+    #[test]
+    fn a_full_disk_is_not_a_corrupt_layer() {
+        if berth_sys::identity::effective_uid() != 0 {
+            eprintln!("skipped: needs root (mounts a small tmpfs)");
+            return;
+        }
+        let root = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=1M", "berth-unit-full"])
+            .arg(root.path())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        let err = apply(
+            root.path(),
+            Layer::new().file("big", &"x".repeat(3 << 20)).bytes(),
+        );
+        let _ = std::process::Command::new("umount")
+            .arg(root.path())
+            .status();
+        match err {
+            Err(Error::Io { context, source }) => {
+                assert_eq!(source.raw_os_error(), Some(libc::ENOSPC), "{context}");
+                assert!(context.contains("writing file big"), "{context}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
