@@ -498,7 +498,7 @@ fn sigkill_of_a_stage_while_publishing() {
 /// helpers (squashfuse, the holder), which is killed once the tasks have read for a while.
 /// The step ends in bounded time (its tasks see their file system go, or the step is torn
 /// down), nothing is left, and the next job runs.
-fn kill_a_step_helper(helper: impl Fn(&Cluster) -> Option<Proc>) -> Run {
+fn kill_a_step_helper(helper: impl Fn(&Cluster, &NodeSnapshot) -> Option<Proc>) -> Run {
     let _serial = serial();
     let cluster = Cluster::get();
     let before = NodeSnapshot::take(&cluster);
@@ -523,7 +523,7 @@ fn kill_a_step_helper(helper: impl Fn(&Cluster) -> Option<Proc>) -> Run {
     let mut victim = None;
     assert!(
         wait_until(Duration::from_secs(60), || {
-            victim = helper(&cluster);
+            victim = helper(&cluster, &before);
             victim.is_some() || step.is_finished()
         }),
         "the step's helper never appeared"
@@ -552,9 +552,10 @@ fn kill_a_step_helper(helper: impl Fn(&Cluster) -> Option<Proc>) -> Run {
     run
 }
 
-/// The test user's process named `comm` whose arguments contain `arg`.
-fn user_process(cluster: &Cluster, comm: &str, arg: &str) -> Option<Proc> {
-    Proc::all().into_iter().find(|p| {
+/// The test user's process named `comm` whose arguments contain `arg`, started after
+/// `before`.
+fn user_process(cluster: &Cluster, before: &NodeSnapshot, comm: &str, arg: &str) -> Option<Proc> {
+    before.new_processes(cluster).into_iter().find(|p| {
         p.uid == cluster.uid()
             && p.comm.starts_with(comm)
             && p.state != 'Z'
@@ -564,14 +565,17 @@ fn user_process(cluster: &Cluster, comm: &str, arg: &str) -> Option<Proc> {
 
 #[test]
 fn sigkill_of_squashfuse_while_tasks_read() {
-    let run = kill_a_step_helper(|cluster| user_process(cluster, "squashfuse", ""));
+    let run = kill_a_step_helper(|cluster, before| {
+        // The squashfuse serving the step's image from the node cache.
+        user_process(cluster, before, "squashfuse", CACHE)
+    });
     // The tasks saw their file system go and said so; the step failed.
     run.assert_failure();
 }
 
 #[test]
 fn sigkill_of_the_steps_container_holder() {
-    kill_a_step_helper(|cluster| user_process(cluster, "berth", "start"));
+    kill_a_step_helper(|cluster, before| user_process(cluster, before, "berth", "start"));
 }
 
 /// A tmpfs of `size` mounted at `dir`, unmounted (lazily, whatever holds it) on drop.
@@ -643,6 +647,7 @@ fn assert_scratch_cache_whole(scratch: &ScratchBerth) {
 fn a_cache_file_system_that_fills_mid_build() {
     let _serial = serial();
     let cluster = Cluster::get();
+    let before = NodeSnapshot::take(&cluster);
     let scratch = scratch_berth("berth-e2e-faults-full", &[], &cluster.certs_dir());
     let _fs = SmallFs::mount(&scratch.dir.join("cache"), "24M");
     let image = push_image(&cluster.tls_registry().host, 0, 10, 48);
@@ -665,9 +670,7 @@ fn a_cache_file_system_that_fills_mid_build() {
         "the unpacked files stayed: {:?}",
         entries(&image.staging(&cache))
     );
-    assert!(wait_until(Duration::from_secs(10), || {
-        node::berth_processes(&cluster).is_empty()
-    }));
+    assert!(before.processes_gone(&cluster, Duration::from_secs(10)));
 
     let next = scratch.berth(&["fetch", &cluster.image_tls().reference]);
     next.assert_success();
@@ -682,6 +685,7 @@ fn a_cache_file_system_that_fills_mid_build() {
 fn a_read_only_cache_file_system() {
     let _serial = serial();
     let cluster = Cluster::get();
+    let before = NodeSnapshot::take(&cluster);
     let scratch = scratch_berth("berth-e2e-faults-ro", &[], &cluster.certs_dir());
     let fs = SmallFs::mount(&scratch.dir.join("cache"), "64M");
     let cached = scratch.berth(&["fetch", &cluster.image_tls().by_digest()]);
@@ -702,9 +706,7 @@ fn a_read_only_cache_file_system() {
     hit.assert_success();
     assert_eq!(hit.stdout, cached.stdout);
     scratch.berth(&["images", "--verify"]).assert_success();
-    assert!(wait_until(Duration::from_secs(10), || {
-        node::berth_processes(&cluster).is_empty()
-    }));
+    assert!(before.processes_gone(&cluster, Duration::from_secs(10)));
     assert_node_idle(&cluster);
 }
 
@@ -784,6 +786,7 @@ impl Drop for ThrottledProxy {
 fn a_registry_that_disappears_mid_pull() {
     let _serial = serial();
     let cluster = Cluster::get();
+    let before = NodeSnapshot::take(&cluster);
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -843,9 +846,7 @@ fn a_registry_that_disappears_mid_pull() {
         entries(&cache.join("images")).is_empty(),
         "something was published"
     );
-    assert!(wait_until(Duration::from_secs(10), || {
-        node::berth_processes(&cluster).is_empty()
-    }));
+    assert!(before.processes_gone(&cluster, Duration::from_secs(10)));
 
     let _back = ThrottledProxy::start(proxy.port, 64 << 20);
     let done = scratch

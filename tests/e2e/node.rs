@@ -123,6 +123,9 @@ fn mounts(mountinfo: &Path) -> BTreeSet<String> {
 /// What the node holds when nothing runs, to compare against after a test.
 #[derive(Debug, Clone)]
 pub struct NodeSnapshot {
+    /// Such processes that outlived the wait for a quiet node (another suite's or a
+    /// person's, not this test's doing): reported once, then not counted against the test.
+    earlier: BTreeSet<u32>,
     host_mounts: BTreeSet<String>,
     slurmd_mounts: BTreeSet<String>,
     runtime: BTreeSet<String>,
@@ -168,7 +171,12 @@ impl NodeSnapshot {
         wait_until(Duration::from_secs(20), || {
             berth_processes(cluster).is_empty()
         });
+        let earlier: Vec<Proc> = berth_processes(cluster);
+        if !earlier.is_empty() {
+            println!("processes already on the node (not this test's): {earlier:#?}");
+        }
         NodeSnapshot {
+            earlier: earlier.iter().map(|p| p.pid).collect(),
             host_mounts: mounts(Path::new("/proc/self/mountinfo")),
             slurmd_mounts: mounts(&PathBuf::from(format!(
                 "/proc/{}/mountinfo",
@@ -180,18 +188,28 @@ impl NodeSnapshot {
         }
     }
 
+    /// [`berth_processes`] that were not there when the snapshot was taken.
+    pub fn new_processes(&self, cluster: &Cluster) -> Vec<Proc> {
+        berth_processes(cluster)
+            .into_iter()
+            .filter(|p| !self.earlier.contains(&p.pid))
+            .collect()
+    }
+
+    /// Waits up to `limit` for the processes a test started to be gone; true when they are.
+    pub fn processes_gone(&self, cluster: &Cluster, limit: Duration) -> bool {
+        wait_until(limit, || self.new_processes(cluster).is_empty())
+    }
+
     /// Panics naming whatever is left: processes (after up to 30 s for steps to end),
     /// mounts new in the host's or slurmd's table, runtime directories, descriptors slurmd
     /// holds beyond those it had; then waits for the node to be idle (not drained).
     #[track_caller]
     pub fn assert_nothing_left(&self, cluster: &Cluster) {
-        let quiet = wait_until(Duration::from_secs(30), || {
-            berth_processes(cluster).is_empty()
-        });
         assert!(
-            quiet,
+            self.processes_gone(cluster, Duration::from_secs(30)),
             "processes left: {:#?}",
-            berth_processes(cluster)
+            self.new_processes(cluster)
                 .iter()
                 .map(|p| format!("{} {} uid {} {}", p.pid, p.state, p.uid, p.args.join(" ")))
                 .collect::<Vec<_>>()
