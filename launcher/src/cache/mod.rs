@@ -155,8 +155,9 @@ fn fetch_approved(
         None => {
             cache.require_writable(reference)?;
             let sif = cache.image_path(&repo, &resolved.manifest_digest);
-            access::record(cache.dir(), &sif, client.puller())?;
-            cache.build(&client, reference, &repo, &resolved, options)?
+            access::record(cache.dir(), &sif, client.puller())
+                .and_then(|()| cache.build(&client, reference, &repo, &resolved, options))
+                .map_err(|e| cache.read_only(e, reference))?
         }
     };
     cache.record_index(&repo, &resolved)?;
@@ -784,6 +785,22 @@ impl Cache {
         )
     }
 
+    /// `e`, or, where it is the cache's file system refusing writes, the cache error that
+    /// says cached images still run and how to let new ones in.
+    fn read_only(&self, e: Error, image: &Reference) -> Error {
+        match &e {
+            Error::Io { source, .. } if source.raw_os_error() == Some(libc::EROFS) => cache_error(
+                &self.dir,
+                format!(
+                    "{image} is not cached and the cache's file system is read-only ({e}); \
+                     cached images still run. Remount it read-write (check the kernel log: a \
+                     file system goes read-only after errors), or move [cache] dir"
+                ),
+            ),
+            _ => e,
+        }
+    }
+
     /// Makes sure the cache's file system has `needed` bytes free for a build, evicting
     /// unused images (least recently used first) when it has not.
     fn ensure_space(&self, needed: u64, compressed: u64, image: &Reference) -> Result<()> {
@@ -1228,6 +1245,21 @@ mod tests {
             cache.out_of_space(other, &image),
             Error::Io { .. }
         ));
+    }
+
+    /// A miss on a read-only cache says what still works and what to do.
+    #[test]
+    fn a_miss_on_a_read_only_cache_names_it_and_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(&config(dir.path(), "10G")).unwrap();
+        let image = Reference::parse("localhost:5000/x/y:1").unwrap();
+        let ro = Error::io("removing x", std::io::Error::from_raw_os_error(libc::EROFS));
+        let msg = cache.read_only(ro, &image).to_string();
+        for needle in ["read-only", "localhost:5000/x/y:1", "Remount", "still run"] {
+            assert!(msg.contains(needle), "{needle}: {msg}");
+        }
+        let other = Error::io("x", std::io::Error::from_raw_os_error(libc::EIO));
+        assert!(matches!(cache.read_only(other, &image), Error::Io { .. }));
     }
 
     /// A cached image on a file system remounted read-only still serves: marking it used
