@@ -27,6 +27,11 @@ pub struct ImageConfig {
     /// The reference the image was pulled as, for display.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub source: String,
+    /// SHA-256 of the SIF's root partition, recorded by the writer once the squashfs is
+    /// complete, so `berth images --verify` can tell a whole image from a damaged one
+    /// (a disk error, a copy cut short). Empty in images berth wrote before it recorded one.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub rootfs_sha256: String,
 }
 
 impl ImageConfig {

@@ -157,8 +157,9 @@ fn fetch_approved(
         None => {
             cache.require_writable(reference)?;
             let sif = cache.image_path(&repo, &resolved.manifest_digest);
-            access::record(cache.dir(), &sif, client.puller())?;
-            cache.build(&client, reference, &repo, &resolved, options)?
+            access::record(cache.dir(), &sif, client.puller())
+                .and_then(|()| cache.build(&client, reference, &repo, &resolved, options))
+                .map_err(|e| cache.read_only(e, reference))?
         }
     };
     cache.record_index(&repo, &resolved)?;
@@ -520,8 +521,7 @@ impl Cache {
                 // A sealed image is root's: root marks it used (the owner's fetch hands a hit
                 // back to root, which does).
                 if self.writable && (!self.sealed || berth_sys::identity::effective_uid() == 0) {
-                    file.set_modified(SystemTime::now())
-                        .map_err(|e| Error::io(format!("marking {} used", path.display()), e))?;
+                    mark_used(&file, path)?;
                 }
                 Ok(Some(path.to_path_buf()))
             }
@@ -687,7 +687,8 @@ impl Cache {
                 &pinned,
                 &downloading,
                 options,
-            );
+            )
+            .map_err(|e| self.out_of_space(e, &pinned));
             (download.join().expect("downloads do not panic"), converted)
         });
         if converted.is_err() {
@@ -798,6 +799,44 @@ impl Cache {
             ),
         );
         Ok(())
+    }
+
+    /// `e`, or, where it is the cache's file system filling up during the build (the
+    /// estimate before it was not enough, or other builds took the room), the cache error
+    /// that says so and how to make room.
+    fn out_of_space(&self, e: Error, image: &Reference) -> Error {
+        let full = match &e {
+            Error::Io { source, .. } => source.raw_os_error() == Some(libc::ENOSPC),
+            Error::Mksquashfs { stderr, .. } => stderr.contains("No space left"),
+            _ => false,
+        };
+        if !full {
+            return e;
+        }
+        cache_error(
+            &self.dir,
+            format!(
+                "the file system filled up while {image} was built ({e}); nothing of it was \
+                 kept. Free space there (`berth prune`), \
+                 or move [cache] dir to a bigger file system"
+            ),
+        )
+    }
+
+    /// `e`, or, where it is the cache's file system refusing writes, the cache error that
+    /// says cached images still run and how to let new ones in.
+    fn read_only(&self, e: Error, image: &Reference) -> Error {
+        match &e {
+            Error::Io { source, .. } if source.raw_os_error() == Some(libc::EROFS) => cache_error(
+                &self.dir,
+                format!(
+                    "{image} is not cached and the cache's file system is read-only ({e}); \
+                     cached images still run. Remount it read-write (check the kernel log: a \
+                     file system goes read-only after errors), or move [cache] dir"
+                ),
+            ),
+            _ => e,
+        }
     }
 
     /// Makes sure the cache's file system has `needed` bytes free for a build, evicting
@@ -929,6 +968,27 @@ impl Cache {
         Ok(images)
     }
 
+    /// Checks every complete image: a service user's cache seals them (see `owner`), and
+    /// each root partition must match the hash recorded when it was written
+    /// (`sif::Sif::verify`). One result per image, least recently used first.
+    pub fn verify(&self) -> Result<Vec<(CachedImage, Result<sif::Verified>)>> {
+        let check = |image: &CachedImage| {
+            let file = owner::open_nofollow(&image.path)?;
+            if self.sealed {
+                Sealed::check(&file, &image.path)?;
+            }
+            sif::Sif::from_file(file, &image.path)?.verify()
+        };
+        Ok(self
+            .list()?
+            .into_iter()
+            .map(|image| {
+                let verdict = check(&image);
+                (image, verdict)
+            })
+            .collect())
+    }
+
     /// Evicts least recently used images until the total is at most `max`, never `keep`.
     /// Idle images go first, then images in use (see the module doc). Returns what was
     /// evicted.
@@ -1004,6 +1064,16 @@ impl Cache {
                 let _ = fs::remove_file(entry.path());
             }
         }
+    }
+}
+
+/// Marks a cached image used now (its mtime orders eviction). On a cache the site made
+/// read-only (a pre-filled cache, or a file system remounted read-only after an error) the
+/// order cannot change and nothing is evicted, so the image still serves.
+fn mark_used(file: &File, path: &Path) -> Result<()> {
+    match file.set_modified(SystemTime::now()) {
+        Err(e) if e.raw_os_error() == Some(libc::EROFS) => Ok(()),
+        marked => marked.map_err(|e| Error::io(format!("marking {} used", path.display()), e)),
     }
 }
 
@@ -1163,6 +1233,116 @@ mod tests {
         let when = SystemTime::now() - std::time::Duration::from_secs(age_secs);
         File::open(&path).unwrap().set_modified(when).unwrap();
         path
+    }
+
+    /// `berth images --verify`: a whole image passes; one cut short (a build killed while
+    /// it wrote, had it been published) and one with a changed byte are named.
+    #[test]
+    fn verify_names_each_damaged_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(&config(&dir.path().join("cache"), "10G")).unwrap();
+        let root = dir.path().join("root");
+        fs::create_dir(&root).unwrap();
+        fs::write(root.join("f"), vec![3u8; 300_000]).unwrap();
+        let image = |n| {
+            let path = cache.image_path(&repo(), &digest(n));
+            sif::create_from_dir(&path, &root, &ImageConfig::default()).unwrap();
+            path
+        };
+        let (whole, cut, changed) = (image(1), image(2), image(3));
+        let len = fs::metadata(&cut).unwrap().len();
+        File::options()
+            .write(true)
+            .open(&cut)
+            .unwrap()
+            .set_len(len / 2)
+            .unwrap();
+        let file = File::options().write(true).open(&changed).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, b"!", sif::PARTITION_OFFSET + 100).unwrap();
+
+        let verdicts: HashMap<PathBuf, Result<sif::Verified>> = cache
+            .verify()
+            .unwrap()
+            .into_iter()
+            .map(|(image, verdict)| (image.path, verdict))
+            .collect();
+        assert_eq!(verdicts.len(), 3);
+        assert!(matches!(verdicts[&whole], Ok(sif::Verified::Hash)));
+        let cut_err = verdicts[&cut].as_ref().unwrap_err().to_string();
+        assert!(cut_err.contains(&cut.display().to_string()), "{cut_err}");
+        let changed_err = verdicts[&changed].as_ref().unwrap_err().to_string();
+        assert!(changed_err.contains("does not match"), "{changed_err}");
+    }
+
+    /// A build that fills the cache's file system says so and how to make room; other
+    /// failures pass through as they are.
+    #[test]
+    fn a_build_that_fills_the_disk_names_the_cache_and_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(&config(dir.path(), "10G")).unwrap();
+        let image = Reference::parse("localhost:5000/x/y:1").unwrap();
+        let full = Error::io(
+            "layer sha256:ab: writing file zeros",
+            std::io::Error::from_raw_os_error(libc::ENOSPC),
+        );
+        let msg = cache.out_of_space(full, &image).to_string();
+        for needle in [
+            "filled up",
+            "localhost:5000/x/y:1",
+            "writing file zeros",
+            "[cache] dir",
+        ] {
+            assert!(msg.contains(needle), "{needle}: {msg}");
+        }
+        let other = Error::io("x", std::io::Error::from_raw_os_error(libc::EIO));
+        assert!(matches!(
+            cache.out_of_space(other, &image),
+            Error::Io { .. }
+        ));
+    }
+
+    /// A miss on a read-only cache says what still works and what to do.
+    #[test]
+    fn a_miss_on_a_read_only_cache_names_it_and_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(&config(dir.path(), "10G")).unwrap();
+        let image = Reference::parse("localhost:5000/x/y:1").unwrap();
+        let ro = Error::io("removing x", std::io::Error::from_raw_os_error(libc::EROFS));
+        let msg = cache.read_only(ro, &image).to_string();
+        for needle in ["read-only", "localhost:5000/x/y:1", "Remount", "still run"] {
+            assert!(msg.contains(needle), "{needle}: {msg}");
+        }
+        let other = Error::io("x", std::io::Error::from_raw_os_error(libc::EIO));
+        assert!(matches!(cache.read_only(other, &image), Error::Io { .. }));
+    }
+
+    /// A cached image on a file system remounted read-only still serves: marking it used
+    /// is skipped, not an error.
+    #[test]
+    fn a_hit_on_a_read_only_cache_is_served() {
+        if berth_sys::identity::effective_uid() != 0 {
+            eprintln!("skipped: needs root (mounts a read-only tmpfs)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mount = |args: &[&str]| {
+            let ok = std::process::Command::new("mount")
+                .args(args)
+                .arg(dir.path())
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "mount {args:?}");
+        };
+        mount(&["-t", "tmpfs", "-o", "size=1M,mode=0755", "berth-unit-ro"]);
+        let cache = Cache::open(&config(dir.path(), "10G")).unwrap();
+        let path = put(&cache, 1, 100, 60);
+        mount(&["-o", "remount,ro"]);
+        let hit = cache.hit(&repo(), &digest(1));
+        let _ = std::process::Command::new("umount")
+            .arg(dir.path())
+            .status();
+        assert_eq!(hit.unwrap(), Some(path));
     }
 
     #[test]
@@ -1597,6 +1777,13 @@ mod tests {
         std::os::unix::fs::chown(&a, Some(nobody.uid), None).unwrap();
         let err = Sealed::check_path(&a).unwrap_err().to_string();
         assert!(err.contains("not sealed by root"), "{err}");
+        // As a fetch killed before root sealed leaves it: the next fetch seals it.
+        assert!(
+            err.contains("the next fetch of the image checks and seals it"),
+            "{err}"
+        );
+        assert_eq!(quiet(&config, &pinned_a).unwrap(), a);
+        assert_eq!(fs::metadata(&a).unwrap().uid(), 0);
     }
 
     /// A cache root wrote before the site named a service user is handed over: the

@@ -219,8 +219,7 @@ impl Sealed {
                 .map_err(|e| Error::io(format!("sealing {}", path.display()), e))?;
         }
         Sealed::check(&file, path)?;
-        file.set_modified(std::time::SystemTime::now())
-            .map_err(|e| Error::io(format!("marking {} used", path.display()), e))
+        super::mark_used(&file, path)
     }
 
     /// [`Sealed::check`] of the file at `path`.
@@ -244,8 +243,22 @@ impl Sealed {
                 ),
             )
         };
-        if !meta.is_file() || meta.uid() != 0 || meta.mode() & 0o7777 != 0o644 || meta.nlink() != 1
-        {
+        let plain = meta.is_file() && meta.mode() & 0o7777 == 0o644 && meta.nlink() == 1;
+        if plain && meta.uid() != 0 {
+            // What a fetch killed after the service user published and before root sealed
+            // leaves: not run, and not yet a reason to suspect the service user.
+            return Err(cache_error(
+                path,
+                format!(
+                    "not sealed by root yet (owner uid {}): the fetch that built it was \
+                     interrupted before root sealed it, or the cache's service user put it \
+                     there; berth does not run it (the next fetch of the image checks and \
+                     seals it)",
+                    meta.uid()
+                ),
+            ));
+        }
+        if !plain || meta.uid() != 0 {
             return Err(refuse(format!(
                 "not sealed by root (owner uid {}, mode {:o}, {} links)",
                 meta.uid(),

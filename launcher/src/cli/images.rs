@@ -8,7 +8,13 @@ use crate::config::Config;
 use crate::{sif, Result};
 
 #[derive(Debug, clap::Args)]
-pub struct ListArgs {}
+pub struct ListArgs {
+    /// Check each image instead of listing it: sealed where a service user owns the cache,
+    /// and its root file system matching the SHA-256 recorded when it was built. Exits 1
+    /// when one is damaged.
+    #[arg(long)]
+    pub verify: bool,
+}
 
 #[derive(Debug, clap::Args)]
 pub struct PruneArgs {
@@ -21,9 +27,12 @@ pub struct PruneArgs {
     pub max_size: Option<String>,
 }
 
-pub fn run_list(_args: ListArgs, globals: &Globals) -> Result<i32> {
+pub fn run_list(args: ListArgs, globals: &Globals) -> Result<i32> {
     let config = Config::load_for_caller(globals.config.as_deref())?;
     let cache = Cache::open(&config.cache)?;
+    if args.verify {
+        return verify(&cache);
+    }
     let images = cache.list()?;
     println!(
         "{:<71}  {:>8}  {:>10}  SOURCE",
@@ -54,6 +63,25 @@ pub fn run_prune(args: PruneArgs, globals: &Globals) -> Result<i32> {
         println!("evicted {} {}", image.digest, format_size(image.size));
     }
     Ok(0)
+}
+
+/// `berth images --verify`: one line per image, `ok` or `DAMAGED` with the reason and fix.
+fn verify(cache: &Cache) -> Result<i32> {
+    let mut damaged = 0;
+    for (image, verdict) in cache.verify()? {
+        match verdict {
+            Ok(sif::Verified::Hash) => println!("ok       {}", image.path.display()),
+            Ok(sif::Verified::NotRecorded) => println!(
+                "ok       {} (built before berth recorded hashes: structure checked only)",
+                image.path.display()
+            ),
+            Err(e) => {
+                damaged += 1;
+                println!("DAMAGED  {}: {e}", image.path.display());
+            }
+        }
+    }
+    Ok(i32::from(damaged > 0))
 }
 
 /// The reference the image was fetched as, from the config stored in the SIF.

@@ -16,7 +16,7 @@ mod reader;
 mod writer;
 
 pub use inspect::inspect;
-pub use reader::{open_image, ImageSource, Sif};
+pub use reader::{open_image, ImageSource, Sif, Verified};
 pub use writer::{
     create_from_dir, create_with, write_image, MKSQUASHFS_COMPRESSION, PARTITION_OFFSET,
 };

@@ -320,6 +320,31 @@ impl Sif {
             })
     }
 
+    /// Checks the root partition against the SHA-256 the writer recorded in the config:
+    /// `Verified::Hash` when it matches, `Verified::NotRecorded` for an image without one
+    /// (another tool's, or berth's before it recorded hashes), an error naming the image when
+    /// the bytes differ or the partition cannot be read to its end.
+    pub fn verify(&self) -> Result<Verified> {
+        let part = self.primary_partition()?;
+        self.squashfs_super(part)?;
+        let recorded = self.config()?.unwrap_or_default().rootfs_sha256;
+        if recorded.is_empty() {
+            return Ok(Verified::NotRecorded);
+        }
+        let found = sha256_at(&self.file, &self.path, part.offset as u64, part.size as u64)?;
+        if found != recorded {
+            return Err(Error::SifCorrupt {
+                path: self.path.clone(),
+                message: format!(
+                    "its root file system has SHA-256 {found}, which does not match the \
+                     {recorded} recorded when it was written: the file is damaged (remove it; \
+                     berth fetches it again when a job needs it)"
+                ),
+            });
+        }
+        Ok(Verified::Hash)
+    }
+
     /// The squashfs superblock of a partition, checked as `open_image` checks it.
     pub fn squashfs_super(&self, d: &Descriptor) -> Result<SquashfsSuper> {
         check_squashfs(&self.file, &self.path, d.offset as u64, d.size as u64)
@@ -366,6 +391,31 @@ pub(crate) fn check_squashfs(
         )));
     }
     Ok(s)
+}
+
+/// What [`Sif::verify`] could check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verified {
+    /// The root partition's bytes match the SHA-256 recorded at writing.
+    Hash,
+    /// The image records no hash; only its structure was checked.
+    NotRecorded,
+}
+
+/// The SHA-256 (hex) of `len` bytes at `offset` of `file`, read in 1 MiB pieces; a file
+/// shorter than that is an error.
+pub(crate) fn sha256_at(file: &File, path: &Path, offset: u64, len: u64) -> Result<String> {
+    use sha2::Digest as _;
+    let mut hasher = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0u64;
+    while done < len {
+        let n = (len - done).min(buf.len() as u64) as usize;
+        read_at(file, path, &mut buf[..n], offset + done)?;
+        hasher.update(&buf[..n]);
+        done += n as u64;
+    }
+    Ok(hex::encode(hasher.finalize()))
 }
 
 fn file_len(file: &File, path: &Path) -> Result<u64> {

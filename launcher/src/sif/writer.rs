@@ -15,7 +15,7 @@ use super::format::{
     host_arch, DataType, Descriptor, FsType, Header, PartType, Partition, DESCRIPTORS_OFFSET,
     DESCRIPTOR_LEN, DESCRIPTOR_SLOTS, LAUNCH_LEN, LAUNCH_SCRIPT, PARTITION_ALIGN,
 };
-use super::reader::check_squashfs;
+use super::reader::{check_squashfs, sha256_at};
 use super::CONFIG_NAME;
 use crate::image_config::ImageConfig;
 use crate::{Error, Result};
@@ -189,7 +189,12 @@ fn finish(tmp: TempOut, part_len: u64, config: &ImageConfig) -> Result<()> {
         arch,
     });
 
-    let json = serde_json::to_vec_pretty(config).expect("ImageConfig always serializes");
+    // Hashed from the file itself, as written, so a later read that differs is damage.
+    let config = ImageConfig {
+        rootfs_sha256: sha256_at(&tmp.file, &tmp.path, PARTITION_OFFSET, part_len)?,
+        ..config.clone()
+    };
+    let json = serde_json::to_vec_pretty(&config).expect("ImageConfig always serializes");
     let mut conf = Descriptor::new(DataType::GenericJson, 2, CONFIG_NAME);
     conf.offset = (PARTITION_OFFSET + part_len) as i64;
     conf.size = json.len() as i64;
@@ -321,7 +326,7 @@ impl Drop for TempOut {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sif::{open_image, Sif};
+    use crate::sif::{open_image, Sif, Verified};
 
     fn squashfs_of(dir: &Path, out: &Path) {
         std::fs::write(dir.join("hello.txt"), b"hello from berth\n").unwrap();
@@ -363,7 +368,7 @@ mod tests {
         let src = open_image(&out).unwrap();
         assert_eq!(src.offset, PARTITION_OFFSET);
         assert_eq!(src.size, std::fs::metadata(&sq).unwrap().len());
-        assert_eq!(src.config, config());
+        assert_eq!(src.config, recorded(config(), &src));
         let original = std::fs::read(&sq).unwrap();
         let whole = std::fs::read(&out).unwrap();
         assert_eq!(
@@ -423,7 +428,64 @@ mod tests {
         create_from_dir(&out, &root, &config()).unwrap();
         let src = open_image(&out).unwrap();
         assert_eq!(src.offset, PARTITION_OFFSET);
-        assert_eq!(src.config, config());
+        assert_eq!(src.config, recorded(config(), &src));
+    }
+
+    /// `config` with the root partition's hash the writer recorded, after checking it is
+    /// the SHA-256 of the partition's bytes.
+    fn recorded(config: ImageConfig, src: &super::super::ImageSource) -> ImageConfig {
+        let whole = std::fs::read(&src.path).unwrap();
+        let part = &whole[src.offset as usize..(src.offset + src.size) as usize];
+        let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(part));
+        assert_eq!(src.config.rootfs_sha256, hash);
+        ImageConfig {
+            rootfs_sha256: hash,
+            ..config
+        }
+    }
+
+    /// A whole image verifies; one byte changed in its root partition (a disk error, a
+    /// copy cut short and padded) does not, and the error names the image.
+    #[test]
+    fn verify_finds_a_damaged_root_partition() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("root");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(root.join("f"), vec![7u8; 100_000]).unwrap();
+        let out = t.path().join("img.sif");
+        create_from_dir(&out, &root, &config()).unwrap();
+        assert_eq!(Sif::open(&out).unwrap().verify().unwrap(), Verified::Hash);
+
+        let file = OpenOptions::new().write(true).open(&out).unwrap();
+        file.write_all_at(b"X", PARTITION_OFFSET + 200).unwrap();
+        let err = Sif::open(&out).unwrap().verify().unwrap_err().to_string();
+        assert!(
+            err.contains("img.sif") && err.contains("does not match"),
+            "{err}"
+        );
+
+        // An image from before berth recorded the hash: nothing to compare with.
+        let old = t.path().join("old.sif");
+        write_image(&old, &squashfs_in(t.path()), &config()).unwrap();
+        let bytes = std::fs::read(&old).unwrap();
+        let field = b"\"RootfsSha256\"";
+        let at = bytes.windows(field.len()).position(|w| w == field).unwrap();
+        let mut patched = bytes.clone();
+        // Renames the field, so serde sees none (the JSON stays the same length).
+        patched[at + 1] = b'x';
+        std::fs::write(&old, patched).unwrap();
+        assert_eq!(
+            Sif::open(&old).unwrap().verify().unwrap(),
+            Verified::NotRecorded
+        );
+    }
+
+    fn squashfs_in(dir: &Path) -> PathBuf {
+        let root = dir.join("sq-root");
+        std::fs::create_dir(&root).unwrap();
+        let sq = dir.join("root.sqfs");
+        squashfs_of(&root, &sq);
+        sq
     }
 
     #[test]

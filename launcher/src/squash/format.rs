@@ -192,6 +192,11 @@ pub fn write_tables(
     tables.extend_from_slice(&id_table);
     tables.extend_from_slice(&index);
     out.write_all_at(&tables, base + inode_start).map_err(io)?;
+    // The padding is written, not left to a later write past it: whatever reads the
+    // partition before the SIF is finished (its hash) reads all of it.
+    let padded = bytes_used.div_ceil(PAD) * PAD;
+    out.write_all_at(&vec![0; (padded - bytes_used) as usize], base + bytes_used)
+        .map_err(io)?;
 
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -219,7 +224,7 @@ pub fn write_tables(
     debug_assert_eq!(sb.0.len(), SUPERBLOCK_LEN);
     out.write_all_at(&sb.0, base).map_err(io)?;
     Ok(Stats {
-        bytes: bytes_used.div_ceil(PAD) * PAD,
+        bytes: padded,
         inodes: u64::from(layout.count),
         blocks: sizes.len() as u64,
         sparse_blocks: sizes.iter().filter(|w| **w == 0).count() as u64,

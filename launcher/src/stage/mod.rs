@@ -192,12 +192,19 @@ impl Area {
                 bytes,
             });
         }
+        // A stage killed outside a job (SIGKILL, a node crash) leaves its temporary copy in
+        // the user's directory, where no epilog removes it.
+        remove_leftovers(&self.dir);
         self.make_room(bytes, &key, src)?;
         let tmp = scratch.join(format!(".tmp-{key}-{}", std::process::id()));
         fs::DirBuilder::new()
             .mode(0o700)
             .create(&tmp)
             .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
+        // Held until the copy is published and the old one removed (the lock moves with the
+        // directory when it is renamed into place): a copy in progress is locked, a
+        // leftover is not.
+        let _in_progress = lock_dir(&tmp)?;
         let done = self
             .copy_into(src, &tmp.join("data"), &manifest.entries)
             .and_then(|()| write_manifest(&tmp, &manifest))
@@ -548,6 +555,47 @@ pub fn stage_out(src: &Path, dst: &Path, threads: usize, quiet: bool) -> Result<
     Ok(copy::data_size(&entries))
 }
 
+/// Takes an exclusive `flock` on the directory `dir`, for as long as the returned file lives.
+fn lock_dir(dir: &Path) -> Result<fs::File> {
+    let file =
+        fs::File::open(dir).map_err(|e| Error::io(format!("opening {}", dir.display()), e))?;
+    file.lock()
+        .map_err(|e| Error::io(format!("locking {}", dir.display()), e))?;
+    Ok(file)
+}
+
+/// True when `path` exists and a live stage holds its lock (see [`lock_dir`]).
+fn locked(path: &Path) -> bool {
+    fs::File::open(path).is_ok_and(|f| f.try_lock().is_err())
+}
+
+/// Removes what killed stages left in `dir`: temporary copies (`.tmp-KEY-PID`) no stage
+/// holds, and earlier copies moved aside by [`publish`] (`.KEY.old-PID`) whose stage is gone:
+/// its temporary copy, or the entry it became, unlocked. Best effort: a leftover that cannot
+/// be removed costs disk, never this stage.
+fn remove_leftovers(dir: &Path) {
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let stale = if name.starts_with(".tmp-") {
+            !locked(&entry.path())
+        } else if let Some((key, pid)) = name
+            .strip_prefix('.')
+            .and_then(|rest| rest.rsplit_once(".old-"))
+        {
+            let tmp = dir.join(format!(".tmp-{key}-{pid}"));
+            let owner = if tmp.exists() { tmp } else { dir.join(key) };
+            !locked(&owner)
+        } else {
+            false
+        };
+        if stale {
+            if let Err(e) = remove(&entry.path()) {
+                progress_note(false, &format!("warning: {e}; remove it by hand"));
+            }
+        }
+    }
+}
+
 /// Puts the complete `tmp` at `dst` by rename; an older `dst` is moved aside first and
 /// removed after, so `dst` is at every moment either the old or the new copy, or absent.
 fn publish(tmp: &Path, dst: &Path) -> Result<()> {
@@ -796,6 +844,37 @@ mod tests {
             .path()
             .join(berth_sys::identity::effective_uid().to_string());
         assert_eq!(fs::read_dir(user_dir).unwrap().count(), 0);
+    }
+
+    /// A stage killed while copying leaves its temporary copy, and one killed between
+    /// publish's two renames the earlier copy moved aside: the next stage removes both, and
+    /// leaves a copy another stage is making alone.
+    #[test]
+    fn a_killed_stages_leftovers_go_with_the_next_stage() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = source(dir.path());
+        let area = Area::open(&config(dir.path(), "1M"), None, true).unwrap();
+        let user_dir = dir
+            .path()
+            .join(berth_sys::identity::effective_uid().to_string());
+        let leftover = |name: &str| {
+            let path = user_dir.join(name);
+            fs::create_dir_all(path.join("data/d")).unwrap();
+            fs::write(path.join("data/d/f"), b"partial").unwrap();
+            path
+        };
+        let killed_copying = leftover(".tmp-aaaa-4000001");
+        let killed_publishing = leftover(".tmp-bbbb-4000002");
+        let moved_aside = leftover(".bbbb.old-4000002");
+        let live = leftover(".tmp-cccc-4000003");
+        let _live_lock = lock_dir(&live).unwrap();
+
+        let staged = area.stage_in(&src).unwrap();
+        assert!(!staged.reused);
+        for gone in [&killed_copying, &killed_publishing, &moved_aside] {
+            assert!(!gone.exists(), "{} left", gone.display());
+        }
+        assert!(live.exists(), "a copy in progress was removed");
     }
 
     #[test]
