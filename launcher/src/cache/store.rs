@@ -189,9 +189,12 @@ impl Lease {
     /// Publishes the node's converted `sif`: its hash first, then the SIF, each by rename.
     pub fn publish(self, sif: &Path) -> Result<()> {
         let dest = self.images.join(format!("{}.sif", self.key));
-        let tmp = self
-            .images
-            .join(format!(".{}.{}-{}", self.key, node(), std::process::id()));
+        let tmp = self.images.join(format!(
+            ".{}.{}-{}",
+            self.key,
+            crate::slurm::node_name(),
+            std::process::id()
+        ));
         let io = |e| Error::io(format!("publishing {} to the store", dest.display()), e);
         let hash = (|| {
             let mut input = File::open(sif)?;
@@ -241,7 +244,7 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_file_name(format!(
         ".{}.{}-{}",
         path.file_name().unwrap_or_default().to_string_lossy(),
-        node(),
+        crate::slurm::node_name(),
         std::process::id()
     ));
     fs::write(&tmp, bytes)?;
@@ -252,7 +255,7 @@ fn lease_text(lease: Duration) -> String {
     format!(
         "{} {} {}",
         now() + lease.as_secs().max(1),
-        node(),
+        crate::slurm::node_name(),
         std::process::id()
     )
 }
@@ -261,12 +264,6 @@ fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-fn node() -> String {
-    fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_default()
 }
 
 #[cfg(test)]
