@@ -133,7 +133,8 @@ def slurm_part(a, st):
     requests = {}
 
     def one(case, n, store=None):
-        name = f"test/scale-{os.getpid()}-{case}-{n}-{time.monotonic_ns()}"
+        slug = "store" if store else "nodes"
+        name = f"test/scale-{os.getpid()}-{slug}-{n}-{time.monotonic_ns()}"
         ref = f"{registry}/{name}:v1"
         push(layout, ref)
         offset = os.path.getsize(log_path)

@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use berth_e2e::{
-    access_lines, assert_node_idle, copy_image, serial, unique_name, wait_until, write_user_file,
-    Cluster, Cmd, TestImage,
+    access_lines, assert_node_idle, copy_image, serial, sh, unique_name, wait_until,
+    write_user_file, Cluster, Cmd, TestImage,
 };
 
 /// How long a job across all nodes may take here (4 slurmd on 2 busy cores).
@@ -51,15 +51,32 @@ fn repository(image: &TestImage) -> &str {
     path.rsplit_once(':').map_or(path, |(repo, _)| repo)
 }
 
-/// Whether `cache` (a node's image cache) holds a SIF of `digest`.
-fn cached(cache: &Path, digest: &str) -> bool {
-    let hex = digest.trim_start_matches("sha256:");
-    std::fs::read_dir(cache.join("images")).is_ok_and(|entries| {
-        entries.flatten().any(|e| {
-            let name = e.file_name().to_string_lossy().into_owned();
-            name.starts_with(hex) && name.ends_with(".sif")
-        })
-    })
+/// `host/path` of a reference `host/path:tag`.
+fn full_repository(image: &TestImage) -> &str {
+    image
+        .reference
+        .rsplit_once(':')
+        .map_or(&image.reference, |(repo, _)| repo)
+}
+
+/// The file name berth's cache gives `digest` of `repo` (`host/path`): the digest's hex and
+/// 32 hex digits of SHA-256(`repo`) (`RepoKey` in launcher/src/cache). The cluster's images
+/// all share one digest, so the repository tells this test's copy from the others.
+fn sif_name(repo: &str, digest: &str) -> String {
+    let key = sh(&format!("printf %s '{repo}' | sha256sum"));
+    format!(
+        "{}-{}.sif",
+        digest.trim_start_matches("sha256:"),
+        &key[..32]
+    )
+}
+
+/// Whether `cache` (a node's image cache) holds `digest` of `image`'s repository.
+fn cached(cache: &Path, image: &TestImage, digest: &str) -> bool {
+    cache
+        .join("images")
+        .join(sif_name(full_repository(image), digest))
+        .exists()
 }
 
 /// GETs of each blob of `repo` in registry log text: blob digest -> count.
@@ -255,6 +272,7 @@ fn every_node_runs_the_digest_pinned_at_submission_after_the_tag_moved() {
     write_user_file(&cluster, &go_on, "", 0o644);
     let run = batch.join().unwrap();
     let text = std::fs::read_to_string(&output).unwrap_or_default();
+    let job = job();
     for file in [&script, &started, &go_on, &output] {
         let _ = std::fs::remove_file(file);
     }
@@ -264,7 +282,7 @@ fn every_node_runs_the_digest_pinned_at_submission_after_the_tag_moved() {
     assert_eq!(records(&text, "task ").len(), n, "{text}");
 
     // What each node decided (berth's audit trail, one record per step per node).
-    let job = job().unwrap();
+    let job = job.unwrap();
     let audit = Cmd::root([
         cluster.berth_bin().display().to_string().as_str(),
         "audit",
@@ -293,11 +311,11 @@ fn every_node_runs_the_digest_pinned_at_submission_after_the_tag_moved() {
     for node in &nodes {
         let cache = cluster.node_cache_dir(node);
         assert!(
-            cached(&cache, &image.digest),
+            cached(&cache, &image, &image.digest),
             "{node} lacks the pinned digest"
         );
         assert!(
-            !cached(&cache, &moved),
+            !cached(&cache, &image, &moved),
             "{node} fetched the moved tag's digest"
         );
     }
@@ -334,7 +352,7 @@ fn each_node_downloads_each_blob_once() {
     }
     for node in cluster.nodes() {
         assert!(
-            cached(&cluster.node_cache_dir(&node), &image.digest),
+            cached(&cluster.node_cache_dir(&node), &image, &image.digest),
             "{node}"
         );
     }
@@ -424,16 +442,14 @@ fn the_shared_store_converts_each_image_once_for_the_whole_cluster() {
             "blob {blob} was downloaded {count} times: one node converts"
         );
     }
-    let hex = image.digest.trim_start_matches("sha256:");
+    let sif = sif_name(full_repository(&image), &image.digest);
     assert!(
-        published
-            .iter()
-            .any(|f| f.starts_with(hex) && f.ends_with(".sif")),
-        "nothing published in the store: {published:?}"
+        published.contains(&sif),
+        "{sif} not published in the store: {published:?}"
     );
     for node in cluster.nodes() {
         assert!(
-            cached(&cluster.node_cache_dir(&node), &image.digest),
+            cached(&cluster.node_cache_dir(&node), &image, &image.digest),
             "{node}"
         );
     }
@@ -554,21 +570,21 @@ fn each_node_has_a_cache_of_its_own() {
     .run()
     .assert_success();
     assert!(
-        cached(&cluster.node_cache_dir(first), &image.digest),
+        cached(&cluster.node_cache_dir(first), &image, &image.digest),
         "{first}"
     );
     assert!(
-        !cached(&cluster.node_cache_dir(second), &image.digest),
+        !cached(&cluster.node_cache_dir(second), &image, &image.digest),
         "{second} has an image only {first} fetched"
     );
     // Each node's berth sees its own directory at the configured path.
-    let hex = image.digest.trim_start_matches("sha256:");
+    let sif = sif_name(full_repository(&image), &image.digest);
     let listing = |node: &str| {
         let run = cluster
             .on_node(node, ["ls", "/var/cache/berth/images"])
             .run();
         run.assert_success();
-        run.stdout.lines().any(|l| l.starts_with(hex))
+        run.stdout.lines().any(|l| l == sif)
     };
     assert!(listing(first), "{first}'s /var/cache/berth is not its own");
     assert!(!listing(second), "{second}'s /var/cache/berth is {first}'s");
