@@ -198,7 +198,7 @@ def tx_bytes():
 def fetchers_part(a, st):
     """K concurrent `berth fetch` with their own caches, with and without a shared store,
     against a tc-slowed registry in a network namespace."""
-    berth = st["BERTH_BIN"]
+    berth = a.berth or st["BERTH_BIN"]
     tmp = tempfile.mkdtemp(prefix="berth-bench-fetchers-", dir="/var/tmp")
     registry = None
     rows = []
@@ -289,6 +289,7 @@ def main():
     ap.add_argument("--max-no-store", type=int, default=8,
                     help="largest K also run without the store")
     ap.add_argument("--rate-mbs", type=float, default=50.0)
+    ap.add_argument("--berth", help="the berth of part 2 (default: the cluster's)")
     ap.add_argument("--skip-slurm", action="store_true")
     ap.add_argument("--skip-fetchers", action="store_true")
     a = ap.parse_args()

@@ -137,10 +137,20 @@ impl Store {
                 file.write_all(self.lease_text().as_bytes()).map_err(io)?;
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let expired = fs::read_to_string(&path)
+                let expiry = fs::read_to_string(&path)
                     .ok()
-                    .and_then(|t| t.split_whitespace().next()?.parse::<u64>().ok())
-                    .is_none_or(|expiry| expiry < now());
+                    .and_then(|t| t.split_whitespace().next()?.parse::<u64>().ok());
+                // No expiry yet: the holder created the file and has not written it (seen
+                // with 64 nodes at once: the next reader took it for dead, and two nodes
+                // converted). Such a file is live for one lease from its creation.
+                let expired = match expiry {
+                    Some(expiry) => expiry < now(),
+                    None => fs::metadata(&path)
+                        .and_then(|m| m.modified())
+                        .map_or(true, |written| {
+                            written.elapsed().unwrap_or_default() > self.lease
+                        }),
+                };
                 if !expired {
                     return Ok(None);
                 }
@@ -270,6 +280,19 @@ fn now() -> u64 {
 mod tests {
     use super::*;
     use std::time::Instant;
+
+    #[test]
+    fn a_lease_being_written_is_not_taken_for_a_dead_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(&dir.path().join("store"), Duration::from_secs(30)).unwrap();
+        // The holder has created its lease file but not written its expiry yet.
+        fs::write(dir.path().join("store/leases/k.lease"), b"").unwrap();
+        assert!(store.try_lease("k").unwrap().is_none());
+        // One that stayed empty for a whole lease is a dead holder's.
+        let short = Store::new(&dir.path().join("store"), Duration::ZERO).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(short.try_lease("k").unwrap().is_some());
+    }
 
     #[test]
     fn the_first_node_converts_and_publishes_the_second_copies() {
