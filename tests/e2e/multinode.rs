@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use berth_e2e::{
     access_lines, assert_node_idle, copy_image, serial, sh, unique_name, wait_until,
-    write_user_file, Cluster, Cmd, TestImage,
+    write_user_file, Cluster, Cmd, Run, TestImage,
 };
 
 /// How long a job across all nodes may take here (4 slurmd on 2 busy cores).
@@ -118,6 +118,41 @@ fn first_host(list: &str) -> String {
     run.stdout.lines().next().unwrap_or_default().to_owned()
 }
 
+/// `srun WHERE --container-image=IMAGE true` as the test user, WHERE one option saying on
+/// which nodes (`-N4`, `-wn1`).
+fn srun_true(nodes: &str, image: &str) -> Run {
+    Cmd::user(["srun", nodes, &format!("--container-image={image}"), "true"])
+        .timeout(JOB_LIMIT)
+        .run()
+}
+
+/// Runs a batch job of `nodes` nodes in `image` whose script is `body` (`sbatch --wait`, as
+/// the test user); returns sbatch's run and the job's output.
+fn batch_job(cluster: &Cluster, nodes: usize, image: &str, body: &str) -> (Run, String) {
+    let name = unique_name("multinode-batch");
+    let (script, output) = (
+        cluster.home().join(format!("{name}.sh")),
+        cluster.home().join(format!("{name}.out")),
+    );
+    write_user_file(
+        cluster,
+        &script,
+        &format!(
+            "#!/bin/sh\n#SBATCH -N{nodes}\n#SBATCH --container-image={image}\n\
+             #SBATCH --output={}\n{body}",
+            output.display()
+        ),
+        0o755,
+    );
+    let run = Cmd::user(["sbatch", "--wait", &script.display().to_string()])
+        .timeout(JOB_LIMIT)
+        .run();
+    let text = std::fs::read_to_string(&output).unwrap_or_default();
+    let _ = std::fs::remove_file(&script);
+    let _ = std::fs::remove_file(&output);
+    (run, text)
+}
+
 #[test]
 fn each_node_runs_one_container_that_its_tasks_share() {
     let _serial = serial();
@@ -172,30 +207,15 @@ fn each_node_runs_one_container_that_its_tasks_share() {
 fn a_batch_script_runs_in_the_image_on_the_first_node_and_its_srun_spans_two() {
     let _serial = serial();
     let Some(cluster) = multinode() else { return };
-    let name = unique_name("multinode-batch");
-    let (script, output) = (
-        cluster.home().join(format!("{name}.sh")),
-        cluster.home().join(format!("{name}.out")),
-    );
-    write_user_file(
+    let (run, text) = batch_job(
         &cluster,
-        &script,
+        2,
+        &cluster.image_tls().reference,
         &format!(
-            "#!/bin/sh\n#SBATCH -N2\n#SBATCH --container-image={image}\n#SBATCH --output={out}\n\
-             echo batch node=$SLURMD_NODENAME list=$SLURM_JOB_NODELIST \
-             $(grep BERTH_REGISTRY /etc/os-release)\n\
-             srun -N2 sh -c '{TASK_REPORT}'\n",
-            image = cluster.image_tls().reference,
-            out = output.display(),
+            "echo batch node=$SLURMD_NODENAME list=$SLURM_JOB_NODELIST \
+             $(grep BERTH_REGISTRY /etc/os-release)\nsrun -N2 sh -c '{TASK_REPORT}'\n"
         ),
-        0o755,
     );
-    let run = Cmd::user(["sbatch", "--wait", &script.display().to_string()])
-        .timeout(JOB_LIMIT)
-        .run();
-    let text = std::fs::read_to_string(&output).unwrap_or_default();
-    let _ = std::fs::remove_file(&script);
-    let _ = std::fs::remove_file(&output);
     assert!(run.success(), "{run}\n--- job output ---\n{text}");
     let registry = cluster.tls_registry().host;
     let batch = records(&text, "batch ");
@@ -230,35 +250,19 @@ fn every_node_runs_the_digest_pinned_at_submission_after_the_tag_moved() {
     let n = nodes.len();
     let image = fresh_image(&cluster, "multinode-moving");
     let name = unique_name("multinode-moving");
-    let home = cluster.home();
-    let (script, started, go_on, output) = (
-        home.join(format!("{name}.sh")),
-        home.join(format!("{name}.started")),
-        home.join(format!("{name}.go")),
-        home.join(format!("{name}.out")),
+    let (started, go_on) = (
+        cluster.home().join(format!("{name}.started")),
+        cluster.home().join(format!("{name}.go")),
     );
-    write_user_file(
-        &cluster,
-        &script,
-        &format!(
-            "#!/bin/sh\n#SBATCH -N{n}\n#SBATCH --container-image={image}\n#SBATCH --output={out}\n\
-             echo $SLURM_JOB_ID > {started}\n\
-             while [ ! -e {go_on} ]; do sleep 0.2; done\n\
-             srun -N{n} sh -c '{TASK_REPORT}'\n",
-            image = image.reference,
-            out = output.display(),
-            started = started.display(),
-            go_on = go_on.display(),
-        ),
-        0o755,
+    let body = format!(
+        "echo $SLURM_JOB_ID > {started}\nwhile [ ! -e {go_on} ]; do sleep 0.2; done\n\
+         srun -N{n} sh -c '{TASK_REPORT}'\n",
+        started = started.display(),
+        go_on = go_on.display(),
     );
     let batch = std::thread::spawn({
-        let script = script.display().to_string();
-        move || {
-            Cmd::user(["sbatch", "--wait", &script])
-                .timeout(JOB_LIMIT)
-                .run()
-        }
+        let (cluster, image) = (cluster.clone(), image.reference.clone());
+        move || batch_job(&cluster, n, &image, &body)
     });
     let job = || {
         std::fs::read_to_string(&started)
@@ -270,10 +274,9 @@ fn every_node_runs_the_digest_pinned_at_submission_after_the_tag_moved() {
     // The tag moves while the job runs, before its step across the nodes starts.
     let moved = copy_image(&cluster.image_tls_v2s2().reference, &image.reference);
     write_user_file(&cluster, &go_on, "", 0o644);
-    let run = batch.join().unwrap();
-    let text = std::fs::read_to_string(&output).unwrap_or_default();
+    let (run, text) = batch.join().unwrap();
     let job = job();
-    for file in [&script, &started, &go_on, &output] {
+    for file in [&started, &go_on] {
         let _ = std::fs::remove_file(file);
     }
     assert!(began, "the batch script did not start: {run}");
@@ -331,15 +334,7 @@ fn each_node_downloads_each_blob_once() {
     let log = cluster.tls_registry().log_cursor();
     // Two steps: the second finds the image in every node's cache.
     for _ in 0..2 {
-        Cmd::user([
-            "srun",
-            &format!("-N{n}"),
-            &format!("--container-image={}", image.reference),
-            "true",
-        ])
-        .timeout(JOB_LIMIT)
-        .run()
-        .assert_success();
+        srun_true(&format!("-N{n}"), &image.reference).assert_success();
     }
     let gets = blob_gets(&log.read_new(), repository(&image));
     // The config blob and the image's three layers.
@@ -417,14 +412,7 @@ fn the_shared_store_converts_each_image_once_for_the_whole_cluster() {
     let store = SharedStore::new(&cluster);
     let image = fresh_image(&cluster, "multinode-store");
     let log = cluster.tls_registry().log_cursor();
-    let run = Cmd::user([
-        "srun",
-        &format!("-N{n}"),
-        &format!("--container-image={}", image.reference),
-        "true",
-    ])
-    .timeout(JOB_LIMIT)
-    .run();
+    let run = srun_true(&format!("-N{n}"), &image.reference);
     let published: Vec<String> = std::fs::read_dir(store.dir.join("images"))
         .map(|d| {
             d.flatten()
@@ -484,50 +472,13 @@ fn a_failure_on_one_node_names_it_fails_the_job_and_drains_no_node() {
     let n = nodes.len();
     let victim = nodes.last().unwrap().clone();
     // The victim's cache has its directories (a fetch made them) before it breaks.
-    Cmd::user([
-        "srun",
-        "-w",
-        &victim,
-        &format!("--container-image={}", cluster.image_tls().reference),
-        "true",
-    ])
-    .timeout(JOB_LIMIT)
-    .run()
-    .assert_success();
+    srun_true(&format!("-w{victim}"), &cluster.image_tls().reference).assert_success();
     let image = fresh_image(&cluster, "multinode-broken");
     let broken = ReadOnlyCache::new(&cluster, &victim);
 
-    let step = Cmd::user([
-        "srun",
-        &format!("-N{n}"),
-        &format!("--container-image={}", image.reference),
-        "true",
-    ])
-    .timeout(JOB_LIMIT)
-    .run();
+    let step = srun_true(&format!("-N{n}"), &image.reference);
 
-    let name = unique_name("multinode-broken");
-    let (script, output) = (
-        cluster.home().join(format!("{name}.sh")),
-        cluster.home().join(format!("{name}.out")),
-    );
-    write_user_file(
-        &cluster,
-        &script,
-        &format!(
-            "#!/bin/sh\n#SBATCH -N{n}\n#SBATCH --container-image={image}\n#SBATCH --output={out}\n\
-             srun -N{n} true\n",
-            image = image.reference,
-            out = output.display(),
-        ),
-        0o755,
-    );
-    let batch = Cmd::user(["sbatch", "--wait", &script.display().to_string()])
-        .timeout(JOB_LIMIT)
-        .run();
-    let text = std::fs::read_to_string(&output).unwrap_or_default();
-    let _ = std::fs::remove_file(&script);
-    let _ = std::fs::remove_file(&output);
+    let (batch, text) = batch_job(&cluster, n, &image.reference, &format!("srun -N{n} true\n"));
     drop(broken);
 
     let named = format!("failed earlier on node {victim}");
@@ -559,16 +510,7 @@ fn each_node_has_a_cache_of_its_own() {
     let nodes = cluster.nodes();
     let (first, second) = (&nodes[0], &nodes[1]);
     let image = fresh_image(&cluster, "multinode-local");
-    Cmd::user([
-        "srun",
-        "-w",
-        first,
-        &format!("--container-image={}", image.reference),
-        "true",
-    ])
-    .timeout(JOB_LIMIT)
-    .run()
-    .assert_success();
+    srun_true(&format!("-w{first}"), &image.reference).assert_success();
     assert!(
         cached(&cluster.node_cache_dir(first), &image, &image.digest),
         "{first}"
