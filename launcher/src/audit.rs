@@ -104,7 +104,7 @@ impl Record {
         };
         Some(Record {
             time: rfc3339(SystemTime::now()),
-            node: hostname(),
+            node: crate::slurm::node_name(),
             uid: step.uid,
             user: step
                 .uid
@@ -196,12 +196,6 @@ pub fn records_of_job(path: &Path, job: &str) -> Result<Vec<Record>> {
         .filter_map(|line| serde_json::from_str::<Record>(line).ok())
         .filter(|r| r.job == job)
         .collect())
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_default()
 }
 
 /// `time` as `YYYY-MM-DDTHH:MM:SSZ` (UTC).

@@ -1,4 +1,5 @@
-//! What berth asks of Slurm's own commands about a job: one field of the job as slurmctld
+//! Which Slurm node this is ([`node_name`]), and what berth asks of Slurm's own commands
+//! about a job: one field of the job as slurmctld
 //! records it (`squeue`), and the job's AdminComment set (`scontrol update`, which slurmctld
 //! accepts from root, SlurmUser and Slurm administrators only).
 //!
@@ -104,9 +105,48 @@ pub fn set_admin_comment(job: u32, text: &str) -> Result<(), String> {
     }
 }
 
+/// This node's Slurm name (`NodeName`): `SLURMD_NODENAME` where Slurm set it (slurmd and
+/// slurmstepd set it for themselves, their prologs and the tasks, and the plugin hands it to
+/// the berth it runs), else the short host name. The two differ where NodeName is an alias
+/// of the host (`NodeHostname=`) and where several slurmd share a host (multiple-slurmd), so
+/// gres.conf's `NodeName=` lines and the audit trail need Slurm's name, not the host's.
+/// The variable only picks which of the site's gres.conf lines apply and how records name
+/// the node; a user who sets it fools nobody but their own `berth exec`.
+pub fn node_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    node_name_from(std::env::var("SLURMD_NODENAME").ok(), &host)
+}
+
+fn node_name_from(slurmd_nodename: Option<String>, hostname: &str) -> String {
+    // Slurm's node names are host-name-like; anything else did not come from Slurm.
+    let from_slurm = slurmd_nodename.filter(|n| {
+        !n.is_empty()
+            && n.len() <= 255
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    });
+    from_slurm.unwrap_or_else(|| {
+        hostname
+            .trim()
+            .split('.')
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_node_is_slurms_name_for_it_else_the_short_host_name() {
+        assert_eq!(node_name_from(Some("n2".into()), "vm.example.org\n"), "n2");
+        assert_eq!(node_name_from(None, "vm.example.org\n"), "vm");
+        for odd in ["", "a b", "n1\nn2", "../x/y"] {
+            assert_eq!(node_name_from(Some(odd.into()), "vm\n"), "vm", "{odd:?}");
+        }
+    }
 
     #[test]
     fn the_calling_slurms_commands_come_first() {

@@ -306,7 +306,11 @@ pub enum Error {
 
     #[error(
         "this step was stopped rather than run outside its container, because the plugin \
-         failed earlier on this node: {earlier}"
+         failed earlier on {node}: {earlier}"
     )]
-    EarlierFailure { earlier: String },
+    EarlierFailure {
+        /// `node NAME`, or `this node` when Slurm did not say.
+        node: String,
+        earlier: String,
+    },
 }

@@ -54,6 +54,9 @@ pub const TIMEOUT: Duration = Duration::from_secs(60);
 /// many minutes; beyond this the job is better failed than left waiting for ever.
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 
+/// Slurm's name for the node, in slurmd's and slurmstepd's environment and the tasks'.
+const NODE_NAME_VAR: &str = "SLURMD_NODENAME";
+
 /// The PATH of launcher calls in slurmstepd, whose environment is otherwise empty.
 const NODE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -524,6 +527,12 @@ impl Launcher {
         command.args(args).stdin(Stdio::null()).process_group(0);
         if self.identity != Identity::Caller {
             command.env_clear().env("PATH", NODE_PATH).current_dir("/");
+            // Slurm's name for this node, which slurmd and slurmstepd set for themselves:
+            // berth's audit trail and gres.conf lookups need it where it is not the host
+            // name (NodeName aliases, several slurmd on one host).
+            if let Some(node) = std::env::var_os(NODE_NAME_VAR) {
+                command.env(NODE_NAME_VAR, node);
+            }
         }
         command
     }

@@ -524,7 +524,13 @@ fn node_binds(info: &StepInfo, pmix_dir: Option<Vec<u8>>) -> Vec<NodeBind> {
 /// this node, or enters the step's container if it has one.
 pub fn task_init(spank: Spank) -> Result<(), Error> {
     if let Some(earlier) = guard::take_deferred() {
-        return Err(Error::EarlierFailure { earlier });
+        // Named, because in a job of many nodes the user reads every node's tasks in one
+        // stream. Slurm's name (the task's SLURMD_NODENAME), not the host's.
+        let node = match spank.getenv(c"SLURMD_NODENAME") {
+            Ok(Some(name)) => format!("node {}", String::from_utf8_lossy(&name)),
+            _ => "this node".to_owned(),
+        };
+        return Err(Error::EarlierFailure { node, earlier });
     }
     match lock(&STEP).as_ref() {
         Some(step) => {

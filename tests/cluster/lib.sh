@@ -20,6 +20,13 @@ BERTH_RUN_DIR=/run/berth
 BERTH_CACHE_DIR=/var/cache/berth
 SLURMCTLD_SPOOL=/var/spool/berth-test/slurmctld
 SLURMD_SPOOL=/var/spool/berth-test/slurmd
+# slurmd's port; with several nodes (up --nodes N) node nK listens on SLURMD_PORT + K - 1.
+SLURMD_PORT=6818
+# With several nodes, node nK's own "local disk": NODES_DIR/nK/NAME is bound onto PATH in
+# that node's mount namespace for each NAME:PATH:MODE here (berth.toml's directories).
+NODES_DIR=$LIB_DIR/nodes
+NODE_LOCAL_DIRS=("cache:$BERTH_CACHE_DIR:0755" "run:$BERTH_RUN_DIR:0755"
+                 "stage:/var/tmp/berth-stage:1777" "containers:/var/tmp/berth-containers:1777")
 CLUSTER_DIRS=("$STATE_DIR" "$LIB_DIR" "$BERTH_RUN_DIR" "$BERTH_CACHE_DIR"
               /var/spool/berth-test /home/berthtest)
 
@@ -184,7 +191,10 @@ stop_cluster() {
                 done
             fi
         fi
-        stop_pid slurmd "$(state_get SLURMD_PID)" slurmd
+        # Every node's slurmd (SLURMD_PID_<node>; SLURMD_PID alone from an older up).
+        for pid in $(sed -n 's/^SLURMD_PID[_A-Za-z0-9]*=//p' "$STATE_FILE" | sort -u); do
+            stop_pid slurmd "$pid" slurmd
+        done
         stop_pid slurmctld "$(state_get SLURMCTLD_PID)" slurmctld
         stop_pid "registry :$REGISTRY_PLAIN_PORT" "$(state_get REGISTRY_PLAIN_PID)" docker-registry
         stop_pid "registry :$REGISTRY_TLS_PORT" "$(state_get REGISTRY_TLS_PID)" docker-registry

@@ -1,5 +1,5 @@
 //! Helpers shared by the end-to-end suites (`tests/e2e/*.rs`), which run against the real
-//! one-node cluster that `tests/cluster/up` starts.
+//! cluster that `tests/cluster/up` starts (one node, or n1..nN with `up --nodes N`).
 //!
 //! Every suite starts with [`Cluster::get`]: without a running cluster it panics with
 //! "cluster is not up: run tests/cluster/up", so an end-to-end test fails instead of
@@ -70,12 +70,18 @@ impl Cluster {
                 state_file.display()
             ));
         }
-        for (key, program) in DAEMONS {
+        // Every node's slurmd too (SLURMD_PID_<node>), not only the first's.
+        let slurmds = cluster
+            .vars
+            .keys()
+            .filter(|k| k.starts_with("SLURMD_PID_"))
+            .map(|k| (k.as_str(), "slurmd"));
+        for (key, program) in DAEMONS.iter().copied().chain(slurmds) {
             let pid = cluster
                 .try_var(key)
                 .ok_or_else(|| format!("{key} missing from the state file"))?;
             let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            if comm.trim_end() != *program {
+            if comm.trim_end() != program {
                 return Err(format!("{program} ({key}={pid}) is not running"));
             }
         }
@@ -97,6 +103,50 @@ impl Cluster {
     /// The Slurm node name (`hostname -s` of this machine).
     pub fn node(&self) -> &str {
         self.var("NODE")
+    }
+
+    /// Every Slurm node: `n1..nN` on a cluster brought up with `up --nodes N`, else the one
+    /// node [`Cluster::node`].
+    pub fn nodes(&self) -> Vec<String> {
+        match self.try_var("NODE_LIST") {
+            Some(list) => list.split(',').map(str::to_owned).collect(),
+            None => vec![self.node().to_owned()],
+        }
+    }
+
+    /// Node `node`'s berth image cache as the tests (on the host) see it: with several nodes
+    /// each has its own (bound over `/var/cache/berth` in that node's mount namespace).
+    pub fn node_cache_dir(&self, node: &str) -> PathBuf {
+        PathBuf::from(
+            self.try_var(&format!("CACHE_DIR_{node}"))
+                .unwrap_or("/var/cache/berth"),
+        )
+    }
+
+    /// Node `node`'s slurmd log (slurmstepd logs there too).
+    pub fn node_slurmd_log(&self, node: &str) -> PathBuf {
+        PathBuf::from(
+            self.try_var(&format!("SLURMD_LOG_{node}"))
+                .unwrap_or_else(|| self.var("SLURMD_LOG")),
+        )
+    }
+
+    /// `args` as root on node `node`: in its slurmd's mount namespace (where berth's
+    /// directories are the node's own), as its jobs' prologs and steps see the machine.
+    pub fn on_node<I, S>(&self, node: &str, args: I) -> Cmd
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let pid = self
+            .try_var(&format!("SLURMD_PID_{node}"))
+            .unwrap_or_else(|| self.var("SLURMD_PID"));
+        let mut all: Vec<OsString> = ["nsenter", "-t", pid, "-m", "--"]
+            .iter()
+            .map(OsString::from)
+            .collect();
+        all.extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        Cmd::root(all)
     }
 
     /// The unprivileged user jobs run as (`berthtest`).
@@ -196,7 +246,21 @@ impl Cluster {
 
     /// Slurm's state of the node (`idle`, `mixed`, `drained`, ...), from `sinfo`.
     pub fn node_state(&self) -> String {
-        let run = Cmd::root(["sinfo", "-h", "-N", "-n", self.node(), "-o", "%T"]).run();
+        self.state_of(self.node())
+    }
+
+    /// The state of every node, one word each (the same word once when they agree), e.g.
+    /// `idle` or `idle drained`.
+    pub fn nodes_state(&self) -> String {
+        let mut states: Vec<String> = self.nodes().iter().map(|n| self.state_of(n)).collect();
+        states.sort();
+        states.dedup();
+        states.join(" ")
+    }
+
+    /// Slurm's state of `node`.
+    pub fn state_of(&self, node: &str) -> String {
+        let run = Cmd::root(["sinfo", "-h", "-N", "-n", node, "-o", "%T"]).run();
         run.assert_success();
         // sinfo prints the node once per partition, with the same state.
         let mut states: Vec<&str> = run.stdout.lines().map(str::trim).collect();
@@ -204,21 +268,23 @@ impl Cluster {
         states.join(" ")
     }
 
-    /// Panics when the node is drained or down: a required plugin that fails on the node
+    /// Panics when a node is drained or down: a required plugin that fails on the node
     /// drains it, and srun may still exit 0, so a passing step alone proves little.
     #[track_caller]
     pub fn assert_node_healthy(&self) {
-        let state = self.node_state();
-        if state.contains("drain") || state.contains("down") || state.contains("fail") {
-            let reason = Cmd::root(["sinfo", "-h", "-N", "-n", self.node(), "-o", "%E"]).run();
-            let reason = reason
-                .stdout
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .trim()
-                .to_owned();
-            panic!("node {} is {state}: {reason}", self.node());
+        for node in self.nodes() {
+            let state = self.state_of(&node);
+            if state.contains("drain") || state.contains("down") || state.contains("fail") {
+                let reason = Cmd::root(["sinfo", "-h", "-N", "-n", &node, "-o", "%E"]).run();
+                let reason = reason
+                    .stdout
+                    .lines()
+                    .next()
+                    .unwrap_or_default()
+                    .trim()
+                    .to_owned();
+                panic!("node {node} is {state}: {reason}");
+            }
         }
     }
 }
@@ -727,6 +793,32 @@ pub fn write_user_file(cluster: &Cluster, path: &Path, contents: &str, mode: u32
         .unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
 }
 
+/// Copies image `source` to `target` on the cluster's registries (skopeo finds the test CA
+/// in certs.d) and returns the manifest digest pushed: e.g. an image under a name no node has
+/// cached yet, or a tag moved to another image.
+pub fn copy_image(source: &str, target: &str) -> String {
+    let policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/templates/skopeo-policy.json");
+    let digest_file = Path::new("/var/tmp").join(unique_name("berth-e2e-digest"));
+    let copy = Command::new("skopeo")
+        .arg("--policy")
+        .arg(&policy)
+        .args(["copy", "-q", "--digestfile"])
+        .arg(&digest_file)
+        .arg(format!("docker://{source}"))
+        .arg(format!("docker://{target}"))
+        .stdin(Stdio::null())
+        .output()
+        .expect("skopeo (apt-get install skopeo)");
+    let digest = std::fs::read_to_string(&digest_file).unwrap_or_default();
+    let _ = std::fs::remove_file(&digest_file);
+    assert!(
+        copy.status.success() && digest.starts_with("sha256:"),
+        "skopeo copy {source} {target}: {}",
+        String::from_utf8_lossy(&copy.stderr)
+    );
+    digest.trim().to_owned()
+}
+
 /// Holds the lock that runs a suite's tests one at a time: they share the one node (two CPUs)
 /// and count the test user's processes and mounts, so two at once would see each other's
 /// work. Each suite is its own test binary, so each has its own lock.
@@ -821,13 +913,13 @@ impl Drop for PluginlessConf {
     }
 }
 
-/// Waits for the node to be idle again (a step's end is reported a moment after srun
-/// returns) and panics if it is drained, down or still busy.
+/// Waits for every node to be idle again (a step's end is reported a moment after srun
+/// returns) and panics if one is drained, down or still busy.
 #[track_caller]
 pub fn assert_node_idle(cluster: &Cluster) {
     cluster.assert_node_healthy();
-    let idle = wait_until(Duration::from_secs(20), || cluster.node_state() == "idle");
-    assert!(idle, "node is {} after the test", cluster.node_state());
+    let idle = wait_until(Duration::from_secs(20), || cluster.nodes_state() == "idle");
+    assert!(idle, "node(s) {} after the test", cluster.nodes_state());
 }
 
 /// A `docker-registry` of one test's own: HTTPS with the cluster's server certificate (for

@@ -137,10 +137,20 @@ impl Store {
                 file.write_all(self.lease_text().as_bytes()).map_err(io)?;
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let expired = fs::read_to_string(&path)
+                let expiry = fs::read_to_string(&path)
                     .ok()
-                    .and_then(|t| t.split_whitespace().next()?.parse::<u64>().ok())
-                    .is_none_or(|expiry| expiry < now());
+                    .and_then(|t| t.split_whitespace().next()?.parse::<u64>().ok());
+                // No expiry yet: the holder created the file and has not written it (seen
+                // with 64 nodes at once: the next reader took it for dead, and two nodes
+                // converted). Such a file is live for one lease from its creation.
+                let expired = match expiry {
+                    Some(expiry) => expiry < now(),
+                    None => fs::metadata(&path)
+                        .and_then(|m| m.modified())
+                        .map_or(true, |written| {
+                            written.elapsed().unwrap_or_default() > self.lease
+                        }),
+                };
                 if !expired {
                     return Ok(None);
                 }
@@ -189,9 +199,12 @@ impl Lease {
     /// Publishes the node's converted `sif`: its hash first, then the SIF, each by rename.
     pub fn publish(self, sif: &Path) -> Result<()> {
         let dest = self.images.join(format!("{}.sif", self.key));
-        let tmp = self
-            .images
-            .join(format!(".{}.{}-{}", self.key, node(), std::process::id()));
+        let tmp = self.images.join(format!(
+            ".{}.{}-{}",
+            self.key,
+            crate::slurm::node_name(),
+            std::process::id()
+        ));
         let io = |e| Error::io(format!("publishing {} to the store", dest.display()), e);
         let hash = (|| {
             let mut input = File::open(sif)?;
@@ -241,7 +254,7 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_file_name(format!(
         ".{}.{}-{}",
         path.file_name().unwrap_or_default().to_string_lossy(),
-        node(),
+        crate::slurm::node_name(),
         std::process::id()
     ));
     fs::write(&tmp, bytes)?;
@@ -252,7 +265,7 @@ fn lease_text(lease: Duration) -> String {
     format!(
         "{} {} {}",
         now() + lease.as_secs().max(1),
-        node(),
+        crate::slurm::node_name(),
         std::process::id()
     )
 }
@@ -263,16 +276,23 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-fn node() -> String {
-    fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::time::Instant;
+
+    #[test]
+    fn a_lease_being_written_is_not_taken_for_a_dead_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(&dir.path().join("store"), Duration::from_secs(30)).unwrap();
+        // The holder has created its lease file but not written its expiry yet.
+        fs::write(dir.path().join("store/leases/k.lease"), b"").unwrap();
+        assert!(store.try_lease("k").unwrap().is_none());
+        // One that stayed empty for a whole lease is a dead holder's.
+        let short = Store::new(&dir.path().join("store"), Duration::ZERO).unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(short.try_lease("k").unwrap().is_some());
+    }
 
     #[test]
     fn the_first_node_converts_and_publishes_the_second_copies() {

@@ -81,7 +81,7 @@ fn all_units(config: &GpuConfig, node: &dyn Node) -> Result<(Vec<Unit>, String)>
     let path = &config.gres_conf;
     let conf = match node.read(path) {
         Some(bytes) => {
-            gres::GresConf::parse(path, &String::from_utf8_lossy(&bytes), &node.hostname())?
+            gres::GresConf::parse(path, &String::from_utf8_lossy(&bytes), &node.node_name())?
         }
         None => gres::GresConf::default(),
     };

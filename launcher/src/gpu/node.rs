@@ -18,7 +18,8 @@ pub trait Node {
     fn list(&self, dir: &Path) -> Vec<String>;
     /// Whether this process may open the device (the device cgroup and file modes agree).
     fn may_open(&self, path: &Path) -> bool;
-    fn hostname(&self) -> String;
+    /// The Slurm node name gres.conf's `NodeName=` lines are matched against.
+    fn node_name(&self) -> String;
     fn nvml(&self) -> Result<Box<dyn nvml::Nvml>>;
 }
 
@@ -78,14 +79,8 @@ impl Node for HostNode {
         }
     }
 
-    fn hostname(&self) -> String {
-        std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .unwrap_or_default()
-            .trim()
-            .split('.')
-            .next()
-            .unwrap_or_default()
-            .to_string()
+    fn node_name(&self) -> String {
+        crate::slurm::node_name()
     }
 
     fn nvml(&self) -> Result<Box<dyn nvml::Nvml>> {

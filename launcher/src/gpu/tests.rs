@@ -91,7 +91,7 @@ impl Node for FakeNode {
     fn may_open(&self, path: &Path) -> bool {
         !self.forbidden.iter().any(|f| f == path)
     }
-    fn hostname(&self) -> String {
+    fn node_name(&self) -> String {
         "n1".into()
     }
     fn nvml(&self) -> Result<Box<dyn nvml::Nvml>> {
