@@ -251,14 +251,14 @@ fn what_a_writable_container_writes_is_on_disk_not_in_the_jobs_memory() {
 fn a_writable_container_turns_read_only_past_the_size_limit() {
     let _serial = serial();
     let cluster = Cluster::get();
-    // The test cluster's [runtime] writable_max_size is 150M.
+    // The test cluster's [runtime] writable_max_size is 500M.
     let run = Cmd::user([
         "srun",
         &format!("--container-image={}", image(&cluster)),
         "--container-writable",
         "sh",
         "-c",
-        "touch /small && dd if=/dev/zero of=/big bs=1M count=200 2>/dev/null; sleep 3; \
+        "touch /small && dd if=/dev/zero of=/big bs=1M count=600 2>/dev/null; sleep 3; \
          touch /after",
     ])
     .run();
