@@ -35,8 +35,8 @@ use crate::{Error, Result};
 
 /// The squashfuse program berth serves images with: the high-level one, whose library
 /// takes `-o uid=,gid=` (Debian 12's squashfuse_ll 0.1.105 has no way to report owners).
-pub const SQUASHFUSE: &str = "squashfuse";
-pub const BIN_DIRS: [&str; 3] = ["/usr/bin", "/usr/local/bin", "/bin"];
+const SQUASHFUSE: &str = "squashfuse";
+const BIN_DIRS: [&str; 3] = ["/usr/bin", "/usr/local/bin", "/bin"];
 
 /// A container whose root is in place (berth's root and cwd are now the container's).
 #[derive(Debug)]
