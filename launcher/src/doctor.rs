@@ -201,11 +201,7 @@ pub fn fuse(meta: std::io::Result<std::fs::Metadata>) -> Status {
 }
 
 fn squashfuse() -> Status {
-    let found = ["/usr/bin", "/usr/local/bin", "/bin"]
-        .iter()
-        .flat_map(|d| ["squashfuse_ll", "squashfuse"].map(|n| Path::new(d).join(n)))
-        .find(|p| p.is_file());
-    let Some(path) = found else {
+    let Ok(path) = crate::container::assemble::find_squashfuse() else {
         return fail("squashfuse is not installed", "apt install squashfuse");
     };
     // It prints its version (`squashfuse 0.1.104 (c) ...`) above its usage.

@@ -86,8 +86,8 @@ pub enum Error {
         source: berth_sys::Error,
     },
     #[error(
-        "squashfuse is not installed (looked for squashfuse_ll and squashfuse in /usr/bin, \
-         /usr/local/bin, /bin): install it (Debian: apt install squashfuse); berth mounts \
+        "squashfuse is not installed (looked for squashfuse in /usr/bin, /usr/local/bin, \
+         /bin): install it (Debian: apt install squashfuse); berth mounts \
          images with it, without privileges"
     )]
     SquashfuseMissing,

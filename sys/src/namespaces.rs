@@ -124,10 +124,10 @@ fn loopback_up() -> Result<()> {
 /// the SPANK plugin can call it from `task_init` and return into Slurm, which execs the task.
 /// The caller must be single-threaded (setns of a user namespace requires it).
 ///
-/// The holder's user namespace may be nested (berth maps the image's root to the user in an
-/// outer namespace and the user to itself in an inner one); the mount namespace belongs to
-/// the outer one, so the chain is entered from the outside in, the mount namespace right
-/// after the user namespace that owns it.
+/// The holder's user namespace may be nested in others below the joiner's (a container
+/// started from inside another); the mount namespace belongs to one of them, so the chain is
+/// entered from the outside in, the mount namespace right after the user namespace that owns
+/// it.
 pub fn join(ns: &Namespaces, confinement: &Confinement) -> Result<()> {
     let own = ino(&File::open("/proc/self/ns/user")
         .map_err(Error::io_path("open", Path::new("/proc/self/ns/user")))?)?;

@@ -341,8 +341,8 @@ pub fn reap(pid: i32) -> Result<Exit> {
 /// Runs `f` in a child process (which exits with its return value) and returns the
 /// child's pid. The child dies with this process (PR_SET_PDEATHSIG) and has its signals
 /// unblocked. For work that must stay in this process's namespaces and privileges while
-/// this process moves on (berth's size watcher stays in the container's outer user
-/// namespace, whose mounts it may change, when berth enters the inner one). Call only
+/// this process moves on (berth's size watcher keeps the capabilities of the container's
+/// user namespace, whose mounts it may change, when berth's command gives them up). Call only
 /// while single-threaded: the child runs Rust code after fork.
 pub fn fork_child(f: impl FnOnce() -> i32) -> Result<i32> {
     let parent = nix::unistd::getpid();

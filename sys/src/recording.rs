@@ -13,7 +13,6 @@ use crate::{Error, Isolation, Mount, Result, Syscall};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Call {
     UnshareUserMount,
-    UnshareUser,
     Isolate(Isolation),
     WriteIdMaps {
         uid_map: String,
@@ -83,9 +82,6 @@ impl RecordingSyscall {
 impl Syscall for RecordingSyscall {
     fn unshare_user_mount(&self) -> Result<()> {
         self.record(Call::UnshareUserMount)
-    }
-    fn unshare_user(&self) -> Result<()> {
-        self.record(Call::UnshareUser)
     }
     fn isolate(&self, iso: Isolation) -> Result<()> {
         if iso == Isolation::default() {

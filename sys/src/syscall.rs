@@ -30,8 +30,6 @@ pub trait Syscall {
     /// Enters a new user namespace and a new mount namespace (the caller must be
     /// single-threaded).
     fn unshare_user_mount(&self) -> Result<()>;
-    /// Enters a new user namespace only (nested in the current one).
-    fn unshare_user(&self) -> Result<()>;
     /// Enters new network, IPC and UTS namespaces as `iso` asks (none: nothing).
     fn isolate(&self, iso: Isolation) -> Result<()>;
     /// Writes this process's `setgroups` ("deny"), `uid_map` and `gid_map`.
@@ -75,10 +73,6 @@ impl Syscall for LinuxSyscall {
         namespaces::unshare(
             nix::sched::CloneFlags::CLONE_NEWUSER | nix::sched::CloneFlags::CLONE_NEWNS,
         )
-    }
-
-    fn unshare_user(&self) -> Result<()> {
-        namespaces::unshare(nix::sched::CloneFlags::CLONE_NEWUSER)
     }
 
     fn isolate(&self, iso: Isolation) -> Result<()> {

@@ -1,7 +1,8 @@
 //! pyxis's behaviours that its own bats suite cannot see (issue 13), end to end on the real
 //! cluster as the test user: named containers kept across a job's steps, entered while
 //! running, and removed at job end and after scancel; writable containers writing to local
-//! disk, not the job's memory, under the site's size limit.
+//! disk, not the job's memory, under the site's size limit; the remapped root installing a
+//! package with apt-get, and the image's files owned as under enroot.
 //! Needs `tests/cluster/up`; fails (does not skip) without it.
 
 use std::path::{Path, PathBuf};
@@ -250,14 +251,14 @@ fn what_a_writable_container_writes_is_on_disk_not_in_the_jobs_memory() {
 fn a_writable_container_turns_read_only_past_the_size_limit() {
     let _serial = serial();
     let cluster = Cluster::get();
-    // The test cluster's [runtime] writable_max_size is 150M.
+    // The test cluster's [runtime] writable_max_size is 500M.
     let run = Cmd::user([
         "srun",
         &format!("--container-image={}", image(&cluster)),
         "--container-writable",
         "sh",
         "-c",
-        "touch /small && dd if=/dev/zero of=/big bs=1M count=200 2>/dev/null; sleep 3; \
+        "touch /small && dd if=/dev/zero of=/big bs=1M count=600 2>/dev/null; sleep 3; \
          touch /after",
     ])
     .run();
@@ -512,4 +513,121 @@ fn the_sites_task_prolog_runs_on_the_node_not_in_the_image() {
     assert!(run.stdout.contains("prolog=ran-on-the-node"), "{run}");
     // Inside, only the stand-in (no "node" in it): the site's script stayed on the node.
     assert!(run.stdout.lines().any(|l| l.trim() == "0"), "{run}");
+}
+
+/// pyxis's Debian image (tests/pyxis-compat/images, through the cluster's docker.io mirror).
+const DEBIAN_IMAGE: &str = "ubuntu:24.04";
+
+/// `srun --container-image=DEBIAN_IMAGE OPTIONS sh -c SCRIPT` as the test user.
+fn in_debian(options: &[&str], script: &str) -> Run {
+    let image = format!("--container-image={DEBIAN_IMAGE}");
+    let mut args = vec!["srun", image.as_str()];
+    args.extend_from_slice(options);
+    args.extend(["sh", "-c", script]);
+    Cmd::user(args).timeout(Duration::from_secs(240)).run()
+}
+
+/// One id is all berth's user namespace maps, as enroot's: the image's files (root's,
+/// `_apt`'s, the `shadow` group's) are the user's own in the container and root's with
+/// --container-remap-root, and /proc/self/uid_map reads as under pyxis. The mirror that
+/// serves the image says nothing on the job's stderr once the image is cached.
+#[test]
+fn the_images_files_belong_to_the_user_and_to_the_remapped_root() {
+    let _serial = serial();
+    let cluster = Cluster::get();
+    // The user's primary group owns their home.
+    let uid = cluster.uid();
+    let gid = std::os::unix::fs::MetadataExt::gid(&std::fs::metadata(cluster.home()).unwrap());
+    let script = "id -u; cat /proc/self/uid_map; \
+                  stat -c '%n %u:%g' / /etc/shadow /var/lib/apt/lists/partial";
+    // The first run pulls the image if needed; the second finds it cached.
+    in_debian(&[], "true").assert_success();
+    let plain = in_debian(&[], script);
+    plain.assert_success();
+    let lines: Vec<Vec<&str>> = plain
+        .stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let me = format!("{uid}:{gid}");
+    assert_eq!(lines[0], [uid.to_string()], "{plain}");
+    assert_eq!(
+        lines[1],
+        [uid.to_string(), uid.to_string(), "1".into()],
+        "{plain}"
+    );
+    for path in ["/", "/etc/shadow", "/var/lib/apt/lists/partial"] {
+        assert!(lines.contains(&vec![path, me.as_str()]), "{path}: {plain}");
+    }
+    assert!(!plain.stderr.contains("pull from"), "{plain}");
+
+    let root = in_debian(&["--container-remap-root"], script);
+    root.assert_success();
+    let lines: Vec<Vec<&str>> = root
+        .stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(lines[0], ["0"], "{root}");
+    assert_eq!(
+        lines[1],
+        ["0".to_string(), uid.to_string(), "1".into()],
+        "{root}"
+    );
+    for path in ["/", "/etc/shadow", "/var/lib/apt/lists/partial"] {
+        assert!(lines.contains(&vec![path, "0:0"]), "{path}: {root}");
+    }
+    cluster.assert_node_healthy();
+}
+
+/// `apt-get install` as the remapped root in a writable container (issue 13), offline: a
+/// package built here, whose maintainer script gives a file to another user (a chown the
+/// seccomp filter lets succeed without effect), installed from a file. dpkg writes its
+/// database under /var/lib/dpkg and the package's files in the container's writable layer;
+/// on the host they belong to the user.
+#[test]
+fn the_remapped_root_installs_a_package_with_apt_get() {
+    let _serial = serial();
+    let cluster = Cluster::get();
+    let name = unique_name("e2e-deb");
+    let dir = cluster.home().join(&name);
+    let build = format!(
+        "set -e; mkdir -p {d}/pkg/DEBIAN {d}/pkg/usr/share/berth-e2e\n\
+         echo hello-from-the-package > {d}/pkg/usr/share/berth-e2e/hello\n\
+         printf 'Package: berth-e2e-hello\\nVersion: 1.0\\nArchitecture: all\\n\
+         Maintainer: berth <berth@localhost>\\nDescription: berth e2e test package\\n' \
+         > {d}/pkg/DEBIAN/control\n\
+         printf '#!/bin/sh\\nset -e\\nchown daemon:daemon /usr/share/berth-e2e/hello\\n' \
+         > {d}/pkg/DEBIAN/postinst\n\
+         chmod 0755 {d}/pkg/DEBIAN/postinst\n\
+         dpkg-deb --root-owner-group --build {d}/pkg {d}/hello.deb >/dev/null",
+        d = dir.display()
+    );
+    let built = Cmd::user(["sh", "-c", &build]).run();
+    built.assert_success();
+    // The remapped root's home is /root: the package comes in through a bind.
+    let install = "apt-get install -y --no-install-recommends /debs/hello.deb && \
+                   dpkg-query -W -f='${Status}\\n' berth-e2e-hello && \
+                   cat /usr/share/berth-e2e/hello && stat -c '%u' /usr/share/berth-e2e/hello";
+    let debs = format!("--container-mounts={}:/debs:ro", dir.display());
+    let run = in_debian(
+        &["--container-remap-root", "--container-writable", &debs],
+        install,
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    run.assert_success();
+    let out: Vec<&str> = run.stdout.lines().rev().take(3).collect();
+    assert_eq!(
+        out,
+        ["0", "hello-from-the-package", "install ok installed"],
+        "{run}"
+    );
+    // Read-only (an unnamed container's default), dpkg's database cannot change.
+    let readonly = in_debian(&["--container-remap-root"], "touch /var/lib/dpkg/x");
+    readonly.assert_failure();
+    assert!(
+        readonly.stderr.contains("Read-only file system"),
+        "{readonly}"
+    );
+    cluster.assert_node_healthy();
 }

@@ -653,7 +653,12 @@ impl Cache {
         image_config.manifest_digest = digest.to_string();
         image_config.source = reference.to_string();
 
-        let pull = Progress::new(format!("pulling {pinned}"), total, options.quiet);
+        // Named once, on the pull's own line, when a mirror serves it.
+        let pull = match client.mirror() {
+            None => format!("pulling {pinned}"),
+            Some(mirror) => format!("pulling {pinned} from {mirror}"),
+        };
+        let pull = Progress::new(pull, total, options.quiet);
         let mut missing = Vec::new();
         for (layer, layer_digest, _) in &layers {
             let dest = blobs.join(layer_digest.hex());

@@ -230,7 +230,14 @@ fn check(args: CheckArgs, globals: &Globals) -> Result<i32> {
         }
         _ => Vec::new(),
     };
-    Ok(report(args.json, image, outcome, &pull_from))
+    // Asked by hand, where a mirror rule sends the pull. Not with --fetch, the node's check of
+    // every job step, whose stderr is the job's: a pull that happens names its source on its
+    // progress line, and a cached image needs no word.
+    let hosts: Vec<String> = pull_from.iter().map(Endpoint::describe).collect();
+    if !args.json && !args.fetch && pull_from.iter().any(|e| e.mirror_of.is_some()) {
+        eprintln!("berth: pull from: {}", hosts.join(", then "));
+    }
+    Ok(report(args.json, image, outcome, &hosts))
 }
 
 /// Node decisions (for a job step) and fetches update the metrics textfile.
@@ -245,12 +252,10 @@ enum Outcome {
     Deny(String),
 }
 
-/// Prints the verdict on stdout and returns the exit status. For a registry image it also
-/// says where the bytes would come from: in JSON as `pull_from`, in text on stderr (stdout
-/// is exactly the one verdict line the plugin reads) where `[[registry.mirrors]]` sends the
-/// pull elsewhere than the name written.
-fn report(as_json: bool, image: &str, outcome: Outcome, pull_from: &[Endpoint]) -> i32 {
-    let hosts: Vec<String> = pull_from.iter().map(Endpoint::describe).collect();
+/// Prints the verdict on stdout (in text exactly the one line the plugin reads) and returns
+/// the exit status. For a registry image the JSON also says where the bytes would come from
+/// (`pull_from`).
+fn report(as_json: bool, image: &str, outcome: Outcome, hosts: &[String]) -> i32 {
     let (line, object, code) = match outcome {
         Outcome::Allow(request, rule) => {
             let (what, object) = match request {
@@ -265,9 +270,6 @@ fn report(as_json: bool, image: &str, outcome: Outcome, pull_from: &[Endpoint]) 
                            "local_file": path}),
                 ),
             };
-            if !as_json && pull_from.iter().any(|e| e.mirror_of.is_some()) {
-                eprintln!("berth: pull from: {}", hosts.join(", then "));
-            }
             (format!("allow: {what} (rule: {rule})"), object, 0)
         }
         Outcome::Deny(reason) => (

@@ -2,11 +2,11 @@
 //! on top, as a SIF file (`berth save`, run as the user once the container has stopped).
 //!
 //! The root is put together as for running it (`assemble::mount_root`: the image through
-//! squashfuse, the container's changes as the overlay's upper layer, in a user namespace
-//! mapping the image's root to the user) but never entered: mksquashfs reads it from the
-//! host side and `sif::writer` wraps the result with the image's config. Files therefore
-//! belong to root in the saved image, as in the original; owners the namespace cannot map
-//! (an image's other users) are saved as nobody (65534).
+//! squashfuse, the container's changes as the overlay's upper layer) but as root's, in a user
+//! namespace mapping root to the user, and never entered: mksquashfs reads it from the host
+//! side and `sif::writer` wraps the result with the image's config. Every file belongs to
+//! root in the saved image (the image's and what the container wrote alike), as every file
+//! of the container was the container's user's.
 //!
 //! Running the saved file later is a local image like any other: the site policy decides
 //! (`[policy] local_images`, refused by default).
@@ -27,7 +27,11 @@ use crate::Result;
 /// `writable`) to `dest` as a SIF with `config`. Call from a process of its own: it enters
 /// new namespaces for good.
 pub fn save(spec: &Spec, runtime: &RuntimeConfig, config: &ImageConfig, dest: &Path) -> Result<()> {
-    let facts = AssemblyInputs::of(spec)?;
+    let facts = AssemblyInputs {
+        uid_inside: 0,
+        gid_inside: 0,
+        ..AssemblyInputs::of(spec)?
+    };
     let squashfuse = assemble::find_squashfuse()?;
     let bundle = Bundle::create(runtime)?;
     let (root, helper) = assemble::mount_root(&LinuxSyscall, &facts, &bundle.path, &squashfuse)?;

@@ -209,7 +209,7 @@ impl Changes {
 
     /// Starts the process that measures, every second, what the container wrote to
     /// `upper`; past the limit it turns the container's root (its `/`: call after
-    /// pivot_root, as root of the container's outer user namespace, which owns the mount)
+    /// pivot_root, with the capabilities of the container's user namespace, which owns the mount)
     /// read-only and ends. The kernel refuses that while a file is open for writing there
     /// (EBUSY), so it tries again every second until the writer has closed it. Returns its
     /// pid.

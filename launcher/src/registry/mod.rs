@@ -156,6 +156,7 @@ pub struct Client {
     blob_hosts: Vec<HostPattern>,
     token_hosts: Vec<HostPattern>,
     options: ClientOptions,
+    mirror: Option<String>,
 }
 
 impl Client {
@@ -167,6 +168,12 @@ impl Client {
             mirror_of: None,
         };
         Client::for_endpoint(config, &endpoint, options)
+    }
+
+    /// The mirror this client pulls from (`host/prefix (mirror of upstream)`), None for the
+    /// registry itself: named on a pull's progress line.
+    pub fn mirror(&self) -> Option<&str> {
+        self.mirror.as_deref()
     }
 
     /// A client for one endpoint: a registry or a mirror of one. CA files and credentials
@@ -228,6 +235,7 @@ impl Client {
             blob_hosts: config.blob_hosts.clone(),
             token_hosts: config.token_hosts.clone(),
             options,
+            mirror: endpoint.mirror_of.is_some().then(|| endpoint.describe()),
         })
     }
 

@@ -6,16 +6,16 @@
 //! - `devices`: the host nodes of `linux.devices` bound into /dev, and /dev's links;
 //! - `userdb`: the files generated from the image's own (passwd, group, ld.so.cache).
 //!
-//! Two user namespaces, both mapping one id, neither needing a setuid helper:
-//! - the outer one maps the image's root (uid/gid 0) to the user. squashfuse reports the
-//!   image's owners as they are stored (0 for registry images) and the kernel maps them
-//!   through the namespace that mounted the FUSE file system, so the image's files belong to
-//!   the user, as they would after unpacking (enroot, pyxis). berth, root there, mounts.
-//! - the inner one (not with `--remap-root`) maps the user to themselves, so the command
-//!   runs with the user's own ids and sees the image's files as theirs.
-//!
-//! The mount namespace belongs to the outer user namespace; `berth_sys::join` enters the
-//! chain in that order.
+//! One user namespace mapping one id, as enroot's: the container's user (the user's own
+//! uid, or 0 with `--remap-root`) is the user outside, so `/proc/self/uid_map` reads
+//! `1100 1100 1` (or `0 1100 1`) as under pyxis. An image's files belong to many ids (root,
+//! `_apt`, `man`, ...) that one id cannot map, so squashfuse reports every file as owned by
+//! the container's user (`-o uid=,gid=`): the user's own outside `--remap-root` and root's
+//! inside it, as after enroot unpacks an image as the user. `apt-get` run as the remapped
+//! root can then open, chmod and replace any file of the image (its chowns succeed without
+//! effect through the seccomp filter). berth holds the namespace's capabilities while it
+//! mounts; the command gets none (see `berth_sys::process::confine`) unless it is the
+//! remapped root, and runs with no_new_privs on nosuid mounts.
 
 mod devices;
 mod mounts;
@@ -33,9 +33,9 @@ use super::spec;
 use crate::gpu::edit;
 use crate::{Error, Result};
 
-/// The squashfuse programs berth can serve images with, fastest first (the low-level one
-/// needs no path lookups in the daemon).
-const SQUASHFUSE: [&str; 2] = ["squashfuse_ll", "squashfuse"];
+/// The squashfuse program berth serves images with: the high-level one, whose library
+/// takes `-o uid=,gid=` (Debian 12's squashfuse_ll 0.1.105 has no way to report owners).
+const SQUASHFUSE: &str = "squashfuse";
 const BIN_DIRS: [&str; 3] = ["/usr/bin", "/usr/local/bin", "/bin"];
 
 /// A container whose root is in place (berth's root and cwd are now the container's).
@@ -50,9 +50,9 @@ pub struct Assembled {
 /// Finds squashfuse in the system's own directories (not the user's PATH: the daemon runs
 /// with the container's privileges over its files).
 pub fn find_squashfuse() -> Result<PathBuf> {
-    SQUASHFUSE
+    BIN_DIRS
         .iter()
-        .flat_map(|prog| BIN_DIRS.iter().map(move |dir| Path::new(dir).join(prog)))
+        .map(|dir| Path::new(dir).join(SQUASHFUSE))
         .find(|p| p.is_file())
         .ok_or(Error::SquashfuseMissing)
 }
@@ -60,8 +60,9 @@ pub fn find_squashfuse() -> Result<PathBuf> {
 /// Builds the container described by `spec` with `bundle` as its private runtime directory
 /// and pivots into it. Must be called single-threaded, before anything else touched
 /// namespaces. On error, the FUSE daemon (if started) dies with berth (it has
-/// PR_SET_PDEATHSIG). `after_pivot` runs right after pivot_root, while berth is still root
-/// of the outer user namespace (whose mounts a process started there may change later).
+/// PR_SET_PDEATHSIG). `after_pivot` runs right after pivot_root, while berth still holds
+/// the capabilities of the container's user namespace (whose mounts a process started there
+/// may change later).
 pub fn assemble(
     sys: &impl Syscall,
     spec: &Spec,
@@ -73,6 +74,7 @@ pub fn assemble(
     let (root, helper) = mount_root(sys, &facts, bundle, squashfuse)?;
     let container = |what| move |source| Error::Container { what, source };
     userdb::write_user_db(&root, bundle, &facts)?;
+    userdb::write_apt_config(&root, &facts)?;
     for (name, text) in super::slurm::scripts(spec)? {
         use std::os::unix::fs::PermissionsExt;
         let path = bundle.join(&name);
@@ -120,22 +122,13 @@ pub fn assemble(
             .map_err(container("making the root read-only"))?;
     }
     sys.pivot_root(&root).map_err(container("pivot_root"))?;
-    // Still root of the outer user namespace, which owns the container's mounts.
+    // Still with the capabilities of the user namespace that owns the container's mounts.
     let watcher = after_pivot()?;
-    if facts.uid_inside != 0 {
-        sys.unshare_user()
-            .map_err(container("unshare (inner user namespace)"))?;
-        sys.write_id_maps(
-            &format!("{} 0 1", facts.uid_inside),
-            &format!("{} 0 1", facts.gid_inside),
-        )
-        .map_err(container("writing the inner id maps"))?;
-    }
     Ok(Assembled { helper, watcher })
 }
 
 /// The first half of assembly, shared with `save`: new user and mount namespaces (the
-/// image's root mapped to the user), the runtime tmpfs on `bundle`, the image mounted at
+/// container's user mapped to the user), the runtime tmpfs on `bundle`, the image mounted at
 /// `bundle/lower` and the overlay root at `bundle/root` (returned with the squashfuse
 /// daemon's pid). Nothing is pivoted yet: host paths stay reachable.
 pub fn mount_root(
@@ -155,9 +148,12 @@ pub fn mount_root(
             },
         })?;
     let container = |what| move |source| Error::Container { what, source };
-    sys.write_id_maps(&format!("0 {} 1", facts.uid), &format!("0 {} 1", facts.gid))
-        .map_err(container("writing the outer id maps"))?;
-    // Owned by the outer user namespace, like the mount namespace: joiners enter them there.
+    sys.write_id_maps(
+        &format!("{} {} 1", facts.uid_inside, facts.uid),
+        &format!("{} {} 1", facts.gid_inside, facts.gid),
+    )
+    .map_err(container("writing the id maps"))?;
+    // Owned by the user namespace, like the mount namespace: joiners enter them there.
     sys.isolate(facts.isolation)
         .map_err(container("unshare (network, IPC or UTS namespace)"))?;
     sys.make_mounts_private()
@@ -190,12 +186,13 @@ pub fn mount_root(
     let helper = mount_image(sys, facts, &lower, squashfuse)?;
 
     // The image stays read-only; the upper layer gives mountpoints the image lacks and, with
-    // --writable, a root that can change for the container's life.
+    // --writable, a root that can change for the container's life. nosuid: an image's
+    // set-user-id files give nothing (no_new_privs would ignore them anyway).
     sys.mount(&Mount {
         source: Some("overlay".into()),
         target: root.clone(),
         fstype: Some("overlay".into()),
-        flags: MsFlags::empty(),
+        flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
         data: Some(format!(
             "lowerdir={},upperdir={},workdir={},userxattr",
             lower.display(),
@@ -211,7 +208,8 @@ pub fn mount_root(
 
 /// Mounts the image at `lower`: berth mounts the FUSE file system itself (it holds the
 /// privileges in its namespace; squashfuse, exec'd, would not) and hands the connection to
-/// squashfuse as `/dev/fd/N`.
+/// squashfuse as `/dev/fd/N`. The container's user owns the connection (only its processes
+/// may use it) and, as squashfuse reports them, every file of the image.
 fn mount_image(
     sys: &impl Syscall,
     facts: &AssemblyInputs,
@@ -219,7 +217,13 @@ fn mount_image(
     squashfuse: &Path,
 ) -> Result<i32> {
     let fuse = sys
-        .mount_fuse(&facts.image, lower, "squashfuse", 0, 0)
+        .mount_fuse(
+            &facts.image,
+            lower,
+            "squashfuse",
+            facts.uid_inside,
+            facts.gid_inside,
+        )
         .map_err(|source| match source.raw_os_error() {
             Some(libc::EACCES | libc::EPERM | libc::ENOENT | libc::ENODEV | libc::ENXIO) => {
                 Error::FuseUnavailable {
@@ -236,7 +240,13 @@ fn mount_image(
         cstring(squashfuse.as_os_str().to_owned())?,
         cstring("-f".into())?,
         cstring("-o".into())?,
-        cstring(format!("offset={}", facts.offset).into())?,
+        cstring(
+            format!(
+                "offset={},uid={},gid={}",
+                facts.offset, facts.uid_inside, facts.gid_inside
+            )
+            .into(),
+        )?,
         cstring(facts.image.clone().into_os_string())?,
         berth_sys::process::fuse_fd_arg(fuse.as_fd()),
     ];
@@ -256,8 +266,8 @@ fn cstring(s: OsString) -> Result<CString> {
     })
 }
 
-/// What assembly needs from the spec besides its mounts and devices: the image, the outer
-/// and inner ids, the user's name and home.
+/// What assembly needs from the spec besides its mounts and devices: the image, the user's
+/// ids outside and the container's inside, the user's name and home.
 pub struct AssemblyInputs {
     pub(crate) image: PathBuf,
     pub(crate) offset: u64,
@@ -347,7 +357,7 @@ mod tests {
             sys,
             spec,
             bundle.path(),
-            Path::new("/usr/bin/squashfuse_ll"),
+            Path::new("/usr/bin/squashfuse"),
             || Ok(None),
         );
         (bundle, r)
@@ -364,8 +374,8 @@ mod tests {
         assert_eq!(
             calls[1],
             Call::WriteIdMaps {
-                uid_map: "0 1100 1".into(),
-                gid_map: "0 1200 1".into()
+                uid_map: "1100 1100 1".into(),
+                gid_map: "1200 1200 1".into()
             }
         );
         assert_eq!(calls[2], Call::MakeMountsPrivate);
@@ -378,8 +388,8 @@ mod tests {
                 source: "/img.sif".into(),
                 target: b.join("lower"),
                 subtype: "squashfuse".into(),
-                uid: 0,
-                gid: 0
+                uid: 1100,
+                gid: 1200
             }
         );
         let Call::StartFuseHelper { argv, target } = &calls[5] else {
@@ -389,10 +399,10 @@ mod tests {
         assert_eq!(
             &argv[..5],
             [
-                "/usr/bin/squashfuse_ll",
+                "/usr/bin/squashfuse",
                 "-f",
                 "-o",
-                "offset=4096",
+                "offset=4096,uid=1100,gid=1200",
                 "/img.sif"
             ]
         );
@@ -402,6 +412,7 @@ mod tests {
         };
         assert_eq!(overlay.target, b.join("root"));
         assert!(overlay.data.as_deref().unwrap().contains("userxattr"));
+        assert_eq!(overlay.flags, MsFlags::MS_NOSUID | MsFlags::MS_NODEV);
 
         // Then the spec's mounts inside the root, /dev's links right after /dev.
         let in_root: Vec<&Mount> = calls
@@ -452,16 +463,16 @@ mod tests {
             matches!(&calls[dev_at + 1 + n_dev], Call::SymlinkInRoot { link, .. } if link == Path::new("/dev/ptmx"))
         );
 
+        // The one user namespace's maps were all: the command runs in it.
         let n = calls.len();
-        assert_eq!(calls[n - 4], Call::SetReadonly(b.join("root")));
-        assert_eq!(calls[n - 3], Call::PivotRoot(b.join("root")));
-        assert_eq!(calls[n - 2], Call::UnshareUser);
+        assert_eq!(calls[n - 2], Call::SetReadonly(b.join("root")));
+        assert_eq!(calls[n - 1], Call::PivotRoot(b.join("root")));
         assert_eq!(
-            calls[n - 1],
-            Call::WriteIdMaps {
-                uid_map: "1100 0 1".into(),
-                gid_map: "1200 0 1".into()
-            }
+            calls
+                .iter()
+                .filter(|c| matches!(c, Call::WriteIdMaps { .. }))
+                .count(),
+            1
         );
         let passwd = std::fs::read_to_string(b.join("passwd")).unwrap();
         assert_eq!(passwd, "ada:x:1100:1200::/:/bin/sh\n");
@@ -477,7 +488,25 @@ mod tests {
             !calls.iter().any(|c| matches!(c, Call::SetReadonly(_))),
             "writable root"
         );
-        assert!(!calls.contains(&Call::UnshareUser), "root stays root");
+        // The remapped root is the user outside, and owns the image's files inside.
+        assert_eq!(
+            calls[1],
+            Call::WriteIdMaps {
+                uid_map: "0 1100 1".into(),
+                gid_map: "0 1200 1".into()
+            }
+        );
+        assert!(calls.contains(&Call::MountFuse {
+            source: "/img.sif".into(),
+            target: bundle.path().join("lower"),
+            subtype: "squashfuse".into(),
+            uid: 0,
+            gid: 0
+        }));
+        assert!(calls
+            .iter()
+            .any(|c| matches!(c, Call::StartFuseHelper { argv, .. }
+            if argv[3] == "offset=4096,uid=0,gid=0")));
         assert_eq!(
             calls.last(),
             Some(&Call::PivotRoot(bundle.path().join("root")))
@@ -519,7 +548,7 @@ mod tests {
     }
 
     #[test]
-    fn unshared_namespaces_come_right_after_the_outer_id_maps() {
+    fn unshared_namespaces_come_right_after_the_id_maps() {
         let mut spec = spec_for(false, false);
         let iso = berth_sys::Isolation {
             net: true,

@@ -1,6 +1,7 @@
 //! Files berth generates in the bundle from the image's own: passwd and group with the
 //! user's entries, and the loader cache with the driver's libraries. They are bound
-//! read-only over the image's, which never changes.
+//! read-only over the image's, which never changes. And one berth writes into the
+//! container's upper layer: apt's setting for the remapped root of a Debian image.
 
 use std::os::fd::AsFd;
 use std::path::Path;
@@ -33,6 +34,59 @@ pub fn write_user_db(root: &Path, bundle: &Path, f: &AssemblyInputs) -> Result<(
     );
     write(bundle, PASSWD, passwd.as_bytes())?;
     write(bundle, GROUP, group.as_bytes())
+}
+
+/// apt's setting, in a Debian image run as root, to download as root instead of as `_apt`
+/// (enroot's `10-aptfix` hook writes the same): in berth's one-id user namespace the
+/// seccomp filter lets apt's switch to `_apt` succeed without effect, and apt, checking its
+/// ids afterwards, stops with "Could not switch group".
+const APT_AS_ROOT: (&str, &str) = (
+    "99berth-remapped-root",
+    "// berth: the remapped root downloads as root (see --container-remap-root)\n\
+     APT::Sandbox::User \"root\";\n",
+);
+
+/// Writes [`APT_AS_ROOT`] into the image's `/etc/apt/apt.conf.d` (made if missing, resolved
+/// inside the root) when the container's user is root and the image is Debian's or a
+/// derivative's (`/etc/debian_version`). Call on the overlay root before it turns
+/// read-only: the file goes to the upper layer, never the image.
+pub fn write_apt_config(root: &Path, f: &AssemblyInputs) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if f.uid_inside != 0 {
+        return Ok(());
+    }
+    let sys = |path: &'static str| {
+        move |source| Error::Sys {
+            path: path.into(),
+            source,
+        }
+    };
+    let root_fd = berth_sys::rootfs::open_dir(root).map_err(sys("/"))?;
+    let debian = Path::new("/etc/debian_version");
+    match berth_sys::rootfs::open_in_root(root_fd.as_fd(), debian, libc::O_PATH) {
+        Ok(_) => {}
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+        Err(source) => return Err(sys("/etc/debian_version")(source)),
+    }
+    let conf_d = "/etc/apt/apt.conf.d";
+    let dir = berth_sys::rootfs::ensure_in_root(
+        root_fd.as_fd(),
+        Path::new(conf_d),
+        berth_sys::MountpointKind::Dir,
+    )
+    .map_err(sys(conf_d))?;
+    let (name, text) = APT_AS_ROOT;
+    // The name looked up in the directory resolved above; never through a symlink there.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(berth_sys::rootfs::fd_path(dir.as_fd()).join(name))
+        .and_then(|mut file| file.write_all(text.as_bytes()))
+        .map_err(|e| Error::io(format!("writing {conf_d}/{name} in the container"), e))
 }
 
 /// Where CUDA images keep the forward-compatibility driver libraries (`cuda-compat-*`).
@@ -210,6 +264,52 @@ mod tests {
             written.iter().filter(|e| e.key == "libcuda.so.1").count(),
             1
         );
+    }
+
+    fn inputs(uid_inside: u32) -> AssemblyInputs {
+        AssemblyInputs {
+            image: "/img.sif".into(),
+            offset: 0,
+            uid: 1100,
+            gid: 1100,
+            uid_inside,
+            gid_inside: uid_inside,
+            user: "ada".into(),
+            home: "/".into(),
+            changes: None,
+            isolation: berth_sys::Isolation::default(),
+        }
+    }
+
+    #[test]
+    fn the_remapped_root_of_a_debian_image_downloads_as_root() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        let conf = r.join("etc/apt/apt.conf.d/99berth-remapped-root");
+        // Not Debian: nothing written.
+        write_apt_config(r, &inputs(0)).unwrap();
+        assert!(!r.join("etc/apt").exists());
+        std::fs::create_dir(r.join("etc")).unwrap();
+        std::fs::write(r.join("etc/debian_version"), "12.5\n").unwrap();
+        // The user's own ids: apt cannot install anyway, nothing written.
+        write_apt_config(r, &inputs(1100)).unwrap();
+        assert!(!r.join("etc/apt").exists());
+        // Root: the directory made as apt expects it, the setting in it.
+        write_apt_config(r, &inputs(0)).unwrap();
+        let text = std::fs::read_to_string(&conf).unwrap();
+        assert!(text.contains("APT::Sandbox::User \"root\";"), "{text}");
+        // A symlink the image put at that name is not followed out of the root.
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::remove_file(&conf).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("x"), &conf).unwrap();
+        assert!(write_apt_config(r, &inputs(0)).is_err());
+        assert!(!outside.path().join("x").exists());
+        // Nor is a symlinked directory: it resolves inside the root, where it dangles.
+        std::fs::remove_dir_all(r.join("etc/apt")).unwrap();
+        std::fs::create_dir(r.join("etc/apt")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), r.join("etc/apt/apt.conf.d")).unwrap();
+        assert!(write_apt_config(r, &inputs(0)).is_err());
+        assert!(std::fs::read_dir(outside.path()).unwrap().next().is_none());
     }
 
     #[test]
