@@ -24,14 +24,10 @@ fn mpi_image(cluster: &Cluster) -> &'static str {
     static IMAGE: OnceLock<String> = OnceLock::new();
     IMAGE.get_or_init(|| {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/mpi-image");
-        let registry = cluster.tls_registry();
-        let run = Cmd::root([
-            script.as_os_str(),
-            "push".as_ref(),
-            format!("{}:{}", registry.host, registry.port).as_ref(),
-        ])
-        .timeout(Duration::from_secs(900))
-        .run();
+        let registry = cluster.tls_registry().host;
+        let run = Cmd::root([script.as_os_str(), "push".as_ref(), registry.as_ref()])
+            .timeout(Duration::from_secs(900))
+            .run();
         run.assert_success();
         run.stdout
             .lines()
@@ -274,10 +270,11 @@ fn a_task_sees_its_own_pmix_directory_and_not_another_jobs() {
         "job {}'s PMIx directory is {other_dir:?}",
         other.job
     );
-    // Its own, a directory with the server's socket in it; the other job's is not there,
-    // not even when the job's environment names it (the old bind of any PMIX_SERVER_TMPDIR).
+    // Its own, with the server's data store in it (PMIx's ds21 shared memory, which clients
+    // map; the server itself listens on loopback TCP); the other job's is not there, not
+    // even when the job's environment names it (the old bind of any PMIX_SERVER_TMPDIR).
     let check = format!(
-        "ls -la $PMIX_SERVER_TMPDIR | grep -c '^s' | sed 's/^/own-sockets=/'; \
+        "ls $PMIX_SERVER_TMPDIR | grep -c '^pmix_dstor_ds21_' | sed 's/^/own-store=/'; \
          test -e {other_dir} && echo other=visible || echo other=absent"
     );
     let run = Cmd::user([
@@ -300,8 +297,8 @@ fn a_task_sees_its_own_pmix_directory_and_not_another_jobs() {
         "another job's PMIx directory:\n{run}"
     );
     assert!(
-        !run.stdout.contains("own-sockets=0") && run.stdout.contains("own-sockets="),
-        "no PMIx server socket in the step's own directory:\n{run}"
+        run.stdout.contains("own-store=1"),
+        "no PMIx data store in the step's own directory:\n{run}"
     );
     let forged = Cmd::user([
         "srun",
