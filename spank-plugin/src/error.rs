@@ -238,6 +238,13 @@ pub enum Error {
     JoinFailed { detail: String },
 
     #[error(
+        "this MPI step's PMIx server directory {path} cannot be given to the container: \
+         {reason}. The node's Slurm made it, not the job: ask your admins (docs/MPI.md, \
+         'PMIx'); a step without --mpi=pmix does not need it"
+    )]
+    PmixServerDir { path: String, reason: String },
+
+    #[error(
         "container '{name}' already exists in this job (--container-name={name}:create makes \
          a new one only): drop ':create' to use it, or pick another name"
     )]

@@ -29,6 +29,7 @@ mod error;
 pub mod fuzz;
 mod guard;
 mod launcher;
+mod mpi;
 mod named;
 mod options;
 mod prolog;

@@ -32,6 +32,7 @@ use crate::guard;
 use crate::launcher::{
     self, HandedFds, Holder, Identity, Launcher, Partition, StepIds, Verdict, IMAGE_FD,
 };
+use crate::mpi;
 use crate::named;
 use crate::options::{
     self, Access, ContainerRequest, Given, ImageChoice, Mount, Opt, Origin, Stage, SPECS,
@@ -219,7 +220,18 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
         Verdict::Deny(reason) => return Err(Error::PolicyDenied { image, reason }),
         Verdict::Allow(vetted) => vetted,
     };
-    let binds = node_binds(&info, getenv("PMIX_SERVER_TMPDIR")?);
+    let mut binds = node_binds(&info);
+    // slurmstepd's own environment, where Slurm's pmix plugin put it (see `mpi`), never the
+    // job's, whose variable of that name the user sets at will.
+    binds.extend(mpi::server_dir_bind(
+        std::env::var_os(mpi::SERVER_DIR_VAR).as_deref(),
+        spank::slurmd_spooldir().as_deref(),
+        mpi::PmixStep {
+            job: info.job_id,
+            step: info.step_id,
+            uid: info.uid,
+        },
+    )?);
     let user = launcher.run_as(Identity::User {
         uid: info.uid,
         gid: info.gid,
@@ -492,10 +504,10 @@ fn stage_out_list(stages: &[Stage], mounts: &[Mount]) -> Result<String, Error> {
 }
 
 /// What the node itself must make visible in the container, at the same path: the batch
-/// script's directory in slurmd's spool (the batch step execs the script there), and the
-/// PMIx server's directory, whose sockets MPI libraries inside connect to. (The site's
-/// TaskProlog is not among them: berth runs it on the node, see `task_prolog`.)
-fn node_binds(info: &StepInfo, pmix_dir: Option<Vec<u8>>) -> Vec<NodeBind> {
+/// script's directory in slurmd's spool (the batch step execs the script there). (The PMIx
+/// server's directory is `mpi`'s; the site's TaskProlog is not among them: berth runs it on
+/// the node, see `task_prolog`.)
+fn node_binds(info: &StepInfo) -> Vec<NodeBind> {
     let mut binds = Vec::new();
     if info.step_id == BATCH_STEP {
         let script = info
@@ -510,12 +522,6 @@ fn node_binds(info: &StepInfo, pmix_dir: Option<Vec<u8>>) -> Vec<NodeBind> {
                 });
             }
         }
-    }
-    if let Some(dir) = pmix_dir.filter(|d| d.starts_with(b"/")) {
-        binds.push(NodeBind {
-            path: String::from_utf8_lossy(&dir).into_owned(),
-            read_only: false,
-        });
     }
     binds
 }
@@ -709,7 +715,7 @@ mod tests {
     }
 
     #[test]
-    fn the_batch_scripts_directory_and_pmixs_are_bound_at_their_paths() {
+    fn the_batch_scripts_directory_is_bound_at_its_path() {
         let info = StepInfo {
             job_id: 7,
             step_id: BATCH_STEP,
@@ -720,21 +726,15 @@ mod tests {
             local_tasks: 1,
         };
         assert_eq!(
-            node_binds(&info, v("/tmp/pmix")),
-            vec![
-                NodeBind {
-                    path: "/var/spool/slurmd/job00007".into(),
-                    read_only: true
-                },
-                NodeBind {
-                    path: "/tmp/pmix".into(),
-                    read_only: false
-                },
-            ]
+            node_binds(&info),
+            vec![NodeBind {
+                path: "/var/spool/slurmd/job00007".into(),
+                read_only: true
+            }]
         );
-        // Another step has no script; a relative PMIx directory is not a path to bind.
+        // Another step has no script.
         let step = StepInfo { step_id: 0, ..info };
-        assert_eq!(node_binds(&step, v("pmix")), vec![]);
+        assert_eq!(node_binds(&step), vec![]);
     }
 
     #[test]

@@ -340,13 +340,27 @@ extern "C" {
 pub fn task_prolog() -> Option<Vec<u8>> {
     // SAFETY: slurmstepd filled slurm_conf from its configuration before loading any plugin
     // and does not change it while the step runs; task_prolog is NULL or a C string of it.
-    let path = unsafe { slurm_conf.task_prolog };
-    if path.is_null() {
+    unsafe { conf_string(slurm_conf.task_prolog) }
+}
+
+/// slurm.conf's `SlurmdSpoolDir` as written there (`%n` and `%h` not expanded), where
+/// Slurm's pmix plugin makes each step's PMIx server directory; `None` when unset.
+pub fn slurmd_spooldir() -> Option<Vec<u8>> {
+    // SAFETY: as in task_prolog; slurmd_spooldir is NULL or a C string of the configuration.
+    unsafe { conf_string(slurm_conf.slurmd_spooldir) }
+}
+
+/// A non-empty string of `slurm_conf`, copied.
+///
+/// # Safety
+/// `value` must be NULL or a valid C string.
+unsafe fn conf_string(value: *const c_char) -> Option<Vec<u8>> {
+    if value.is_null() {
         return None;
     }
-    // SAFETY: as above, a valid C string.
-    let path = unsafe { CStr::from_ptr(path) }.to_bytes();
-    (!path.is_empty()).then(|| path.to_vec())
+    // SAFETY: the caller's promise.
+    let value = unsafe { CStr::from_ptr(value) }.to_bytes();
+    (!value.is_empty()).then(|| value.to_vec())
 }
 
 /// The oci.conf of Slurm's own OCI container support when the site configured it: Slurm reads

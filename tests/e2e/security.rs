@@ -234,11 +234,14 @@ fn a_handle_to_the_users_own_namespaces_is_not_joined() {
     assert_node_idle(&cluster);
 }
 
-/// Finding 10: what a failed holder wrote on stderr (here a bind source named by the job's
-/// environment, PMIX_SERVER_TMPDIR, with a terminal escape and a forged log line in it)
-/// reaches slurmd's log and the user with its control characters escaped.
+/// Finding 10's vehicle, closed: a bind source named by the job's environment
+/// (PMIX_SERVER_TMPDIR, with a terminal escape and a forged log line in it) used to reach
+/// the holder, whose stderr then carried them. berth now takes the PMIx directory from
+/// slurmstepd's own environment only (docs/MPI.md), so the forged value reaches neither a
+/// holder, the user, nor slurmd's log, and the step runs. (The escaping itself is
+/// unit-tested beside the code.)
 #[test]
-fn control_characters_from_a_holder_are_escaped_in_logs_and_for_the_user() {
+fn a_forged_pmix_directory_with_control_characters_reaches_no_holder() {
     let _serial = serial();
     let cluster = Cluster::get();
     let log = LogCursor::at_end(cluster.slurmd_log());
@@ -247,32 +250,15 @@ fn control_characters_from_a_holder_are_escaped_in_logs_and_for_the_user() {
     let run: Run = Cmd::user(["srun", &image, "true"])
         .env("PMIX_SERVER_TMPDIR", dir)
         .run();
-    run.assert_failure();
+    run.assert_success();
     assert!(
-        run.stderr.contains("\\x1b[31mRED\\x0aberth: FORGED-LINE"),
-        "the holder's words are not shown escaped: {run}"
-    );
-    assert!(
-        !run.stderr.contains('\x1b'),
-        "a raw escape reached the user: {run}"
-    );
-    assert!(
-        !run.stderr
-            .lines()
-            .any(|l| l.starts_with("berth: FORGED-LINE")),
-        "a forged line reached the user: {run}"
-    );
-    let (text, seen) = log.wait_for(Duration::from_secs(10), |t| t.contains("FORGED-LINE"));
-    assert!(seen, "slurmd's log does not show the failure: {text}");
-    assert!(
-        !text.contains('\x1b'),
-        "a raw escape reached slurmd's log: {text}"
-    );
-    assert!(
-        !text
-            .lines()
-            .any(|l| l.contains("berth: FORGED-LINE") && !l.contains("RED")),
-        "a forged line reached slurmd's log: {text}"
+        !run.stderr.contains("FORGED-LINE"),
+        "the forged value was used: {run}"
     );
     assert_node_idle(&cluster);
+    let text = log.read_new();
+    assert!(
+        !text.contains("FORGED-LINE"),
+        "the forged value reached slurmd's log: {text}"
+    );
 }
