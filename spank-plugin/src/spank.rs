@@ -353,6 +353,12 @@ pub fn task_prolog() -> Option<Vec<u8>> {
 /// it from the directory of the slurm.conf the process loaded (configless nodes included),
 /// and its presence is what makes `--container` Slurm's.
 pub fn slurm_oci_conf() -> Option<std::path::PathBuf> {
+    let oci = slurm_conf_path()?.parent()?.join("oci.conf");
+    oci.exists().then_some(oci)
+}
+
+/// The slurm.conf this process loaded (a from-source release reads its own sysconfdir's).
+pub fn slurm_conf_path() -> Option<std::path::PathBuf> {
     use std::os::unix::ffi::OsStrExt;
     // SAFETY: as in task_prolog: set from the configuration before any plugin callback;
     // slurm_conf.slurm_conf is NULL or the C string of the slurm.conf path.
@@ -361,11 +367,8 @@ pub fn slurm_oci_conf() -> Option<std::path::PathBuf> {
         return None;
     }
     // SAFETY: as above, a valid C string.
-    let conf = std::path::Path::new(std::ffi::OsStr::from_bytes(
-        unsafe { CStr::from_ptr(conf) }.to_bytes(),
-    ));
-    let oci = conf.parent()?.join("oci.conf");
-    oci.exists().then_some(oci)
+    let conf = unsafe { CStr::from_ptr(conf) }.to_bytes();
+    Some(std::ffi::OsStr::from_bytes(conf).into())
 }
 
 /// Whether this build can change a task's command line ([`Spank::prepend_task_argv`]): true
