@@ -358,17 +358,25 @@ pub fn slurm_oci_conf() -> Option<std::path::PathBuf> {
 }
 
 /// The slurm.conf this process loaded (a from-source release reads its own sysconfdir's).
+/// slurmstepd gets its configuration from slurmd and has no slurm.conf path (seen on
+/// 24.11: NULL); there the plugin stack's (PlugStackConfig, beside slurm.conf by default)
+/// names the directory.
 pub fn slurm_conf_path() -> Option<std::path::PathBuf> {
-    use std::os::unix::ffi::OsStrExt;
     // SAFETY: as in task_prolog: set from the configuration before any plugin callback;
-    // slurm_conf.slurm_conf is NULL or the C string of the slurm.conf path.
-    let conf = unsafe { slurm_conf.slurm_conf };
-    if conf.is_null() {
+    // both fields are NULL or the C string of a path.
+    let (conf, plugstack) = unsafe { (slurm_conf.slurm_conf, slurm_conf.plugstack) };
+    conf_path(conf).or_else(|| Some(conf_path(plugstack)?.parent()?.join("slurm.conf")))
+}
+
+/// The path in `field` of `slurm_conf`, if set.
+fn conf_path(field: *mut std::os::raw::c_char) -> Option<std::path::PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    if field.is_null() {
         return None;
     }
-    // SAFETY: as above, a valid C string.
-    let conf = unsafe { CStr::from_ptr(conf) }.to_bytes();
-    Some(std::ffi::OsStr::from_bytes(conf).into())
+    // SAFETY: a non-NULL path field of slurm_conf is a valid C string (see slurm_conf_path).
+    let path = unsafe { CStr::from_ptr(field) }.to_bytes();
+    (!path.is_empty()).then(|| std::ffi::OsStr::from_bytes(path).into())
 }
 
 /// Whether this build can change a task's command line ([`Spank::prepend_task_argv`]): true
