@@ -53,18 +53,19 @@ pub fn run_all(config: &Config) -> Vec<Check> {
             name: "cgroups",
             status: cgroups(&read("/proc/self/mountinfo")),
         },
-        Check {
-            name: "Slurm version",
-            status: slurm_version(
-                &command_output("slurmd", &["-V"]),
-                &installed_berth_version(),
-            ),
-        },
-        Check {
-            name: "plugstack entry",
-            status: plugstack(&plugstack_lines(Path::new("/etc/slurm/plugstack.conf"))),
-        },
     ];
+    let slurm = PackageSlurm::from_files(&command_output("dpkg-query", &["-L", "berth"]));
+    checks.push(Check {
+        name: "Slurm version",
+        status: slurm_version(
+            &command_output(&slurm.slurmd.display().to_string(), &["-V"]),
+            &installed_berth_version(),
+        ),
+    });
+    checks.push(Check {
+        name: "plugstack entry",
+        status: plugstack(&plugstack_lines(&slurm.plugstack)),
+    });
     let mountinfo = read("/proc/self/mountinfo");
     for (name, dir) in [
         ("cache directory", &config.cache.dir),
@@ -293,6 +294,40 @@ fn major_minor(version: &str) -> &str {
         .nth(1)
         .map_or(numeric.len(), |(i, _)| i);
     &numeric[..end]
+}
+
+/// The Slurm the installed package was built for, from the package's own files: Debian's
+/// (`slurmd` on PATH, /etc/slurm) or one built from source (`packaging/build --slurm`: the
+/// plugin in `PREFIX/lib/slurm`, the entry in its sysconfdir's `plugstack.conf.d`), so a node
+/// that also has Debian's Slurm is judged by the release that loads the plugin.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PackageSlurm {
+    pub slurmd: PathBuf,
+    pub plugstack: PathBuf,
+}
+
+impl PackageSlurm {
+    /// From `dpkg-query -L berth`'s lines (empty when berth is not installed as a package).
+    pub fn from_files(files: &str) -> PackageSlurm {
+        let mut found = PackageSlurm {
+            slurmd: "slurmd".into(),
+            plugstack: "/etc/slurm/plugstack.conf".into(),
+        };
+        for file in files.lines().map(Path::new) {
+            let dir = file.parent().unwrap_or(Path::new("/"));
+            if file.ends_with("spank_berth.so") && !dir.ends_with("slurm-wlm") {
+                // PREFIX/lib/slurm/spank_berth.so
+                if let Some(prefix) = dir.parent().and_then(Path::parent) {
+                    found.slurmd = prefix.join("sbin/slurmd");
+                }
+            } else if file.ends_with("plugstack.conf.d/berth.conf") {
+                if let Some(conf_dir) = dir.parent() {
+                    found.plugstack = conf_dir.join("plugstack.conf");
+                }
+            }
+        }
+        found
+    }
 }
 
 fn installed_berth_version() -> String {
@@ -633,6 +668,32 @@ fn command_output(program: &str, args: &[&str]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_slurm_checked_is_the_one_the_package_was_built_for() {
+        let debian = "/usr/bin/berth\n/usr/lib/x86_64-linux-gnu/slurm-wlm/spank_berth.so\n\
+                      /etc/slurm/plugstack.conf.d/berth.conf\n";
+        assert_eq!(
+            PackageSlurm::from_files(debian),
+            PackageSlurm {
+                slurmd: "slurmd".into(),
+                plugstack: "/etc/slurm/plugstack.conf".into(),
+            }
+        );
+        assert_eq!(
+            PackageSlurm::from_files(""),
+            PackageSlurm::from_files(debian)
+        );
+        let source = "/usr/bin/berth\n/opt/slurm-24.11/lib/slurm/spank_berth.so\n\
+                      /etc/slurm-24.11/plugstack.conf.d/berth.conf\n";
+        assert_eq!(
+            PackageSlurm::from_files(source),
+            PackageSlurm {
+                slurmd: "/opt/slurm-24.11/sbin/slurmd".into(),
+                plugstack: "/etc/slurm-24.11/plugstack.conf".into(),
+            }
+        );
+    }
 
     #[test]
     fn user_namespace_sysctls_name_their_fix() {

@@ -29,10 +29,23 @@ fn program(name: &str) -> Result<String, String> {
         .ok_or_else(|| format!("{name} is not installed in {}", DIRS.join(", ")))
 }
 
+/// The install prefix of the program that started this process (`/usr` for Debian's Slurm,
+/// `/opt/slurm-24.11` for one built from source, when that is slurmstepd or slurmctld), as
+/// the kernel names its executable.
+pub fn caller_prefix() -> Option<PathBuf> {
+    let exe = std::fs::read_link(format!("/proc/{}/exe", std::os::unix::process::parent_id()));
+    prefix_of(&exe.ok()?).map(Path::to_path_buf)
+}
+
+/// `PREFIX` of `PREFIX/bin/PROGRAM` or `PREFIX/sbin/PROGRAM`.
+fn prefix_of(exe: &Path) -> Option<&Path> {
+    exe.parent()?.parent()
+}
+
 /// Where `name` is looked for, in order, for a caller running `caller_exe`.
 fn candidates(name: &str, caller_exe: Option<&Path>) -> Vec<PathBuf> {
     let own = caller_exe
-        .and_then(|exe| exe.parent()?.parent())
+        .and_then(prefix_of)
         .map(|prefix| prefix.join("bin").join(name));
     own.into_iter()
         .chain(DIRS.iter().map(|dir| Path::new(dir).join(name)))

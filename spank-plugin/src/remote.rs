@@ -267,8 +267,15 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
     )?;
     // A batch script in the image calls srun, sbatch, squeue...: the node's client, run
     // with the node's libraries, reaches into its container.
+    // Its Slurm is this slurmstepd's, configured by the slurm.conf it loaded.
     if info.step_id == BATCH_STEP {
-        args.insert(1, "--slurm-client".to_owned());
+        args.insert(
+            1,
+            match spank::slurm_conf_path() {
+                Some(conf) => format!("--slurm-client={}", conf.display()),
+                None => "--slurm-client".to_owned(),
+            },
+        );
     }
     let task_prolog = crate::task_prolog::path();
     if let Some(path) = &task_prolog {

@@ -367,19 +367,30 @@ unsafe fn conf_string(value: *const c_char) -> Option<Vec<u8>> {
 /// it from the directory of the slurm.conf the process loaded (configless nodes included),
 /// and its presence is what makes `--container` Slurm's.
 pub fn slurm_oci_conf() -> Option<std::path::PathBuf> {
-    use std::os::unix::ffi::OsStrExt;
+    let oci = slurm_conf_path()?.parent()?.join("oci.conf");
+    oci.exists().then_some(oci)
+}
+
+/// The slurm.conf this process loaded (a from-source release reads its own sysconfdir's).
+/// slurmstepd gets its configuration from slurmd and has no slurm.conf path (seen on
+/// 24.11: NULL); there the plugin stack's (PlugStackConfig, beside slurm.conf by default)
+/// names the directory.
+pub fn slurm_conf_path() -> Option<std::path::PathBuf> {
     // SAFETY: as in task_prolog: set from the configuration before any plugin callback;
-    // slurm_conf.slurm_conf is NULL or the C string of the slurm.conf path.
-    let conf = unsafe { slurm_conf.slurm_conf };
-    if conf.is_null() {
+    // both fields are NULL or the C string of a path.
+    let (conf, plugstack) = unsafe { (slurm_conf.slurm_conf, slurm_conf.plugstack) };
+    conf_path(conf).or_else(|| Some(conf_path(plugstack)?.parent()?.join("slurm.conf")))
+}
+
+/// The path in `field` of `slurm_conf`, if set.
+fn conf_path(field: *mut std::os::raw::c_char) -> Option<std::path::PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    if field.is_null() {
         return None;
     }
-    // SAFETY: as above, a valid C string.
-    let conf = std::path::Path::new(std::ffi::OsStr::from_bytes(
-        unsafe { CStr::from_ptr(conf) }.to_bytes(),
-    ));
-    let oci = conf.parent()?.join("oci.conf");
-    oci.exists().then_some(oci)
+    // SAFETY: a non-NULL path field of slurm_conf is a valid C string (see slurm_conf_path).
+    let path = unsafe { CStr::from_ptr(field) }.to_bytes();
+    (!path.is_empty()).then(|| std::ffi::OsStr::from_bytes(path).into())
 }
 
 /// Whether this build can change a task's command line ([`Spank::prepend_task_argv`]): true

@@ -53,8 +53,11 @@ pub struct ContainerArgs {
     pub unshare: Option<berth_sys::Isolation>,
     /// Give the container the node's Slurm client (srun, sbatch, scontrol, squeue, ...),
     /// run with the node's own libraries: how a batch script in an image calls srun.
-    #[arg(long)]
-    pub slurm_client: bool,
+    /// SLURM_CONF is the running Slurm's slurm.conf (its directory is bound; the plugin
+    /// passes the one slurmstepd loaded).
+    #[arg(long, value_name = "SLURM_CONF", num_args = 0..=1, require_equals = true,
+          default_missing_value = "/etc/slurm/slurm.conf")]
+    pub slurm_client: Option<PathBuf>,
     /// Put a no-op script at PATH inside (repeatable): for the node's TaskProlog, which
     /// the SPANK plugin runs on the node itself.
     #[arg(long, value_name = "PATH")]
@@ -159,8 +162,8 @@ pub fn build_spec(
         .unwrap_or_default();
     let edits = gpu::discover(&config.gpu, selection.as_ref(), &env, &gpu::HostNode)?;
     gpu::edit::apply(&mut spec, &edits)?;
-    if c.slurm_client {
-        container::slurm::HostSlurm::find()?.apply(&mut spec)?;
+    if let Some(slurm_conf) = &c.slurm_client {
+        container::slurm::HostSlurm::find(slurm_conf)?.apply(&mut spec)?;
     }
     for path in &c.stand_in {
         container::slurm::stand_in(&mut spec, path)?;

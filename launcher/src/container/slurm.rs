@@ -56,8 +56,11 @@ pub struct HostSlurm {
 }
 
 impl HostSlurm {
-    /// What this node has; an error names what is missing.
-    pub fn find() -> Result<HostSlurm> {
+    /// What this node has; an error names what is missing. The Slurm is the one that runs
+    /// this step (the caller's prefix: Debian's /usr, or a release built from source under
+    /// /opt, whose commands another release's slurmctld would refuse), configured by
+    /// `slurm_conf` (the slurm.conf that Slurm loaded; its directory is bound).
+    pub fn find(slurm_conf: &Path) -> Result<HostSlurm> {
         let lib_dir = PathBuf::from(format!("/usr/lib/{}-linux-gnu", std::env::consts::ARCH));
         let loader = match std::env::consts::ARCH {
             "x86_64" => "ld-linux-x86-64.so.2",
@@ -69,25 +72,36 @@ impl HostSlurm {
         if !lib_dir.join(loader).is_file() {
             return Err(missing(&lib_dir.join(loader).display().to_string()));
         }
-        let plugin_dir = lib_dir.join("slurm-wlm");
+        let prefix = crate::slurm::caller_prefix()
+            .filter(|p| p.join("bin/srun").is_file())
+            .unwrap_or_else(|| PathBuf::from("/usr"));
+        let (bin_dir, plugin_dir) = slurm_dirs(&prefix, &lib_dir);
         let commands: Vec<PathBuf> = COMMANDS
             .iter()
-            .map(|c| Path::new("/usr/bin").join(c))
+            .map(|c| bin_dir.join(c))
             .filter(|p| p.is_file())
             .collect();
         if commands.is_empty() || !plugin_dir.is_dir() {
-            return Err(missing(
-                "Slurm's client (/usr/bin/srun, /usr/lib/*/slurm-wlm)",
-            ));
+            return Err(missing(&format!(
+                "Slurm's client ({}/srun, {})",
+                bin_dir.display(),
+                plugin_dir.display()
+            )));
         }
+        let conf_dir = slurm_conf.parent().unwrap_or(Path::new("/etc/slurm"));
         Ok(HostSlurm {
             loader: loader.into(),
             plugin_dir,
-            config_dirs: ["/etc/slurm", "/run/munge", "/etc/berth", "/etc/containers"]
-                .iter()
-                .map(PathBuf::from)
-                .filter(|p| p.is_dir())
-                .collect(),
+            config_dirs: [
+                conf_dir,
+                Path::new("/run/munge"),
+                Path::new("/etc/berth"),
+                Path::new("/etc/containers"),
+            ]
+            .into_iter()
+            .filter(|p| p.is_dir())
+            .map(PathBuf::from)
+            .collect(),
             commands,
             launcher: std::env::current_exe()
                 .map_err(|e| Error::io("finding the berth launcher itself", e))?,
@@ -123,13 +137,8 @@ impl HostSlurm {
     /// The script that runs the host's `command` (its path inside) with the host's loader
     /// and libraries.
     fn script(&self, command: &Path) -> String {
-        let libs = format!(
-            "{HOST_LIB}:{HOST_LIB}/{}",
-            self.plugin_dir
-                .file_name()
-                .map(|n| n.to_string_lossy())
-                .unwrap_or_default()
-        );
+        // The plugin directory (libslurmfull) is bound at its own path.
+        let libs = format!("{HOST_LIB}:{}", self.plugin_dir.display());
         format!(
             "#!/bin/sh\n# berth: the node's {name}, with the node's libraries (not the image's)\n\
              exec {HOST_LIB}/{loader} --library-path {libs} {command} \"$@\"\n",
@@ -138,6 +147,18 @@ impl HostSlurm {
             command = command.display(),
         )
     }
+}
+
+/// Slurm's command and plugin directories under `prefix`: Debian's (/usr/bin, the
+/// multiarch `slurm-wlm`) or those of a Slurm built from source (`PREFIX/bin`,
+/// `PREFIX/lib/slurm`).
+fn slurm_dirs(prefix: &Path, lib_dir: &Path) -> (PathBuf, PathBuf) {
+    let plugin_dir = if prefix == Path::new("/usr") {
+        lib_dir.join("slurm-wlm")
+    } else {
+        prefix.join("lib/slurm")
+    };
+    (prefix.join("bin"), plugin_dir)
 }
 
 /// Puts a no-op script at `path` inside (read-only): the node's TaskProlog, which the
@@ -220,6 +241,25 @@ mod tests {
     }
 
     #[test]
+    fn the_client_is_that_of_the_slurm_running_the_step() {
+        let lib = Path::new("/usr/lib/x86_64-linux-gnu");
+        assert_eq!(
+            slurm_dirs(Path::new("/usr"), lib),
+            (
+                PathBuf::from("/usr/bin"),
+                PathBuf::from("/usr/lib/x86_64-linux-gnu/slurm-wlm")
+            )
+        );
+        assert_eq!(
+            slurm_dirs(Path::new("/opt/slurm-24.11"), lib),
+            (
+                PathBuf::from("/opt/slurm-24.11/bin"),
+                PathBuf::from("/opt/slurm-24.11/lib/slurm")
+            )
+        );
+    }
+
+    #[test]
     fn commands_run_with_the_hosts_loader_from_scripts_in_the_path() {
         let image = ImageRef {
             path: Path::new("/img.sif"),
@@ -277,7 +317,7 @@ mod tests {
         assert!(
             srun.contains(
                 "exec /.berth/host/lib/ld-linux-x86-64.so.2 --library-path \
-                 /.berth/host/lib:/.berth/host/lib/slurm-wlm /.berth/host/bin/srun \"$@\""
+                 /.berth/host/lib:/usr/lib/x86_64-linux-gnu/slurm-wlm /.berth/host/bin/srun \"$@\""
             ),
             "{srun}"
         );
