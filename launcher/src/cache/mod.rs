@@ -685,15 +685,16 @@ impl Cache {
                 }
                 done
             });
-            let converted = self.convert(
-                &layers,
-                &staging,
-                &image_config,
-                &pinned,
-                &downloading,
-                options,
-            )
-            .map_err(|e| self.out_of_space(e, &pinned));
+            let converted = self
+                .convert(
+                    &layers,
+                    &staging,
+                    &image_config,
+                    &pinned,
+                    &downloading,
+                    options,
+                )
+                .map_err(|e| self.out_of_space(e, &pinned));
             (download.join().expect("downloads do not panic"), converted)
         });
         if converted.is_err() {
