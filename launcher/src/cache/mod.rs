@@ -1341,14 +1341,18 @@ mod tests {
             assert!(ok, "mount {args:?}");
         };
         mount(&["-t", "tmpfs", "-o", "size=1M,mode=0755", "berth-unit-ro"]);
+        // Unmounted however the test ends.
+        struct Unmount<'a>(&'a Path);
+        impl Drop for Unmount<'_> {
+            fn drop(&mut self) {
+                let _ = std::process::Command::new("umount").arg(self.0).status();
+            }
+        }
+        let _unmount = Unmount(dir.path());
         let cache = Cache::open(&config(dir.path(), "10G")).unwrap();
         let path = put(&cache, 1, 100, 60);
         mount(&["-o", "remount,ro"]);
-        let hit = cache.hit(&repo(), &digest(1));
-        let _ = std::process::Command::new("umount")
-            .arg(dir.path())
-            .status();
-        assert_eq!(hit.unwrap(), Some(path));
+        assert_eq!(cache.hit(&repo(), &digest(1)).unwrap(), Some(path));
     }
 
     #[test]
