@@ -1,5 +1,5 @@
-//! Issue 15, faults: SIGKILL of `berth` at every phase of a fetch (download, unpack,
-//! mksquashfs, publish, seal) and of a stage (copying, publish), of the fetch a job's step
+//! Issue 15, faults: SIGKILL of `berth` at every phase of a fetch (download, build,
+//! publish, seal) and of a stage (copying, publish), of the fetch a job's step
 //! started, of squashfuse while tasks read, of the holder of a step's container; a cache on
 //! a full file system and on a read-only one; a registry that disappears mid-pull. After
 //! each: the next job works, the cache holds only whole images (`berth images --verify`: the
@@ -7,13 +7,13 @@
 //! held lock, staging tree or runtime directory is left, and the node is idle, not drained.
 //!
 //! How each phase is hit, without any hook in berth: the test watches what the phase makes
-//! (a `.partial` blob in the image's staging directory, files in its `rootfs/`, a
-//! `mksquashfs` process) and kills the moment it appears. The two phases too short to watch
-//! are reached by stopping a process first: for *publish* the worker (the cache's service
-//! user) is stopped while mksquashfs runs, so the squashfs is complete and never becomes an
-//! image; for *seal* root's process is stopped, so the worker publishes and exits and root
-//! never seals. A stage's publish (between its two renames) is hit by `strace`'s syscall
-//! fault injection: SIGKILL at the second `rename`.
+//! (a `.partial` blob in the image's staging directory; the SIF's temporary file growing
+//! there once every layer is in, as the squashfs is written straight from the layers) and
+//! kills the moment it appears. The two phases too short to watch are reached otherwise:
+//! *publish* by `strace`'s syscall fault injection (SIGKILL at the rename into `images/`,
+//! filtered by that path with `-P`), *seal* by stopping root's process, so the worker (the
+//! cache's service user) publishes and exits and root never seals. A stage's publish
+//! (between its two renames) is hit by SIGKILL at the second `rename`.
 //! Needs `tests/cluster/up`; fails (does not skip) without it.
 
 #[path = "node.rs"]
@@ -57,8 +57,15 @@ struct Spawned {
 
 impl Spawned {
     fn berth(args: &[&str]) -> Spawned {
+        Spawned::spawn(Cluster::get().berth_bin(), args)
+    }
+
+    fn spawn(
+        program: impl AsRef<std::ffi::OsStr>,
+        args: &[impl AsRef<std::ffi::OsStr>],
+    ) -> Spawned {
         let stderr = Path::new("/var/tmp").join(unique_name("berth-e2e-faults-stderr"));
-        let child = Command::new(Cluster::get().berth_bin())
+        let child = Command::new(program)
             .args(args)
             .env_clear()
             .env("PATH", berth_e2e::PATH)
@@ -70,12 +77,46 @@ impl Spawned {
         Spawned { child, stderr }
     }
 
+    /// `berth ARGS` under strace, which SIGKILLs the process that renames anything to
+    /// `target` (`-P` limits the injection to calls naming that path).
+    fn killed_at_rename(args: &[&str], target: &Path) -> Spawned {
+        let calls = "rename,renameat,renameat2";
+        let mut strace = vec![
+            "-f".to_owned(),
+            "-qq".into(),
+            "-o".into(),
+            "/dev/null".into(),
+            "-P".into(),
+            target.display().to_string(),
+            "-e".into(),
+            format!("trace={calls}"),
+            "-e".into(),
+            format!("inject={calls}:signal=SIGKILL"),
+            Cluster::get().berth_bin().display().to_string(),
+        ];
+        strace.extend(args.iter().map(|a| a.to_string()));
+        Spawned::spawn("strace", &strace)
+    }
+
     fn pid(&self) -> u32 {
         self.child.id()
     }
 
     fn running(&mut self) -> bool {
         self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Waits for a fetch whose worker strace killed at its publish: it fails (root reports
+    /// its worker's death); returns what it printed.
+    fn killed_by_strace(mut self) -> String {
+        let status = self.child.wait().unwrap();
+        let text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+        let _ = std::fs::remove_file(&self.stderr);
+        assert!(
+            !status.success(),
+            "the fetch was not killed at its publish: {text}"
+        );
+        text
     }
 
     /// SIGKILL, then reaps it and returns what it printed.
@@ -99,11 +140,32 @@ fn signal(name: &str, pid: u32) {
         .status();
 }
 
-/// The mksquashfs converting into `staging`, if one runs.
-fn mksquashfs_in(staging: &Path) -> Option<Proc> {
-    let needle = staging.display().to_string();
-    Proc::all().into_iter().find(|p| {
-        p.comm == "mksquashfs" && p.state != 'Z' && p.args.iter().any(|a| a.contains(&needle))
+/// Whether the fetch into `staging` is building: every layer downloaded and the SIF's
+/// squashfs being written (its temporary file there has data).
+fn building(staging: &Path) -> bool {
+    let downloading = entries(&staging.join("blobs"))
+        .iter()
+        .any(|n| n.ends_with(".partial"));
+    !downloading
+        && entries(staging).iter().any(|n| {
+            n.starts_with(".image.sif.tmp")
+                && std::fs::metadata(staging.join(n)).is_ok_and(|m| m.len() > 0)
+        })
+}
+
+/// The service user's worker building for a root `berth` whose arguments name `path` (a
+/// fork: same arguments), and that root process (the worker's PID namespace's parent's
+/// parent).
+fn worker_naming(path: &str) -> Option<(Proc, Proc)> {
+    Proc::all().into_iter().find_map(|p| {
+        if p.comm != "berth" || p.uid == 0 || p.state == 'Z' {
+            return None;
+        }
+        if !p.args.iter().any(|a| a.contains(path)) {
+            return None;
+        }
+        let root = Proc::read(p.ppid).and_then(|ns| Proc::read(ns.ppid))?;
+        (root.uid == 0 && root.comm == "berth").then_some((p, root))
     })
 }
 
@@ -140,11 +202,9 @@ fn entries(dir: &Path) -> Vec<String> {
 enum Phase {
     /// A layer is being downloaded (`blobs/<hex>.partial` exists).
     Download,
-    /// Layers are being unpacked into `rootfs/`, mksquashfs not started.
-    Unpack,
-    /// mksquashfs is writing the SIF's squashfs.
-    Mksquashfs,
-    /// The squashfs is complete; the SIF not finished, not yet in `images/`.
+    /// Every layer is in; the SIF's squashfs is being written from them.
+    Build,
+    /// The SIF is complete; the worker's rename into `images/` is where it is killed.
     Publish,
     /// The worker published the image; root has not sealed it.
     Seal,
@@ -160,7 +220,12 @@ fn kill_fetch_at(phase: Phase) {
     let image = push_image(&cluster.tls_registry().host, 96, 3000, 0);
     let cache = Path::new(CACHE);
     let staging = image.staging(cache);
-    let mut fetch = Spawned::berth(&["fetch", &image.reference]);
+    let mut fetch = match phase {
+        Phase::Publish => {
+            Spawned::killed_at_rename(&["fetch", &image.reference], &image.cached(cache))
+        }
+        _ => Spawned::berth(&["fetch", &image.reference]),
+    };
     match phase {
         Phase::Download => {
             wait_for_phase(&mut fetch, "download", || {
@@ -169,40 +234,29 @@ fn kill_fetch_at(phase: Phase) {
                     .find(|n| n.ends_with(".partial"))
             });
         }
-        Phase::Unpack => {
-            wait_for_phase(&mut fetch, "unpack", || {
-                (!entries(&staging.join("rootfs")).is_empty() && mksquashfs_in(&staging).is_none())
-                    .then_some(())
-            });
+        Phase::Build => {
+            wait_for_phase(&mut fetch, "build", || building(&staging).then_some(()));
         }
-        Phase::Mksquashfs => {
-            wait_for_phase(&mut fetch, "mksquashfs", || mksquashfs_in(&staging));
-        }
-        Phase::Publish => {
-            // The worker waits on mksquashfs: stopped, it never writes the SIF's header nor
-            // renames it into images/; mksquashfs itself finishes the squashfs.
-            let squash = wait_for_phase(&mut fetch, "mksquashfs", || mksquashfs_in(&staging));
-            signal("STOP", squash.ppid);
-            assert!(
-                wait_until(Duration::from_secs(120), || Proc::gone_or_zombie(
-                    squash.pid
-                )),
-                "mksquashfs did not finish"
-            );
-        }
+        Phase::Publish => {}
         Phase::Seal => {
             // Root only waits for the worker; stopped, it never seals what the worker
             // publishes.
-            let squash = wait_for_phase(&mut fetch, "mksquashfs", || mksquashfs_in(&staging));
+            wait_for_phase(&mut fetch, "build", || building(&staging).then_some(()));
+            let path = image.reference.split_once('/').unwrap().1.to_owned();
+            let (worker, _) = worker_naming(&path).expect("the build's worker");
             signal("STOP", fetch.pid());
-            let worker = squash.ppid;
             assert!(
-                wait_until(Duration::from_secs(120), || Proc::gone_or_zombie(worker)),
+                wait_until(Duration::from_secs(120), || Proc::gone_or_zombie(
+                    worker.pid
+                )),
                 "the worker did not finish"
             );
         }
     }
-    let stderr = fetch.kill();
+    let stderr = match phase {
+        Phase::Publish => fetch.killed_by_strace(),
+        _ => fetch.kill(),
+    };
 
     // What the kill left: never a partial image under its final name. After the seal kill
     // the worker's complete image is there, the service user's and unsealed, so nothing
@@ -217,16 +271,11 @@ fn kill_fetch_at(phase: Phase) {
         );
     } else {
         assert!(!cached.exists(), "{phase:?}: a partial image was published");
+    }
+    if phase != Phase::Seal && phase != Phase::Publish {
         assert!(
             staging.exists(),
             "{phase:?}: the kill left no staging (it did not hit the build): {stderr}"
-        );
-    }
-    if phase == Phase::Publish {
-        assert!(
-            entries(&staging).iter().any(|n| n.contains(".sif")),
-            "no squashfs written before the publish kill: {:?}",
-            entries(&staging)
         );
     }
 
@@ -244,13 +293,8 @@ fn sigkill_while_downloading() {
 }
 
 #[test]
-fn sigkill_while_unpacking() {
-    kill_fetch_at(Phase::Unpack);
-}
-
-#[test]
-fn sigkill_during_mksquashfs() {
-    kill_fetch_at(Phase::Mksquashfs);
+fn sigkill_while_building() {
+    kill_fetch_at(Phase::Build);
 }
 
 #[test]
@@ -286,10 +330,14 @@ fn sigkill_of_a_jobs_fetches_fails_the_step_not_the_node() {
         .timeout(Duration::from_secs(300))
         .run()
     });
+    let repository = image.reference.rsplit_once(':').unwrap().0.to_owned();
+    let path = repository.split_once('/').unwrap().1.to_owned();
     let deadline = Instant::now() + Duration::from_secs(180);
-    let squash = loop {
-        if let Some(p) = mksquashfs_in(&staging) {
-            break p;
+    let building = loop {
+        if building(&staging) {
+            if let Some((_, root)) = worker_naming(&path) {
+                break root;
+            }
         }
         assert!(
             !step.is_finished(),
@@ -298,16 +346,7 @@ fn sigkill_of_a_jobs_fetches_fails_the_step_not_the_node() {
         assert!(Instant::now() < deadline, "no conversion within 180 s");
         std::thread::sleep(Duration::from_millis(5));
     };
-    // mksquashfs <- worker (service user) <- its PID namespace's parent <- root's berth.
-    let building = Proc::read(squash.ppid)
-        .and_then(|worker| Proc::read(worker.ppid))
-        .and_then(|ns| Proc::read(ns.ppid))
-        .expect("the fetch's process tree");
-    assert_eq!(building.comm, "berth", "{building:?}");
-    assert_eq!(building.uid, 0, "{building:?}");
     // Every root berth naming the image: the building fetch and any waiting for its lock.
-    let repository = image.reference.rsplit_once(':').unwrap().0.to_owned();
-    let path = repository.split_once('/').unwrap().1.to_owned();
     let fetches: Vec<Proc> = Proc::all()
         .into_iter()
         .filter(|p| p.comm == "berth" && p.uid == 0 && p.args.iter().any(|a| a.contains(&path)))
@@ -639,36 +678,50 @@ fn assert_scratch_cache_whole(scratch: &ScratchBerth) {
     assert!(held.trim().is_empty(), "locks held: {held}");
 }
 
-/// A cache on a file system that fills while an image unpacks (its layer downloads 64 KiB
-/// and unpacks to 48 MiB, so the free-space check before the build passes): the fetch fails
-/// saying so, publishes nothing, keeps no unpacked files; the next fetch on the same cache
-/// works and removes what the failed one staged.
+/// A cache on a file system that fills while an image is built: the file system has room
+/// for the build when it starts (the check before it passes), and the test fills the rest
+/// the moment the SIF is being written. The fetch fails saying so, publishes nothing and
+/// keeps nothing of the image; the next fetch on the same cache works.
 #[test]
 fn a_cache_file_system_that_fills_mid_build() {
     let _serial = serial();
     let cluster = Cluster::get();
     let before = NodeSnapshot::take(&cluster);
     let scratch = scratch_berth("berth-e2e-faults-full", &[], &cluster.certs_dir());
-    let _fs = SmallFs::mount(&scratch.dir.join("cache"), "24M");
-    let image = push_image(&cluster.tls_registry().host, 0, 10, 48);
-    let run = scratch
-        .cmd(&["fetch", &image.reference])
-        .timeout(Duration::from_secs(120))
-        .run();
-    run.assert_failure();
-    assert!(
-        run.stderr.contains("No space left") || run.stderr.contains("space"),
-        "the failure does not say the disk is full:\n{run}"
-    );
     let cache = scratch.dir.join("cache");
+    let _fs = SmallFs::mount(&cache, "400M");
+    let image = push_image(&cluster.tls_registry().host, 96, 10, 0);
+    let config = scratch.config.display().to_string();
+    let mut fetch = Spawned::berth(&["--config", &config, "fetch", &image.reference]);
+    let staging = image.staging(&cache);
+    wait_for_phase(&mut fetch, "build", || building(&staging).then_some(()));
+    let filler = cache.join("filler");
+    // fallocate fails once the file system is full, which is the point.
+    let _ = Command::new("fallocate")
+        .args(["-l", "400M"])
+        .arg(&filler)
+        .status();
+    let _ = Command::new("sh")
+        .arg("-c")
+        .arg(format!("cat /dev/zero >> {} 2>/dev/null", filler.display()))
+        .status();
+    let status = fetch.child.wait().unwrap();
+    let stderr = std::fs::read_to_string(&fetch.stderr).unwrap_or_default();
+    let _ = std::fs::remove_file(&fetch.stderr);
+    std::fs::remove_file(&filler).unwrap();
+    assert!(!status.success(), "the fetch did not fail: {stderr}");
+    assert!(
+        stderr.contains("No space left") || stderr.contains("space"),
+        "the failure does not say the disk is full:\n{stderr}"
+    );
     assert!(
         !image.cached(&cache).exists(),
         "a partial image was published"
     );
     assert!(
-        !image.staging(&cache).join("rootfs").exists(),
-        "the unpacked files stayed: {:?}",
-        entries(&image.staging(&cache))
+        !staging.exists(),
+        "the failed build left its staging: {:?}",
+        entries(&staging)
     );
     assert!(before.processes_gone(&cluster, Duration::from_secs(10)));
 
