@@ -50,6 +50,7 @@ fb = load("fetch_bench", "fetch.py")
 pc = load("pull_compare", "pull_compare.py")
 
 STATE = "/run/berth-test/state"
+NODE_LIST = []  # the cluster's nodes, from the state file
 SKOPEO_POLICY = os.path.join(HERE, "..", "tests", "cluster", "templates", "skopeo-policy.json")
 
 
@@ -105,9 +106,11 @@ def access_requests(text, repo):
 
 
 def srun_first_task(nodes, image, home):
-    """Runs srun -N nodes as berthtest; returns (s to the first task line, s to srun's end)."""
+    """Runs srun on the first `nodes` nodes as berthtest (named, so the warm run lands where
+    the cold one pulled); returns (s to the first task line, s to srun's end)."""
     t0 = time.perf_counter()
     p = subprocess.Popen(["runuser", "-u", "berthtest", "--", "srun", f"-N{nodes}",
+                          f"-w{','.join(NODE_LIST[:nodes])}",
                           f"--container-image={image}", "echo", "task"],
                          cwd=home, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
@@ -125,7 +128,8 @@ def slurm_part(a, st):
     registry = f"localhost:{st['REGISTRY_TLS_PORT']}"
     log_path = st["REGISTRY_TLS_LOG"]
     home = st["TEST_HOME"]
-    max_nodes = int(st.get("NODES", "1"))
+    NODE_LIST[:] = st.get("NODE_LIST", st["NODE"]).split(",")
+    max_nodes = len(NODE_LIST)
     counts = [n for n in (1, 2, 4, 8, 16) if n <= max_nodes]
     work = tempfile.mkdtemp(prefix="berth-bench-scale-", dir="/var/tmp")
     layout = build_payload_layout(work, st["IMAGE_TLS"], a.payload_mib)
