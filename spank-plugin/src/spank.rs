@@ -372,14 +372,32 @@ pub fn slurm_oci_conf() -> Option<std::path::PathBuf> {
 }
 
 /// The slurm.conf this process loaded (a from-source release reads its own sysconfdir's).
-/// slurmstepd gets its configuration from slurmd and has no slurm.conf path (seen on
-/// 24.11: NULL); there the plugin stack's (PlugStackConfig, beside slurm.conf by default)
-/// names the directory.
+/// slurmstepd gets its configuration from slurmd and may have no slurm.conf path, nor a
+/// plugin stack path (a batch step on 24.11: both NULL); there `SLURM_CONF` as slurmd had
+/// it, else the release's compiled-in default (libslurm's `default_slurm_config_file`, its
+/// sysconfdir's), is the file slurmd read.
 pub fn slurm_conf_path() -> Option<std::path::PathBuf> {
     // SAFETY: as in task_prolog: set from the configuration before any plugin callback;
     // both fields are NULL or the C string of a path.
     let (conf, plugstack) = unsafe { (slurm_conf.slurm_conf, slurm_conf.plugstack) };
-    conf_path(conf).or_else(|| Some(conf_path(plugstack)?.parent()?.join("slurm.conf")))
+    conf_path(conf)
+        .or_else(|| Some(conf_path(plugstack)?.parent()?.join("slurm.conf")))
+        .or_else(|| std::env::var_os("SLURM_CONF").map(Into::into))
+        .or_else(default_slurm_conf)
+}
+
+/// libslurm's compiled-in slurm.conf path (`default_slurm_config_file`), looked up at run
+/// time so that a release without the symbol still loads the plugin.
+fn default_slurm_conf() -> Option<std::path::PathBuf> {
+    // SAFETY: dlsym with RTLD_DEFAULT and a NUL-terminated name only looks it up.
+    let symbol = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"default_slurm_config_file".as_ptr()) };
+    if symbol.is_null() {
+        return None;
+    }
+    // SAFETY: the symbol is libslurm's `char *default_slurm_config_file`, set at load time
+    // to a static string and never freed.
+    let value = unsafe { *(symbol as *const *mut c_char) };
+    conf_path(value)
 }
 
 /// The path in `field` of `slurm_conf`, if set.
