@@ -10,8 +10,8 @@
 //! (a `.partial` blob in the image's staging directory; the SIF's temporary file growing
 //! there once every layer is in, as the squashfs is written straight from the layers) and
 //! kills the moment it appears. The two phases too short to watch are reached otherwise:
-//! *publish* by `strace`'s syscall fault injection (SIGKILL at the rename into `images/`,
-//! filtered by that path with `-P`), *seal* by stopping root's process, so the worker (the
+//! *publish* by `strace`'s syscall fault injection (SIGKILL at the worker's rename into
+//! `images/`), *seal* by stopping root's process, so the worker (the
 //! cache's service user) publishes and exits and root never seals. A stage's publish
 //! (between its two renames) is hit by SIGKILL at the second `rename`.
 //! Needs `tests/cluster/up`; fails (does not skip) without it.
@@ -77,21 +77,21 @@ impl Spawned {
         Spawned { child, stderr }
     }
 
-    /// `berth ARGS` under strace, which SIGKILLs the process that renames anything to
-    /// `target` (`-P` limits the injection to calls naming that path).
-    fn killed_at_rename(args: &[&str], target: &Path) -> Spawned {
+    /// `berth fetch ...` under strace, which SIGKILLs the thread that makes its second
+    /// rename: strace counts each thread's calls apart, and only the worker's main thread
+    /// renames twice (the finished SIF into `image.sif`, then that into `images/`); each
+    /// downloader thread renames one blob. (`-P` on the image's path does not match there.)
+    fn killed_at_publish(args: &[&str]) -> Spawned {
         let calls = "rename,renameat,renameat2";
         let mut strace = vec![
             "-f".to_owned(),
             "-qq".into(),
             "-o".into(),
             "/dev/null".into(),
-            "-P".into(),
-            target.display().to_string(),
             "-e".into(),
             format!("trace={calls}"),
             "-e".into(),
-            format!("inject={calls}:signal=SIGKILL"),
+            format!("inject={calls}:signal=SIGKILL:when=2"),
             Cluster::get().berth_bin().display().to_string(),
         ];
         strace.extend(args.iter().map(|a| a.to_string()));
@@ -221,9 +221,7 @@ fn kill_fetch_at(phase: Phase) {
     let cache = Path::new(CACHE);
     let staging = image.staging(cache);
     let mut fetch = match phase {
-        Phase::Publish => {
-            Spawned::killed_at_rename(&["fetch", &image.reference], &image.cached(cache))
-        }
+        Phase::Publish => Spawned::killed_at_publish(&["fetch", &image.reference]),
         _ => Spawned::berth(&["fetch", &image.reference]),
     };
     match phase {
