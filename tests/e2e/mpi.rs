@@ -93,20 +93,6 @@ fn srun_mpi(kind: &str, nodes: usize, args: &[&str]) -> Run {
     cmd.run()
 }
 
-/// One `hello` line: `hello rank=R size=S host=H node=N sum=X expected=Y`.
-fn hello_lines(run: &Run) -> Vec<BTreeMap<String, String>> {
-    run.stdout
-        .lines()
-        .filter_map(|l| l.strip_prefix("hello "))
-        .map(|l| {
-            l.split_whitespace()
-                .filter_map(|kv| kv.split_once('='))
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .collect()
-        })
-        .collect()
-}
-
 /// Runs `program` of the MPI image under `--mpi=kind` over every node and checks the world:
 /// ranks 0..n-1 each once, every rank sees size n and the allreduce sum 0+..+(n-1), and each
 /// node runs exactly its share of the ranks.
@@ -117,7 +103,8 @@ fn check_world(kind: &str, program: &str) {
     let nodes = nodes();
     let run = srun_mpi(kind, nodes.len(), &[&image, program]);
     run.assert_success();
-    let lines = hello_lines(&run);
+    // One `hello` line per rank: `hello rank=R size=S host=H node=N sum=X expected=Y`.
+    let lines = berth_e2e::records(&run.stdout, "hello ");
     let size = nodes.len() * TASKS_PER_NODE;
     let ranks: Vec<usize> = lines
         .iter()

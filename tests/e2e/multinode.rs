@@ -94,19 +94,6 @@ fn blob_gets(log: &str, repo: &str) -> BTreeMap<String, usize> {
     gets
 }
 
-/// Lines `KEY=VALUE ...` of `text` starting with `tag`, as maps.
-fn records(text: &str, tag: &str) -> Vec<BTreeMap<String, String>> {
-    text.lines()
-        .filter_map(|l| l.strip_prefix(tag))
-        .map(|l| {
-            l.split_whitespace()
-                .filter_map(|kv| kv.split_once('='))
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .collect()
-        })
-        .collect()
-}
-
 /// What each task of a step prints: its node, its mount namespace and the image's registry.
 const TASK_REPORT: &str = "echo task node=$SLURMD_NODENAME mnt=$(readlink /proc/self/ns/mnt) \
                            $(grep BERTH_REGISTRY /etc/os-release)";
@@ -171,7 +158,7 @@ fn each_node_runs_one_container_that_its_tasks_share() {
     .timeout(JOB_LIMIT)
     .run();
     run.assert_success();
-    let tasks = records(&run.stdout, "task ");
+    let tasks = berth_e2e::records(&run.stdout, "task ");
     assert_eq!(tasks.len(), 2 * n, "{run}");
     let mut per_node: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
     for task in &tasks {
@@ -218,7 +205,7 @@ fn a_batch_script_runs_in_the_image_on_the_first_node_and_its_srun_spans_two() {
     );
     assert!(run.success(), "{run}\n--- job output ---\n{text}");
     let registry = cluster.tls_registry().host;
-    let batch = records(&text, "batch ");
+    let batch = berth_e2e::records(&text, "batch ");
     assert_eq!(batch.len(), 1, "{text}");
     assert_eq!(
         batch[0].get("BERTH_REGISTRY"),
@@ -226,7 +213,7 @@ fn a_batch_script_runs_in_the_image_on_the_first_node_and_its_srun_spans_two() {
         "the script ran outside the image: {text}"
     );
     assert_eq!(batch[0]["node"], first_host(&batch[0]["list"]), "{text}");
-    let tasks = records(&text, "task ");
+    let tasks = berth_e2e::records(&text, "task ");
     let nodes: BTreeSet<&str> = tasks.iter().map(|t| t["node"].as_str()).collect();
     assert_eq!(
         (tasks.len(), nodes.len()),
@@ -282,7 +269,7 @@ fn every_node_runs_the_digest_pinned_at_submission_after_the_tag_moved() {
     assert!(began, "the batch script did not start: {run}");
     assert_ne!(moved, image.digest, "the tag did not move");
     assert!(run.success(), "{run}\n--- job output ---\n{text}");
-    assert_eq!(records(&text, "task ").len(), n, "{text}");
+    assert_eq!(berth_e2e::records(&text, "task ").len(), n, "{text}");
 
     // What each node decided (berth's audit trail, one record per step per node).
     let job = job.unwrap();

@@ -1043,6 +1043,19 @@ impl Drop for PrivateRegistry {
     }
 }
 
+/// Lines `KEY=VALUE ...` of `text` starting with `tag`, as maps.
+pub fn records(text: &str, tag: &str) -> Vec<BTreeMap<String, String>> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(tag))
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect()
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
