@@ -442,12 +442,15 @@ fn cve_2024_21626_no_descriptor_or_working_directory_from_outside_reaches_a_task
     for mpi in ["--mpi=none", "--mpi=pmi2"] {
         let run = srun(&[mpi, "-n", "2"], &image, fds_script);
         run.assert_success();
-        let pmi = run
+        // Each task's own PMI descriptor (their numbers differ between tasks).
+        let pmi: Vec<&str> = run
             .stdout
             .lines()
-            .find_map(|l| l.strip_prefix("pmi="))
-            .filter(|p| *p != "none");
-        assert_eq!(pmi.is_some(), mpi == "--mpi=pmi2", "{run}");
+            .filter_map(|l| l.strip_prefix("pmi="))
+            .filter(|p| *p != "none")
+            .collect();
+        let expected_pmi = if mpi == "--mpi=pmi2" { 2 } else { 0 };
+        assert_eq!(pmi.len(), expected_pmi, "{run}");
         let mut open: Vec<&str> = run
             .stdout
             .lines()
@@ -457,7 +460,7 @@ fn cve_2024_21626_no_descriptor_or_working_directory_from_outside_reaches_a_task
             .collect();
         open.sort();
         let mut expected = vec!["0", "0", "1", "1", "2", "2"];
-        expected.extend(pmi.map(|p| [p, p]).into_iter().flatten());
+        expected.extend(pmi);
         expected.sort();
         assert_eq!(
             open, expected,
@@ -1008,8 +1011,8 @@ impl Drop for SmallDisk {
 }
 
 /// A manifest whose layer sizes claim more than the limit or the disk is refused before a
-/// blob is downloaded; a layer that really fills the disk stops the build cleanly at
-/// ENOSPC, and the cache is left as it was.
+/// blob is downloaded; a layer of zeros that inflates to twice the disk builds into a small
+/// image (zero blocks are holes) and leaves no staging.
 #[test]
 fn an_image_larger_than_the_disk_is_refused_before_writing_or_stopped_cleanly() {
     let _serial = serial();
@@ -1051,23 +1054,16 @@ fn an_image_larger_than_the_disk_is_refused_before_writing_or_stopped_cleanly() 
     let disk = SmallDisk::mount(&scratch.dir.join("cache"), 48);
     let run = scratch.berth(&["fetch", &claims]);
     assert_refused(&run, &["not enough free space", "[cache] dir"]);
-    // The real image inflates to 96 MiB: the disk fills while it is unpacked.
+    // The real image inflates to 96 MiB of zeros, twice the disk: berth's squashfs stores
+    // zero blocks as holes, so it builds in a few hundred KiB and does not fill the disk.
+    // (A build that does fill it stops cleanly: faults::a_cache_file_system_that_fills_mid_build.)
     let run = scratch.berth(&["fetch", &real.reference]);
-    assert_refused(&run, &["No space left on device"]);
-    assert!(
-        !run.stderr.contains("corrupt"),
-        "a full disk is not a bad layer:\n{run}"
-    );
-    for sub in ["images", "tmp"] {
-        let left: Vec<_> = std::fs::read_dir(disk.0.join(sub))
-            .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
-            .unwrap_or_default();
-        assert!(
-            left.is_empty(),
-            "{sub} holds {left:?} after the failed builds"
-        );
-    }
-    assert!(disk.used_kib() < 1024, "{} KiB left", disk.used_kib());
+    run.assert_success();
+    let left: Vec<_> = std::fs::read_dir(disk.0.join("tmp"))
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "tmp holds {left:?} after the builds");
+    assert!(disk.used_kib() < 8 << 10, "{} KiB used", disk.used_kib());
 }
 
 /// The repository name of an image pushed to `test/NAME` (NAME).
