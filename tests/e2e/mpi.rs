@@ -135,9 +135,23 @@ fn check_world(kind: &str, program: &str) {
     assert_nodes_idle();
 }
 
+/// Whether the cluster's Slurm has its pmix plugin (`srun --mpi=list`). Debian's has; the
+/// test rig's minimal builds of newer releases are made without PMIx (tests/cluster/
+/// slurm-release), so the PMIx tests skip there, saying so.
+fn slurm_has_pmix() -> bool {
+    let list = Cmd::user(["srun", "--mpi=list"]).run();
+    let has = format!("{}{}", list.stdout, list.stderr).contains("pmix");
+    if !has {
+        eprintln!("skipped: this Slurm has no pmix plugin (srun --mpi=list)");
+    }
+    has
+}
+
 #[test]
 fn pmix_open_mpi_hello_and_allreduce_over_every_node() {
-    check_world("pmix", "/hello");
+    if slurm_has_pmix() {
+        check_world("pmix", "/hello");
+    }
 }
 
 #[test]
@@ -240,6 +254,9 @@ impl Drop for PmixSleeper {
 
 #[test]
 fn a_task_sees_its_own_pmix_directory_and_not_another_jobs() {
+    if !slurm_has_pmix() {
+        return;
+    }
     let _serial = serial();
     let cluster = Cluster::get();
     let node = nodes().remove(0);
@@ -341,6 +358,9 @@ impl Drop for ModeBack {
 #[test]
 fn an_untrusted_pmix_directory_fails_the_step_clearly_without_a_drain() {
     use std::os::unix::fs::PermissionsExt;
+    if !slurm_has_pmix() {
+        return;
+    }
     let _serial = serial();
     let cluster = Cluster::get();
     let node = nodes().remove(0);
