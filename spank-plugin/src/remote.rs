@@ -268,7 +268,14 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
     // A batch script in the image calls srun, sbatch, squeue...: the node's client, run
     // with the node's libraries, reaches into its container.
     // Its Slurm is this slurmstepd's, configured by the slurm.conf it loaded.
+    // The user's launcher cannot read slurmstepd's /proc/PID/exe: its prefix comes from here.
     if info.step_id == BATCH_STEP {
+        if let Some(prefix) = std::fs::read_link("/proc/self/exe")
+            .ok()
+            .and_then(|exe| Some(exe.parent()?.parent()?.to_path_buf()))
+        {
+            args.insert(1, format!("--slurm-prefix={}", prefix.display()));
+        }
         args.insert(
             1,
             match spank::slurm_conf_path() {

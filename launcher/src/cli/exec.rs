@@ -58,6 +58,11 @@ pub struct ContainerArgs {
     #[arg(long, value_name = "SLURM_CONF", num_args = 0..=1, require_equals = true,
           default_missing_value = "/etc/slurm/slurm.conf")]
     pub slurm_client: Option<PathBuf>,
+    /// Where that Slurm is installed (PREFIX/bin/srun): the plugin passes its slurmstepd's,
+    /// which a process of the user cannot read; by default the calling process's prefix,
+    /// else /usr.
+    #[arg(long, value_name = "PREFIX", requires = "slurm_client")]
+    pub slurm_prefix: Option<PathBuf>,
     /// Put a no-op script at PATH inside (repeatable): for the node's TaskProlog, which
     /// the SPANK plugin runs on the node itself.
     #[arg(long, value_name = "PATH")]
@@ -163,7 +168,8 @@ pub fn build_spec(
     let edits = gpu::discover(&config.gpu, selection.as_ref(), &env, &gpu::HostNode)?;
     gpu::edit::apply(&mut spec, &edits)?;
     if let Some(slurm_conf) = &c.slurm_client {
-        container::slurm::HostSlurm::find(slurm_conf)?.apply(&mut spec)?;
+        container::slurm::HostSlurm::find(slurm_conf, c.slurm_prefix.as_deref())?
+            .apply(&mut spec)?;
     }
     for path in &c.stand_in {
         container::slurm::stand_in(&mut spec, path)?;

@@ -59,8 +59,9 @@ impl HostSlurm {
     /// What this node has; an error names what is missing. The Slurm is the one that runs
     /// this step (the caller's prefix: Debian's /usr, or a release built from source under
     /// /opt, whose commands another release's slurmctld would refuse), configured by
-    /// `slurm_conf` (the slurm.conf that Slurm loaded; its directory is bound).
-    pub fn find(slurm_conf: &Path) -> Result<HostSlurm> {
+    /// `slurm_conf` (the slurm.conf that Slurm loaded; its directory is bound). `prefix`,
+    /// where given, is that Slurm's (the plugin's slurmstepd's).
+    pub fn find(slurm_conf: &Path, prefix: Option<&Path>) -> Result<HostSlurm> {
         let lib_dir = PathBuf::from(format!("/usr/lib/{}-linux-gnu", std::env::consts::ARCH));
         let loader = match std::env::consts::ARCH {
             "x86_64" => "ld-linux-x86-64.so.2",
@@ -72,7 +73,9 @@ impl HostSlurm {
         if !lib_dir.join(loader).is_file() {
             return Err(missing(&lib_dir.join(loader).display().to_string()));
         }
-        let prefix = crate::slurm::caller_prefix()
+        let prefix = prefix
+            .map(Path::to_path_buf)
+            .or_else(crate::slurm::caller_prefix)
             .filter(|p| p.join("bin/srun").is_file())
             .unwrap_or_else(|| PathBuf::from("/usr"));
         let (bin_dir, plugin_dir) = slurm_dirs(&prefix, &lib_dir);
