@@ -325,22 +325,27 @@ impl Setting {
     }
 
     /// Every variable that sets this setting, in the order they are read (the first one set
-    /// counts): berth's own, then pyxis's (`PYXIS_CONTAINER_` and the same suffix), then for
-    /// WRITABLE the READONLY pair of both, whose true value means read-only.
+    /// counts): berth's own, then pyxis's (`PYXIS_CONTAINER_` and the same suffix). For
+    /// WRITABLE each prefix's READONLY comes first, its true value meaning read-only: pyxis
+    /// applies `PYXIS_CONTAINER_READONLY` after `PYXIS_CONTAINER_WRITABLE`, so with both set
+    /// READONLY wins.
     pub fn env_vars(self) -> Vec<EnvVar> {
         let berth = self.env_var();
         let suffix = berth
             .strip_prefix(BERTH_ENV_PREFIX)
             .expect("every variable starts with BERTH_CONTAINER_");
-        let pair = |suffix: &str, inverted| {
-            [BERTH_ENV_PREFIX, PYXIS_ENV_PREFIX].map(|prefix| EnvVar {
+        let mut vars = Vec::new();
+        for prefix in [BERTH_ENV_PREFIX, PYXIS_ENV_PREFIX] {
+            if self == Setting::Writable {
+                vars.push(EnvVar {
+                    name: format!("{prefix}READONLY"),
+                    inverted: true,
+                });
+            }
+            vars.push(EnvVar {
                 name: format!("{prefix}{suffix}"),
-                inverted,
-            })
-        };
-        let mut vars = pair(suffix, false).to_vec();
-        if self == Setting::Writable {
-            vars.extend(pair("READONLY", true));
+                inverted: false,
+            });
         }
         vars
     }
@@ -1598,6 +1603,13 @@ mod tests {
         assert!(s.options.env.is_empty());
         let s = settings(&[given(Opt::Writable, "", CLI)], Some(&env)).unwrap();
         assert_eq!(s.options.writable, Some(true));
+        // Both of pyxis's set: READONLY wins, as in pyxis (a site's WRITABLE=1 default).
+        let both = |var: &str| match var {
+            "PYXIS_CONTAINER_WRITABLE" | "PYXIS_CONTAINER_READONLY" => Some(b"1".to_vec()),
+            _ => None,
+        };
+        let s = settings(&[], Some(&both)).unwrap();
+        assert_eq!(s.options.writable, Some(false));
         // A bad value is named by the variable it came from.
         let env = |var: &str| (var == "PYXIS_CONTAINER_WRITABLE").then(|| b"perhaps".to_vec());
         assert_eq!(
@@ -1615,14 +1627,30 @@ mod tests {
     #[test]
     fn every_setting_reads_its_pyxis_variable() {
         for setting in Setting::ALL {
-            let names: Vec<String> = setting.env_vars().into_iter().map(|v| v.name).collect();
+            let names: Vec<String> = setting
+                .env_vars()
+                .into_iter()
+                .filter(|v| !v.inverted)
+                .map(|v| v.name)
+                .collect();
             let pyxis = setting.env_var().replacen("BERTH_", "PYXIS_", 1);
-            assert_eq!(names[..2], [setting.env_var().to_owned(), pyxis]);
+            assert_eq!(names, [setting.env_var().to_owned(), pyxis]);
         }
-        let inverted: Vec<EnvVar> = Setting::Writable.env_vars().split_off(2);
-        assert!(inverted
-            .iter()
-            .all(|v| v.inverted && v.name.ends_with("_READONLY")));
+        let names: Vec<(String, bool)> = Setting::Writable
+            .env_vars()
+            .into_iter()
+            .map(|v| (v.name, v.inverted))
+            .collect();
+        let var = |name: &str, inverted| (name.to_owned(), inverted);
+        assert_eq!(
+            names,
+            [
+                var("BERTH_CONTAINER_READONLY", true),
+                var("BERTH_CONTAINER_WRITABLE", false),
+                var("PYXIS_CONTAINER_READONLY", true),
+                var("PYXIS_CONTAINER_WRITABLE", false),
+            ]
+        );
     }
 
     #[test]
