@@ -23,10 +23,12 @@ SLURMD_SPOOL=/var/spool/berth-test/slurmd
 # slurmd's port; with several nodes (up --nodes N) node nK listens on SLURMD_PORT + K - 1.
 SLURMD_PORT=6818
 # With several nodes, node nK's own "local disk": NODES_DIR/nK/NAME is bound onto PATH in
-# that node's mount namespace for each NAME:PATH:MODE here (berth.toml's directories).
+# that node's mount namespace for each NAME:PATH:MODE here (berth.toml's directories, and
+# /tmp, which Slurm's pmix plugin uses per job and step and so per node).
 NODES_DIR=$LIB_DIR/nodes
 NODE_LOCAL_DIRS=("cache:$BERTH_CACHE_DIR:0755" "run:$BERTH_RUN_DIR:0755"
-                 "stage:/var/tmp/berth-stage:1777" "containers:/var/tmp/berth-containers:1777")
+                 "stage:/var/tmp/berth-stage:1777" "containers:/var/tmp/berth-containers:1777"
+                 "tmp:/tmp:1777")
 CLUSTER_DIRS=("$STATE_DIR" "$LIB_DIR" "$BERTH_RUN_DIR" "$BERTH_CACHE_DIR"
               /var/spool/berth-test /home/berthtest)
 
