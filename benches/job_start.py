@@ -11,7 +11,7 @@ benches/stage_store.py's) to the cluster's approved registry, then per run and m
 empties the node's image cache (`berth prune --all`: the test images are fetched again by
 the next test that needs them), drops the page cache, and times, as the test user,
 
-    srun --container-image=IMAGE cat /proc/uptime
+    srun --container-image=IMAGE sh -c 'read up _ </proc/uptime; echo $up'
 
 from srun's start to the clock the first task prints (the kernel's uptime, which a container
 shares, in hundredths of a second; busybox's date has no sub-second format): allocation, the job prolog's fetch at
@@ -58,7 +58,8 @@ def first_task(user, image):
     """Seconds from srun's start to the clock its first task prints."""
     t0 = uptime()
     r = subprocess.run(["runuser", "-u", user, "--", "srun", "-N1", "-n1",
-                        f"--container-image={image}", "cat", "/proc/uptime"],
+                        f"--container-image={image}", "sh", "-c",
+                        "read up _ </proc/uptime; echo $up"],
                        stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd="/tmp")
     if r.returncode != 0:
         sys.exit(f"srun failed ({r.returncode}):\n{r.stderr}")
