@@ -90,6 +90,7 @@ def main():
     registry = state("IMAGE_TLS").split("/")[0]
     image = f"{registry}/bench/job-start:v1"
     tmp = tempfile.mkdtemp(prefix="berth-bench-job-start-", dir=args.dir)
+    os.chmod(tmp, 0o755)  # the cache's service user reaches the store through it
     store = os.path.join(tmp, "store")
     os.makedirs(store)
     shutil.chown(store, "berth", "berth")
