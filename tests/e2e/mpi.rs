@@ -289,20 +289,9 @@ fn a_task_sees_its_own_pmix_directory_and_not_another_jobs() {
         "ls $PMIX_SERVER_TMPDIR | grep -c '^pmix_dstor_ds21_' | sed 's/^/own-store=/'; \
          test -e {other_dir} && echo other=visible || echo other=absent"
     );
-    let run = Cmd::user([
-        "srun",
-        "--mpi=pmix",
-        "-N1",
-        "-n1",
-        "-w",
-        &node,
-        &format!("--container-image={}", cluster.image_tls().reference),
-        "sh",
-        "-c",
-        &check,
-    ])
-    .env("PMIX_SERVER_TMPDIR", &other_dir)
-    .run();
+    let run = one_task_on(&node, &["--mpi=pmix"], &["sh", "-c", &check])
+        .env("PMIX_SERVER_TMPDIR", &other_dir)
+        .run();
     run.assert_success();
     assert!(
         run.stdout.contains("other=absent"),
@@ -312,17 +301,15 @@ fn a_task_sees_its_own_pmix_directory_and_not_another_jobs() {
         run.stdout.contains("own-store=1"),
         "no PMIx data store in the step's own directory:\n{run}"
     );
-    let forged = Cmd::user([
-        "srun",
-        "-N1",
-        "-n1",
-        "-w",
+    let forged = one_task_on(
         &node,
-        &format!("--container-image={}", cluster.image_tls().reference),
-        "sh",
-        "-c",
-        &format!("test -e {other_dir} && echo other=visible || echo other=absent"),
-    ])
+        &[],
+        &[
+            "sh",
+            "-c",
+            &format!("test -e {other_dir} && echo other=visible || echo other=absent"),
+        ],
+    )
     .env("PMIX_SERVER_TMPDIR", &other_dir)
     .run();
     forged.assert_success();
@@ -332,6 +319,16 @@ fn a_task_sees_its_own_pmix_directory_and_not_another_jobs() {
     );
     drop(other);
     assert_nodes_idle();
+}
+
+/// `srun ARGS -N1 -n1 -w NODE` of `command` in the cluster's busybox image, as the test user.
+fn one_task_on(node: &str, args: &[&str], command: &[&str]) -> Cmd {
+    let image = format!("--container-image={}", Cluster::get().image_tls().reference);
+    let mut all = vec!["srun"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["-N1", "-n1", "-w", node, &image]);
+    all.extend_from_slice(command);
+    Cmd::user(all)
 }
 
 /// slurm.conf's SlurmdSpoolDir for `node` (`%n` and `%h` expanded as slurmd does).
@@ -370,7 +367,6 @@ fn an_untrusted_pmix_directory_fails_the_step_clearly_without_a_drain() {
         return;
     }
     let _serial = serial();
-    let cluster = Cluster::get();
     let node = nodes().remove(0);
     let spool = slurmd_spool(&node);
     let mode = std::fs::metadata(&spool)
@@ -385,17 +381,7 @@ fn an_untrusted_pmix_directory_fails_the_step_clearly_without_a_drain() {
         mode,
     };
     std::fs::set_permissions(&spool, std::fs::Permissions::from_mode(0o1777)).unwrap();
-    let run = Cmd::user([
-        "srun",
-        "--mpi=pmix",
-        "-N1",
-        "-n1",
-        "-w",
-        &node,
-        &format!("--container-image={}", cluster.image_tls().reference),
-        "true",
-    ])
-    .run();
+    let run = one_task_on(&node, &["--mpi=pmix"], &["true"]).run();
     drop(_back);
     run.assert_failure();
     for needle in ["PMIx server directory", &spool, "chmod 0755", "docs/MPI.md"] {
