@@ -98,7 +98,17 @@ fn a_task_finds_the_oci_default_kernel_paths_masked_and_read_only() {
         "/proc/scsi",
         "/sys/firmware",
         "/sys/devices/virtual/powercap",
-    ];
+    ]
+    .map(String::from);
+    // Docker 28's per-CPU masks: every copy this node has (none on a VM).
+    let per_cpu = std::fs::read_dir("/sys/devices/system/cpu")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("thermal_throttle"))
+        .filter(|p| p.is_dir())
+        .map(|p| p.display().to_string());
+    let masked: Vec<String> = masked.into_iter().chain(per_cpu).collect();
     let readonly = [
         "/proc/bus",
         "/proc/fs",

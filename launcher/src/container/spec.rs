@@ -38,10 +38,14 @@ pub const DEVICES: [(&str, u64, u64); 6] = [
 ];
 
 /// Kernel interfaces hidden inside (an empty read-only tmpfs over directories, /dev/null
-/// over files), and those made read-only: runc's and containerd's defaults. /proc and /sys
-/// are the host's, so for a job running as root (uid 0, no capabilities) these are what
-/// keeps /proc/sysrq-trigger, /proc/sys/kernel/core_pattern and friends out of reach.
-pub const MASKED_PATHS: [&str; 12] = [
+/// over files), and those made read-only: Docker 28's defaults (runc's and crun's, plus
+/// `/proc/interrupts`, powercap and the per-CPU thermal throttle counters of its GHSA-6fw5
+/// and GHSA-jq35 advisories; Podman masks those too). A `*` in a component stands for every
+/// copy the node has (as Podman writes it; Docker lists each CPU's).
+/// /proc and /sys are the host's, so for a job running as root (uid 0, no capabilities)
+/// these are what keeps /proc/sysrq-trigger, /proc/sys/kernel/core_pattern and friends out
+/// of reach.
+pub const MASKED_PATHS: [&str; 13] = [
     "/proc/acpi",
     "/proc/asound",
     "/proc/interrupts",
@@ -54,6 +58,7 @@ pub const MASKED_PATHS: [&str; 12] = [
     "/proc/scsi",
     "/sys/firmware",
     "/sys/devices/virtual/powercap",
+    "/sys/devices/system/cpu/cpu*/thermal_throttle",
 ];
 pub const READONLY_PATHS: [&str; 5] = [
     "/proc/bus",
@@ -858,6 +863,7 @@ mod tests {
         let masked = linux.masked_paths().as_ref().unwrap();
         assert!(masked.contains(&"/proc/kcore".to_string()));
         assert!(masked.contains(&"/sys/firmware".to_string()));
+        assert!(masked.contains(&"/sys/devices/system/cpu/cpu*/thermal_throttle".to_string()));
         let ro = linux.readonly_paths().as_ref().unwrap();
         assert!(ro.contains(&"/proc/sys".to_string()));
         assert!(ro.contains(&"/proc/sysrq-trigger".to_string()));

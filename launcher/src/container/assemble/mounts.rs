@@ -1,6 +1,6 @@
 //! OCI mounts into [`Mount`]s, and the masked and read-only kernel paths.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use berth_sys::{Mount, MountpointKind, MsFlags, Syscall};
 
@@ -153,10 +153,22 @@ pub fn to_sys_mounts(m: &oci_spec::runtime::Mount, bundle: &Path) -> Result<Vec<
 /// `linux.maskedPaths` and `linux.readonlyPaths`, as runc realises them: a masked file gets
 /// /dev/null bound over it, a masked directory an empty read-only tmpfs; a read-only path is
 /// bound onto itself read-only. /proc and /sys inside are binds of the host's, so the host
-/// path says what each is; paths this kernel lacks are skipped.
+/// path says what each is; paths this kernel lacks are skipped, and a pattern (see
+/// [`host_paths`]) covers every copy the host has.
 pub fn mask_and_protect(
     sys: &impl Syscall,
     root: &Path,
+    masked: &[String],
+    readonly: &[String],
+) -> Result<()> {
+    mask_and_protect_from(sys, root, Path::new("/"), masked, readonly)
+}
+
+/// [`mask_and_protect`] with the host's file system at `host` (`/` but in tests).
+fn mask_and_protect_from(
+    sys: &impl Syscall,
+    root: &Path,
+    host: &Path,
     masked: &[String],
     readonly: &[String],
 ) -> Result<()> {
@@ -165,14 +177,11 @@ pub fn mask_and_protect(
         sys.mount_in_root(root, &m)
             .map_err(|source| Error::Sys { path, source })
     };
-    for path in masked {
-        let Ok(meta) = std::fs::metadata(path) else {
-            continue;
-        };
-        apply(if meta.is_dir() {
+    for (path, is_dir) in masked.iter().flat_map(|p| host_paths(host, p)) {
+        apply(if is_dir {
             Mount {
                 source: Some("tmpfs".into()),
-                target: path.into(),
+                target: path,
                 fstype: Some("tmpfs".into()),
                 flags: MsFlags::MS_RDONLY
                     | MsFlags::MS_NOSUID
@@ -185,7 +194,7 @@ pub fn mask_and_protect(
         } else {
             Mount {
                 source: Some("/dev/null".into()),
-                target: path.into(),
+                target: path,
                 fstype: None,
                 flags: MsFlags::MS_BIND,
                 data: None,
@@ -194,18 +203,15 @@ pub fn mask_and_protect(
             }
         })?;
     }
-    for path in readonly {
-        let Ok(meta) = std::fs::metadata(path) else {
-            continue;
-        };
+    for (path, is_dir) in readonly.iter().flat_map(|p| host_paths(host, p)) {
         apply(Mount {
-            source: Some(path.into()),
-            target: path.into(),
+            source: Some(host.join(path.strip_prefix("/").unwrap_or(&path))),
+            target: path,
             fstype: None,
             flags: MsFlags::MS_BIND | MsFlags::MS_REC,
             data: None,
             readonly: true,
-            kind: if meta.is_dir() {
+            kind: if is_dir {
                 MountpointKind::Dir
             } else {
                 MountpointKind::File
@@ -213,6 +219,47 @@ pub fn mask_and_protect(
         })?;
     }
     Ok(())
+}
+
+/// The paths under `host` that the absolute `pattern` names, with whether each is a
+/// directory, in byte order: the path itself if it exists, or, where a component holds a
+/// `*` (any run of characters, at most one per component), every existing match. Docker 28
+/// and Podman mask a copy of some kernel interfaces per CPU
+/// (`/sys/devices/system/cpu/cpu*/thermal_throttle`), as many as the node has.
+fn host_paths(host: &Path, pattern: &str) -> Vec<(PathBuf, bool)> {
+    let mut found = vec![PathBuf::from("/")];
+    for component in pattern.split('/').filter(|c| !c.is_empty()) {
+        let Some((prefix, suffix)) = component.split_once('*') else {
+            found.iter_mut().for_each(|p| p.push(component));
+            continue;
+        };
+        found = found
+            .iter()
+            .flat_map(|dir| {
+                let entries = std::fs::read_dir(host.join(dir.strip_prefix("/").unwrap_or(dir)));
+                let mut names: Vec<String> = entries
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| {
+                        n.len() >= prefix.len() + suffix.len()
+                            && n.starts_with(prefix)
+                            && n.ends_with(suffix)
+                    })
+                    .collect();
+                names.sort();
+                names.into_iter().map(move |n| dir.join(n))
+            })
+            .collect();
+    }
+    found
+        .into_iter()
+        .filter_map(|p| {
+            let meta = std::fs::metadata(host.join(p.strip_prefix("/").unwrap_or(&p))).ok()?;
+            Some((p, meta.is_dir()))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -287,6 +334,71 @@ mod tests {
         assert_eq!(
             to_sys_mounts(&m, Path::new("/b")).unwrap()[0].kind,
             MountpointKind::File
+        );
+    }
+
+    /// Docker 28's and Podman's per-CPU masks: a pattern covers each CPU's copy the node
+    /// has (and nothing that only matches the glob), each masked as a directory; paths
+    /// the node lacks are skipped; read-only patterns bind the host's copy.
+    #[test]
+    fn a_pattern_masks_every_copy_the_host_has() {
+        use berth_sys::recording::{Call, RecordingSyscall};
+        let host = tempfile::tempdir().unwrap();
+        let cpus = host.path().join("sys/devices/system/cpu");
+        for dir in [
+            "cpu0/thermal_throttle",
+            "cpu1/thermal_throttle",
+            "cpu10/thermal_throttle",
+            "cpu2",
+            "cpufreq",
+        ] {
+            std::fs::create_dir_all(cpus.join(dir)).unwrap();
+        }
+        std::fs::write(cpus.join("online"), "0-2,10").unwrap();
+        std::fs::create_dir_all(host.path().join("proc")).unwrap();
+        std::fs::write(host.path().join("proc/kcore"), "").unwrap();
+        let sys = RecordingSyscall::default();
+        let masked = [
+            "/sys/devices/system/cpu/cpu*/thermal_throttle",
+            "/proc/kcore",
+            "/proc/acpi",
+        ]
+        .map(String::from);
+        let readonly = ["/sys/devices/system/cpu/cpu*".to_string()];
+        mask_and_protect_from(&sys, Path::new("/root"), host.path(), &masked, &readonly).unwrap();
+        let mounts: Vec<Mount> = sys
+            .calls()
+            .into_iter()
+            .filter_map(|c| match c {
+                Call::MountInRoot { mount, .. } => Some(mount),
+                _ => None,
+            })
+            .collect();
+        let targets: Vec<&Path> = mounts.iter().map(|m| m.target.as_path()).collect();
+        assert_eq!(
+            targets,
+            [
+                "/sys/devices/system/cpu/cpu0/thermal_throttle",
+                "/sys/devices/system/cpu/cpu1/thermal_throttle",
+                "/sys/devices/system/cpu/cpu10/thermal_throttle",
+                "/proc/kcore",
+                "/sys/devices/system/cpu/cpu0",
+                "/sys/devices/system/cpu/cpu1",
+                "/sys/devices/system/cpu/cpu10",
+                "/sys/devices/system/cpu/cpu2",
+                "/sys/devices/system/cpu/cpufreq",
+            ]
+            .map(Path::new)
+        );
+        for m in &mounts[..3] {
+            assert_eq!(m.fstype.as_deref(), Some("tmpfs"), "{m:?}");
+            assert!(m.flags.contains(MsFlags::MS_RDONLY), "{m:?}");
+        }
+        assert_eq!(mounts[3].source.as_deref(), Some(Path::new("/dev/null")));
+        assert_eq!(
+            mounts[4].source.as_deref(),
+            Some(cpus.join("cpu0").as_path()),
+            "a read-only path binds the host's copy"
         );
     }
 }
