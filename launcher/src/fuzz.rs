@@ -85,8 +85,13 @@ pub fn sif(data: &[u8]) {
     let _ = sif.config();
 }
 
-/// A layer blob (tar, gzip or zstd as its first byte says) applied onto an empty directory
-/// with the default limits: paths, links, whiteouts, sizes, bombs.
+/// A layer blob (tar, gzip or zstd as its first byte says) built into a squashfs as a cache
+/// build does it, with the default limits: the blob decompressed as it streams, the unpack
+/// rules (paths, links, whiteouts, devices, sizes, bombs) applied to the image's tree, file
+/// contents into data blocks and the tree into the squashfs tables. It is applied twice, as
+/// two layers, so that whiteouts, opaque directories, replacements and hard links meet
+/// entries of a lower layer. All on this thread and in memory (a memfd): thousands of inputs
+/// a second.
 pub fn layer(data: &[u8]) {
     let Some((&kind, blob)) = data.split_first() else {
         return;
@@ -99,16 +104,24 @@ pub fn layer(data: &[u8]) {
     let Ok(limits) = Limits::from_config(&CacheConfig::default()) else {
         return;
     };
-    // The whole path a cache build takes: the layer's entries into the tree, its files'
-    // contents into a squashfs in a scratch file.
-    let Ok(out) = tempfile_in_tmp() else { return };
+    let Ok(out) = berth_sys::memfd::anonymous(c"berth-fuzz-layer") else {
+        return;
+    };
     let mut budget = Budget::new(limits);
-    let _ = squash::build(&out, 0, &squash::Options::default(), |data| {
+    let _ = squash::build_serial(&out, 0, LAYER_BLOCKS, |data| {
         let mut tree = squash::Tree::new();
-        unpack::apply_layer(&mut tree, data, blob, compression, "fuzz", &mut budget)?;
+        for layer in ["sha256:lower", "sha256:upper"] {
+            let tar = unpack::decoder(blob, compression)
+                .map_err(|e| crate::Error::io("starting the decoder", e))?;
+            unpack::apply_tar(&mut tree, data, tar, layer, &mut budget)?;
+        }
         Ok(tree)
     });
 }
+
+/// Data blocks one layer input may stream (4 MiB): a bomb stops there, as it would at
+/// `max_image_size`, so that one input costs milliseconds, not the fuzzer's memory.
+const LAYER_BLOCKS: usize = 32;
 
 /// A manifest or index as a registry sends it, with the Content-Type chosen by the first
 /// byte, then the platform berth would choose from an index.
@@ -149,23 +162,4 @@ pub fn config_toml(data: &[u8]) {
     if let Some(s) = text(data) {
         let _ = Config::from_toml(Path::new("berth.toml"), s);
     }
-}
-
-/// A scratch file for one input's image, already unlinked (nothing to clean up), in this
-/// process's own place under the temporary directory.
-fn tempfile_in_tmp() -> std::io::Result<std::fs::File> {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let path = std::env::temp_dir().join(format!(
-        "berth-fuzz-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    let file = std::fs::File::options()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&path)?;
-    std::fs::remove_file(&path)?;
-    Ok(file)
 }

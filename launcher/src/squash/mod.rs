@@ -79,12 +79,7 @@ pub fn build(
 ) -> Result<Stats> {
     let threads = options.threads.max(1);
     let in_flight = (options.block_memory / (2 * BLOCK_SIZE)).max(threads + 1);
-    let io_error = |e| Error::io("writing the squashfs image", e);
-    // The data starts after the superblock and the compressor options, written last/now.
-    let options_block = format::compressor_options();
-    out.write_all_at(&options_block, base + format::SUPERBLOCK_LEN as u64)
-        .map_err(io_error)?;
-    let data_start = (format::SUPERBLOCK_LEN + options_block.len()) as u64;
+    let data_start = write_compressor_options(out, base)?;
 
     let (tree, sizes, end) = std::thread::scope(|scope| {
         let (jobs_tx, jobs_rx) = mpsc::sync_channel::<Job>(in_flight);
@@ -111,11 +106,59 @@ pub fn build(
         data.jobs = None;
         let written = writer.join().expect("the block writer does not panic");
         // A write error is the cause of any "writer stopped" the filler saw.
-        let (sizes, len) = written.map_err(io_error)?;
+        let (sizes, len) = written.map_err(write_error)?;
         let tree = filled?;
         Ok::<_, Error>((tree, sizes, data_start + len))
     })?;
     format::write_tables(out, base, end, &tree, &sizes)
+}
+
+/// [`build`] on the caller's thread, for the layer fuzz target (thousands of builds a
+/// second, where starting the threads of one would cost more than the build): the blocks
+/// `fill` streams wait in memory, at most `max_blocks` of them (the next is an error), and
+/// are then compressed and written as [`build`]'s threads would, to the same bytes.
+pub fn build_serial(
+    out: &File,
+    base: u64,
+    max_blocks: usize,
+    fill: impl FnOnce(&mut Data) -> Result<Tree>,
+) -> Result<Stats> {
+    let data_start = write_compressor_options(out, base)?;
+    let (jobs_tx, jobs_rx) = mpsc::sync_channel::<Job>(max_blocks);
+    let (done_tx, done_rx) = mpsc::sync_channel::<Done>(max_blocks);
+    let (tokens_tx, tokens_rx) = mpsc::sync_channel::<()>(max_blocks);
+    for _ in 0..max_blocks {
+        tokens_tx.send(()).expect("the channel holds every token");
+    }
+    // No token comes back while `fill` runs: past `max_blocks`, `Data` finds the writer
+    // stopped instead of waiting for ever.
+    drop(tokens_tx);
+    let mut data = Data {
+        jobs: Some(jobs_tx),
+        tokens: tokens_rx,
+        next: 0,
+    };
+    let filled = fill(&mut data);
+    drop(data);
+    compress_blocks(&Mutex::new(jobs_rx), &done_tx);
+    drop(done_tx);
+    let (no_tokens, _) = mpsc::sync_channel(0);
+    let (sizes, len) =
+        write_blocks(out, base + data_start, &done_rx, &no_tokens).map_err(write_error)?;
+    format::write_tables(out, base, data_start + len, &filled?, &sizes)
+}
+
+/// Writes the compressor options after the superblock's place (the superblock is written
+/// last); returns where the data starts, relative to `base`.
+fn write_compressor_options(out: &File, base: u64) -> Result<u64> {
+    let options_block = format::compressor_options();
+    out.write_all_at(&options_block, base + format::SUPERBLOCK_LEN as u64)
+        .map_err(write_error)?;
+    Ok((format::SUPERBLOCK_LEN + options_block.len()) as u64)
+}
+
+fn write_error(e: io::Error) -> Error {
+    Error::io("writing the squashfs image", e)
 }
 
 /// Where file contents go during a [`build`].

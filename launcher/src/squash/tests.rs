@@ -360,3 +360,92 @@ fn a_large_file_streams_through_a_small_window_at_an_offset() {
     let text = String::from_utf8_lossy(&listing.stdout);
     assert!(text.contains(&format!(" {size} ")), "{text}");
 }
+
+/// A layer with multi-block, sparse and small files, links, and a whiteout, gzipped.
+fn mixed_layer() -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut sparse = pattern(BLOCK_SIZE, 5);
+    sparse.extend(vec![0u8; BLOCK_SIZE]);
+    sparse.extend(pattern(99, 6));
+    let big = pattern(2 * BLOCK_SIZE + 3, 7);
+    let files: [(&str, &[u8]); 4] = [
+        ("a/big", &big),
+        ("a/sparse", &sparse),
+        ("a/small", b"small"),
+        ("b/.wh.gone", b""),
+    ];
+    for (path, data) in files {
+        let h = header(EntryType::Regular, path, 0o640, 1000, data.len() as u64);
+        b.append(&h, data).unwrap();
+    }
+    let mut link = header(EntryType::Symlink, "a/link", 0o777, 0, 0);
+    link.set_link_name("small").unwrap();
+    link.set_cksum();
+    b.append(&link, &b""[..]).unwrap();
+    let mut hard = header(EntryType::Link, "b/hard", 0o640, 1000, 0);
+    hard.set_link_name("a/small").unwrap();
+    hard.set_cksum();
+    b.append(&hard, &b""[..]).unwrap();
+    let tar = b.into_inner().unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &tar).unwrap();
+    gz.finish().unwrap()
+}
+
+/// The fuzz target's build (`build_serial`, `apply_tar` on the caller's thread) writes the
+/// very bytes a cache build (`build`, `apply_layer` with its threads) writes, so fuzzing it
+/// fuzzes what production runs.
+#[test]
+fn a_serial_build_writes_the_bytes_a_threaded_build_writes() {
+    let layer = mixed_layer();
+    let dir = tempfile::tempdir().unwrap();
+    let layers = [
+        (&layer[..], Compression::Gzip),
+        (&layer[..], Compression::Gzip),
+    ];
+    let (image, _, threaded) = build_image(
+        dir.path(),
+        &layers,
+        &mut default_budget(),
+        &Options::default(),
+    )
+    .unwrap();
+    let out = berth_sys::memfd::anonymous(c"berth-test-serial").unwrap();
+    let mut budget = default_budget();
+    let serial = build_serial(&out, 0, 64, |data| {
+        let mut tree = Tree::new();
+        for (blob, compression) in layers {
+            let tar = unpack::decoder(blob, compression).unwrap();
+            unpack::apply_tar(&mut tree, data, tar, "sha256:test", &mut budget)?;
+        }
+        Ok(tree)
+    })
+    .unwrap();
+    assert_eq!(serial, threaded);
+    assert!(
+        serial.blocks >= 5 && serial.sparse_blocks >= 1,
+        "{serial:?}"
+    );
+    let mut written = vec![0u8; serial.bytes as usize];
+    out.read_exact_at(&mut written, 0).unwrap();
+    let mut expected = std::fs::read(&image).unwrap();
+    // All but the superblock's mkfs time, the second of each build.
+    written[8..12].fill(0);
+    expected[8..12].fill(0);
+    assert!(written == expected, "the images differ");
+}
+
+/// Past its block allowance a serial build fails (it has no writer to wait for).
+#[test]
+fn a_serial_build_past_its_blocks_fails_without_waiting() {
+    let out = berth_sys::memfd::anonymous(c"berth-test-serial").unwrap();
+    let result = build_serial(&out, 0, 2, |data| {
+        let big = pattern(3 * BLOCK_SIZE, 8);
+        data.file(&mut &big[..], big.len() as u64, |e| {
+            crate::Error::io("reading the test file", e)
+        })?;
+        Ok(Tree::new())
+    });
+    let e = result.unwrap_err().to_string();
+    assert!(e.contains("writing the squashfs image"), "{e}");
+}

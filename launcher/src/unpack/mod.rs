@@ -102,14 +102,32 @@ pub fn apply_layer(
     layer: &str,
     budget: &mut Budget,
 ) -> Result<LayerStats> {
-    let decoder: Box<dyn Read + Send> = match compression {
-        Compression::None => Box::new(reader),
-        Compression::Gzip => Box::new(flate2::read::GzDecoder::new(reader)),
-        Compression::Zstd => Box::new(
-            zstd::stream::read::Decoder::new(reader)
-                .map_err(|e| Error::io(format!("starting zstd decoder for layer {layer}"), e))?,
-        ),
-    };
+    let decoder = decoder(reader, compression)
+        .map_err(|e| Error::io(format!("starting the decoder for layer {layer}"), e))?;
+    std::thread::scope(|scope| {
+        let (tx, rx) = mpsc::sync_channel(CHUNKS_IN_FLIGHT);
+        scope.spawn(move || decompress(decoder, &tx));
+        // `apply_tar` consumes the receiver: when it stops early (a refused entry), the
+        // decompressing thread's next send fails and it ends, so the scope can close.
+        let stream = ChannelReader {
+            rx,
+            chunk: Vec::new(),
+            pos: 0,
+        };
+        apply_tar(tree, data, stream, layer, budget)
+    })
+}
+
+/// Applies one layer's tar stream, already decompressed (e.g. by [`decoder`]), on the
+/// caller's thread: [`apply_layer`] without its decompressing thread, for the layer fuzz
+/// target, which runs these rules on thousands of inputs a second.
+pub fn apply_tar(
+    tree: &mut Tree,
+    data: &mut Data,
+    tar: impl Read,
+    layer: &str,
+    budget: &mut Budget,
+) -> Result<LayerStats> {
     let mut applier = Applier {
         tree,
         data,
@@ -118,23 +136,24 @@ pub fn apply_layer(
         stats: LayerStats::default(),
         limits: budget.limits().clone(),
     };
-    let result = std::thread::scope(|scope| {
-        let (tx, rx) = mpsc::sync_channel(CHUNKS_IN_FLIGHT);
-        scope.spawn(move || decompress(decoder, &tx));
-        // `run` consumes the receiver: when it stops early (a refused entry), the
-        // decompressing thread's next send fails and it ends, so the scope can close.
-        let stream = ChannelReader {
-            rx,
-            chunk: Vec::new(),
-            pos: 0,
-        };
-        applier.run(limits::TarGuard::new(stream, budget, layer))
-    });
+    let result = applier.run(limits::TarGuard::new(tar, budget, layer));
     // A limit the guard enforced reaches the applier as a bare I/O error: say which.
     match (result, budget.take_refusal()) {
         (Err(_), Some(refusal)) => Err(refusal),
         (result, _) => result.map(|()| applier.stats),
     }
+}
+
+/// The decompressed stream of a layer blob.
+pub fn decoder<'r>(
+    reader: impl Read + Send + 'r,
+    compression: Compression,
+) -> io::Result<Box<dyn Read + Send + 'r>> {
+    Ok(match compression {
+        Compression::None => Box::new(reader),
+        Compression::Gzip => Box::new(flate2::read::GzDecoder::new(reader)),
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(reader)?),
+    })
 }
 
 /// The decompressing thread: reads `decoder` to the end (or its first error) in chunks.
