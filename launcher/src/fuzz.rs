@@ -9,7 +9,8 @@
 //!
 //! Not part of berth's interface; public only so those two drivers can reach it.
 
-use std::io::Write;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::config::{CacheConfig, Config};
@@ -67,10 +68,8 @@ pub fn policy_pattern(data: &[u8]) {
 /// A SIF file (a user's local image, or an image in the shared store): header,
 /// descriptors, the partition berth would mount and the config it would read.
 pub fn sif(data: &[u8]) {
-    let Ok(mut file) = berth_sys::memfd::anonymous(c"berth-fuzz-sif") else {
-        return;
-    };
-    if file.write_all(data).is_err() {
+    let Some(file) = scratch() else { return };
+    if file.write_all_at(data, 0).is_err() || file.set_len(data.len() as u64).is_err() {
         return;
     }
     let Ok(sif) = Sif::from_file(file, Path::new("fuzz.sif")) else {
@@ -90,8 +89,8 @@ pub fn sif(data: &[u8]) {
 /// rules (paths, links, whiteouts, devices, sizes, bombs) applied to the image's tree, file
 /// contents into data blocks and the tree into the squashfs tables. It is applied twice, as
 /// two layers, so that whiteouts, opaque directories, replacements and hard links meet
-/// entries of a lower layer. All on this thread and in memory (a memfd): thousands of inputs
-/// a second.
+/// entries of a lower layer. All on this thread and in memory ([`scratch`]): thousands of
+/// inputs a second.
 pub fn layer(data: &[u8]) {
     let Some((&kind, blob)) = data.split_first() else {
         return;
@@ -104,9 +103,7 @@ pub fn layer(data: &[u8]) {
     let Ok(limits) = Limits::from_config(&CacheConfig::default()) else {
         return;
     };
-    let Ok(out) = berth_sys::memfd::anonymous(c"berth-fuzz-layer") else {
-        return;
-    };
+    let Some(out) = scratch() else { return };
     let mut budget = Budget::new(limits);
     let _ = squash::build_serial(&out, 0, LAYER_BLOCKS, |data| {
         let mut tree = squash::Tree::new();
@@ -162,4 +159,14 @@ pub fn config_toml(data: &[u8]) {
     if let Some(s) = text(data) {
         let _ = Config::from_toml(Path::new("berth.toml"), s);
     }
+}
+
+/// This thread's scratch file in memory (a memfd), as a new descriptor of it: created once
+/// and reused by every input, since creating and freeing a memfd per input cost more than
+/// parsing most inputs. Its contents are whatever the last input left.
+fn scratch() -> Option<File> {
+    thread_local! {
+        static SCRATCH: Option<File> = berth_sys::memfd::anonymous(c"berth-fuzz").ok();
+    }
+    SCRATCH.with(|file| file.as_ref()?.try_clone().ok())
 }
