@@ -34,6 +34,7 @@ pub const TARGETS: &[Target] = &[
     ("image_config", image_config),
     ("auth_challenge", auth_challenge),
     ("config_toml", config_toml),
+    ("login_file", login_file),
 ];
 
 /// The input as text; parsers of text never see anything else (headers, arguments and files
@@ -151,6 +152,17 @@ pub fn image_config(data: &[u8]) {
 pub fn auth_challenge(data: &[u8]) {
     if let Some(s) = text(data) {
         let _ = auth::parse_challenge(s);
+    }
+}
+
+/// A user's registry login file (Docker's `config.json`, Podman's `auth.json`), which root
+/// reads with the user's rights for the user's pulls: the entry for a registry, by each
+/// spelling of its name, and its base64 `USER:PASSWORD`.
+pub fn login_file(data: &[u8]) {
+    if let Some(s) = text(data) {
+        for registry in ["localhost:5000", "docker.io"] {
+            let _ = auth::parse_auth_file(Path::new("config.json"), s, registry);
+        }
     }
 }
 

@@ -185,7 +185,11 @@ pub fn login_for(files: &[LoginFile], registry: &str) -> Result<Option<(Credenti
     Ok(None)
 }
 
-fn parse_auth_file(path: &Path, text: &str, registry: &str) -> Result<Option<Credentials>> {
+pub(crate) fn parse_auth_file(
+    path: &Path,
+    text: &str,
+    registry: &str,
+) -> Result<Option<Credentials>> {
     let file: AuthFile = serde_json::from_str(text).map_err(|e| {
         auth_error(
             path,
