@@ -95,7 +95,10 @@ impl Kept {
 fn keep_ambient(kept: &[Capability]) -> Result<()> {
     let set: caps::CapsHashSet = kept.iter().copied().collect();
     for cap in caps::all() {
-        if !set.contains(&cap) {
+        // Read first, as caps::clear does: a capability this kernel does not know reads as
+        // absent, where dropping it would fail.
+        let bounded = caps::has_cap(None, caps::CapSet::Bounding, cap).unwrap_or(false);
+        if bounded && !set.contains(&cap) {
             caps::drop(None, caps::CapSet::Bounding, cap).map_err(caps_error)?;
         }
     }
