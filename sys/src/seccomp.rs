@@ -93,8 +93,8 @@ pub const DEFAULT_DENY: &[(&[&str], &str)] = &[
 /// fsopen/fsconfig/fsmount/move_mount where the kernel has them, and falls back to mount(2)
 /// only on ENOSYS). Allowed only to a process that holds CAP_SYS_ADMIN in the container's
 /// user namespace (a `--remap-root` container's root, or a task of a container with a UTS
-/// namespace of its own, which keeps it to set the hostname: see [`crate::caps::Kept`]), as Docker's
-/// default profile allows them only to a CAP_SYS_ADMIN holder; the kernel confines such
+/// namespace of its own, which keeps it to set the hostname: see [`crate::caps::Kept`]), as
+/// Docker's default profile allows them only to a CAP_SYS_ADMIN holder; the kernel confines such
 /// mounts to the container's mount namespace, which that user namespace owns. Unmounting one
 /// of berth's masks there uncovers only what the user may read on the host anyway: behind it
 /// the kernel checks the host's credentials, which are the user's (masks matter to Docker,
