@@ -99,7 +99,8 @@ pub enum EnvChange {
 /// that exist only in the image are found; HOME and USER) wins over the job's, except those
 /// named in `--container-env` that the job has; the host's locale (LANG, LANGUAGE, LC_*),
 /// which the image may not have, is dropped unless named. Everything else of the job stays,
-/// Slurm's per-task variables included.
+/// Slurm's per-task variables included, and a PMIx step's tasks get the PMIx client settings
+/// [`crate::mpi::pmix_mca_env`] derives from them.
 pub fn task_env(spec_env: &[String], job_env: &[Vec<u8>], keep: &[String]) -> Vec<EnvChange> {
     let name_of = |kv: &[u8]| -> Vec<u8> { kv.split(|&b| b == b'=').next().unwrap_or(kv).to_vec() };
     let kept = |name: &[u8]| keep.iter().any(|k| k.as_bytes() == name);
@@ -121,6 +122,9 @@ pub fn task_env(spec_env: &[String], job_env: &[Vec<u8>], keep: &[String]) -> Ve
         if locale && !kept(&name) && !set_by_spec.contains(&name) {
             changes.push(EnvChange::Unset(name));
         }
+    }
+    for (name, value) in crate::mpi::pmix_mca_env(job_env) {
+        changes.push(EnvChange::Set(name, value));
     }
     changes
 }
@@ -227,6 +231,16 @@ mod tests {
     fn a_named_variable_the_job_lacks_keeps_the_image_value() {
         let changes = task_env(&strings(&["A=image", "broken"]), &[], &strings(&["A"]));
         assert_eq!(changes, vec![set("A", "image")]);
+    }
+
+    #[test]
+    fn a_pmix_task_gets_the_server_s_modules_as_client_settings() {
+        let job = bytes(&["PMIX_SECURITY_MODE=native", "PMIX_RANK=0"]);
+        let changes = task_env(&strings(&["PATH=/bin"]), &job, &[]);
+        assert_eq!(
+            changes,
+            vec![set("PATH", "/bin"), set("PMIX_MCA_psec", "native")]
+        );
     }
 
     #[test]

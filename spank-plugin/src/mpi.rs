@@ -22,6 +22,42 @@ use std::path::Path;
 use crate::container::NodeBind;
 use crate::error::Error;
 
+/// The PMIx client's MCA settings that name the modules Slurm's PMIx server uses, each with
+/// the variable the server's setup puts in the task's environment.
+const PMIX_MCA_FROM: [(&[u8], &[u8]); 3] = [
+    (b"PMIX_MCA_ptl", b"PMIX_PTL_MODULE"),
+    (b"PMIX_MCA_psec", b"PMIX_SECURITY_MODE"),
+    (b"PMIX_MCA_gds", b"PMIX_GDS_MODULE"),
+];
+
+/// The variables a task in a container gets so that the PMIx library in the image, built
+/// apart from the node's, picks the transport, security and data-store modules Slurm's PMIx
+/// server uses rather than its own defaults, which the server may lack: PMIX_MCA_ptl,
+/// PMIX_MCA_psec and PMIX_MCA_gds from PMIX_PTL_MODULE, PMIX_SECURITY_MODE and
+/// PMIX_GDS_MODULE, as enroot's Slurm hook (50-slurm-pmi.sh) sets them for pyxis. Only for a
+/// PMIx step (SLURM_MPI_TYPE unset or pmix*), and each only where the job does not set it
+/// already.
+pub fn pmix_mca_env(job_env: &[Vec<u8>]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let get = |name: &[u8]| {
+        job_env.iter().find_map(|kv| {
+            kv.strip_prefix(name)
+                .and_then(|rest| rest.strip_prefix(b"="))
+        })
+    };
+    if get(b"SLURM_MPI_TYPE").is_some_and(|t| !t.starts_with(b"pmix")) {
+        return Vec::new();
+    }
+    PMIX_MCA_FROM
+        .iter()
+        .filter(|(mca, _)| get(mca).is_none())
+        .filter_map(|(mca, from)| {
+            get(from)
+                .filter(|v| !v.is_empty())
+                .map(|v| (mca.to_vec(), v.to_vec()))
+        })
+        .collect()
+}
+
 /// The variable Slurm's pmix plugin sets in slurmstepd's environment (`PMIXP_PMIXLIB_TMPDIR`).
 pub const SERVER_DIR_VAR: &str = "PMIX_SERVER_TMPDIR";
 
@@ -137,6 +173,50 @@ fn check_owners(dir: &Path, uid: libc::uid_t) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn env(list: &[&str]) -> Vec<Vec<u8>> {
+        list.iter().map(|s| s.as_bytes().to_vec()).collect()
+    }
+
+    fn pairs(list: &[(&str, &str)]) -> Vec<(Vec<u8>, Vec<u8>)> {
+        list.iter()
+            .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+            .collect()
+    }
+
+    #[test]
+    fn pmix_modules_become_the_client_s_mca_settings_unless_the_job_sets_them() {
+        let server = [
+            "PMIX_SECURITY_MODE=munge,native",
+            "PMIX_GDS_MODULE=ds21,ds12,hash",
+            "PMIX_PTL_MODULE=tcp,usock",
+            "PMIX_RANK=3",
+        ];
+        let all = pairs(&[
+            ("PMIX_MCA_ptl", "tcp,usock"),
+            ("PMIX_MCA_psec", "munge,native"),
+            ("PMIX_MCA_gds", "ds21,ds12,hash"),
+        ]);
+        assert_eq!(pmix_mca_env(&env(&server)), all);
+        let mut pmix = server.to_vec();
+        pmix.push("SLURM_MPI_TYPE=pmix_v4");
+        assert_eq!(pmix_mca_env(&env(&pmix)), all);
+        // The job's own choice stays.
+        let mut own = server.to_vec();
+        own.push("PMIX_MCA_gds=hash");
+        assert_eq!(
+            pmix_mca_env(&env(&own)),
+            pairs(&[
+                ("PMIX_MCA_ptl", "tcp,usock"),
+                ("PMIX_MCA_psec", "munge,native")
+            ])
+        );
+        // Not a PMIx step, or no PMIx server: nothing.
+        let mut pmi2 = server.to_vec();
+        pmi2.push("SLURM_MPI_TYPE=pmi2");
+        assert!(pmix_mca_env(&env(&pmi2)).is_empty());
+        assert!(pmix_mca_env(&env(&["SLURM_MPI_TYPE=pmix", "PMIX_SECURITY_MODEX=1"])).is_empty());
+    }
     use std::os::unix::fs::PermissionsExt;
 
     const STEP: PmixStep = PmixStep {

@@ -118,10 +118,28 @@ struct ProcessDoc {
     #[serde(default)]
     env: Vec<String>,
     cwd: PathBuf,
-    /// Present in a `--remap-root` container's spec (the capabilities its root keeps);
-    /// anything else drops them all.
+    /// Absent: every capability is dropped. Present with an `ambient` list: those are kept,
+    /// ambient (a plain container with its own UTS namespace keeps CAP_SYS_ADMIN). Present
+    /// without one: a `--remap-root` container's root, which keeps what its user namespace
+    /// grants. See [`crate::caps::Kept`].
     #[serde(default)]
-    capabilities: Option<serde::de::IgnoredAny>,
+    capabilities: Option<CapabilitiesDoc>,
+}
+
+#[derive(serde::Deserialize)]
+struct CapabilitiesDoc {
+    #[serde(default)]
+    ambient: Vec<String>,
+}
+
+impl CapabilitiesDoc {
+    fn kept(doc: Option<&CapabilitiesDoc>) -> Result<crate::caps::Kept> {
+        match doc {
+            None => Ok(crate::caps::Kept::None),
+            Some(c) if c.ambient.is_empty() => Ok(crate::caps::Kept::All),
+            Some(c) => crate::caps::Kept::ambient_from_names(&c.ambient),
+        }
+    }
 }
 
 impl ContainerProcess {
@@ -144,7 +162,7 @@ impl ContainerProcess {
             env: doc.process.env,
             confinement: Confinement {
                 cwd: Some(doc.process.cwd),
-                keep_caps: doc.process.capabilities.is_some(),
+                caps: CapabilitiesDoc::kept(doc.process.capabilities.as_ref())?,
                 // Each process makes its own on entering: see `crate::cgroup`.
                 cgroup_ns: doc.linux.namespaces.iter().any(|n| n.typ == "cgroup"),
                 seccomp: doc
@@ -173,14 +191,20 @@ mod tests {
                 env: vec!["PATH=/bin".into()],
                 confinement: Confinement {
                     cwd: Some("/w".into()),
-                    keep_caps: false,
+                    caps: crate::caps::Kept::None,
                     cgroup_ns: false,
                     seccomp: None,
                 },
                 entrypoint: Vec::new(),
             }
         );
-        let profile = crate::seccomp::Profile::for_container(true, &[]);
+        let profile = crate::seccomp::Profile::for_container(
+            crate::seccomp::Privilege {
+                remap_root: true,
+                sys_admin: true,
+            },
+            &[],
+        );
         let filtered = serde_json::json!({
             "process": { "cwd": "/" },
             "linux": {
@@ -208,7 +232,17 @@ mod tests {
         assert!(ContainerProcess::from_spec(bad).is_err());
         let root = br#"{"process":{"cwd":"/","capabilities":{"bounding":["CAP_CHOWN"]}}}"#;
         let p = ContainerProcess::from_spec(root).unwrap();
-        assert!(p.confinement.keep_caps);
+        assert_eq!(p.confinement.caps, crate::caps::Kept::All);
+        let sys_admin = br#"{"process":{"cwd":"/","capabilities":{"ambient":["CAP_SYS_ADMIN"]}}}"#;
+        assert_eq!(
+            ContainerProcess::from_spec(sys_admin)
+                .unwrap()
+                .confinement
+                .caps,
+            crate::caps::Kept::Ambient(vec![crate::caps::Capability::CAP_SYS_ADMIN])
+        );
+        let unknown = br#"{"process":{"cwd":"/","capabilities":{"ambient":["CAP_EVERYTHING"]}}}"#;
+        assert!(ContainerProcess::from_spec(unknown).is_err());
         assert!(p.env.is_empty());
         assert!(ContainerProcess::from_spec(br#"{"process":{}}"#).is_err());
         assert!(ContainerProcess::from_spec(b"not json").is_err());

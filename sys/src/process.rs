@@ -63,9 +63,8 @@ pub struct CommandSpec {
 pub struct Confinement {
     /// Working directory, resolved inside the current root; `None` keeps the current one.
     pub cwd: Option<PathBuf>,
-    /// Keep the capabilities the user namespace grants (a `--remap-root` container's root,
-    /// whose spec lists `process.capabilities`); otherwise every capability is dropped.
-    pub keep_caps: bool,
+    /// The capabilities kept, all in the container's user namespace (see [`caps::Kept`]).
+    pub caps: caps::Kept,
     /// Enter a cgroup namespace of its own (the spec lists a `cgroup` namespace), so the
     /// process sees its cgroup as `/` (see [`crate::cgroup`]).
     pub cgroup_ns: bool,
@@ -87,9 +86,7 @@ pub fn confine(c: &Confinement) -> std::result::Result<(), (Stage, Error)> {
         namespaces::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP)
             .map_err(|e| (Stage::Setup, e))?;
     }
-    if !c.keep_caps {
-        caps::drop_all().map_err(|e| (Stage::Setup, e))?;
-    }
+    c.caps.apply().map_err(|e| (Stage::Setup, e))?;
     if let Some(filter) = &c.seccomp {
         filter.install().map_err(|e| (Stage::Setup, e))?;
     }
@@ -722,7 +719,7 @@ mod tests {
             search_path: vec!["/nonexistent".into(), "/bin".into()],
             confinement: Confinement {
                 cwd: None,
-                keep_caps: true,
+                caps: caps::Kept::All,
                 cgroup_ns: false,
                 seccomp: None,
             },
@@ -799,7 +796,8 @@ mod tests {
         spec.argv
             .push(CString::new(own.as_os_str().as_encoded_bytes()).unwrap());
         spec.confinement.cgroup_ns = true;
-        let profile = crate::seccomp::Profile::for_container(false, &[]);
+        let profile =
+            crate::seccomp::Profile::for_container(crate::seccomp::Privilege::default(), &[]);
         spec.confinement.seccomp = Some(crate::seccomp::Filter::compile(&profile).unwrap());
         let pid = spawn(&spec).unwrap().unwrap();
         assert_eq!(reap(pid).unwrap(), Exit::Code(0));

@@ -2,7 +2,8 @@
 //!
 //! The launcher writes the container's profile into its OCI spec as `linux.seccomp`
 //! ([`Profile::for_container`]: berth's default denials, the site's `[security]
-//! seccomp_deny`, and the fake chown family of a `--remap-root` container), so
+//! seccomp_deny`, the fake chown family of a `--remap-root` container, and the mount family
+//! for a process holding CAP_SYS_ADMIN in the container's user namespace only), so
 //! `--print-spec` shows it and every way into the container reads the same one from the
 //! published spec ([`crate::holder::ContainerProcess`]). [`Filter::compile`] turns it into
 //! classic BPF, written here rather than through libseccomp (a C library on every node) or a
@@ -14,7 +15,9 @@
 //! The filter is a deny list, as Docker's, Podman's and crun's default profiles amount to for
 //! an unprivileged container: everything is allowed but the calls below. Where those runtimes
 //! gate a call on a capability berth's containers never hold in the host's terms
-//! (CAP_SYS_ADMIN, CAP_SYS_MODULE, CAP_SYS_TIME, ...), berth denies it outright.
+//! (CAP_SYS_MODULE, CAP_SYS_TIME, ...), berth denies it outright. The mount family is the
+//! exception: Docker gates it on CAP_SYS_ADMIN, which a container's process may hold in the
+//! container's own user namespace, where its mounts stay (see [`MOUNT_FAMILY`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -64,20 +67,8 @@ pub const DEFAULT_DENY: &[(&[&str], &str)] = &[
         "open files by handle, bypassing the mount tree (the 'shocker' escape)",
     ),
     (
-        &[
-            "mount",
-            "umount",
-            "umount2",
-            "pivot_root",
-            "move_mount",
-            "open_tree",
-            "fsopen",
-            "fsconfig",
-            "fsmount",
-            "fspick",
-            "mount_setattr",
-        ],
-        "change mounts: a --remap-root container's root could otherwise uncover masked paths",
+        &["pivot_root"],
+        "swap the root: a container's processes have no use for it",
     ),
     (
         &[
@@ -96,6 +87,30 @@ pub const DEFAULT_DENY: &[(&[&str], &str)] = &[
         &["vm86", "vm86old", "iopl", "ioperm"],
         "reach hardware I/O ports or the vm86 mode",
     ),
+];
+
+/// Mounting and unmounting, the old calls and the new mount API (util-linux's `mount` uses
+/// fsopen/fsconfig/fsmount/move_mount where the kernel has them, and falls back to mount(2)
+/// only on ENOSYS). Allowed only to a process that holds CAP_SYS_ADMIN in the container's
+/// user namespace (a `--remap-root` container's root, or a task of a container with a UTS
+/// namespace of its own, which keeps it to set the hostname: see [`crate::caps::Kept`]), as
+/// Docker's default profile allows them only to a CAP_SYS_ADMIN holder; the kernel confines such
+/// mounts to the container's mount namespace, which that user namespace owns. Unmounting one
+/// of berth's masks there uncovers only what the user may read on the host anyway: behind it
+/// the kernel checks the host's credentials, which are the user's (masks matter to Docker,
+/// whose container root is the host's root). Anyone else would only get the kernel's EPERM,
+/// so they are denied outright there.
+pub const MOUNT_FAMILY: &[&str] = &[
+    "mount",
+    "umount",
+    "umount2",
+    "move_mount",
+    "open_tree",
+    "fsopen",
+    "fsconfig",
+    "fsmount",
+    "fspick",
+    "mount_setattr",
 ];
 
 /// Answered with ENOSYS, as Docker does since 25.0, so that programs fall back to the calls
@@ -137,6 +152,17 @@ pub const FAKE_CHOWN: &[&str] = &[
 ];
 /// Faked too, except for the query `-1`, whose answer (the current id) callers rely on.
 const FAKE_FSID: &[&str] = &["setfsuid", "setfsgid", "setfsuid32", "setfsgid32"];
+
+/// Who a container's processes are in its user namespace, which decides the filter's
+/// exceptions to the deny list.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Privilege {
+    /// uid 0 of a one-id user namespace (`--remap-root`): the chown family is faked.
+    pub remap_root: bool,
+    /// Holds CAP_SYS_ADMIN in the container's user namespace: the [`MOUNT_FAMILY`] is
+    /// allowed.
+    pub sys_admin: bool,
+}
 
 /// OCI's `linux.seccomp`, the part berth writes and enforces. Rules are matched in order,
 /// the first whose arguments match decides; a call no rule names is allowed.
@@ -209,15 +235,20 @@ fn when_arg0(mut r: Rule, value: u32) -> Rule {
 }
 
 impl Profile {
-    /// The profile of a container: berth's denials, then the site's (`extra_deny`, names
-    /// checked with [`is_known`]), then for a `remap_root` container the fake chown family.
-    /// Denials come first so that a site's denial of, say, `chown` wins over faking it.
-    pub fn for_container(remap_root: bool, extra_deny: &[String]) -> Profile {
+    /// The profile of a container whose processes hold `privilege`: berth's denials (the
+    /// [`MOUNT_FAMILY`] among them unless they hold CAP_SYS_ADMIN), then the site's
+    /// (`extra_deny`, names checked with [`is_known`]), then for a remapped root the fake
+    /// chown family. Denials come first so that a site's denial of, say, `chown` (or
+    /// `mount`) wins over faking (or allowing) it.
+    pub fn for_container(privilege: Privilege, extra_deny: &[String]) -> Profile {
         let eperm = Some(libc::EPERM);
         let mut syscalls: Vec<Rule> = DEFAULT_DENY
             .iter()
             .map(|(names, _why)| rule(names, Action::Errno, eperm))
             .collect();
+        if !privilege.sys_admin {
+            syscalls.push(rule(MOUNT_FAMILY, Action::Errno, eperm));
+        }
         syscalls.push(rule(DEFAULT_ENOSYS, Action::Errno, Some(libc::ENOSYS)));
         for value in PERSONALITY_ALLOWED {
             syscalls.push(when_arg0(
@@ -230,7 +261,7 @@ impl Profile {
             let names: Vec<&str> = extra_deny.iter().map(String::as_str).collect();
             syscalls.push(rule(&names, Action::Errno, eperm));
         }
-        if remap_root {
+        if privilege.remap_root {
             syscalls.push(rule(FAKE_CHOWN, Action::Errno, Some(0)));
             syscalls.push(when_arg0(rule(FAKE_FSID, Action::Allow, None), u32::MAX));
             syscalls.push(rule(FAKE_FSID, Action::Errno, Some(0)));

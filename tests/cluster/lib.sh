@@ -11,6 +11,8 @@ export PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/root/
 # exactly which mounts and files are the cluster's.
 STATE_DIR=/run/berth-test
 STATE_FILE=$STATE_DIR/state
+# What tests/cluster/up added for /dev/mqueue ("dir", "mount"), for down to remove.
+MQUEUE_MARK=$STATE_DIR/mqueue-added
 LIB_DIR=/var/lib/berth-test
 LOG_DIR=/var/log/berth-test
 TLS_DIR=$LIB_DIR/tls

@@ -1,5 +1,6 @@
 //! Issue 15, confinement as Slurm's tasks get it, run through `srun` as the test user: every
-//! task runs under berth's seccomp filter (`Seccomp: 2`), a denied call fails with EPERM, a
+//! task runs under berth's seccomp filter (`Seccomp: 2`), a denied call fails with EPERM (a
+//! remapped root may mount, in the container only), a
 //! `--container-remap-root` container's chown succeeds without effect while a plain one's
 //! fails as the kernel says, and the kernel interfaces runtimes hide are hidden.
 //! Needs `tests/cluster/up`; fails (does not skip) without it.
@@ -32,21 +33,71 @@ fn every_task_runs_under_seccomp_and_a_denied_call_fails_with_eperm() {
             "task {task} is not filtered:\n{run}"
         );
     }
-    // A remapped root holds CAP_SYS_ADMIN over the container's mount namespace, so without
-    // the filter this mount succeeds (and could uncover masked paths).
+    // A remapped root holds CAP_SYS_ADMIN in the container's user namespace: it may mount
+    // (as Docker's profile allows a CAP_SYS_ADMIN holder; the mount stays in the container's
+    // mount namespace), but pivot_root, which the kernel would let it try too, is refused by
+    // the filter with EPERM.
+    let host_mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
     let run = srun(
         &cluster,
         &["--container-remap-root"],
-        "mount -t tmpfs t /tmp; echo mount=$?",
+        "mount -t tmpfs berth-e2e-inside /tmp && grep -c '^berth-e2e-inside /tmp ' /proc/self/mounts; \
+         pivot_root /tmp /tmp; echo pivot=$?",
     );
     run.assert_success();
+    assert!(run.stdout.starts_with("1\n"), "mount was refused:\n{run}");
     assert!(
-        run.stdout.contains("mount=1"),
-        "mount was not refused:\n{run}"
+        run.stdout.contains("pivot=1"),
+        "pivot_root was not refused:\n{run}"
     );
     assert!(
-        run.stderr.contains("permission denied"),
+        run.stderr.contains("Operation not permitted"),
         "not EPERM:\n{run}"
+    );
+    assert!(!host_mounts.contains("berth-e2e-inside"));
+    assert!(
+        !std::fs::read_to_string("/proc/self/mounts")
+            .unwrap()
+            .contains("berth-e2e-inside"),
+        "the container's mount reached the host"
+    );
+    assert_node_idle(&cluster);
+}
+
+/// `--container-unshare=uts` without `--container-remap-root`: the task keeps CAP_SYS_ADMIN
+/// in the container's user namespace, and nothing else (ambient, as it runs under the
+/// user's own uid), so it sets the container's hostname as pyxis users do; the node's stays,
+/// no_new_privs holds. A container without a UTS namespace of its own keeps no capability.
+#[test]
+fn a_task_with_its_own_uts_namespace_may_set_its_hostname_and_holds_nothing_more() {
+    let _serial = serial();
+    let cluster = Cluster::get();
+    let node = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    let script = "hostname berth-e2e-uts; echo set=$?; hostname; \
+                  grep -E '^(CapEff|CapAmb|CapBnd|NoNewPrivs)' /proc/self/status";
+    let run = srun(&cluster, &["--container-unshare=uts"], script);
+    run.assert_success();
+    for expected in [
+        "set=0\nberth-e2e-uts\n",
+        "CapEff:\t0000000000200000",
+        "CapAmb:\t0000000000200000",
+        "CapBnd:\t0000000000200000",
+        "NoNewPrivs:\t1",
+    ] {
+        assert!(run.stdout.contains(expected), "{expected:?}:\n{run}");
+    }
+    let run = srun(&cluster, &[], script);
+    run.assert_success();
+    for expected in [
+        "set=1",
+        "CapEff:\t0000000000000000",
+        "CapAmb:\t0000000000000000",
+    ] {
+        assert!(run.stdout.contains(expected), "{expected:?}:\n{run}");
+    }
+    assert_eq!(
+        std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap(),
+        node
     );
     assert_node_idle(&cluster);
 }

@@ -153,7 +153,7 @@ pub fn build_spec(
         config: &source.config,
     };
     let mut spec = spec::build(&image, &opts, &spec::Host::current())?;
-    spec::with_seccomp(&mut spec, opts.remap_root, &config.security.seccomp_deny())?;
+    spec::with_seccomp(&mut spec, &opts, &config.security.seccomp_deny())?;
     let cgroups = berth_sys::cgroup::view().map_err(|source| Error::Sys {
         path: "/proc/self/cgroup".into(),
         source,

@@ -8,6 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
+use berth_sys::caps::{Capability, Kept};
 use berth_sys::mount_options::{is_tmpfs_option, BIND_FLAGS};
 use oci_spec::runtime::Spec;
 use serde_json::{json, Value};
@@ -229,10 +230,21 @@ pub fn build(image: &ImageRef<'_>, opts: &Options, host: &Host) -> Result<Spec> 
         "cwd": workdir(config, opts, host)?,
         "noNewPrivileges": true,
     });
-    // No capabilities means none (OCI); a remapped root keeps what its user namespace gives.
-    if opts.remap_root {
-        let all = berth_sys::caps::all_names();
-        process["capabilities"] = json!({ "bounding": all, "effective": all, "permitted": all });
+    // No capabilities means none (OCI); berth_sys::holder reads the same three cases back.
+    match kept_capabilities(opts) {
+        Kept::None => {}
+        Kept::All => {
+            let all = berth_sys::caps::all_names();
+            process["capabilities"] =
+                json!({ "bounding": all, "effective": all, "permitted": all });
+        }
+        kept @ Kept::Ambient(_) => {
+            let names = kept.ambient_names();
+            process["capabilities"] = json!({
+                "bounding": names, "effective": names, "inheritable": names,
+                "permitted": names, "ambient": names,
+            });
+        }
     }
     let home = home_inside(opts, host);
     let spec = json!({
@@ -306,12 +318,32 @@ pub fn isolation(spec: &Spec) -> berth_sys::Isolation {
     }
 }
 
-/// Adds the container's seccomp profile (`linux.seccomp`): berth's default denials, the
-/// site's `[security] seccomp_deny`, and for a `--remap-root` container the fake chown
+/// The capabilities the container's processes keep, every one in the container's own user
+/// namespace ([`Kept`]): a remapped root keeps what that namespace grants; a plain container
+/// with a UTS namespace of its own keeps CAP_SYS_ADMIN, ambient, because setting its hostname
+/// (the point of `--unshare=uts`, and what pyxis users do with it) needs that capability in
+/// the namespace's owner; any other container keeps none.
+pub fn kept_capabilities(opts: &Options) -> Kept {
+    if opts.remap_root {
+        Kept::All
+    } else if opts.isolation.uts {
+        Kept::Ambient(vec![Capability::CAP_SYS_ADMIN])
+    } else {
+        Kept::None
+    }
+}
+
+/// Adds the container's seccomp profile (`linux.seccomp`): berth's default denials (the mount
+/// family among them unless the processes keep CAP_SYS_ADMIN, see [`kept_capabilities`]),
+/// the site's `[security] seccomp_deny`, and for a `--remap-root` container the fake chown
 /// family. Every way into the container reads it back from the published spec, so `berth
 /// exec`, `berth exec --join` and Slurm's tasks run under the same filter.
-pub fn with_seccomp(spec: &mut Spec, remap_root: bool, site_deny: &[String]) -> Result<()> {
-    let profile = berth_sys::seccomp::Profile::for_container(remap_root, site_deny);
+pub fn with_seccomp(spec: &mut Spec, opts: &Options, site_deny: &[String]) -> Result<()> {
+    let privilege = berth_sys::seccomp::Privilege {
+        remap_root: opts.remap_root,
+        sys_admin: kept_capabilities(opts).holds(Capability::CAP_SYS_ADMIN),
+    };
+    let profile = berth_sys::seccomp::Profile::for_container(privilege, site_deny);
     let linux = spec.linux().clone().unwrap_or_default();
     let value = serde_json::to_value(profile).map_err(Error::Spec)?;
     let mut linux = linux;
@@ -786,6 +818,67 @@ mod tests {
         assert_eq!((map.container_id(), map.host_id()), (0, 1200));
     }
 
+    /// What each kind of container keeps, as its tasks read it back from the spec, and the
+    /// filter that goes with it: the mount family only where CAP_SYS_ADMIN is held.
+    #[test]
+    fn kept_capabilities_decide_the_confinement_and_the_mount_family() {
+        use berth_sys::seccomp::{Filter, Privilege, Profile};
+        let uts = berth_sys::Isolation {
+            uts: true,
+            ..Default::default()
+        };
+        let plain = opts(&["true"]);
+        let with_uts = Options {
+            isolation: uts,
+            ..opts(&["true"])
+        };
+        let root = Options {
+            remap_root: true,
+            ..opts(&["true"])
+        };
+        let root_with_uts = Options {
+            remap_root: true,
+            ..with_uts.clone()
+        };
+        let sys_admin = Kept::Ambient(vec![Capability::CAP_SYS_ADMIN]);
+        for (o, kept, privilege) in [
+            (&plain, Kept::None, Privilege::default()),
+            (
+                &with_uts,
+                sys_admin,
+                Privilege {
+                    remap_root: false,
+                    sys_admin: true,
+                },
+            ),
+            (
+                &root,
+                Kept::All,
+                Privilege {
+                    remap_root: true,
+                    sys_admin: true,
+                },
+            ),
+            (
+                &root_with_uts,
+                Kept::All,
+                Privilege {
+                    remap_root: true,
+                    sys_admin: true,
+                },
+            ),
+        ] {
+            assert_eq!(kept_capabilities(o), kept);
+            let mut spec = build_with(&ImageConfig::default(), o, &host());
+            with_seccomp(&mut spec, o, &[]).unwrap();
+            let json = serde_json::to_vec(&spec).unwrap();
+            let process = berth_sys::holder::ContainerProcess::from_spec(&json).unwrap();
+            assert_eq!(process.confinement.caps, kept, "{o:?}");
+            let expected = Filter::compile(&Profile::for_container(privilege, &[])).unwrap();
+            assert_eq!(process.confinement.seccomp, Some(expected), "{o:?}");
+        }
+    }
+
     #[test]
     fn unshared_namespaces_are_in_the_spec_and_read_back() {
         let c = ImageConfig::default();
@@ -871,12 +964,18 @@ mod tests {
 
     #[test]
     fn the_seccomp_profile_reads_back_as_berth_wrote_it() {
-        let mut spec = build_with(&ImageConfig::default(), &opts(&["true"]), &host());
-        with_seccomp(&mut spec, true, &["perf_event_open".into()]).unwrap();
+        let mut o = opts(&["true"]);
+        o.remap_root = true;
+        let mut spec = build_with(&ImageConfig::default(), &o, &host());
+        with_seccomp(&mut spec, &o, &["perf_event_open".into()]).unwrap();
         let json = serde_json::to_vec(&spec).unwrap();
         let process = berth_sys::holder::ContainerProcess::from_spec(&json).unwrap();
+        let root = berth_sys::seccomp::Privilege {
+            remap_root: true,
+            sys_admin: true,
+        };
         let expected =
-            berth_sys::seccomp::Profile::for_container(true, &["perf_event_open".into()]);
+            berth_sys::seccomp::Profile::for_container(root, &["perf_event_open".into()]);
         assert_eq!(
             process.confinement.seccomp,
             Some(berth_sys::seccomp::Filter::compile(&expected).unwrap())

@@ -44,6 +44,17 @@ fn nr(table: &[(&str, u32)], name: &str) -> u32 {
     number(table, name).unwrap_or_else(|| panic!("{name} not in the table"))
 }
 
+/// A plain container's processes, and a remapped root's (which holds every capability of
+/// the container's user namespace).
+const PLAIN: Privilege = Privilege {
+    remap_root: false,
+    sys_admin: false,
+};
+const ROOT: Privilege = Privilege {
+    remap_root: true,
+    sys_admin: true,
+};
+
 const EPERM: u32 = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
 const ENOSYS: u32 = libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
 const FAKED: u32 = libc::SECCOMP_RET_ERRNO;
@@ -92,7 +103,7 @@ fn every_default_name_is_known_and_unknown_names_are_refused() {
         assert!(is_known(n), "{n}");
     }
     assert!(!is_known("keyctI"));
-    let err = Filter::compile(&Profile::for_container(false, &["no_such_call".into()]))
+    let err = Filter::compile(&Profile::for_container(PLAIN, &["no_such_call".into()]))
         .unwrap_err()
         .to_string();
     assert!(err.contains("unknown syscall \"no_such_call\""), "{err}");
@@ -100,12 +111,13 @@ fn every_default_name_is_known_and_unknown_names_are_refused() {
 
 #[test]
 fn the_default_profile_denies_its_list_and_allows_the_rest() {
-    let f = Filter::compile(&Profile::for_container(false, &[])).unwrap();
+    let f = Filter::compile(&Profile::for_container(PLAIN, &[])).unwrap();
     for abi in ABIS {
         let call = |name: &str, args: [u64; 6]| run(&f, abi.arch, nr(abi.table, name), args);
         assert_eq!(call("keyctl", [0; 6]), EPERM);
         assert_eq!(call("kexec_load", [0; 6]), EPERM);
         assert_eq!(call("mount", [0; 6]), EPERM);
+        assert_eq!(call("fsopen", [0; 6]), EPERM);
         assert_eq!(call("bpf", [0; 6]), EPERM);
         assert_eq!(call("io_uring_setup", [0; 6]), ENOSYS);
         assert_eq!(call("read", [0; 6]), ALLOW);
@@ -137,7 +149,7 @@ fn the_default_profile_denies_its_list_and_allows_the_rest() {
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn x32_and_unknown_architectures_are_refused_and_i386_has_its_own_numbers() {
-    let f = Filter::compile(&Profile::for_container(false, &[])).unwrap();
+    let f = Filter::compile(&Profile::for_container(PLAIN, &[])).unwrap();
     let read = nr(table::X86_64, "read");
     assert_eq!(
         run(&f, AUDIT_ARCH_X86_64, read | X32_SYSCALL_BIT, [0; 6]),
@@ -152,7 +164,7 @@ fn x32_and_unknown_architectures_are_refused_and_i386_has_its_own_numbers() {
 #[test]
 fn a_site_denial_is_added_and_wins_over_the_fake_chown() {
     let extra = vec!["perf_event_open".to_string(), "chown".to_string()];
-    let f = Filter::compile(&Profile::for_container(true, &extra)).unwrap();
+    let f = Filter::compile(&Profile::for_container(ROOT, &extra)).unwrap();
     let abi = &ABIS[0];
     let call =
         |name: &str, arg0: u64| run(&f, abi.arch, nr(abi.table, name), [arg0, 0, 0, 0, 0, 0]);
@@ -165,7 +177,7 @@ fn a_site_denial_is_added_and_wins_over_the_fake_chown() {
 
 #[test]
 fn a_remapped_root_s_chown_and_id_changes_succeed_without_effect() {
-    let f = Filter::compile(&Profile::for_container(true, &[])).unwrap();
+    let f = Filter::compile(&Profile::for_container(ROOT, &[])).unwrap();
     for abi in ABIS {
         let call =
             |name: &str, arg0: u64| run(&f, abi.arch, nr(abi.table, name), [arg0, 0, 0, 0, 0, 0]);
@@ -183,14 +195,47 @@ fn a_remapped_root_s_chown_and_id_changes_succeed_without_effect() {
 }
 
 #[test]
+fn the_mount_family_is_allowed_only_to_a_cap_sys_admin_holder_unless_the_site_denies_it() {
+    let sys_admin = Privilege {
+        remap_root: false,
+        sys_admin: true,
+    };
+    for privilege in [PLAIN, sys_admin, ROOT] {
+        let f = Filter::compile(&Profile::for_container(privilege, &[])).unwrap();
+        for abi in ABIS {
+            let call = |name: &str| run(&f, abi.arch, nr(abi.table, name), [0; 6]);
+            let expected = if privilege.sys_admin { ALLOW } else { EPERM };
+            for name in MOUNT_FAMILY {
+                if number(abi.table, name).is_some() {
+                    assert_eq!(call(name), expected, "{name} for {privilege:?}");
+                }
+            }
+            assert_eq!(call("pivot_root"), EPERM, "{privilege:?}");
+            assert_eq!(
+                call("keyctl"),
+                EPERM,
+                "the other denials hold: {privilege:?}"
+            );
+            // Only a remapped root's chown is faked.
+            let chown = if privilege.remap_root { FAKED } else { ALLOW };
+            assert_eq!(call("fchownat"), chown, "{privilege:?}");
+        }
+    }
+    let f = Filter::compile(&Profile::for_container(ROOT, &["mount".into()])).unwrap();
+    let abi = &ABIS[0];
+    assert_eq!(run(&f, abi.arch, nr(abi.table, "mount"), [0; 6]), EPERM);
+    assert_eq!(run(&f, abi.arch, nr(abi.table, "fsopen"), [0; 6]), ALLOW);
+}
+
+#[test]
 fn profiles_berth_cannot_enforce_are_refused() {
-    let mut p = Profile::for_container(false, &[]);
+    let mut p = Profile::for_container(PLAIN, &[]);
     p.default_action = Action::Errno;
     assert!(Filter::compile(&p).is_err());
-    let mut p = Profile::for_container(false, &[]);
+    let mut p = Profile::for_container(PLAIN, &[]);
     p.flags.push("SECCOMP_FILTER_FLAG_LOG".into());
     assert!(Filter::compile(&p).is_err());
-    let mut p = Profile::for_container(false, &[]);
+    let mut p = Profile::for_container(PLAIN, &[]);
     p.syscalls[0].args = vec![Arg {
         index: 0,
         value: 1 << 40,
@@ -198,7 +243,7 @@ fn profiles_berth_cannot_enforce_are_refused() {
     }];
     assert!(Filter::compile(&p).is_err());
     // What the launcher writes reads back as the same profile (through the spec's JSON).
-    let p = Profile::for_container(true, &["acct".into()]);
+    let p = Profile::for_container(ROOT, &["acct".into()]);
     let json = serde_json::to_string(&p).unwrap();
     assert!(
         json.contains(r#""action":"SCMP_ACT_ERRNO","errnoRet":0"#),
@@ -207,7 +252,7 @@ fn profiles_berth_cannot_enforce_are_refused() {
     assert_eq!(serde_json::from_str::<Profile>(&json).unwrap(), p);
     // Every site addition at once still fits the kernel's limit.
     let all: Vec<String> = ABIS[0].table.iter().map(|(n, _)| n.to_string()).collect();
-    let f = Filter::compile(&Profile::for_container(true, &all)).unwrap();
+    let f = Filter::compile(&Profile::for_container(ROOT, &all)).unwrap();
     assert!(f.program.len() <= 4096);
 }
 
@@ -219,7 +264,7 @@ fn installed_the_kernel_refuses_and_fakes_as_compiled() {
     let file = dir.path().join("f");
     std::fs::write(&file, "").unwrap();
     let c_file = std::ffi::CString::new(file.as_os_str().as_encoded_bytes()).unwrap();
-    let f = Filter::compile(&Profile::for_container(true, &[])).unwrap();
+    let f = Filter::compile(&Profile::for_container(ROOT, &[])).unwrap();
     // SAFETY: the child only makes syscalls and _exits.
     match unsafe { nix::unistd::fork() }.unwrap() {
         nix::unistd::ForkResult::Child => {
