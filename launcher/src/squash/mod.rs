@@ -334,6 +334,13 @@ struct Stream {
     closed: Option<u64>,
 }
 
+impl Stream {
+    /// Closed, and every block written.
+    fn complete(&self) -> bool {
+        self.closed == Some(self.sizes.len() as u64)
+    }
+}
+
 enum Spill {
     /// At the image's tail, from this index of the image's blocks.
     Direct { start: u64 },
@@ -343,7 +350,8 @@ enum Spill {
 
 /// The writer thread: writes each stream's blocks in sequence order, the stream at the
 /// image's tail (from `start`) straight there and the others, while it does, to spill
-/// files; then the spill files after it. Returns where everything went.
+/// files; when the tail's stream ends, a spilling one takes it over; at the end, the spill
+/// files left go after it. Returns where everything went.
 fn write_blocks(
     out: &File,
     start: u64,
@@ -408,8 +416,28 @@ fn write_blocks(
             // The filler may have stopped already (an error); nothing to hand back then.
             let _ = tokens.send(block.buffer);
         }
-        if tail == Some(id) && stream.closed == Some(stream.sizes.len() as u64) {
+        if tail == Some(id) && stream.complete() {
+            // The open stream that spilled the most takes the tail over: what it spilled
+            // so far is copied there now, and what it writes next goes straight there.
             tail = None;
+            let heir = (streams.iter().enumerate())
+                .filter(|(_, s)| !s.complete())
+                .filter_map(|(i, s)| match &s.spill {
+                    Some(Spill::File { bytes, .. }) => Some((i, *bytes)),
+                    _ => None,
+                })
+                .max_by_key(|(_, bytes)| *bytes);
+            if let Some((heir, _)) = heir {
+                let stream = &mut streams[heir];
+                if let Some(Spill::File { file, bytes }) = stream.spill.take() {
+                    let first = image.sizes.len() as u64;
+                    append(out, start + image.bytes, &file, bytes)?;
+                    image.bytes += bytes;
+                    image.sizes.extend_from_slice(&stream.sizes);
+                    stream.spill = Some(Spill::Direct { start: first });
+                    tail = Some(heir);
+                }
+            }
         }
     }
     // Every stream is closed: the spilled ones go after the tail, in stream order.
@@ -417,22 +445,27 @@ fn write_blocks(
         match stream.spill.take() {
             None => image.starts.push(image.sizes.len() as u64),
             Some(Spill::Direct { start }) => image.starts.push(start),
-            Some(Spill::File { mut file, bytes }) => {
+            Some(Spill::File { file, bytes }) => {
                 image.starts.push(image.sizes.len() as u64);
-                file.seek(SeekFrom::Start(0))?;
-                let mut to = out;
-                to.seek(SeekFrom::Start(start + image.bytes))?;
-                // copy_file_range where the file system has it: no copy through memory.
-                let copied = io::copy(&mut (&file).take(bytes), &mut to)?;
-                if copied != bytes {
-                    return Err(io::Error::other("a spill file ended early"));
-                }
+                append(out, start + image.bytes, &file, bytes)?;
                 image.bytes += bytes;
                 image.sizes.extend_from_slice(&stream.sizes);
             }
         }
     }
     Ok(image)
+}
+
+/// Copies the `bytes` of a spill file to `at` in `out`.
+fn append(out: &File, at: u64, mut spill: &File, bytes: u64) -> io::Result<()> {
+    spill.seek(SeekFrom::Start(0))?;
+    let mut to = out;
+    to.seek(SeekFrom::Start(at))?;
+    // copy_file_range where the file system has it: no copy through user space.
+    if io::copy(&mut spill.take(bytes), &mut to)? != bytes {
+        return Err(io::Error::other("a spill file ended early"));
+    }
+    Ok(())
 }
 
 /// An unlinked file in `dir` for a stream's blocks.

@@ -400,8 +400,9 @@ fn a_large_file_streams_through_a_small_window_at_an_offset() {
 }
 
 /// Two streams filled in turns: the first writes at the image's tail, the second (opened
-/// while the first is still writing) goes to a spill file copied after it. Every file's
-/// blocks stay consecutive and its contents whole, and no spill file is left.
+/// while the first is still writing) goes to a spill file, and takes the tail over when
+/// the first ends. Every file's blocks stay consecutive and its contents whole, and no
+/// spill file is left.
 #[test]
 fn forked_streams_keep_each_file_whole() {
     let dir = tempfile::tempdir().unwrap();
@@ -419,13 +420,15 @@ fn forked_streams_keep_each_file_whole() {
         ("b2", pattern(BLOCK_SIZE * 2, 4)),
     ];
     let stats = build(&out, 0, &options, |data| {
-        let (mut a, mut b) = (data.fork(), data.fork());
+        let (mut a, mut b) = (Some(data.fork()), data.fork());
         let mut tree = Tree::new();
         for (name, contents) in &files {
-            let stream = if name.starts_with('a') {
-                &mut a
-            } else {
-                &mut b
+            if *name == "b2" {
+                a = None;
+            }
+            let stream = match (name.starts_with('a'), &mut a) {
+                (true, Some(a)) => a,
+                _ => &mut b,
             };
             let (file, copied) =
                 stream.file(&mut contents.as_slice(), contents.len() as u64, |e| {
