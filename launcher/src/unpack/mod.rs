@@ -29,6 +29,7 @@
 
 use std::collections::HashSet;
 use std::io::{self, Read};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Condvar, Mutex};
 
@@ -173,26 +174,40 @@ pub fn apply_layers(
                     };
                     let mut entries = Vec::new();
                     let mut stats = LayerStats::default();
-                    let ended = (source.open)().and_then(|reader| {
-                        let reader = Stoppable {
-                            inner: reader,
-                            stop,
-                        };
-                        read_layer(
-                            &mut data,
-                            reader,
-                            source.compression,
-                            &source.layer,
-                            budget,
-                            &mut stats,
-                            |entry| {
-                                entries.push(entry);
-                                Ok(())
-                            },
-                        )
-                    });
+                    let reading = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        (source.open)().and_then(|reader| {
+                            let reader = Stoppable {
+                                inner: reader,
+                                stop,
+                            };
+                            read_layer(
+                                &mut data,
+                                reader,
+                                source.compression,
+                                &source.layer,
+                                budget,
+                                &mut stats,
+                                |entry| {
+                                    entries.push(entry);
+                                    Ok(())
+                                },
+                            )
+                        })
+                    }));
+                    // A panic still fills the slot (the merge waits for it), then goes on
+                    // to the scope, which hands it to the caller, as one thread would.
+                    let (ended, panic) = match reading {
+                        Ok(ended) => (ended, None),
+                        Err(panic) => {
+                            let ended = Err(bad(&source.layer, "reading it panicked".into()));
+                            (ended, Some(panic))
+                        }
+                    };
                     lock(read)[i] = Some((entries, stats, ended));
                     ready.notify_all();
+                    if let Some(panic) = panic {
+                        std::panic::resume_unwind(panic);
+                    }
                 }
             });
         }
@@ -1000,6 +1015,38 @@ mod tests {
         long.append_data(&mut h, "n".repeat(256), &b"x"[..])
             .unwrap();
         root.refused(long.into_inner().unwrap(), "longer than 255 bytes");
+    }
+
+    /// Layers read at once report the first error in layer order: a refusal in the second
+    /// layer (a path through the first layer's symlink) wins over the third layer being
+    /// garbage, though the third fails first, and the first layer's contents are merged
+    /// before it.
+    #[test]
+    fn parallel_layers_report_the_first_error_in_layer_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = Layer::new()
+            .symlink("l", "/etc")
+            .file("big", &"x".repeat(1 << 20))
+            .bytes();
+        let through = Layer::new().file("l/passwd", "evil").bytes();
+        let garbage = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3, 0xff, 0xff, 0xff];
+        let layers: [(&[u8], Compression); 3] = [
+            (&base, Compression::None),
+            (&through, Compression::None),
+            (&garbage, Compression::Gzip),
+        ];
+        let err = build_image_parallel(dir.path(), &layers, 3).unwrap_err();
+        assert!(
+            matches!(&err, Error::UnsafeLayer { layer, .. } if layer == "sha256:test1"),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains("never writes through symlinks"),
+            "{err}"
+        );
+        // Without the refusal, the garbage layer is the error.
+        let err = build_image_parallel(dir.path(), &[layers[0], layers[2]], 3).unwrap_err();
+        assert!(err.to_string().contains("sha256:test1"), "{err}");
     }
 
     #[test]
