@@ -151,21 +151,8 @@ pub fn config_toml(data: &[u8]) {
     }
 }
 
-/// A scratch file for one input's image, already unlinked (nothing to clean up), in this
-/// process's own place under the temporary directory.
+/// A scratch file for one input's image, already unlinked (nothing to clean up), under
+/// the temporary directory.
 fn tempfile_in_tmp() -> std::io::Result<std::fs::File> {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let path = std::env::temp_dir().join(format!(
-        "berth-fuzz-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    let file = std::fs::File::options()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&path)?;
-    std::fs::remove_file(&path)?;
-    Ok(file)
+    squash::scratch_file(&std::env::temp_dir())
 }

@@ -397,7 +397,7 @@ fn write_blocks(
                     })
                 }
                 None => stream.spill.insert(Spill::File {
-                    file: spill_file(spill_dir, id)?,
+                    file: scratch_file(spill_dir)?,
                     bytes: 0,
                 }),
             };
@@ -468,12 +468,14 @@ fn append(out: &File, at: u64, mut spill: &File, bytes: u64) -> io::Result<()> {
     Ok(())
 }
 
-/// An unlinked file in `dir` for a stream's blocks.
-fn spill_file(dir: &Path, stream: usize) -> io::Result<File> {
+/// A read-write file in `dir`, already unlinked (nothing to clean up, whatever happens):
+/// a stream's spill file, or a scratch image.
+pub fn scratch_file(dir: &Path) -> io::Result<File> {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
     let path = dir.join(format!(
-        ".squash-spill-{}-{stream}-{:?}",
+        ".berth-scratch-{}-{}",
         std::process::id(),
-        std::thread::current().id()
+        NEXT.fetch_add(1, Ordering::Relaxed)
     ));
     let file = File::options()
         .read(true)

@@ -373,18 +373,7 @@ fn a_large_file_streams_through_a_small_window_at_an_offset() {
     };
     let stats = build(&out, 4096, &options, |data| {
         let mut tree = Tree::new();
-        let (contents, copied) = data.file(&mut Counting(size), size, |e| {
-            crate::Error::io("reading the test file", e)
-        })?;
-        assert_eq!(copied, size);
-        let meta = tree.node(Tree::ROOT).meta;
-        let id = tree.add(Node {
-            kind: Kind::File(contents),
-            meta,
-        });
-        tree.entries_mut(Tree::ROOT)
-            .unwrap()
-            .insert(b"f"[..].into(), id);
+        root_file(&mut tree, data, "f", &mut Counting(size), size)?;
         Ok(tree)
     })
     .unwrap();
@@ -397,6 +386,29 @@ fn a_large_file_streams_through_a_small_window_at_an_offset() {
         .unwrap();
     let text = String::from_utf8_lossy(&listing.stdout);
     assert!(text.contains(&format!(" {size} ")), "{text}");
+}
+
+/// Streams `size` bytes of `contents` through `data` as the file `name` in the root.
+fn root_file(
+    tree: &mut Tree,
+    data: &mut Data,
+    name: &str,
+    contents: &mut impl Read,
+    size: u64,
+) -> crate::Result<()> {
+    let (file, copied) = data.file(contents, size, |e| {
+        crate::Error::io("reading the test file", e)
+    })?;
+    assert_eq!(copied, size);
+    let meta = tree.node(Tree::ROOT).meta;
+    let id = tree.add(Node {
+        kind: Kind::File(file),
+        meta,
+    });
+    tree.entries_mut(Tree::ROOT)
+        .unwrap()
+        .insert(name.as_bytes().into(), id);
+    Ok(())
 }
 
 /// Two streams filled in turns: the first writes at the image's tail, the second (opened
@@ -430,19 +442,8 @@ fn forked_streams_keep_each_file_whole() {
                 (true, Some(a)) => a,
                 _ => &mut b,
             };
-            let (file, copied) =
-                stream.file(&mut contents.as_slice(), contents.len() as u64, |e| {
-                    crate::Error::io("reading the test file", e)
-                })?;
-            assert_eq!(copied, contents.len() as u64);
-            let meta = tree.node(Tree::ROOT).meta;
-            let id = tree.add(Node {
-                kind: Kind::File(file),
-                meta,
-            });
-            tree.entries_mut(Tree::ROOT)
-                .unwrap()
-                .insert(name.as_bytes().into(), id);
+            let size = contents.len() as u64;
+            root_file(&mut tree, stream, name, &mut contents.as_slice(), size)?;
         }
         Ok(tree)
     })
@@ -457,7 +458,7 @@ fn forked_streams_keep_each_file_whole() {
     let left: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name())
-        .filter(|n| n.to_string_lossy().contains("spill"))
+        .filter(|n| n.to_string_lossy().contains("scratch"))
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
