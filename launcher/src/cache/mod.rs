@@ -76,8 +76,9 @@ pub use size::{format_size, parse_size};
 
 /// Free space a build needs, as a multiple of the image's compressed size: the staged
 /// layers and the SIF (lz4 squashfs, typically 1-2 times the gzip size; nothing is unpacked
-/// on disk). An estimate: it refuses early what cannot fit, and a build that still runs out
-/// fails cleanly.
+/// on disk; the spill files of layers read in parallel hold part of the SIF until it is
+/// copied into it). An estimate: it refuses early what cannot fit, and a build that still
+/// runs out fails cleanly.
 const SPACE_FACTOR: u64 = 3;
 
 /// How `fetch_with` reports, and for whom it fetches.
