@@ -32,7 +32,14 @@ What it does:
    d. skopeo copy (registry -> OCI layout) + `umoci unpack --rootless` + mksquashfs with
       berth's old flags (`-comp lz4 -noappend -no-xattrs -quiet -no-progress -processors
       CPUS`), each timed, with its peak RSS; its files are removed afterwards (untimed).
-3. Prints a Markdown table and the load average before and after.
+   e. (unless --skip-cpu-profile) where a build's CPU goes, without the registry:
+      `target/release/examples/build_cpu` (cargo build --release --example build_cpu)
+      over the layout's blobs: SHA-256, gzip inflate, and the whole build, in CPU
+      seconds (user + sys) per GB; needs the layout (not with --remove-layout).
+3. Prints, on stdout, everything docs/BENCHMARKS.md quotes: a Markdown table (phases,
+   total, CPU s, peak RSS, squashfs size per path), s/GB of file data and the ratios to
+   berth, the load average before and after, the whiteouts' wasted bytes, the entry
+   check against mksquashfs, and the CPU profile.
 """
 
 import argparse
@@ -311,6 +318,16 @@ def layer_data(tar):
         tar.addfile(info, Chunks([rng.randbytes(8192) for _ in range(512)], info.size, rng))
 
 
+def whited_out():
+    """(files, bytes) of file data the update layer removes (whiteouts and the opaque
+    directory): what the streamed build has already written when the whiteout comes."""
+    rng = random.Random(4)
+    files = small_files()
+    gone = {path: size for path, size in rng.sample(files, 2000)}
+    gone.update((p, n) for p, n in files if "/pkg007/" in p)
+    return len(gone), sum(gone.values())
+
+
 def layer_update(tar):
     rng = random.Random(4)
     files = small_files()
@@ -455,6 +472,8 @@ def main():
     ap.add_argument("--rebuild", action="store_true")
     ap.add_argument("--skip-pipeline", action="store_true")
     ap.add_argument("--skip-old", action="store_true", help="without --old-berth's run")
+    ap.add_argument("--skip-cpu-profile", action="store_true",
+                    help="without build_cpu's profile of the build over the layout's blobs")
     ap.add_argument("--work-dir", default="/var/tmp")
     ap.add_argument("--layout", default="/var/tmp/berth-large-image/oci",
                     help="where the image's OCI layout is built (once) and pushed from")
@@ -494,8 +513,27 @@ def main():
             subprocess.run(["rm", "-rf", tmp])
 
 
+def cpu_profile(layout):
+    """build_cpu's lines over the layout's layer blobs, in image order (None when the
+    binary or the layout is missing)."""
+    exe = "target/release/examples/build_cpu"
+    if not (os.path.exists(exe) and os.path.exists(os.path.join(layout, "index.json"))):
+        log(f"no CPU profile: needs {exe} (cargo build --release --example build_cpu) "
+            f"and the layout {layout}")
+        return None
+    blobs = os.path.join(layout, "blobs", "sha256")
+    with open(os.path.join(layout, "index.json")) as f:
+        manifest = json.load(f)["manifests"][0]["digest"].split(":")[1]
+    with open(os.path.join(blobs, manifest)) as f:
+        layers = [os.path.join(blobs, l["digest"].split(":")[1]) for l in json.load(f)["layers"]]
+    drop_caches()
+    return subprocess.run([exe, os.path.dirname(layout), *layers], check=True,
+                          capture_output=True).stdout.decode()
+
+
 def run(a, berth):
-    log(f"load before: {loadavg()}")
+    load_before = loadavg()
+    log(f"load before: {load_before}")
     if a.rebuild or not in_registry():
         if a.rebuild:
             subprocess.run(["rm", "-rf", a.layout])
@@ -516,9 +554,12 @@ def run(a, berth):
         rows.append(fetch_phases(a.old_berth, "berth today (unpack + mksquashfs)"))
     pipe = None if a.skip_pipeline else pipeline(a.work_dir)
     sh(berth, *SITE["config"], "prune", "--all", stdout=subprocess.DEVNULL)
-    log(f"load after: {loadavg()}")
+    profile = None if a.skip_cpu_profile else cpu_profile(a.layout)
+    load_after = loadavg()
+    log(f"load after: {load_after}")
 
-    print(f"\nload average before/after: see stderr; CPUs: {CPUS}\n")
+    print(f"\nload average (1, 5, 15 min) before: {load_before}; after: {load_after}; "
+          f"CPUs: {CPUS}\n")
     if srun_cold is not None:
         print(f"srun --container-image cold: {srun_cold:.1f} s; warm (median of "
               f"{a.warm_runs}): {srun_warm * 1000:.0f} ms\n")
@@ -544,6 +585,25 @@ def run(a, berth):
             print(f"{r['label']}: {len(r['listing'])} entries, {len(differ)} differ from "
                   f"mksquashfs's {len(reference)} (mode, owner, file size){': ' if differ else ''}"
                   f"{', '.join(differ[:5])}")
+    # Per GB of the image's file data (the regular files' sizes, whiteouts applied).
+    listing_ = rows[0]["listing"]
+    gb = sum(int(size) for mode, _, size in listing_.values() if mode.startswith("-")) / 1e9
+    print(f"\nimage: {gb:.2f} GB of file data, {len(listing_)} entries")
+    berth_total = rows[0]["total"]
+    for r in rows:
+        print(f"{r['label']}: {r['total'] / gb:.1f} s/GB, {r['cpu'] / gb:.1f} CPU-s/GB, "
+              f"{r['total'] / berth_total:.2f}x berth's time")
+    if pipe:
+        print(f"skopeo + umoci + mksquashfs: {total / gb:.1f} s/GB, {cpu / gb:.1f} CPU-s/GB, "
+              f"{total / berth_total:.2f}x berth's time")
+    if srun_cold is not None:
+        print(f"srun cold: {srun_cold / gb:.1f} s/GB")
+    files, wasted = whited_out()
+    print(f"whiteouts: {files} files removed by the update layer, {wasted / MB:.1f} MB of "
+          f"file data written anyway ({100 * wasted / (gb * 1e9):.2f}% of the image's data)")
+    if profile:
+        print(f"\nCPU profile (build_cpu over the layout's blobs, page cache dropped):\n"
+              f"{profile}")
 
 
 if __name__ == "__main__":

@@ -76,8 +76,9 @@ pub use size::{format_size, parse_size};
 
 /// Free space a build needs, as a multiple of the image's compressed size: the staged
 /// layers and the SIF (lz4 squashfs, typically 1-2 times the gzip size; nothing is unpacked
-/// on disk). An estimate: it refuses early what cannot fit, and a build that still runs out
-/// fails cleanly.
+/// on disk; the spill files of layers read in parallel hold part of the SIF until it is
+/// copied into it). An estimate: it refuses early what cannot fit, and a build that still
+/// runs out fails cleanly.
 const SPACE_FACTOR: u64 = 3;
 
 /// How `fetch_with` reports, and for whom it fetches.
@@ -750,7 +751,8 @@ impl Cache {
     /// Streams the layers staged in `staging/blobs` into the squashfs of
     /// `staging/image.sif`, within the image limits: no unpacked tree on disk (see `squash`).
     /// Each blob is read once it is there (`downloading` is set while downloads may still
-    /// bring it).
+    /// bring it); several layers are read at once (see `unpack::apply_layers`), since one
+    /// layer's inflate is a single thread.
     fn convert(
         &self,
         layers: &[(&Descriptor, Digest, Compression)],
@@ -767,29 +769,35 @@ impl Cache {
         let mut built = squash::Stats::default();
         let squash_options = squash::Options {
             block_memory: self.limits.build_memory,
+            spill_dir: staging.to_path_buf(),
             ..Default::default()
         };
+        let workers = unpack::layer_workers(squash_options.threads);
         sif::create_with(&staging.join("image.sif"), image_config, |file, offset| {
             built = squash::build(file, offset, &squash_options, |data| {
                 let mut tree = squash::Tree::new();
-                for (_, layer_digest, compression) in layers {
-                    let path = blobs.join(layer_digest.hex());
-                    wait_for_blob(&path, downloading)?;
-                    let file = File::open(&path)
-                        .map_err(|e| Error::io(format!("opening blob {}", path.display()), e))?;
-                    let counted = Counted {
-                        inner: BufReader::with_capacity(256 << 10, file),
-                        progress: &building,
-                    };
-                    unpack::apply_layer(
-                        &mut tree,
-                        data,
-                        counted,
-                        *compression,
-                        &layer_digest.to_string(),
-                        &mut budget,
-                    )?;
-                }
+                let sources = layers
+                    .iter()
+                    .map(|(_, layer_digest, compression)| {
+                        let path = blobs.join(layer_digest.hex());
+                        let building = &building;
+                        unpack::Source {
+                            layer: layer_digest.to_string(),
+                            compression: *compression,
+                            open: Box::new(move || {
+                                wait_for_blob(&path, downloading)?;
+                                let file = File::open(&path).map_err(|e| {
+                                    Error::io(format!("opening blob {}", path.display()), e)
+                                })?;
+                                Ok(Box::new(Counted {
+                                    inner: BufReader::with_capacity(256 << 10, file),
+                                    progress: building,
+                                }) as Box<dyn Read + Send>)
+                            }),
+                        }
+                    })
+                    .collect();
+                unpack::apply_layers(&mut tree, data, sources, &mut budget, workers)?;
                 Ok(tree)
             })?;
             Ok(built.bytes)

@@ -44,19 +44,31 @@ pub fn compressor_options() -> Vec<u8> {
     b
 }
 
+/// How a data block is stored.
+pub enum Stored {
+    /// All zeros: nothing on disk (a hole).
+    Hole,
+    /// lz4, smaller than the block.
+    Packed(Vec<u8>),
+    /// As read: the first `len` bytes of the block's buffer.
+    Raw(usize),
+}
+
 /// One data block as stored: lz4 when that is smaller, else as is; nothing at all (a hole)
-/// when it is all zeros. Returns the bytes and the block's size word.
-pub fn compress_block(data: Vec<u8>) -> (Vec<u8>, u32) {
+/// when it is all zeros. Returns how, and the block's size word.
+pub fn compress_block(data: &[u8]) -> (Stored, u32) {
     if data.iter().all(|b| *b == 0) {
-        return (Vec::new(), 0);
+        return (Stored::Hole, 0);
     }
-    let packed = lz4_flex::block::compress(&data);
+    let packed = lz4_flex::block::compress(data);
     if packed.len() < data.len() {
         let word = packed.len() as u32;
-        (packed, word)
+        (Stored::Packed(packed), word)
     } else {
-        let word = data.len() as u32 | BLOCK_UNCOMPRESSED;
-        (data, word)
+        (
+            Stored::Raw(data.len()),
+            data.len() as u32 | BLOCK_UNCOMPRESSED,
+        )
     }
 }
 
@@ -134,13 +146,14 @@ impl Record {
 
 /// Writes the tables for `tree` after the data (which ends at `data_end`, relative to
 /// `base`), then the superblock at `base`. `sizes` are the size words of the data blocks in
-/// the order they were written.
+/// the order they are in the image, where each stream's start at `starts[stream]`.
 pub fn write_tables(
     out: &File,
     base: u64,
     data_end: u64,
     tree: &Tree,
     sizes: &[u32],
+    starts: &[u64],
 ) -> Result<Stats> {
     let data_start = (SUPERBLOCK_LEN + compressor_options().len()) as u64;
     let mut positions = Vec::with_capacity(sizes.len());
@@ -156,6 +169,7 @@ pub fn write_tables(
         tree,
         layout: &layout,
         sizes,
+        starts,
         positions: &positions,
         inodes: Metadata::default(),
         dirs: Metadata::default(),
@@ -273,6 +287,7 @@ struct TableWriter<'a> {
     tree: &'a Tree,
     layout: &'a Layout,
     sizes: &'a [u32],
+    starts: &'a [u64],
     positions: &'a [u64],
     inodes: Metadata,
     dirs: Metadata,
@@ -333,7 +348,8 @@ impl TableWriter<'_> {
                 r
             }
             Kind::File(data) => {
-                let range = data.first_block as usize..(data.first_block + data.blocks) as usize;
+                let first = self.starts.get(data.stream).copied().unwrap_or(0) + data.first_block;
+                let range = first as usize..(first + data.blocks) as usize;
                 let words = &self.sizes[range.clone()];
                 let start = self.positions.get(range.start).copied().unwrap_or(0);
                 let sparse: u64 = words

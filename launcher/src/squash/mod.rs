@@ -24,8 +24,10 @@ mod tree;
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{self, Read};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 
@@ -36,7 +38,7 @@ use crate::{Error, Result};
 /// squashfs data block size: mksquashfs's default, and squashfuse's cache unit.
 pub const BLOCK_SIZE: usize = 128 << 10;
 /// How much block data (read, compressing, or waiting to be written) one build may hold:
-/// about two copies of each block in flight.
+/// about two buffers per block in flight (the block read, and its compressed copy).
 pub const DEFAULT_BLOCK_MEMORY: usize = 64 << 20;
 
 /// How a build runs.
@@ -46,6 +48,9 @@ pub struct Options {
     pub threads: usize,
     /// Bytes of block data in flight at most (see [`DEFAULT_BLOCK_MEMORY`]).
     pub block_memory: usize,
+    /// Where the blocks of a [`Data::fork`]ed stream wait (in an unlinked file) while
+    /// another stream writes the image's tail.
+    pub spill_dir: PathBuf,
 }
 
 impl Default for Options {
@@ -53,6 +58,7 @@ impl Default for Options {
         Options {
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             block_memory: DEFAULT_BLOCK_MEMORY,
+            spill_dir: std::env::temp_dir(),
         }
     }
 }
@@ -81,42 +87,52 @@ pub fn build(
     let in_flight = (options.block_memory / (2 * BLOCK_SIZE)).max(threads + 1);
     let data_start = write_compressor_options(out, base)?;
 
-    let (tree, sizes, end) = std::thread::scope(|scope| {
+    let (tree, written) = std::thread::scope(|scope| {
         let (jobs_tx, jobs_rx) = mpsc::sync_channel::<Job>(in_flight);
         let jobs_rx = Arc::new(Mutex::new(jobs_rx));
-        let (done_tx, done_rx) = mpsc::sync_channel::<Done>(in_flight);
-        let (tokens_tx, tokens_rx) = mpsc::sync_channel::<()>(in_flight);
+        let (done_tx, done_rx) = mpsc::sync_channel::<ToWriter>(in_flight);
+        // A token is a block buffer: the writer hands each one back once its block is on
+        // disk, so blocks are read into memory that is neither allocated nor zeroed again.
+        let (tokens_tx, tokens_rx) = mpsc::sync_channel::<Vec<u8>>(in_flight);
         for _ in 0..in_flight {
-            tokens_tx.send(()).expect("the channel holds every token");
+            tokens_tx
+                .send(Vec::new())
+                .expect("the channel holds every token");
         }
         for _ in 0..threads {
             let (jobs, done) = (Arc::clone(&jobs_rx), done_tx.clone());
             scope.spawn(move || compress_blocks(&jobs, &done));
         }
-        drop(done_tx);
-        let writer =
-            scope.spawn(move || write_blocks(out, base + data_start, &done_rx, &tokens_tx));
+        let spill_dir = &options.spill_dir;
+        let writer = scope
+            .spawn(move || write_blocks(out, base + data_start, spill_dir, &done_rx, &tokens_tx));
         let mut data = Data {
-            jobs: Some(jobs_tx),
-            tokens: tokens_rx,
+            jobs: jobs_tx,
+            writer: done_tx,
+            tokens: Arc::new(Mutex::new(tokens_rx)),
+            streams: Arc::new(AtomicUsize::new(1)),
+            stream: 0,
+            spare: None,
             next: 0,
         };
         let filled = fill(&mut data);
-        // Closing the queue ends the compressors, then the writer, in order.
-        data.jobs = None;
+        // Closing the queue ends the compressors, then the writer, in order (every fork
+        // has ended with `fill`).
+        drop(data);
         let written = writer.join().expect("the block writer does not panic");
         // A write error is the cause of any "writer stopped" the filler saw.
-        let (sizes, len) = written.map_err(write_error)?;
-        let tree = filled?;
-        Ok::<_, Error>((tree, sizes, data_start + len))
+        let written = written.map_err(write_error)?;
+        Ok::<_, Error>((filled?, written))
     })?;
-    format::write_tables(out, base, end, &tree, &sizes)
+    let end = data_start + written.bytes;
+    format::write_tables(out, base, end, &tree, &written.sizes, &written.starts)
 }
 
 /// [`build`] on the caller's thread, for the layer fuzz target (thousands of builds a
 /// second, where starting the threads of one would cost more than the build): the blocks
 /// `fill` streams wait in memory, at most `max_blocks` of them (the next is an error), and
-/// are then compressed and written as [`build`]'s threads would, to the same bytes.
+/// are then compressed and written as [`build`]'s threads would, to the same bytes. `fill`
+/// must not [`Data::fork`] (a second stream would spill to the temporary directory).
 pub fn build_serial(
     out: &File,
     base: u64,
@@ -125,27 +141,36 @@ pub fn build_serial(
 ) -> Result<Stats> {
     let data_start = write_compressor_options(out, base)?;
     let (jobs_tx, jobs_rx) = mpsc::sync_channel::<Job>(max_blocks);
-    let (done_tx, done_rx) = mpsc::sync_channel::<Done>(max_blocks);
-    let (tokens_tx, tokens_rx) = mpsc::sync_channel::<()>(max_blocks);
+    // Every block, and the stream's end.
+    let (done_tx, done_rx) = mpsc::sync_channel::<ToWriter>(max_blocks + 1);
+    let (tokens_tx, tokens_rx) = mpsc::sync_channel::<Vec<u8>>(max_blocks);
     for _ in 0..max_blocks {
-        tokens_tx.send(()).expect("the channel holds every token");
+        tokens_tx
+            .send(Vec::new())
+            .expect("the channel holds every token");
     }
-    // No token comes back while `fill` runs: past `max_blocks`, `Data` finds the writer
+    // No buffer comes back while `fill` runs: past `max_blocks`, `Data` finds the writer
     // stopped instead of waiting for ever.
     drop(tokens_tx);
     let mut data = Data {
-        jobs: Some(jobs_tx),
-        tokens: tokens_rx,
+        jobs: jobs_tx,
+        writer: done_tx.clone(),
+        tokens: Arc::new(Mutex::new(tokens_rx)),
+        streams: Arc::new(AtomicUsize::new(1)),
+        stream: 0,
+        spare: None,
         next: 0,
     };
     let filled = fill(&mut data);
     drop(data);
     compress_blocks(&Mutex::new(jobs_rx), &done_tx);
     drop(done_tx);
-    let (no_tokens, _) = mpsc::sync_channel(0);
-    let (sizes, len) =
-        write_blocks(out, base + data_start, &done_rx, &no_tokens).map_err(write_error)?;
-    format::write_tables(out, base, data_start + len, &filled?, &sizes)
+    // The buffers the writer hands back go nowhere.
+    let (unused_tx, _) = mpsc::sync_channel(0);
+    let written = write_blocks(out, base + data_start, &std::env::temp_dir(), &done_rx, &unused_tx)
+        .map_err(write_error)?;
+    let end = data_start + written.bytes;
+    format::write_tables(out, base, end, &filled?, &written.sizes, &written.starts)
 }
 
 /// Writes the compressor options after the superblock's place (the superblock is written
@@ -161,15 +186,49 @@ fn write_error(e: io::Error) -> Error {
     Error::io("writing the squashfs image", e)
 }
 
-/// Where file contents go during a [`build`].
+/// Where file contents go during a [`build`]: one stream of blocks, whose files' blocks
+/// are consecutive in the image. [`Data::fork`] makes another stream, for another thread.
 pub struct Data {
-    jobs: Option<SyncSender<Job>>,
-    tokens: Receiver<()>,
-    /// The sequence number of the next block.
+    jobs: SyncSender<Job>,
+    writer: SyncSender<ToWriter>,
+    tokens: Arc<Mutex<Receiver<Vec<u8>>>>,
+    /// Streams made so far (the next one's number).
+    streams: Arc<AtomicUsize>,
+    stream: usize,
+    /// A buffer taken for a block that turned out empty (the file ended early).
+    spare: Option<Vec<u8>>,
+    /// The sequence number of the next block in this stream.
     next: u64,
 }
 
+impl Drop for Data {
+    fn drop(&mut self) {
+        // The writer ends the stream once its last block is written. It may have stopped
+        // already (an error); nothing to tell it then.
+        let _ = self.writer.send(ToWriter::Closed {
+            stream: self.stream,
+            blocks: self.next,
+        });
+    }
+}
+
 impl Data {
+    /// A new stream into the same image, to fill from another thread. Its blocks go
+    /// straight to the image's tail when no other stream is writing there, else to a
+    /// spill file copied to the tail at the end: either way a stream's blocks end up
+    /// consecutive (so each of its files' blocks do).
+    pub fn fork(&self) -> Data {
+        Data {
+            jobs: self.jobs.clone(),
+            writer: self.writer.clone(),
+            tokens: Arc::clone(&self.tokens),
+            streams: Arc::clone(&self.streams),
+            stream: self.streams.fetch_add(1, Ordering::Relaxed),
+            spare: None,
+            next: 0,
+        }
+    }
+
     /// Streams up to `size` bytes of `reader` into the image as one file's contents.
     /// Returns the file's data and how many bytes `reader` had (less than `size` when it
     /// ended early: the caller decides whether a short file is an error). A read error
@@ -184,46 +243,61 @@ impl Data {
         let mut copied = 0u64;
         while copied < size {
             let want = (size - copied).min(BLOCK_SIZE as u64) as usize;
-            let mut block = vec![0u8; want];
-            let n = read_full(reader, &mut block).map_err(&read_error)?;
+            let mut block = self.buffer()?;
+            let n = read_full(reader, &mut block[..want]).map_err(&read_error)?;
             if n == 0 {
+                self.spare = Some(block);
                 break;
             }
-            block.truncate(n);
             copied += n as u64;
-            self.submit(block)?;
+            self.submit(block, n)?;
             if n < want {
                 break;
             }
         }
         let data = FileData {
             size: copied,
+            stream: self.stream,
             first_block: first,
             blocks: self.next - first,
         };
         Ok((data, copied))
     }
 
-    fn submit(&mut self, data: Vec<u8>) -> Result<()> {
-        let stopped = || {
-            Error::io(
-                "writing the squashfs image",
-                io::Error::other("the block writer stopped"),
-            )
+    /// A block buffer of [`BLOCK_SIZE`] bytes, once a block in flight is on disk (the
+    /// bound on memory): zeroed only the first time it is used.
+    fn buffer(&mut self) -> Result<Vec<u8>> {
+        let mut block = match self.spare.take() {
+            Some(block) => block,
+            None => self
+                .tokens
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .recv()
+                .map_err(|_| writer_stopped())?,
         };
-        // A token per block in flight: the writer returns it once the block is on disk.
-        self.tokens.recv().map_err(|_| stopped())?;
+        block.resize(BLOCK_SIZE, 0);
+        Ok(block)
+    }
+
+    /// Queues the first `len` bytes of `data` as the next block.
+    fn submit(&mut self, data: Vec<u8>, len: usize) -> Result<()> {
         let job = Job {
+            stream: self.stream,
             seq: self.next,
             data,
+            len,
         };
         self.next += 1;
-        self.jobs
-            .as_ref()
-            .expect("jobs open while filling")
-            .send(job)
-            .map_err(|_| stopped())
+        self.jobs.send(job).map_err(|_| writer_stopped())
     }
+}
+
+fn writer_stopped() -> Error {
+    Error::io(
+        "writing the squashfs image",
+        io::Error::other("the block writer stopped"),
+    )
 }
 
 /// Reads until `buf` is full or the reader ends.
@@ -240,32 +314,41 @@ fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n)
 }
 
+/// A block read: the first `len` bytes of `data` (a [`BLOCK_SIZE`] buffer).
 struct Job {
+    stream: usize,
     seq: u64,
     data: Vec<u8>,
+    len: usize,
 }
 
+/// A block ready to be written.
 struct Done {
+    stream: usize,
     seq: u64,
-    /// What goes on disk (empty for a hole) and its squashfs size word.
-    bytes: Vec<u8>,
+    /// What goes on disk (nothing for a hole) and its squashfs size word.
+    stored: format::Stored,
     word: u32,
+    /// The block's buffer, to hand back once it is written.
+    buffer: Vec<u8>,
 }
 
 /// A compressing thread: takes blocks until the queue closes.
-fn compress_blocks(jobs: &Mutex<Receiver<Job>>, done: &SyncSender<Done>) {
+fn compress_blocks(jobs: &Mutex<Receiver<Job>>, done: &SyncSender<ToWriter>) {
     loop {
         let job = match jobs.lock().unwrap_or_else(|p| p.into_inner()).recv() {
             Ok(job) => job,
             Err(_) => return,
         };
-        let (bytes, word) = format::compress_block(job.data);
+        let (stored, word) = format::compress_block(&job.data[..job.len]);
         if done
-            .send(Done {
+            .send(ToWriter::Block(Done {
+                stream: job.stream,
                 seq: job.seq,
-                bytes,
+                stored,
                 word,
-            })
+                buffer: job.data,
+            }))
             .is_err()
         {
             return;
@@ -273,28 +356,187 @@ fn compress_blocks(jobs: &Mutex<Receiver<Job>>, done: &SyncSender<Done>) {
     }
 }
 
-/// The writer thread: puts blocks on disk in sequence order from `start`, returns each
-/// block's size word and the bytes written.
+/// What the writer thread is told.
+enum ToWriter {
+    Block(Done),
+    /// A stream has no more blocks than these.
+    Closed {
+        stream: usize,
+        blocks: u64,
+    },
+}
+
+/// What the writer thread wrote.
+struct Written {
+    /// The size words of the data blocks, in the order they are in the image.
+    sizes: Vec<u32>,
+    /// Where each stream's blocks start in `sizes`.
+    starts: Vec<u64>,
+    /// Bytes of data.
+    bytes: u64,
+}
+
+/// One stream, as the writer sees it.
+#[derive(Default)]
+struct Stream {
+    /// Blocks that came before those before them.
+    waiting: BTreeMap<u64, Done>,
+    sizes: Vec<u32>,
+    /// Where the blocks go, once the first one is written.
+    spill: Option<Spill>,
+    closed: Option<u64>,
+}
+
+impl Stream {
+    /// Closed, and every block written.
+    fn complete(&self) -> bool {
+        self.closed == Some(self.sizes.len() as u64)
+    }
+}
+
+enum Spill {
+    /// At the image's tail, from this index of the image's blocks.
+    Direct { start: u64 },
+    /// In an unlinked file, `bytes` long so far.
+    File { file: File, bytes: u64 },
+}
+
+/// The writer thread: writes each stream's blocks in sequence order, the stream at the
+/// image's tail (from `start`) straight there and the others, while it does, to spill
+/// files; when the tail's stream ends, a spilling one takes it over; at the end, the spill
+/// files left go after it. Returns where everything went.
 fn write_blocks(
     out: &File,
     start: u64,
-    done: &Receiver<Done>,
-    tokens: &SyncSender<()>,
-) -> io::Result<(Vec<u32>, u64)> {
-    let mut waiting: BTreeMap<u64, Done> = BTreeMap::new();
-    let mut sizes = Vec::new();
-    let mut pos = 0u64;
-    for block in done.iter() {
-        waiting.insert(block.seq, block);
-        while let Some(block) = waiting.remove(&(sizes.len() as u64)) {
-            out.write_all_at(&block.bytes, start + pos)?;
-            pos += block.bytes.len() as u64;
-            sizes.push(block.word);
+    spill_dir: &Path,
+    done: &Receiver<ToWriter>,
+    tokens: &SyncSender<Vec<u8>>,
+) -> io::Result<Written> {
+    let mut streams: Vec<Stream> = Vec::new();
+    let mut image = Written {
+        sizes: Vec::new(),
+        starts: Vec::new(),
+        bytes: 0,
+    };
+    // The stream writing at the tail, until its last block is written.
+    let mut tail: Option<usize> = None;
+    for message in done.iter() {
+        let id = match &message {
+            ToWriter::Block(block) => block.stream,
+            ToWriter::Closed { stream, .. } => *stream,
+        };
+        if streams.len() <= id {
+            streams.resize_with(id + 1, Stream::default);
+        }
+        let stream = &mut streams[id];
+        match message {
+            ToWriter::Block(block) => {
+                stream.waiting.insert(block.seq, block);
+            }
+            ToWriter::Closed { blocks, .. } => stream.closed = Some(blocks),
+        }
+        while let Some(block) = stream.waiting.remove(&(stream.sizes.len() as u64)) {
+            let bytes = match &block.stored {
+                format::Stored::Hole => &[][..],
+                format::Stored::Packed(packed) => packed,
+                format::Stored::Raw(len) => &block.buffer[..*len],
+            };
+            let spill = match &mut stream.spill {
+                Some(spill) => spill,
+                None if tail.is_none() => {
+                    tail = Some(id);
+                    stream.spill.insert(Spill::Direct {
+                        start: image.sizes.len() as u64,
+                    })
+                }
+                None => stream.spill.insert(Spill::File {
+                    file: scratch_file(spill_dir)?,
+                    bytes: 0,
+                }),
+            };
+            match spill {
+                Spill::Direct { .. } => {
+                    out.write_all_at(bytes, start + image.bytes)?;
+                    image.bytes += bytes.len() as u64;
+                    image.sizes.push(block.word);
+                }
+                Spill::File { file, bytes: len } => {
+                    file.write_all_at(bytes, *len)?;
+                    *len += bytes.len() as u64;
+                }
+            }
+            stream.sizes.push(block.word);
             // The filler may have stopped already (an error); nothing to hand back then.
-            let _ = tokens.send(());
+            let _ = tokens.send(block.buffer);
+        }
+        if tail == Some(id) && stream.complete() {
+            // The open stream that spilled the most takes the tail over: what it spilled
+            // so far is copied there now, and what it writes next goes straight there.
+            tail = None;
+            let heir = (streams.iter().enumerate())
+                .filter(|(_, s)| !s.complete())
+                .filter_map(|(i, s)| match &s.spill {
+                    Some(Spill::File { bytes, .. }) => Some((i, *bytes)),
+                    _ => None,
+                })
+                .max_by_key(|(_, bytes)| *bytes);
+            if let Some((heir, _)) = heir {
+                let stream = &mut streams[heir];
+                if let Some(Spill::File { file, bytes }) = stream.spill.take() {
+                    let first = image.sizes.len() as u64;
+                    append(out, start + image.bytes, &file, bytes)?;
+                    image.bytes += bytes;
+                    image.sizes.extend_from_slice(&stream.sizes);
+                    stream.spill = Some(Spill::Direct { start: first });
+                    tail = Some(heir);
+                }
+            }
         }
     }
-    Ok((sizes, pos))
+    // Every stream is closed: the spilled ones go after the tail, in stream order.
+    for stream in &mut streams {
+        match stream.spill.take() {
+            None => image.starts.push(image.sizes.len() as u64),
+            Some(Spill::Direct { start }) => image.starts.push(start),
+            Some(Spill::File { file, bytes }) => {
+                image.starts.push(image.sizes.len() as u64);
+                append(out, start + image.bytes, &file, bytes)?;
+                image.bytes += bytes;
+                image.sizes.extend_from_slice(&stream.sizes);
+            }
+        }
+    }
+    Ok(image)
+}
+
+/// Copies the `bytes` of a spill file to `at` in `out`.
+fn append(out: &File, at: u64, mut spill: &File, bytes: u64) -> io::Result<()> {
+    spill.seek(SeekFrom::Start(0))?;
+    let mut to = out;
+    to.seek(SeekFrom::Start(at))?;
+    // copy_file_range where the file system has it: no copy through user space.
+    if io::copy(&mut spill.take(bytes), &mut to)? != bytes {
+        return Err(io::Error::other("a spill file ended early"));
+    }
+    Ok(())
+}
+
+/// A read-write file in `dir`, already unlinked (nothing to clean up, whatever happens):
+/// a stream's spill file, or a scratch image.
+pub fn scratch_file(dir: &Path) -> io::Result<File> {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let path = dir.join(format!(
+        ".berth-scratch-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)?;
+    std::fs::remove_file(&path)?;
+    Ok(file)
 }
 
 #[cfg(test)]

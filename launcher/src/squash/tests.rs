@@ -2,6 +2,7 @@
 //! superblock) and squashfuse (a mount, as `berth exec` uses it).
 
 use std::fs::File;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -43,6 +44,41 @@ pub(crate) fn build_image(
     })?;
     out.set_len(stats.bytes).unwrap();
     Ok((path, all, stats))
+}
+
+/// The same image through `unpack::apply_layers`, `workers` layers read at once, at
+/// `dir/parallel.sqfs`.
+pub(crate) fn build_image_parallel(
+    dir: &Path,
+    layers: &[(&[u8], Compression)],
+    workers: usize,
+) -> crate::Result<(PathBuf, Vec<LayerStats>)> {
+    let path = dir.join("parallel.sqfs");
+    let out = File::create(&path).unwrap();
+    let options = Options {
+        spill_dir: dir.to_path_buf(),
+        ..Options::default()
+    };
+    let mut all = Vec::new();
+    let stats = build(&out, 0, &options, |data| {
+        let mut tree = Tree::new();
+        let sources = layers
+            .iter()
+            .enumerate()
+            .map(|(i, (layer, compression))| {
+                let layer: &[u8] = layer;
+                unpack::Source {
+                    layer: format!("sha256:test{i}"),
+                    compression: *compression,
+                    open: Box::new(move || Ok(Box::new(layer) as Box<dyn Read + Send>)),
+                }
+            })
+            .collect();
+        all = unpack::apply_layers(&mut tree, data, sources, &mut default_budget(), workers)?;
+        Ok(tree)
+    })?;
+    out.set_len(stats.bytes).unwrap();
+    Ok((path, all))
 }
 
 pub(crate) fn default_budget() -> Budget {
@@ -189,6 +225,7 @@ fn unsquashfs_and_squashfuse_read_what_it_writes() {
     let options = Options {
         threads: 3,
         block_memory: 8 * BLOCK_SIZE,
+        ..Options::default()
     };
     let (image, _, stats) = build_image(
         dir.path(),
@@ -332,21 +369,11 @@ fn a_large_file_streams_through_a_small_window_at_an_offset() {
     let options = Options {
         threads: 2,
         block_memory: 4 * BLOCK_SIZE,
+        ..Options::default()
     };
     let stats = build(&out, 4096, &options, |data| {
         let mut tree = Tree::new();
-        let (contents, copied) = data.file(&mut Counting(size), size, |e| {
-            crate::Error::io("reading the test file", e)
-        })?;
-        assert_eq!(copied, size);
-        let meta = tree.node(Tree::ROOT).meta;
-        let id = tree.add(Node {
-            kind: Kind::File(contents),
-            meta,
-        });
-        tree.entries_mut(Tree::ROOT)
-            .unwrap()
-            .insert(b"f"[..].into(), id);
+        root_file(&mut tree, data, "f", &mut Counting(size), size)?;
         Ok(tree)
     })
     .unwrap();
@@ -359,6 +386,81 @@ fn a_large_file_streams_through_a_small_window_at_an_offset() {
         .unwrap();
     let text = String::from_utf8_lossy(&listing.stdout);
     assert!(text.contains(&format!(" {size} ")), "{text}");
+}
+
+/// Streams `size` bytes of `contents` through `data` as the file `name` in the root.
+fn root_file(
+    tree: &mut Tree,
+    data: &mut Data,
+    name: &str,
+    contents: &mut impl Read,
+    size: u64,
+) -> crate::Result<()> {
+    let (file, copied) = data.file(contents, size, |e| {
+        crate::Error::io("reading the test file", e)
+    })?;
+    assert_eq!(copied, size);
+    let meta = tree.node(Tree::ROOT).meta;
+    let id = tree.add(Node {
+        kind: Kind::File(file),
+        meta,
+    });
+    tree.entries_mut(Tree::ROOT)
+        .unwrap()
+        .insert(name.as_bytes().into(), id);
+    Ok(())
+}
+
+/// Two streams filled in turns: the first writes at the image's tail, the second (opened
+/// while the first is still writing) goes to a spill file, and takes the tail over when
+/// the first ends. Every file's blocks stay consecutive and its contents whole, and no
+/// spill file is left.
+#[test]
+fn forked_streams_keep_each_file_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("image.sqfs");
+    let out = File::create(&path).unwrap();
+    let options = Options {
+        threads: 2,
+        block_memory: 4 * BLOCK_SIZE,
+        spill_dir: dir.path().to_path_buf(),
+    };
+    let files = [
+        ("a1", pattern(300_000, 1)),
+        ("b1", pattern(500_000, 2)),
+        ("a2", pattern(200_000, 3)),
+        ("b2", pattern(BLOCK_SIZE * 2, 4)),
+    ];
+    let stats = build(&out, 0, &options, |data| {
+        let (mut a, mut b) = (Some(data.fork()), data.fork());
+        let mut tree = Tree::new();
+        for (name, contents) in &files {
+            if *name == "b2" {
+                a = None;
+            }
+            let stream = match (name.starts_with('a'), &mut a) {
+                (true, Some(a)) => a,
+                _ => &mut b,
+            };
+            let size = contents.len() as u64;
+            root_file(&mut tree, stream, name, &mut contents.as_slice(), size)?;
+        }
+        Ok(tree)
+    })
+    .unwrap();
+    out.set_len(stats.bytes).unwrap();
+    assert_eq!(stats.blocks, 3 + 4 + 2 + 2);
+    let root = dir.path().join("root");
+    extract(&path, &root);
+    for (name, contents) in &files {
+        assert_eq!(&std::fs::read(root.join(name)).unwrap(), contents, "{name}");
+    }
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().contains("scratch"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 /// A layer with multi-block, sparse and small files, links, and a whiteout, gzipped.

@@ -17,11 +17,12 @@ pub struct Meta {
     pub mtime: u32,
 }
 
-/// Where a file's contents went: `blocks` consecutive data blocks from `first_block` (in
-/// the order they were handed to the writer).
+/// Where a file's contents went: `blocks` consecutive data blocks from `first_block` of
+/// its stream (in the order they were handed to the writer; see `Data::fork`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileData {
     pub size: u64,
+    pub stream: usize,
     pub first_block: u64,
     pub blocks: u64,
 }

@@ -19,6 +19,7 @@
 //! Path length and depth are checked by the applier on the normalised path.
 
 use std::io::{self, Read};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::cache::{format_size, parse_size};
 use crate::config::CacheConfig;
@@ -102,33 +103,26 @@ fn exceeded(what: String, key: &'static str, limit: String) -> Error {
     Error::ImageLimit { what, key, limit }
 }
 
-/// What the layers of one image have declared so far, against its limits.
+/// What the layers of one image have declared so far, against its limits (shared by the
+/// layers read at the same time).
 #[derive(Debug)]
 pub struct Budget {
     limits: Limits,
-    bytes: u64,
-    entries: u64,
-    /// Why a [`TarGuard`] stopped the stream (the `tar` crate sees only an I/O error).
-    refusal: Option<Error>,
+    bytes: AtomicU64,
+    entries: AtomicU64,
 }
 
 impl Budget {
     pub fn new(limits: Limits) -> Budget {
         Budget {
             limits,
-            bytes: 0,
-            entries: 0,
-            refusal: None,
+            bytes: AtomicU64::new(0),
+            entries: AtomicU64::new(0),
         }
     }
 
     pub fn limits(&self) -> &Limits {
         &self.limits
-    }
-
-    /// The refusal that ended the last layer, if a limit did.
-    pub fn take_refusal(&mut self) -> Option<Error> {
-        self.refusal.take()
     }
 }
 
@@ -148,7 +142,9 @@ enum Framing {
 /// A refusal is an [`io::Error`] to the crate; [`Budget::take_refusal`] tells why.
 pub struct TarGuard<'b, R> {
     inner: R,
-    budget: &'b mut Budget,
+    budget: &'b Budget,
+    /// Why the guard stopped the stream (the `tar` crate sees only an I/O error).
+    pub refusal: Option<Error>,
     layer: &'b str,
     header: [u8; BLOCK],
     state: Framing,
@@ -159,10 +155,11 @@ pub struct TarGuard<'b, R> {
 }
 
 impl<'b, R: Read> TarGuard<'b, R> {
-    pub fn new(inner: R, budget: &'b mut Budget, layer: &'b str) -> Self {
+    pub fn new(inner: R, budget: &'b Budget, layer: &'b str) -> Self {
         TarGuard {
             inner,
             budget,
+            refusal: None,
             layer,
             header: [0; BLOCK],
             state: Framing::Header { filled: 0 },
@@ -195,8 +192,8 @@ impl<'b, R: Read> TarGuard<'b, R> {
         if !folded {
             // The entry the PAX member described: it ends here.
             self.pax_size = None;
-            self.budget.entries += 1;
-            if self.budget.entries > self.budget.limits.max_entries {
+            let entries = self.budget.entries.fetch_add(1, Ordering::Relaxed) + 1;
+            if entries > self.budget.limits.max_entries {
                 return Err(self.refuse(exceeded(
                     format!(
                         "layer {}: the image has more than {} entries",
@@ -219,8 +216,11 @@ impl<'b, R: Read> TarGuard<'b, R> {
             );
             return Err(self.refuse(self.unsafe_entry(&what)));
         }
-        self.budget.bytes = self.budget.bytes.saturating_add(size);
-        if self.budget.bytes > self.budget.limits.max_bytes {
+        let charge = |bytes: u64| Some(bytes.saturating_add(size));
+        let before = (self.budget.bytes)
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, charge)
+            .expect("the update always succeeds");
+        if before.saturating_add(size) > self.budget.limits.max_bytes {
             return Err(self.refuse(exceeded(
                 format!(
                     "layer {}: the image unpacks to more than {} (an entry of {})",
@@ -265,7 +265,7 @@ impl<'b, R: Read> TarGuard<'b, R> {
 
     fn refuse(&mut self, error: Error) -> io::Error {
         let message = error.to_string();
-        self.budget.refusal = Some(error);
+        self.refusal = Some(error);
         io::Error::other(message)
     }
 }

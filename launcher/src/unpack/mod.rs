@@ -29,11 +29,13 @@
 
 use std::collections::HashSet;
 use std::io::{self, Read};
-use std::sync::mpsc;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Condvar, Mutex};
 
 use tar::EntryType;
 
-use crate::squash::{Data, Kind, Meta, Node, NodeId, Tree};
+use crate::squash::{Data, FileData, Kind, Meta, Node, NodeId, Tree};
 use crate::{Error, Result};
 
 mod limits;
@@ -102,20 +104,216 @@ pub fn apply_layer(
     layer: &str,
     budget: &mut Budget,
 ) -> Result<LayerStats> {
+    let mut merger = Merger::new(tree, layer, budget.limits().clone());
+    let mut stats = LayerStats::default();
+    // Each entry is applied as soon as it is read: a refused one ends the layer.
+    read_layer(
+        data,
+        reader,
+        compression,
+        layer,
+        budget,
+        &mut stats,
+        |entry| merger.apply(entry),
+    )?;
+    Ok(stats)
+}
+
+/// A layer blob for [`apply_layers`]: its name (for messages), compression, and how to
+/// open it (which may wait for its download).
+pub struct Source<'a> {
+    pub layer: String,
+    pub compression: Compression,
+    pub open: Box<dyn FnOnce() -> Result<Box<dyn Read + Send + 'a>> + Send + 'a>,
+}
+
+/// What one worker made of a layer: its entries in order, then how reading it ended.
+type LayerRead = (Vec<Entry>, LayerStats, Result<()>);
+
+/// Applies `sources` in order to `tree`, as [`apply_layer`] one after the other would, but
+/// reads up to `workers` layers at once: each is decompressed and parsed on threads of
+/// its own, its files' contents streamed into a stream of their own
+/// ([`Data::fork`]), its entries kept; the entries are then applied to the tree layer by
+/// layer, in order, with every rule (whiteouts, opaque directories, links, never through
+/// a symlink) as the merged tree stands at that layer. The first error in layer order
+/// wins: a layer's read error comes after its entries read before it are applied (so a
+/// refused entry is reported as it would be one layer at a time), and ends the others.
+pub fn apply_layers(
+    tree: &mut Tree,
+    data: &mut Data,
+    sources: Vec<Source<'_>>,
+    budget: &mut Budget,
+    workers: usize,
+) -> Result<Vec<LayerStats>> {
+    let count = sources.len();
+    let budget = &*budget;
+    let sources: Vec<Mutex<Option<Source>>> =
+        sources.into_iter().map(|s| Mutex::new(Some(s))).collect();
+    let names: Vec<String> = sources
+        .iter()
+        .map(|s| {
+            lock(s)
+                .as_ref()
+                .map(|s| s.layer.clone())
+                .unwrap_or_default()
+        })
+        .collect();
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let read: Mutex<Vec<Option<LayerRead>>> = Mutex::new((0..count).map(|_| None).collect());
+    let ready = Condvar::new();
+    std::thread::scope(|scope| {
+        for _ in 0..workers.clamp(1, count.max(1)) {
+            let mut data = data.fork();
+            let (sources, next, stop, read, ready) = (&sources, &next, &stop, &read, &ready);
+            scope.spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(source) = sources.get(i).and_then(|s| lock(s).take()) else {
+                        return;
+                    };
+                    let mut entries = Vec::new();
+                    let mut stats = LayerStats::default();
+                    let reading = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        (source.open)().and_then(|reader| {
+                            let reader = Stoppable {
+                                inner: reader,
+                                stop,
+                            };
+                            read_layer(
+                                &mut data,
+                                reader,
+                                source.compression,
+                                &source.layer,
+                                budget,
+                                &mut stats,
+                                |entry| {
+                                    entries.push(entry);
+                                    Ok(())
+                                },
+                            )
+                        })
+                    }));
+                    // A panic still fills the slot (the merge waits for it), then goes on
+                    // to the scope, which hands it to the caller, as one thread would.
+                    let (ended, panic) = match reading {
+                        Ok(ended) => (ended, None),
+                        Err(panic) => {
+                            let ended = Err(bad(&source.layer, "reading it panicked".into()));
+                            (ended, Some(panic))
+                        }
+                    };
+                    lock(read)[i] = Some((entries, stats, ended));
+                    ready.notify_all();
+                    if let Some(panic) = panic {
+                        std::panic::resume_unwind(panic);
+                    }
+                }
+            });
+        }
+        let merged = (|| {
+            let mut all = Vec::with_capacity(count);
+            for (i, layer) in names.iter().enumerate() {
+                let (entries, stats, ended) = {
+                    let mut slots = lock(&read);
+                    loop {
+                        match slots[i].take() {
+                            Some(done) => break done,
+                            None => slots = ready.wait(slots).unwrap_or_else(|p| p.into_inner()),
+                        }
+                    }
+                };
+                let mut merger = Merger::new(tree, layer, budget.limits().clone());
+                for entry in entries {
+                    merger.apply(entry)?;
+                }
+                ended?;
+                all.push(stats);
+            }
+            Ok(all)
+        })();
+        // The workers still reading stop at their next read.
+        stop.store(true, Ordering::Relaxed);
+        merged
+    })
+}
+
+/// How many layers [`apply_layers`] should read at once on `threads` cores: each reader
+/// is two threads (inflate, parse) beside the compressors, and more than 8 at once would
+/// only add their buffers (8 MiB each).
+pub fn layer_workers(threads: usize) -> usize {
+    (threads / 2).clamp(2, 8)
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A layer blob that ends with an error once the build has failed elsewhere.
+struct Stoppable<'s, R> {
+    inner: R,
+    stop: &'s AtomicBool,
+}
+
+impl<R: Read> Read for Stoppable<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.stop.load(Ordering::Relaxed) {
+            return Err(io::Error::other("the build stopped (another layer failed)"));
+        }
+        self.inner.read(buf)
+    }
+}
+
+/// Reads one layer: decompresses it (on a thread of its own), parses its tar stream
+/// through the limits' guard, streams each regular file's contents into `data`, and hands
+/// every entry to `each`, in order.
+fn read_layer(
+    data: &mut Data,
+    reader: impl Read + Send,
+    compression: Compression,
+    layer: &str,
+    budget: &Budget,
+    stats: &mut LayerStats,
+    each: impl FnMut(Entry) -> Result<()>,
+) -> Result<()> {
     let decoder = decoder(reader, compression)
         .map_err(|e| Error::io(format!("starting the decoder for layer {layer}"), e))?;
     std::thread::scope(|scope| {
         let (tx, rx) = mpsc::sync_channel(CHUNKS_IN_FLIGHT);
-        scope.spawn(move || decompress(decoder, &tx));
-        // `apply_tar` consumes the receiver: when it stops early (a refused entry), the
+        // Chunks read go back to the decompressing thread, to be filled again rather than
+        // allocated and zeroed anew (one 256 KiB chunk per 256 KiB of the layer otherwise).
+        let (back_tx, back_rx) = mpsc::sync_channel(CHUNKS_IN_FLIGHT);
+        scope.spawn(move || decompress(decoder, &tx, &back_rx));
+        // The reader consumes the receiver: when it stops early (a refused entry), the
         // decompressing thread's next send fails and it ends, so the scope can close.
         let stream = ChannelReader {
             rx,
+            back: back_tx,
             chunk: Vec::new(),
+            len: 0,
             pos: 0,
         };
-        apply_tar(tree, data, stream, layer, budget)
+        read_tar(data, stream, layer, budget, stats, each)
     })
+}
+
+/// [`read_layer`]'s parsing half, on the caller's thread, over the decompressed tar stream.
+fn read_tar(
+    data: &mut Data,
+    tar: impl Read,
+    layer: &str,
+    budget: &Budget,
+    stats: &mut LayerStats,
+    each: impl FnMut(Entry) -> Result<()>,
+) -> Result<()> {
+    let mut reader = Reader { data, layer, stats };
+    let mut archive = tar::Archive::new(limits::TarGuard::new(tar, budget, layer));
+    let result = reader.run(&mut archive, each);
+    // A limit the guard enforced reaches the reader as a bare I/O error: say which.
+    match (result, archive.into_inner().refusal) {
+        (Err(_), Some(refusal)) => Err(refusal),
+        (result, _) => result,
+    }
 }
 
 /// Applies one layer's tar stream, already decompressed (e.g. by [`decoder`]), on the
@@ -126,22 +324,12 @@ pub fn apply_tar(
     data: &mut Data,
     tar: impl Read,
     layer: &str,
-    budget: &mut Budget,
+    budget: &Budget,
 ) -> Result<LayerStats> {
-    let mut applier = Applier {
-        tree,
-        data,
-        layer,
-        created: HashSet::new(),
-        stats: LayerStats::default(),
-        limits: budget.limits().clone(),
-    };
-    let result = applier.run(limits::TarGuard::new(tar, budget, layer));
-    // A limit the guard enforced reaches the applier as a bare I/O error: say which.
-    match (result, budget.take_refusal()) {
-        (Err(_), Some(refusal)) => Err(refusal),
-        (result, _) => result.map(|()| applier.stats),
-    }
+    let mut merger = Merger::new(tree, layer, budget.limits().clone());
+    let mut stats = LayerStats::default();
+    read_tar(data, tar, layer, budget, &mut stats, |entry| merger.apply(entry))?;
+    Ok(stats)
 }
 
 /// The decompressed stream of a layer blob.
@@ -156,10 +344,18 @@ pub fn decoder<'r>(
     })
 }
 
-/// The decompressing thread: reads `decoder` to the end (or its first error) in chunks.
-fn decompress(mut decoder: Box<dyn Read + Send + '_>, tx: &mpsc::SyncSender<io::Result<Vec<u8>>>) {
+/// A chunk of the decompressed stream: its first `len` bytes (0: the end).
+type Chunk = io::Result<(Vec<u8>, usize)>;
+
+/// The decompressing thread: reads `decoder` to the end (or its first error) in chunks,
+/// into the chunks the reader gave `back` where it has some.
+fn decompress(
+    mut decoder: Box<dyn Read + Send + '_>,
+    tx: &mpsc::SyncSender<Chunk>,
+    back: &mpsc::Receiver<Vec<u8>>,
+) {
     loop {
-        let mut chunk = vec![0u8; CHUNK];
+        let mut chunk = back.try_recv().unwrap_or_else(|_| vec![0u8; CHUNK]);
         let n = match decoder.read(&mut chunk) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -168,66 +364,149 @@ fn decompress(mut decoder: Box<dyn Read + Send + '_>, tx: &mpsc::SyncSender<io::
                 return;
             }
         };
-        chunk.truncate(n);
-        if tx.send(Ok(chunk)).is_err() || n == 0 {
+        if tx.send(Ok((chunk, n))).is_err() || n == 0 {
             return;
         }
     }
 }
 
-/// The reader's side of the decompressed stream; an empty chunk is the end.
+/// The reader's side of the decompressed stream.
 struct ChannelReader {
-    rx: mpsc::Receiver<io::Result<Vec<u8>>>,
+    rx: mpsc::Receiver<Chunk>,
+    back: mpsc::SyncSender<Vec<u8>>,
     chunk: Vec<u8>,
+    len: usize,
     pos: usize,
 }
 
 impl Read for ChannelReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.pos == self.chunk.len() {
+        if self.pos == self.len {
             match self.rx.recv() {
                 Ok(next) => {
-                    self.chunk = next?;
-                    self.pos = 0;
+                    let (chunk, len) = next?;
+                    let used = std::mem::replace(&mut self.chunk, chunk);
+                    // Not the empty placeholder of the start. When the channel is full (the
+                    // thread has enough) or gone (it ended), the chunk is dropped.
+                    if used.len() == CHUNK {
+                        let _ = self.back.try_send(used);
+                    }
+                    (self.len, self.pos) = (len, 0);
                 }
                 // The thread ended after the empty end-of-stream chunk.
                 Err(mpsc::RecvError) => return Ok(0),
             }
         }
-        let n = buf.len().min(self.chunk.len() - self.pos);
+        let n = buf.len().min(self.len - self.pos);
         buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
         self.pos += n;
         Ok(n)
     }
 }
 
-struct Applier<'a> {
-    tree: &'a mut Tree,
-    data: &'a mut Data,
-    layer: &'a str,
-    /// Paths this layer created: an opaque whiteout hides only what lower layers left.
-    created: HashSet<Vec<u8>>,
-    stats: LayerStats,
-    limits: Limits,
+/// One tar entry as read: what [`Merger::apply`] applies to the tree.
+struct Entry {
+    raw_path: Vec<u8>,
+    kind: EntryType,
+    meta: Meta,
+    link: Option<Vec<u8>>,
+    /// A regular file's contents, already in the image.
+    contents: Option<FileData>,
 }
 
-impl Applier<'_> {
-    fn run(&mut self, reader: impl Read) -> Result<()> {
-        let mut archive = tar::Archive::new(reader);
+/// Reads a layer's entries, streaming regular files' contents into the image.
+struct Reader<'a> {
+    data: &'a mut Data,
+    layer: &'a str,
+    stats: &'a mut LayerStats,
+}
+
+impl Reader<'_> {
+    fn run<R: Read>(
+        &mut self,
+        archive: &mut tar::Archive<R>,
+        mut each: impl FnMut(Entry) -> Result<()>,
+    ) -> Result<()> {
         let entries = archive
             .entries()
-            .map_err(|e| self.bad(format!("not a tar archive: {e}")))?;
+            .map_err(|e| bad(self.layer, format!("not a tar archive: {e}")))?;
         for entry in entries {
-            let entry = entry.map_err(|e| self.bad(format!("corrupt tar stream: {e}")))?;
+            let entry = entry.map_err(|e| bad(self.layer, format!("corrupt tar stream: {e}")))?;
             self.stats.entries += 1;
-            self.apply(entry)?;
+            each(self.read(entry)?)?;
         }
         Ok(())
     }
 
-    fn apply<R: Read>(&mut self, mut entry: tar::Entry<R>) -> Result<()> {
+    fn read<R: Read>(&mut self, mut entry: tar::Entry<R>) -> Result<Entry> {
         let raw_path = entry.path_bytes().into_owned();
         let kind = entry.header().entry_type();
+        let meta = meta(entry.header());
+        let link = entry.link_name_bytes().map(|l| l.into_owned());
+        let mut contents = None;
+        match kind {
+            EntryType::Regular | EntryType::Continuous => {
+                // A path the merge will refuse is not worth reading.
+                if let Ok(Some(path)) = normalise(&raw_path) {
+                    let expected = entry.size();
+                    let layer = self.layer;
+                    let (file, copied) =
+                        self.data.file(&mut entry, expected, |e| Error::BadLayer {
+                            layer: layer.to_string(),
+                            reason: format!("reading {}: {e}", show(&path)),
+                        })?;
+                    if copied != expected {
+                        return Err(bad(
+                            self.layer,
+                            format!("{} is truncated: {copied} of {expected} bytes", show(&path)),
+                        ));
+                    }
+                    self.stats.bytes += copied;
+                    contents = Some(file);
+                }
+            }
+            EntryType::Char | EntryType::Block | EntryType::Fifo => {
+                self.stats.skipped_special += 1;
+            }
+            _ => {}
+        }
+        Ok(Entry {
+            raw_path,
+            kind,
+            meta,
+            link,
+            contents,
+        })
+    }
+}
+
+/// Applies a layer's entries, in order, to the image's tree.
+struct Merger<'a> {
+    tree: &'a mut Tree,
+    layer: &'a str,
+    /// Paths this layer created: an opaque whiteout hides only what lower layers left.
+    created: HashSet<Vec<u8>>,
+    limits: Limits,
+}
+
+impl<'a> Merger<'a> {
+    fn new(tree: &'a mut Tree, layer: &'a str, limits: Limits) -> Self {
+        Merger {
+            tree,
+            layer,
+            created: HashSet::new(),
+            limits,
+        }
+    }
+
+    fn apply(&mut self, entry: Entry) -> Result<()> {
+        let Entry {
+            raw_path,
+            kind,
+            meta,
+            link,
+            contents,
+        } = entry;
         let Some(path) = normalise(&raw_path).map_err(|why| self.refuse(&raw_path, why))? else {
             return if kind == EntryType::Directory {
                 Ok(())
@@ -254,7 +533,6 @@ impl Applier<'_> {
             return Ok(());
         }
 
-        let meta = meta(entry.header());
         match kind {
             EntryType::Directory => {
                 let existing = self.entries(parent).get(name).copied();
@@ -269,27 +547,12 @@ impl Applier<'_> {
                 }
             }
             EntryType::Regular | EntryType::Continuous => {
-                let expected = entry.size();
-                let layer = self.layer;
-                let (contents, copied) =
-                    self.data.file(&mut entry, expected, |e| Error::BadLayer {
-                        layer: layer.to_string(),
-                        reason: format!("reading {}: {e}", show(&path)),
-                    })?;
-                if copied != expected {
-                    return Err(self.bad(format!(
-                        "{} is truncated: {copied} of {expected} bytes",
-                        show(&path)
-                    )));
-                }
-                self.stats.bytes += copied;
+                let contents = contents.expect("a file's contents are read with it");
                 self.put(parent, name, Kind::File(contents), meta);
             }
             EntryType::Symlink => {
-                let target = entry
-                    .link_name_bytes()
-                    .ok_or_else(|| self.refuse(&raw_path, "symlink without a target"))?
-                    .into_owned();
+                let target =
+                    link.ok_or_else(|| self.refuse(&raw_path, "symlink without a target"))?;
                 let meta = Meta {
                     mode: 0o777,
                     ..meta
@@ -297,10 +560,8 @@ impl Applier<'_> {
                 self.put(parent, name, Kind::Symlink(target.into()), meta);
             }
             EntryType::Link => {
-                let raw_target = entry
-                    .link_name_bytes()
-                    .ok_or_else(|| self.refuse(&raw_path, "hard link without a target"))?
-                    .into_owned();
+                let raw_target =
+                    link.ok_or_else(|| self.refuse(&raw_path, "hard link without a target"))?;
                 let target = normalise(&raw_target)
                     .map_err(|why| self.refuse(&raw_path, &format!("hard link target {why}")))?
                     .ok_or_else(|| self.refuse(&raw_path, "hard link to the image root"))?;
@@ -328,10 +589,8 @@ impl Applier<'_> {
                     }
                 }
             }
-            EntryType::Char | EntryType::Block | EntryType::Fifo => {
-                self.stats.skipped_special += 1;
-                return Ok(());
-            }
+            // Device nodes and fifos are left out (counted when read).
+            EntryType::Char | EntryType::Block | EntryType::Fifo => return Ok(()),
             // Metadata-only entries that the tar crate did not fold into the next entry.
             EntryType::XGlobalHeader => return Ok(()),
             other => {
@@ -409,12 +668,12 @@ impl Applier<'_> {
             reason: why.to_string(),
         }
     }
+}
 
-    fn bad(&self, reason: String) -> Error {
-        Error::BadLayer {
-            layer: self.layer.to_string(),
-            reason,
-        }
+fn bad(layer: &str, reason: String) -> Error {
+    Error::BadLayer {
+        layer: layer.to_string(),
+        reason,
     }
 }
 
@@ -539,7 +798,9 @@ mod tests {
         }
     }
 
-    use crate::squash::tests::{build_image, default_budget as budget, extract};
+    use crate::squash::tests::{
+        build_image, build_image_parallel, default_budget as budget, extract,
+    };
     use crate::squash::Options;
     use std::path::{Path, PathBuf};
 
@@ -570,16 +831,63 @@ mod tests {
                 .map(|(l, c)| (l.as_slice(), *c))
                 .collect();
             all.push((&layer, compression));
-            let (image, stats, _) =
-                build_image(self.dir.path(), &all, &mut budget(), &Options::default())?;
+            // Every layer stack also goes through the parallel path (three layers read at
+            // once): the same image, or the same error.
+            let parallel = build_image_parallel(self.dir.path(), &all, 3);
+            let built = build_image(self.dir.path(), &all, &mut budget(), &Options::default());
+            let (image, stats, _) = match (built, parallel) {
+                (Ok(built), Ok((parallel, parallel_stats))) => {
+                    assert_eq!(built.1, parallel_stats);
+                    let other = self.dir.path().join("parallel-root");
+                    let _ = std::fs::remove_dir_all(&other);
+                    extract(&parallel, &other);
+                    built
+                }
+                (Err(e), Err(p)) => {
+                    // The layer names differ (test vs testN); the rest is the same.
+                    let strip =
+                        |m: String| m.replace("sha256:test", "").replace(char::is_numeric, "");
+                    assert_eq!(strip(e.to_string()), strip(p.to_string()));
+                    return Err(e);
+                }
+                (built, parallel) => panic!("sequential {built:?}, parallel {parallel:?}"),
+            };
             let _ = std::fs::remove_dir_all(self.path());
             extract(&image, &self.path());
+            same_tree(&self.path(), &self.dir.path().join("parallel-root"));
             self.layers.push((layer, compression));
             Ok(stats.last().cloned().unwrap_or_default())
         }
         fn refused(&mut self, layer: Vec<u8>, needle: &str) {
             let err = self.apply(layer).unwrap_err().to_string();
             assert!(err.contains(needle), "{err}");
+        }
+    }
+
+    /// Two extracted trees hold the same entries: names, types, modes, owners, contents,
+    /// link targets.
+    fn same_tree(a: &Path, b: &Path) {
+        use std::os::unix::fs::MetadataExt;
+        let (ma, mb) = (a.symlink_metadata().unwrap(), b.symlink_metadata().unwrap());
+        let what = |m: &std::fs::Metadata| (m.mode(), m.uid(), m.gid(), m.nlink());
+        assert_eq!(what(&ma), what(&mb), "{}", a.display());
+        if ma.file_type().is_symlink() {
+            assert_eq!(a.read_link().unwrap(), b.read_link().unwrap());
+        } else if ma.is_file() {
+            assert_eq!(std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+        } else if ma.is_dir() {
+            let names = |d: &Path| {
+                let mut n: Vec<_> = std::fs::read_dir(d)
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name())
+                    .collect();
+                n.sort();
+                n
+            };
+            assert_eq!(names(a), names(b), "{}", a.display());
+            for name in names(a) {
+                same_tree(&a.join(&name), &b.join(&name));
+            }
         }
     }
 
@@ -735,6 +1043,38 @@ mod tests {
         long.append_data(&mut h, "n".repeat(256), &b"x"[..])
             .unwrap();
         root.refused(long.into_inner().unwrap(), "longer than 255 bytes");
+    }
+
+    /// Layers read at once report the first error in layer order: a refusal in the second
+    /// layer (a path through the first layer's symlink) wins over the third layer being
+    /// garbage, though the third fails first, and the first layer's contents are merged
+    /// before it.
+    #[test]
+    fn parallel_layers_report_the_first_error_in_layer_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = Layer::new()
+            .symlink("l", "/etc")
+            .file("big", &"x".repeat(1 << 20))
+            .bytes();
+        let through = Layer::new().file("l/passwd", "evil").bytes();
+        let garbage = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3, 0xff, 0xff, 0xff];
+        let layers: [(&[u8], Compression); 3] = [
+            (&base, Compression::None),
+            (&through, Compression::None),
+            (&garbage, Compression::Gzip),
+        ];
+        let err = build_image_parallel(dir.path(), &layers, 3).unwrap_err();
+        assert!(
+            matches!(&err, Error::UnsafeLayer { layer, .. } if layer == "sha256:test1"),
+            "{err:?}"
+        );
+        assert!(
+            err.to_string().contains("never writes through symlinks"),
+            "{err}"
+        );
+        // Without the refusal, the garbage layer is the error.
+        let err = build_image_parallel(dir.path(), &[layers[0], layers[2]], 3).unwrap_err();
+        assert!(err.to_string().contains("sha256:test1"), "{err}");
     }
 
     #[test]
