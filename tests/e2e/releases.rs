@@ -7,7 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
-use berth_e2e::{unique_name, Cluster, Cmd, PluginlessConf};
+use berth_e2e::{serial, unique_name, write_user_file, Cluster, Cmd, PluginlessConf};
 
 /// The release the cluster runs, as (major, minor); 22.05 for a state file from before
 /// releases were recorded.
@@ -81,6 +81,95 @@ fn the_site_task_prolog_exports_into_host_and_container_steps() {
         run.assert_success();
         assert_eq!(run.stdout.trim(), "ran", "{args:?}: {run:?}");
     }
+    // The batch step too: its slurmstepd has the configuration from slurmd (no slurm.conf
+    // path on 24.11 and later), and its one task runs the script in the image.
+    let name = unique_name("e2e-release-prolog");
+    let script = cluster.home().join(format!("{name}.sh"));
+    let output = cluster.home().join(format!("{name}.out"));
+    write_user_file(
+        &cluster,
+        &script,
+        "#!/bin/sh\necho \"${BERTH_SITE_TASK_PROLOG:-unset}\"\n",
+        0o755,
+    );
+    for container in [None, Some(image.as_str())] {
+        let out = format!("--output={}", output.display());
+        let mut args: Vec<&str> = vec!["sbatch", "--wait", "-N1", &out];
+        args.extend(container);
+        let path = script.display().to_string();
+        args.push(&path);
+        let run = Cmd::user(&args).run();
+        let text = std::fs::read_to_string(&output).unwrap_or_default();
+        let _ = std::fs::remove_file(&output);
+        run.assert_success();
+        assert_eq!(text.trim(), "ran", "{args:?}: {run:?}");
+    }
+    let _ = std::fs::remove_file(&script);
+    cluster.assert_node_healthy();
+}
+
+/// A site's own `oci.conf` beside the running slurm.conf, for as long as it lives: Slurm's
+/// OCI container support configured. Never replaces one the site has.
+struct SiteOciConf(PathBuf);
+
+impl SiteOciConf {
+    fn install(cluster: &Cluster) -> SiteOciConf {
+        let conf = Path::new(
+            cluster
+                .try_var("SLURM_CONF")
+                .unwrap_or("/etc/slurm/slurm.conf"),
+        );
+        let path = conf
+            .parent()
+            .expect("slurm.conf's directory")
+            .join("oci.conf");
+        assert!(
+            !path.exists(),
+            "{} exists already: not the test's",
+            path.display()
+        );
+        // Slurm's documented crun example; no step here gets as far as running it.
+        std::fs::write(
+            &path,
+            "RunTimeRun=\"crun --rootless=true --root=/run/user/%U/ run --bundle %b %n.%u.%j.%s.%t\"\n",
+        )
+        .expect("write oci.conf");
+        SiteOciConf(path)
+    }
+}
+
+impl Drop for SiteOciConf {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Where the site configured Slurm's own OCI support, `--container` is Slurm's: berth runs
+/// its containers for `--container-image` only, and refuses a step asking for both at
+/// submission (srun and sbatch) rather than nest one container in the other.
+#[test]
+fn slurms_container_option_stays_slurms_where_oci_conf_is_configured() {
+    let _serial = serial();
+    let cluster = Cluster::get();
+    let image = format!("--container-image={}", cluster.image_tls().reference);
+    let image = image.as_str();
+    let oci = SiteOciConf::install(&cluster);
+    let bundle = "--container=/nonexistent/e2e-bundle";
+    let srun = Cmd::user(["srun", "-N1", bundle, image, "true"]).run();
+    let sbatch = Cmd::user(["sbatch", bundle, image, "--wrap", "true"]).run();
+    for run in [&srun, &sbatch] {
+        run.assert_failure();
+        assert!(
+            run.stderr.contains(&oci.0.display().to_string())
+                && run.stderr.contains("/nonexistent/e2e-bundle"),
+            "{run:?}"
+        );
+    }
+    // --container-image alone is still berth's.
+    let ours = Cmd::user(["srun", "-N1", image, "cat", "/etc/os-release"]).run();
+    ours.assert_success();
+    assert!(ours.stdout.contains("BERTH_REGISTRY="), "{ours:?}");
+    drop(oci);
     cluster.assert_node_healthy();
 }
 
