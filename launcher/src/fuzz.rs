@@ -105,13 +105,13 @@ pub fn layer(data: &[u8]) {
         return;
     };
     let Some(out) = scratch() else { return };
-    let mut budget = Budget::new(limits);
+    let budget = Budget::new(limits);
     let _ = squash::build_serial(&out, 0, LAYER_BLOCKS, |data| {
         let mut tree = squash::Tree::new();
         for layer in ["sha256:lower", "sha256:upper"] {
             let tar = unpack::decoder(blob, compression)
                 .map_err(|e| crate::Error::io("starting the decoder", e))?;
-            unpack::apply_tar(&mut tree, data, tar, layer, &mut budget)?;
+            unpack::apply_tar(&mut tree, data, tar, layer, &budget)?;
         }
         Ok(tree)
     });

@@ -167,8 +167,14 @@ pub fn build_serial(
     drop(done_tx);
     // The buffers the writer hands back go nowhere.
     let (unused_tx, _) = mpsc::sync_channel(0);
-    let written = write_blocks(out, base + data_start, &std::env::temp_dir(), &done_rx, &unused_tx)
-        .map_err(write_error)?;
+    let written = write_blocks(
+        out,
+        base + data_start,
+        &std::env::temp_dir(),
+        &done_rx,
+        &unused_tx,
+    )
+    .map_err(write_error)?;
     let end = data_start + written.bytes;
     format::write_tables(out, base, end, &filled?, &written.sizes, &written.starts)
 }

@@ -513,12 +513,12 @@ fn a_serial_build_writes_the_bytes_a_threaded_build_writes() {
     )
     .unwrap();
     let out = berth_sys::memfd::anonymous(c"berth-test-serial").unwrap();
-    let mut budget = default_budget();
+    let budget = default_budget();
     let serial = build_serial(&out, 0, 64, |data| {
         let mut tree = Tree::new();
         for (blob, compression) in layers {
             let tar = unpack::decoder(blob, compression).unwrap();
-            unpack::apply_tar(&mut tree, data, tar, "sha256:test", &mut budget)?;
+            unpack::apply_tar(&mut tree, data, tar, "sha256:test", &budget)?;
         }
         Ok(tree)
     })

@@ -328,7 +328,9 @@ pub fn apply_tar(
 ) -> Result<LayerStats> {
     let mut merger = Merger::new(tree, layer, budget.limits().clone());
     let mut stats = LayerStats::default();
-    read_tar(data, tar, layer, budget, &mut stats, |entry| merger.apply(entry))?;
+    read_tar(data, tar, layer, budget, &mut stats, |entry| {
+        merger.apply(entry)
+    })?;
     Ok(stats)
 }
 
