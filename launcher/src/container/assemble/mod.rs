@@ -531,18 +531,10 @@ mod tests {
             if mount.target == Path::new("/etc/passwd") || mount.target == Path::new("/etc/group"))));
     }
 
-    #[test]
-    fn a_writable_container_writes_to_its_directory_on_disk() {
-        let changes = tempfile::tempdir().unwrap();
-        let mut spec = spec_for(false, true);
-        let mut ann = spec.annotations().clone().unwrap();
-        ann.insert(
-            crate::container::writable::ANN_CHANGES.into(),
-            changes.path().display().to_string(),
-        );
-        spec.set_annotations(Some(ann));
+    /// The overlay's mount options when `spec` is assembled, and the bundle.
+    fn overlay_of(spec: &Spec) -> (String, tempfile::TempDir) {
         let sys = RecordingSyscall::default();
-        let (bundle, r) = run(&sys, &spec);
+        let (bundle, r) = run(&sys, spec);
         r.unwrap();
         let overlay = sys
             .calls()
@@ -552,6 +544,15 @@ mod tests {
                 _ => None,
             })
             .unwrap();
+        (overlay, bundle)
+    }
+
+    #[test]
+    fn a_writable_container_writes_to_its_directory_on_disk() {
+        let changes = tempfile::tempdir().unwrap();
+        let mut spec = spec_for(false, true);
+        crate::container::writable::annotate(&mut spec, changes.path(), None);
+        let (overlay, bundle) = overlay_of(&spec);
         let c = changes.path().display();
         assert!(
             overlay.contains(&format!("upperdir={c}/upper,workdir={c}/work")),
@@ -568,17 +569,7 @@ mod tests {
         let (copy, named) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let mut spec = spec_for(false, true);
         crate::container::writable::annotate(&mut spec, copy.path(), Some(named.path()));
-        let sys = RecordingSyscall::default();
-        let (bundle, r) = run(&sys, &spec);
-        r.unwrap();
-        let overlay = sys
-            .calls()
-            .into_iter()
-            .find_map(|c| match c {
-                Call::Mount(m) if m.fstype.as_deref() == Some("overlay") => m.data,
-                _ => None,
-            })
-            .unwrap();
+        let (overlay, bundle) = overlay_of(&spec);
         let (c, n, b) = (
             copy.path().display(),
             named.path().display(),
