@@ -128,12 +128,24 @@ pub fn decide(
 #[derive(Debug, Clone)]
 pub struct Record {
     dir: PathBuf,
+    /// An unnamed step's: it goes, with the job's directory if that is left empty, when
+    /// the container stops, so a job of unnamed steps leaves nothing once they end.
+    step: bool,
 }
 
 impl Record {
     pub fn of(job: u32, name: &str) -> Record {
         Record {
             dir: Path::new(RECORD_DIR).join(job.to_string()).join(name),
+            step: false,
+        }
+    }
+
+    /// The record of step `step`'s unnamed container, by [`step_name`].
+    pub fn of_step(job: u32, step: u32) -> Record {
+        Record {
+            step: true,
+            ..Record::of(job, &step_name(job, step))
         }
     }
 
@@ -150,7 +162,7 @@ impl Record {
     /// Records the container as run by `holder` and, for a named one, created from `image`
     /// (if new; an unnamed step's has none: it cannot be started again).
     pub fn started(&self, image: Option<&str>, holder: SpecHandle) -> Result<(), Error> {
-        as_root(|| {
+        let record = || -> std::io::Result<()> {
             fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
@@ -159,18 +171,35 @@ impl Record {
                 write(&self.dir.join("image"), image)?;
             }
             write(&self.dir.join("holder"), &holder.to_string())
+        };
+        // Another step's stop may remove the job's directory, empty, between our mkdirs.
+        as_root(|| match record() {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => record(),
+            done => done,
         })
         .map_err(|e| self.failed(e))
     }
 
-    /// The container stopped: it can no longer be entered, only started again.
+    /// The container stopped: it can no longer be entered, only started again (a named
+    /// one; an unnamed step's record goes).
     pub fn stopped(&self, holder: SpecHandle) -> Result<(), Error> {
         if self.holder() != Some(holder) {
             return Ok(());
         }
-        as_root(|| match fs::remove_file(self.dir.join("holder")) {
+        let gone = |done: std::io::Result<()>| match done {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
+        };
+        as_root(|| {
+            gone(fs::remove_file(self.dir.join("holder")))?;
+            if self.step {
+                gone(fs::remove_dir(&self.dir))?;
+                // Only if empty: the job's other containers keep theirs.
+                if let Some(job) = self.dir.parent() {
+                    let _ = fs::remove_dir(job);
+                }
+            }
+            Ok(())
         })
         .map_err(|e| self.failed(e))
     }

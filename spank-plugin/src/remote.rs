@@ -325,10 +325,7 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
         ),
         (Some((record, _)), None) => (Some((record, Some(image.as_str()))), None),
         (None, _) => (
-            Some((
-                named::Record::of(info.job_id, &named::step_name(info.job_id, info.step_id)),
-                None,
-            )),
+            Some((named::Record::of_step(info.job_id, info.step_id), None)),
             None,
         ),
     };

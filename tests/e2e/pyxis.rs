@@ -290,6 +290,9 @@ echo done
         out.contains("after: ") && out.contains("no container named"),
         "a stopped step's container is gone:\n{out}"
     );
+    // Its record went with it, before the job's end.
+    let record = Path::new(RECORD_DIR).join(&job);
+    assert!(!record.exists(), "{} is left", record.display());
     cluster.assert_node_healthy();
 }
 
