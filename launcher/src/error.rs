@@ -160,8 +160,6 @@ pub enum Error {
     WritableArea { path: PathBuf, reason: String },
     #[error("invalid named container {value:?}: {reason}")]
     NamedInvalid { value: String, reason: String },
-    #[error("container '{name}' is in use by another step of this job; attach to it with `srun --overlap --container-name={name}`, or wait for that step to end")]
-    NamedBusy { name: String },
     #[error("container {handle} did not stop within {secs} s of SIGTERM")]
     StopTimeout { handle: String, secs: u64 },
     #[error("the image's FUSE daemon (squashfuse) ended ({0}), so the container's files are gone; see its message above")]

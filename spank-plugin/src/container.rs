@@ -29,20 +29,22 @@ pub struct NodeBind {
 
 /// `berth start` arguments for `image` with the user's options, the node's binds, each at
 /// the same path inside, and the step's GPUs (Slurm's indexes, which berth maps through
-/// gres.conf), for a step of job `job`. `--container-env` is not among them: it is applied
-/// per task. A named container keeps its files for the job, and is writable unless
-/// `--container-readonly` says otherwise (pyxis's containers are).
+/// gres.conf), for step `step` of job `job`. `--container-env` is not among them: it is
+/// applied per task. A named container keeps its files for the job, and is writable unless
+/// `--container-readonly` says otherwise (pyxis's containers are); an unnamed one is marked
+/// as the step's (`--step`), which other steps may enter by that name.
 pub fn start_args(
     image: &str,
     options: &ContainerOptions,
     node: &[NodeBind],
     gpus: Option<&str>,
-    job: u32,
+    (job, step): (u32, u32),
 ) -> Vec<String> {
     // --private: only root may open the holder's descriptors (see Launcher::start).
     let mut args = vec!["start".to_owned(), "--private".to_owned()];
-    if let Some(named) = &options.name {
-        args.push(format!("--named={job}/{}", named.name));
+    match &options.name {
+        Some(named) => args.push(format!("--named={job}/{}", named.name)),
+        None => args.push(format!("--step={}", crate::named::step_name(job, step))),
     }
     if let Some(gpus) = gpus.filter(|g| !g.is_empty()) {
         args.push(format!("--gpus={gpus}"));
@@ -67,9 +69,10 @@ pub fn start_args(
                     && options.writable.is_none()),
             "--writable",
         ),
-        // Saved when the step ends (`berth save`), from the changes left on disk.
+        // Saved when the step ends (`berth save`), from the changes left on disk (a named
+        // container's stay anyway; a copy's are kept for it).
         (
-            options.save.is_some() && options.name.is_none() && options.writable != Some(false),
+            options.save.is_some() && options.writable != Some(false),
             "--keep-changes",
         ),
         (options.mount_home == Some(false), "--no-home"),
@@ -279,10 +282,11 @@ mod tests {
             read_only: true,
         }];
         assert_eq!(
-            start_args("h/r@sha256:00", &options, &node, None, 7),
+            start_args("h/r@sha256:00", &options, &node, None, (7, 2)),
             strings(&[
                 "start",
                 "--private",
+                "--step=7.2",
                 "--bind=/data:/in:ro",
                 "--bind=/scratch:/scratch:rw",
                 "--bind=/var/spool/slurmd/job7:/var/spool/slurmd/job7:ro",
@@ -295,16 +299,16 @@ mod tests {
             ])
         );
         assert_eq!(
-            start_args("-x", &ContainerOptions::default(), &[], None, 7),
-            strings(&["start", "--private", "--", "-x"])
+            start_args("-x", &ContainerOptions::default(), &[], None, (7, 2)),
+            strings(&["start", "--private", "--step=7.2", "--", "-x"])
         );
         assert_eq!(
-            start_args("i", &ContainerOptions::default(), &[], Some("0,2"), 7),
-            strings(&["start", "--private", "--gpus=0,2", "--", "i"])
+            start_args("i", &ContainerOptions::default(), &[], Some("0,2"), (7, 2)),
+            strings(&["start", "--private", "--step=7.2", "--gpus=0,2", "--", "i"])
         );
         assert_eq!(
-            start_args("i", &ContainerOptions::default(), &[], Some(""), 7),
-            strings(&["start", "--private", "--", "i"])
+            start_args("i", &ContainerOptions::default(), &[], Some(""), (7, 2)),
+            strings(&["start", "--private", "--step=7.2", "--", "i"])
         );
         // A named container is writable unless read-only was asked for.
         let named = |writable| ContainerOptions {
@@ -316,7 +320,7 @@ mod tests {
             ..ContainerOptions::default()
         };
         assert_eq!(
-            start_args("i", &named(None), &[], None, 7),
+            start_args("i", &named(None), &[], None, (7, 2)),
             strings(&[
                 "start",
                 "--private",
@@ -327,7 +331,7 @@ mod tests {
             ])
         );
         assert_eq!(
-            start_args("i", &named(Some(false)), &[], None, 7),
+            start_args("i", &named(Some(false)), &[], None, (7, 2)),
             strings(&["start", "--private", "--named=7/env", "--", "i"])
         );
         // A container to save leaves its changes for `berth save`.
@@ -336,10 +340,28 @@ mod tests {
             ..ContainerOptions::default()
         };
         assert_eq!(
-            start_args("i", &saved, &[], None, 7),
+            start_args("i", &saved, &[], None, (7, 2)),
             strings(&[
                 "start",
                 "--private",
+                "--step=7.2",
+                "--writable",
+                "--keep-changes",
+                "--",
+                "i"
+            ])
+        );
+        // A named one too: if it runs as a copy, the copy's changes are what is saved.
+        let saved_named = ContainerOptions {
+            save: Some("/s/a.sif".into()),
+            ..named(None)
+        };
+        assert_eq!(
+            start_args("i", &saved_named, &[], None, (7, 2)),
+            strings(&[
+                "start",
+                "--private",
+                "--named=7/env",
                 "--writable",
                 "--keep-changes",
                 "--",

@@ -257,13 +257,6 @@ pub enum Error {
     NamedNotRunning { name: String },
 
     #[error(
-        "container '{name}' is running in another step, and --container-name={name}:no_exec \
-         would start a second copy of its files, which one container uses at a time: drop \
-         ':no_exec' to enter it, or wait for that step to end"
-    )]
-    NamedInUse { name: String },
-
-    #[error(
         "there is no container named '{name}' in this job on this node: create it with \
          --container-image=IMAGE --container-name={name}"
     )]

@@ -12,7 +12,7 @@
 //! | `berth policy check --fetch --job J --step S --uid U --as-user UID:GID:GIDS -- IMAGE` (node, root) | allowed and cached, as `policy check`; progress lines on stderr; the decision recorded in the audit trail | refused, as `policy check` | could not fetch (stderr says why); 78: the node's config is invalid |
 //! | `berth start --private [OPTIONS] [--image-fd=3] -- IMAGE` (node, the user) | `PID:FD` on one line (PID its own, FD its sealed spec memfd), then runs until SIGTERM | - | could not start |
 //! | `berth named remove --job JOB` (node, the user, job epilog) | the job's named containers removed | - | berth failed |
-//! | `berth save [--changes DIR [--keep-changes]] -- IMAGE DEST` (node, the user, step end) | DEST written; progress on stderr | - | berth failed |
+//! | `berth save [--changes DIR [--keep-changes] [--below NAMED_DIR]] -- IMAGE DEST` (node, the user, step end) | DEST written; progress on stderr | - | berth failed |
 //!
 //! Every image goes after `--`, so none is ever read as an option. A verdict is taken only
 //! from its exact line with its exit status: anything else (help text, a crash, another
@@ -358,10 +358,12 @@ impl Launcher {
     }
 
     /// `berth save` (as the job's user, once the step's container stopped): the container's
-    /// file system to `dest` as a SIF. Its messages go on to the job's stderr.
+    /// file system to `dest` as a SIF. Its messages go on to the job's stderr. `below`: a
+    /// copy's, the named container's changes under `changes`.
     pub fn save(
         &self,
         changes: Option<(&str, bool)>,
+        below: Option<&str>,
         image: &str,
         dest: &str,
     ) -> Result<(), Error> {
@@ -371,6 +373,7 @@ impl Launcher {
             if keep {
                 args.push("--keep-changes");
             }
+            args.extend(below.iter().flat_map(|b| ["--below", b]));
         }
         args.extend(["--", image, dest]);
         let launcher = Launcher {

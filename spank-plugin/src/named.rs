@@ -10,9 +10,18 @@
 //!   instead of starting a container (`srun --overlap --container-name=NAME`); one naming a
 //!   stopped container starts it again from its files and its recorded image (judged by the
 //!   policy again, as every start is).
+//! - A step that starts it while another step runs it (`:no_exec`, or two steps starting
+//!   it at once) runs a copy: its own writes over the container's files, gone when it ends
+//!   (the launcher's `container::writable`; pyxis starts a second copy on the same files,
+//!   which berth does not, as one overlay layer takes one writer). A copy is not recorded:
+//!   later steps enter the container itself.
+//! - A step's unnamed container is recorded too, as `JOBID.STEPID` (the name pyxis gives
+//!   it), with no image: while it runs, `--container-name=JOBID.STEPID` enters it, through
+//!   the same checks and the same confinement as a named one; once it stops it is gone.
 //! - Its end: the job epilog ([`remove_job`], from `epilog`, when the job ends or is cancelled)
 //!   removes the records and, as the job's user, the files (`berth named remove --job`).
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -33,14 +42,33 @@ pub const RECORD_DIR: &str = "/run/berth/named";
 /// `container::writable::ANN_CHANGES`).
 pub const ANN_CHANGES: &str = "org.berth.changes";
 
-/// Whether `holder` runs named container `name` of job `job`: its files are that
-/// container's (`.../job-JOB/NAME`), so a recorded handle whose holder was replaced by
-/// another container of the user is not entered.
-pub fn runs(holder: &Holder, job: u32, name: &str) -> bool {
-    holder
-        .annotations
+/// The spec annotation of a copy of a running named container, naming that container's
+/// files below the copy's own (the launcher's `container::writable::ANN_BELOW`).
+pub const ANN_BELOW: &str = "org.berth.changes-below";
+
+/// The spec annotation naming the job step (`JOB.STEP`) an unnamed container is for (the
+/// launcher's `container::handle::ANN_STEP`, from `berth start --step`).
+pub const ANN_STEP: &str = "org.berth.step";
+
+/// The name under which step `step`'s unnamed container of job `job` is recorded, and
+/// entered: `JOBID.STEPID`, as pyxis names it.
+pub fn step_name(job: u32, step: u32) -> String {
+    format!("{job}.{step}")
+}
+
+/// Whether the holder whose spec has annotations `ann` runs container `name` of job `job`:
+/// a named container's files are that container's (`.../job-JOB/NAME`, not a copy over
+/// them), an unnamed one is that step's (`JOBID.STEPID`). So a recorded handle whose holder
+/// was replaced by another container of the user is not entered.
+pub fn runs(ann: &BTreeMap<String, String>, job: u32, name: &str) -> bool {
+    let named = ann
         .get(ANN_CHANGES)
         .is_some_and(|dir| dir.ends_with(&format!("/job-{job}/{name}")))
+        && !ann.contains_key(ANN_BELOW);
+    let step = ann.get(ANN_STEP).is_some_and(|step| {
+        step == name && step.split_once('.').map(|(j, _)| j) == Some(&job.to_string())
+    });
+    named || step
 }
 
 /// Refuses to enter a running container that lacks a namespace `unshare` asks for (pyxis
@@ -88,7 +116,7 @@ pub fn decide(
         (NameMode::Create, _, Some(_)) => Err(Error::NamedExists { name: name() }),
         (NameMode::Exec, false, _) => Err(Error::NamedNotRunning { name: name() }),
         (NameMode::Auto | NameMode::Exec, true, _) => Ok(Decision::Enter),
-        (NameMode::NoExec, true, _) => Err(Error::NamedInUse { name: name() }),
+        // no_exec on a running one starts it too: a copy (see the module comment).
         (_, _, Some(image)) => Ok(Decision::Start(image)),
         (_, _, None) => requested
             .map(Decision::Start)
@@ -100,12 +128,24 @@ pub fn decide(
 #[derive(Debug, Clone)]
 pub struct Record {
     dir: PathBuf,
+    /// An unnamed step's: it goes, with the job's directory if that is left empty, when
+    /// the container stops, so a job of unnamed steps leaves nothing once they end.
+    step: bool,
 }
 
 impl Record {
     pub fn of(job: u32, name: &str) -> Record {
         Record {
             dir: Path::new(RECORD_DIR).join(job.to_string()).join(name),
+            step: false,
+        }
+    }
+
+    /// The record of step `step`'s unnamed container, by [`step_name`].
+    pub fn of_step(job: u32, step: u32) -> Record {
+        Record {
+            step: true,
+            ..Record::of(job, &step_name(job, step))
         }
     }
 
@@ -119,29 +159,47 @@ impl Record {
         SpecHandle::parse(self.read("holder")?.trim())
     }
 
-    /// Records the container as created from `image` (if new) and run by `holder`.
-    pub fn started(&self, image: &str, holder: SpecHandle) -> Result<(), Error> {
-        as_root(|| {
+    /// Records the container as run by `holder` and, for a named one, created from `image`
+    /// (if new; an unnamed step's has none: it cannot be started again).
+    pub fn started(&self, image: Option<&str>, holder: SpecHandle) -> Result<(), Error> {
+        let record = || -> std::io::Result<()> {
             fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
                 .create(&self.dir)?;
-            if self.image().is_none() {
+            if let (Some(image), None) = (image, self.image()) {
                 write(&self.dir.join("image"), image)?;
             }
             write(&self.dir.join("holder"), &holder.to_string())
+        };
+        // Another step's stop may remove the job's directory, empty, between our mkdirs.
+        as_root(|| match record() {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => record(),
+            done => done,
         })
         .map_err(|e| self.failed(e))
     }
 
-    /// The container stopped: it can no longer be entered, only started again.
+    /// The container stopped: it can no longer be entered, only started again (a named
+    /// one; an unnamed step's record goes).
     pub fn stopped(&self, holder: SpecHandle) -> Result<(), Error> {
         if self.holder() != Some(holder) {
             return Ok(());
         }
-        as_root(|| match fs::remove_file(self.dir.join("holder")) {
+        let gone = |done: std::io::Result<()>| match done {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
+        };
+        as_root(|| {
+            gone(fs::remove_file(self.dir.join("holder")))?;
+            if self.step {
+                gone(fs::remove_dir(&self.dir))?;
+                // Only if empty: the job's other containers keep theirs.
+                if let Some(job) = self.dir.parent() {
+                    let _ = fs::remove_dir(job);
+                }
+            }
+            Ok(())
         })
         .map_err(|e| self.failed(e))
     }
@@ -210,6 +268,30 @@ mod tests {
     }
 
     #[test]
+    fn a_recorded_holder_is_entered_only_if_it_runs_that_container() {
+        let ann = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let named = ann(&[(ANN_CHANGES, "/var/tmp/berth/1100/job-7/env")]);
+        assert!(runs(&named, 7, "env"));
+        assert!(!runs(&named, 8, "env") && !runs(&named, 7, "nv"));
+        // A copy over it is not the container.
+        let copy = ann(&[
+            (ANN_CHANGES, "/var/tmp/berth/1100/job-7/env"),
+            (ANN_BELOW, "/var/tmp/berth/1100/job-7/env"),
+        ]);
+        assert!(!runs(&copy, 7, "env"));
+        // An unnamed step's, by JOBID.STEPID of this job only.
+        let step = ann(&[(ANN_STEP, "7.3")]);
+        assert!(runs(&step, 7, &step_name(7, 3)));
+        assert!(!runs(&step, 7, "7.4") && !runs(&step, 8, "7.3"));
+        assert!(!runs(&ann(&[]), 7, "7.3"));
+    }
+
+    #[test]
     fn decisions_follow_pyxis() {
         use NameMode::*;
         // auto: enter a running one, else start the recorded image, else create.
@@ -245,14 +327,36 @@ mod tests {
             decide(&named(Exec), false, img("a"), None),
             Err(Error::NamedNotRunning { .. })
         ));
-        // no_exec: never enter.
+        // no_exec: never enter; a running one is started again (as a copy).
         assert_eq!(
             decide(&named(NoExec), false, img("a"), None),
             Ok(Decision::Start("a".into()))
         );
-        assert!(matches!(
+        assert_eq!(
             decide(&named(NoExec), true, img("a"), None),
-            Err(Error::NamedInUse { .. })
+            Ok(Decision::Start("a".into()))
+        );
+        // An unnamed step's container has no image: entered while it runs, else missing.
+        let step = Named {
+            name: step_name(7, 3),
+            mode: Auto,
+        };
+        assert_eq!(decide(&step, true, None, None), Ok(Decision::Enter));
+        assert!(matches!(
+            decide(&step, false, None, None),
+            Err(Error::NamedMissing { .. })
+        ));
+        assert!(matches!(
+            decide(
+                &Named {
+                    mode: NoExec,
+                    ..step
+                },
+                true,
+                None,
+                None
+            ),
+            Err(Error::NamedMissing { .. })
         ));
     }
 }

@@ -67,8 +67,8 @@ struct Step {
     /// Tasks of the step on this node, and how many have exited.
     local_tasks: u32,
     exited: u32,
-    /// The record of the named container this step started, which other steps may enter
-    /// until it stops.
+    /// The record of the container this step started (named, or unnamed as JOBID.STEPID),
+    /// which other steps may enter until it stops.
     record: Option<named::Record>,
     /// `--container-save`: done once the container stopped.
     save: Option<SaveAfter>,
@@ -82,6 +82,8 @@ struct SaveAfter {
     user: Launcher,
     /// The container's changes directory, and whether it stays (a named container's).
     changes: Option<(String, bool)>,
+    /// A copy's: the named container's changes directory below them.
+    below: Option<String>,
     image: String,
     dest: String,
 }
@@ -163,7 +165,9 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
             let running = record
                 .holder()
                 .and_then(|h| match Holder::attach(h, info.uid) {
-                    Ok(holder) if named::runs(&holder, info.job_id, &n.name) => Some(holder),
+                    Ok(holder) if named::runs(&holder.annotations, info.job_id, &n.name) => {
+                        Some(holder)
+                    }
                     Ok(_) => None,
                     Err(why) => {
                         spank::log_debug(&format!("named container {}: {why}", n.name));
@@ -263,7 +267,7 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
         &options,
         &binds,
         gpus.as_deref(),
-        info.job_id,
+        (info.job_id, info.step_id),
     )?;
     // A batch script in the image calls srun, sbatch, squeue...: the node's client, run
     // with the node's libraries, reaches into its container.
@@ -290,12 +294,15 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
     }
     let holder = user.start(&args, local_image)?;
     spank::log_debug(&format!("container of {image} held by pid {}", holder.pid));
+    // A copy of a named container another step runs (see `named`).
+    let below = holder.annotations.get(named::ANN_BELOW).cloned();
     let save = options.save.clone().map(|dest| SaveAfter {
         user: user.clone(),
         changes: holder
             .annotations
             .get(named::ANN_CHANGES)
-            .map(|dir| (dir.clone(), record.is_some())),
+            .map(|dir| (dir.clone(), record.is_some() && below.is_none())),
+        below: below.clone(),
         // What the holder ran: the vetted file for a local image.
         image: if vetted.starts_with('/') {
             vetted.clone()
@@ -304,10 +311,27 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
         },
         dest,
     });
+    // Recorded once it runs, so the job's other steps can enter it: a named container (not
+    // a copy of one, which is this step's alone), or an unnamed one as JOBID.STEPID.
+    let (record, notice) = match (record, &below) {
+        (Some((_, n)), Some(_)) => (
+            None,
+            Some(format!(
+                "container '{}' is running in another step: this step runs a copy of it, and \
+                 what it writes to the container's files is gone when it ends (write results \
+                 to a directory bound with --container-mounts)",
+                n.name
+            )),
+        ),
+        (Some((record, _)), None) => (Some((record, Some(image.as_str()))), None),
+        (None, _) => (
+            Some((named::Record::of_step(info.job_id, info.step_id), None)),
+            None,
+        ),
+    };
     let record = match record {
-        Some((record, _)) => {
-            // Recorded once it runs, so the job's other steps can enter it.
-            if let Err(e) = record.started(&image, holder.handle) {
+        Some((record, image)) => {
+            if let Err(e) = record.started(image, holder.handle) {
                 let _ = holder.stop(STOP_GRACE);
                 return Err(e);
             }
@@ -328,7 +352,7 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
         exited: 0,
         record,
         save,
-        notice: None,
+        notice,
     });
     Ok(())
 }
@@ -427,11 +451,11 @@ fn start_image(
     options: &options::ContainerOptions,
     binds: &[NodeBind],
     gpus: Option<&str>,
-    job: u32,
+    ids: (u32, u32),
 ) -> Result<(Vec<String>, HandedFds), Error> {
     if !vetted.starts_with('/') {
         return Ok((
-            container::start_args(image, options, binds, gpus, job),
+            container::start_args(image, options, binds, gpus, ids),
             Vec::new(),
         ));
     }
@@ -446,7 +470,7 @@ fn start_image(
             path: vetted.to_owned(),
             reason: e.to_string(),
         })?;
-    let mut args = container::start_args(vetted, options, binds, gpus, job);
+    let mut args = container::start_args(vetted, options, binds, gpus, ids);
     args.insert(1, format!("--image-fd={IMAGE_FD}"));
     Ok((args, vec![(IMAGE_FD, OwnedFd::from(file))]))
 }
@@ -606,7 +630,10 @@ fn stop(step: Option<Step>) -> Result<(), Error> {
             .changes
             .as_ref()
             .map(|(dir, keep)| (dir.as_str(), *keep));
-        if let Err(e) = save.user.save(changes, &save.image, &save.dest) {
+        if let Err(e) = save
+            .user
+            .save(changes, save.below.as_deref(), &save.image, &save.dest)
+        {
             spank::log_error(&e.to_string());
             eprintln!("berth: {e}");
         }
@@ -754,8 +781,8 @@ mod tests {
     #[test]
     fn a_local_image_starts_from_the_vetted_file_itself() {
         let options = options::ContainerOptions::default();
-        let (args, file) = start_image("h/r:1", "h/r:1", &options, &[], None, 7).unwrap();
-        assert_eq!(args, ["start", "--private", "--", "h/r:1"]);
+        let (args, file) = start_image("h/r:1", "h/r:1", &options, &[], None, (7, 2)).unwrap();
+        assert_eq!(args, ["start", "--private", "--step=7.2", "--", "h/r:1"]);
         assert!(file.is_empty());
         let dir = tempfile::tempdir().unwrap();
         let vetted = dir.path().join("a.sif");
@@ -763,18 +790,32 @@ mod tests {
         let vetted = vetted.display().to_string();
         // The user wrote some other path; what starts is the one root vetted.
         let (args, file) =
-            start_image("/home/u/link/a.sif", &vetted, &options, &[], None, 7).unwrap();
+            start_image("/home/u/link/a.sif", &vetted, &options, &[], None, (7, 2)).unwrap();
         assert_eq!(
             args,
-            ["start", "--image-fd=3", "--private", "--", vetted.as_str()]
+            [
+                "start",
+                "--image-fd=3",
+                "--private",
+                "--step=7.2",
+                "--",
+                vetted.as_str()
+            ]
         );
         assert_eq!(file.len(), 1);
         assert_eq!(file[0].0, IMAGE_FD);
         // A symlink put in its place is not followed.
         let link = dir.path().join("link.sif");
         std::os::unix::fs::symlink(&vetted, &link).unwrap();
-        let err =
-            start_image("x", &link.display().to_string(), &options, &[], None, 7).unwrap_err();
+        let err = start_image(
+            "x",
+            &link.display().to_string(),
+            &options,
+            &[],
+            None,
+            (7, 2),
+        )
+        .unwrap_err();
         assert!(
             matches!(&err, Error::LocalImageUnreadable { reason, .. } if reason.contains("symbolic links")),
             "{err:?}"

@@ -158,7 +158,6 @@ first=$!
 {wait_live}
 srun --overlap --mem=100M --container-name=live --container-mounts=/tmp:/hostmnt sh -c \
     'test -e /tmp/first && echo entered; test -e /hostmnt || echo no-new-mounts' 2>&1
-srun --overlap --mem=100M --container-name=live:no_exec true 2>&1 | sed 's/^/no_exec: /'
 kill $first
 wait
 "#,
@@ -174,11 +173,159 @@ wait
         out.contains("ignoring --container-mounts"),
         "the entering step says its mounts are ignored:\n{out}"
     );
-    assert!(
-        out.contains("no_exec: ") && out.contains("running in another step"),
-        "{out}"
-    );
     assert_removed(&cluster, &job);
+}
+
+/// `--container-name=NAME:no_exec` while another step runs NAME (pyxis starts a second
+/// copy on the same files): berth runs a copy whose own writes lie over the container's,
+/// never two writers on one overlay upper layer. The copy sees the container's files, is
+/// not in the running step's namespaces, and what it writes goes when it ends, as its
+/// temporary layer does.
+#[test]
+fn a_no_exec_step_on_a_running_named_container_runs_a_copy_over_it() {
+    let _serial = serial();
+    let cluster = Cluster::get();
+    let img = image(&cluster);
+    let batch = Batch::new(
+        &cluster,
+        &format!(
+            r#"#!/bin/sh
+set -u
+srun --mem=100M --container-image={img} --container-name=shared \
+    sh -c 'echo base > /base; touch /tmp/first; sleep 20' &
+first=$!
+{wait_shared}
+srun --overlap --mem=100M --container-name=shared:no_exec sh -c \
+    'test -e /tmp/first || echo not-entered; echo "copy sees $(cat /base)"; echo c > /copy' 2>&1
+srun --overlap --mem=100M --container-name=shared sh -c 'test -e /copy || echo copy-writes-gone'
+kill $first
+wait
+srun --mem=100M --container-name=shared sh -c 'cat /base; test -e /copy || echo still-gone'
+echo "temporary layers left: $(ls {WRITABLE_DIR}/$(id -u) | grep -c '^tmp-')"
+"#,
+            wait_shared = until_running("shared", "test -e /tmp/first"),
+        ),
+    );
+    let (run, job) = batch.submit(&["--wait"]);
+    run.assert_success();
+    let out = batch.output();
+    for line in [
+        "not-entered",
+        "copy sees base",
+        "this step runs a copy of it",
+        "copy-writes-gone",
+        "still-gone",
+        "temporary layers left: 0",
+    ] {
+        assert!(out.contains(line), "{line}:\n{out}");
+    }
+    assert!(out.lines().any(|l| l == "base"), "{out}");
+    assert_removed(&cluster, &job);
+    cluster.assert_node_healthy();
+}
+
+/// A step's unnamed container is entered by `--container-name=JOBID.STEPID` while it runs,
+/// as in pyxis, confined as every joined task is (seccomp, no new privileges); only from
+/// its own job, and not once it has stopped.
+#[test]
+fn a_steps_unnamed_container_is_entered_by_jobid_stepid() {
+    let _serial = serial();
+    let cluster = Cluster::get();
+    let img = image(&cluster);
+    let step_file = cluster.home().join(unique_name("e2e-step"));
+    let batch = Batch::new(
+        &cluster,
+        &format!(
+            r#"#!/bin/sh
+set -u
+srun --mem=100M --container-image={img} --container-mounts={home}:/out sh -c \
+    'touch /tmp/first; echo $SLURM_STEP_ID > /out/{name}.tmp; mv /out/{name}.tmp /out/{name}; sleep 20' &
+first=$!
+until [ -s {step} ]; do sleep 0.2; done
+name=$SLURM_JOB_ID.$(cat {step})
+{wait_step}
+srun --overlap --mem=100M --container-name=$name sh -c \
+    'test -e /tmp/first && echo entered; grep -E "^(Seccomp|NoNewPrivs):" /proc/self/status'
+kill $first
+wait
+srun --mem=100M --container-name=$name true 2>&1 | sed 's/^/after: /'
+echo done
+"#,
+            step = step_file.display(),
+            home = cluster.home().display(),
+            name = step_file.file_name().unwrap().to_string_lossy(),
+            wait_step = until_running("$name", "test -e /tmp/first"),
+        ),
+    );
+    let (run, job) = batch.submit(&["--mem=300M"]);
+    run.assert_success();
+    assert!(
+        wait_until(Duration::from_secs(60), || step_file.exists()),
+        "job {job}'s step never started:\n{}",
+        batch.output()
+    );
+    let step = std::fs::read_to_string(&step_file).unwrap();
+    // Another job of the same user names it: not that job's container.
+    let other = Cmd::user([
+        "srun",
+        "--mem=100M",
+        &format!("--container-name={job}.{}", step.trim()),
+        "true",
+    ])
+    .timeout(Duration::from_secs(60))
+    .run();
+    other.assert_failure();
+    assert!(other.stderr.contains("no container named"), "{other}");
+    assert!(
+        wait_until(Duration::from_secs(90), || batch.output().contains("done")),
+        "job {job} did not end:\n{}",
+        batch.output()
+    );
+    let _ = std::fs::remove_file(&step_file);
+    let out = batch.output();
+    assert!(out.contains("entered"), "{out}");
+    assert!(out.contains("Seccomp:\t2"), "{out}");
+    assert!(out.contains("NoNewPrivs:\t1"), "{out}");
+    assert!(
+        out.contains("after: ") && out.contains("no container named"),
+        "a stopped step's container is gone:\n{out}"
+    );
+    // Its record went with it, before the job's end.
+    let record = Path::new(RECORD_DIR).join(&job);
+    assert!(!record.exists(), "{} is left", record.display());
+    cluster.assert_node_healthy();
+}
+
+/// A writable container has the user in its own passwd, group and shadow files (as
+/// enroot writes them), which groupadd and useradd can replace: openssh's postinst runs
+/// them, and PAM's account check (sshd) needs the shadow entry. A read-only one has them
+/// bound, read-only, over the image's.
+#[test]
+fn a_writable_container_has_the_user_in_its_own_passwd_group_and_shadow() {
+    let _serial = serial();
+    let cluster = Cluster::get();
+    let user = cluster.user();
+    let added = in_debian(
+        &["--container-remap-root", "--container-writable"],
+        "groupadd -r e2egroup && useradd -r -g e2egroup e2euser && \
+         grep -c '^e2e' /etc/group /etc/passwd",
+    );
+    added.assert_success();
+    assert!(added.stdout.contains("/etc/group:1"), "{added}");
+    assert!(added.stdout.contains("/etc/passwd:1"), "{added}");
+    let script = format!(
+        "grep -c '^{user}:' /etc/passwd /etc/shadow; grep -q ' /etc/passwd ' /proc/self/mountinfo \
+         && echo passwd-bound; true"
+    );
+    let writable = in_debian(&["--container-writable"], &script);
+    writable.assert_success();
+    assert!(writable.stdout.contains("/etc/passwd:1"), "{writable}");
+    assert!(writable.stdout.contains("/etc/shadow:1"), "{writable}");
+    assert!(!writable.stdout.contains("passwd-bound"), "{writable}");
+    let readonly = in_debian(&[], &script);
+    assert!(readonly.stdout.contains("/etc/passwd:1"), "{readonly}");
+    assert!(readonly.stdout.contains("passwd-bound"), "{readonly}");
+    cluster.assert_node_healthy();
 }
 
 #[test]

@@ -1,6 +1,7 @@
-//! `berth save [--changes DIR [--keep-changes]] IMAGE DEST`: writes IMAGE with the changes
-//! a container left in DIR (`berth start --keep-changes`, or a named container's) to DEST
-//! as a SIF file, then removes DIR unless told to keep it. The SPANK plugin runs it as the
+//! `berth save [--changes DIR [--keep-changes] [--below NAMED_DIR]] IMAGE DEST`: writes
+//! IMAGE with the changes a container left in DIR (`berth start --keep-changes`, or a named
+//! container's; with those of the named container below a copy's) to DEST as a SIF file,
+//! then removes DIR unless told to keep it. The SPANK plugin runs it as the
 //! job's user for `--container-save` when the step's container has stopped.
 
 use std::path::PathBuf;
@@ -20,6 +21,10 @@ pub struct Args {
     /// Leave DIR in place (a named container's, which the job goes on using).
     #[arg(long)]
     pub keep_changes: bool,
+    /// The named container's changes directory below DIR, where DIR is a copy's (its spec's
+    /// org.berth.changes-below annotation): saved as the copy saw it. Never removed.
+    #[arg(long, value_name = "NAMED_DIR", requires = "changes")]
+    pub below: Option<PathBuf>,
     /// The image the container ran: a registry reference or a .sif or squashfs file.
     pub image: String,
     /// Where the SIF file goes (replaced if it exists).
@@ -27,7 +32,12 @@ pub struct Args {
 }
 
 pub fn run(a: Args, g: &Globals) -> Result<i32> {
-    if let Some(dir) = a.changes.as_ref().filter(|d| !d.join("upper").is_dir()) {
+    if let Some(dir) = a
+        .changes
+        .iter()
+        .chain(&a.below)
+        .find(|d| !d.join("upper").is_dir())
+    {
         return Err(Error::io(
             format!("{} holds no container's changes", dir.display()),
             std::io::Error::from(std::io::ErrorKind::NotFound),
@@ -50,7 +60,7 @@ pub fn run(a: Args, g: &Globals) -> Result<i32> {
     };
     let mut spec = spec::build(&image_ref, &options, &spec::Host::current())?;
     if let Some(dir) = &a.changes {
-        writable::annotate(&mut spec, dir);
+        writable::annotate(&mut spec, dir, a.below.as_deref());
     }
     save::save(&spec, &config.runtime, &source.config, &a.dest)?;
     match &a.changes {

@@ -46,6 +46,11 @@ pub struct StartArgs {
     /// --changes` (the spec's org.berth.changes annotation names them).
     #[arg(long)]
     pub keep_changes: bool,
+    /// The job step JOB.STEP this container is for, recorded in its spec (org.berth.step):
+    /// the SPANK plugin checks it before entering a step's container by that name
+    /// (`--container-name=JOB.STEP`, as in pyxis).
+    #[arg(long, value_name = "JOB.STEP", value_parser = parse_step)]
+    pub step: Option<String>,
     /// The image: a registry reference, or a .sif or squashfs file.
     pub image: String,
 }
@@ -82,6 +87,9 @@ pub fn run_start(a: StartArgs, g: &Globals) -> Result<i32> {
         }
         other => other?,
     };
+    if let Some(step) = &a.step {
+        handle::annotate_step(&mut spec, step);
+    }
     if a.container.print_spec {
         return print_spec(&spec);
     }
@@ -90,6 +98,16 @@ pub fn run_start(a: StartArgs, g: &Globals) -> Result<i32> {
         changes.iter_mut().for_each(|c| c.keep());
     }
     container::start(&spec, &config.runtime, changes)
+}
+
+/// `JOB.STEP`, two numbers.
+fn parse_step(text: &str) -> std::result::Result<String, String> {
+    match text.split_once('.') {
+        Some((job, step)) if job.parse::<u32>().is_ok() && step.parse::<u32>().is_ok() => {
+            Ok(text.to_owned())
+        }
+        _ => Err(format!("expected JOB.STEP (two numbers), not '{text}'")),
+    }
 }
 
 /// The image file a container runs, and what keeps it usable while it runs.
@@ -177,5 +195,19 @@ pub fn run_stop(a: StopArgs, _g: &Globals) -> Result<i32> {
             handle: h.to_string(),
             secs: a.timeout,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_step_is_two_numbers() {
+        assert_eq!(parse_step("12.4294967291"), Ok("12.4294967291".into()));
+        for bad in ["12", "12.x", ".3", "12.3.4", "-1.2"] {
+            let err = parse_step(bad).unwrap_err();
+            assert!(err.contains("expected JOB.STEP"), "{bad}: {err}");
+        }
     }
 }

@@ -15,6 +15,17 @@ use oci_spec::runtime::Spec;
 
 use crate::{Error, Result};
 
+/// The spec annotation naming the job step (`JOB.STEP`) a held container is for
+/// (`berth start --step`).
+pub const ANN_STEP: &str = "org.berth.step";
+
+/// Records in `spec` that the container is job step `step`'s (`JOB.STEP`).
+pub fn annotate_step(spec: &mut Spec, step: &str) {
+    let mut annotations = spec.annotations().clone().unwrap_or_default();
+    annotations.insert(ANN_STEP.into(), step.into());
+    spec.set_annotations(Some(annotations));
+}
+
 /// Parses a handle as given on the command line.
 pub fn parse(text: &str) -> Result<SpecHandle> {
     SpecHandle::parse(text).ok_or_else(|| Error::BadHandle(text.into()))

@@ -537,8 +537,13 @@ fn mounts(opts: &Options, host: &Host) -> Result<Vec<Value>> {
     for f in &host.files {
         v.push(bind(f, f, true));
     }
-    v.push(bind(p(PASSWD), p("/etc/passwd"), true));
-    v.push(bind(p(GROUP), p("/etc/group"), true));
+    // A read-only container gets the generated files bound over the image's; a writable
+    // one has them written into its own files (`assemble::userdb`), as enroot does, so
+    // groupadd, useradd and package scripts that run them can replace them.
+    if !opts.writable {
+        v.push(bind(p(PASSWD), p("/etc/passwd"), true));
+        v.push(bind(p(GROUP), p("/etc/group"), true));
+    }
     if let (Some(home), false) = (&host.home, opts.no_home) {
         v.push(bind(home, &home_inside(opts, host), false));
     }

@@ -12,8 +12,18 @@
 //!                           kept across the job's steps; `berth named remove --job J`
 //!                           removes them when the job ends
 //!   upper/ work/            overlayfs's upper and work directories
-//!   lock                    locked by the container using them: one at a time
+//!   lock                    locked by the container writing them: one at a time
 //! ```
+//!
+//! A named container has one writer. A step that starts it while another step runs it
+//! (`--container-name=NAME:no_exec`, or two steps starting it at once; pyxis starts a
+//! second copy on the same files there) gets a copy: its own temporary upper layer
+//! (`tmp-XXXXXX/`) over the named container's, which is one of its lower layers. It sees
+//! the container as the running step left it, and what it writes goes when it stops. Never
+//! two overlays writing one upper layer, which the kernel leaves undefined; the running
+//! step's later writes to a file the copy has not changed may or may not show in the copy
+//! (overlayfs's rule for a lower layer that changes), so write shared results to a bound
+//! directory.
 //!
 //! A container may write up to `[runtime] writable_max_size`: berth measures its upper
 //! layer every second and, past the limit, turns the container's root read-only.
@@ -38,6 +48,10 @@ use crate::{Error, Result};
 /// they are in the container's private tmpfs (a read-only container writes nothing there
 /// but the mountpoints berth adds).
 pub const ANN_CHANGES: &str = "org.berth.changes";
+
+/// The annotation naming the changes directory (a named container's, see the module
+/// comment) whose `upper/` lies below a copy's own upper layer.
+pub const ANN_BELOW: &str = "org.berth.changes-below";
 
 /// How often a container's writes are measured against the limit.
 const WATCH_INTERVAL: Duration = Duration::from_secs(1);
@@ -107,6 +121,9 @@ pub struct Changes {
     remove: Option<(Dir, Vec<u8>)>,
     /// A named container's lock, held while it runs.
     _lock: Option<File>,
+    /// For a copy of a running named container: that container's directory, whose upper
+    /// layer is a lower one of this.
+    below: Option<PathBuf>,
     limit: u64,
 }
 
@@ -132,6 +149,7 @@ impl Changes {
             path,
             remove: Some((dir, name)),
             _lock: None,
+            below: None,
             limit,
         };
         changes.create_layers()?;
@@ -139,7 +157,8 @@ impl Changes {
     }
 
     /// The directory of named container `id` of the calling user, created on first use and
-    /// locked for this container's life.
+    /// locked for this container's life; or, where another container holds that lock, a
+    /// temporary copy over it (see the module comment).
     pub fn named(runtime: &RuntimeConfig, id: &NamedId) -> Result<Changes> {
         let limit = parse_size(&runtime.writable_max_size)?;
         let area = user_area(runtime)?.ok_or_else(|| Error::WritableArea {
@@ -159,18 +178,22 @@ impl Changes {
             .write(true)
             .open(&lock_path)
             .map_err(|e| Error::io(lock_path.display().to_string(), e))?;
-        if let Err(e) = lock.try_lock() {
-            return Err(match e {
-                fs::TryLockError::WouldBlock => Error::NamedBusy {
-                    name: id.name.clone(),
-                },
-                fs::TryLockError::Error(e) => Error::io(lock_path.display().to_string(), e),
-            });
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let mut copy = Changes::temporary(runtime, &area)?;
+                copy.below = Some(path);
+                return Ok(copy);
+            }
+            Err(fs::TryLockError::Error(e)) => {
+                return Err(Error::io(lock_path.display().to_string(), e))
+            }
         }
         let changes = Changes {
             path,
             remove: None,
             _lock: Some(lock),
+            below: None,
             limit,
         };
         changes.create_layers()?;
@@ -190,9 +213,10 @@ impl Changes {
         Ok(())
     }
 
-    /// Points the spec's overlay at this directory.
+    /// Points the spec's overlay at this directory (and, for a copy, at the named
+    /// container's below it).
     pub fn annotate(&self, spec: &mut Spec) {
-        annotate(spec, &self.path);
+        annotate(spec, &self.path, self.below.as_deref());
     }
 
     /// Leaves a temporary container's changes in place when it stops (for `berth save`,
@@ -267,10 +291,15 @@ impl Changes {
     }
 }
 
-/// Points the spec's overlay at the changes directory `dir` (holding `upper/` and `work/`).
-pub fn annotate(spec: &mut Spec, dir: &Path) {
+/// Points the spec's overlay at the changes directory `dir` (holding `upper/` and `work/`)
+/// and, for a copy of a named container, at that container's directory `below` (whose
+/// `upper/` is the overlay's top lower layer).
+pub fn annotate(spec: &mut Spec, dir: &Path, below: Option<&Path>) {
     let mut annotations = spec.annotations().clone().unwrap_or_default();
     annotations.insert(ANN_CHANGES.into(), dir.display().to_string());
+    if let Some(below) = below {
+        annotations.insert(ANN_BELOW.into(), below.display().to_string());
+    }
     spec.set_annotations(Some(annotations));
 }
 
@@ -418,6 +447,37 @@ mod tests {
             err.contains("named containers keep their files there"),
             "{err}"
         );
+    }
+
+    /// Needs an area owned by root, so it runs as root only (as `tests/run` does).
+    #[test]
+    fn a_named_container_in_use_is_started_as_a_copy_over_it() {
+        if berth_sys::identity::effective_uid() != 0 {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let (runtime, id) = (runtime(tmp.path()), NamedId::parse("7/env").unwrap());
+        let writer = Changes::named(&runtime, &id).unwrap();
+        assert_eq!(writer.path, tmp.path().join("0/job-7/env"));
+        assert!(writer.below.is_none() && writer.remove.is_none());
+        // Its lock is held: the next one is a copy with the writer's files below its own.
+        let copy = Changes::named(&runtime, &id).unwrap();
+        assert_eq!(copy.below.as_deref(), Some(writer.path.as_path()));
+        assert!(copy.path.starts_with(tmp.path().join("0")) && copy.path != writer.path);
+        let mut spec = Spec::default();
+        copy.annotate(&mut spec);
+        let ann = spec.annotations().clone().unwrap();
+        assert_eq!(ann[ANN_CHANGES], copy.path.display().to_string());
+        assert_eq!(ann[ANN_BELOW], writer.path.display().to_string());
+        // The copy's own changes go when it stops; the container's stay.
+        let copy_path = copy.path.clone();
+        copy.finish().unwrap();
+        assert!(!copy_path.exists() && writer.path.join("upper").is_dir());
+        // Once the writer stopped, the next start writes the container's files again.
+        drop(writer);
+        let again = Changes::named(&runtime, &id).unwrap();
+        assert!(again.below.is_none());
     }
 
     #[test]

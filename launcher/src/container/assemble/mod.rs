@@ -73,7 +73,17 @@ pub fn assemble(
     let facts = AssemblyInputs::of(spec)?;
     let (root, helper) = mount_root(sys, &facts, bundle, squashfuse)?;
     let container = |what| move |source| Error::Container { what, source };
-    userdb::write_user_db(&root, bundle, &facts)?;
+    let readonly = spec
+        .root()
+        .as_ref()
+        .and_then(|r| r.readonly())
+        .unwrap_or(true);
+    let user_db = if readonly {
+        userdb::UserDbIn::Bundle
+    } else {
+        userdb::UserDbIn::Root
+    };
+    userdb::write_user_db(&root, bundle, &facts, user_db)?;
     userdb::write_apt_config(&root, &facts)?;
     for (name, text) in super::slurm::scripts(spec)? {
         use std::os::unix::fs::PermissionsExt;
@@ -112,12 +122,7 @@ pub fn assemble(
             .and_then(|l| l.readonly_paths().clone())
             .unwrap_or_default(),
     )?;
-    if spec
-        .root()
-        .as_ref()
-        .and_then(|r| r.readonly())
-        .unwrap_or(true)
-    {
+    if readonly {
         sys.set_readonly(&root)
             .map_err(container("making the root read-only"))?;
     }
@@ -187,15 +192,19 @@ pub fn mount_root(
 
     // The image stays read-only; the upper layer gives mountpoints the image lacks and, with
     // --writable, a root that can change for the container's life. nosuid: an image's
-    // set-user-id files give nothing (no_new_privs would ignore them anyway).
+    // set-user-id files give nothing (no_new_privs would ignore them anyway). A copy of a
+    // running named container has that container's upper layer between (see `writable`).
+    let lowers = match &facts.below {
+        Some(below) => format!("{}:{}", below.join("upper").display(), lower.display()),
+        None => lower.display().to_string(),
+    };
     sys.mount(&Mount {
         source: Some("overlay".into()),
         target: root.clone(),
         fstype: Some("overlay".into()),
         flags: MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
         data: Some(format!(
-            "lowerdir={},upperdir={},workdir={},userxattr",
-            lower.display(),
+            "lowerdir={lowers},upperdir={},workdir={},userxattr",
             upper.display(),
             work.display()
         )),
@@ -279,6 +288,8 @@ pub struct AssemblyInputs {
     pub(crate) home: String,
     /// The directory holding the overlay's upper and work directories on disk, if any.
     pub(crate) changes: Option<PathBuf>,
+    /// A named container's directory whose upper layer lies below `changes` (a copy).
+    pub(crate) below: Option<PathBuf>,
     pub(crate) isolation: berth_sys::Isolation,
 }
 
@@ -315,6 +326,7 @@ impl AssemblyInputs {
             user: get(spec::ANN_USER_NAME)?,
             home: get(spec::ANN_USER_HOME)?,
             changes: ann.get(super::writable::ANN_CHANGES).map(PathBuf::from),
+            below: ann.get(super::writable::ANN_BELOW).map(PathBuf::from),
             isolation: spec::isolation(spec),
         })
     }
@@ -511,22 +523,18 @@ mod tests {
             calls.last(),
             Some(&Call::PivotRoot(bundle.path().join("root")))
         );
-        let group = std::fs::read_to_string(bundle.path().join("group")).unwrap();
+        // Written into the container's own files, not bound over them.
+        let group = std::fs::read_to_string(bundle.path().join("root/etc/group")).unwrap();
         assert_eq!(group, "ada:x:0:\n");
+        assert!(!bundle.path().join("group").exists());
+        assert!(!calls.iter().any(|c| matches!(c, Call::MountInRoot { mount, .. }
+            if mount.target == Path::new("/etc/passwd") || mount.target == Path::new("/etc/group"))));
     }
 
-    #[test]
-    fn a_writable_container_writes_to_its_directory_on_disk() {
-        let changes = tempfile::tempdir().unwrap();
-        let mut spec = spec_for(false, true);
-        let mut ann = spec.annotations().clone().unwrap();
-        ann.insert(
-            crate::container::writable::ANN_CHANGES.into(),
-            changes.path().display().to_string(),
-        );
-        spec.set_annotations(Some(ann));
+    /// The overlay's mount options when `spec` is assembled, and the bundle.
+    fn overlay_of(spec: &Spec) -> (String, tempfile::TempDir) {
         let sys = RecordingSyscall::default();
-        let (bundle, r) = run(&sys, &spec);
+        let (bundle, r) = run(&sys, spec);
         r.unwrap();
         let overlay = sys
             .calls()
@@ -536,6 +544,15 @@ mod tests {
                 _ => None,
             })
             .unwrap();
+        (overlay, bundle)
+    }
+
+    #[test]
+    fn a_writable_container_writes_to_its_directory_on_disk() {
+        let changes = tempfile::tempdir().unwrap();
+        let mut spec = spec_for(false, true);
+        crate::container::writable::annotate(&mut spec, changes.path(), None);
+        let (overlay, bundle) = overlay_of(&spec);
         let c = changes.path().display();
         assert!(
             overlay.contains(&format!("upperdir={c}/upper,workdir={c}/work")),
@@ -544,6 +561,23 @@ mod tests {
         assert!(
             !bundle.path().join("upper").exists(),
             "nothing in the tmpfs"
+        );
+    }
+
+    #[test]
+    fn a_copy_of_a_named_container_has_its_upper_layer_below_its_own() {
+        let (copy, named) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut spec = spec_for(false, true);
+        crate::container::writable::annotate(&mut spec, copy.path(), Some(named.path()));
+        let (overlay, bundle) = overlay_of(&spec);
+        let (c, n, b) = (
+            copy.path().display(),
+            named.path().display(),
+            bundle.path().display(),
+        );
+        assert_eq!(
+            overlay,
+            format!("lowerdir={n}/upper:{b}/lower,upperdir={c}/upper,workdir={c}/work,userxattr")
         );
     }
 

@@ -1,7 +1,9 @@
-//! Files berth generates in the bundle from the image's own: passwd and group with the
-//! user's entries, and the loader cache with the driver's libraries. They are bound
-//! read-only over the image's, which never changes. And one berth writes into the
-//! container's upper layer: apt's setting for the remapped root of a Debian image.
+//! Files berth generates from the image's own: passwd and group with the user's entries,
+//! and the loader cache with the driver's libraries. They are written in the bundle and
+//! bound read-only over the image's, which never changes; but a writable container gets its
+//! passwd and group in its own files (the overlay's upper layer), as enroot writes them, so
+//! `groupadd` and the package scripts that run it can replace them. And one berth writes
+//! into the container's upper layer: apt's setting for the remapped root of a Debian image.
 
 use std::os::fd::AsFd;
 use std::path::Path;
@@ -11,16 +13,28 @@ use crate::container::spec::{GROUP, PASSWD};
 use crate::gpu::{driver, edit, ldcache};
 use crate::{Error, Result};
 
-/// Writes the bundle's passwd and group: the image's own entries (read inside the root, so
-/// an image symlink cannot make berth read a host file) plus the user's, unless the image
-/// already has an entry with the user's uid/gid.
-pub fn write_user_db(root: &Path, bundle: &Path, f: &AssemblyInputs) -> Result<()> {
-    let passwd = String::from_utf8_lossy(&read_in_root(root, "/etc/passwd")?).into_owned();
+/// Where the generated passwd and group go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserDbIn {
+    /// The bundle, for the spec's read-only binds.
+    Bundle,
+    /// The container's own `/etc` (a writable container: call on the overlay root).
+    Root,
+}
+
+/// Writes passwd and group where `into` says: the image's own entries (read inside the
+/// root, so an image symlink cannot make berth read a host file) plus the user's, unless the
+/// image already has an entry with the user's uid/gid. In the container's own files, the
+/// user added to passwd gets a shadow entry too where the image has a shadow file (as
+/// enroot's `pwck` adds it): PAM's account check (sshd, su) refuses a user it lacks. It has
+/// no password (`*`) and no ageing.
+pub fn write_user_db(root: &Path, bundle: &Path, f: &AssemblyInputs, into: UserDbIn) -> Result<()> {
+    let image_passwd = String::from_utf8_lossy(&read_in_root(root, "/etc/passwd")?).into_owned();
     let group = String::from_utf8_lossy(&read_in_root(root, "/etc/group")?).into_owned();
     let passwd = with_entry(
-        &passwd,
+        &image_passwd,
         2,
-        f.uid_inside,
+        &f.uid_inside.to_string(),
         &format!(
             "{}:x:{}:{}::{}:/bin/sh",
             f.user, f.uid_inside, f.gid_inside, f.home
@@ -29,11 +43,30 @@ pub fn write_user_db(root: &Path, bundle: &Path, f: &AssemblyInputs) -> Result<(
     let group = with_entry(
         &group,
         2,
-        f.gid_inside,
+        &f.gid_inside.to_string(),
         &format!("{}:x:{}:", f.user, f.gid_inside),
     );
-    write(bundle, PASSWD, passwd.as_bytes())?;
-    write(bundle, GROUP, group.as_bytes())
+    match into {
+        UserDbIn::Bundle => {
+            write(bundle, PASSWD, passwd.as_bytes())?;
+            write(bundle, GROUP, group.as_bytes())
+        }
+        UserDbIn::Root => {
+            write_in_root(root, "/etc", PASSWD, passwd.as_bytes(), 0o644)?;
+            write_in_root(root, "/etc", GROUP, group.as_bytes(), 0o644)?;
+            let shadow = read_in_root(root, "/etc/shadow")?;
+            if passwd == image_passwd || shadow.is_empty() {
+                return Ok(());
+            }
+            let shadow = with_entry(
+                &String::from_utf8_lossy(&shadow),
+                0,
+                &f.user,
+                &format!("{}:*:::::::", f.user),
+            );
+            write_in_root(root, "/etc", "shadow", shadow.as_bytes(), 0o640)
+        }
+    }
 }
 
 /// apt's setting, in a Debian image run as root, to download as root instead of as `_apt`
@@ -51,42 +84,64 @@ const APT_AS_ROOT: (&str, &str) = (
 /// derivative's (`/etc/debian_version`). Call on the overlay root before it turns
 /// read-only: the file goes to the upper layer, never the image.
 pub fn write_apt_config(root: &Path, f: &AssemblyInputs) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     if f.uid_inside != 0 {
         return Ok(());
     }
-    let sys = |path: &'static str| {
-        move |source| Error::Sys {
-            path: path.into(),
-            source,
-        }
-    };
-    let root_fd = berth_sys::rootfs::open_dir(root).map_err(sys("/"))?;
+    let root_fd = berth_sys::rootfs::open_dir(root).map_err(|source| Error::Sys {
+        path: "/".into(),
+        source,
+    })?;
     let debian = Path::new("/etc/debian_version");
     match berth_sys::rootfs::open_in_root(root_fd.as_fd(), debian, libc::O_PATH) {
         Ok(_) => {}
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
-        Err(source) => return Err(sys("/etc/debian_version")(source)),
+        Err(source) => {
+            return Err(Error::Sys {
+                path: debian.into(),
+                source,
+            })
+        }
     }
-    let conf_d = "/etc/apt/apt.conf.d";
-    let dir = berth_sys::rootfs::ensure_in_root(
+    let (name, text) = APT_AS_ROOT;
+    write_in_root(root, "/etc/apt/apt.conf.d", name, text.as_bytes(), 0o644)
+}
+
+/// Writes `bytes` as file `name` (with `mode`) of directory `dir` of the container's root
+/// (made if missing, resolved inside the root), replacing what is there: written beside it
+/// and renamed over it, so a symlink at that name is replaced, never followed, and no
+/// reader sees half a file.
+fn write_in_root(root: &Path, dir: &str, name: &str, bytes: &[u8], mode: u32) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let root_fd = berth_sys::rootfs::open_dir(root).map_err(|source| Error::Sys {
+        path: root.into(),
+        source,
+    })?;
+    let dir_fd = berth_sys::rootfs::ensure_in_root(
         root_fd.as_fd(),
-        Path::new(conf_d),
+        Path::new(dir),
         berth_sys::MountpointKind::Dir,
     )
-    .map_err(sys(conf_d))?;
-    let (name, text) = APT_AS_ROOT;
-    // The name looked up in the directory resolved above; never through a symlink there.
+    .map_err(|source| Error::Sys {
+        path: dir.into(),
+        source,
+    })?;
+    // Names looked up in the directory resolved above, through its descriptor.
+    let at = berth_sys::rootfs::fd_path(dir_fd.as_fd());
+    let tmp = at.join(format!(".{name}.berth"));
+    let failed = |e| Error::io(format!("writing {dir}/{name} in the container"), e);
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(failed(e)),
+        _ => {}
+    }
     std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o644)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(berth_sys::rootfs::fd_path(dir.as_fd()).join(name))
-        .and_then(|mut file| file.write_all(text.as_bytes()))
-        .map_err(|e| Error::io(format!("writing {conf_d}/{name} in the container"), e))
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .and_then(|mut file| file.write_all(bytes))
+        .and_then(|()| std::fs::rename(&tmp, at.join(name)))
+        .map_err(failed)
 }
 
 /// Where CUDA images keep the forward-compatibility driver libraries (`cuda-compat-*`).
@@ -177,14 +232,10 @@ fn write(bundle: &Path, name: &str, bytes: &[u8]) -> Result<()> {
     std::fs::write(&path, bytes).map_err(|e| Error::io(format!("writing {}", path.display()), e))
 }
 
-/// `text` (a passwd or group file) with `entry` appended unless a line has `id` in field
-/// `field`.
-pub fn with_entry(text: &str, field: usize, id: u32, entry: &str) -> String {
-    let id = id.to_string();
-    if text
-        .lines()
-        .any(|l| l.split(':').nth(field) == Some(id.as_str()))
-    {
+/// `text` (a passwd, group or shadow file) with `entry` appended unless a line has `key`
+/// in field `field`.
+pub fn with_entry(text: &str, field: usize, key: &str, entry: &str) -> String {
+    if text.lines().any(|l| l.split(':').nth(field) == Some(key)) {
         return text.to_string();
     }
     let mut out = text.to_string();
@@ -277,6 +328,7 @@ mod tests {
             user: "ada".into(),
             home: "/".into(),
             changes: None,
+            below: None,
             isolation: berth_sys::Isolation::default(),
         }
     }
@@ -298,12 +350,13 @@ mod tests {
         write_apt_config(r, &inputs(0)).unwrap();
         let text = std::fs::read_to_string(&conf).unwrap();
         assert!(text.contains("APT::Sandbox::User \"root\";"), "{text}");
-        // A symlink the image put at that name is not followed out of the root.
+        // A symlink the image put at that name is replaced, not followed out of the root.
         let outside = tempfile::tempdir().unwrap();
         std::fs::remove_file(&conf).unwrap();
         std::os::unix::fs::symlink(outside.path().join("x"), &conf).unwrap();
-        assert!(write_apt_config(r, &inputs(0)).is_err());
+        write_apt_config(r, &inputs(0)).unwrap();
         assert!(!outside.path().join("x").exists());
+        assert!(std::fs::symlink_metadata(&conf).unwrap().is_file());
         // Nor is a symlinked directory: it resolves inside the root, where it dangles.
         std::fs::remove_dir_all(r.join("etc/apt")).unwrap();
         std::fs::create_dir(r.join("etc/apt")).unwrap();
@@ -315,12 +368,67 @@ mod tests {
     #[test]
     fn user_db_keeps_image_entries() {
         let text = "root:x:0:0::/root:/bin/sh\nada:x:1100:1200::/h:/bin/sh";
-        assert_eq!(with_entry(text, 2, 1100, "new"), text);
+        assert_eq!(with_entry(text, 2, "1100", "new"), text);
         assert_eq!(
-            with_entry(text, 2, 7, "x:x:7:7"),
+            with_entry(text, 2, "7", "x:x:7:7"),
             format!("{text}\nx:x:7:7\n")
         );
-        assert_eq!(with_entry("", 2, 7, "x:x:7:7"), "x:x:7:7\n");
+        assert_eq!(with_entry("", 2, "7", "x:x:7:7"), "x:x:7:7\n");
+        assert_eq!(with_entry(text, 0, "ada", "new"), text);
+    }
+
+    /// A writable container's own files get the entries (groupadd can replace them), and
+    /// shadow the user's where the image has one; a read-only one's go to the bundle.
+    #[test]
+    fn a_writable_containers_user_db_is_written_into_its_files() {
+        let (root, bundle) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let etc = root.path().join("etc");
+        std::fs::create_dir(&etc).unwrap();
+        std::fs::write(etc.join("passwd"), "root:x:0:0::/root:/bin/sh\n").unwrap();
+        std::fs::write(etc.join("shadow"), "root:*:19000:0:99999:7:::\n").unwrap();
+        // A symlink at a name is replaced, not followed.
+        let outside = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path().join("g"), etc.join("group")).unwrap();
+        let mut f = inputs(1100);
+        f.home = "/home/ada".into();
+        write_user_db(root.path(), bundle.path(), &f, UserDbIn::Root).unwrap();
+        let read = |name: &str| std::fs::read_to_string(etc.join(name)).unwrap();
+        assert_eq!(
+            read("passwd"),
+            "root:x:0:0::/root:/bin/sh\nada:x:1100:1100::/home/ada:/bin/sh\n"
+        );
+        assert_eq!(read("group"), "ada:x:1100:\n");
+        assert!(!outside.path().join("g").exists());
+        assert_eq!(read("shadow"), "root:*:19000:0:99999:7:::\nada:*:::::::\n");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |name: &str| {
+            std::fs::metadata(etc.join(name))
+                .unwrap()
+                .permissions()
+                .mode()
+        };
+        assert_eq!(
+            (mode("passwd") & 0o777, mode("shadow") & 0o777),
+            (0o644, 0o640)
+        );
+        assert!(std::fs::read_dir(bundle.path()).unwrap().next().is_none());
+        // Again (a named container's next step): nothing added twice.
+        write_user_db(root.path(), bundle.path(), &f, UserDbIn::Root).unwrap();
+        for name in ["passwd", "shadow"] {
+            let text = read(name);
+            assert_eq!(text.lines().filter(|l| l.starts_with("ada:")).count(), 1);
+        }
+        // The remapped root is the image's root: shadow untouched. No shadow: none made.
+        write_user_db(root.path(), bundle.path(), &inputs(0), UserDbIn::Root).unwrap();
+        std::fs::remove_file(etc.join("shadow")).unwrap();
+        std::fs::write(etc.join("passwd"), "").unwrap();
+        write_user_db(root.path(), bundle.path(), &f, UserDbIn::Root).unwrap();
+        assert!(!etc.join("shadow").exists());
+        // Read-only: the bundle's files, the image's untouched.
+        std::fs::write(etc.join("passwd"), "").unwrap();
+        write_user_db(root.path(), bundle.path(), &f, UserDbIn::Bundle).unwrap();
+        assert!(bundle.path().join("passwd").is_file());
+        assert_eq!(read("passwd"), "");
     }
 
     #[test]
