@@ -12,12 +12,18 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use berth_e2e::images::{push_layers, python_layer, Pushed};
-use berth_e2e::{access_lines, sh, unique_name, Cluster, Cmd, PrivateRegistry, Run, ScratchBerth};
+use berth_e2e::{
+    access_lines, serial, sh, unique_name, Cluster, Cmd, PrivateRegistry, Run, ScratchBerth,
+};
 
 /// A private cache and configuration for one test.
 struct Env {
     cluster: Cluster,
     scratch: ScratchBerth,
+    /// The suite's tests one at a time: several read the registry's access log to show
+    /// that a fetch made no request, and another test's cold fetch of the same image
+    /// would write lines there (seen once on 25.11).
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
 
 impl Env {
@@ -28,6 +34,7 @@ impl Env {
     /// An environment whose `[registry]` reads CAs from `certs_dir` and, when given,
     /// credentials from `auth_file`.
     fn with_registry(extra_allowed: &[&str], certs_dir: &Path, auth_file: Option<&Path>) -> Env {
+        let serial = serial();
         let cluster = Cluster::get();
         let mut allowed = vec![format!("\"{}/*\"", cluster.tls_registry().host)];
         allowed.extend(extra_allowed.iter().map(|a| format!("\"{a}\"")));
@@ -43,7 +50,11 @@ impl Env {
                 certs_dir.display()
             )
         });
-        Env { cluster, scratch }
+        Env {
+            cluster,
+            scratch,
+            _serial: serial,
+        }
     }
 
     fn berth(&self, args: &[&str]) -> Run {
