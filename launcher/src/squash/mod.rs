@@ -91,14 +91,7 @@ pub fn build(
         let (jobs_tx, jobs_rx) = mpsc::sync_channel::<Job>(in_flight);
         let jobs_rx = Arc::new(Mutex::new(jobs_rx));
         let (done_tx, done_rx) = mpsc::sync_channel::<ToWriter>(in_flight);
-        // A token is a block buffer: the writer hands each one back once its block is on
-        // disk, so blocks are read into memory that is neither allocated nor zeroed again.
-        let (tokens_tx, tokens_rx) = mpsc::sync_channel::<Vec<u8>>(in_flight);
-        for _ in 0..in_flight {
-            tokens_tx
-                .send(Vec::new())
-                .expect("the channel holds every token");
-        }
+        let (tokens_tx, tokens_rx) = block_tokens(in_flight);
         for _ in 0..threads {
             let (jobs, done) = (Arc::clone(&jobs_rx), done_tx.clone());
             scope.spawn(move || compress_blocks(&jobs, &done));
@@ -106,15 +99,7 @@ pub fn build(
         let spill_dir = &options.spill_dir;
         let writer = scope
             .spawn(move || write_blocks(out, base + data_start, spill_dir, &done_rx, &tokens_tx));
-        let mut data = Data {
-            jobs: jobs_tx,
-            writer: done_tx,
-            tokens: Arc::new(Mutex::new(tokens_rx)),
-            streams: Arc::new(AtomicUsize::new(1)),
-            stream: 0,
-            spare: None,
-            next: 0,
-        };
+        let mut data = Data::first(jobs_tx, done_tx, tokens_rx);
         let filled = fill(&mut data);
         // Closing the queue ends the compressors, then the writer, in order (every fork
         // has ended with `fill`).
@@ -143,24 +128,11 @@ pub fn build_serial(
     let (jobs_tx, jobs_rx) = mpsc::sync_channel::<Job>(max_blocks);
     // Every block, and the stream's end.
     let (done_tx, done_rx) = mpsc::sync_channel::<ToWriter>(max_blocks + 1);
-    let (tokens_tx, tokens_rx) = mpsc::sync_channel::<Vec<u8>>(max_blocks);
-    for _ in 0..max_blocks {
-        tokens_tx
-            .send(Vec::new())
-            .expect("the channel holds every token");
-    }
+    let (tokens_tx, tokens_rx) = block_tokens(max_blocks);
     // No buffer comes back while `fill` runs: past `max_blocks`, `Data` finds the writer
     // stopped instead of waiting for ever.
     drop(tokens_tx);
-    let mut data = Data {
-        jobs: jobs_tx,
-        writer: done_tx.clone(),
-        tokens: Arc::new(Mutex::new(tokens_rx)),
-        streams: Arc::new(AtomicUsize::new(1)),
-        stream: 0,
-        spare: None,
-        next: 0,
-    };
+    let mut data = Data::first(jobs_tx, done_tx.clone(), tokens_rx);
     let filled = fill(&mut data);
     drop(data);
     compress_blocks(&Mutex::new(jobs_rx), &done_tx);
@@ -177,6 +149,17 @@ pub fn build_serial(
     .map_err(write_error)?;
     let end = data_start + written.bytes;
     format::write_tables(out, base, end, &filled?, &written.sizes, &written.starts)
+}
+
+/// The tokens that bound a build's blocks in flight, `n` of them. A token is a block
+/// buffer: the writer hands each one back once its block is on disk, so blocks are read
+/// into memory that is neither allocated nor zeroed again.
+fn block_tokens(n: usize) -> (SyncSender<Vec<u8>>, Receiver<Vec<u8>>) {
+    let (tx, rx) = mpsc::sync_channel(n);
+    for _ in 0..n {
+        tx.send(Vec::new()).expect("the channel holds every token");
+    }
+    (tx, rx)
 }
 
 /// Writes the compressor options after the superblock's place (the superblock is written
@@ -219,6 +202,23 @@ impl Drop for Data {
 }
 
 impl Data {
+    /// A build's first stream, the one its `fill` gets.
+    fn first(
+        jobs: SyncSender<Job>,
+        writer: SyncSender<ToWriter>,
+        tokens: Receiver<Vec<u8>>,
+    ) -> Data {
+        Data {
+            jobs,
+            writer,
+            tokens: Arc::new(Mutex::new(tokens)),
+            streams: Arc::new(AtomicUsize::new(1)),
+            stream: 0,
+            spare: None,
+            next: 0,
+        }
+    }
+
     /// A new stream into the same image, to fill from another thread. Its blocks go
     /// straight to the image's tail when no other stream is writing there, else to a
     /// spill file copied to the tail at the end: either way a stream's blocks end up
