@@ -667,41 +667,51 @@ impl Cache {
             if dest.exists() || missing.iter().any(|job: &BlobJob| job.dest == dest) {
                 pull.add(layer.size);
             } else {
-                missing.push(BlobJob { desc: layer, dest });
+                missing.push(BlobJob::new(layer, dest));
             }
         }
-        // The build starts on each layer as soon as its blob is verified, while the later
-        // layers download. An image refused or failed while it was built leaves nothing on
-        // the node, not its SIF being written nor its blobs: a hostile image would be
-        // refused again, and a full disk needs the room now. A failed download keeps the
-        // blobs already verified, for a retry.
-        let downloading = AtomicBool::new(true);
+        // The build reads each layer as its blob lands, while it and the later layers
+        // download; a layer ends only once its blob is verified (see `Landing`). An image
+        // refused or failed while it was built leaves nothing on the node, not its SIF
+        // being written nor its blobs: a hostile image would be refused again, and a full
+        // disk needs the room now. A failed download (the registry gone, a blob refused) is
+        // the error reported, the build's being only its echo; it keeps what it staged, the
+        // blobs verified and the bytes of those interrupted, for the next fetch of the image
+        // to resume from (a retry of the job). A build that fails on its own stops the
+        // downloads: their bytes are not wanted.
+        let stop = AtomicBool::new(false);
         let (downloaded, converted) = std::thread::scope(|scope| {
             let download = scope.spawn(|| {
-                let done = client.download_blobs(&reference.repository, &missing, &pull);
-                downloading.store(false, Ordering::Release);
-                if done.is_ok() {
+                let done = client.download_blobs(&reference.repository, &missing, &pull, &stop);
+                if done.is_ok() && !stop.load(Ordering::Relaxed) {
                     // The pull's last line when it ends, not when the build does.
                     pull.finish();
                 }
                 done
             });
             let converted = self
-                .convert(
-                    &layers,
-                    &staging,
-                    &image_config,
-                    &pinned,
-                    &downloading,
-                    options,
-                )
-                .map_err(|e| self.out_of_space(e, &pinned));
+                .convert(&layers, &missing, &staging, &image_config, &pinned, options)
+                .map_err(|e| {
+                    stop.store(true, Ordering::Relaxed);
+                    self.out_of_space(e, &pinned)
+                });
             (download.join().expect("downloads do not panic"), converted)
         });
-        if converted.is_err() {
-            if let Err(e) = remove_tree(&staging) {
-                warn(&format!("could not remove {}: {e}", staging.display()));
-            }
+        // The build may end before its blobs are verified (a tar ends at its end-of-archive
+        // blocks, before the bytes after them), so only the download's verdict lets its
+        // SIF go further.
+        let removed = match (&downloaded, &converted) {
+            (Err(_), _) => match fs::remove_file(staging.join("image.sif")) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(Error::io("removing the image being built", e))
+                }
+                _ => Ok(()),
+            },
+            (Ok(()), Err(_)) => remove_tree(&staging),
+            (Ok(()), Ok(())) => Ok(()),
+        };
+        if let Err(e) = removed {
+            warn(&format!("could not clean {}: {e}", staging.display()));
         }
         downloaded?;
         converted?;
@@ -748,18 +758,17 @@ impl Cache {
         .map(Some)
     }
 
-    /// Streams the layers staged in `staging/blobs` into the squashfs of
-    /// `staging/image.sif`, within the image limits: no unpacked tree on disk (see `squash`).
-    /// Each blob is read once it is there (`downloading` is set while downloads may still
-    /// bring it); several layers are read at once (see `unpack::apply_layers`), since one
-    /// layer's inflate is a single thread.
+    /// Streams the layers into the squashfs of `staging/image.sif`, within the image
+    /// limits: no unpacked tree on disk (see `squash`). A layer still `downloading` is read
+    /// as it lands, one already in `staging/blobs` from its file; several layers are read
+    /// at once (see `unpack::apply_layers`), since one layer's inflate is a single thread.
     fn convert(
         &self,
         layers: &[(&Descriptor, Digest, Compression)],
+        downloading: &[BlobJob<'_>],
         staging: &Path,
         image_config: &ImageConfig,
         pinned: &Reference,
-        downloading: &AtomicBool,
         options: &FetchOptions,
     ) -> Result<()> {
         let total = layers.iter().map(|(l, _, _)| l.size).sum();
@@ -780,17 +789,23 @@ impl Cache {
                     .iter()
                     .map(|(_, layer_digest, compression)| {
                         let path = blobs.join(layer_digest.hex());
+                        let landing = downloading
+                            .iter()
+                            .find(|job| job.dest == path)
+                            .map(|job| &job.landing);
                         let building = &building;
                         unpack::Source {
                             layer: layer_digest.to_string(),
                             compression: *compression,
                             open: Box::new(move || {
-                                wait_for_blob(&path, downloading)?;
-                                let file = File::open(&path).map_err(|e| {
-                                    Error::io(format!("opening blob {}", path.display()), e)
-                                })?;
+                                let blob: Box<dyn Read + Send> = match landing {
+                                    Some(landing) => Box::new(landing.reader()),
+                                    None => Box::new(File::open(&path).map_err(|e| {
+                                        Error::io(format!("opening blob {}", path.display()), e)
+                                    })?),
+                                };
                                 Ok(Box::new(Counted {
-                                    inner: BufReader::with_capacity(256 << 10, file),
+                                    inner: BufReader::with_capacity(256 << 10, blob),
                                     progress: building,
                                 }) as Box<dyn Read + Send>)
                             }),
@@ -1107,22 +1122,6 @@ fn leave_job_memory_cgroup(build_cgroup: &BuildCgroup) -> Option<String> {
             None
         }
     }
-}
-
-/// Waits until the blob `path` is staged. The downloader renames a blob into place only
-/// once its digest is verified, so nothing is read before that; when the downloads have
-/// ended without it, they failed (and their error is the one reported).
-fn wait_for_blob(path: &Path, downloading: &AtomicBool) -> Result<()> {
-    while !path.exists() {
-        if !downloading.load(Ordering::Acquire) && !path.exists() {
-            return Err(Error::io(
-                format!("reading blob {}", path.display()),
-                std::io::Error::other("its download failed"),
-            ));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-    Ok(())
 }
 
 /// Counts the compressed bytes a layer reader consumes, for the build's progress line.
@@ -1671,6 +1670,37 @@ mod tests {
                 .unwrap()
                 .collect();
             assert!(left.is_empty(), "{sub}: {left:?}");
+        }
+    }
+
+    #[test]
+    fn a_layer_that_fails_its_digest_mid_build_reports_the_digest_and_publishes_nothing() {
+        // The build reads the layer as it lands and, the flipped byte being in the tar's
+        // end blocks, finishes before the digest is checked: nothing is published, and
+        // the error the user sees is the download's.
+        let (mut docs, _, _) = image("lab/tampered", "tampered", false);
+        let layer = docs
+            .iter_mut()
+            .find(|(path, (_, body))| path.contains("/blobs/") && body.len() > 1000)
+            .unwrap()
+            .1;
+        let last = layer.1.len() - 1;
+        layer.1[last] ^= 0xff;
+        let registry = Registry::start(docs);
+        let dir = tempfile::tempdir().unwrap();
+        let config = site(dir.path(), &registry.host, &["lab/*"]);
+        let image = format!("{}/lab/tampered:latest", registry.host);
+        let err = quiet(&config, &image).unwrap_err().to_string();
+        assert!(err.contains("corrupt data"), "{err}");
+        let images: Vec<_> = fs::read_dir(dir.path().join("cache/images"))
+            .unwrap()
+            .collect();
+        assert!(images.is_empty(), "{images:?}");
+        for staging in fs::read_dir(dir.path().join("cache/tmp")).unwrap() {
+            let staging = staging.unwrap().path();
+            assert!(!staging.join("image.sif").exists());
+            // The refused blob is gone; nothing of it is kept for a retry.
+            assert_eq!(fs::read_dir(staging.join("blobs")).unwrap().count(), 0);
         }
     }
 

@@ -2,6 +2,8 @@
 //! (`[registry] parallel_downloads`), each interrupted transfer resumed with a `Range` request
 //! from the bytes already staged, sizes checked against the manifest before anything is
 //! written, and every blob verified against its digest before it appears under its name.
+//! Each blob's bytes are readable as they land (see `landing`), its stream ending only once
+//! the whole is verified.
 //!
 //! Threads, not async: a handful of long transfers, in the launcher only (never in the
 //! plugin, which runs inside slurmstepd).
@@ -12,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
+use super::landing::Landing;
 use super::manifest::Descriptor;
 use super::progress::{self, Progress};
 use super::{header, Client, Purpose, Verifier};
@@ -20,10 +23,21 @@ use crate::{Error, Result};
 
 const CHUNK: usize = 256 << 10;
 
-/// One blob to download, to `dest`.
+/// One blob to download, to `dest`; its bytes are readable from `landing` as they arrive.
 pub struct BlobJob<'a> {
     pub desc: &'a Descriptor,
     pub dest: PathBuf,
+    pub landing: Landing,
+}
+
+impl BlobJob<'_> {
+    pub fn new(desc: &Descriptor, dest: PathBuf) -> BlobJob<'_> {
+        BlobJob {
+            desc,
+            dest,
+            landing: Landing::default(),
+        }
+    }
 }
 
 /// How one transfer attempt ended short of success.
@@ -40,16 +54,19 @@ enum Transfer {
 
 impl Client {
     /// Downloads `jobs` with at most `[registry] parallel_downloads` transfers at a time. The
-    /// first failure stops the others at their next chunk (their bytes stay staged for a
-    /// retry) and is returned.
+    /// first failure sets `stop`, which stops the others at their next chunk (their bytes
+    /// stay staged for a retry), and is returned. The caller sets `stop` to end the downloads
+    /// early (its build failed): what that interrupts is no error of the download's. Every
+    /// job's landing has ended when this returns: verified, or failed (its readers get an
+    /// error).
     pub fn download_blobs(
         &self,
         repository: &str,
         jobs: &[BlobJob<'_>],
         progress: &Progress,
+        stop: &AtomicBool,
     ) -> Result<()> {
         let next = AtomicUsize::new(0);
-        let stop = AtomicBool::new(false);
         let first_error: Mutex<Option<Error>> = Mutex::new(None);
         let workers = self.parallel.min(jobs.len());
         std::thread::scope(|scope| {
@@ -59,18 +76,22 @@ impl Client {
                         let Some(job) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) else {
                             return;
                         };
-                        if let Err(e) =
-                            self.download_blob(repository, job.desc, &job.dest, progress, &stop)
-                        {
-                            stop.store(true, Ordering::Relaxed);
-                            let mut slot = first_error.lock().unwrap_or_else(|p| p.into_inner());
-                            slot.get_or_insert(e);
+                        if let Err(e) = self.download_blob(repository, job, progress, stop) {
+                            // Only the failure that stopped the others is theirs to report.
+                            if !stop.swap(true, Ordering::Relaxed) {
+                                let mut slot =
+                                    first_error.lock().unwrap_or_else(|p| p.into_inner());
+                                *slot = Some(e);
+                            }
                             return;
                         }
                     }
                 });
             }
         });
+        for job in jobs {
+            job.landing.abandon();
+        }
         match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
             Some(e) => Err(e),
             None => Ok(()),
@@ -84,11 +105,11 @@ impl Client {
     fn download_blob(
         &self,
         repository: &str,
-        desc: &Descriptor,
-        dest: &Path,
+        job: &BlobJob<'_>,
         progress: &Progress,
         stop: &AtomicBool,
     ) -> Result<()> {
+        let (desc, dest) = (job.desc, &job.dest);
         let digest = desc.digest()?;
         let partial = PathBuf::from(format!("{}.partial", dest.display()));
         // Bytes staged by an earlier, crashed fetch count as done from the start; later
@@ -96,7 +117,7 @@ impl Client {
         progress.add(partial.metadata().map_or(0, |m| m.len().min(desc.size)));
         let mut failures = 0;
         loop {
-            match self.try_download(repository, desc, &digest, &partial, progress, stop) {
+            match self.try_download(repository, job, &digest, &partial, progress, stop) {
                 Ok(()) => break,
                 Err(Transfer::Interrupted {
                     message,
@@ -134,23 +155,27 @@ impl Client {
     }
 
     /// One attempt: asks for the bytes after those staged in `partial` (all of them when
-    /// there are none or the server ignores the range), checks the announced length against
-    /// the manifest before writing, and verifies the whole blob at the end.
+    /// there are none), checks the announced length against the manifest before writing,
+    /// and verifies the whole blob at the end. Staged bytes are never rewritten (a reader
+    /// of the landing may have consumed them): a server that ignores the range has the
+    /// staged length of its answer skipped, and the verification covers the file's bytes.
     fn try_download(
         &self,
         repository: &str,
-        desc: &Descriptor,
+        job: &BlobJob<'_>,
         digest: &Digest,
         partial: &Path,
         progress: &Progress,
         stop: &AtomicBool,
     ) -> std::result::Result<(), Transfer> {
+        let desc = job.desc;
         let what = format!("blob {digest} of {}/{repository}", self.registry);
         let url = format!("{}/v2/{}/blobs/{digest}", self.base, self.path(repository));
         let staged = match partial.metadata() {
             Ok(m) if m.len() < desc.size => m.len(),
-            // A staged file as long as the blob or longer failed verification before (or
-            // is not ours): start over.
+            // A staged file as long as the blob or longer is left from an earlier fetch (one
+            // attempt stops reading at the blob's size, and a failed verification removes
+            // it): it failed verification then, or is not ours. Start over.
             _ => 0,
         };
         let range = (staged > 0).then(|| format!("bytes={staged}-"));
@@ -160,12 +185,13 @@ impl Client {
                 Error::RegistryDown { .. } => Transfer::Unreachable(e),
                 e => Transfer::Failed(e),
             })?;
-        let offset = if resp.status().as_u16() == 206 {
+        // Where the answer's body starts in the blob: a server may ignore the range.
+        let body_at = if resp.status().as_u16() == 206 {
             resumed_offset(resp.headers(), staged, desc.size).map_err(|m| self.fail(&what, m))?
         } else {
             0
         };
-        let expected = desc.size - offset;
+        let expected = desc.size - body_at;
         if let Some(length) = header(resp.headers(), "content-length") {
             if length.trim().parse::<u64>().ok() != Some(expected) {
                 return Err(self.fail(
@@ -180,22 +206,36 @@ impl Client {
             }
         }
         let mut verifier = Verifier::new(digest, desc.size, what.clone());
-        let mut file = if offset > 0 {
+        let mut file = if staged > 0 {
             let mut file = OpenOptions::new()
                 .read(true)
                 .append(true)
                 .open(partial)
                 .map_err(|e| io_failed(partial, "opening", e))?;
-            rehash(&mut file, offset, &mut verifier)
+            rehash(&mut file, staged, &mut verifier)
                 .map_err(|e| io_failed(partial, "reading", e))?;
             file
         } else {
-            File::create(partial).map_err(|e| io_failed(partial, "creating", e))?
+            // Readable too: the landing's readers share this descriptor.
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(partial)
+                .map_err(|e| io_failed(partial, "creating", e))?
         };
+        job.landing
+            .open(&file, staged)
+            .map_err(|e| io_failed(partial, "opening", e))?;
         let mut reader = resp.into_body().into_reader();
         let mut buf = vec![0u8; CHUNK];
         let mut received = false;
-        loop {
+        let mut skip = staged - body_at;
+        let mut written = staged;
+        // Up to the declared size and no further: past it, a read error would leave a
+        // complete file that the next attempt could not resume.
+        while written < desc.size {
             if stop.load(Ordering::Relaxed) {
                 return Err(Transfer::Interrupted {
                     message: "another layer failed".into(),
@@ -209,13 +249,20 @@ impl Client {
             if n == 0 {
                 break;
             }
-            verifier.update(&buf[..n]).map_err(Transfer::Failed)?;
-            file.write_all(&buf[..n])
+            let skipped = n.min(usize::try_from(skip).unwrap_or(usize::MAX));
+            skip -= skipped as u64;
+            let bytes = &buf[skipped..n];
+            verifier.update(bytes).map_err(Transfer::Failed)?;
+            file.write_all(bytes)
                 .map_err(|e| io_failed(partial, "writing", e))?;
+            written += bytes.len() as u64;
+            job.landing.wrote(written);
             received = true;
-            progress.add(n as u64);
+            progress.add(bytes.len() as u64);
         }
         verifier.finish().map_err(Transfer::Failed)?;
+        // The build may finish the layer now; the sync is for the blob kept for a retry.
+        job.landing.verified();
         file.sync_all()
             .map_err(|e| io_failed(partial, "syncing", e))?;
         Ok(())
@@ -319,12 +366,13 @@ mod tests {
             std::fs::write(dir.path().join("blob.partial"), bytes).unwrap();
         }
         let desc = descriptor(BLOB.as_bytes());
-        let jobs = [BlobJob {
-            desc: &desc,
-            dest: dir.path().join("blob"),
-        }];
-        let pulled =
-            client(dir.path(), port, tune).download_blobs("lab/img", &jobs, &quiet_progress());
+        let jobs = [BlobJob::new(&desc, dir.path().join("blob"))];
+        let pulled = client(dir.path(), port, tune).download_blobs(
+            "lab/img",
+            &jobs,
+            &quiet_progress(),
+            &AtomicBool::new(false),
+        );
         (dir, pulled)
     }
 
@@ -364,6 +412,52 @@ mod tests {
         let seen = server.join().unwrap();
         assert!(!seen[0].contains("range:"), "{seen:#?}");
         assert!(seen[1].contains("range: bytes=30-"), "{seen:#?}");
+    }
+
+    #[test]
+    fn a_server_that_ignores_the_range_has_the_staged_bytes_skipped_not_rewritten() {
+        // A build may already have read the staged bytes: they stay, the answer's first
+        // 30 bytes are dropped, and the file is verified whole.
+        let (port, server) = serve(1, |_| http("200 OK", "", BLOB));
+        let (dir, pulled) = pull_blob(port, Some(&BLOB[..30]), |_| {});
+        pulled.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("blob")).unwrap(),
+            BLOB
+        );
+        assert!(server.join().unwrap()[0].contains("range: bytes=30-"));
+    }
+
+    #[test]
+    fn a_landing_ends_verified_or_in_an_error() {
+        let (port, server) = serve(2, |head| {
+            if head.contains(&descriptor(BLOB.as_bytes()).digest) {
+                http("200 OK", "", BLOB)
+            } else {
+                http("200 OK", "", "not the bytes of its digest")
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let wrong = descriptor(b"the bytes of its digest....");
+        let good = descriptor(BLOB.as_bytes());
+        let jobs = [
+            BlobJob::new(&good, dir.path().join("good")),
+            BlobJob::new(&wrong, dir.path().join("wrong")),
+        ];
+        let err = client(dir.path(), port, |c| c.parallel_downloads = 1)
+            .download_blobs("lab/img", &jobs, &quiet_progress(), &AtomicBool::new(false))
+            .unwrap_err();
+        assert!(err.to_string().contains("corrupt"), "{err}");
+        let mut got = String::new();
+        jobs[0].landing.reader().read_to_string(&mut got).unwrap();
+        assert_eq!(got, BLOB);
+        let err = jobs[1]
+            .landing
+            .reader()
+            .read_to_string(&mut got)
+            .unwrap_err();
+        assert!(err.to_string().contains("download failed"), "{err}");
+        server.join().unwrap();
     }
 
     #[test]
@@ -465,13 +559,10 @@ mod tests {
         let jobs: Vec<BlobJob> = descs
             .iter()
             .enumerate()
-            .map(|(i, desc)| BlobJob {
-                desc,
-                dest: dir.path().join(format!("blob{i}")),
-            })
+            .map(|(i, desc)| BlobJob::new(desc, dir.path().join(format!("blob{i}"))))
             .collect();
         client(dir.path(), port, |c| c.parallel_downloads = 1)
-            .download_blobs("lab/img", &jobs, &quiet_progress())
+            .download_blobs("lab/img", &jobs, &quiet_progress(), &AtomicBool::new(false))
             .unwrap();
         for (i, blob) in blobs.iter().enumerate() {
             assert_eq!(
@@ -512,14 +603,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let desc = descriptor(BLOB.as_bytes());
         let jobs: Vec<BlobJob> = (0..7)
-            .map(|i| BlobJob {
-                desc: &desc,
-                dest: dir.path().join(format!("blob{i}")),
-            })
+            .map(|i| BlobJob::new(&desc, dir.path().join(format!("blob{i}"))))
             .collect();
         let progress = Progress::new(String::new(), 7 * BLOB.len() as u64, true);
         client(dir.path(), port, |c| c.parallel_downloads = 3)
-            .download_blobs("lab/img", &jobs, &progress)
+            .download_blobs("lab/img", &jobs, &progress, &AtomicBool::new(false))
             .unwrap();
         assert_eq!(most.load(Ordering::SeqCst), 3);
         assert_eq!(progress.done(), 7 * BLOB.len() as u64);
