@@ -674,11 +674,10 @@ impl Cache {
         // download; a layer ends only once its blob is verified (see `Landing`). An image
         // refused or failed while it was built leaves nothing on the node, not its SIF
         // being written nor its blobs: a hostile image would be refused again, and a full
-        // disk needs the room now. A failed download (the registry gone, a blob refused) is
-        // the error reported, the build's being only its echo; it keeps what it staged, the
-        // blobs verified and the bytes of those interrupted, for the next fetch of the image
-        // to resume from (a retry of the job). A build that fails on its own stops the
-        // downloads: their bytes are not wanted.
+        // disk needs the room now. A failed download is the error reported, the build's
+        // being only its echo; a build that fails on its own stops the downloads, whose
+        // bytes are not wanted. (A fetch killed midway leaves its staging, which the next
+        // fetch of the image resumes from.)
         let stop = AtomicBool::new(false);
         let (downloaded, converted) = std::thread::scope(|scope| {
             let download = scope.spawn(|| {
@@ -700,18 +699,10 @@ impl Cache {
         // The build may end before its blobs are verified (a tar ends at its end-of-archive
         // blocks, before the bytes after them), so only the download's verdict lets its
         // SIF go further.
-        let removed = match (&downloaded, &converted) {
-            (Err(_), _) => match fs::remove_file(staging.join("image.sif")) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    Err(Error::io("removing the image being built", e))
-                }
-                _ => Ok(()),
-            },
-            (Ok(()), Err(_)) => remove_tree(&staging),
-            (Ok(()), Ok(())) => Ok(()),
-        };
-        if let Err(e) = removed {
-            warn(&format!("could not clean {}: {e}", staging.display()));
+        if downloaded.is_err() || converted.is_err() {
+            if let Err(e) = remove_tree(&staging) {
+                warn(&format!("could not remove {}: {e}", staging.display()));
+            }
         }
         downloaded?;
         converted?;
@@ -1696,12 +1687,10 @@ mod tests {
             .unwrap()
             .collect();
         assert!(images.is_empty(), "{images:?}");
-        for staging in fs::read_dir(dir.path().join("cache/tmp")).unwrap() {
-            let staging = staging.unwrap().path();
-            assert!(!staging.join("image.sif").exists());
-            // The refused blob is gone; nothing of it is kept for a retry.
-            assert_eq!(fs::read_dir(staging.join("blobs")).unwrap().count(), 0);
-        }
+        let staging: Vec<_> = fs::read_dir(dir.path().join("cache/tmp"))
+            .unwrap()
+            .collect();
+        assert!(staging.is_empty(), "{staging:?}");
     }
 
     #[test]
