@@ -239,10 +239,12 @@ pub fn apply_layers(
 }
 
 /// How many layers [`apply_layers`] should read at once on `threads` cores: each reader
-/// is two threads (inflate, parse) beside the compressors, and more than 8 at once would
-/// only add their buffers (8 MiB each).
+/// keeps about two cores busy (inflate, parse, its share of the compressors), and more
+/// than 8 at once would only add their buffers (8 MiB each). One on two cores: a second
+/// reader there only spills its blocks to be copied later (measured: 25-28 s against
+/// 20-21 s for the benchmark's 4.2 GB image, docs/BENCHMARKS.md).
 pub fn layer_workers(threads: usize) -> usize {
-    (threads / 2).clamp(2, 8)
+    (threads / 2).clamp(1, 8)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -341,7 +343,9 @@ pub fn decoder<'r>(
 ) -> io::Result<Box<dyn Read + Send + 'r>> {
     Ok(match compression {
         Compression::None => Box::new(reader),
-        Compression::Gzip => Box::new(flate2::read::GzDecoder::new(reader)),
+        // Every member of a multi-member stream (pigz, concatenated), as Go's gzip.Reader
+        // reads them for docker and containerd; `GzDecoder` stops after the first.
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(reader)),
         Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(reader)?),
     })
 }
@@ -1236,14 +1240,11 @@ mod tests {
     /// named as bad (the registry's copy is broken), not reported as a local I/O error.
     #[test]
     fn a_corrupt_stream_inside_a_file_is_a_bad_layer() {
-        use std::io::Write;
         let contents: String = (0..400_000u32)
             .map(|i| char::from(b'a' + (i.wrapping_mul(2_654_435_761) >> 27) as u8))
             .collect();
         let plain = Layer::new().file("f", &contents).bytes();
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        gz.write_all(&plain).unwrap();
-        let mut gz = gz.finish().unwrap();
+        let mut gz = gzip(&plain);
         let middle = gz.len() / 2;
         gz[middle..middle + 64].fill(0xff);
         let err = apply_one(
@@ -1261,11 +1262,8 @@ mod tests {
 
     #[test]
     fn decompresses_gzip_and_zstd() {
-        use std::io::Write;
         let plain = Layer::new().file("f", "hello").bytes();
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        gz.write_all(&plain).unwrap();
-        let gz = gz.finish().unwrap();
+        let gz = gzip(&plain);
         let zst = zstd::stream::encode_all(plain.as_slice(), 3).unwrap();
         for (bytes, c) in [(gz, Compression::Gzip), (zst, Compression::Zstd)] {
             let mut root = Img::new();
@@ -1280,6 +1278,50 @@ mod tests {
             Some(Compression::Gzip)
         );
         assert_eq!(Compression::from_media_type("application/x-unknown"), None);
+    }
+
+    /// `plain` as one gzip member.
+    fn gzip(plain: &[u8]) -> Vec<u8> {
+        use std::io::Write;
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(plain).unwrap();
+        gz.finish().unwrap()
+    }
+
+    /// A layer gzipped as several members (pigz, `cat a.gz b.gz`), split in the middle of a
+    /// file's contents: read to its end. flate2's `GzDecoder`, used before, stopped after
+    /// the first member, and the tar stream ended inside the file. Other bytes between
+    /// members are a corrupt layer.
+    #[test]
+    fn reads_every_member_of_a_multi_member_gzip_layer() {
+        let contents = "x".repeat(100_000);
+        let plain = Layer::new().file("a", &contents).file("b", "bee").bytes();
+        let members: Vec<Vec<u8>> = plain.chunks(40_000).map(gzip).collect();
+        let mut root = Img::new();
+        root.apply_as(members.concat(), Compression::Gzip).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(root.path().join("a")).unwrap(),
+            contents
+        );
+        assert_eq!(
+            std::fs::read_to_string(root.path().join("b")).unwrap(),
+            "bee"
+        );
+        // Bytes after a member that are not another member: a corrupt blob.
+        let mut stream = members[0].clone();
+        stream.extend_from_slice(b"garbage");
+        stream.extend_from_slice(&members[1..].concat());
+        let err = apply_one(
+            stream.as_slice(),
+            Compression::Gzip,
+            "sha256:tail",
+            &mut budget(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, Error::BadLayer { layer, .. } if layer == "sha256:tail"),
+            "{err:?}"
+        );
     }
 
     /// A reader of `len` zero bytes that counts how many were read, standing in for a
