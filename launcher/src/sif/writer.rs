@@ -189,9 +189,18 @@ fn finish(tmp: TempOut, part_len: u64, config: &ImageConfig) -> Result<()> {
         arch,
     });
 
-    // Hashed from the file itself, as written, so a later read that differs is damage.
+    // Hashed from the file itself, as written, so a later read that differs is damage;
+    // meanwhile the partition is written back, which leaves the final sync only the
+    // header, the descriptors and the config (a cold image's GBs would otherwise be
+    // hashed first and written out after, one core idle each time).
+    let (written_back, rootfs_sha256) = std::thread::scope(|scope| {
+        let writeback = scope.spawn(|| tmp.file.sync_data());
+        let hash = sha256_at(&tmp.file, &tmp.path, PARTITION_OFFSET, part_len);
+        (writeback.join().expect("fdatasync does not panic"), hash)
+    });
+    written_back.map_err(|e| Error::io(format!("syncing {}", tmp.path.display()), e))?;
     let config = ImageConfig {
-        rootfs_sha256: sha256_at(&tmp.file, &tmp.path, PARTITION_OFFSET, part_len)?,
+        rootfs_sha256: rootfs_sha256?,
         ..config.clone()
     };
     let json = serde_json::to_vec_pretty(&config).expect("ImageConfig always serializes");
