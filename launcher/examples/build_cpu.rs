@@ -77,7 +77,14 @@ fn main() {
     });
     let limits = Limits::from_config(&CacheConfig::default()).expect("default limits");
     let out_path = std::path::Path::new(out_dir).join("build_cpu.sqfs");
-    let out = File::create(&out_path).expect("the scratch file");
+    // Readable too: the writer hashes the spills it copies by reading them back.
+    let out = File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&out_path)
+        .expect("the scratch file");
     let mut built = squash::Stats::default();
     stage("build", compressed, || {
         let mut budget = Budget::new(limits.clone());

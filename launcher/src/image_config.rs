@@ -32,6 +32,12 @@ pub struct ImageConfig {
     /// (a disk error, a copy cut short). Empty in images berth wrote before it recorded one.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub rootfs_sha256: String,
+    /// The same check for the images berth builds from layer streams (`squash`), which
+    /// record this instead: the SHA-256 of the root partition's bytes after its squashfs
+    /// superblock, then of the superblock, the order the writer writes them in, so it hashes
+    /// them as it writes them and reads nothing back (see `squash::digest`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub rootfs_sha256_superblock_last: String,
 }
 
 impl ImageConfig {

@@ -806,7 +806,10 @@ impl Cache {
                 unpack::apply_layers(&mut tree, data, sources, &mut budget, workers)?;
                 Ok(tree)
             })?;
-            Ok(built.bytes)
+            Ok(sif::Built {
+                len: built.bytes,
+                sha256_superblock_last: built.sha256_superblock_last.clone(),
+            })
         })?;
         building.finish();
         progress::note(

@@ -18,7 +18,7 @@ mod writer;
 pub use inspect::inspect;
 pub use reader::{open_image, ImageSource, Sif, Verified};
 pub use writer::{
-    create_from_dir, create_with, write_image, MKSQUASHFS_COMPRESSION, PARTITION_OFFSET,
+    create_from_dir, create_with, write_image, Built, MKSQUASHFS_COMPRESSION, PARTITION_OFFSET,
 };
 
 /// The name of the JSON.Generic object holding berth's `ImageConfig`. A generic JSON object

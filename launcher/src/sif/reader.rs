@@ -327,11 +327,19 @@ impl Sif {
     pub fn verify(&self) -> Result<Verified> {
         let part = self.primary_partition()?;
         self.squashfs_super(part)?;
-        let recorded = self.config()?.unwrap_or_default().rootfs_sha256;
-        if recorded.is_empty() {
+        let config = self.config()?.unwrap_or_default();
+        let (offset, size) = (part.offset as u64, part.size as u64);
+        // The superblock (checked above, so the partition holds one) hashed first or last.
+        let sb = SQUASHFS_SUPER_LEN as u64;
+        let (recorded, ranges) = if !config.rootfs_sha256_superblock_last.is_empty() {
+            let ranges = vec![(offset + sb, size - sb), (offset, sb)];
+            (config.rootfs_sha256_superblock_last, ranges)
+        } else if !config.rootfs_sha256.is_empty() {
+            (config.rootfs_sha256, vec![(offset, size)])
+        } else {
             return Ok(Verified::NotRecorded);
-        }
-        let found = sha256_at(&self.file, &self.path, part.offset as u64, part.size as u64)?;
+        };
+        let found = sha256_at(&self.file, &self.path, &ranges)?;
         if found != recorded {
             return Err(Error::SifCorrupt {
                 path: self.path.clone(),
@@ -402,18 +410,20 @@ pub enum Verified {
     NotRecorded,
 }
 
-/// The SHA-256 (hex) of `len` bytes at `offset` of `file`, read in 1 MiB pieces; a file
-/// shorter than that is an error.
-pub(crate) fn sha256_at(file: &File, path: &Path, offset: u64, len: u64) -> Result<String> {
+/// The SHA-256 (hex) of the `(offset, len)` ranges of `file`, in that order, read in 1 MiB
+/// pieces; a file shorter than that is an error.
+pub(crate) fn sha256_at(file: &File, path: &Path, ranges: &[(u64, u64)]) -> Result<String> {
     use sha2::Digest as _;
     let mut hasher = sha2::Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
-    let mut done = 0u64;
-    while done < len {
-        let n = (len - done).min(buf.len() as u64) as usize;
-        read_at(file, path, &mut buf[..n], offset + done)?;
-        hasher.update(&buf[..n]);
-        done += n as u64;
+    for &(offset, len) in ranges {
+        let mut done = 0u64;
+        while done < len {
+            let n = (len - done).min(buf.len() as u64) as usize;
+            read_at(file, path, &mut buf[..n], offset + done)?;
+            hasher.update(&buf[..n]);
+            done += n as u64;
+        }
     }
     Ok(hex::encode(hasher.finalize()))
 }

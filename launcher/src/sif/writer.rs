@@ -91,7 +91,7 @@ pub fn write_image(out: &Path, squashfs: &Path, config: &ImageConfig) -> Result<
             ),
         ));
     }
-    finish(tmp, copied, config)
+    finish(tmp, copied, config, None)
 }
 
 /// Builds a squashfs from a directory with mksquashfs using berth's chosen compression, then write_image.
@@ -150,26 +150,40 @@ pub fn create_from_dir(out: &Path, dir: &Path, config: &ImageConfig) -> Result<(
             stderr: format!("it wrote only {len} bytes"),
         })?;
     check_squashfs(&tmp.file, &tmp.path, PARTITION_OFFSET, part_len)?;
-    finish(tmp, part_len, config)
+    finish(tmp, part_len, config, None)
+}
+
+/// A root partition `create_with`'s builder wrote: its length, and its SHA-256 with the
+/// squashfs superblock hashed last, as the builder hashed it while writing (hex).
+pub struct Built {
+    pub len: u64,
+    pub sha256_superblock_last: String,
 }
 
 /// Builds a SIF whose root file system `build` writes: it gets the (temporary) file and the
-/// partition's offset, and returns the partition's length. Used to stream a squashfs built
-/// from layers straight into place (`squash::build`), with no file in between.
+/// partition's offset. Used to stream a squashfs built from layers straight into place
+/// (`squash::build`), with no file in between and nothing read back.
 pub fn create_with(
     out: &Path,
     config: &ImageConfig,
-    build: impl FnOnce(&File, u64) -> Result<u64>,
+    build: impl FnOnce(&File, u64) -> Result<Built>,
 ) -> Result<()> {
     let tmp = TempOut::create(out)?;
-    let part_len = build(&tmp.file, PARTITION_OFFSET)?;
-    check_squashfs(&tmp.file, &tmp.path, PARTITION_OFFSET, part_len)?;
-    finish(tmp, part_len, config)
+    let built = build(&tmp.file, PARTITION_OFFSET)?;
+    check_squashfs(&tmp.file, &tmp.path, PARTITION_OFFSET, built.len)?;
+    finish(tmp, built.len, config, Some(built.sha256_superblock_last))
 }
 
 /// Completes a SIF whose squashfs already lies at PARTITION_OFFSET: appends the config,
-/// writes the header and descriptor table, then syncs and renames it into place.
-fn finish(tmp: TempOut, part_len: u64, config: &ImageConfig) -> Result<()> {
+/// writes the header and descriptor table, then syncs and renames it into place. The
+/// config records `sha256_superblock_last` where the builder hashed the partition, and
+/// otherwise the partition's SHA-256, read back.
+fn finish(
+    tmp: TempOut,
+    part_len: u64,
+    config: &ImageConfig,
+    sha256_superblock_last: Option<String>,
+) -> Result<()> {
     let io = |e| Error::io(format!("writing {}", tmp.path.display()), e);
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -189,19 +203,16 @@ fn finish(tmp: TempOut, part_len: u64, config: &ImageConfig) -> Result<()> {
         arch,
     });
 
-    // Hashed from the file itself, as written, so a later read that differs is damage;
-    // meanwhile the partition is written back, which leaves the final sync only the
-    // header, the descriptors and the config (a cold image's GBs would otherwise be
-    // hashed first and written out after, one core idle each time).
-    let (written_back, rootfs_sha256) = std::thread::scope(|scope| {
-        let writeback = scope.spawn(|| tmp.file.sync_data());
-        let hash = sha256_at(&tmp.file, &tmp.path, PARTITION_OFFSET, part_len);
-        (writeback.join().expect("fdatasync does not panic"), hash)
-    });
-    written_back.map_err(|e| Error::io(format!("syncing {}", tmp.path.display()), e))?;
-    let config = ImageConfig {
-        rootfs_sha256: rootfs_sha256?,
-        ..config.clone()
+    let config = match sha256_superblock_last {
+        Some(hash) => ImageConfig {
+            rootfs_sha256_superblock_last: hash,
+            ..config.clone()
+        },
+        // Hashed from the file itself, as written, so a later read that differs is damage.
+        None => ImageConfig {
+            rootfs_sha256: sha256_at(&tmp.file, &tmp.path, &[(PARTITION_OFFSET, part_len)])?,
+            ..config.clone()
+        },
     };
     let json = serde_json::to_vec_pretty(&config).expect("ImageConfig always serializes");
     let mut conf = Descriptor::new(DataType::GenericJson, 2, CONFIG_NAME);
@@ -451,6 +462,35 @@ mod tests {
             rootfs_sha256: hash,
             ..config
         }
+    }
+
+    /// An image streamed in (`create_with`, as the cache builds them) records the hash its
+    /// builder kept, which `verify` checks, a changed byte in the superblock included.
+    #[test]
+    fn a_streamed_image_records_the_hash_its_builder_kept() {
+        let t = tempfile::tempdir().unwrap();
+        let out = t.path().join("img.sif");
+        let options = crate::squash::Options::default();
+        create_with(&out, &config(), |file, offset| {
+            let stats =
+                crate::squash::build(file, offset, &options, |_| Ok(crate::squash::Tree::new()))?;
+            Ok(Built {
+                len: stats.bytes,
+                sha256_superblock_last: stats.sha256_superblock_last,
+            })
+        })
+        .unwrap();
+        let config = open_image(&out).unwrap().config;
+        assert!(config.rootfs_sha256.is_empty(), "{config:?}");
+        assert_eq!(config.rootfs_sha256_superblock_last.len(), 64);
+        assert_eq!(Sif::open(&out).unwrap().verify().unwrap(), Verified::Hash);
+
+        // The superblock's mkfs time (bytes 8..12): still a valid squashfs, but not this one.
+        let file = OpenOptions::new().write(true).open(&out).unwrap();
+        file.write_all_at(b"\x01\x02", PARTITION_OFFSET + 8)
+            .unwrap();
+        let err = Sif::open(&out).unwrap().verify().unwrap_err().to_string();
+        assert!(err.contains("does not match"), "{err}");
     }
 
     /// A whole image verifies; one byte changed in its root partition (a disk error, a

@@ -7,7 +7,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 
 use super::tree::{Kind, NodeId, Tree};
-use super::{Stats, BLOCK_SIZE};
+use super::{Stats, Written, BLOCK_SIZE};
 use crate::{Error, Result};
 
 pub const SUPERBLOCK_LEN: usize = 96;
@@ -145,16 +145,24 @@ impl Record {
 }
 
 /// Writes the tables for `tree` after the data (which ends at `data_end`, relative to
-/// `base`), then the superblock at `base`. `sizes` are the size words of the data blocks in
-/// the order they are in the image, where each stream's start at `starts[stream]`.
-pub fn write_tables(
+/// `base`), then the superblock at `base`. `written.sizes` are the size words of the data
+/// blocks in the order they are in the image, each stream's starting at
+/// `written.starts[stream]`; `written.hash` goes on over the tables and ends with the
+/// superblock.
+pub(super) fn write_tables(
     out: &File,
     base: u64,
     data_end: u64,
     tree: &Tree,
-    sizes: &[u32],
-    starts: &[u64],
+    written: Written,
 ) -> Result<Stats> {
+    let Written {
+        sizes,
+        starts,
+        mut hash,
+        ..
+    } = written;
+    let (sizes, starts) = (sizes.as_slice(), starts.as_slice());
     let data_start = (SUPERBLOCK_LEN + compressor_options().len()) as u64;
     let mut positions = Vec::with_capacity(sizes.len());
     let mut pos = data_start;
@@ -206,11 +214,13 @@ pub fn write_tables(
     tables.extend_from_slice(&id_table);
     tables.extend_from_slice(&index);
     out.write_all_at(&tables, base + inode_start).map_err(io)?;
-    // The padding is written, not left to a later write past it: whatever reads the
-    // partition before the SIF is finished (its hash) reads all of it.
+    hash.written(base + inode_start, &tables).map_err(io)?;
+    // The padding is written, not left to a later write past it: it is part of the
+    // partition, and of its hash.
     let padded = bytes_used.div_ceil(PAD) * PAD;
-    out.write_all_at(&vec![0; (padded - bytes_used) as usize], base + bytes_used)
-        .map_err(io)?;
+    let padding = vec![0; (padded - bytes_used) as usize];
+    out.write_all_at(&padding, base + bytes_used).map_err(io)?;
+    hash.written(base + bytes_used, &padding).map_err(io)?;
 
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -242,6 +252,7 @@ pub fn write_tables(
         inodes: u64::from(layout.count),
         blocks: sizes.len() as u64,
         sparse_blocks: sizes.iter().filter(|w| **w == 0).count() as u64,
+        sha256_superblock_last: hash.finish(&sb.0),
     })
 }
 

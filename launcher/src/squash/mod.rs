@@ -19,6 +19,7 @@
 //! Data of a file that a later layer removes or replaces has already been written when the
 //! later layer says so: it stays in the image as unreferenced blocks (space, never visible).
 
+mod digest;
 mod format;
 mod tree;
 
@@ -34,6 +35,7 @@ use std::sync::{Arc, Mutex};
 pub use tree::{FileData, Kind, Meta, Node, NodeId, Tree};
 
 use crate::{Error, Result};
+use digest::TailHash;
 
 /// squashfs data block size: mksquashfs's default, and squashfuse's cache unit.
 pub const BLOCK_SIZE: usize = 128 << 10;
@@ -72,6 +74,9 @@ pub struct Stats {
     /// Data blocks written, and those stored as holes.
     pub blocks: u64,
     pub sparse_blocks: u64,
+    /// Its SHA-256 with the superblock hashed last, as the writer hashed it (see
+    /// `digest`), in hex.
+    pub sha256_superblock_last: String,
 }
 
 /// Builds a squashfs in `out` at byte `base`: `fill` gets the [`Data`] handle to stream file
@@ -85,7 +90,8 @@ pub fn build(
 ) -> Result<Stats> {
     let threads = options.threads.max(1);
     let in_flight = (options.block_memory / (2 * BLOCK_SIZE)).max(threads + 1);
-    let data_start = write_compressor_options(out, base)?;
+    let mut hash = TailHash::new(base);
+    let data_start = write_compressor_options(out, base, &mut hash)?;
 
     let (tree, written) = std::thread::scope(|scope| {
         let (jobs_tx, jobs_rx) = mpsc::sync_channel::<Job>(in_flight);
@@ -97,8 +103,16 @@ pub fn build(
             scope.spawn(move || compress_blocks(&jobs, &done));
         }
         let spill_dir = &options.spill_dir;
-        let writer = scope
-            .spawn(move || write_blocks(out, base + data_start, spill_dir, &done_rx, &tokens_tx));
+        let writer = scope.spawn(move || {
+            write_blocks(
+                out,
+                base + data_start,
+                spill_dir,
+                &done_rx,
+                &tokens_tx,
+                hash,
+            )
+        });
         let mut data = Data::first(jobs_tx, done_tx, tokens_rx);
         let filled = fill(&mut data);
         // Closing the queue ends the compressors, then the writer, in order (every fork
@@ -110,7 +124,7 @@ pub fn build(
         Ok::<_, Error>((filled?, written))
     })?;
     let end = data_start + written.bytes;
-    format::write_tables(out, base, end, &tree, &written.sizes, &written.starts)
+    format::write_tables(out, base, end, &tree, written)
 }
 
 /// [`build`] on the caller's thread, for the layer fuzz target (thousands of builds a
@@ -124,7 +138,8 @@ pub fn build_serial(
     max_blocks: usize,
     fill: impl FnOnce(&mut Data) -> Result<Tree>,
 ) -> Result<Stats> {
-    let data_start = write_compressor_options(out, base)?;
+    let mut hash = TailHash::new(base);
+    let data_start = write_compressor_options(out, base, &mut hash)?;
     let (jobs_tx, jobs_rx) = mpsc::sync_channel::<Job>(max_blocks);
     // Every block, and the stream's end.
     let (done_tx, done_rx) = mpsc::sync_channel::<ToWriter>(max_blocks + 1);
@@ -145,10 +160,11 @@ pub fn build_serial(
         &std::env::temp_dir(),
         &done_rx,
         &unused_tx,
+        hash,
     )
     .map_err(write_error)?;
     let end = data_start + written.bytes;
-    format::write_tables(out, base, end, &filled?, &written.sizes, &written.starts)
+    format::write_tables(out, base, end, &filled?, written)
 }
 
 /// The tokens that bound a build's blocks in flight, `n` of them. A token is a block
@@ -164,10 +180,11 @@ fn block_tokens(n: usize) -> (SyncSender<Vec<u8>>, Receiver<Vec<u8>>) {
 
 /// Writes the compressor options after the superblock's place (the superblock is written
 /// last); returns where the data starts, relative to `base`.
-fn write_compressor_options(out: &File, base: u64) -> Result<u64> {
+fn write_compressor_options(out: &File, base: u64, hash: &mut TailHash) -> Result<u64> {
     let options_block = format::compressor_options();
-    out.write_all_at(&options_block, base + format::SUPERBLOCK_LEN as u64)
-        .map_err(write_error)?;
+    let at = base + format::SUPERBLOCK_LEN as u64;
+    out.write_all_at(&options_block, at).map_err(write_error)?;
+    hash.written(at, &options_block).map_err(write_error)?;
     Ok((format::SUPERBLOCK_LEN + options_block.len()) as u64)
 }
 
@@ -373,13 +390,15 @@ enum ToWriter {
 }
 
 /// What the writer thread wrote.
-struct Written {
+pub(super) struct Written {
     /// The size words of the data blocks, in the order they are in the image.
     sizes: Vec<u32>,
     /// Where each stream's blocks start in `sizes`.
     starts: Vec<u64>,
     /// Bytes of data.
     bytes: u64,
+    /// The hash of everything after the superblock so far.
+    hash: TailHash,
 }
 
 /// One stream, as the writer sees it.
@@ -417,12 +436,14 @@ fn write_blocks(
     spill_dir: &Path,
     done: &Receiver<ToWriter>,
     tokens: &SyncSender<Vec<u8>>,
+    hash: TailHash,
 ) -> io::Result<Written> {
     let mut streams: Vec<Stream> = Vec::new();
     let mut image = Written {
         sizes: Vec::new(),
         starts: Vec::new(),
         bytes: 0,
+        hash,
     };
     // The stream writing at the tail, until its last block is written.
     let mut tail: Option<usize> = None;
@@ -462,7 +483,9 @@ fn write_blocks(
             };
             match spill {
                 Spill::Direct { .. } => {
-                    out.write_all_at(bytes, start + image.bytes)?;
+                    let at = start + image.bytes;
+                    out.write_all_at(bytes, at)?;
+                    image.hash.written(at, bytes)?;
                     image.bytes += bytes.len() as u64;
                     image.sizes.push(block.word);
                 }
@@ -490,8 +513,7 @@ fn write_blocks(
                 let stream = &mut streams[heir];
                 if let Some(Spill::File { file, bytes }) = stream.spill.take() {
                     let first = image.sizes.len() as u64;
-                    append(out, start + image.bytes, &file, bytes)?;
-                    image.bytes += bytes;
+                    append(out, start, &mut image, &file, bytes)?;
                     image.sizes.extend_from_slice(&stream.sizes);
                     stream.spill = Some(Spill::Direct { start: first });
                     tail = Some(heir);
@@ -506,8 +528,7 @@ fn write_blocks(
             Some(Spill::Direct { start }) => image.starts.push(start),
             Some(Spill::File { file, bytes }) => {
                 image.starts.push(image.sizes.len() as u64);
-                append(out, start + image.bytes, &file, bytes)?;
-                image.bytes += bytes;
+                append(out, start, &mut image, &file, bytes)?;
                 image.sizes.extend_from_slice(&stream.sizes);
             }
         }
@@ -515,15 +536,26 @@ fn write_blocks(
     Ok(image)
 }
 
-/// Copies the `bytes` of a spill file to `at` in `out`.
-fn append(out: &File, at: u64, mut spill: &File, bytes: u64) -> io::Result<()> {
+/// Copies the `bytes` of a spill file to the image's tail (its data starting at `start` in
+/// `out`), and hashes them there.
+fn append(
+    out: &File,
+    start: u64,
+    image: &mut Written,
+    mut spill: &File,
+    bytes: u64,
+) -> io::Result<()> {
+    let at = start + image.bytes;
     spill.seek(SeekFrom::Start(0))?;
     let mut to = out;
     to.seek(SeekFrom::Start(at))?;
-    // copy_file_range where the file system has it: no copy through user space.
+    // copy_file_range where the file system has it: no copy through user space (a
+    // reflink on XFS), so the hash reads the copy back.
     if io::copy(&mut spill.take(bytes), &mut to)? != bytes {
         return Err(io::Error::other("a spill file ended early"));
     }
+    image.hash.copied(out, at, bytes)?;
+    image.bytes += bytes;
     Ok(())
 }
 

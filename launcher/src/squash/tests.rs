@@ -20,13 +20,7 @@ pub(crate) fn build_image(
     options: &Options,
 ) -> crate::Result<(PathBuf, Vec<LayerStats>, Stats)> {
     let path = dir.join("image.sqfs");
-    let out = File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
+    let out = image_file(&path);
     let mut all = Vec::new();
     let stats = build(&out, 0, options, |data| {
         let mut tree = Tree::new();
@@ -43,7 +37,33 @@ pub(crate) fn build_image(
         Ok(tree)
     })?;
     out.set_len(stats.bytes).unwrap();
+    assert_recorded_hash(&out, &stats);
     Ok((path, all, stats))
+}
+
+/// A new image file at `path`, readable too: the writer hashes the spills it copies by
+/// reading them back.
+fn image_file(path: &Path) -> File {
+    File::options()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .unwrap()
+}
+
+/// The hash `build` recorded as it wrote is the SHA-256 of the image's bytes after its
+/// superblock, then of its superblock, as `sif::Sif::verify` computes it.
+fn assert_recorded_hash(out: &File, stats: &Stats) {
+    use sha2::Digest as _;
+    let mut bytes = vec![0u8; stats.bytes as usize];
+    out.read_exact_at(&mut bytes, 0).unwrap();
+    let (superblock, rest) = bytes.split_at(format::SUPERBLOCK_LEN);
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(rest);
+    hasher.update(superblock);
+    assert_eq!(hex::encode(hasher.finalize()), stats.sha256_superblock_last);
 }
 
 /// The same image through `unpack::apply_layers`, `workers` layers read at once, at
@@ -54,7 +74,7 @@ pub(crate) fn build_image_parallel(
     workers: usize,
 ) -> crate::Result<(PathBuf, Vec<LayerStats>)> {
     let path = dir.join("parallel.sqfs");
-    let out = File::create(&path).unwrap();
+    let out = image_file(&path);
     let options = Options {
         spill_dir: dir.to_path_buf(),
         ..Options::default()
@@ -78,6 +98,7 @@ pub(crate) fn build_image_parallel(
         Ok(tree)
     })?;
     out.set_len(stats.bytes).unwrap();
+    assert_recorded_hash(&out, &stats);
     Ok((path, all))
 }
 
@@ -419,7 +440,7 @@ fn root_file(
 fn forked_streams_keep_each_file_whole() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("image.sqfs");
-    let out = File::create(&path).unwrap();
+    let out = image_file(&path);
     let options = Options {
         threads: 2,
         block_memory: 4 * BLOCK_SIZE,
@@ -449,6 +470,8 @@ fn forked_streams_keep_each_file_whole() {
     })
     .unwrap();
     out.set_len(stats.bytes).unwrap();
+    // The spilled stream, copied in the kernel, is hashed too.
+    assert_recorded_hash(&out, &stats);
     assert_eq!(stats.blocks, 3 + 4 + 2 + 2);
     let root = dir.path().join("root");
     extract(&path, &root);
@@ -523,7 +546,13 @@ fn a_serial_build_writes_the_bytes_a_threaded_build_writes() {
         Ok(tree)
     })
     .unwrap();
-    assert_eq!(serial, threaded);
+    assert_recorded_hash(&out, &serial);
+    // The same but for the hash, which covers the superblock's mkfs time.
+    let unhashed = |stats: &Stats| Stats {
+        sha256_superblock_last: String::new(),
+        ..stats.clone()
+    };
+    assert_eq!(unhashed(&serial), unhashed(&threaded));
     assert!(
         serial.blocks >= 5 && serial.sparse_blocks >= 1,
         "{serial:?}"
