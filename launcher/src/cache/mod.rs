@@ -671,7 +671,8 @@ impl Cache {
             }
         }
         // The build reads each layer as its blob lands, while it and the later layers
-        // download; a layer ends only once its blob is verified (see `Landing`). An image
+        // download (see `Landing`); only the downloads' verdict lets its SIF go further
+        // (below). An image
         // refused or failed while it was built leaves nothing on the node, not its SIF
         // being written nor its blobs: a hostile image would be refused again, and a full
         // disk needs the room now. A failed download is the error reported, the build's

@@ -4,7 +4,8 @@
 //! Everything after the superblock is written once and in order at the image's tail (the
 //! compressor options, the data blocks, the spills copied after them, the tables, the
 //! padding), and the superblock, which comes first, last. Hashed in that order, each byte
-//! is hashed by the writer as it writes it: nothing is read back after the build, which
+//! is hashed as it is written (every write after the superblock goes through
+//! [`TailHash::write`]): nothing is read back after the build, which
 //! for a 16 GB image is about 11 s of one thread on the critical path. The plain SHA-256
 //! of the partition cannot be had that way, its first bytes being known last.
 
@@ -32,29 +33,41 @@ impl TailHash {
         }
     }
 
-    /// `bytes` were written at `at`, which must follow what was hashed before: a byte
-    /// written out of order would make the recorded hash wrong, so it fails the build.
-    pub fn written(&mut self, at: u64, bytes: &[u8]) -> io::Result<()> {
+    /// Writes `bytes` at `at` in `out` and hashes them. `at` must follow what was hashed
+    /// before: a byte written out of order would make the recorded hash wrong, so it fails
+    /// the build, before anything is written.
+    pub fn write(&mut self, out: &File, at: u64, bytes: &[u8]) -> io::Result<()> {
+        self.check(at)?;
+        out.write_all_at(bytes, at)?;
+        self.update(bytes);
+        Ok(())
+    }
+
+    fn check(&self, at: u64) -> io::Result<()> {
         if at != self.next {
             return Err(io::Error::other(format!(
                 "squashfs bytes written at {at} where {} was next (a bug in berth's writer)",
                 self.next
             )));
         }
+        Ok(())
+    }
+
+    fn update(&mut self, bytes: &[u8]) {
         self.hasher.update(bytes);
         self.next += bytes.len() as u64;
-        Ok(())
     }
 
     /// The `len` bytes at `at` in `out`, written there without passing through the writer
     /// (an in-kernel copy), read back to be hashed.
     pub fn copied(&mut self, out: &File, at: u64, len: u64) -> io::Result<()> {
+        self.check(at)?;
         let mut buf = vec![0u8; (1 << 20).min(len as usize)];
         let mut done = 0;
         while done < len {
             let n = (len - done).min(buf.len() as u64) as usize;
             out.read_exact_at(&mut buf[..n], at + done)?;
-            self.written(at + done, &buf[..n])?;
+            self.update(&buf[..n]);
             done += n as u64;
         }
         Ok(())
@@ -72,10 +85,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bytes_out_of_order_are_refused() {
+    fn bytes_out_of_order_are_refused_before_they_are_written() {
+        let out = tempfile::tempfile().unwrap();
         let mut hash = TailHash::new(1000);
-        hash.written(1000 + SUPERBLOCK_LEN as u64, b"abc").unwrap();
-        let err = hash.written(2000, b"def").unwrap_err().to_string();
+        hash.write(&out, 1000 + SUPERBLOCK_LEN as u64, b"abc")
+            .unwrap();
+        let err = hash.write(&out, 2000, b"def").unwrap_err().to_string();
         assert!(err.contains("where 1099 was next"), "{err}");
+        assert_eq!(out.metadata().unwrap().len(), 1099);
     }
 }

@@ -144,26 +144,21 @@ impl Record {
     }
 }
 
-/// Writes the tables for `tree` after the data (which ends at `data_end`, relative to
-/// `base`), then the superblock at `base`. `written.sizes` are the size words of the data
-/// blocks in the order they are in the image, each stream's starting at
+/// Writes the tables for `tree` after the data the writer thread wrote (`written`, relative
+/// to `base`), then the superblock at `base`. `written.sizes` are the size words of the
+/// data blocks in the order they are in the image, each stream's starting at
 /// `written.starts[stream]`; `written.hash` goes on over the tables and ends with the
 /// superblock.
-pub(super) fn write_tables(
-    out: &File,
-    base: u64,
-    data_end: u64,
-    tree: &Tree,
-    written: Written,
-) -> Result<Stats> {
+pub(super) fn write_tables(out: &File, base: u64, tree: &Tree, written: Written) -> Result<Stats> {
     let Written {
         sizes,
         starts,
+        bytes,
         mut hash,
-        ..
     } = written;
     let (sizes, starts) = (sizes.as_slice(), starts.as_slice());
     let data_start = (SUPERBLOCK_LEN + compressor_options().len()) as u64;
+    let data_end = data_start + bytes;
     let mut positions = Vec::with_capacity(sizes.len());
     let mut pos = data_start;
     for word in sizes {
@@ -213,14 +208,12 @@ pub(super) fn write_tables(
     tables.extend_from_slice(&dir_table);
     tables.extend_from_slice(&id_table);
     tables.extend_from_slice(&index);
-    out.write_all_at(&tables, base + inode_start).map_err(io)?;
-    hash.written(base + inode_start, &tables).map_err(io)?;
+    hash.write(out, base + inode_start, &tables).map_err(io)?;
     // The padding is written, not left to a later write past it: it is part of the
     // partition, and of its hash.
     let padded = bytes_used.div_ceil(PAD) * PAD;
     let padding = vec![0; (padded - bytes_used) as usize];
-    out.write_all_at(&padding, base + bytes_used).map_err(io)?;
-    hash.written(base + bytes_used, &padding).map_err(io)?;
+    hash.write(out, base + bytes_used, &padding).map_err(io)?;
 
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

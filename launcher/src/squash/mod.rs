@@ -123,8 +123,7 @@ pub fn build(
         let written = written.map_err(write_error)?;
         Ok::<_, Error>((filled?, written))
     })?;
-    let end = data_start + written.bytes;
-    format::write_tables(out, base, end, &tree, written)
+    format::write_tables(out, base, &tree, written)
 }
 
 /// [`build`] on the caller's thread, for the layer fuzz target (thousands of builds a
@@ -163,8 +162,7 @@ pub fn build_serial(
         hash,
     )
     .map_err(write_error)?;
-    let end = data_start + written.bytes;
-    format::write_tables(out, base, end, &filled?, written)
+    format::write_tables(out, base, &filled?, written)
 }
 
 /// The tokens that bound a build's blocks in flight, `n` of them. A token is a block
@@ -183,8 +181,7 @@ fn block_tokens(n: usize) -> (SyncSender<Vec<u8>>, Receiver<Vec<u8>>) {
 fn write_compressor_options(out: &File, base: u64, hash: &mut TailHash) -> Result<u64> {
     let options_block = format::compressor_options();
     let at = base + format::SUPERBLOCK_LEN as u64;
-    out.write_all_at(&options_block, at).map_err(write_error)?;
-    hash.written(at, &options_block).map_err(write_error)?;
+    hash.write(out, at, &options_block).map_err(write_error)?;
     Ok((format::SUPERBLOCK_LEN + options_block.len()) as u64)
 }
 
@@ -484,8 +481,7 @@ fn write_blocks(
             match spill {
                 Spill::Direct { .. } => {
                     let at = start + image.bytes;
-                    out.write_all_at(bytes, at)?;
-                    image.hash.written(at, bytes)?;
+                    image.hash.write(out, at, bytes)?;
                     image.bytes += bytes.len() as u64;
                     image.sizes.push(block.word);
                 }
