@@ -153,14 +153,29 @@ pub fn slurmd_rss_kib(cluster: &Cluster) -> u64 {
         .unwrap_or(0)
 }
 
+/// What is in berth's runtime directory: its entries, but for `named/`, the directory the
+/// plugin keeps its container records in (made by the node's first container step, and
+/// kept), whose records are listed instead, as `named/RECORD`.
 fn runtime_entries() -> BTreeSet<String> {
-    std::fs::read_dir(RUNTIME)
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
+    let names = |dir: &str| -> Vec<String> {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut entries = BTreeSet::new();
+    for name in names(RUNTIME) {
+        if name == "named" {
+            let records = names(&format!("{RUNTIME}/named"));
+            entries.extend(records.into_iter().map(|r| format!("named/{r}")));
+        } else {
+            entries.insert(name);
+        }
+    }
+    entries
 }
 
 impl NodeSnapshot {
