@@ -1,4 +1,4 @@
-//! MPI in containers (issue 14), end to end as the test user: an MPI program in an image made
+//! MPI in containers (issue 14), end to end as the test user: an MPI program in images made
 //! from Debian packages (tests/cluster/mpi-image) runs with the right ranks and an allreduce
 //! gives the right sum under `srun --mpi=pmix` (Open MPI) and `--mpi=pmi2` (MPICH), across
 //! every node the cluster has (two tasks per node); a step's container has its own PMIx server
@@ -18,23 +18,53 @@ use berth_e2e::{serial, unique_name, wait_until, write_user_file, Cluster, Cmd, 
 /// memory) and, on a multi-node cluster, across nodes.
 const TASKS_PER_NODE: usize = 2;
 
-/// The MPI image's reference, pushed by `tests/cluster/mpi-image` (a no-op when `up` already
-/// did it: the tag is a hash of what goes into the image).
-fn mpi_image(cluster: &Cluster) -> &'static str {
-    static IMAGE: OnceLock<String> = OnceLock::new();
-    IMAGE.get_or_init(|| {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/mpi-image");
-        let registry = cluster.tls_registry().host;
-        let run = Cmd::root([script.as_os_str(), "push".as_ref(), registry.as_ref()])
+/// An MPI image and the program in it, as `tests/cluster/mpi-image` builds them.
+#[derive(Clone, Copy)]
+enum Mpi {
+    /// Debian bookworm's Open MPI 4.1, a PMIx client (`--mpi=pmix`): `/hello`.
+    OpenMpi,
+    /// Debian trixie's MPICH 4.2, a PMI-2 client (`--mpi=pmi2`): `/hello-mpich`.
+    Mpich,
+}
+
+impl Mpi {
+    fn flavour(self) -> &'static str {
+        match self {
+            Mpi::OpenMpi => "openmpi",
+            Mpi::Mpich => "mpich",
+        }
+    }
+
+    fn program(self) -> &'static str {
+        match self {
+            Mpi::OpenMpi => "/hello",
+            Mpi::Mpich => "/hello-mpich",
+        }
+    }
+
+    /// The image's reference, pushed by `tests/cluster/mpi-image` (a no-op when `up` already
+    /// did it: the tag is a hash of what goes into the image).
+    fn image(self, cluster: &Cluster) -> &'static str {
+        static IMAGES: [OnceLock<String>; 2] = [OnceLock::new(), OnceLock::new()];
+        IMAGES[self as usize].get_or_init(|| {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("cluster/mpi-image");
+            let registry = cluster.tls_registry().host;
+            let run = Cmd::root([
+                script.as_os_str(),
+                "push".as_ref(),
+                registry.as_ref(),
+                self.flavour().as_ref(),
+            ])
             .timeout(Duration::from_secs(900))
             .run();
-        run.assert_success();
-        run.stdout
-            .lines()
-            .last()
-            .expect("mpi-image prints the reference")
-            .to_owned()
-    })
+            run.assert_success();
+            run.stdout
+                .lines()
+                .last()
+                .expect("mpi-image prints the reference")
+                .to_owned()
+        })
+    }
 }
 
 /// The cluster's nodes, from Slurm (one on the default cluster, N with `up --nodes N`).
@@ -94,22 +124,22 @@ fn srun_mpi(kind: &str, nodes: usize, args: &[&str]) -> Run {
         &per_node,
     ];
     all.extend_from_slice(args);
-    let mut cmd = Cmd::user(all).timeout(Duration::from_secs(600));
+    let mut cmd = Cmd::user(all).timeout(Duration::from_secs(300));
     for (name, value) in rig_env(nodes) {
         cmd = cmd.env(name, value);
     }
     cmd.run()
 }
 
-/// Runs `program` of the MPI image under `--mpi=kind` over every node and checks the world:
-/// ranks 0..n-1 each once, every rank sees size n and the allreduce sum 0+..+(n-1), and each
-/// node runs exactly its share of the ranks.
-fn check_world(kind: &str, program: &str) {
+/// Runs `mpi`'s program under `--mpi=kind` over every node and checks the world: ranks
+/// 0..n-1 each once, every rank sees size n and the allreduce sum 0+..+(n-1), and each node
+/// runs exactly its share of the ranks.
+fn check_world(kind: &str, mpi: Mpi) {
     let _serial = serial();
     let cluster = Cluster::get();
-    let image = format!("--container-image={}", mpi_image(&cluster));
+    let image = format!("--container-image={}", mpi.image(&cluster));
     let nodes = nodes();
-    let run = srun_mpi(kind, nodes.len(), &[&image, program]);
+    let run = srun_mpi(kind, nodes.len(), &[&image, mpi.program()]);
     run.assert_success();
     // One `hello` line per rank: `hello rank=R size=S host=H node=N sum=X expected=Y`.
     let lines = berth_e2e::records(&run.stdout, "hello ");
@@ -158,13 +188,13 @@ fn slurm_has_pmix() -> bool {
 #[test]
 fn pmix_open_mpi_hello_and_allreduce_over_every_node() {
     if slurm_has_pmix() {
-        check_world("pmix", "/hello");
+        check_world("pmix", Mpi::OpenMpi);
     }
 }
 
 #[test]
 fn pmi2_mpich_hello_and_allreduce_over_every_node() {
-    check_world("pmi2", "/hello-mpich");
+    check_world("pmi2", Mpi::Mpich);
 }
 
 /// A task's descriptors as `N:KIND` (socket, pipe, or the path), from its shell's own
