@@ -18,6 +18,7 @@ pub mod gpu;
 pub mod image_config;
 pub mod jobpin;
 pub mod metrics;
+mod pieces;
 pub mod policy;
 pub mod reference;
 pub mod registry;

@@ -19,7 +19,7 @@
 //!   once its lease has expired the next node takes it over: nobody waits for ever.
 
 use std::fs::{self, File};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -238,15 +238,10 @@ impl Drop for Lease {
 
 fn copy_hashing(input: &mut File, output: &mut File) -> std::io::Result<String> {
     let mut hasher = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = input.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        output.write_all(&buf[..n])?;
-    }
+    crate::pieces::for_each(input, |piece| {
+        hasher.update(piece);
+        output.write_all(piece)
+    })?;
     Ok(hex::encode(hasher.finalize()))
 }
 

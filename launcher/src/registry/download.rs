@@ -207,13 +207,12 @@ impl Client {
         }
         let mut verifier = Verifier::new(digest, desc.size, what.clone());
         let mut file = if staged > 0 {
-            let mut file = OpenOptions::new()
+            let file = OpenOptions::new()
                 .read(true)
                 .append(true)
                 .open(partial)
                 .map_err(|e| io_failed(partial, "opening", e))?;
-            rehash(&mut file, staged, &mut verifier)
-                .map_err(|e| io_failed(partial, "reading", e))?;
+            rehash(&file, staged, &mut verifier).map_err(|e| io_failed(partial, "reading", e))?;
             file
         } else {
             // Readable too: the landing's readers share this descriptor.
@@ -293,17 +292,10 @@ fn resumed_offset(
 
 /// Feeds the first `len` staged bytes of `file` to `verifier`, so a resumed blob is still
 /// verified whole.
-fn rehash(file: &mut File, len: u64, verifier: &mut Verifier) -> std::io::Result<()> {
-    let mut staged = std::io::Read::by_ref(file).take(len);
-    let mut buf = vec![0u8; CHUNK];
-    loop {
-        let n = staged.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        verifier.update(&buf[..n]).map_err(std::io::Error::other)?;
-    }
-    Ok(())
+fn rehash(file: &File, len: u64, verifier: &mut Verifier) -> std::io::Result<()> {
+    crate::pieces::for_each(crate::pieces::at(file, 0, len), |piece| {
+        verifier.update(piece).map_err(std::io::Error::other)
+    })
 }
 
 fn io_failed(path: &Path, doing: &str, e: std::io::Error) -> Transfer {

@@ -410,20 +410,25 @@ pub enum Verified {
     NotRecorded,
 }
 
-/// The SHA-256 (hex) of the `(offset, len)` ranges of `file`, in that order, read in 1 MiB
-/// pieces; a file shorter than that is an error.
+/// The SHA-256 (hex) of the `(offset, len)` ranges of `file`, in that order; a file shorter
+/// than that is an error.
 pub(crate) fn sha256_at(file: &File, path: &Path, ranges: &[(u64, u64)]) -> Result<String> {
     use sha2::Digest as _;
     let mut hasher = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
     for &(offset, len) in ranges {
-        let mut done = 0u64;
-        while done < len {
-            let n = (len - done).min(buf.len() as u64) as usize;
-            read_at(file, path, &mut buf[..n], offset + done)?;
-            hasher.update(&buf[..n]);
-            done += n as u64;
-        }
+        crate::pieces::for_each(crate::pieces::at(file, offset, len), |piece| {
+            hasher.update(piece);
+            Ok::<_, std::io::Error>(())
+        })
+        .map_err(|e| {
+            Error::io(
+                format!(
+                    "reading {len} bytes at offset {offset} of {}",
+                    path.display()
+                ),
+                e,
+            )
+        })?;
     }
     Ok(hex::encode(hasher.finalize()))
 }

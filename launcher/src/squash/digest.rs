@@ -62,15 +62,10 @@ impl TailHash {
     /// (an in-kernel copy), read back to be hashed.
     pub fn copied(&mut self, out: &File, at: u64, len: u64) -> io::Result<()> {
         self.check(at)?;
-        let mut buf = vec![0u8; (1 << 20).min(len as usize)];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(buf.len() as u64) as usize;
-            out.read_exact_at(&mut buf[..n], at + done)?;
-            self.update(&buf[..n]);
-            done += n as u64;
-        }
-        Ok(())
+        crate::pieces::for_each(crate::pieces::at(out, at, len), |piece| {
+            self.update(piece);
+            Ok(())
+        })
     }
 
     /// The hash, once the rest is written and `superblock` last (hex).

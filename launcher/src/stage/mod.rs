@@ -642,6 +642,8 @@ fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<()> {
 }
 
 /// Removes a file or tree this user staged, making read-only directories writable first.
+/// Removes `path` and everything under it. What is already gone, or goes meanwhile (another
+/// job's epilog or `berth stage clean` removing the same), counts as removed.
 fn remove(path: &Path) -> Result<()> {
     let io = |e| Error::io(format!("removing {}", path.display()), e);
     let meta = match fs::symlink_metadata(path) {
@@ -649,14 +651,23 @@ fn remove(path: &Path) -> Result<()> {
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(io(e)),
     };
+    let gone = |result: std::io::Result<()>| match result {
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        other => other.map_err(io),
+    };
     if !meta.is_dir() {
-        return fs::remove_file(path).map_err(io);
+        return gone(fs::remove_file(path));
     }
-    fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(io)?;
-    for child in fs::read_dir(path).map_err(io)?.flatten() {
+    gone(fs::set_permissions(path, fs::Permissions::from_mode(0o700)))?;
+    let children = match fs::read_dir(path) {
+        Ok(children) => children,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io(e)),
+    };
+    for child in children.flatten() {
         remove(&child.path())?;
     }
-    fs::remove_dir(path).map_err(io)
+    gone(fs::remove_dir(path))
 }
 
 fn progress_note(quiet: bool, message: &str) {
@@ -937,5 +948,30 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
             .collect();
         assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    #[test]
+    fn two_removals_of_one_tree_at_once_both_succeed() {
+        // Two epilogs (or an epilog and `berth stage clean`) emptying the same directory:
+        // whichever removes an entry first, the other must not fail on it.
+        for round in 0..5 {
+            let tmp = tempfile::tempdir().unwrap();
+            let tree = tmp.path().join("tree");
+            for d in 0..20 {
+                let dir = tree.join(format!("d{d}"));
+                fs::create_dir_all(&dir).unwrap();
+                for f in 0..50 {
+                    fs::write(dir.join(format!("f{f}")), b"x").unwrap();
+                }
+            }
+            let results: Vec<Result<()>> = std::thread::scope(|s| {
+                let both = [s.spawn(|| remove(&tree)), s.spawn(|| remove(&tree))];
+                both.map(|h| h.join().unwrap()).into()
+            });
+            for r in results {
+                assert!(r.is_ok(), "round {round}: {}", r.unwrap_err());
+            }
+            assert!(!tree.exists());
+        }
     }
 }
