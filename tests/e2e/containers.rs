@@ -7,11 +7,11 @@
 //! The tests run one at a time (see [`serial`]): the cluster has one node with two CPUs, and
 //! the leftover checks look at the whole node.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use berth_e2e::{
-    as_root, assert_node_idle, serial, unique_name, wait_until, write_user_file, Cluster, Cmd,
+    as_root, assert_node_idle, serial, unique_name, wait_until, Batch, Cluster, Cmd,
     PluginlessConf, Run,
 };
 
@@ -31,39 +31,12 @@ fn approved(cluster: &Cluster) -> String {
     format!("--container-image={}", cluster.image_tls().reference)
 }
 
-/// A batch script in the user's home, and where its output goes.
-struct Batch {
-    script: PathBuf,
-    output: PathBuf,
-}
-
-impl Batch {
-    fn new(cluster: &Cluster, body: &str) -> Batch {
-        let name = unique_name("e2e-containers");
-        let script = cluster.home().join(format!("{name}.sh"));
-        let output = cluster.home().join(format!("{name}.out"));
-        write_user_file(cluster, &script, body, 0o755);
-        Batch { script, output }
-    }
-
-    /// `sbatch --wait` with `options`; returns sbatch's run and the job's output.
-    fn run(&self, options: &[&str]) -> (Run, String) {
-        let output = format!("--output={}", self.output.display());
-        let mut args = vec!["sbatch", "--wait", "--parsable", &output];
-        args.extend_from_slice(options);
-        let script = self.script.display().to_string();
-        args.push(&script);
-        let run = Cmd::user(args).run();
-        let text = std::fs::read_to_string(&self.output).unwrap_or_default();
-        (run, text)
-    }
-}
-
-impl Drop for Batch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.script);
-        let _ = std::fs::remove_file(&self.output);
-    }
+/// `sbatch --wait` of `batch` with `options`; returns sbatch's run and the job's output.
+fn run_batch(batch: &Batch, options: &[&str]) -> (Run, String) {
+    let mut all = vec!["--wait"];
+    all.extend_from_slice(options);
+    let (run, _) = batch.submit(&all);
+    (run, batch.output())
 }
 
 #[test]
@@ -130,8 +103,12 @@ fn sbatch_runs_the_batch_script_in_the_container() {
     let _serial = serial();
     let cluster = Cluster::get();
     // On the command line.
-    let batch = Batch::new(&cluster, "#!/bin/sh\ncat /etc/os-release\n");
-    let (run, output) = batch.run(&[&approved(&cluster)]);
+    let batch = Batch::new(
+        &cluster,
+        "e2e-containers",
+        "#!/bin/sh\ncat /etc/os-release\n",
+    );
+    let (run, output) = run_batch(&batch, &[&approved(&cluster)]);
     run.assert_success();
     assert!(
         output.contains(IMAGE_MARK),
@@ -140,12 +117,13 @@ fn sbatch_runs_the_batch_script_in_the_container() {
     // As an #SBATCH line.
     let batch = Batch::new(
         &cluster,
+        "e2e-containers",
         &format!(
             "#!/bin/sh\n#SBATCH {}\ncat /etc/os-release\n",
             approved(&cluster)
         ),
     );
-    let (run, output) = batch.run(&[]);
+    let (run, output) = run_batch(&batch, &[]);
     run.assert_success();
     assert!(
         output.contains(IMAGE_MARK),
@@ -163,6 +141,7 @@ fn nested_steps_each_run_in_their_own_image_or_on_the_host() {
     // The batch script on the host; its steps in A, in B, and plain.
     let batch = Batch::new(
         &cluster,
+        "e2e-containers",
         &format!(
             "#!/bin/sh\n\
              srun --container-image={a} sh -c 'echo A; cat /etc/os-release' || echo A-failed\n\
@@ -170,7 +149,7 @@ fn nested_steps_each_run_in_their_own_image_or_on_the_host() {
              srun sh -c 'echo PLAIN; cat /etc/os-release' || echo PLAIN-failed\n"
         ),
     );
-    let (run, output) = batch.run(&[]);
+    let (run, output) = run_batch(&batch, &[]);
     run.assert_success();
     let section = |name: &str, next: Option<&str>| -> String {
         let start = output
@@ -198,8 +177,12 @@ fn a_denied_image_is_refused_at_submission() {
     run.assert_failure();
     assert!(run.stderr.contains("is not allowed"), "{run}");
     assert!(run.stdout.is_empty(), "something ran:\n{run}");
-    let batch = Batch::new(&cluster, "#!/bin/sh\ncat /etc/os-release\n");
-    let (run, output) = batch.run(&[&denied]);
+    let batch = Batch::new(
+        &cluster,
+        "e2e-containers",
+        "#!/bin/sh\ncat /etc/os-release\n",
+    );
+    let (run, output) = run_batch(&batch, &[&denied]);
     run.assert_failure();
     assert!(run.stderr.contains("is not allowed"), "{run}");
     assert!(output.is_empty(), "a job ran:\n{output}");
@@ -292,8 +275,8 @@ fn exit_codes_propagate() {
     let cluster = Cluster::get();
     let run = srun(&[&approved(&cluster), "sh", "-c", "exit 3"]);
     assert_eq!(run.code(), Some(3), "{run}");
-    let batch = Batch::new(&cluster, "#!/bin/sh\nexit 3\n");
-    let (run, _) = batch.run(&[&approved(&cluster)]);
+    let batch = Batch::new(&cluster, "e2e-containers", "#!/bin/sh\nexit 3\n");
+    let (run, _) = run_batch(&batch, &[&approved(&cluster)]);
     assert_eq!(
         run.code(),
         Some(3),
@@ -522,7 +505,7 @@ fn job_field(job: &str, field: &str) -> String {
 fn a_containerized_job_times_out_like_a_bare_one() {
     let _serial = serial();
     let cluster = Cluster::get();
-    let batch = Batch::new(&cluster, "#!/bin/sh\nsleep 300\n");
+    let batch = Batch::new(&cluster, "e2e-containers", "#!/bin/sh\nsleep 300\n");
     let output = |tag: &str| format!("--output={}.{tag}", batch.output.display());
     let submit = |extra: &[&str]| -> String {
         let script = batch.script.display().to_string();

@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use berth_e2e::{as_root, serial, unique_name, wait_until, write_user_file, Cluster, Cmd, Run};
+use berth_e2e::{as_root, serial, unique_name, wait_until, Batch, Cluster, Cmd, Run};
 
 /// Where the test cluster's containers keep their files (`[runtime] writable_dir`).
 const WRITABLE_DIR: &str = "/var/tmp/berth-containers";
@@ -17,45 +17,6 @@ const RECORD_DIR: &str = "/run/berth/named";
 
 fn image(cluster: &Cluster) -> String {
     cluster.image_tls().reference
-}
-
-/// A batch script in the user's home, its output, and the job it ran as.
-struct Batch {
-    script: PathBuf,
-    output: PathBuf,
-}
-
-impl Batch {
-    fn new(cluster: &Cluster, body: &str) -> Batch {
-        let name = unique_name("e2e-pyxis");
-        let script = cluster.home().join(format!("{name}.sh"));
-        let output = cluster.home().join(format!("{name}.out"));
-        write_user_file(cluster, &script, body, 0o755);
-        Batch { script, output }
-    }
-
-    /// `sbatch` with `options` (`--wait` among them to wait); returns the run and the job id.
-    fn submit(&self, options: &[&str]) -> (Run, String) {
-        let output = format!("--output={}", self.output.display());
-        let mut args = vec!["sbatch", "--parsable", &output];
-        args.extend_from_slice(options);
-        let script = self.script.display().to_string();
-        args.push(&script);
-        let run = Cmd::user(args).run();
-        let job = run.stdout.trim().split(';').next().unwrap_or("").to_owned();
-        (run, job)
-    }
-
-    fn output(&self) -> String {
-        std::fs::read_to_string(&self.output).unwrap_or_default()
-    }
-}
-
-impl Drop for Batch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.script);
-        let _ = std::fs::remove_file(&self.output);
-    }
 }
 
 /// The directory of job `job`'s named containers of the test user on the node.
@@ -97,6 +58,7 @@ fn a_named_container_keeps_its_files_across_the_jobs_steps_and_goes_with_the_job
     // The batch script itself runs on the host: it can look at the node's disk.
     let batch = Batch::new(
         &cluster,
+        "e2e-pyxis",
         &format!(
             r#"#!/bin/sh
 set -u
@@ -150,6 +112,7 @@ fn a_running_named_container_is_entered_by_an_overlapping_step() {
     // running container sees what the first step put there.
     let batch = Batch::new(
         &cluster,
+        "e2e-pyxis",
         &format!(
             r#"#!/bin/sh
 set -u
@@ -188,6 +151,7 @@ fn a_no_exec_step_on_a_running_named_container_runs_a_copy_over_it() {
     let img = image(&cluster);
     let batch = Batch::new(
         &cluster,
+        "e2e-pyxis",
         &format!(
             r#"#!/bin/sh
 set -u
@@ -235,6 +199,7 @@ fn a_steps_unnamed_container_is_entered_by_jobid_stepid() {
     let step_file = cluster.home().join(unique_name("e2e-step"));
     let batch = Batch::new(
         &cluster,
+        "e2e-pyxis",
         &format!(
             r#"#!/bin/sh
 set -u
@@ -335,6 +300,7 @@ fn scancel_removes_the_jobs_named_containers() {
     let img = image(&cluster);
     let batch = Batch::new(
         &cluster,
+        "e2e-pyxis",
         &format!(
             "#!/bin/sh\nsrun --container-image={img} --container-name=gone sh -c \
              'echo x > /data; sleep 120'\n"
@@ -573,6 +539,7 @@ fn a_step_entering_a_named_container_shares_its_namespaces() {
     let img = image(&cluster);
     let batch = Batch::new(
         &cluster,
+        "e2e-pyxis",
         &format!(
             r#"#!/bin/sh
 srun --mem=100M --container-image={img} --container-name=isolated --container-unshare=net \
@@ -610,6 +577,7 @@ fn a_batch_script_in_the_image_calls_the_nodes_slurm_client() {
     let other = cluster.image_tls_v2s2().reference;
     let batch = Batch::new(
         &cluster,
+        "e2e-pyxis",
         &format!(
             r#"#!/bin/sh
 grep -q {mark} /etc/os-release && echo script-in-image

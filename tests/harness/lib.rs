@@ -793,6 +793,49 @@ pub fn write_user_file(cluster: &Cluster, path: &Path, contents: &str, mode: u32
         .unwrap_or_else(|e| panic!("chown {}: {e}", path.display()));
 }
 
+/// A batch script in the test user's home and the file its output goes to, both removed
+/// when it is dropped.
+pub struct Batch {
+    pub script: PathBuf,
+    pub output: PathBuf,
+}
+
+impl Batch {
+    /// The script `body`, under a unique name starting with `prefix`.
+    pub fn new(cluster: &Cluster, prefix: &str, body: &str) -> Batch {
+        let name = unique_name(prefix);
+        let script = cluster.home().join(format!("{name}.sh"));
+        let output = cluster.home().join(format!("{name}.out"));
+        write_user_file(cluster, &script, body, 0o755);
+        Batch { script, output }
+    }
+
+    /// `sbatch` as the test user with `options` (`--wait` among them to wait); returns the
+    /// run and the job id.
+    pub fn submit(&self, options: &[&str]) -> (Run, String) {
+        let output = format!("--output={}", self.output.display());
+        let mut args = vec!["sbatch", "--parsable", &output];
+        args.extend_from_slice(options);
+        let script = self.script.display().to_string();
+        args.push(&script);
+        let run = Cmd::user(args).run();
+        let job = run.stdout.trim().split(';').next().unwrap_or("").to_owned();
+        (run, job)
+    }
+
+    /// What the job has written so far (nothing before it starts).
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.output).unwrap_or_default()
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.script);
+        let _ = std::fs::remove_file(&self.output);
+    }
+}
+
 /// Copies image `source` to `target` on the cluster's registries (skopeo finds the test CA
 /// in certs.d) and returns the manifest digest pushed: e.g. an image under a name no node has
 /// cached yet, or a tag moved to another image.
