@@ -897,6 +897,14 @@ fn a_registry_that_disappears_mid_pull() {
         entries(&cache.join("images")).is_empty(),
         "something was published"
     );
+    // What had arrived waits for the next fetch; the SIF half written does not.
+    assert!(run.stderr.contains("kept what was downloaded"), "{run}");
+    let kept = entries(&staging.join("blobs"));
+    assert!(
+        kept.iter().any(|n| n.ends_with(".partial")),
+        "no partial blob kept: {kept:?}"
+    );
+    assert_eq!(entries(&staging), ["blobs"], "{run}");
     assert!(before.processes_gone(&cluster, Duration::from_secs(10)));
 
     let _back = ThrottledProxy::start(proxy.port, 64 << 20);
