@@ -33,6 +33,8 @@ pub const TARGETS: &[Target] = &[
     ("manifest", manifest),
     ("image_config", image_config),
     ("auth_challenge", auth_challenge),
+    ("token_answer", token_answer),
+    ("registry_error", registry_error),
     ("config_toml", config_toml),
     ("login_file", login_file),
 ];
@@ -153,6 +155,21 @@ pub fn auth_challenge(data: &[u8]) {
     if let Some(s) = text(data) {
         let _ = auth::parse_challenge(s);
     }
+}
+
+/// A token service's answer to berth's request for a pull token (any server the
+/// registry's `WWW-Authenticate` names).
+pub fn token_answer(data: &[u8]) {
+    let _ = crate::registry::token_of(data);
+}
+
+/// A registry's error body (its JSON `errors`, or anything else: a proxy's HTML page),
+/// which reaches the user's terminal as text: short, with control characters escaped.
+pub fn registry_error(data: &[u8]) {
+    let text = crate::registry::error_text(data);
+    assert!(!text.chars().any(char::is_control), "{text:?}");
+    // At most 200 characters and the note of the length cut.
+    assert!(text.chars().count() <= 256, "{text:?}");
 }
 
 /// A user's registry login file (Docker's `config.json`, Podman's `auth.json`), which root

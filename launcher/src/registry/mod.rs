@@ -48,6 +48,7 @@ use crate::config::RegistryConfig;
 use crate::reference::{Digest, DigestAlgorithm, Reference};
 use crate::{Error, Result};
 use access::Puller;
+// For the fuzz targets (crate::fuzz): what a registry or its token service sends back.
 use auth::Credentials;
 use berth_sys::fsid::FsUser;
 pub use download::BlobJob;
@@ -55,7 +56,9 @@ pub use hosts::HostPattern;
 pub use landing::Landing;
 use manifest::{Descriptor, ImageManifest, Manifest, MANIFEST_ACCEPT};
 pub use mirrors::{Endpoint, MirrorRule};
+pub(crate) use request::error_text;
 use request::{header, read_small};
+pub(crate) use token::token_of;
 pub use verify::Verifier;
 
 /// Manifests, indexes, image configs and token answers are small; a registry that sends more

@@ -207,6 +207,11 @@ pub(super) fn error_detail(resp: Response<Body>) -> String {
         .limit(16 << 10)
         .read_to_vec()
         .unwrap_or_default();
+    error_text(&body)
+}
+
+/// [`error_detail`] of an error body already read.
+pub(crate) fn error_text(body: &[u8]) -> String {
     #[derive(serde::Deserialize)]
     struct Errors {
         errors: Vec<ErrorItem>,
@@ -218,14 +223,14 @@ pub(super) fn error_detail(resp: Response<Body>) -> String {
         #[serde(default)]
         message: String,
     }
-    let text = match serde_json::from_slice::<Errors>(&body) {
+    let text = match serde_json::from_slice::<Errors>(body) {
         Ok(e) => e
             .errors
             .iter()
             .map(|i| format!("{} {}", i.code, i.message))
             .collect::<Vec<_>>()
             .join("; "),
-        Err(_) => String::from_utf8_lossy(&body)
+        Err(_) => String::from_utf8_lossy(body)
             .lines()
             .next()
             .unwrap_or_default()

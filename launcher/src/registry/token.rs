@@ -116,19 +116,25 @@ impl Client {
                 error_detail(resp)
             )));
         }
-        #[derive(serde::Deserialize)]
-        struct TokenAnswer {
-            token: Option<String>,
-            access_token: Option<String>,
-        }
         let bytes = read_small(resp, "token answer")?;
-        let answer: TokenAnswer = serde_json::from_slice(&bytes)
-            .map_err(|e| self.error(format!("token service sent an unreadable answer ({e})")))?;
-        answer
-            .token
-            .or(answer.access_token)
-            .ok_or_else(|| self.error("token service sent no token".into()))
+        token_of(&bytes).map_err(|e| self.error(e))
     }
+}
+
+/// The bearer token in a token service's answer (`token`, or OAuth2's `access_token`), or
+/// what is wrong with the answer.
+pub(crate) fn token_of(answer: &[u8]) -> std::result::Result<String, String> {
+    #[derive(serde::Deserialize)]
+    struct TokenAnswer {
+        token: Option<String>,
+        access_token: Option<String>,
+    }
+    let answer: TokenAnswer = serde_json::from_slice(answer)
+        .map_err(|e| format!("token service sent an unreadable answer ({e})"))?;
+    answer
+        .token
+        .or(answer.access_token)
+        .ok_or_else(|| "token service sent no token".into())
 }
 
 fn query_escape(s: &str) -> String {
