@@ -29,8 +29,11 @@ use sha2::Digest as _;
 
 use crate::{Error, Result};
 
-/// How often a waiting node looks for the SIF or an expired lease.
+/// How often a waiting node first looks for the SIF or an expired lease; the pause then
+/// grows to MAX_POLL, so that a job's thousand nodes waiting on one conversion ask the
+/// store's file server a few hundred times a second, not thousands.
 const POLL: Duration = Duration::from_millis(500);
+const MAX_POLL: Duration = Duration::from_secs(2);
 
 pub struct Store {
     dir: PathBuf,
@@ -71,6 +74,7 @@ impl Store {
     /// convert it; waits while another live node holds the lease.
     pub fn acquire(&self, key: &str, dest: &Path, mut note: impl FnMut(&str)) -> Result<Acquired> {
         let mut waited = false;
+        let mut pauses = pauses(random_u64());
         loop {
             if self.copy_published(key, dest)? {
                 return Ok(Acquired::Copied);
@@ -86,7 +90,7 @@ impl Store {
                 ));
                 waited = true;
             }
-            std::thread::sleep(POLL);
+            std::thread::sleep(pauses.next().unwrap_or(MAX_POLL));
         }
     }
 
@@ -245,6 +249,27 @@ fn copy_hashing(input: &mut File, output: &mut File) -> std::io::Result<String> 
     Ok(hex::encode(hasher.finalize()))
 }
 
+/// The pauses of a waiting node: from POLL growing by half each time to MAX_POLL, each
+/// shortened by up to a fifth (from `seed`), so nodes that started waiting together do not
+/// ask together.
+fn pauses(mut seed: u64) -> impl Iterator<Item = Duration> {
+    std::iter::successors(Some(POLL), |p| Some((*p * 3 / 2).min(MAX_POLL))).map(move |p| {
+        // xorshift: cheap, and any spread will do.
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        p - p / 5 * (seed % 1000) as u32 / 1000
+    })
+}
+
+/// A random number from the standard library's per-process hash keys.
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    hasher.finish() | 1
+}
+
 fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_file_name(format!(
         ".{}.{}-{}",
@@ -274,6 +299,22 @@ fn now() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn waiting_nodes_back_off_to_two_seconds_and_spread_out() {
+        let a: Vec<Duration> = pauses(1).take(12).collect();
+        let b: Vec<Duration> = pauses(random_u64()).take(12).collect();
+        let nominal = [500, 750, 1125, 1688, 2000, 2000];
+        for (i, ms) in nominal.iter().enumerate() {
+            let ms = Duration::from_micros(ms * 1000);
+            assert!(a[i] <= ms && a[i] >= ms - ms / 5, "{i}: {:?}", a[i]);
+        }
+        assert!(a
+            .iter()
+            .chain(&b)
+            .all(|p| *p <= MAX_POLL && *p >= MAX_POLL.min(POLL) * 4 / 5));
+        assert_ne!(a, b, "two nodes wait in step");
+    }
     use std::time::Instant;
 
     #[test]
