@@ -48,7 +48,6 @@ use crate::config::RegistryConfig;
 use crate::reference::{Digest, DigestAlgorithm, Reference};
 use crate::{Error, Result};
 use access::Puller;
-// For the fuzz targets (crate::fuzz): what a registry or its token service sends back.
 use auth::Credentials;
 use berth_sys::fsid::FsUser;
 pub use download::BlobJob;
@@ -56,10 +55,12 @@ pub use hosts::HostPattern;
 pub use landing::Landing;
 use manifest::{Descriptor, ImageManifest, Manifest, MANIFEST_ACCEPT};
 pub use mirrors::{Endpoint, MirrorRule};
-pub(crate) use request::error_text;
 use request::{header, read_small};
-pub(crate) use token::token_of;
 pub use verify::Verifier;
+
+// For the fuzz targets (crate::fuzz): what a registry or its token service sends back.
+pub(crate) use request::error_text;
+pub(crate) use token::token_of;
 
 /// Manifests, indexes, image configs and token answers are small; a registry that sends more
 /// is broken or hostile.

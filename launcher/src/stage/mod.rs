@@ -642,8 +642,8 @@ fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<()> {
 }
 
 /// Removes a file or tree this user staged, making read-only directories writable first.
-/// Removes `path` and everything under it. What is already gone, or goes meanwhile (another
-/// job's epilog or `berth stage clean` removing the same), counts as removed.
+/// What is already gone, or goes meanwhile (another job's epilog or `berth stage clean`
+/// removing the same), counts as removed.
 fn remove(path: &Path) -> Result<()> {
     let io = |e| Error::io(format!("removing {}", path.display()), e);
     let meta = match fs::symlink_metadata(path) {
