@@ -204,6 +204,12 @@ pub enum Error {
     LauncherTimedOut { command: String, seconds: u64 },
 
     #[error(
+        "job {job} ended ({state}) while its container was being prepared on this node, so \
+         berth stopped preparing it"
+    )]
+    JobEnded { job: u32, state: String },
+
+    #[error(
         "could not fetch image '{image}' onto this compute node ({detail}): check the \
          reference and the tag or digest (`berth resolve IMAGE` on a login node), and that the \
          registry is reachable from the compute nodes"

@@ -44,6 +44,7 @@ use berth_sys::process::{PidFd, Spawn, Spawned};
 use berth_sys::Namespaces;
 
 use crate::error::Error;
+use crate::job_end;
 use crate::spank::escape_control;
 
 /// How long a launcher call may take. A registry lookup through a slow proxy takes seconds;
@@ -53,6 +54,9 @@ pub const TIMEOUT: Duration = Duration::from_secs(60);
 /// How long `berth fetch` may take on the node: a pull of tens of GB over a busy link takes
 /// many minutes; beyond this the job is better failed than left waiting for ever.
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// How long slurmctld may take to say how a job stands (`berth job-state`).
+const JOB_STATE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Slurm's name for the node, in slurmd's and slurmstepd's environment and the tasks'.
 const NODE_NAME_VAR: &str = "SLURMD_NODENAME";
@@ -82,6 +86,8 @@ pub struct Launcher {
     pub path: PathBuf,
     pub timeout: Duration,
     identity: Identity,
+    /// The job whose end stops a call (slurmstepd's `user_init`), see [`job_end`].
+    watch: Option<job_end::Watch>,
 }
 
 /// Who a launcher call runs as. slurmstepd runs `user_init` with real uid 0 and effective
@@ -169,7 +175,33 @@ impl Launcher {
             path: path.to_owned(),
             timeout: TIMEOUT,
             identity: Identity::Caller,
+            watch: None,
         }
+    }
+
+    /// The same launcher, its calls stopped (the launcher killed, [`Error::JobEnded`]) once
+    /// Slurm says the watched job ended.
+    pub fn watching(&self, watch: job_end::Watch) -> Launcher {
+        Launcher {
+            watch: Some(watch),
+            ..self.clone()
+        }
+    }
+
+    /// `berth job-state JOBID` (as root, never watched): the job's state as slurmctld
+    /// records it; None where it could not tell.
+    fn job_state(&self, job: u32) -> Option<String> {
+        let root = Launcher {
+            timeout: JOB_STATE_TIMEOUT,
+            identity: Identity::Root,
+            watch: None,
+            ..self.clone()
+        };
+        let job = job.to_string();
+        let out = root.run(&["job-state", &job]).ok()?;
+        out.status
+            .success()
+            .then(|| first_line(&out.stdout).to_owned())
     }
 
     /// The same launcher, its calls run as `identity`.
@@ -279,14 +311,18 @@ impl Launcher {
     /// e.g. a file root opened and vetted for it.
     pub fn start(&self, args: &[String], fds: HandedFds) -> Result<Holder, Error> {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.waiting(&args, || self.start_holder(&args, fds))
+    }
+
+    fn start_holder(&self, args: &[&str], fds: HandedFds) -> Result<Holder, Error> {
         // A file, not a pipe: nobody reads the holder's stderr while it runs, and a full
         // pipe would block it. It is read only if the start fails.
         let mut stderr = berth_sys::memfd::anonymous(c"berth-start-stderr")
-            .map_err(|e| self.io_failure(&args, &std::io::Error::other(e)))?;
-        let mut command = self.command(&args);
+            .map_err(|e| self.io_failure(args, &std::io::Error::other(e)))?;
+        let mut command = self.command(args);
         command
             .stdout(Stdio::piped())
-            .stderr(stderr.try_clone().map_err(|e| self.io_failure(&args, &e))?);
+            .stderr(stderr.try_clone().map_err(|e| self.io_failure(args, &e))?);
         let mut spawned = self.spawn(command, fds)?;
         let mut pipes: [Option<Box<dyn ReadFd>>; 2] = [
             spawned
@@ -297,6 +333,7 @@ impl Launcher {
             None,
         ];
         let mut output = [Vec::new(), Vec::new()];
+        let mut ended = self.watch_end();
         // One line, not EOF: the holder's helpers may keep stdout open.
         let read = pump(
             &mut pipes,
@@ -304,6 +341,7 @@ impl Launcher {
             Instant::now() + self.timeout,
             None,
             &|out: &[Vec<u8>; 2]| out[0].contains(&b'\n'),
+            ended.as_deref_mut(),
         );
         let printed = String::from_utf8_lossy(&output[0]).into_owned();
         let opened = match (&read, SpecHandle::parse(first_line(&printed))) {
@@ -318,8 +356,11 @@ impl Launcher {
         let status = spawned
             .child
             .wait()
-            .map_err(|e| self.io_failure(&args, &e))?;
+            .map_err(|e| self.io_failure(args, &e))?;
         let detail = match (read, opened) {
+            (Err(Collect::JobEnded(state)), _) => {
+                return Err(self.collect_failure(args, Collect::JobEnded(state)))
+            }
             (_, Some(Err(refusal))) => refusal,
             (Err(Collect::TimedOut), _) => {
                 format!("no handle within {} s", self.timeout.as_secs())
@@ -333,7 +374,7 @@ impl Launcher {
         };
         let text = stderr_tail(&mut stderr);
         Err(Error::StartFailed {
-            command: self.command_line(&args),
+            command: self.command_line(args),
             // Shown through spank's log functions, which escape it.
             detail: match text.trim() {
                 "" => detail,
@@ -511,16 +552,50 @@ impl Launcher {
 
     /// [`run`](Self::run), with stderr also copied to this process's stderr if `echo`.
     fn collect_output(&self, args: &[&str], echo: bool) -> Result<Outcome, Error> {
-        let mut command = self.command(args);
-        command.stdout(Stdio::piped()).stderr(Stdio::piped());
-        let spawned = self.spawn(command, Vec::new())?;
-        collect(spawned, self.timeout, echo).map_err(|e| match e {
+        self.waiting(args, || {
+            let mut command = self.command(args);
+            command.stdout(Stdio::piped()).stderr(Stdio::piped());
+            let spawned = self.spawn(command, Vec::new())?;
+            let mut ended = self.watch_end();
+            collect(spawned, self.timeout, echo, ended.as_deref_mut())
+                .map_err(|e| self.collect_failure(args, e))
+        })
+    }
+
+    /// Runs `wait`, which spawns the launcher and waits for it, with effective uid 0 where
+    /// this process can take it back: slurmstepd's `user_init`, whose euid is the user's for
+    /// the whole process. A cold image's fetch keeps it there for minutes, while slurmstepd's
+    /// own threads go on; its PMIx server verifies another node's direct connection with
+    /// munge, which refuses a credential meant for root to a process whose euid is the
+    /// user's. Slurm then rejects the connection for good, and the job's tasks on the other
+    /// nodes hang in MPI_Init. What the child becomes is [`Identity`]'s, not this euid's.
+    /// What stops a pump where this call is watched: the state the job ended in.
+    fn watch_end(&self) -> Option<Box<dyn FnMut() -> Option<String> + '_>> {
+        let mut looking = self.watch.as_ref()?.start();
+        Some(Box::new(move || looking.ended(&|job| self.job_state(job))))
+    }
+
+    fn collect_failure(&self, args: &[&str], e: Collect) -> Error {
+        match e {
             Collect::TimedOut => Error::LauncherTimedOut {
                 command: self.command_line(args),
                 seconds: self.timeout.as_secs(),
             },
+            Collect::JobEnded(state) => Error::JobEnded {
+                job: self.watch.as_ref().map_or(0, |w| w.job),
+                state,
+            },
             Collect::Io(e) => self.io_failure(args, &e),
-        })
+        }
+    }
+
+    fn waiting<T>(
+        &self,
+        args: &[&str],
+        wait: impl FnOnce() -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        berth_sys::identity::with_effective_root(wait)
+            .map_err(|e| self.io_failure(args, &std::io::Error::other(e)))?
     }
 
     /// The launcher with `args`, in a process group of its own (so a time limit can stop the
@@ -708,6 +783,8 @@ impl Holder {
 
 enum Collect {
     TimedOut,
+    /// The watched job ended, in this state.
+    JobEnded(String),
     Io(std::io::Error),
 }
 
@@ -715,7 +792,12 @@ enum Collect {
 /// first, kills the child's whole process group (SIGKILL; a launcher's own helpers could
 /// otherwise keep running and hold the pipes) and reaps it, so no zombie is left in srun or
 /// slurmstepd.
-fn collect(mut spawned: Spawned, timeout: Duration, echo: bool) -> Result<Outcome, Collect> {
+fn collect(
+    mut spawned: Spawned,
+    timeout: Duration,
+    echo: bool,
+    ended: Option<&mut (dyn FnMut() -> Option<String> + '_)>,
+) -> Result<Outcome, Collect> {
     let child = &mut spawned.child;
     let mut pipes: [Option<Box<dyn ReadFd>>; 2] = [
         child.stdout.take().map(|p| Box::new(p) as Box<dyn ReadFd>),
@@ -729,6 +811,7 @@ fn collect(mut spawned: Spawned, timeout: Duration, echo: bool) -> Result<Outcom
         Instant::now() + timeout,
         echo.as_mut(),
         &|_: &[Vec<u8>; 2]| false,
+        ended,
     );
     if let Some(echo) = echo.as_mut() {
         echo.finish();
@@ -781,18 +864,23 @@ impl Echo {
 }
 
 /// Moves what the pipes deliver into `output` until every pipe is closed, `done` holds for
-/// what was read, or `deadline`. With `echo`, what the second pipe (stderr) delivers is also
-/// passed on as it comes.
+/// what was read, `deadline`, or `ended` names the state the watched job ended in (it is
+/// called every [`job_end::LOOK_EVERY`] at most). With `echo`, what the second pipe (stderr)
+/// delivers is also passed on as it comes.
 fn pump(
     pipes: &mut [Option<Box<dyn ReadFd>>; 2],
     output: &mut [Vec<u8>; 2],
     deadline: Instant,
     mut echo: Option<&mut Echo>,
     done: &dyn Fn(&[Vec<u8>; 2]) -> bool,
+    mut ended: Option<&mut (dyn FnMut() -> Option<String> + '_)>,
 ) -> Result<(), Collect> {
     loop {
         if done(output) {
             return Ok(());
+        }
+        if let Some(state) = ended.as_mut().and_then(|ended| ended()) {
+            return Err(Collect::JobEnded(state));
         }
         let open: Vec<usize> = (0..2).filter(|&i| pipes[i].is_some()).collect();
         if open.is_empty() {
@@ -802,6 +890,10 @@ fn pump(
         if left.is_zero() {
             return Err(Collect::TimedOut);
         }
+        let left = match ended {
+            Some(_) => left.min(job_end::LOOK_EVERY),
+            None => left,
+        };
         let ready = {
             let fds: Vec<_> = open
                 .iter()
@@ -946,6 +1038,101 @@ mod tests {
                 "{image}: {err:?}"
             );
         }
+    }
+
+    /// In slurmstepd's `user_init` (real uid 0, effective uid the user) the process waits
+    /// for its launcher with effective uid 0, and has the user's back afterwards: the fake
+    /// launcher reads its parent's effective uid while the parent waits.
+    #[test]
+    fn user_init_waits_for_the_launcher_with_effective_root_and_returns_as_the_user() {
+        if berth_sys::identity::real_uid() != 0 {
+            eprintln!("skipped: needs root");
+            return;
+        }
+        let _serial = serial_spawns();
+        let (_d, berth) = fake(
+            r#"euid=$(awk '/^Uid:/ {print $3}' /proc/$PPID/status)
+               echo "allow: h/euid-$euid (rule: h/*)""#,
+        );
+        let root = berth.run_as(Identity::Root);
+        // SAFETY: the forked child changes its euid, spawns the fake launcher and exits.
+        match unsafe { nix::unistd::fork() }.unwrap() {
+            nix::unistd::ForkResult::Child => {
+                let steps = [
+                    nix::unistd::seteuid(nix::unistd::Uid::from_raw(65534)).is_ok(),
+                    root.policy_check("a") == Ok(Verdict::Allow("h/euid-0".into())),
+                    berth_sys::identity::effective_uid() == 65534,
+                ];
+                let failed = steps.iter().position(|ok| !ok).map_or(0, |i| i + 1);
+                // SAFETY: _exit skips the parent's atexit handlers in this copy.
+                unsafe { libc::_exit(failed as i32) }
+            }
+            nix::unistd::ForkResult::Parent { child } => {
+                let exit = berth_sys::process::reap(child.as_raw()).unwrap();
+                assert_eq!(exit, berth_sys::process::Exit::Code(0));
+            }
+        }
+    }
+
+    /// slurmd rewrote its credential state file and slurmctld says the job ended: the fetch
+    /// it waited for is killed, with its helpers, and the call says why.
+    #[test]
+    fn a_watched_call_stops_when_the_job_ends() {
+        let _serial = serial_spawns();
+        let spool = tempfile::tempdir().unwrap();
+        let cred_state = spool.path().join("cred_state");
+        std::fs::write(&cred_state, "").unwrap();
+        let pid_file = spool.path().join("sleeper");
+        let (_d, berth) = fake(&format!(
+            r#"case "$1" in
+                 job-state) [ "$2" = 7 ] && echo CANCELLED;;
+                 *) sleep 60 & echo $! > {}; wait;;
+               esac"#,
+            pid_file.display()
+        ));
+        let watch = job_end::Watch::new(7, Some(spool.path().as_os_str().as_encoded_bytes()), None);
+        let berth = berth.watching(watch).run_as(Identity::Root);
+        let slurmd = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(1500));
+            std::fs::File::options()
+                .write(true)
+                .open(&cred_state)
+                .unwrap()
+                .set_modified(std::time::SystemTime::now() + Duration::from_secs(1))
+                .unwrap();
+        });
+        let started = Instant::now();
+        let step = StepIds {
+            job: 7,
+            step: "0".into(),
+            uid: 1000,
+        };
+        let err = berth
+            .check_and_fetch("a", &step, (1000, 1000, &[]))
+            .unwrap_err();
+        slurmd.join().unwrap();
+        assert_eq!(
+            err,
+            Error::JobEnded {
+                job: 7,
+                state: "CANCELLED".into()
+            }
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        let sleeper = std::fs::read_to_string(&pid_file).unwrap();
+        let gone = || {
+            std::fs::read_to_string(format!("/proc/{}/stat", sleeper.trim()))
+                .map_or(true, |stat| stat.contains(") Z "))
+        };
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while !gone() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(gone(), "the launcher's helper still runs");
     }
 
     fn outcome(code: i32, stdout: &str) -> Outcome {

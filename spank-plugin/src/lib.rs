@@ -28,6 +28,7 @@ mod error;
 #[doc(hidden)]
 pub mod fuzz;
 mod guard;
+mod job_end;
 mod launcher;
 mod mpi;
 mod named;

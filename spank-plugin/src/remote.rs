@@ -8,7 +8,10 @@
 //!   node: the policy checked and the image fetched into the node cache as root, from the
 //!   root-owned config, in one launcher call; the container started as the user (`berth
 //!   start --private`), its namespaces and spec taken from that child by root and kept in
-//!   [`STEP`] as descriptors, which every task inherits through fork.
+//!   [`STEP`] as descriptors, which every task inherits through fork. While it waits for a
+//!   launcher call (a cold image's fetch takes minutes) slurmstepd has effective uid 0 again,
+//!   so that its other threads, Slurm's PMIx server among them, are not the user meanwhile;
+//!   and the job's end (a cancel, its time limit) stops the call (see `job_end`).
 //! - `task_init` runs in each task's process, as the user, in its task cgroups: it enters the
 //!   container (`container.rs`). Failing here ends the task with exit code 1, shows the message
 //!   on the task's stderr (srun's, or the batch output file) and leaves the node up: this is
@@ -29,6 +32,7 @@ use crate::config::Config;
 use crate::container::{self, NodeBind, StepContainer};
 use crate::error::Error;
 use crate::guard;
+use crate::job_end;
 use crate::launcher::{
     self, HandedFds, Holder, Identity, Launcher, Partition, StepIds, Verdict, IMAGE_FD,
 };
@@ -130,7 +134,15 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
     };
     let (request, origin) = step_request(&getenv)?;
     spank::log_debug(&format!("step request ({origin}): {request:?}"));
-    let launcher = Launcher::new(&lock(&CONFIG).clone().unwrap_or_default().berth);
+    // A job cancelled (or out of time) meanwhile stops the calls below at once: Slurm's
+    // signals wait until the tasks run (see `job_end`).
+    let launcher = Launcher::new(&lock(&CONFIG).clone().unwrap_or_default().berth).watching(
+        job_end::Watch::new(
+            info.job_id,
+            spank::slurmd_spooldir().as_deref(),
+            std::env::var("SLURMD_NODENAME").ok().as_deref(),
+        ),
+    );
     let root = launcher.run_as(Identity::Root);
     let (image, options) = match request {
         ContainerRequest::Container { image, options } => (Some(image), options),

@@ -1,7 +1,9 @@
 //! Issue 15, faults: SIGKILL of `berth` at every phase of a fetch (download, build,
 //! publish, seal) and of a stage (copying, publish), of the fetch a job's step
 //! started, of squashfuse while tasks read, of the holder of a step's container; a cache on
-//! a full file system and on a read-only one; a registry that disappears mid-pull. After
+//! a full file system and on a read-only one; a registry that disappears mid-pull; a job
+//! cancelled while its node waits for the image (it ends at once, the node answering
+//! slurmctld all along). After
 //! each: the next job works, the cache holds only whole images (`berth images --verify`: the
 //! seal and the SHA-256 recorded at build), no mount (host's and slurmd's tables), process,
 //! held lock, staging tree or runtime directory is left, and the node is idle, not drained.
@@ -25,7 +27,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use berth_e2e::{
-    assert_node_idle, serial, sh, unique_name, wait_until, Cluster, Cmd, Run, ScratchBerth,
+    assert_node_idle, hold_image_lock, serial, sh, unique_name, wait_until, Batch, Cluster, Cmd,
+    Run, ScratchBerth,
 };
 use node::{assert_cache_whole, push_image, Image, NodeSnapshot, Proc, CACHE};
 
@@ -917,5 +920,57 @@ fn a_registry_that_disappears_mid_pull() {
     assert!(sif.ends_with(format!("{key}.sif")), "{done}");
     assert_scratch_cache_whole(&scratch);
     let _ = std::fs::remove_dir_all(&certs);
+    assert_node_idle(&cluster);
+}
+
+/// A job cancelled while its node waits for its image (another fetch of it holds the node
+/// cache's lock): berth stops waiting at once, so the job ends within seconds, not when the
+/// fetch would have, and slurmd answers slurmctld in time all along: the node is never
+/// marked not responding (`idle*`), as it is while a signal for a step not yet running waits
+/// in slurmstepd.
+#[test]
+fn a_job_cancelled_while_its_image_is_fetched_ends_at_once() {
+    let _serial = serial();
+    let cluster = Cluster::get();
+    let before = NodeSnapshot::take(&cluster);
+    let image = push_image(&cluster.tls_registry().host, 1, 1, 0);
+    let held = hold_image_lock(Path::new(CACHE), &image.key);
+    let batch = Batch::new(&cluster, "faults-cancel", "#!/bin/sh\ncat /marker\n");
+    let (submitted, job) = batch.submit(&[&format!("--container-image={}", image.reference)]);
+    submitted.assert_success();
+    let waiting = wait_until(Duration::from_secs(60), || {
+        batch.output().contains("waiting for another berth fetch")
+    });
+    assert!(
+        waiting,
+        "the job never waited for the fetch: {}",
+        batch.output()
+    );
+    Cmd::user(["scancel", &job]).run().assert_success();
+    let cancelled = Instant::now();
+    let mut states = std::collections::BTreeSet::new();
+    let ended = wait_until(Duration::from_secs(30), || {
+        states.insert(cluster.nodes_state());
+        Cmd::root(["squeue", "-h", "-j", &job])
+            .run()
+            .stdout
+            .trim()
+            .is_empty()
+    });
+    let took = cancelled.elapsed();
+    drop(held);
+    assert!(
+        ended,
+        "job {job} still there 30 s after scancel: {}",
+        batch.output()
+    );
+    assert!(
+        !states.iter().any(|s| s.ends_with('*')),
+        "the node stopped answering slurmctld meanwhile: {states:?}"
+    );
+    eprintln!("job {job} ended {took:?} after scancel; node states {states:?}");
+    assert!(before.processes_gone(&cluster, Duration::from_secs(10)));
+    next_job_runs(&image);
+    drop_cached(&image);
     assert_node_idle(&cluster);
 }

@@ -3,7 +3,8 @@
 //! gives the right sum under `srun --mpi=pmix` (Open MPI) and `--mpi=pmi2` (MPICH), across
 //! every node the cluster has (two tasks per node); a step's container has its own PMIx server
 //! directory and no other job's; PMI_FD is the one descriptor a task gets beyond a bare
-//! task's; a PMIx directory berth cannot trust fails the step with a message, no drain.
+//! task's; a PMIx directory berth cannot trust fails the step with a message, no drain; a
+//! node still fetching the image takes its part in the PMIx fence of the nodes that are not.
 //! Needs `tests/cluster/up` (one node or `--nodes N`); fails (does not skip) without it.
 //! docs/MPI.md says what a site sets for this.
 
@@ -12,7 +13,10 @@ use std::path::Path;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use berth_e2e::{serial, unique_name, wait_until, write_user_file, Cluster, Cmd, Run};
+use berth_e2e::{
+    copy_image, hold_image_lock, serial, sh, unique_name, wait_until, write_user_file, Cluster,
+    Cmd, Run,
+};
 
 /// Tasks per node in every MPI step: more than one, so ranks meet both on a node (shared
 /// memory) and, on a multi-node cluster, across nodes.
@@ -131,15 +135,21 @@ fn srun_mpi(kind: &str, nodes: usize, args: &[&str]) -> Run {
     cmd.run()
 }
 
-/// Runs `mpi`'s program under `--mpi=kind` over every node and checks the world: ranks
-/// 0..n-1 each once, every rank sees size n and the allreduce sum 0+..+(n-1), and each node
-/// runs exactly its share of the ranks.
+/// Runs `mpi`'s program under `--mpi=kind` over every node and checks the world.
 fn check_world(kind: &str, mpi: Mpi) {
     let _serial = serial();
     let cluster = Cluster::get();
     let image = format!("--container-image={}", mpi.image(&cluster));
     let nodes = nodes();
     let run = srun_mpi(kind, nodes.len(), &[&image, mpi.program()]);
+    assert_world(&run, &nodes);
+    assert_nodes_idle();
+}
+
+/// What a step of an MPI program over every node printed is the whole world: ranks 0..n-1
+/// each once, every rank sees size n and the allreduce sum 0+..+(n-1), and each node runs
+/// exactly its share of the ranks.
+fn assert_world(run: &Run, nodes: &[String]) {
     run.assert_success();
     // One `hello` line per rank: `hello rank=R size=S host=H node=N sum=X expected=Y`.
     let lines = berth_e2e::records(&run.stdout, "hello ");
@@ -170,7 +180,6 @@ fn check_world(kind: &str, mpi: Mpi) {
         per_node, expected_nodes,
         "ranks not spread over the nodes:\n{run}"
     );
-    assert_nodes_idle();
 }
 
 /// Whether the cluster's Slurm has its pmix plugin (`srun --mpi=list`). Debian's has; the
@@ -195,6 +204,89 @@ fn pmix_open_mpi_hello_and_allreduce_over_every_node() {
 #[test]
 fn pmi2_mpich_hello_and_allreduce_over_every_node() {
     check_world("pmi2", Mpi::Mpich);
+}
+
+/// One node still fetching the image while the other nodes' ranks are in MPI_Init: the
+/// first node waits on its cache's lock for the image, held here for 45 s, while the others
+/// have it cached. Under Slurm's ring fence that node passes the others' contributions on
+/// while it waits, so its slurmstepd sends (with munge credentials made as root) and takes
+/// the direct connections that follow (munge credentials decoded as root). Left with the
+/// user's effective uid while berth waits, it gets EACCES for every send until its retries
+/// run out, or munge refuses a credential, and the step hangs.
+#[test]
+fn a_node_slow_to_fetch_still_takes_its_part_in_the_pmix_fence() {
+    let _serial = serial();
+    let cluster = Cluster::get();
+    let nodes = nodes();
+    if nodes.len() < 2 {
+        eprintln!(
+            "skipped: the cluster has one node; bring it up with `tests/cluster/up --nodes 4`"
+        );
+        return;
+    }
+    if !slurm_has_pmix() {
+        return;
+    }
+    let repository = format!(
+        "{}/test/{}",
+        cluster.tls_registry().host,
+        unique_name("mpi-slow")
+    );
+    let reference = format!("{repository}:v1");
+    let digest = copy_image(Mpi::OpenMpi.image(&cluster), &reference);
+    let image = format!("--container-image={reference}");
+    let (slow, others) = nodes.split_first().expect("nodes");
+    // Every node's cache made (the busybox image, everywhere); this image on all but one.
+    let busybox = format!("--container-image={}", cluster.image_tls().reference);
+    for (on, image) in [(&nodes[..], &busybox), (others, &image)] {
+        Cmd::user([
+            "srun",
+            &format!("-N{}", on.len()),
+            &format!("-w{}", on.join(",")),
+            image,
+            "true",
+        ])
+        .timeout(Duration::from_secs(300))
+        .run()
+        .assert_success();
+    }
+
+    let repo_key = sh(&format!(
+        "printf %s '{repository}' | sha256sum | cut -c1-32"
+    ));
+    let key = format!(
+        "{}-{}",
+        digest.trim_start_matches("sha256:"),
+        repo_key.trim()
+    );
+    let held = hold_image_lock(&cluster.node_cache_dir(slow), &key);
+    let step = {
+        let (image, n) = (image.clone(), nodes.len());
+        // The ring fence: the slow node passes the others' contributions on before its
+        // own tasks run, so the next node connects back to it directly meanwhile.
+        std::thread::spawn(move || {
+            srun_mpi(
+                "pmix",
+                n,
+                &[
+                    "--export=ALL,SLURM_PMIX_FENCE=ring",
+                    &image,
+                    Mpi::OpenMpi.program(),
+                ],
+            )
+        })
+    };
+    // Longer than slurmstepd's PMIx sends retry (7 tries over about 32 s): a slow node that
+    // cannot send as the user has then failed its part of the fence for good.
+    std::thread::sleep(Duration::from_secs(45));
+    held.unlock().unwrap();
+    let run = step.join().unwrap();
+    assert!(
+        run.stderr.contains("waiting for another berth fetch"),
+        "{slow} did not wait for its fetch, so nothing was tested:\n{run}"
+    );
+    assert_world(&run, &nodes);
+    assert_nodes_idle();
 }
 
 /// A task's descriptors as `N:KIND` (socket, pipe, or the path), from its shell's own

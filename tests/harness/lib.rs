@@ -969,6 +969,23 @@ pub fn assert_node_idle(cluster: &Cluster) {
     assert!(idle, "node(s) {} after the test", cluster.nodes_state());
 }
 
+/// Holds the lock berth's cache `cache` takes for the image `key` (`DIGESTHEX-REPOKEY`,
+/// `lock_image` in launcher/src/cache), as another fetch of it would: a fetch of that image
+/// there waits, saying so, until the returned file is dropped. The lock file is made as the
+/// cache makes it, owned as its directory.
+pub fn hold_image_lock(cache: &Path, key: &str) -> std::fs::File {
+    let locks = cache.join("locks");
+    let lock = locks.join(format!("{key}.lock"));
+    sh(&format!(
+        "install -m 0644 -o $(stat -c %u {0}) -g $(stat -c %g {0}) /dev/null {1}",
+        locks.display(),
+        lock.display()
+    ));
+    let held = std::fs::File::options().write(true).open(&lock).unwrap();
+    held.lock().unwrap();
+    held
+}
+
 /// A `docker-registry` of one test's own: HTTPS with the cluster's server certificate (for
 /// localhost, signed by the test CA) and bcrypt htpasswd authentication. Killed by PID when
 /// dropped, so a failing test does not leave it running.

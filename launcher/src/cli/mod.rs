@@ -14,6 +14,7 @@ mod exec;
 mod fetch;
 mod generate;
 mod images;
+mod job_state;
 mod named;
 mod pin;
 mod policy;
@@ -82,6 +83,9 @@ pub enum Command {
     /// Validate the site configuration.
     #[command(subcommand)]
     Config(config::Command),
+    /// Print the state Slurm records for a job (used by the plugin on the node).
+    #[command(hide = true)]
+    JobState(job_state::Args),
     /// Write the man page or shell completions (used when packaging).
     #[command(subcommand, hide = true)]
     Generate(generate::Command),
@@ -107,6 +111,7 @@ impl Cli {
             Command::Audit(a) => audit::run(a, g),
             Command::Config(c) => config::run(c, g),
             Command::Doctor(a) => doctor::run(a, g),
+            Command::JobState(a) => job_state::run(a, g),
             Command::Generate(c) => generate::run(c, g),
         }
     }
