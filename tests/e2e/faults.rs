@@ -885,7 +885,9 @@ fn a_registry_that_disappears_mid_pull() {
                         .is_ok_and(|m| m.len() > 0)
             })
         }),
-        "the download did not start"
+        "the download did not start: {:?} in {}",
+        entries(&staging.join("blobs")),
+        staging.display()
     );
     proxy.kill();
     let run = fetch.join().unwrap();
