@@ -59,7 +59,7 @@ pub const FETCH_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 const JOB_STATE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Slurm's name for the node, in slurmd's and slurmstepd's environment and the tasks'.
-const NODE_NAME_VAR: &str = "SLURMD_NODENAME";
+pub const NODE_NAME_VAR: &str = "SLURMD_NODENAME";
 
 /// The PATH of launcher calls in slurmstepd, whose environment is otherwise empty.
 const NODE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -358,8 +358,8 @@ impl Launcher {
             .wait()
             .map_err(|e| self.io_failure(args, &e))?;
         let detail = match (read, opened) {
-            (Err(Collect::JobEnded(state)), _) => {
-                return Err(self.collect_failure(args, Collect::JobEnded(state)))
+            (Err(ended @ Collect::JobEnded(_)), _) => {
+                return Err(self.collect_failure(args, ended));
             }
             (_, Some(Err(refusal))) => refusal,
             (Err(Collect::TimedOut), _) => {
@@ -562,13 +562,6 @@ impl Launcher {
         })
     }
 
-    /// Runs `wait`, which spawns the launcher and waits for it, with effective uid 0 where
-    /// this process can take it back: slurmstepd's `user_init`, whose euid is the user's for
-    /// the whole process. A cold image's fetch keeps it there for minutes, while slurmstepd's
-    /// own threads go on; its PMIx server verifies another node's direct connection with
-    /// munge, which refuses a credential meant for root to a process whose euid is the
-    /// user's. Slurm then rejects the connection for good, and the job's tasks on the other
-    /// nodes hang in MPI_Init. What the child becomes is [`Identity`]'s, not this euid's.
     /// What stops a pump where this call is watched: the state the job ended in.
     fn watch_end(&self) -> Option<Box<dyn FnMut() -> Option<String> + '_>> {
         let mut looking = self.watch.as_ref()?.start();
@@ -589,6 +582,13 @@ impl Launcher {
         }
     }
 
+    /// Runs `wait`, which spawns the launcher and waits for it, with effective uid 0 where
+    /// this process can take it back: slurmstepd's `user_init`, whose euid is the user's for
+    /// the whole process. A cold image's fetch keeps it there for minutes, while slurmstepd's
+    /// own threads go on: its PMIx server sends to other nodes and takes their direct
+    /// connections with munge credentials, which munge refuses to a process whose euid is
+    /// the user's, and the job's tasks hang in MPI_Init (docs/MPI.md). What the child
+    /// becomes is [`Identity`]'s, not this euid's.
     fn waiting<T>(
         &self,
         args: &[&str],

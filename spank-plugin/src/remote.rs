@@ -140,7 +140,7 @@ pub fn user_init(spank: Spank) -> Result<(), Error> {
         job_end::Watch::new(
             info.job_id,
             spank::slurmd_spooldir().as_deref(),
-            std::env::var("SLURMD_NODENAME").ok().as_deref(),
+            std::env::var(launcher::NODE_NAME_VAR).ok().as_deref(),
         ),
     );
     let root = launcher.run_as(Identity::Root);

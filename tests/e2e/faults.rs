@@ -27,8 +27,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use berth_e2e::{
-    assert_node_idle, hold_image_lock, serial, sh, unique_name, wait_until, Batch, Cluster, Cmd,
-    Run, ScratchBerth,
+    assert_node_idle, cache_key, hold_image_lock, serial, sh, unique_name, wait_until, Batch,
+    Cluster, Cmd, Run, ScratchBerth,
 };
 use node::{assert_cache_whole, push_image, Image, NodeSnapshot, Proc, CACHE};
 
@@ -856,15 +856,7 @@ fn a_registry_that_disappears_mid_pull() {
     let through = pushed
         .reference
         .replacen(&cluster.tls_registry().host, &host, 1);
-    let repo_key = sh(&format!(
-        "printf %s {} | sha256sum | cut -c1-32",
-        through.rsplit_once(':').unwrap().0
-    ));
-    let key = format!(
-        "{}-{}",
-        pushed.digest.strip_prefix("sha256:").unwrap(),
-        repo_key.trim()
-    );
+    let key = cache_key(through.rsplit_once(':').unwrap().0, &pushed.digest);
     let staging = scratch.dir.join("cache/tmp").join(&key);
 
     let mut proxy = ThrottledProxy::start(port, 2 << 20);

@@ -14,8 +14,8 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use berth_e2e::{
-    copy_image, hold_image_lock, serial, sh, unique_name, wait_until, write_user_file, Cluster,
-    Cmd, Run,
+    cache_key, copy_image, hold_image_lock, serial, unique_name, wait_until, write_user_file,
+    Cluster, Cmd, Run,
 };
 
 /// Tasks per node in every MPI step: more than one, so ranks meet both on a node (shared
@@ -251,15 +251,10 @@ fn a_node_slow_to_fetch_still_takes_its_part_in_the_pmix_fence() {
         .assert_success();
     }
 
-    let repo_key = sh(&format!(
-        "printf %s '{repository}' | sha256sum | cut -c1-32"
-    ));
-    let key = format!(
-        "{}-{}",
-        digest.trim_start_matches("sha256:"),
-        repo_key.trim()
+    let held = hold_image_lock(
+        &cluster.node_cache_dir(slow),
+        &cache_key(&repository, &digest),
     );
-    let held = hold_image_lock(&cluster.node_cache_dir(slow), &key);
     let step = {
         let (image, n) = (image.clone(), nodes.len());
         // The ring fence: the slow node passes the others' contributions on before its

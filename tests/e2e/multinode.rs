@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use berth_e2e::{
-    access_lines, assert_node_idle, copy_image, serial, sh, unique_name, wait_until,
+    access_lines, assert_node_idle, cache_key, copy_image, serial, unique_name, wait_until,
     write_user_file, Cluster, Cmd, Run, TestImage,
 };
 
@@ -59,16 +59,10 @@ fn full_repository(image: &TestImage) -> &str {
         .map_or(&image.reference, |(repo, _)| repo)
 }
 
-/// The file name berth's cache gives `digest` of `repo` (`host/path`): the digest's hex and
-/// 32 hex digits of SHA-256(`repo`) (`RepoKey` in launcher/src/cache). The cluster's images
+/// The file name berth's cache gives `digest` of `repo` (`host/path`). The cluster's images
 /// all share one digest, so the repository tells this test's copy from the others.
 fn sif_name(repo: &str, digest: &str) -> String {
-    let key = sh(&format!("printf %s '{repo}' | sha256sum"));
-    format!(
-        "{}-{}.sif",
-        digest.trim_start_matches("sha256:"),
-        &key[..32]
-    )
+    format!("{}.sif", cache_key(repo, digest))
 }
 
 /// Whether `cache` (a node's image cache) holds `digest` of `image`'s repository.

@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use berth_e2e::{assert_node_idle, sh, unique_name, wait_until, Cluster, Cmd};
+use berth_e2e::{assert_node_idle, cache_key, sh, unique_name, wait_until, Cluster, Cmd};
 
 /// The cluster's node cache (`[cache] dir` of tests/cluster/templates/berth.toml).
 pub const CACHE: &str = "/var/cache/berth";
@@ -343,12 +343,7 @@ for i in range(int(sys.argv[2])): open(f\"{{sys.argv[1]}}/f{{i}}\", \"w\").write
         .trim()
         .to_owned();
     sh(&format!("rm -rf {}", work.display()));
-    let repo_key = sh(&format!("printf %s {repository} | sha256sum | cut -c1-32"));
-    let key = format!(
-        "{}-{}",
-        digest.strip_prefix("sha256:").unwrap(),
-        repo_key.trim()
-    );
+    let key = cache_key(&repository, &digest);
     Image {
         reference,
         digest,

@@ -970,6 +970,20 @@ pub fn assert_node_idle(cluster: &Cluster) {
     assert!(idle, "node(s) {}, not idle", cluster.nodes_state());
 }
 
+/// The name berth's node cache gives `digest` (`sha256:HEX`) of `repository` (`host/path`):
+/// the digest's hex and the first 32 hex digits of SHA-256(`repository`) (`RepoKey` in
+/// launcher/src/cache), worked out here on its own. Its SIF is `images/KEY.sif`, its staging
+/// `tmp/KEY`, its lock `locks/KEY.lock`.
+pub fn cache_key(repository: &str, digest: &str) -> String {
+    let repo_key = sh(&format!(
+        "printf %s '{repository}' | sha256sum | cut -c1-32"
+    ));
+    let hex = digest
+        .strip_prefix("sha256:")
+        .unwrap_or_else(|| panic!("{digest} is not a sha256 digest"));
+    format!("{hex}-{}", repo_key.trim())
+}
+
 /// Holds the lock berth's cache `cache` takes for the image `key` (`DIGESTHEX-REPOKEY`,
 /// `lock_image` in launcher/src/cache), as another fetch of it would: a fetch of that image
 /// there waits, saying so, until the returned file is dropped. The lock file is made as the
